@@ -1,0 +1,61 @@
+# vmferry — the two commands of the README are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
+
+.PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down
+
+all: test
+
+# Install into a local virtual environment; re-run only when pyproject changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Generated gRPC code is committed; this target reproduces it from proto/.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+	  --python_out=. --grpc_python_out=. --mypy_out=. \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy $(PROTO_SRC)
+
+# Fails when the committed generated code is stale.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=$$tmp --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy $(PROTO_SRC) && \
+	for f in $$(cd $$tmp && find . -name '*.py' -o -name '*.pyi'); do \
+	  cmp -s $$tmp/$$f $$f || { echo "stale generated code: $$f (run 'make proto')"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated code is up to date"
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) proto-check lint
+	$(BIN)/pytest -q tests
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/pytest -q -m slow tests/integration
+
+demo: $(STAMP)
+	$(BIN)/python -m vmferry.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+lab-down: $(STAMP)
+	$(BIN)/vmferry lab down
+
+clean:
+	rm -rf $(VENV) .lab build *.egg-info
