@@ -1,0 +1,87 @@
+"""The kinds the API serves: names, groups, scope, short names.
+
+One place for every kind-level fact; the store, the schema, the CLI and the printers
+look kinds up here. ``resolve("vmim")`` accepts every spelling ``oc`` accepts: the kind,
+its plural, its singular and its short names, case-insensitively, optionally qualified
+with the group (``virtualmachineinstancemigrations.kubevirt.io``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmferry.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    api_version: str  # "v1" or "group/version"
+    plural: str
+    namespaced: bool
+    short_names: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def resource(self) -> str:
+        """``plural.group`` (``virtualmachines.kubevirt.io``), or the plural for core kinds."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+KUBEVIRT = "kubevirt.io/v1"
+
+KINDS: tuple[Kind, ...] = (
+    Kind("Namespace", "v1", "namespaces", False, ("ns",)),
+    Kind("Node", "v1", "nodes", False, ("no",)),
+    Kind("VirtualMachine", KUBEVIRT, "virtualmachines", True, ("vm", "vms")),
+    Kind("VirtualMachineInstance", KUBEVIRT, "virtualmachineinstances", True, ("vmi", "vmis")),
+    Kind(
+        "VirtualMachineInstanceMigration",
+        KUBEVIRT,
+        "virtualmachineinstancemigrations",
+        True,
+        ("vmim", "vmims"),
+    ),
+    Kind("HyperConverged", "hco.kubevirt.io/v1beta1", "hyperconvergeds", True, ("hco",)),
+    Kind("MigrationPolicy", "migrations.kubevirt.io/v1alpha1", "migrationpolicies", False),
+)
+
+BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}
+
+
+def _spellings(k: Kind) -> set[str]:
+    names = {k.kind.lower(), k.plural, k.singular, *k.short_names}
+    if k.group:
+        names |= {f"{n}.{k.group}" for n in (k.plural, k.singular)}
+    return names
+
+
+_BY_SPELLING: dict[str, Kind] = {s: k for k in KINDS for s in _spellings(k)}
+
+
+def resolve(name: str) -> Kind:
+    """Return the Kind for any accepted spelling; raise BadRequest naming the input."""
+    try:
+        return _BY_SPELLING[name.lower()]
+    except KeyError:
+        raise BadRequest(f'the server doesn\'t have a resource type "{name}"') from None
+
+
+def by_kind(kind: str) -> Kind:
+    """Look up by the exact ``kind`` field of a manifest; raise BadRequest if unknown."""
+    try:
+        return BY_KIND[kind]
+    except KeyError:
+        known = ", ".join(sorted(BY_KIND))
+        raise BadRequest(f'no kind "{kind}" is registered (known kinds: {known})') from None
+
+
+SYSTEM_NAMESPACE = "openshift-cnv"
+HYPERCONVERGED_NAME = "kubevirt-hyperconverged"
