@@ -1,0 +1,76 @@
+"""Admission: checks that need other objects, run by the API before the store writes.
+
+Mirrors KubeVirt's admission webhooks for what vmferry serves today: a migration may
+only be created for a VirtualMachineInstance that exists, runs, is live-migratable and
+is not already migrating; a migration's spec never changes after creation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.store import Store
+from vmferry import conditions
+from vmferry.errors import Invalid, NotFound
+
+Obj = dict[str, Any]
+
+FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def is_final(vmim: Obj) -> bool:
+    return (vmim.get("status") or {}).get("phase") in FINAL_MIGRATION_PHASES
+
+
+class Admission:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def admit_create(self, obj: Obj) -> None:
+        if obj["kind"] == "VirtualMachineInstanceMigration":
+            await self._admit_migration(obj)
+
+    async def admit_update(self, current: Obj, new: Obj, subresource: str) -> None:
+        if (
+            new["kind"] == "VirtualMachineInstanceMigration"
+            and subresource != "status"
+            and new.get("spec") != current.get("spec")
+        ):
+            raise Invalid(
+                f'VirtualMachineInstanceMigration "{current["metadata"]["name"]}": spec: '
+                "field is immutable: create a new migration instead"
+            )
+
+    async def admit_delete(self, current: Obj) -> None:
+        return None
+
+    async def _admit_migration(self, vmim: Obj) -> None:
+        ns = vmim["metadata"]["namespace"]
+        vmi_name = vmim["spec"]["vmiName"]
+        prefix = f'VirtualMachineInstanceMigration for "{ns}/{vmi_name}"'
+        try:
+            vmi = await self.store.get("VirtualMachineInstance", ns, vmi_name)
+        except NotFound:
+            raise Invalid(
+                f'{prefix}: spec.vmiName: VirtualMachineInstance "{vmi_name}" does not exist '
+                f'in namespace "{ns}"'
+            ) from None
+        status = vmi.get("status") or {}
+        if status.get("phase") != "Running":
+            raise Invalid(
+                f"{prefix}: cannot migrate: the VMI is not running "
+                f"(phase {status.get('phase') or 'Pending'})"
+            )
+        migratable = conditions.get(vmi, "LiveMigratable")
+        if migratable is not None and migratable.get("status") == "False":
+            raise Invalid(
+                f"{prefix}: cannot migrate: the VMI is not live-migratable: "
+                f"{migratable.get('message') or migratable.get('reason')}"
+            )
+        others, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
+        for other in others:
+            if other["spec"].get("vmiName") == vmi_name and not is_final(other):
+                raise Invalid(
+                    f"{prefix}: in-flight migration detected: "
+                    f'"{other["metadata"]["name"]}" has not finished yet'
+                )

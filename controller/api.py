@@ -1,0 +1,389 @@
+"""The controller's gRPC object API (DESIGN §1): authentication, validation, admission,
+then the store.
+
+Every request is authenticated by the mTLS client certificate (``vmferry.pki``).
+Authorization, for now: node identities (``system:node:<name>``) may read everything
+but write only their own Node and the VMIs/VMIMs that involve their node; every other
+authenticated user is an administrator (RBAC arrives with its own issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from controller.admission import Admission
+from controller.store import Store
+from vmferry import kinds, labels, patch, pki, schema
+from vmferry.client import REASON_KEY
+from vmferry.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+)
+from vmferry.rpc import api_pb2, api_pb2_grpc
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("vmferry.audit")
+
+Obj = dict[str, Any]
+PATCH_RETRIES = 10  # optimistic retries of a patch without a resourceVersion precondition
+# Status of these kinds is owned by the system: a user's create keeps only spec.
+STATUS_STRIPPED_ON_CREATE = {
+    "VirtualMachine",
+    "VirtualMachineInstance",
+    "VirtualMachineInstanceMigration",
+    "HyperConverged",
+    "MigrationPolicy",
+}
+
+
+def _load(data: bytes, what: str) -> Obj:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return obj
+
+
+def _dump(obj: Obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _involves_node(obj: Obj, node: str) -> bool:
+    status = obj.get("status") or {}
+    ms = status.get("migrationState") or {}
+    return node in (status.get("nodeName"), ms.get("sourceNode"), ms.get("targetNode"))
+
+
+class Authorizer:
+    """Decides who may do what; raises Forbidden naming the missing permission."""
+
+    def check(
+        self,
+        who: pki.Identity,
+        verb: str,
+        kind: kinds.Kind,
+        namespace: str,
+        name: str,
+        current: Obj | None,
+    ) -> None:
+        if not who.is_node:
+            return
+        node = who.node_name or ""
+        if verb in ("get", "list", "watch"):
+            return
+        if kind.kind == "Node" and name == node and verb in ("create", "update", "patch"):
+            return
+        if kind.kind in ("VirtualMachineInstance", "VirtualMachineInstanceMigration") and verb in (
+            "update",
+            "patch",
+        ):
+            if current is not None and _involves_node(current, node):
+                return
+        where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+        raise Forbidden(
+            f'{kind.resource} "{name}" is forbidden: User "{who.user}" cannot {verb} resource '
+            f'"{kind.plural}" in API group "{kind.group}"{where}: a node may only change its own '
+            "Node and the virtual machines running on or migrating to/from it"
+        )
+
+
+class ApiService(api_pb2_grpc.ApiServicer):
+    """gRPC servicer; each method maps ApiError to a status with the reason attached."""
+
+    def __init__(self, store: Store, admission: Admission) -> None:
+        self.store = store
+        self.admission = admission
+        self.authz = Authorizer()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _guard(
+        self, context: grpc.aio.ServicerContext, fn: Callable[[pki.Identity], Awaitable[Any]]
+    ) -> Any:
+        try:
+            who = pki.peer_identity(context)
+            if who is None:
+                raise Unauthorized("no client certificate: every caller must authenticate")
+            return await fn(who)
+        except ApiError as e:
+            await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
+
+    def _audit(self, who: pki.Identity, verb: str, kind: kinds.Kind, ns: str, name: str) -> None:
+        audit_log.info(
+            "allowed user=%s groups=%s verb=%s resource=%s namespace=%s name=%s",
+            who.user,
+            ",".join(who.groups),
+            verb,
+            kind.plural,
+            ns,
+            name,
+        )
+
+    async def _authorize(
+        self,
+        who: pki.Identity,
+        verb: str,
+        kind: kinds.Kind,
+        ns: str,
+        name: str,
+        current: Obj | None = None,
+    ) -> None:
+        try:
+            self.authz.check(who, verb, kind, ns, name, current)
+        except Forbidden as e:
+            audit_log.info(
+                "denied user=%s verb=%s resource=%s namespace=%s name=%s reason=%s",
+                who.user,
+                verb,
+                kind.plural,
+                ns,
+                name,
+                e.message,
+            )
+            raise
+        self._audit(who, verb, kind, ns, name)
+
+    @staticmethod
+    def _scope(kind: kinds.Kind, namespace: str) -> str:
+        if kind.namespaced:
+            if not namespace:
+                raise BadRequest(f"{kind.plural} are namespaced: a namespace is required")
+            return namespace
+        if namespace:
+            raise BadRequest(f"{kind.plural} are cluster-scoped: do not give a namespace")
+        return ""
+
+    async def _ensure_namespace(self, kind: kinds.Kind, namespace: str) -> None:
+        if kind.namespaced:
+            try:
+                await self.store.get("Namespace", "", namespace)
+            except NotFound:
+                raise NotFound(f'namespaces "{namespace}" not found') from None
+
+    def _prepare(self, obj: Obj) -> tuple[kinds.Kind, Obj]:
+        kind = kinds.by_kind(str(obj.get("kind", "")))
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise Invalid(f"{kind.kind}: metadata: expected an object")
+        if kind.namespaced:
+            meta.setdefault("namespace", "default")
+        obj = schema.validate(obj)
+        return kind, schema.apply_defaults(obj)
+
+    # -- verbs ----------------------------------------------------------------------------
+
+    async def Create(
+        self, request: api_pb2.CreateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ObjectReply:
+        async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            kind, obj = self._prepare(_load(request.object_json, "object"))
+            meta = obj["metadata"]
+            ns = self._scope(kind, meta.get("namespace", ""))
+            await self._authorize(
+                who, "create", kind, ns, meta.get("name", meta.get("generateName", ""))
+            )
+            await self._ensure_namespace(kind, ns)
+            if kind.kind in STATUS_STRIPPED_ON_CREATE:
+                obj.pop("status", None)
+            for key in (
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "generation",
+            ):
+                meta.pop(key, None)
+            await self.admission.admit_create(obj)
+            if request.dry_run:
+                return api_pb2.ObjectReply(object_json=_dump(obj))
+            created = await self.store.create(obj)
+            return api_pb2.ObjectReply(object_json=_dump(created))
+
+        result: api_pb2.ObjectReply = await self._guard(context, run)
+        return result
+
+    async def Get(
+        self, request: api_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ObjectReply:
+        async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            kind = kinds.by_kind(request.ref.kind)
+            ns = self._scope(kind, request.ref.namespace)
+            await self._authorize(who, "get", kind, ns, request.ref.name)
+            obj = await self.store.get(kind.kind, ns, request.ref.name)
+            return api_pb2.ObjectReply(object_json=_dump(obj))
+
+        result: api_pb2.ObjectReply = await self._guard(context, run)
+        return result
+
+    async def List(
+        self, request: api_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListReply:
+        async def run(who: pki.Identity) -> api_pb2.ListReply:
+            kind = kinds.by_kind(request.kind)
+            ns = request.namespace if kind.namespaced else ""
+            if request.namespace and not kind.namespaced:
+                raise BadRequest(f"{kind.plural} are cluster-scoped: do not give a namespace")
+            selector = (
+                labels.parse_selector(request.label_selector) if request.label_selector else None
+            )
+            await self._authorize(who, "list", kind, ns, "")
+            items, rv = await self.store.list(kind.kind, ns or None, selector)
+            return api_pb2.ListReply(items_json=[_dump(o) for o in items], resource_version=str(rv))
+
+        result: api_pb2.ListReply = await self._guard(context, run)
+        return result
+
+    async def _write(self, who: pki.Identity, obj: Obj, subresource: str, verb: str) -> Obj:
+        if subresource not in ("", "status"):
+            raise BadRequest(f'unknown subresource "{subresource}" (only "status" is served)')
+        kind, obj = self._prepare(obj)
+        meta = obj["metadata"]
+        ns = self._scope(kind, meta.get("namespace", ""))
+        name = meta.get("name", "")
+        if not name:
+            raise Invalid(f"{kind.kind}: metadata.name: required for {verb}")
+        current = await self.store.get(kind.kind, ns, name)
+        await self._authorize(who, verb, kind, ns, name, current)
+        await self.admission.admit_update(current, obj, subresource)
+        return await self.store.update(obj, subresource=subresource or None)
+
+    async def Update(
+        self, request: api_pb2.UpdateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ObjectReply:
+        async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            obj = await self._write(
+                who, _load(request.object_json, "object"), request.subresource, "update"
+            )
+            return api_pb2.ObjectReply(object_json=_dump(obj))
+
+        result: api_pb2.ObjectReply = await self._guard(context, run)
+        return result
+
+    async def Patch(
+        self, request: api_pb2.PatchRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ObjectReply:
+        async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            kind = kinds.by_kind(request.ref.kind)
+            ns = self._scope(kind, request.ref.namespace)
+            try:
+                body = json.loads(request.patch_json)
+            except ValueError as e:
+                raise BadRequest(f"patch is not valid JSON: {e}") from None
+            if request.type == api_pb2.PATCH_TYPE_JSON:
+                if not isinstance(body, list):
+                    raise BadRequest("a json patch must be a list of operations")
+            elif request.type == api_pb2.PATCH_TYPE_MERGE:
+                if not isinstance(body, dict):
+                    raise BadRequest("a merge patch must be a JSON object")
+            else:
+                raise BadRequest("patch type must be json or merge")
+            for attempt in range(PATCH_RETRIES):
+                current = await self.store.get(kind.kind, ns, request.ref.name)
+                rv = current["metadata"]["resourceVersion"]
+                if request.resource_version and request.resource_version != rv:
+                    raise Conflict(
+                        f'{kind.resource} "{request.ref.name}": the object has been modified; '
+                        "please apply your changes to the latest version and try again"
+                    )
+                if request.type == api_pb2.PATCH_TYPE_JSON:
+                    patched = patch.apply_json_patch(current, body)
+                else:
+                    patched = patch.apply_merge_patch(current, body)
+                if not isinstance(patched.get("metadata"), dict):
+                    raise Invalid(f"{kind.kind}: metadata: a patch may not remove it")
+                for key in ("name", "namespace", "uid"):
+                    if patched["metadata"].get(key) != current["metadata"].get(key):
+                        raise Invalid(f"{kind.kind}: metadata.{key}: field is immutable")
+                patched["metadata"]["resourceVersion"] = rv
+                try:
+                    obj = await self._write(who, patched, request.subresource, "patch")
+                    return api_pb2.ObjectReply(object_json=_dump(obj))
+                except Conflict:
+                    if request.resource_version or attempt == PATCH_RETRIES - 1:
+                        raise
+                    await asyncio.sleep(0.01 * attempt)
+            raise AssertionError("unreachable")
+
+        result: api_pb2.ObjectReply = await self._guard(context, run)
+        return result
+
+    async def Delete(
+        self, request: api_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ObjectReply:
+        async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            kind = kinds.by_kind(request.ref.kind)
+            ns = self._scope(kind, request.ref.namespace)
+            current = await self.store.get(kind.kind, ns, request.ref.name)
+            await self._authorize(who, "delete", kind, ns, request.ref.name, current)
+            await self.admission.admit_delete(current)
+            obj = await self.store.delete(
+                kind.kind,
+                ns,
+                request.ref.name,
+                resource_version=request.resource_version or None,
+                uid=request.uid or None,
+            )
+            return api_pb2.ObjectReply(object_json=_dump(obj))
+
+        result: api_pb2.ObjectReply = await self._guard(context, run)
+        return result
+
+    async def Watch(
+        self, request: api_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.WatchEvent]:
+        try:
+            who = pki.peer_identity(context)
+            if who is None:
+                raise Unauthorized("no client certificate: every caller must authenticate")
+            kind = kinds.by_kind(request.kind) if request.kind else None
+            ns = request.namespace if (kind is None or kind.namespaced) else ""
+            selector = (
+                labels.parse_selector(request.label_selector) if request.label_selector else None
+            )
+            if kind is not None:
+                await self._authorize(who, "watch", kind, ns, "")
+            since = int(request.resource_version or 0) or await self.store.current_rv()
+            if request.send_initial_bookmark:
+                yield api_pb2.WatchEvent(
+                    type="BOOKMARK",
+                    object_json=_dump({"metadata": {"resourceVersion": str(since)}}),
+                    resource_version=str(since),
+                )
+            async for etype, obj in self.store.watch(
+                kind.kind if kind else None, ns or None, since, selector
+            ):
+                yield api_pb2.WatchEvent(
+                    type=etype,
+                    object_json=_dump(obj),
+                    resource_version=obj["metadata"]["resourceVersion"],
+                )
+        except ValueError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "resourceVersion must be a number",
+                trailing_metadata=((REASON_KEY, "BadRequest"),),
+            )
+        except ApiError as e:
+            await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
+
+    async def WhoAmI(
+        self, request: api_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.WhoAmIReply:
+        async def run(who: pki.Identity) -> api_pb2.WhoAmIReply:
+            return api_pb2.WhoAmIReply(user=who.user, groups=list(who.groups))
+
+        result: api_pb2.WhoAmIReply = await self._guard(context, run)
+        return result

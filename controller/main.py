@@ -1,0 +1,189 @@
+"""``vmferry-controller``: the API server, the state store and the cluster reconcilers.
+
+Configuration comes from a TOML file (``deploy/examples/controller.toml``); command-line
+flags override it. The daemon serves the object API over mTLS only, unless
+``--insecure-plaintext`` asks otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from controller.admission import Admission
+from controller.api import ApiService
+from controller.migration_controller import MigrationController
+from controller.node_monitor import NodeMonitor
+from controller.objects import StoreSource
+from controller.store import Store
+from controller.vm_controller import VMController
+from controller.vmi_controller import VMIController
+from vmferry import kinds, logs, pki, schema
+from vmferry.config import ConfigError, load_toml
+from vmferry.errors import AlreadyExists
+from vmferry.informer import Informer
+from vmferry.rpc import api_pb2_grpc
+
+log = logging.getLogger("vmferry.controller")
+
+CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "listen": str,
+    "data_dir": str,
+    "ca": str,
+    "cert": str,
+    "key": str,
+    "node_grace_seconds": (int, float),
+    "log_level": str,
+    "insecure_plaintext": bool,
+}
+DEFAULTS: dict[str, Any] = {
+    "listen": "127.0.0.1:7443",
+    "data_dir": "/var/lib/vmferry/controller",
+    "node_grace_seconds": 10.0,
+    "log_level": "info",
+    "insecure_plaintext": False,
+}
+BOOTSTRAP_NAMESPACES = ("default", kinds.SYSTEM_NAMESPACE, "kube-system")
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(
+        prog="vmferry-controller",
+        description="vmferry controller: object API (gRPC, mTLS), store and reconcilers.",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--listen", help=f"host:port of the API (default {DEFAULTS['listen']})")
+    p.add_argument("--data-dir", help=f"state directory (default {DEFAULTS['data_dir']})")
+    p.add_argument("--ca", help="cluster CA certificate")
+    p.add_argument("--cert", help="server certificate (from 'vmferry pki issue server')")
+    p.add_argument("--key", help="server private key")
+    p.add_argument(
+        "--node-grace-seconds",
+        type=float,
+        help="a node silent this long goes NotReady (default 10)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="serve without TLS (tests only; never in production)",
+    )
+    args = p.parse_args(argv)
+    config = dict(DEFAULTS)
+    if args.config:
+        config.update(load_toml(args.config, CONFIG_KEYS))
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    if not config["insecure_plaintext"]:
+        missing = [k for k in ("ca", "cert", "key") if not config.get(k)]
+        if missing:
+            raise ConfigError(
+                f"missing {', '.join(missing)}: mTLS needs the CA, a server certificate and its "
+                "key (or --insecure-plaintext for tests)"
+            )
+    return config
+
+
+async def bootstrap(store: Store) -> None:
+    """Create the objects every cluster has: namespaces and the HyperConverged singleton."""
+    for ns in BOOTSTRAP_NAMESPACES:
+        with contextlib.suppress(AlreadyExists):
+            await store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    hco = schema.apply_defaults(
+        {
+            "apiVersion": kinds.by_kind("HyperConverged").api_version,
+            "kind": "HyperConverged",
+            "metadata": {"name": kinds.HYPERCONVERGED_NAME, "namespace": kinds.SYSTEM_NAMESPACE},
+            "spec": {},
+        }
+    )
+    with contextlib.suppress(AlreadyExists):
+        await store.create(hco)
+
+
+async def serve(config: dict[str, Any]) -> None:
+    data_dir = Path(config["data_dir"])
+    data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
+    store = await Store.open(data_dir / "state.db")
+    try:
+        await bootstrap(store)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        api_pb2_grpc.add_ApiServicer_to_server(ApiService(store, Admission(store)), server)
+        if config["insecure_plaintext"]:
+            log.warning(
+                "serving the API WITHOUT TLS on %s (--insecure-plaintext)", config["listen"]
+            )
+            port = server.add_insecure_port(config["listen"])
+        else:
+            tls = pki.TlsFiles(Path(config["ca"]), Path(config["cert"]), Path(config["key"]))
+            port = server.add_secure_port(config["listen"], pki.server_credentials(tls))
+        if port == 0:
+            raise ConfigError(f"cannot listen on {config['listen']}")
+        await server.start()
+        log.info("api serving on %s (data in %s)", config["listen"], data_dir)
+
+        source = StoreSource(store)
+        vms = Informer(source, "VirtualMachine")
+        vmis = Informer(source, "VirtualMachineInstance")
+        vmims = Informer(source, "VirtualMachineInstanceMigration")
+        nodes = Informer(source, "Node")
+        hcos = Informer(source, "HyperConverged")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
+            for inf in (vms, vmis, vmims, nodes, hcos):
+                await inf.synced.wait()
+            tasks += [
+                tg.create_task(VMController(store, vms, vmis).run()),
+                tg.create_task(VMIController(store, vmis, nodes).run()),
+                tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
+                tg.create_task(
+                    NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
+                ),
+            ]
+            log.info("reconcilers running")
+            await stop.wait()
+            log.info("shutting down")
+            for task in tasks:
+                task.cancel()
+        await server.stop(grace=2)
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        print(f"vmferry-controller: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup("controller", config["log_level"])
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

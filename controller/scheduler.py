@@ -1,0 +1,115 @@
+"""Placement: which node runs a new VMI, and which node receives a migrating one.
+
+A node fits when it is Ready, schedulable, matches every label of the VMI's
+``nodeSelector`` (plus a migration's ``addedNodeSelector``: logical AND), has a CPU
+model the VMI can run on (``host-model`` needs the same model as its current node) and
+has enough memory left. Memory in use counts the VMIs that run on the node and those
+migrating to it. Among fitting nodes the one with the most free memory wins (ties: by
+name), which spreads VMs like the default Kubernetes scheduler's least-allocated score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry import conditions
+from vmferry.quantity import parse_quantity
+from vmferry.schema import memory_bytes
+
+Obj = dict[str, Any]
+
+
+def node_memory(node: Obj) -> int:
+    cap = (
+        (node.get("status") or {}).get("allocatable")
+        or (node.get("status") or {}).get("capacity")
+        or {}
+    )
+    return parse_quantity(cap.get("memory", 0))
+
+
+def node_cpu_model(node: Obj) -> str:
+    return str(((node.get("status") or {}).get("nodeInfo") or {}).get("cpuModel", ""))
+
+
+def is_active_migration_target(vmi: Obj, node_name: str) -> bool:
+    ms = (vmi.get("status") or {}).get("migrationState") or {}
+    return (
+        ms.get("targetNode") == node_name
+        and not ms.get("completed")
+        and not ms.get("failed")
+        and (vmi.get("status") or {}).get("nodeName") != node_name
+    )
+
+
+def memory_in_use(node_name: str, vmis: Iterable[Obj]) -> int:
+    total = 0
+    for vmi in vmis:
+        status = vmi.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        if status.get("nodeName") == node_name or is_active_migration_target(vmi, node_name):
+            total += memory_bytes(vmi.get("spec") or {})
+    return total
+
+
+@dataclass
+class Placement:
+    node: str | None
+    reasons: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        return "; ".join(self.reasons) or "no nodes are registered"
+
+
+def place(
+    vmi: Obj,
+    nodes: Iterable[Obj],
+    vmis: Iterable[Obj],
+    *,
+    exclude: str | None = None,
+    added_selector: Mapping[str, str] | None = None,
+    source_cpu_model: str | None = None,
+) -> Placement:
+    """Pick a node for ``vmi``; ``Placement.reasons`` name why each other node did not fit."""
+    spec = vmi.get("spec") or {}
+    need = memory_bytes(spec)
+    selector = dict(spec.get("nodeSelector") or {})
+    selector.update(added_selector or {})
+    cpu_model = ((spec.get("domain") or {}).get("cpu") or {}).get("model", "host-model")
+    vmi_list = list(vmis)
+    best: tuple[int, str] | None = None
+    reasons: list[str] = []
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        if name == exclude:
+            continue
+        labels = node["metadata"].get("labels") or {}
+        if not conditions.is_true(node, "Ready"):
+            reasons.append(f"{name}: not Ready")
+            continue
+        if (node.get("spec") or {}).get("unschedulable"):
+            reasons.append(f"{name}: unschedulable (cordoned)")
+            continue
+        missing = [f"{k}={v}" for k, v in selector.items() if labels.get(k) != v]
+        if missing:
+            reasons.append(f"{name}: does not match node selector {', '.join(missing)}")
+            continue
+        model = node_cpu_model(node)
+        if cpu_model == "host-model" and source_cpu_model and model != source_cpu_model:
+            reasons.append(
+                f"{name}: CPU model {model!r} differs from the source's {source_cpu_model!r}"
+            )
+            continue
+        if cpu_model not in ("host-model", "host-passthrough", "") and model != cpu_model:
+            reasons.append(f"{name}: CPU model {model!r} is not {cpu_model!r}")
+            continue
+        free = node_memory(node) - memory_in_use(name, vmi_list)
+        if free < need:
+            reasons.append(f"{name}: insufficient memory ({free} bytes free, {need} needed)")
+            continue
+        if best is None or free > best[0]:
+            best = (free, name)
+    return Placement(best[1] if best else None, reasons)

@@ -1,0 +1,144 @@
+"""VirtualMachine reconciler: keeps a VMI in existence according to ``spec.runStrategy``.
+
+``Always`` (and legacy ``running: true``): a VMI named like the VM exists, built from
+``spec.template`` (labels included, so migration policies can select it), owned by the
+VM. A VMI that ended (Succeeded/Failed) is replaced. ``Halted``: the VMI is deleted.
+``status.printableStatus``/``ready`` mirror the VMI.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from controller.objects import write_status
+from controller.store import Store
+from vmferry import conditions, kinds
+from vmferry.errors import AlreadyExists, NotFound
+from vmferry.informer import Informer, Key, WorkQueue
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+class VMController:
+    def __init__(self, store: Store, vms: Informer, vmis: Informer) -> None:
+        self.store = store
+        self.vms = vms
+        self.vmis = vmis
+        self.queue = WorkQueue()
+        vms.add_handler(lambda key, old, new: self.queue.add(key))
+        vmis.add_handler(lambda key, old, new: self.queue.add(key))
+
+    async def run(self) -> None:
+        await self.queue.run(self.reconcile, "vm-controller")
+
+    async def reconcile(self, key: Key) -> None:
+        ns, name = key
+        try:
+            vm = await self.store.get("VirtualMachine", ns, name)
+        except NotFound:
+            await self._collect_orphan(ns, name)
+            return
+        vmi: Obj | None
+        try:
+            vmi = await self.store.get("VirtualMachineInstance", ns, name)
+        except NotFound:
+            vmi = None
+        strategy = vm["spec"].get("runStrategy", "Halted")
+        want_running = strategy in ("Always", "RerunOnFailure") and not vm["metadata"].get(
+            "deletionTimestamp"
+        )
+        phase = ((vmi or {}).get("status") or {}).get("phase", "")
+        if vmi is not None and phase in ("Succeeded", "Failed") and strategy == "Always":
+            log.info("vm %s/%s: VMI ended (%s); replacing it", ns, name, phase)
+            await self._delete(vmi)
+            vmi = None
+        if want_running and vmi is None:
+            vmi = await self._create_vmi(vm)
+        elif not want_running and vmi is not None and not vmi["metadata"].get("deletionTimestamp"):
+            log.info("vm %s/%s: runStrategy %s: stopping its VMI", ns, name, strategy)
+            await self._delete(vmi)
+        await self._update_status(vm, vmi)
+
+    async def _collect_orphan(self, ns: str, name: str) -> None:
+        """Garbage collection: the VMI of a deleted VM goes with it (background deletion)."""
+        try:
+            vmi = await self.store.get("VirtualMachineInstance", ns, name)
+        except NotFound:
+            return
+        owners = vmi["metadata"].get("ownerReferences") or []
+        if any(o.get("kind") == "VirtualMachine" and o.get("controller") for o in owners):
+            if not vmi["metadata"].get("deletionTimestamp"):
+                log.info("vm %s/%s deleted: deleting its VMI", ns, name)
+                await self._delete(vmi)
+
+    async def _create_vmi(self, vm: Obj) -> Obj | None:
+        meta = vm["metadata"]
+        template = vm["spec"].get("template") or {}
+        tmeta = template.get("metadata") or {}
+        vmi = {
+            "apiVersion": kinds.KUBEVIRT,
+            "kind": "VirtualMachineInstance",
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "labels": {**(tmeta.get("labels") or {}), "vm.kubevirt.io/name": meta["name"]},
+                "annotations": dict(tmeta.get("annotations") or {}),
+                "ownerReferences": [
+                    {
+                        "apiVersion": kinds.KUBEVIRT,
+                        "kind": "VirtualMachine",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": copy.deepcopy(template.get("spec") or {}),
+        }
+        try:
+            created = await self.store.create(vmi)
+            log.info("vm %s/%s: created its VMI", meta["namespace"], meta["name"])
+            return created
+        except AlreadyExists:
+            return None
+
+    async def _delete(self, vmi: Obj) -> None:
+        try:
+            await self.store.delete(
+                "VirtualMachineInstance",
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+                uid=vmi["metadata"]["uid"],
+            )
+        except NotFound:
+            pass
+
+    async def _update_status(self, vm: Obj, vmi: Obj | None) -> None:
+        status = copy.deepcopy(vm.get("status") or {})
+        vmi_status = (vmi or {}).get("status") or {}
+        phase = vmi_status.get("phase", "")
+        migrating = bool(
+            (vmi_status.get("migrationState") or {}).get("migrationUid")
+            and not (vmi_status.get("migrationState") or {}).get("completed")
+            and not (vmi_status.get("migrationState") or {}).get("failed")
+        )
+        if vmi is None:
+            printable = "Stopped"
+        elif vmi["metadata"].get("deletionTimestamp"):
+            printable = "Stopping"
+        elif phase == "Running":
+            printable = "Migrating" if migrating else "Running"
+        elif phase in ("Succeeded", "Failed"):
+            printable = "Stopped"
+        else:
+            printable = "Starting"
+        status["printableStatus"] = printable
+        status["created"] = vmi is not None
+        status["ready"] = vmi is not None and conditions.is_true(vmi, "Ready")
+        if status != (vm.get("status") or {}):
+            vm["status"] = status
+            await write_status(self.store, vm)

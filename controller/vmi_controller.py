@@ -1,0 +1,73 @@
+"""VirtualMachineInstance placement: a VMI without a node is bound to one.
+
+Phase "" → Pending (recorded) → Scheduled with ``status.nodeName`` once a node fits
+(``controller.scheduler.place``); the node's handler then starts the guest and moves
+the VMI to Running. While no node fits, the VMI stays Pending with a
+``PodScheduled=False/Unschedulable`` condition naming why, and placement is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from controller import scheduler
+from controller.objects import set_phase, write_status
+from controller.store import Store
+from vmferry import conditions
+from vmferry.errors import NotFound
+from vmferry.informer import Informer, Key, WorkQueue
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+UNSCHEDULABLE_RETRY = 3.0  # s; placement is retried while the VMI waits in Pending
+
+
+class VMIController:
+    def __init__(self, store: Store, vmis: Informer, nodes: Informer) -> None:
+        self.store = store
+        self.vmis = vmis
+        self.nodes = nodes
+        self.queue = WorkQueue()
+        vmis.add_handler(lambda key, old, new: self.queue.add(key))
+
+    async def run(self) -> None:
+        await self.queue.run(self.reconcile, "vmi-controller")
+
+    async def reconcile(self, key: Key) -> None:
+        ns, name = key
+        try:
+            vmi = await self.store.get("VirtualMachineInstance", ns, name)
+        except NotFound:
+            return
+        status = vmi.setdefault("status", {})
+        if vmi["metadata"].get("deletionTimestamp") or status.get("nodeName"):
+            return
+        if status.get("phase") not in (None, "", "Pending"):
+            return
+        all_vmis, _ = await self.store.list("VirtualMachineInstance")
+        nodes, _ = await self.store.list("Node")
+        placement = scheduler.place(vmi, nodes, all_vmis)
+        if placement.node is None:
+            changed = status.get("phase") != "Pending"
+            set_phase(status, "Pending")
+            changed |= conditions.set_condition(
+                status,
+                "PodScheduled",
+                False,
+                "Unschedulable",
+                f"0/{len(nodes)} nodes are available: {placement.message()}",
+            )
+            if changed:
+                log.info("vmi %s/%s: unschedulable: %s", ns, name, placement.message())
+                await write_status(self.store, vmi)
+            self.queue.add_after(key, UNSCHEDULABLE_RETRY)
+            return
+        if status.get("phase") != "Pending":
+            set_phase(status, "Pending")
+        status["nodeName"] = placement.node
+        set_phase(status, "Scheduled")
+        conditions.set_condition(status, "PodScheduled", True, "Scheduled", "")
+        log.info("vmi %s/%s: scheduled to %s", ns, name, placement.node)
+        await write_status(self.store, vmi)

@@ -1,0 +1,202 @@
+"""The asynchronous API client every component uses (CLI, handlers, lab, tests).
+
+Objects are plain dicts. Errors from the server come back as the same
+``vmferry.errors.ApiError`` subclasses the controller raised (reason travels in the
+trailing metadata ``vmferry-reason``); a controller that cannot be reached raises
+``Unavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+
+from vmferry import pki
+from vmferry.config import ClientConfig
+from vmferry.errors import ApiError, Unavailable, error_from_reason
+from vmferry.rpc import api_pb2, api_pb2_grpc
+
+REASON_KEY = "vmferry-reason"
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+PATCH_TYPES = {"json": api_pb2.PATCH_TYPE_JSON, "merge": api_pb2.PATCH_TYPE_MERGE}
+
+
+def translate_rpc_error(e: grpc.aio.AioRpcError) -> ApiError:
+    """Turn a gRPC failure into the ApiError the server meant."""
+    for key, value in e.trailing_metadata() or ():
+        if key == REASON_KEY:
+            return error_from_reason(str(value), e.details() or "")
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"the controller is unavailable: {e.details()}")
+    if e.code() == grpc.StatusCode.CANCELLED:
+        return Unavailable(f"the call was cancelled: {e.details()}")
+    return ApiError(f"{e.code().name}: {e.details()}")
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _load(data: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+class ApiClient:
+    """One gRPC channel to the controller. Use as ``async with ApiClient(cfg) as api``.
+
+    ``timeout`` bounds each unary call (seconds); watches are unbounded.
+    """
+
+    def __init__(self, config: ClientConfig, *, timeout: float = 30.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        if config.tls is None:
+            if not config.insecure_plaintext:
+                raise ValueError("a client without TLS needs insecure_plaintext=True")
+            self._channel = grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
+        else:
+            creds = pki.channel_credentials(config.tls)
+            self._channel = grpc.aio.secure_channel(config.server, creds, options=_CHANNEL_OPTIONS)
+        self._stub = api_pb2_grpc.ApiStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        )
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise translate_rpc_error(e) from None
+
+    @staticmethod
+    def _ref(kind: str, namespace: str | None, name: str) -> api_pb2.ObjectRef:
+        return api_pb2.ObjectRef(kind=kind, namespace=namespace or "", name=name)
+
+    async def whoami(self) -> tuple[str, list[str]]:
+        reply = await self._call(self._stub.WhoAmI, api_pb2.WhoAmIRequest())
+        return reply.user, list(reply.groups)
+
+    async def create(self, obj: Mapping[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        reply = await self._call(
+            self._stub.Create, api_pb2.CreateRequest(object_json=_dump(obj), dry_run=dry_run)
+        )
+        return _load(reply.object_json)
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
+        reply = await self._call(
+            self._stub.Get, api_pb2.GetRequest(ref=self._ref(kind, namespace, name))
+        )
+        return _load(reply.object_json)
+
+    async def list(
+        self, kind: str, namespace: str | None = None, label_selector: str = ""
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Return (items, resourceVersion of the list)."""
+        reply = await self._call(
+            self._stub.List,
+            api_pb2.ListRequest(
+                kind=kind, namespace=namespace or "", label_selector=label_selector
+            ),
+        )
+        return [_load(b) for b in reply.items_json], reply.resource_version
+
+    async def update(self, obj: Mapping[str, Any], *, subresource: str = "") -> dict[str, Any]:
+        reply = await self._call(
+            self._stub.Update,
+            api_pb2.UpdateRequest(object_json=_dump(obj), subresource=subresource),
+        )
+        return _load(reply.object_json)
+
+    async def patch(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        *,
+        patch_type: str = "merge",
+        subresource: str = "",
+        resource_version: str = "",
+    ) -> dict[str, Any]:
+        """Apply a JSON (RFC 6902) or merge (RFC 7386) patch; ``patch`` is the decoded body."""
+        if patch_type not in PATCH_TYPES:
+            raise ValueError(f"patch type must be json or merge, not {patch_type!r}")
+        reply = await self._call(
+            self._stub.Patch,
+            api_pb2.PatchRequest(
+                ref=self._ref(kind, namespace, name),
+                type=PATCH_TYPES[patch_type],
+                patch_json=json.dumps(patch).encode(),
+                subresource=subresource,
+                resource_version=resource_version,
+            ),
+        )
+        return _load(reply.object_json)
+
+    async def delete(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        *,
+        resource_version: str = "",
+        uid: str = "",
+    ) -> dict[str, Any]:
+        reply = await self._call(
+            self._stub.Delete,
+            api_pb2.DeleteRequest(
+                ref=self._ref(kind, namespace, name), resource_version=resource_version, uid=uid
+            ),
+        )
+        return _load(reply.object_json)
+
+    async def watch(
+        self,
+        kind: str = "",
+        namespace: str | None = None,
+        *,
+        resource_version: str = "",
+        label_selector: str = "",
+        bookmark: bool = False,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Yield (type, object) events; BOOKMARK events carry only metadata.resourceVersion.
+
+        Raises ApiError (Gone: relist) when the stream fails; the caller reconnects.
+        """
+        call = self._stub.Watch(
+            api_pb2.WatchRequest(
+                kind=kind,
+                namespace=namespace or "",
+                label_selector=label_selector,
+                resource_version=resource_version,
+                send_initial_bookmark=bookmark,
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            async for event in call:
+                yield event.type, _load(event.object_json)
+        except grpc.aio.AioRpcError as e:
+            raise translate_rpc_error(e) from None
+        finally:
+            call.cancel()
