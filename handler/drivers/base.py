@@ -1,0 +1,293 @@
+"""The VM driver interface: how the handler runs, inspects and migrates a guest.
+
+A *driver* starts guests (each guest is its own OS process, in its own session, so that it
+outlives a handler restart) and re-adopts the guests it finds in its runtime directory
+when the handler starts again. A *VM handle* is the handler's view of one guest:
+
+- ``ram()`` maps guest RAM read/write, so the migration source can read pages and the
+  migration target can write them before the guest resumes;
+- ``harvest_dirty()`` returns the pages written since the previous harvest, with
+  clear-then-copy semantics: the dirty bits are cleared *before* the caller copies the
+  pages, so a write that races with the harvest leaves its bit set for the next round and
+  no write is ever missed (the role KVM's dirty log plays);
+- ``pause()`` / ``device_state()`` / ``resume()`` are the switchover primitives;
+- ``set_throttle()`` is auto-converge.
+
+``ram_digest()`` is THE memory digest of the migration: both sides compute it over guest
+RAM at switchover and must agree before the target acknowledges.
+
+Errors: every driver failure is a :class:`DriverError`; a guest that refuses a request or
+cannot be reached raises :class:`GuestError`; a guest that dies while booting raises
+:class:`GuestStartError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "CONTENT_KINDS",
+    "DIGEST_CHUNK_BYTES",
+    "Driver",
+    "DriverError",
+    "GuestError",
+    "GuestSpec",
+    "GuestStartError",
+    "GuestStatus",
+    "PageIndices",
+    "VMExistsError",
+    "VMHandle",
+    "ram_digest",
+    "ram_digest_async",
+]
+
+CONTENT_KINDS = ("random", "text", "zero", "mixed")
+GUEST_STATES = ("running", "paused", "incoming", "stopped")
+
+# Both sides of a migration must hash with the same chunk size, or the digests differ.
+DIGEST_CHUNK_BYTES = 16 << 20
+DIGEST_THREADS = 2  # hashlib releases the GIL, so two chunks hash in parallel
+
+PageIndices = npt.NDArray[np.int64]
+
+
+class DriverError(Exception):
+    """Base class of every error a VM driver raises."""
+
+
+class GuestError(DriverError):
+    """The guest refused a request (its message says why) or could not be reached."""
+
+
+class GuestStartError(DriverError):
+    """The guest process died or did not become ready while booting."""
+
+
+class VMExistsError(DriverError):
+    """A live guest with this vm_id already runs under this driver."""
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"GuestSpec.{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"GuestSpec.{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What guest to run: its memory geometry and the workload it runs.
+
+    ``hot_set_bytes`` is the region (after header page 0) that the workload writes;
+    0 means all of RAM. ``touched_bytes`` is how much of RAM is filled at boot; 0 means
+    all of it (the rest stays sparse zeros).
+    """
+
+    memory_bytes: int
+    dirty_rate_bytes: int = 0  # bytes/s the workload writes (unthrottled)
+    hot_set_bytes: int = 0  # 0 = whole RAM
+    content: str = "random"  # random|text|zero|mixed
+    touched_bytes: int = 0  # 0 = all of RAM
+    tick_interval_s: float = 0.005
+    page_size: int = 4096
+
+    def __post_init__(self) -> None:
+        page_size = _require_int("page_size", self.page_size, 512)
+        if page_size & (page_size - 1):
+            raise ValueError(f"GuestSpec.page_size: must be a power of two, got {page_size}")
+        memory = _require_int("memory_bytes", self.memory_bytes, 2 * page_size)
+        if memory % page_size:
+            raise ValueError(
+                f"GuestSpec.memory_bytes: {memory} is not a multiple of the page size {page_size}"
+            )
+        _require_int("dirty_rate_bytes", self.dirty_rate_bytes, 0)
+        for name in ("hot_set_bytes", "touched_bytes"):
+            value = _require_int(name, getattr(self, name), 0)
+            if value > memory:
+                raise ValueError(
+                    f"GuestSpec.{name}: {value} exceeds memory_bytes {memory}; use 0 for all of RAM"
+                )
+        if self.content not in CONTENT_KINDS:
+            raise ValueError(
+                f"GuestSpec.content: unknown kind {self.content!r}; "
+                f"expected one of {', '.join(CONTENT_KINDS)}"
+            )
+        tick = self.tick_interval_s
+        if isinstance(tick, bool) or not isinstance(tick, int | float) or not 0.0005 <= tick <= 1:
+            raise ValueError(
+                f"GuestSpec.tick_interval_s: must be a number of seconds in [0.0005, 1], "
+                f"got {tick!r}"
+            )
+
+    @property
+    def page_count(self) -> int:
+        return self.memory_bytes // self.page_size
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GuestSpec:
+        """Build a spec from its JSON form; unknown fields and bad values raise ValueError."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"GuestSpec: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"GuestSpec: unknown field(s) {', '.join(unknown)}; "
+                f"known fields are {', '.join(sorted(known))}"
+            )
+        if "memory_bytes" not in data:
+            raise ValueError("GuestSpec.memory_bytes: required")
+        return cls(**dict(data))
+
+
+@dataclass
+class GuestStatus:
+    """A guest's state as it reports it (``state`` is one of running, paused, incoming,
+    stopped). ``resume_gap_ms`` is the downtime as the guest saw it at its last resume:
+    wall time of its first tick after the resume minus the last tick time found in its
+    memory; None until the guest has been resumed."""
+
+    state: str
+    ticks: int
+    last_tick_ns: int
+    throttle_percent: int
+    resume_gap_ms: float | None
+    pid: int
+    dirty_rate_bytes: int = 0
+    memory_bytes: int = 0
+    pages_written: int = 0
+
+
+@runtime_checkable
+class VMHandle(Protocol):
+    """The handler's view of one running (or incoming) guest."""
+
+    vm_id: str
+    spec: GuestSpec
+    pid: int
+
+    @property
+    def page_count(self) -> int: ...
+
+    def ram(self) -> memoryview:
+        """A read/write mapping of guest RAM (``len == spec.memory_bytes``).
+
+        Raises DriverError after close(). The caller must release the view (or drop it)
+        before close() can unmap; until then the mapping stays alive."""
+        ...
+
+    def harvest_dirty(self) -> PageIndices:
+        """Indices (int64, ascending) of the pages written since the last harvest.
+
+        Their dirty bits are already cleared when this returns: copy the pages *after*
+        calling it, and a write racing with the copy shows up in the next harvest."""
+        ...
+
+    def mark_all_dirty(self) -> None: ...
+
+    def clear_dirty(self) -> None: ...
+
+    async def pause(self) -> None:
+        """Returns when the guest has finished its current write and writes nothing more."""
+        ...
+
+    async def resume(self, device_state: bytes | None = None) -> None:
+        """Resume a paused guest, or start an incoming one from ``device_state`` (the
+        bytes another guest's device_state() returned) plus the memory copied into it."""
+        ...
+
+    async def set_throttle(self, percent: int) -> None: ...
+
+    async def device_state(self) -> bytes:
+        """The guest's non-RAM state; only while paused."""
+        ...
+
+    async def status(self) -> GuestStatus: ...
+
+    def is_alive(self) -> bool: ...
+
+    async def stop(self) -> None:
+        """Stop the guest process gracefully (killing it if it does not stop in time)."""
+        ...
+
+    async def destroy(self) -> None:
+        """Kill the guest if alive, unmap, delete its RAM and runtime files. Idempotent."""
+        ...
+
+    def close(self) -> None:
+        """Unmap only: the handler goes away, the guest keeps running."""
+        ...
+
+
+@runtime_checkable
+class Driver(Protocol):
+    name: str
+
+    async def start(self, vm_id: str, spec: GuestSpec) -> VMHandle:
+        """Boot a fresh guest; returns when it is running."""
+        ...
+
+    async def prepare_incoming(self, vm_id: str, spec: GuestSpec) -> VMHandle:
+        """Create empty (zero) RAM and a guest process waiting, paused, for resume()."""
+        ...
+
+    async def adopt_all(self) -> Sequence[VMHandle]:
+        """Re-adopt the live guests found in the runtime directory (handler restart).
+
+        (A Sequence, so that a driver may return a list of its own handle type.)"""
+        ...
+
+
+# -- the migration's memory digest ---------------------------------------------------------
+
+_digest_pool: ThreadPoolExecutor | None = None
+_digest_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _digest_pool
+    with _digest_pool_lock:
+        if _digest_pool is None:
+            _digest_pool = ThreadPoolExecutor(DIGEST_THREADS, thread_name_prefix="ram-digest")
+        return _digest_pool
+
+
+def ram_digest(buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BYTES) -> str:
+    """The memory digest: hex sha256 over the concatenated sha256 digests of consecutive
+    ``chunk``-byte pieces of ``buf`` (the last piece may be shorter).
+
+    Chunks hash in a pool of two threads. Blocking: call ram_digest_async() from the
+    event loop."""
+    if chunk <= 0:
+        raise ValueError(f"ram_digest: chunk must be positive, got {chunk}")
+    with memoryview(buf) as view, view.cast("B") as data:
+        offsets = range(0, len(data), chunk)
+
+        def hash_chunk(offset: int) -> bytes:
+            with data[offset : offset + chunk] as piece:
+                return hashlib.sha256(piece).digest()
+
+        outer = hashlib.sha256()
+        for piece_digest in _pool().map(hash_chunk, offsets):
+            outer.update(piece_digest)
+        return outer.hexdigest()
+
+
+async def ram_digest_async(
+    buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BYTES
+) -> str:
+    """ram_digest() off the event loop."""
+    return await asyncio.to_thread(ram_digest, buf, chunk)

@@ -1,0 +1,639 @@
+"""The memvm driver, handler side: starts, maps, controls and re-adopts memvm guests.
+
+A memvm guest (``handler/drivers/memvm_guest.py``) is a process whose RAM is a
+shared-memory file. This module owns the files; the guest only maps them:
+
+- ``<ram_dir>/memvm-<tag>/<vm_id>.ram``   guest RAM (sparse, ftruncate'd to memory_bytes)
+- ``<ram_dir>/memvm-<tag>/<vm_id>.dirty`` dirty log, one byte per page
+- ``<runtime_dir>/<vm_id>/``              vm.json, control.sock, console.log, guest.log
+
+``<tag>`` is derived from the runtime directory, so two handlers on one host (a migration
+between "nodes" of a test lab) never share a RAM file even though the VM has the same
+vm_id on both.
+
+Lifecycle: 1. ``start()``/``prepare_incoming()`` create the files and launch the guest,
+which daemonises (forks; the launcher prints the guest's pid and exits), so the guest is
+never the handler's child and outlives a handler restart. 2. They wait until the guest
+answers ``status`` in the expected state and return a :class:`MemVMHandle`.
+3. ``adopt_all()`` after a restart maps the guests found in the runtime directory again.
+4. ``destroy()`` kills the guest and deletes every file listed above.
+
+A guest is identified by (pid, process start time) plus its command line, so a reused
+pid is never mistaken for a guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from handler.drivers.base import (
+    Driver,
+    DriverError,
+    GuestError,
+    GuestSpec,
+    GuestStartError,
+    GuestStatus,
+    PageIndices,
+    VMExistsError,
+    VMHandle,
+    ram_digest,
+    ram_digest_async,
+)
+from handler.drivers.memvm_guest import (
+    CONTROL_SOCKET_NAME,
+    GUEST_LOG_NAME,
+    GUEST_MODULE,
+    VM_JSON_NAME,
+    Header,
+    is_guest_process,
+    memory_fence,
+)
+
+__all__ = [
+    "DEFAULT_RAM_DIR",
+    "GuestControl",
+    "MemVMDriver",
+    "MemVMHandle",
+    "ram_digest",
+    "ram_digest_async",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RAM_DIR = Path("/dev/shm/vmferry")
+CONTROL_TIMEOUT_S = 10.0  # a guest answers between two ticks, i.e. within milliseconds
+LAUNCH_TIMEOUT_S = 30.0  # python start-up + fork; the boot fill comes after
+BOOT_TIMEOUT_S = 30.0  # plus BOOT_FILL_BYTES_PER_S for the memory the guest fills
+BOOT_FILL_BYTES_PER_S = 64 << 20  # pessimistic; a guest fills ~256 MiB/s on one core
+STOP_TIMEOUT_S = 10.0  # graceful stop, then SIGKILL
+KILL_TIMEOUT_S = 5.0
+POLL_INTERVAL_S = 0.01
+MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes; longer paths go via /proc/self/fd
+_VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_vm_id(vm_id: str) -> str:
+    if not _VM_ID_RE.fullmatch(vm_id):
+        raise ValueError(
+            f"vm_id {vm_id!r} is not filesystem-safe: use 1-128 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return vm_id
+
+
+def _create_sparse(path: Path, size: int) -> None:
+    """A zero-filled file of ``size`` bytes without allocating memory (ftruncate)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _map(path: Path, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise DriverError(f"{path} is {actual} bytes, expected {size}")
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _read_vm_json(vm_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((vm_dir / VM_JSON_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _log_tail(vm_dir: Path, lines: int = 15) -> str:
+    try:
+        text = (vm_dir / GUEST_LOG_NAME).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no guest log)"
+    tail = text.strip().splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(guest log is empty)"
+
+
+def _kill_now(pid: int, vm_id: str) -> None:
+    """SIGKILL a guest and wait (synchronously, at most ~1 s) until it is gone; for the
+    failure path of a start, which may run while being cancelled and so must not await."""
+    if not is_guest_process(pid, None, vm_id):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 1.0
+    while is_guest_process(pid, None, vm_id) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _guest_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    # A guest is one "vCPU": no BLAS/OpenMP thread pools (it also forks after import).
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
+class GuestControl:
+    """Client of a guest's control socket: one connection per request (a request is rare
+    and a fresh connection survives a guest restart)."""
+
+    def __init__(self, vm_id: str, vm_dir: Path, pid: int, pid_start_ticks: int | None) -> None:
+        self.vm_id = vm_id
+        self.vm_dir = vm_dir
+        self.pid = pid
+        self.pid_start_ticks = pid_start_ticks
+        self.path = vm_dir / CONTROL_SOCKET_NAME
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        path = str(self.path)
+        if len(path.encode()) <= MAX_SOCKET_PATH:
+            return await asyncio.open_unix_connection(path, limit=1 << 20)
+        dir_fd = os.open(self.vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return await asyncio.open_unix_connection(
+                f"/proc/self/fd/{dir_fd}/{CONTROL_SOCKET_NAME}", limit=1 << 20
+            )
+        finally:
+            os.close(dir_fd)
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request; returns the guest's response (whose ``ok`` is true).
+
+        Raises GuestError if the guest refuses, does not answer within CONTROL_TIMEOUT_S
+        or cannot be reached."""
+        message = json.dumps({"op": op, **fields}).encode() + b"\n"
+        try:
+            async with asyncio.timeout(CONTROL_TIMEOUT_S):
+                reader, writer = await self._open()
+                try:
+                    writer.write(message)
+                    await writer.drain()
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except TimeoutError:
+            raise GuestError(
+                f"VM {self.vm_id}: guest (pid {self.pid}) did not answer {op!r} within "
+                f"{CONTROL_TIMEOUT_S:.0f}s"
+            ) from None
+        except (OSError, ValueError) as e:
+            alive = is_guest_process(self.pid, self.pid_start_ticks, self.vm_id)
+            raise GuestError(
+                f"VM {self.vm_id}: cannot reach the guest's control socket {self.path} ({e}); "
+                f"the guest process {self.pid} is {'running' if alive else 'not running'}"
+            ) from e
+        if not line:
+            raise GuestError(
+                f"VM {self.vm_id}: guest closed the connection without answering {op!r}"
+            )
+        try:
+            response = json.loads(line)
+        except ValueError as e:
+            raise GuestError(f"VM {self.vm_id}: guest answered {op!r} with non-JSON: {e}") from e
+        if not isinstance(response, dict) or response.get("ok") is not True:
+            error = response.get("error") if isinstance(response, dict) else response
+            raise GuestError(f"VM {self.vm_id}: guest refused {op!r}: {error}")
+        return response
+
+
+class MemVMHandle:
+    """The handler's view of one memvm guest: its RAM and dirty-log mappings and its
+    control socket. The mappings belong to this handle: close() or destroy() unmap them
+    (a mapping still exported through a memoryview from ram() is unmapped when the
+    last view goes away)."""
+
+    def __init__(
+        self,
+        vm_id: str,
+        spec: GuestSpec,
+        pid: int,
+        pid_start_ticks: int | None,
+        vm_dir: Path,
+        ram_path: Path,
+        dirty_path: Path,
+    ) -> None:
+        self.vm_id = vm_id
+        self.spec = spec
+        self.pid = pid
+        self.pid_start_ticks = pid_start_ticks
+        self.vm_dir = vm_dir
+        self.ram_path = ram_path
+        self.dirty_path = dirty_path
+        self._control = GuestControl(vm_id, vm_dir, pid, pid_start_ticks)
+        self._ram_mm: mmap.mmap | None = _map(ram_path, spec.memory_bytes)
+        try:
+            self._dirty_mm: mmap.mmap | None = _map(dirty_path, spec.page_count)
+        except BaseException:
+            self._ram_mm.close()
+            raise
+        self._dirty: npt.NDArray[np.uint8] | None = np.frombuffer(self._dirty_mm, np.uint8)
+
+    def __repr__(self) -> str:
+        return f"MemVMHandle(vm_id={self.vm_id!r}, pid={self.pid})"
+
+    @property
+    def page_count(self) -> int:
+        return self.spec.page_count
+
+    # -- memory --
+
+    def ram(self) -> memoryview:
+        if self._ram_mm is None:
+            raise DriverError(f"VM {self.vm_id}: memory is unmapped (handle closed)")
+        return memoryview(self._ram_mm)
+
+    def _dirty_log(self) -> npt.NDArray[np.uint8]:
+        if self._dirty is None:
+            raise DriverError(f"VM {self.vm_id}: dirty log is unmapped (handle closed)")
+        return self._dirty
+
+    def harvest_dirty(self) -> PageIndices:
+        """Pages written since the last harvest, their bits already cleared (copy them
+        after this returns). One harvester at a time: not safe to call concurrently."""
+        dirty = self._dirty_log()
+        # Scan a snapshot: the guest keeps setting bytes while numpy counts them. Clearing
+        # only the snapshot's indices keeps clear-then-copy exact: a byte set after the
+        # snapshot stays set for the next harvest.
+        indices = np.flatnonzero(dirty.copy()).astype(np.int64, copy=False)
+        if len(indices):
+            dirty[indices] = 0
+            memory_fence()  # the clear is visible before the caller reads the pages
+        return indices
+
+    def mark_all_dirty(self) -> None:
+        self._dirty_log().fill(1)
+
+    def clear_dirty(self) -> None:
+        self._dirty_log().fill(0)
+
+    # -- control --
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one control request; see GuestControl.request()."""
+        return await self._control.request(op, **fields)
+
+    async def pause(self) -> None:
+        await self.request("pause")
+
+    async def resume(self, device_state: bytes | None = None) -> None:
+        fields: dict[str, Any] = {}
+        if device_state is not None:
+            try:
+                state = json.loads(device_state)
+            except ValueError as e:
+                raise DriverError(f"VM {self.vm_id}: device state is not JSON: {e}") from e
+            if not isinstance(state, dict):
+                raise DriverError(f"VM {self.vm_id}: device state must be a JSON object")
+            fields["device_state"] = state
+        await self.request("resume", **fields)
+
+    async def set_throttle(self, percent: int) -> None:
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 99:
+            raise ValueError(f"throttle percent must be an integer 0..99, got {percent!r}")
+        await self.request("throttle", percent=percent)
+
+    async def device_state(self) -> bytes:
+        response = await self.request("state")
+        return json.dumps(response["device_state"], sort_keys=True).encode()
+
+    async def status(self) -> GuestStatus:
+        """The guest's status. A guest that is gone reports state "stopped" with the
+        tick counter found in its memory; a live guest that does not answer raises
+        GuestError."""
+        try:
+            response = await self.request("status")
+        except GuestError:
+            if self.is_alive():
+                raise
+            header = Header.read(self._ram_mm) if self._ram_mm is not None else None
+            return GuestStatus(
+                state="stopped",
+                ticks=header.ticks if header else 0,
+                last_tick_ns=header.last_tick_ns if header else 0,
+                throttle_percent=0,
+                resume_gap_ms=None,
+                pid=self.pid,
+                dirty_rate_bytes=self.spec.dirty_rate_bytes,
+                memory_bytes=self.spec.memory_bytes,
+                pages_written=header.pages_written if header else 0,
+            )
+        return GuestStatus(
+            state=str(response["state"]),
+            ticks=int(response["ticks"]),
+            last_tick_ns=int(response["last_tick_ns"]),
+            throttle_percent=int(response["throttle_percent"]),
+            resume_gap_ms=(
+                None if response.get("resume_gap_ms") is None else float(response["resume_gap_ms"])
+            ),
+            pid=int(response["pid"]),
+            dirty_rate_bytes=int(response.get("dirty_rate", 0)),
+            memory_bytes=int(response.get("memory_bytes", 0)),
+            pages_written=int(response.get("pages_written", 0)),
+        )
+
+    # -- process --
+
+    def is_alive(self) -> bool:
+        return is_guest_process(self.pid, self.pid_start_ticks, self.vm_id)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    async def _wait_gone(self, limit_s: float) -> bool:
+        deadline = time.monotonic() + limit_s
+        while self.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(POLL_INTERVAL_S)
+        return True
+
+    async def stop(self) -> None:
+        """Ask the guest to stop (SIGTERM if it cannot be asked), SIGKILL after
+        STOP_TIMEOUT_S. Files stay until destroy()."""
+        if not self.is_alive():
+            return
+        try:
+            await self.request("stop")
+        except GuestError as e:
+            log.warning("memvm %s: stop request failed (%s); sending SIGTERM", self.vm_id, e)
+            self._signal(signal.SIGTERM)
+        if not await self._wait_gone(STOP_TIMEOUT_S):
+            log.warning("memvm %s: guest %d ignored stop; killing it", self.vm_id, self.pid)
+            await self._kill()
+
+    async def _kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        if not await self._wait_gone(KILL_TIMEOUT_S):
+            log.error("memvm %s: guest %d survived SIGKILL", self.vm_id, self.pid)
+
+    async def destroy(self) -> None:
+        if self.is_alive():
+            await self._kill()
+        self.close()
+        for path in (self.ram_path, self.dirty_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.vm_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        self._dirty = None
+        for name in ("_ram_mm", "_dirty_mm"):
+            mapping: mmap.mmap | None = getattr(self, name)
+            setattr(self, name, None)
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:
+                    # A memoryview from ram() is still alive: the mapping goes with it.
+                    log.debug(
+                        "memvm %s: %s still exported; unmapped when released", self.vm_id, name
+                    )
+
+
+class MemVMDriver:
+    """Runs memvm guests. ``runtime_dir`` holds one directory per VM; RAM files go to a
+    subdirectory of ``ram_dir`` named after ``runtime_dir``.
+
+    ``adopt_all()`` returns the live guests and deletes the leftovers of dead ones (their
+    vm_ids are kept in ``dead_vm_ids`` for the caller to report)."""
+
+    name = "memvm"
+
+    def __init__(self, runtime_dir: Path, ram_dir: Path = DEFAULT_RAM_DIR) -> None:
+        self.runtime_dir = Path(runtime_dir).absolute()
+        tag = hashlib.sha256(str(self.runtime_dir.resolve()).encode()).hexdigest()[:12]
+        self.ram_dir = Path(ram_dir).absolute() / f"memvm-{tag}"
+        self.dead_vm_ids: list[str] = []
+        self._launching: set[str] = set()
+
+    def _paths(self, vm_id: str) -> tuple[Path, Path, Path]:
+        return (
+            self.runtime_dir / vm_id,
+            self.ram_dir / f"{vm_id}.ram",
+            self.ram_dir / f"{vm_id}.dirty",
+        )
+
+    async def start(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:
+        """Boot a fresh guest; returns once it runs (its RAM is filled by then).
+
+        Raises VMExistsError if the vm_id runs already, GuestStartError if the guest dies
+        or does not come up in time (its files are removed then)."""
+        return await self._launch(vm_id, spec, incoming=False)
+
+    async def prepare_incoming(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:
+        """Zero RAM and a guest waiting, in state "incoming", for resume(device_state)."""
+        return await self._launch(vm_id, spec, incoming=True)
+
+    async def _launch(self, vm_id: str, spec: GuestSpec, incoming: bool) -> MemVMHandle:
+        check_vm_id(vm_id)
+        if vm_id in self._launching:
+            raise VMExistsError(f"VM {vm_id} is already being started")
+        vm_dir, ram_path, dirty_path = self._paths(vm_id)
+        record = _read_vm_json(vm_dir)
+        if record is not None and is_guest_process(
+            int(record.get("pid", 0)), record.get("pid_start_ticks"), vm_id
+        ):
+            raise VMExistsError(
+                f"VM {vm_id} already runs here (pid {record['pid']}); destroy it first"
+            )
+        self._launching.add(vm_id)
+        pid: int | None = None
+        try:
+            self._remove_files(vm_id, record)
+            vm_dir.mkdir(parents=True, mode=0o700)
+            self.ram_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _create_sparse(ram_path, spec.memory_bytes)
+            _create_sparse(dirty_path, spec.page_count)
+            pid = await self._spawn(vm_id, spec, incoming, vm_dir, ram_path, dirty_path)
+            start_ticks = await self._wait_ready(vm_id, spec, incoming, vm_dir, pid)
+            return MemVMHandle(vm_id, spec, pid, start_ticks, vm_dir, ram_path, dirty_path)
+        except BaseException:
+            if pid is not None:
+                _kill_now(pid, vm_id)
+            self._remove_files(vm_id, None)
+            raise
+        finally:
+            self._launching.discard(vm_id)
+
+    async def _spawn(
+        self,
+        vm_id: str,
+        spec: GuestSpec,
+        incoming: bool,
+        vm_dir: Path,
+        ram_path: Path,
+        dirty_path: Path,
+    ) -> int:
+        """Launch the guest; returns its pid (the launcher has exited by then)."""
+        args = [
+            "-m",
+            GUEST_MODULE,
+            "--vm-id",
+            vm_id,
+            "--vm-dir",
+            str(vm_dir),
+            "--ram",
+            str(ram_path),
+            "--dirty",
+            str(dirty_path),
+            "--spec",
+            json.dumps(spec.to_json(), separators=(",", ":")),
+        ]
+        if incoming:
+            args.append("--incoming")
+        guest_log = os.open(
+            vm_dir / GUEST_LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        try:
+            launcher = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=guest_log,
+                start_new_session=True,
+                cwd=vm_dir,
+                env=_guest_env(),
+            )
+        finally:
+            os.close(guest_log)
+        try:
+            async with asyncio.timeout(LAUNCH_TIMEOUT_S):
+                out, _ = await launcher.communicate()
+        except TimeoutError:
+            launcher.kill()
+            await launcher.wait()
+            raise GuestStartError(
+                f"VM {vm_id}: guest launcher did not finish within {LAUNCH_TIMEOUT_S:.0f}s"
+            ) from None
+        try:
+            return int(out.decode().strip())
+        except ValueError:
+            raise GuestStartError(
+                f"VM {vm_id}: guest failed to start (launcher exit code {launcher.returncode}); "
+                f"guest log:\n{_log_tail(vm_dir)}"
+            ) from None
+
+    async def _wait_ready(
+        self, vm_id: str, spec: GuestSpec, incoming: bool, vm_dir: Path, pid: int
+    ) -> int | None:
+        """Wait until the guest answers status in its first state; returns its start time."""
+        expected = "incoming" if incoming else "running"
+        fill_bytes = 0 if incoming else (spec.touched_bytes or spec.memory_bytes)
+        timeout = BOOT_TIMEOUT_S + fill_bytes / BOOT_FILL_BYTES_PER_S
+        deadline = time.monotonic() + timeout
+        while True:
+            record = _read_vm_json(vm_dir)
+            start_ticks = record.get("pid_start_ticks") if record else None
+            if not is_guest_process(pid, start_ticks, vm_id):
+                raise GuestStartError(
+                    f"VM {vm_id}: guest process {pid} exited while booting; guest log:\n"
+                    f"{_log_tail(vm_dir)}"
+                )
+            if record is not None and (vm_dir / CONTROL_SOCKET_NAME).exists():
+                control = GuestControl(vm_id, vm_dir, pid, start_ticks)
+                with contextlib.suppress(GuestError):
+                    response = await control.request("status")
+                    if response.get("state") == expected:
+                        return int(start_ticks) if start_ticks is not None else None
+            if time.monotonic() >= deadline:
+                raise GuestStartError(
+                    f"VM {vm_id}: guest {pid} did not become {expected} within "
+                    f"{timeout:.0f}s; guest log:\n{_log_tail(vm_dir)}"
+                )
+            await asyncio.sleep(POLL_INTERVAL_S * 2)
+
+    async def adopt_all(self) -> list[MemVMHandle]:
+        """Map again every live guest found in the runtime directory (after a handler
+        restart) and delete the files of dead ones, whose vm_ids go to ``dead_vm_ids``.
+        Directories that are not memvm VM directories are left alone."""
+        handles: list[MemVMHandle] = []
+        dead: list[str] = []
+        if not self.runtime_dir.is_dir():
+            self.dead_vm_ids = dead
+            return handles
+        for vm_dir in sorted(p for p in self.runtime_dir.iterdir() if p.is_dir()):
+            vm_id = vm_dir.name
+            if not _VM_ID_RE.fullmatch(vm_id) or vm_id in self._launching:
+                continue
+            record = _read_vm_json(vm_dir)
+            if record is None:
+                if (vm_dir / GUEST_LOG_NAME).exists():  # a start that never finished
+                    self._remove_files(vm_id, None)
+                    dead.append(vm_id)
+                continue
+            pid = int(record.get("pid", 0))
+            start_ticks = record.get("pid_start_ticks")
+            if is_guest_process(pid, start_ticks, vm_id):
+                try:
+                    handle = MemVMHandle(
+                        vm_id,
+                        GuestSpec.from_json(record["spec"]),
+                        pid,
+                        start_ticks,
+                        vm_dir,
+                        Path(record["ram_path"]),
+                        Path(record["dirty_path"]),
+                    )
+                except (KeyError, TypeError, ValueError, OSError, DriverError) as e:
+                    log.error("memvm %s: cannot adopt guest %d: %s", vm_id, pid, e)
+                    continue
+                log.info("memvm %s: adopted running guest %d", vm_id, pid)
+                handles.append(handle)
+            else:
+                log.warning(
+                    "memvm %s: guest %d is gone; removing its files. Guest log:\n%s",
+                    vm_id,
+                    pid,
+                    _log_tail(vm_dir),
+                )
+                self._remove_files(vm_id, record)
+                dead.append(vm_id)
+        self.dead_vm_ids = dead
+        return handles
+
+    def _remove_files(self, vm_id: str, record: dict[str, Any] | None) -> None:
+        """Delete a (dead) VM's RAM, dirty log and runtime directory. RAM paths recorded in
+        vm.json are deleted only if they lie in our RAM directory."""
+        vm_dir, ram_path, dirty_path = self._paths(vm_id)
+        paths = {ram_path, dirty_path}
+        if record is not None:
+            for key in ("ram_path", "dirty_path"):
+                recorded = record.get(key)
+                if isinstance(recorded, str) and Path(recorded).parent == self.ram_dir:
+                    paths.add(Path(recorded))
+        for path in paths:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+
+if TYPE_CHECKING:
+
+    def _conforms(driver: MemVMDriver, handle: MemVMHandle) -> tuple[Driver, VMHandle]:
+        return driver, handle  # mypy checks both against the protocols

@@ -1,0 +1,238 @@
+"""``vmferry-handler``: the per-node daemon (virt-handler + virt-launcher + migration proxy).
+
+It registers its Node and heartbeats, runs the guests scheduled to it (driver
+``memvm``), serves the migration Transfer service on its migration-network address and
+drives outgoing migrations. Guests run in their own sessions: stopping or restarting
+the handler never stops them, and a restarted handler re-adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from handler.drivers.memvm import MemVMDriver
+from handler.migration_target import MigrationService
+from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
+from handler.vm_manager import VMManager
+from vmferry import logs, pki
+from vmferry.client import ApiClient
+from vmferry.config import ClientConfig, ConfigError, load_toml
+from vmferry.informer import Informer
+from vmferry.quantity import parse_quantity
+from vmferry.rpc import migration_pb2_grpc
+
+log = logging.getLogger("vmferry.handler")
+
+CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "node_name": str,
+    "api_server": str,
+    "ca": str,
+    "cert": str,
+    "key": str,
+    "main_address": str,
+    "migration_address": str,
+    "migration_port": int,
+    "runtime_dir": str,
+    "ram_dir": str,
+    "memory": (str, int),
+    "cpu_model": str,
+    "labels": dict,
+    "heartbeat_seconds": (int, float),
+    "log_level": str,
+    "insecure_plaintext": bool,
+}
+DEFAULTS: dict[str, Any] = {
+    "api_server": "127.0.0.1:7443",
+    "main_address": "127.0.0.1",
+    "migration_address": "127.0.0.1",
+    "migration_port": 7444,
+    "runtime_dir": "/run/vmferry",
+    "ram_dir": "/dev/shm/vmferry",
+    "labels": {},
+    "heartbeat_seconds": 2.0,
+    "log_level": "info",
+    "insecure_plaintext": False,
+}
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
+]
+
+
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(
+        prog="vmferry-handler",
+        description="vmferry node handler: runs this node's VMs and their live migrations.",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--node-name", help="this node's name (must match its certificate)")
+    p.add_argument("--api-server", help="controller host:port")
+    p.add_argument("--ca", help="cluster CA certificate")
+    p.add_argument("--cert", help="node certificate ('vmferry pki issue node NAME')")
+    p.add_argument("--key", help="node private key")
+    p.add_argument("--main-address", help="this node's address on the main network")
+    p.add_argument("--migration-address", help="address on the migration network (listens here)")
+    p.add_argument(
+        "--migration-port", type=int, help="port of the migration service (default 7444)"
+    )
+    p.add_argument("--runtime-dir", help="per-guest runtime files (default /run/vmferry)")
+    p.add_argument("--ram-dir", help="guest RAM files, on tmpfs (default /dev/shm/vmferry)")
+    p.add_argument("--memory", help="memory offered to guests, a quantity (default: host memory)")
+    p.add_argument("--cpu-model", help="CPU model reported (default: /proc/cpuinfo)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a node label (repeatable)",
+    )
+    p.add_argument("--heartbeat-seconds", type=float, help="Ready heartbeat period (default 2)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS anywhere (tests only; never in production)",
+    )
+    args = p.parse_args(argv)
+    config = dict(DEFAULTS)
+    if args.config:
+        config.update(load_toml(args.config, CONFIG_KEYS))
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is not None and key != "labels":
+            config[key] = value
+    labels = dict(config["labels"])
+    for item in args.label:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--label {item!r}: expected KEY=VALUE")
+        labels[k] = v
+    config["labels"] = labels
+    if not config.get("node_name"):
+        raise ConfigError("node_name is required (--node-name or node_name in the config file)")
+    if not config["insecure_plaintext"]:
+        missing = [k for k in ("ca", "cert", "key") if not config.get(k)]
+        if missing:
+            raise ConfigError(
+                f"missing {', '.join(missing)}: mTLS needs the CA, the node "
+                "certificate and its key (or --insecure-plaintext for tests)"
+            )
+    try:
+        config["memory_bytes"] = (
+            parse_quantity(config["memory"]) if config.get("memory") else host_memory_bytes()
+        )
+    except ValueError as e:
+        raise ConfigError(f"memory: {e}") from None
+    return config
+
+
+async def serve(config: dict[str, Any]) -> None:
+    node = config["node_name"]
+    tls = (
+        None
+        if config["insecure_plaintext"]
+        else pki.TlsFiles(Path(config["ca"]), Path(config["cert"]), Path(config["key"]))
+    )
+    runtime_dir = Path(config["runtime_dir"])
+    runtime_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
+    client_config = ClientConfig(
+        server=config["api_server"], tls=tls, insecure_plaintext=config["insecure_plaintext"]
+    )
+    api = ApiClient(client_config, timeout=10.0)
+    driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
+    service = MigrationService(
+        lambda inc: asyncio.sleep(0),
+        lambda inc, reason: asyncio.sleep(0),
+        record_dir=runtime_dir / "incoming",
+        require_peer_identity=tls is not None,
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    migration_pb2_grpc.add_MigrationServicer_to_server(service, server)
+    listen = f"{config['migration_address']}:{config['migration_port']}"
+    port = (
+        server.add_insecure_port(listen)
+        if tls is None
+        else server.add_secure_port(listen, pki.server_credentials(tls))
+    )
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen} for migrations")
+    await server.start()
+    log.info("node %s: migration service on %s", node, listen)
+
+    agent = NodeAgent(
+        api,
+        NodeInfo(
+            name=node,
+            labels=config["labels"],
+            memory_bytes=config["memory_bytes"],
+            cpu_model=config.get("cpu_model") or host_cpu_model(),
+            cpus=os.cpu_count() or 1,
+            main_address=config["main_address"],
+            migration_address=config["migration_address"],
+            migration_port=port,
+        ),
+        heartbeat_seconds=float(config["heartbeat_seconds"]),
+    )
+    vmis = Informer(api, "VirtualMachineInstance")
+    manager = VMManager(
+        api,
+        node,
+        driver,
+        vmis,
+        service,
+        tls=tls,
+        migration_endpoint=(config["migration_address"], port),
+        state_dir=runtime_dir,
+    )
+    await manager.adopt()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            await agent.register()
+            tasks = [
+                tg.create_task(agent.run()),
+                tg.create_task(vmis.run()),
+                tg.create_task(manager.run()),
+            ]
+            await stop.wait()
+            log.info("node %s: shutting down (guests keep running)", node)
+            for task in tasks:
+                task.cancel()
+    finally:
+        for handle in manager.handles.values():
+            handle.close()
+        await server.stop(grace=1)
+        await api.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        print(f"vmferry-handler: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(f"handler/{config['node_name']}", config["log_level"])
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

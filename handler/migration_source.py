@@ -1,0 +1,631 @@
+"""The sending side of one live migration (DESIGN §3), run by the source node's handler.
+
+One ``SourceMigration`` per migration attempt; it owns a TaskGroup with one reader task
+per channel, and everything it opens is closed in ``finally`` (safe to run twice).
+
+Steps:
+ 1. Record ``startTimestamp`` with a resourceVersion precondition (so a migration the
+    controller just failed or canceled never starts), then open ``parallelStreams``
+    mTLS channels to the target's migration endpoint and exchange Hello/HelloAck.
+ 2. Pre-copy: round 0 clears the dirty log and sends all of RAM; each later round
+    harvests the dirty log and sends those pages. After each round the measured
+    bandwidth and dirty rate decide: when the remaining dirty memory can be sent within
+    the downtime budget, go to switchover. No progress for ``progressTimeout`` s, or
+    more than ``completionTimeoutPerGiB`` s per GiB in total, aborts.
+ 3. Switchover, timed in named parts: pause the guest (``pause``), send the last dirty
+    pages (``final_pass``) while hashing RAM in threads, send the device state
+    (``state_transfer``), the target verifies the digest (``verify``).
+ 4. Hand-off: write ``switchover: Committed`` into the VMI status with a resourceVersion
+    precondition — the arbiter. Only then is Commit sent; the target resumes
+    (``resume``) and answers Resumed; the source guest is destroyed.
+ Any failure before the arbiter records Committed resumes the guest here; a failure
+ after it leaves the VM to the target (which also watches the arbiter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from handler import stream
+from handler.drivers.base import VMHandle, ram_digest_async
+from vmferry import conditions, pki
+from vmferry.client import ApiClient
+from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.quantity import parse_quantity
+from vmferry.rpc import migration_pb2 as pb
+from vmferry.rpc import migration_pb2_grpc
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+GiB = 1 << 30
+CONNECT_TIMEOUT = 10.0  # s to reach the target and get HelloAck on every channel
+VERIFY_TIMEOUT = 60.0  # s for the target to hash and answer Verified
+RESUMED_TIMEOUT = 30.0  # s; after that the target resumes from the arbiter record anyway
+MIN_ROUND_SECONDS = 0.02  # a round shorter than this gives no useful rate sample
+MAX_ROUNDS = 10_000  # a hard stop; the timeouts end a hopeless migration long before
+PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
+ARBITER_RETRY = 0.5  # s between attempts to record the hand-off while the API is away
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class MigrationFailed(Exception):
+    """The migration cannot go on; the message is the failureReason users see."""
+
+
+class Aborted(MigrationFailed):
+    """Cancelled on request (``abortRequested``)."""
+
+
+@dataclass
+class Stats:
+    total_bytes: int = 0
+    processed_bytes: int = 0
+    remaining_bytes: int = 0
+    wire_bytes: int = 0
+    rounds: int = 0
+    dirty_rate: float = 0.0
+    transfer_rate: float = 0.0
+    downtime_parts: dict[str, float] = field(default_factory=dict)
+    guest_downtime_ms: float | None = None
+    digest: str = ""
+    target_digest: str = ""
+    digest_verified: bool = False
+
+    def as_status(self) -> Obj:
+        out: Obj = {
+            "dataTotalBytes": self.total_bytes,
+            "dataProcessedBytes": self.processed_bytes,
+            "dataRemainingBytes": self.remaining_bytes,
+            "wireBytes": self.wire_bytes,
+            "rounds": self.rounds,
+            "dirtyRateBytes": int(self.dirty_rate),
+            "transferRateBytes": int(self.transfer_rate),
+        }
+        if self.downtime_parts:
+            out["downtimeMilliseconds"] = round(sum(self.downtime_parts.values()) * 1000, 3)
+            out["downtimePartsMilliseconds"] = {
+                part: round(seconds * 1000, 3) for part, seconds in self.downtime_parts.items()
+            }
+        if self.guest_downtime_ms is not None:
+            out["guestDowntimeMilliseconds"] = round(self.guest_downtime_ms, 3)
+        if self.digest:
+            out["digest"] = self.digest
+            out["targetDigest"] = self.target_digest
+            out["digestVerified"] = self.digest_verified
+        return out
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    """The first non-group exception inside (possibly nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
+class Channel:
+    """One Transfer stream; its reader task routes the target's frames."""
+
+    def __init__(self, channel_id: int, call: grpc.aio.StreamStreamCall) -> None:
+        self.id = channel_id
+        self.call = call
+        self.credit = 0
+        self.credit_changed = asyncio.Event()
+        self.acks: asyncio.Queue[pb.RoundAck] = asyncio.Queue()
+        self.control: asyncio.Queue[pb.TargetFrame] = asyncio.Queue()
+        self.error: BaseException | None = None
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self.call.read()
+                if frame is grpc.aio.EOF:
+                    raise MigrationFailed(f"target closed migration channel {self.id}")
+                kind = frame.WhichOneof("frame")
+                if kind == "credit":
+                    self.credit += frame.credit.bytes
+                    self.credit_changed.set()
+                elif kind == "round_ack":
+                    self.acks.put_nowait(frame.round_ack)
+                else:
+                    self.control.put_nowait(frame)
+        except grpc.aio.AioRpcError as e:
+            self.error = MigrationFailed(
+                f"migration channel {self.id} to the target failed: {e.code().name}: {e.details()}"
+            )
+        except MigrationFailed as e:
+            self.error = e
+        finally:
+            # Wake every waiter; they check self.error.
+            self.credit_changed.set()
+            self.acks.put_nowait(pb.RoundAck(round=2**32 - 1))
+            self.control.put_nowait(pb.TargetFrame())
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def write(self, frame: pb.SourceFrame) -> None:
+        self.check()
+        try:
+            await self.call.write(frame)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            self.check()
+            raise MigrationFailed(f"migration channel {self.id}: write failed: {e}") from None
+
+    async def wait_credit(self, needed: int) -> None:
+        while self.credit < needed:
+            self.check()
+            self.credit_changed.clear()
+            await self.credit_changed.wait()
+        self.check()
+
+    async def next_control(self, timeout: float) -> pb.TargetFrame:
+        async with asyncio.timeout(timeout):
+            frame = await self.control.get()
+        self.check()
+        return frame
+
+
+class SourceMigration:
+    def __init__(
+        self,
+        api: ApiClient,
+        node_name: str,
+        vmi: Obj,
+        handle: VMHandle,
+        tls: pki.TlsFiles | None,
+        *,
+        on_progress: Callable[[Obj, Stats], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.node = node_name
+        self.vmi = vmi
+        self.handle = handle
+        self.tls = tls
+        self.ns = vmi["metadata"]["namespace"]
+        self.name = vmi["metadata"]["name"]
+        ms = vmi["status"]["migrationState"]
+        self.uid: str = ms["migrationUid"]
+        self.token: str = ms.get("token", "")
+        self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
+        self.config: Obj = ms.get("migrationConfiguration") or {}
+        self.abort_requested = asyncio.Event()
+        self.stats = Stats(total_bytes=handle.spec.memory_bytes)
+        self.paused = False
+        self.committed = False
+        self.on_progress = on_progress
+        self._grpc_channel: grpc.aio.Channel | None = None
+        self._channels: list[Channel] = []
+        self._last_report = 0.0
+        self._publisher: asyncio.Task[None] | None = None
+        self._pending: stream.IndexArray = np.empty(0, dtype=np.int64)
+
+    # -- entry point ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the migration to its end; the outcome is written into the VMI status."""
+        try:
+            if not await self._mark_started():
+                return
+            async with asyncio.TaskGroup() as tg:
+                await self._connect(tg)
+                await self._precopy()
+                await self._switchover()
+                for ch in self._channels:
+                    ch.call.cancel()
+        except asyncio.CancelledError:
+            raise  # handler shutdown: a restarted handler settles the migration
+        except BaseException as e:
+            leaf = _first_leaf(e)
+            if isinstance(leaf, asyncio.CancelledError):
+                raise
+            if isinstance(leaf, MigrationFailed):
+                reason = str(leaf)
+            elif isinstance(leaf, ApiError):
+                reason = f"the API failed during migration: {leaf}"
+            elif isinstance(leaf, grpc.aio.AioRpcError):
+                reason = f"lost the target: {leaf.code().name}: {leaf.details()}"
+            elif isinstance(leaf, TimeoutError):
+                reason = "the target stopped answering (timeout)"
+            else:
+                log.exception("migration %s: internal error", self.uid, exc_info=leaf)
+                reason = f"internal error in the source handler: {leaf!r}"
+            await self._fail(reason, aborted=isinstance(leaf, Aborted))
+        finally:
+            if self._grpc_channel is not None:
+                await self._grpc_channel.close()
+
+    # -- status writes ----------------------------------------------------------------------
+
+    async def _read_state(self) -> tuple[Obj, Obj]:
+        vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        if ms.get("migrationUid") != self.uid:
+            raise MigrationFailed("the VMI's migration state was replaced by another migration")
+        return vmi, ms
+
+    async def _mark_started(self) -> bool:
+        """Record startTimestamp unless the migration was failed/canceled meanwhile."""
+        while True:
+            vmi, ms = await self._read_state()
+            if ms.get("failed") or ms.get("completed") or ms.get("startTimestamp"):
+                log.info("migration %s: not starting (already ended or started)", self.uid)
+                return False
+            ms["startTimestamp"] = conditions.now_rfc3339()
+            ms["mode"] = "PreCopy"
+            ms["transfer"] = self.stats.as_status()
+            try:
+                await self.api.update(vmi, subresource="status")
+                log.info(
+                    "migration %s: %s/%s starting to %s",
+                    self.uid,
+                    self.ns,
+                    self.name,
+                    self.target_address,
+                )
+                return True
+            except Conflict:
+                continue
+
+    async def _patch_ms(self, fields: Obj) -> None:
+        await self.api.patch(
+            "VirtualMachineInstance",
+            self.ns,
+            self.name,
+            {"status": {"migrationState": fields}},
+            subresource="status",
+        )
+
+    def _report(self, force: bool = False) -> None:
+        """Local progress (metrics) now; the VMI status at most every PROGRESS_PERIOD s."""
+        now = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(self.vmi, self.stats)
+        if (force or now - self._last_report > PROGRESS_PERIOD) and (
+            self._publisher is None or self._publisher.done()
+        ):
+            self._last_report = now
+            self._publisher = asyncio.create_task(self._publish_progress())
+
+    async def _publish_progress(self) -> None:
+        with contextlib.suppress(ApiError):
+            await self._patch_ms({"transfer": self.stats.as_status()})
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def _connect(self, tg: asyncio.TaskGroup) -> None:
+        count = max(1, min(int(self.config.get("parallelStreams", 2)), stream.MAX_CHANNELS))
+        if self.tls is None:
+            self._grpc_channel = grpc.aio.insecure_channel(
+                self.target_address, options=CHANNEL_OPTIONS
+            )
+        else:
+            self._grpc_channel = grpc.aio.secure_channel(
+                self.target_address, pki.channel_credentials(self.tls), options=CHANNEL_OPTIONS
+            )
+        stub = migration_pb2_grpc.MigrationStub(self._grpc_channel)
+        spec = self.handle.spec
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                for cid in range(count):
+                    ch = Channel(cid, stub.Transfer())
+                    self._channels.append(ch)
+                    await ch.write(
+                        pb.SourceFrame(
+                            hello=pb.Hello(
+                                protocol_version=stream.PROTOCOL_VERSION,
+                                migration_uid=self.uid,
+                                token=self.token,
+                                channel_id=cid,
+                                channel_count=count,
+                                memory_bytes=spec.memory_bytes,
+                                page_size=spec.page_size,
+                            )
+                        )
+                    )
+                    first = await ch.call.read()
+                    if first is grpc.aio.EOF or first.WhichOneof("frame") != "hello_ack":
+                        raise MigrationFailed(f"target did not accept migration channel {cid}")
+                    tg.create_task(ch.read_loop())
+        except grpc.aio.AioRpcError as e:
+            raise MigrationFailed(
+                f"cannot open the migration stream to {self.target_address}: {e.code().name}: {e.details()}"
+            ) from None
+        except TimeoutError:
+            raise MigrationFailed(
+                f"the target {self.target_address} did not answer within {CONNECT_TIMEOUT:.0f}s"
+            ) from None
+
+    # -- sending rounds ---------------------------------------------------------------------
+
+    async def _send_round(
+        self, indices: stream.IndexArray, round_no: int, final: bool
+    ) -> tuple[int, float]:
+        """Send ``indices`` across the channels; returns (wire bytes, seconds) once acked."""
+        pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
+        compress = False
+        limit = parse_quantity(self.config.get("bandwidthPerMigration", 0) or 0)
+        parts = stream.split_by_channel(indices, len(self._channels))
+        started = time.monotonic()
+        sent = [0]
+
+        async def send_part(ch: Channel, part: stream.IndexArray) -> None:
+            for offset in range(0, len(part), stream.BATCH_PAGES):
+                if self.abort_requested.is_set() and not self.paused:
+                    raise Aborted("migration canceled by the user")
+                batch = await asyncio.to_thread(
+                    stream.build_batch,
+                    pages,
+                    part[offset : offset + stream.BATCH_PAGES],
+                    round_no,
+                    compress=compress,
+                )
+                size = len(batch.frame.payload)
+                await ch.wait_credit(size)
+                ch.credit -= size
+                await ch.write(pb.SourceFrame(pages=batch.frame))
+                sent[0] += batch.wire_bytes
+                self.stats.wire_bytes += batch.wire_bytes
+                self.stats.processed_bytes += batch.raw_bytes
+                self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - batch.raw_bytes)
+                if limit > 0:  # bandwidthPerMigration: pace the whole migration's stream
+                    ahead = sent[0] / limit - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                self._report()
+            await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=final)))
+
+        async with asyncio.TaskGroup() as tg:
+            for ch, part in zip(self._channels, parts, strict=True):
+                tg.create_task(send_part(ch, part))
+        for ch in self._channels:  # every batch of this round is in the target's RAM
+            ack = await ch.acks.get()
+            ch.check()
+            if ack.round != round_no:
+                raise MigrationFailed(
+                    f"channel {ch.id}: acknowledged round {ack.round}, expected {round_no}"
+                )
+        return sent[0], time.monotonic() - started
+
+    async def _precopy(self) -> None:
+        spec = self.handle.spec
+        budget = float(self.config.get("downtimeBudgetMilliseconds", 300)) / 1000
+        progress_timeout = float(self.config.get("progressTimeout", 150))
+        completion_timeout = float(self.config.get("completionTimeoutPerGiB", 150)) * max(
+            spec.memory_bytes / GiB, 1 / 1024
+        )
+        started = time.monotonic()
+        best_remaining = spec.memory_bytes + 1
+        last_progress = started
+        self.handle.clear_dirty()
+        indices = np.arange(spec.page_count, dtype=np.int64)
+        self.stats.remaining_bytes = spec.memory_bytes
+        for round_no in range(MAX_ROUNDS):
+            wire, seconds = await self._send_round(indices, round_no, final=False)
+            self.stats.rounds = round_no + 1
+            if seconds >= MIN_ROUND_SECONDS or self.stats.transfer_rate == 0:
+                self.stats.transfer_rate = len(indices) * spec.page_size / max(seconds, 1e-3)
+            indices = self.handle.harvest_dirty()
+            remaining = len(indices) * spec.page_size
+            self.stats.dirty_rate = remaining / max(seconds, 1e-3)
+            self.stats.remaining_bytes = remaining
+            self._report(force=True)
+            log.info(
+                "migration %s: round %d sent %d pages in %.3fs (%.0f MiB/s); %d dirty (%.1f MiB/s)",
+                self.uid,
+                round_no,
+                wire // spec.page_size,
+                seconds,
+                self.stats.transfer_rate / 2**20,
+                len(indices),
+                self.stats.dirty_rate / 2**20,
+            )
+            if self.abort_requested.is_set():
+                raise Aborted("migration canceled by the user")
+            if remaining / max(self.stats.transfer_rate, 1) <= budget:
+                self._pending = indices
+                return
+            now = time.monotonic()
+            if remaining < best_remaining:
+                best_remaining, last_progress = remaining, now
+            elif now - last_progress > progress_timeout:
+                raise MigrationFailed(
+                    f"progress timeout: the remaining data has not shrunk for {progress_timeout:.0f}s "
+                    f"(progressTimeout); dirty rate {self.stats.dirty_rate / 2**20:.1f} MiB/s vs "
+                    f"transfer rate {self.stats.transfer_rate / 2**20:.1f} MiB/s"
+                )
+            if now - started > completion_timeout:
+                raise MigrationFailed(
+                    f"completion timeout: not completed within {completion_timeout:.0f}s "
+                    f"(completionTimeoutPerGiB {self.config.get('completionTimeoutPerGiB', 150)})"
+                )
+        raise MigrationFailed(f"did not converge within {MAX_ROUNDS} rounds")
+
+    # -- switchover -------------------------------------------------------------------------
+
+    async def _switchover(self) -> None:
+        parts = self.stats.downtime_parts
+        t0 = time.monotonic()
+        await self.handle.pause()
+        self.paused = True
+        t1 = time.monotonic()
+        parts["pause"] = t1 - t0
+        final = np.union1d(self._pending, self.handle.harvest_dirty())
+        digest_task = asyncio.create_task(ram_digest_async(self.handle.ram()))
+        try:
+            self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
+            await self._send_round(final, self.stats.rounds, final=True)
+            self.stats.rounds += 1
+            t2 = time.monotonic()
+            parts["final_pass"] = t2 - t1
+            device_state = await self.handle.device_state()
+            self.stats.digest = await digest_task
+        finally:
+            if not digest_task.done():
+                digest_task.cancel()
+        ch0 = self._channels[0]
+        await ch0.write(
+            pb.SourceFrame(
+                final_state=pb.FinalState(device_state=device_state, digest=self.stats.digest)
+            )
+        )
+        t3 = time.monotonic()
+        parts["state_transfer"] = t3 - t2
+        frame = await ch0.next_control(VERIFY_TIMEOUT)
+        if frame.WhichOneof("frame") != "verified":
+            raise MigrationFailed(
+                f"expected Verified from the target, got {frame.WhichOneof('frame')}"
+            )
+        t4 = time.monotonic()
+        parts["verify"] = t4 - t3
+        self.stats.target_digest = frame.verified.digest
+        if not frame.verified.match:
+            raise MigrationFailed(
+                f"memory digest mismatch at switchover: source {self.stats.digest[:16]}…, "
+                f"target {frame.verified.digest[:16]}…"
+            )
+        self.stats.digest_verified = True
+        await self._record_handoff()
+        self.committed = True
+        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
+        with contextlib.suppress(TimeoutError, MigrationFailed):
+            frame = await ch0.next_control(RESUMED_TIMEOUT)
+            if frame.WhichOneof("frame") == "resumed":
+                parts["resume"] = time.monotonic() - t4
+        await self._finish_success()
+
+    async def _record_handoff(self) -> None:
+        """The arbiter: switchover=Committed, written with a resourceVersion precondition."""
+        while True:
+            try:
+                vmi, ms = await self._read_state()
+                if ms.get("switchover") == "Aborted":
+                    raise MigrationFailed("the target gave up waiting for the hand-off")
+                if ms.get("switchover") == "Committed":
+                    return
+                ms["switchover"] = "Committed"
+                await self.api.update(vmi, subresource="status")
+                log.info("migration %s: hand-off committed", self.uid)
+                return
+            except Conflict:
+                continue
+            except NotFound:
+                raise MigrationFailed("the VMI was deleted during switchover") from None
+            except ApiError as e:  # the controller is away: the guest stays paused, retry
+                log.warning(
+                    "migration %s: cannot record the hand-off yet (%s); retrying", self.uid, e
+                )
+                await asyncio.sleep(ARBITER_RETRY)
+
+    async def _finish_success(self) -> None:
+        status = await self.handle.status() if self.handle.is_alive() else None
+        del status
+        await self.handle.destroy()
+        self.stats.remaining_bytes = 0
+        fields: Obj = {
+            "completed": True,
+            "endTimestamp": conditions.now_rfc3339(),
+            "transfer": self.stats.as_status(),
+        }
+        await self._patch_with_retry(fields)
+        log.info(
+            "migration %s: succeeded: %d rounds, %.1f MiB on the wire, downtime %s",
+            self.uid,
+            self.stats.rounds,
+            self.stats.wire_bytes / 2**20,
+            {k: round(v * 1000, 1) for k, v in self.stats.downtime_parts.items()},
+        )
+
+    async def _patch_with_retry(self, fields: Obj) -> None:
+        """Status that must land (completion/failure): retry while the API is away."""
+        if self._publisher is not None:  # never let an older progress write land after this
+            with contextlib.suppress(Exception):
+                await self._publisher
+        while True:
+            try:
+                await self._patch_ms(fields)
+                return
+            except NotFound:
+                return
+            except ApiError as e:
+                log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
+                await asyncio.sleep(ARBITER_RETRY)
+
+    # -- failure ----------------------------------------------------------------------------
+
+    async def _fail(self, reason: str, aborted: bool = False) -> None:
+        log.warning("migration %s: failed: %s", self.uid, reason)
+        for ch in self._channels:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    ch.call.write(pb.SourceFrame(abort=pb.Abort(reason=reason))), 1
+                )
+            ch.call.cancel()
+        if self.paused and not self.committed:
+            if await self._claim_abort():
+                await self.handle.resume()
+                self.paused = False
+            else:
+                # The arbiter says Committed: the target owns the VM now.
+                await self.handle.destroy()
+                await self._patch_with_retry(
+                    {
+                        "completed": True,
+                        "endTimestamp": conditions.now_rfc3339(),
+                        "transfer": self.stats.as_status(),
+                    }
+                )
+                return
+        elif self.committed:
+            return
+        fields: Obj = {
+            "failed": True,
+            "failureReason": reason,
+            "endTimestamp": conditions.now_rfc3339(),
+            "transfer": self.stats.as_status(),
+        }
+        if aborted or self.abort_requested.is_set():
+            fields["abortStatus"] = "Succeeded"
+        await self._patch_with_retry(fields)
+
+    async def _claim_abort(self) -> bool:
+        """Write switchover=Aborted unless Committed is already recorded; True if aborted."""
+        while True:
+            try:
+                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+                ms = (vmi.get("status") or {}).get("migrationState") or {}
+                if ms.get("migrationUid") != self.uid:
+                    return True
+                if ms.get("switchover") == "Committed":
+                    return False
+                if ms.get("switchover") == "Aborted":
+                    return True
+                new = copy.deepcopy(vmi)
+                new["status"]["migrationState"]["switchover"] = "Aborted"
+                await self.api.update(new, subresource="status")
+                return True
+            except Conflict:
+                continue
+            except NotFound:
+                return True
+            except ApiError as e:
+                log.warning("migration %s: cannot record the abort yet (%s); retrying", self.uid, e)
+                await asyncio.sleep(ARBITER_RETRY)
