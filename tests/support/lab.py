@@ -1,0 +1,189 @@
+"""A real lab for integration tests: real daemons as processes, real mTLS, driven by the
+real CLI (``python -m vmferry.cli.main``) and inspected through the API and the files
+the handlers keep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vmferry.config import CONFIG_ENV
+from vmferry.lab import LAB_ENV, Lab
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+MIGRATION_PHASES = [
+    "Pending",
+    "Scheduling",
+    "Scheduled",
+    "PreparingTarget",
+    "TargetReady",
+    "Running",
+    "Succeeded",
+]
+
+
+def vm_manifest(
+    name: str,
+    memory: str = "128Mi",
+    dirty_rate: str = "8Mi",
+    hot_set: str = "32Mi",
+    content: str = "mixed",
+    labels: dict[str, str] | None = None,
+) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {
+                "runStrategy": "Always",
+                "template": {
+                    "metadata": {"labels": labels or {}},
+                    "spec": {
+                        "evictionStrategy": "LiveMigrate",
+                        "domain": {"memory": {"guest": memory}},
+                        "memvm": {
+                            "workload": {
+                                "content": content,
+                                "dirtyRate": dirty_rate,
+                                "hotSet": hot_set,
+                            }
+                        },
+                    },
+                },
+            },
+        }
+    )
+
+
+class LabHarness:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lab = Lab(root / "lab")
+        self.env = dict(os.environ)
+        self.env[CONFIG_ENV] = str(root / "client.yaml")
+        self.env[LAB_ENV] = str(self.lab.dir)
+
+    # -- the CLI ------------------------------------------------------------------------------
+
+    def cli(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, **(extra_env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "vmferry.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            input=input,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"vmferry {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def up(self, nodes: int = 3, memory: str = "4Gi") -> None:
+        self.cli("lab", "up", "--nodes", str(nodes), "--memory", memory, timeout=120)
+
+    def down(self) -> None:
+        self.cli("lab", "down", check=False, timeout=60)
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> Obj:
+        out: Obj = json.loads(self.cli("get", kind, name, "-n", namespace, "-o", "json").stdout)
+        return out
+
+    def try_get(self, kind: str, name: str, namespace: str = "default") -> Obj | None:
+        proc = self.cli("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def apply(self, manifest: str) -> None:
+        self.cli("apply", "-f", "-", input=manifest)
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    @staticmethod
+    def wait_for(
+        what: str, fn: Callable[[], T | None], timeout: float = 60, interval: float = 0.2
+    ) -> T:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                value = fn()
+                if value:
+                    return value
+            except Exception as e:
+                last = e
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+    def wait_vmi_running(self, name: str, timeout: float = 60) -> Obj:
+        def running() -> Obj | None:
+            vmi = self.try_get("vmi", name)
+            return vmi if vmi and (vmi.get("status") or {}).get("phase") == "Running" else None
+
+        return self.wait_for(f"VMI {name} Running", running, timeout)
+
+    def wait_vmim_final(self, name: str, timeout: float = 120) -> Obj:
+        def final() -> Obj | None:
+            vmim = self.try_get("vmim", name)
+            phase = ((vmim or {}).get("status") or {}).get("phase")
+            return vmim if phase in ("Succeeded", "Failed") else None
+
+        return self.wait_for(f"migration {name} to finish", final, timeout, interval=0.3)
+
+    def set_live_migration_config(self, **fields: Any) -> None:
+        self.cli(
+            "patch",
+            "hyperconverged",
+            "kubevirt-hyperconverged",
+            "-n",
+            "openshift-cnv",
+            "--type",
+            "merge",
+            "-p",
+            json.dumps({"spec": {"liveMigrationConfig": fields}}),
+        )
+
+    # -- guests on the nodes ------------------------------------------------------------------
+
+    def guests(self, vmi_uid: str) -> list[tuple[str, Obj]]:
+        """(node, vm.json) of every guest of this VMI whose process is alive, on any node."""
+        found = []
+        for node in self.lab.node_names():
+            for vm_json in (self.lab.runtime_dir(node) / "guests").glob(f"{vmi_uid}*/vm.json"):
+                try:
+                    record = json.loads(vm_json.read_text())
+                    os.kill(int(record["pid"]), 0)
+                except (OSError, ValueError, KeyError):
+                    continue
+                stat = Path(f"/proc/{record['pid']}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                found.append((node, {**record, "dir": str(vm_json.parent)}))
+        return found
+
+    @staticmethod
+    def console_ticks(guest_dir: str) -> list[int]:
+        ticks = []
+        log = Path(guest_dir) / "console.log"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            for field in line.split():
+                if field.startswith("tick="):
+                    ticks.append(int(field[5:]))
+        return ticks

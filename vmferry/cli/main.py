@@ -1,0 +1,60 @@
+"""``vmferry``: the command-line client (``oc``/``virtctl`` for vmferry clusters)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmferry.cli import lab_cmd, migrate_cmd, pki_cmd, resources
+from vmferry.cli.common import error, run_with_client
+from vmferry.errors import ApiError
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    async def run(api, config):  # type: ignore[no-untyped-def]
+        user, groups = await api.whoami()
+        print(f"{user}" + (f" (groups: {', '.join(groups)})" if groups else ""))
+        return 0
+
+    return run_with_client(args, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmferry",
+        description="Live-migrate running virtual machines between nodes (KubeVirt semantics).",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", help="client configuration (default $VMFERRY_CONFIG or ~/.vmferry/config.yaml)"
+    )
+    common.add_argument(
+        "-n", "--namespace", help="namespace (default: the config's, else 'default')"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    resources.add_parsers(sub, common)
+    migrate_cmd.add_parsers(sub, common)
+    p = sub.add_parser("whoami", parents=[common], help="show who the API thinks you are")
+    p.set_defaults(func=cmd_whoami)
+    pki_cmd.add_parser(sub)
+    lab_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        code = args.func(args)
+    except ApiError as e:
+        code = error(e.message)
+    except ValueError as e:
+        code = error(str(e))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
