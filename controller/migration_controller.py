@@ -23,13 +23,15 @@ controller fails the hand-off and the target cleans up; while running it sets
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import secrets
 import time
+from collections import Counter
 from typing import Any
 
-from controller import scheduler
+from controller import policy, scheduler
 from controller.objects import set_phase, write_status
 from controller.store import Store
 from vmferry import conditions, kinds, schema
@@ -40,9 +42,18 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 FINALIZER = "kubevirt.io/migrationJobFinalize"
+EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"  # value: the node being drained
+KEEP_FINISHED = 5  # finished VMIMs kept per VMI; older ones are garbage-collected
 ACTIVE_PHASES = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
 TARGET_PREPARE_TIMEOUT = 60.0  # s from hand-off; a target handler that never answers fails it
 RECHECK_INTERVAL = 2.0  # s; timeouts are evaluated at least this often
+
+
+def queue_order(vmim: Obj) -> tuple[int, str, str]:
+    """Sort key of the Pending queue: evacuations first, then oldest first."""
+    annotations = vmim["metadata"].get("annotations") or {}
+    priority = 0 if EVACUATION_ANNOTATION in annotations else 1
+    return priority, vmim["metadata"].get("creationTimestamp", ""), vmim["metadata"]["name"]
 
 
 class MigrationController:
@@ -160,35 +171,69 @@ class MigrationController:
     # -- phase steps ----------------------------------------------------------------------
 
     async def _admit(self, vmim: Obj, vmi: Obj) -> None:
+        """Pending -> Scheduling within the parallel limits, in priority order.
+
+        The queue is every Pending VMIM ordered by (priority, creation time, name):
+        evacuations (node drain) before user requests. Walking it while simulating
+        admissions, this VMIM starts only if it would get one of the free slots; a
+        candidate whose source node is at ``parallelOutboundMigrationsPerNode`` is
+        skipped (it waits) without blocking the ones behind it. Counts come from the
+        store, not the informer cache, so two passes in a row never both take the
+        last slot.
+        """
         config = self.cluster_config()
-        active = [
-            v
-            for v in self.vmims.cache.values()
-            if (v.get("status") or {}).get("phase") in ACTIVE_PHASES
-        ]
-        if len(active) >= int(config["parallelMigrationsPerCluster"]):
-            log.info(
-                "vmim %s: waiting: %d migrations already run in the cluster",
-                vmim["metadata"]["name"],
-                len(active),
+        all_vmims, _ = await self.store.list("VirtualMachineInstanceMigration")
+        vmis, _ = await self.store.list("VirtualMachineInstance")
+        node_of = {
+            (v["metadata"]["namespace"], v["metadata"]["name"]): (v.get("status") or {}).get(
+                "nodeName"
             )
-            return
-        source = (vmi.get("status") or {}).get("nodeName")
-        outbound = 0
-        for other in active:
-            other_vmi = self.vmis.get(other["metadata"]["namespace"], other["spec"]["vmiName"])
-            if other_vmi and (other_vmi.get("status") or {}).get("nodeName") == source:
-                outbound += 1
-        if outbound >= int(config["parallelOutboundMigrationsPerNode"]):
-            log.info(
-                "vmim %s: waiting: %d migrations already leave node %s",
-                vmim["metadata"]["name"],
-                outbound,
-                source,
-            )
-            return
-        set_phase(vmim["status"], "Scheduling")
-        await write_status(self.store, vmim)
+            for v in vmis
+        }
+
+        def source(m: Obj) -> str | None:
+            return node_of.get((m["metadata"]["namespace"], m["spec"]["vmiName"]))
+
+        active = [m for m in all_vmims if (m.get("status") or {}).get("phase") in ACTIVE_PHASES]
+        outbound = Counter(source(m) for m in active)
+        free = int(config["parallelMigrationsPerCluster"]) - len(active)
+        per_node = int(config["parallelOutboundMigrationsPerNode"])
+        queue = sorted(
+            (
+                m
+                for m in all_vmims
+                if (m.get("status") or {}).get("phase") == "Pending"
+                and not m["metadata"].get("deletionTimestamp")
+            ),
+            key=queue_order,
+        )
+        uid = vmim["metadata"]["uid"]
+        for candidate in queue:
+            if free <= 0:
+                break
+            src = source(candidate)
+            if outbound[src] >= per_node:
+                if candidate["metadata"]["uid"] == uid:
+                    log.info(
+                        "vmim %s: waiting: %d migrations already leave node %s",
+                        vmim["metadata"]["name"],
+                        outbound[src],
+                        src,
+                    )
+                    return
+                continue
+            if candidate["metadata"]["uid"] == uid:
+                set_phase(vmim["status"], "Scheduling")
+                await write_status(self.store, vmim)
+                return
+            free -= 1
+            outbound[src] += 1
+        log.info(
+            "vmim %s: waiting in the queue (%d running, limit %s)",
+            vmim["metadata"]["name"],
+            len(active),
+            config["parallelMigrationsPerCluster"],
+        )
 
     async def _schedule(self, vmim: Obj, vmi: Obj) -> None:
         config = self.cluster_config()
@@ -220,25 +265,26 @@ class MigrationController:
                 (vmim["metadata"]["namespace"], vmim["metadata"]["name"]), RECHECK_INTERVAL
             )
             return
+        policies, _ = await self.store.list("MigrationPolicy")
+        try:
+            namespace = await self.store.get("Namespace", "", vmi["metadata"]["namespace"])
+        except NotFound:
+            namespace = {"metadata": {}}
+        configuration, policy_name = policy.effective_config(
+            config,
+            policies,
+            vmi["metadata"].get("labels") or {},
+            namespace["metadata"].get("labels") or {},
+        )
         handoff = {
             "migrationUid": vmim["metadata"]["uid"],
             "sourceNode": source,
             "targetNode": placement.node,
             "token": secrets.token_urlsafe(24),
-            "migrationConfiguration": {
-                key: config[key]
-                for key in (
-                    "bandwidthPerMigration",
-                    "completionTimeoutPerGiB",
-                    "progressTimeout",
-                    "allowAutoConverge",
-                    "allowPostCopy",
-                    "downtimeBudgetMilliseconds",
-                    "parallelStreams",
-                )
-                if key in config
-            },
+            "migrationConfiguration": configuration,
         }
+        if policy_name:
+            handoff["migrationPolicyName"] = policy_name
         vmi_status = vmi.setdefault("status", {})
         vmi_status["migrationState"] = handoff
         vmi_status["migrationMethod"] = "LiveMigration"
@@ -353,6 +399,41 @@ class MigrationController:
         vmim = await write_status(self.store, vmim)
         if vmim["metadata"].get("deletionTimestamp"):
             await self._remove_finalizer(vmim)
+        await self._collect_garbage(vmim)
+
+    async def _collect_garbage(self, vmim: Obj) -> None:
+        """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest."""
+        ns, vmi_name = vmim["metadata"]["namespace"], vmim["spec"]["vmiName"]
+        items, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
+        finished = sorted(
+            (
+                m
+                for m in items
+                if m["spec"].get("vmiName") == vmi_name
+                and (m.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                and not m["metadata"].get("deletionTimestamp")
+            ),
+            key=lambda m: (
+                m["metadata"].get("creationTimestamp", ""),
+                int(m["metadata"]["resourceVersion"]),
+            ),
+            reverse=True,
+        )
+        for old in finished[KEEP_FINISHED:]:
+            log.info(
+                "vmim %s: garbage-collected (more than %d finished migrations of %s/%s)",
+                old["metadata"]["name"],
+                KEEP_FINISHED,
+                ns,
+                vmi_name,
+            )
+            with contextlib.suppress(NotFound, Conflict):
+                await self.store.delete(
+                    "VirtualMachineInstanceMigration",
+                    ns,
+                    old["metadata"]["name"],
+                    uid=old["metadata"]["uid"],
+                )
 
     async def _remove_finalizer(self, vmim: Obj) -> None:
         finalizers = vmim["metadata"].get("finalizers", [])

@@ -15,7 +15,7 @@ from typing import Any
 from controller.objects import write_status
 from controller.store import Store
 from vmferry import conditions, kinds
-from vmferry.errors import AlreadyExists, NotFound
+from vmferry.errors import AlreadyExists, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,31 @@ class VMController:
             vmi = None
         if want_running and vmi is None:
             vmi = await self._create_vmi(vm)
+        elif vmi is not None and want_running:
+            await self._propagate_labels(vm, vmi)
         elif not want_running and vmi is not None and not vmi["metadata"].get("deletionTimestamp"):
             log.info("vm %s/%s: runStrategy %s: stopping its VMI", ns, name, strategy)
             await self._delete(vmi)
         await self._update_status(vm, vmi)
+
+    async def _propagate_labels(self, vm: Obj, vmi: Obj) -> None:
+        """Template labels edited on a running VM reach its VMI (migration policies select
+        VMIs by label, and ``vmferry edit vm`` is how the reference sets them)."""
+        wanted = ((vm["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+        labels = dict(vmi["metadata"].get("labels") or {})
+        if all(labels.get(k) == v for k, v in wanted.items()):
+            return
+        labels.update(wanted)
+        vmi["metadata"]["labels"] = labels
+        try:
+            await self.store.update(vmi)
+            log.info(
+                "vm %s/%s: template labels copied to the running VMI",
+                vm["metadata"]["namespace"],
+                vm["metadata"]["name"],
+            )
+        except (Conflict, NotFound):
+            self.queue.add((vm["metadata"]["namespace"], vm["metadata"]["name"]))
 
     async def _collect_orphan(self, ns: str, name: str) -> None:
         """Garbage collection: the VMI of a deleted VM goes with it (background deletion)."""

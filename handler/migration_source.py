@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 
 from handler import stream
-from handler.drivers.base import VMHandle, ram_digest_async
+from handler.drivers.base import GuestError, VMHandle, ram_digest_async
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -54,6 +54,8 @@ VERIFY_TIMEOUT = 60.0  # s for the target to hash and answer Verified
 RESUMED_TIMEOUT = 30.0  # s; after that the target resumes from the arbiter record anyway
 MIN_ROUND_SECONDS = 0.02  # a round shorter than this gives no useful rate sample
 MAX_ROUNDS = 10_000  # a hard stop; the timeouts end a hopeless migration long before
+MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
+PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
 PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
 ARBITER_RETRY = 0.5  # s between attempts to record the hand-off while the API is away
 CHANNEL_OPTIONS = [
@@ -85,6 +87,8 @@ class Stats:
     transfer_rate: float = 0.0
     downtime_parts: dict[str, float] = field(default_factory=dict)
     guest_downtime_ms: float | None = None
+    first_byte_at: float = 0.0  # time.monotonic() of the first and the latest batch sent
+    last_byte_at: float = 0.0
     digest: str = ""
     target_digest: str = ""
     digest_verified: bool = False
@@ -99,6 +103,11 @@ class Stats:
             "dirtyRateBytes": int(self.dirty_rate),
             "transferRateBytes": int(self.transfer_rate),
         }
+        if self.last_byte_at > self.first_byte_at:
+            # The whole run's average on the wire: what bandwidthPerMigration caps.
+            out["averageWireRateBytes"] = int(
+                self.wire_bytes / (self.last_byte_at - self.first_byte_at)
+            )
         if self.downtime_parts:
             out["downtimeMilliseconds"] = round(sum(self.downtime_parts.values()) * 1000, 3)
             out["downtimePartsMilliseconds"] = {
@@ -210,6 +219,7 @@ class SourceMigration:
         self.abort_requested = asyncio.Event()
         self.stats = Stats(total_bytes=handle.spec.memory_bytes)
         self.paused = False
+        self.switching = False
         self.committed = False
         self.on_progress = on_progress
         self._grpc_channel: grpc.aio.Channel | None = None
@@ -217,6 +227,8 @@ class SourceMigration:
         self._last_report = 0.0
         self._publisher: asyncio.Task[None] | None = None
         self._pending: stream.IndexArray = np.empty(0, dtype=np.int64)
+        self.bandwidth_limit = parse_quantity(self.config.get("bandwidthPerMigration", 0) or 0)
+        self._pace_next = 0.0  # time.monotonic() before which the paced stream may not send
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -227,6 +239,7 @@ class SourceMigration:
                 return
             async with asyncio.TaskGroup() as tg:
                 await self._connect(tg)
+                tg.create_task(self._monitor())
                 await self._precopy()
                 await self._switchover()
                 for ch in self._channels:
@@ -362,7 +375,7 @@ class SourceMigration:
         """Send ``indices`` across the channels; returns (wire bytes, seconds) once acked."""
         pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
         compress = False
-        limit = parse_quantity(self.config.get("bandwidthPerMigration", 0) or 0)
+        limit = self.bandwidth_limit
         parts = stream.split_by_channel(indices, len(self._channels))
         started = time.monotonic()
         sent = [0]
@@ -386,10 +399,15 @@ class SourceMigration:
                 self.stats.wire_bytes += batch.wire_bytes
                 self.stats.processed_bytes += batch.raw_bytes
                 self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - batch.raw_bytes)
-                if limit > 0:  # bandwidthPerMigration: pace the whole migration's stream
-                    ahead = sent[0] / limit - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                now = time.monotonic()
+                self.stats.first_byte_at = self.stats.first_byte_at or now
+                self.stats.last_byte_at = now
+                if limit > 0:  # bandwidthPerMigration paces the migration's whole stream
+                    self._pace_next = (
+                        max(self._pace_next, now - PACING_BURST) + batch.wire_bytes / limit
+                    )
+                    if self._pace_next > now:
+                        await asyncio.sleep(self._pace_next - now)
                 self._report()
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=final)))
 
@@ -408,13 +426,6 @@ class SourceMigration:
     async def _precopy(self) -> None:
         spec = self.handle.spec
         budget = float(self.config.get("downtimeBudgetMilliseconds", 300)) / 1000
-        progress_timeout = float(self.config.get("progressTimeout", 150))
-        completion_timeout = float(self.config.get("completionTimeoutPerGiB", 150)) * max(
-            spec.memory_bytes / GiB, 1 / 1024
-        )
-        started = time.monotonic()
-        best_remaining = spec.memory_bytes + 1
-        last_progress = started
         self.handle.clear_dirty()
         indices = np.arange(spec.page_count, dtype=np.int64)
         self.stats.remaining_bytes = spec.memory_bytes
@@ -443,29 +454,50 @@ class SourceMigration:
             if remaining / max(self.stats.transfer_rate, 1) <= budget:
                 self._pending = indices
                 return
+        raise MigrationFailed(f"did not converge within {MAX_ROUNDS} rounds")
+
+    async def _monitor(self) -> None:
+        """KubeVirt's migration monitor: while pre-copy runs, every MONITOR_PERIOD s,
+        abort when the remaining data has not gone below its lowest value for
+        ``progressTimeout`` s, or when the migration has run longer than
+        ``completionTimeoutPerGiB`` x guest memory in GiB. Ends when switchover starts."""
+        per_gib = float(self.config.get("completionTimeoutPerGiB", 150))
+        progress_timeout = float(self.config.get("progressTimeout", 150))
+        gib = self.handle.spec.memory_bytes / GiB
+        completion_timeout = per_gib * gib
+        started = time.monotonic()
+        watermark = float("inf")
+        last_progress = started
+        while not self.switching:
             now = time.monotonic()
-            if remaining < best_remaining:
-                best_remaining, last_progress = remaining, now
-            elif now - last_progress > progress_timeout:
+            remaining = self.stats.remaining_bytes
+            if remaining < watermark:
+                watermark, last_progress = remaining, now
+            if self.abort_requested.is_set():
+                raise Aborted("migration canceled by the user")
+            if now - last_progress > progress_timeout:
                 raise MigrationFailed(
-                    f"progress timeout: the remaining data has not shrunk for {progress_timeout:.0f}s "
-                    f"(progressTimeout); dirty rate {self.stats.dirty_rate / 2**20:.1f} MiB/s vs "
-                    f"transfer rate {self.stats.transfer_rate / 2**20:.1f} MiB/s"
+                    f"Live migration stuck for {now - last_progress:.0f} sec and has been aborted "
+                    f"(progressTimeout {progress_timeout:.0f}): {remaining / 2**20:.1f} MiB remain, "
+                    f"the guest dirties {self.stats.dirty_rate / 2**20:.1f} MiB/s and "
+                    f"{self.stats.transfer_rate / 2**20:.1f} MiB/s are sent"
                 )
             if now - started > completion_timeout:
                 raise MigrationFailed(
-                    f"completion timeout: not completed within {completion_timeout:.0f}s "
-                    f"(completionTimeoutPerGiB {self.config.get('completionTimeoutPerGiB', 150)})"
+                    f"Live migration is not completed after {now - started:.0f} sec and has been "
+                    f"aborted (completionTimeoutPerGiB {per_gib:.0f} x {gib:.2f} GiB = "
+                    f"{completion_timeout:.0f} sec)"
                 )
-        raise MigrationFailed(f"did not converge within {MAX_ROUNDS} rounds")
+            await asyncio.sleep(MONITOR_PERIOD)
 
     # -- switchover -------------------------------------------------------------------------
 
     async def _switchover(self) -> None:
         parts = self.stats.downtime_parts
         t0 = time.monotonic()
+        self.switching = True  # ends the monitor; from here only a failure ends switchover
+        self.paused = True  # set before the call: a failure during pause still resumes
         await self.handle.pause()
-        self.paused = True
         t1 = time.monotonic()
         parts["pause"] = t1 - t0
         final = np.union1d(self._pending, self.handle.harvest_dirty())
@@ -581,7 +613,7 @@ class SourceMigration:
             ch.call.cancel()
         if self.paused and not self.committed:
             if await self._claim_abort():
-                await self.handle.resume()
+                await self._resume_here()
                 self.paused = False
             else:
                 # The arbiter says Committed: the target owns the VM now.
@@ -605,6 +637,16 @@ class SourceMigration:
         if aborted or self.abort_requested.is_set():
             fields["abortStatus"] = "Succeeded"
         await self._patch_with_retry(fields)
+
+    async def _resume_here(self) -> None:
+        """Resume the source guest after a failed switchover (it may not have paused yet)."""
+        try:
+            await self.handle.resume()
+            log.info("migration %s: guest resumed on the source", self.uid)
+        except GuestError as e:
+            status = await self.handle.status()
+            if status.state != "running":
+                raise MigrationFailed(f"cannot resume the guest on the source: {e}") from e
 
     async def _claim_abort(self) -> bool:
         """Write switchover=Aborted unless Committed is already recorded; True if aborted."""

@@ -612,6 +612,7 @@ MIGRATION_TRANSFER = Obj(
         "rounds": _NON_NEGATIVE,
         "dirtyRateBytes": _NON_NEGATIVE,
         "transferRateBytes": _NON_NEGATIVE,
+        "averageWireRateBytes": _NON_NEGATIVE,
         "downtimeMilliseconds": Number(),
         "guestDowntimeMilliseconds": Number(),
         # The source's switchover in named parts: pause, final_pass, state_transfer, verify, resume.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmferry.cli import lab_cmd, migrate_cmd, pki_cmd, resources
+from vmferry.cli import adm_cmd, lab_cmd, migrate_cmd, pki_cmd, resources
 from vmferry.cli.common import error, run_with_client
 from vmferry.errors import ApiError
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd.add_parsers(sub, common)
     p = sub.add_parser("whoami", parents=[common], help="show who the API thinks you are")
     p.set_defaults(func=cmd_whoami)
+    adm_cmd.add_parser(sub, common)
     pki_cmd.add_parser(sub)
     lab_cmd.add_parser(sub)
     return parser

@@ -1,0 +1,305 @@
+"""``vmferry adm cordon|uncordon|drain|drain-capacity`` (``oc adm`` for vmferry nodes).
+
+``drain NODE`` cordons the node, then live-migrates every VMI on it whose
+``evictionStrategy`` is ``LiveMigrate`` / ``LiveMigrateIfPossible`` (or unset: the
+cluster default is LiveMigrate, as in OpenShift Virtualization) by creating evacuation
+migrations, which the controller queues ahead of user requests and runs within the
+parallel limits. A VMI that cannot be live-migrated blocks the drain, named in the
+message, unless ``--force`` stops it. The command shows progress and waits until the
+node is empty; a failed evacuation is retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+from vmferry import conditions, kinds, schema
+from vmferry.cli.common import Obj, error, run_with_client
+from vmferry.client import ApiClient
+from vmferry.config import ClientConfig
+from vmferry.quantity import format_quantity, parse_quantity
+
+EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
+MIGRATE_STRATEGIES = ("LiveMigrate", "LiveMigrateIfPossible")
+EVACUATION_ATTEMPTS = 3  # per VMI; a failed evacuation migration is retried this often
+POLL_INTERVAL = 0.5  # s
+
+
+async def _set_unschedulable(api: ApiClient, node: str, value: bool) -> str:
+    current = await api.get("Node", None, node)
+    if bool((current.get("spec") or {}).get("unschedulable")) == value:
+        return f"node/{node} already {'cordoned' if value else 'uncordoned'}"
+    await api.patch("Node", None, node, {"spec": {"unschedulable": value}})
+    return f"node/{node} {'cordoned' if value else 'uncordoned'}"
+
+
+def cmd_cordon(args: argparse.Namespace) -> int:
+    async def run(api: ApiClient, config: ClientConfig) -> int:
+        print(await _set_unschedulable(api, args.node, True))
+        return 0
+
+    return run_with_client(args, run)
+
+
+def cmd_uncordon(args: argparse.Namespace) -> int:
+    async def run(api: ApiClient, config: ClientConfig) -> int:
+        print(await _set_unschedulable(api, args.node, False))
+        return 0
+
+    return run_with_client(args, run)
+
+
+def _strategy(vmi: Obj) -> str:
+    return str((vmi.get("spec") or {}).get("evictionStrategy") or "LiveMigrate")
+
+
+def _blocker(vmi: Obj) -> str | None:
+    """Why this VMI cannot be live-migrated off its node, or None."""
+    name = f"{vmi['metadata']['namespace']}/{vmi['metadata']['name']}"
+    strategy = _strategy(vmi)
+    if strategy not in MIGRATE_STRATEGIES:
+        return f"{name} has evictionStrategy {strategy}"
+    migratable = conditions.get(vmi, "LiveMigratable")
+    if migratable is not None and migratable.get("status") == "False" and strategy == "LiveMigrate":
+        return f"{name} is not live-migratable: {migratable.get('message') or migratable.get('reason')}"
+    return None
+
+
+def _active_migration(vmims: list[Obj], vmi: Obj) -> Obj | None:
+    for m in vmims:
+        if (
+            m["metadata"]["namespace"] == vmi["metadata"]["namespace"]
+            and m["spec"].get("vmiName") == vmi["metadata"]["name"]
+            and (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ):
+            return m
+    return None
+
+
+class DrainProgress:
+    """One status line: live on a terminal, a plain line per change otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def show(self, text: str) -> None:
+        if text == self.last:
+            return
+        self.last = text
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text)
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
+
+
+def _progress_text(
+    node: str, total: int, remaining: list[Obj], vmims: list[Obj], started: float
+) -> str:
+    parts = [f"draining {node}: {total - len(remaining)}/{total} VMIs moved"]
+    for vmi in remaining[:4]:
+        m = _active_migration(vmims, vmi)
+        phase = (m.get("status") or {}).get("phase", "Pending") if m else "waiting"
+        t = ((m or {}).get("status") or {}).get("migrationState", {}).get("transfer") or {}
+        pct = ""
+        if t.get("dataTotalBytes"):
+            pct = f" {min(100, 100 * t.get('dataProcessedBytes', 0) // t['dataTotalBytes'])}%"
+        parts.append(f"{vmi['metadata']['name']} {phase}{pct}")
+    parts.append(f"{time.monotonic() - started:.0f}s")
+    return "  ".join(parts)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    async def run(api: ApiClient, config: ClientConfig) -> int:
+        node = args.node
+        await api.get("Node", None, node)
+        print(await _set_unschedulable(api, node, True))
+        vmis = [
+            v
+            for v in (await api.list("VirtualMachineInstance"))[0]
+            if (v.get("status") or {}).get("nodeName") == node
+            and (v.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
+        blockers = [b for v in vmis if (b := _blocker(v))]
+        if blockers and not args.force:
+            print(
+                "error: cannot drain node "
+                + node
+                + ": these VMIs cannot be live-migrated:\n  "
+                + "\n  ".join(blockers)
+                + "\nset evictionStrategy: LiveMigrate (when migratable), stop them, or use --force "
+                "to stop them; the node stays cordoned",
+                file=sys.stderr,
+            )
+            return 1
+        for vmi in vmis:
+            if _blocker(vmi):
+                print(
+                    f"stopping {vmi['metadata']['namespace']}/{vmi['metadata']['name']} (--force)"
+                )
+                await api.delete(
+                    "VirtualMachineInstance", vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+                )
+        movable = [v for v in vmis if not _blocker(v)]
+        attempts: dict[str, int] = {}
+        progress = DrainProgress()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(args.timeout):
+                while True:
+                    current = {
+                        v["metadata"]["uid"]: v
+                        for v in (await api.list("VirtualMachineInstance"))[0]
+                    }
+                    remaining = [
+                        current[v["metadata"]["uid"]]
+                        for v in movable
+                        if v["metadata"]["uid"] in current
+                        and current[v["metadata"]["uid"]]["status"].get("nodeName") == node
+                    ]
+                    vmims, _ = await api.list("VirtualMachineInstanceMigration")
+                    progress.show(_progress_text(node, len(movable), remaining, vmims, started))
+                    if not remaining:
+                        break
+                    for vmi in remaining:
+                        if _active_migration(vmims, vmi):
+                            continue
+                        uid = vmi["metadata"]["uid"]
+                        if attempts.get(uid, 0) >= EVACUATION_ATTEMPTS:
+                            progress.done()
+                            failed = [
+                                m
+                                for m in vmims
+                                if m["spec"].get("vmiName") == vmi["metadata"]["name"]
+                                and (m.get("status") or {}).get("phase") == "Failed"
+                            ]
+                            reason = (
+                                (failed[-1]["status"].get("migrationState") or {}).get(
+                                    "failureReason"
+                                )
+                                if failed
+                                else "unknown"
+                            )
+                            return error(
+                                f"could not evacuate {vmi['metadata']['namespace']}/"
+                                f"{vmi['metadata']['name']} after {EVACUATION_ATTEMPTS} attempts: {reason}"
+                            )
+                        attempts[uid] = attempts.get(uid, 0) + 1
+                        await api.create(
+                            {
+                                "apiVersion": kinds.KUBEVIRT,
+                                "kind": "VirtualMachineInstanceMigration",
+                                "metadata": {
+                                    "generateName": "kubevirt-evacuation-",
+                                    "namespace": vmi["metadata"]["namespace"],
+                                    "annotations": {EVACUATION_ANNOTATION: node},
+                                },
+                                "spec": {"vmiName": vmi["metadata"]["name"]},
+                            }
+                        )
+                    await asyncio.sleep(POLL_INTERVAL)
+        except TimeoutError:
+            progress.done()
+            return error(
+                f"drain of {node} did not finish within {args.timeout:.0f}s; the node stays cordoned"
+            )
+        progress.done()
+        print(f"node/{node} drained ({len(movable)} VMIs live-migrated)")
+        return 0
+
+    return run_with_client(args, run)
+
+
+def capacity_report(nodes: list[Obj], vmis: list[Obj], parallel_drains: int) -> tuple[str, bool]:
+    """The reference's spare-memory check (12.1.1): returns (report, enough)."""
+    rows = []
+    highest = 0
+    spare = 0
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        status = node.get("status") or {}
+        capacity = parse_quantity(
+            ((status.get("allocatable") or status.get("capacity")) or {}).get("memory", 0)
+        )
+        used = sum(
+            schema.memory_bytes(v.get("spec") or {})
+            for v in vmis
+            if (v.get("status") or {}).get("nodeName") == name
+            and (v.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        )
+        highest = max(highest, used)
+        usable = conditions.is_true(node, "Ready") and not (node.get("spec") or {}).get(
+            "unschedulable"
+        )
+        if usable:
+            spare += max(0, capacity - used)
+        rows.append(
+            f"  {name:<16} capacity {format_quantity(capacity):>8}  VM memory {format_quantity(used):>8}"
+            f"{'' if usable else '  (not schedulable: its spare does not count)'}"
+        )
+    required = parallel_drains * highest
+    enough = spare >= required
+    report = "\n".join(
+        [
+            "nodes:",
+            *rows,
+            f"highest total VM memory on one node: {format_quantity(highest)}",
+            f"required spare memory = {parallel_drains} parallel drain(s) x {format_quantity(highest)} = {format_quantity(required)}",
+            f"spare memory on schedulable nodes: {format_quantity(spare)}",
+            "enough spare capacity"
+            if enough
+            else f"NOT enough: short by {format_quantity(required - spare)}",
+        ]
+    )
+    return report, enough
+
+
+def cmd_drain_capacity(args: argparse.Namespace) -> int:
+    async def run(api: ApiClient, config: ClientConfig) -> int:
+        nodes, _ = await api.list("Node")
+        vmis, _ = await api.list("VirtualMachineInstance")
+        report, enough = capacity_report(nodes, vmis, args.parallel_drains)
+        print(report)
+        return 0 if enough else 1
+
+    if args.parallel_drains < 1:
+        return error("--parallel-drains must be at least 1")
+    return run_with_client(args, run)
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    adm = sub.add_parser("adm", help="node administration: cordon, uncordon, drain, drain-capacity")
+    asub = adm.add_subparsers(dest="adm_command", required=True)
+    p = asub.add_parser("cordon", parents=[common], help="mark a node unschedulable")
+    p.add_argument("node")
+    p.set_defaults(func=cmd_cordon)
+    p = asub.add_parser("uncordon", parents=[common], help="mark a node schedulable")
+    p.add_argument("node")
+    p.set_defaults(func=cmd_uncordon)
+    p = asub.add_parser(
+        "drain", parents=[common], help="cordon a node and live-migrate every VM off it, then wait"
+    )
+    p.add_argument("node")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="stop VMIs that cannot be live-migrated instead of refusing",
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    p.set_defaults(func=cmd_drain)
+    p = asub.add_parser(
+        "drain-capacity",
+        parents=[common],
+        help="spare memory needed for N parallel node drains vs what the cluster has",
+    )
+    p.add_argument("--parallel-drains", type=int, default=1, metavar="N")
+    p.set_defaults(func=cmd_drain_capacity)
