@@ -360,3 +360,68 @@ def test_cancel_while_pending_and_garbage_collection_of_old_migrations(lab: LabH
         timeout=20,
     )
     assert len(mine) >= 5
+
+
+@pytest.mark.timeout(60)
+def test_hyperconverged_edit_patch_and_key_deletion_restores_the_default(lab: LabHarness) -> None:
+    hco = ["hyperconverged", "kubevirt-hyperconverged", "-n", "openshift-cnv"]
+
+    def config() -> dict[str, Any]:
+        return lab.get("hco", "kubevirt-hyperconverged", "openshift-cnv")["spec"][
+            "liveMigrationConfig"
+        ]
+
+    assert config()["parallelMigrationsPerCluster"] == 5 and config()["progressTimeout"] == 150
+    lab.cli(
+        "patch",
+        *hco,
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"liveMigrationConfig":{"progressTimeout":300}}}',
+    )
+    assert config()["progressTimeout"] == 300
+
+    def editor(code: str) -> dict[str, str]:
+        return {
+            "EDITOR": f'python3 -c "import sys,yaml;p=sys.argv[1];d=yaml.safe_load(open(p));{code};'
+            "yaml.safe_dump(d,open(p,'w'))\""
+        }
+
+    # Deleting the key in the editor restores its default.
+    out = lab.cli(
+        "edit", *hco, extra_env=editor("del d['spec']['liveMigrationConfig']['progressTimeout']")
+    )
+    assert "edited" in out.stdout
+    assert config()["progressTimeout"] == 150
+    # An invalid edit is refused with the reason, and nothing changes.
+    before = lab.get("hco", "kubevirt-hyperconverged", "openshift-cnv")
+    bad = lab.cli(
+        "edit",
+        *hco,
+        check=False,
+        extra_env=editor("d['spec']['liveMigrationConfig']['bandwidthPerMigration']='12Zi'"),
+    )
+    assert bad.returncode == 1
+    assert "spec.liveMigrationConfig.bandwidthPerMigration" in bad.stderr and "12Zi" in bad.stderr
+    assert "nothing was changed" in bad.stderr
+    after = lab.get("hco", "kubevirt-hyperconverged", "openshift-cnv")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    # A JSON patch that removes a key restores the default too.
+    lab.cli(
+        "patch",
+        *hco,
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"liveMigrationConfig":{"parallelMigrationsPerCluster":3}}}',
+    )
+    lab.cli(
+        "patch",
+        *hco,
+        "--type",
+        "json",
+        "-p",
+        '[{"op":"remove","path":"/spec/liveMigrationConfig/parallelMigrationsPerCluster"}]',
+    )
+    assert config()["parallelMigrationsPerCluster"] == 5
