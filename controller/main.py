@@ -20,13 +20,15 @@ import grpc
 
 from controller.admission import Admission
 from controller.api import ApiService
+from controller.console import Console
+from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
 from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import kinds, logs, pki, schema
+from vmferry import httpserve, kinds, logs, pki, schema
 from vmferry.config import ConfigError, load_toml
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
@@ -43,6 +45,8 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "node_grace_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
+    "metrics_listen": str,
+    "console_listen": str,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
@@ -50,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "node_grace_seconds": 10.0,
     "log_level": "info",
     "insecure_plaintext": False,
+    "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
+    "console_listen": "",  # host:port of the web console (HTTPS); empty: no console
 }
 BOOTSTRAP_NAMESPACES = ("default", kinds.SYSTEM_NAMESPACE, "kube-system")
 SERVER_OPTIONS = [
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="a node silent this long goes NotReady (default 10)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
+    p.add_argument("--console-listen", help="host:port for the web console (empty: off)")
     p.add_argument(
         "--insecure-plaintext",
         action="store_true",
@@ -125,12 +133,14 @@ async def serve(config: dict[str, Any]) -> None:
     try:
         await bootstrap(store)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        api_pb2_grpc.add_ApiServicer_to_server(ApiService(store, Admission(store)), server)
+        api = ApiService(store, Admission(store))
+        api_pb2_grpc.add_ApiServicer_to_server(api, server)
         if config["insecure_plaintext"]:
             log.warning(
                 "serving the API WITHOUT TLS on %s (--insecure-plaintext)", config["listen"]
             )
             port = server.add_insecure_port(config["listen"])
+            tls = None
         else:
             tls = pki.TlsFiles(Path(config["ca"]), Path(config["cert"]), Path(config["key"]))
             port = server.add_secure_port(config["listen"], pki.server_credentials(tls))
@@ -145,6 +155,18 @@ async def serve(config: dict[str, Any]) -> None:
         vmims = Informer(source, "VirtualMachineInstanceMigration")
         nodes = Informer(source, "Node")
         hcos = Informer(source, "HyperConverged")
+        metrics = ControllerMetrics(vmims, vmis)
+        http_servers = []
+        if config["metrics_listen"]:
+            http_servers.append(
+                await httpserve.serve_metrics(metrics.registry, config["metrics_listen"])
+            )
+            log.info("metrics on http://%s/metrics", config["metrics_listen"])
+        console = None
+        if config["console_listen"]:
+            console_tls = None if config["insecure_plaintext"] else tls
+            console = Console(api, vmims=vmims, vmis=vmis, tls=console_tls)
+            http_servers.append(await console.serve(config["console_listen"]))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,11 +183,15 @@ async def serve(config: dict[str, Any]) -> None:
                     NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
                 ),
             ]
+            if console is not None:
+                tasks.append(tg.create_task(console.run()))
             log.info("reconcilers running")
             await stop.wait()
             log.info("shutting down")
             for task in tasks:
                 task.cancel()
+        for http_server in http_servers:
+            http_server.close()
         await server.stop(grace=2)
     finally:
         await store.close()

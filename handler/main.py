@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 
 from handler.drivers.memvm import MemVMDriver
+from handler.metrics import HandlerMetrics
 from handler.migration_target import MigrationService
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.vm_manager import VMManager
-from vmferry import logs, pki
+from vmferry import httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, load_toml
 from vmferry.informer import Informer
@@ -49,6 +50,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "heartbeat_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
+    "metrics_listen": str,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
@@ -61,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "heartbeat_seconds": 2.0,
     "log_level": "info",
     "insecure_plaintext": False,
+    "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
 }
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -99,6 +102,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     )
     p.add_argument("--heartbeat-seconds", type=float, help="Ready heartbeat period (default 2)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
     p.add_argument(
         "--insecure-plaintext",
         action="store_true",
@@ -197,6 +201,11 @@ async def serve(config: dict[str, Any]) -> None:
         state_dir=runtime_dir,
     )
     await manager.adopt()
+    metrics = HandlerMetrics(manager, node)
+    metrics_server = None
+    if config["metrics_listen"]:
+        metrics_server = await httpserve.serve_metrics(metrics.registry, config["metrics_listen"])
+        log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,6 +217,7 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(agent.run()),
                 tg.create_task(vmis.run()),
                 tg.create_task(manager.run()),
+                tg.create_task(metrics.run()),
             ]
             await stop.wait()
             log.info("node %s: shutting down (guests keep running)", node)
@@ -216,6 +226,8 @@ async def serve(config: dict[str, Any]) -> None:
     finally:
         for handle in manager.handles.values():
             handle.close()
+        if metrics_server is not None:
+            metrics_server.close()
         await server.stop(grace=1)
         await api.close()
 

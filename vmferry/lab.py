@@ -136,11 +136,15 @@ class Lab:
         )
         admin = pki.issue_user(self.pki_dir, "admin", groups=["system:masters"])
         api_port = free_port("127.0.0.1")
+        console_port = free_port("127.0.0.1")  # the web console (HTTPS)
+        metrics_ports = {"controller": free_port("127.0.0.1")}  # component -> /metrics port
         (self.dir / "controller.toml").write_text(
             f'listen = "127.0.0.1:{api_port}"\n'
             f'data_dir = "{self.dir / "controller"}"\n'
             f'ca = "{server.ca}"\ncert = "{server.cert}"\nkey = "{server.key}"\n'
             "node_grace_seconds = 8\n"
+            f'metrics_listen = "127.0.0.1:{metrics_ports["controller"]}"\n'
+            f'console_listen = "127.0.0.1:{console_port}"\n'
         )
         names = [f"node{i}" for i in range(1, nodes + 1)]
         for i, name in enumerate(names, start=1):
@@ -150,6 +154,7 @@ class Lab:
             )
             node_dir = self.dir / "nodes" / name
             node_dir.mkdir(parents=True)
+            metrics_ports[name] = free_port("127.0.0.1")
             (node_dir / "handler.toml").write_text(
                 f'node_name = "{name}"\n'
                 f'api_server = "127.0.0.1:{api_port}"\n'
@@ -162,9 +167,19 @@ class Lab:
                 f'memory = "{memory}"\n'
                 'cpu_model = "vmferry-lab-cpu"\n'
                 "heartbeat_seconds = 1\n"
+                f'metrics_listen = "127.0.0.1:{metrics_ports[name]}"\n'
                 f'[labels]\n"vmferry.io/lab-node" = "{i}"\n'
             )
-        (self.dir / "lab.json").write_text(json.dumps({"nodes": names, "apiPort": api_port}))
+        (self.dir / "lab.json").write_text(
+            json.dumps(
+                {
+                    "nodes": names,
+                    "apiPort": api_port,
+                    "consolePort": console_port,
+                    "metricsPorts": metrics_ports,
+                }
+            )
+        )
         config = ClientConfig(server=f"127.0.0.1:{api_port}", tls=admin)
         self.client_config_path.write_text(config.to_yaml(relative_to=self.dir))
         return config

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,6 +114,32 @@ class LabHarness:
 
     def apply(self, manifest: str) -> None:
         self.cli("apply", "-f", "-", input=manifest)
+
+    # -- observability endpoints --------------------------------------------------------------
+
+    def info(self) -> Obj:
+        """The lab's lab.json: nodes and the ports of every endpoint."""
+        info: Obj = json.loads((self.lab.dir / "lab.json").read_text())
+        return info
+
+    def metrics_url(self, component: str) -> str:
+        """``http://…/metrics`` of ``controller`` or a node."""
+        return f"http://127.0.0.1:{self.info()['metricsPorts'][component]}/metrics"
+
+    def console_url(self) -> str:
+        return f"https://127.0.0.1:{self.info()['consolePort']}/"
+
+    def scrape(self, component: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """One scrape of a daemon: {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url(component), timeout=5) as resp:
+            text = resp.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     # -- waiting ------------------------------------------------------------------------------
 
