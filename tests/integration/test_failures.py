@@ -130,3 +130,33 @@ def test_cancel_running_migration_keeps_vm_on_source(lab: LabHarness) -> None:
     finally:
         lab.set_live_migration_config(bandwidthPerMigration="0")
     lab.cli("delete", "vm", "cancelme")
+
+
+@pytest.mark.timeout(120)
+def test_handler_restart_keeps_its_guests_running_and_readopts_them(lab: LabHarness) -> None:
+    lab.apply(vm_manifest("steady", memory="64Mi", dirty_rate="2Mi"))
+    vmi = lab.wait_vmi_running("steady")
+    uid, node = vmi["metadata"]["uid"], vmi["status"]["nodeName"]
+    [(_, guest)] = lab.guests(uid)
+    lab.cli("lab", "kill", node)
+    time.sleep(1.5)
+    assert [g[1]["pid"] for g in lab.guests(uid)] == [guest["pid"]], (
+        "the guest outlives its handler"
+    )
+    ticks = lab.console_ticks(guest["dir"])
+    lab.cli("lab", "start", node)
+    lab.wait_for(
+        f"{node} Ready again",
+        lambda: any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in lab.get("no", node, "")["status"]["conditions"]
+        ),
+    )
+    time.sleep(2.5)  # a few reconcile passes of the restarted handler
+    vmi = lab.get("vmi", "steady")
+    assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == node
+    assert [g[1]["pid"] for g in lab.guests(uid)] == [guest["pid"]], "re-adopted, not restarted"
+    assert lab.console_ticks(guest["dir"])[-1] > ticks[-1]
+    # The re-adopted guest migrates like any other.
+    assert "succeeded" in lab.cli("migrate", "steady", "--wait", timeout=100).stdout
+    lab.cli("delete", "vm", "steady")
