@@ -1,10 +1,18 @@
 """The controller's gRPC object API (DESIGN §1): authentication, validation, admission,
 then the store.
 
-Every request is authenticated by the mTLS client certificate (``vmferry.pki``).
-Authorization, for now: node identities (``system:node:<name>``) may read everything
-but write only their own Node and the VMIs/VMIMs that involve their node; every other
-authenticated user is an administrator (RBAC arrives with its own issue).
+Every request is authenticated (``controller.authn``: the mTLS client certificate, or a
+service-account bearer token) and authorized before anything else happens:
+
+- node identities (``system:node:<name>``) by the node authorizer: they may read
+  everything but Secrets, and write only their own Node and the VMIs/VMIMs that involve
+  their node;
+- everyone else by RBAC (``controller.rbac``), reading the RBAC objects from the store,
+  so a binding is in force as soon as its create returns. Writing a role or a binding
+  also passes the escalation check.
+
+Every decision, allowed or denied, is appended to the audit log (``controller.audit``);
+a denial names the permission that was missing, as Kubernetes does.
 """
 
 from __future__ import annotations
@@ -12,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from controller import rbac
 from controller.admission import Admission
+from controller.audit import AuditLog
+from controller.authn import Authenticator, TokenSigner
 from controller.store import Store
 from vmferry import kinds, labels, patch, pki, schema
 from vmferry.client import REASON_KEY
@@ -28,12 +40,10 @@ from vmferry.errors import (
     Forbidden,
     Invalid,
     NotFound,
-    Unauthorized,
 )
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("vmferry.audit")
 
 Obj = dict[str, Any]
 PATCH_RETRIES = 10  # optimistic retries of a patch without a resourceVersion precondition
@@ -67,46 +77,65 @@ def _involves_node(obj: Obj, node: str) -> bool:
     return node in (status.get("nodeName"), ms.get("sourceNode"), ms.get("targetNode"))
 
 
-class Authorizer:
-    """Decides who may do what; raises Forbidden naming the missing permission."""
+RBAC_KINDS = frozenset({"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
+MIGRATION_HINT = (
+    "; live migration needs the kubevirt.io:migrate cluster role: ask a cluster "
+    "administrator to bind it (vmferry create rolebinding NAME "
+    "--clusterrole=kubevirt.io:migrate --user=USER -n NAMESPACE)"
+)
 
-    def check(
-        self,
-        who: pki.Identity,
-        verb: str,
-        kind: kinds.Kind,
-        namespace: str,
-        name: str,
-        current: Obj | None,
-    ) -> None:
-        if not who.is_node:
-            return
+
+class NodeAuthorizer:
+    """The node authorizer: what a handler's certificate may do.
+
+    A node reads every kind but Secrets; it writes only its own Node and the VMIs/VMIMs
+    whose status names it (running there, or the source or target of their migration).
+    """
+
+    def check(self, who: pki.Identity, request: rbac.Request, current: Obj | None) -> rbac.Decision:
         node = who.node_name or ""
-        if verb in ("get", "list", "watch"):
-            return
-        if kind.kind == "Node" and name == node and verb in ("create", "update", "patch"):
-            return
-        if kind.kind in ("VirtualMachineInstance", "VirtualMachineInstanceMigration") and verb in (
-            "update",
-            "patch",
+        kind = request.resource
+        if request.verb in ("get", "list", "watch"):
+            if kind == "secrets":
+                return rbac.Decision(False, f"{request.describe()}: nodes may not read secrets")
+            return rbac.Decision(True, "Node: nodes may read")
+        if (
+            kind == "nodes"
+            and request.name == node
+            and request.verb in ("create", "update", "patch")
+        ):
+            return rbac.Decision(True, "Node: a node may change its own Node")
+        if kind in ("virtualmachineinstances", "virtualmachineinstancemigrations") and (
+            request.verb in ("update", "patch")
         ):
             if current is not None and _involves_node(current, node):
-                return
-        where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-        raise Forbidden(
-            f'{kind.resource} "{name}" is forbidden: User "{who.user}" cannot {verb} resource '
-            f'"{kind.plural}" in API group "{kind.group}"{where}: a node may only change its own '
-            "Node and the virtual machines running on or migrating to/from it"
+                return rbac.Decision(True, f"Node: the object involves node {node}")
+        return rbac.Decision(
+            False,
+            f"{request.describe()}: a node may only change its own Node and the virtual "
+            "machines running on or migrating to/from it",
         )
 
 
 class ApiService(api_pb2_grpc.ApiServicer):
     """gRPC servicer; each method maps ApiError to a status with the reason attached."""
 
-    def __init__(self, store: Store, admission: Admission) -> None:
+    def __init__(
+        self,
+        store: Store,
+        admission: Admission,
+        *,
+        authenticator: Authenticator | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.store = store
         self.admission = admission
-        self.authz = Authorizer()
+        # Without a configured signer no bearer token verifies: certificates only.
+        self.authenticator = authenticator or Authenticator(
+            store, TokenSigner(secrets.token_bytes(32))
+        )
+        self.audit = audit or AuditLog(None)
+        self.node_authz = NodeAuthorizer()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -114,23 +143,22 @@ class ApiService(api_pb2_grpc.ApiServicer):
         self, context: grpc.aio.ServicerContext, fn: Callable[[pki.Identity], Awaitable[Any]]
     ) -> Any:
         try:
-            who = pki.peer_identity(context)
-            if who is None:
-                raise Unauthorized("no client certificate: every caller must authenticate")
+            who = await self.authenticator.authenticate(context)
             return await fn(who)
         except ApiError as e:
             await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
 
-    def _audit(self, who: pki.Identity, verb: str, kind: kinds.Kind, ns: str, name: str) -> None:
-        audit_log.info(
-            "allowed user=%s groups=%s verb=%s resource=%s namespace=%s name=%s",
-            who.user,
-            ",".join(who.groups),
-            verb,
-            kind.plural,
-            ns,
-            name,
-        )
+    async def decide(
+        self, who: pki.Identity, request: rbac.Request, current: Obj | None = None
+    ) -> rbac.Decision:
+        """Decide one request (node authorizer or RBAC) and write it to the audit log."""
+        if who.is_node:
+            decision = self.node_authz.check(who, request, current)
+        else:
+            policy = await rbac.load_policy(self.store, request.namespace)
+            decision = policy.authorize(request)
+        self.audit.record(request, decision.allowed, decision.reason)
+        return decision
 
     async def _authorize(
         self,
@@ -140,21 +168,25 @@ class ApiService(api_pb2_grpc.ApiServicer):
         ns: str,
         name: str,
         current: Obj | None = None,
+        subresource: str = "",
     ) -> None:
-        try:
-            self.authz.check(who, verb, kind, ns, name, current)
-        except Forbidden as e:
-            audit_log.info(
-                "denied user=%s verb=%s resource=%s namespace=%s name=%s reason=%s",
-                who.user,
-                verb,
-                kind.plural,
-                ns,
-                name,
-                e.message,
-            )
-            raise
-        self._audit(who, verb, kind, ns, name)
+        """Raise Forbidden, Kubernetes-style, unless ``who`` may ``verb`` this object."""
+        request = rbac.request_for(who.user, who.groups, verb, kind, ns, name, subresource)
+        decision = await self.decide(who, request, current)
+        if not decision.allowed:
+            target = f'{kind.resource} "{name}"' if name else kind.resource
+            hint = ""
+            if (
+                kind.kind == "VirtualMachineInstanceMigration"
+                and verb in ("create", "update", "patch", "delete")
+                and not who.is_node
+            ):
+                hint = MIGRATION_HINT
+            raise Forbidden(f"{target} is forbidden: {decision.reason}{hint}")
+
+    async def _check_escalation(self, who: pki.Identity, obj: Obj) -> None:
+        if obj.get("kind") in RBAC_KINDS:
+            await rbac.check_escalation(self.store, who.user, who.groups, obj)
 
     @staticmethod
     def _scope(kind: kinds.Kind, namespace: str) -> str:
@@ -196,6 +228,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 who, "create", kind, ns, meta.get("name", meta.get("generateName", ""))
             )
             await self._ensure_namespace(kind, ns)
+            await self._check_escalation(who, obj)
             if kind.kind in STATUS_STRIPPED_ON_CREATE:
                 obj.pop("status", None)
             for key in (
@@ -256,7 +289,9 @@ class ApiService(api_pb2_grpc.ApiServicer):
         if not name:
             raise Invalid(f"{kind.kind}: metadata.name: required for {verb}")
         current = await self.store.get(kind.kind, ns, name)
-        await self._authorize(who, verb, kind, ns, name, current)
+        await self._authorize(who, verb, kind, ns, name, current, subresource)
+        if not subresource:
+            await self._check_escalation(who, obj)
         await self.admission.admit_update(current, obj, subresource)
         return await self.store.update(obj, subresource=subresource or None)
 
@@ -345,16 +380,25 @@ class ApiService(api_pb2_grpc.ApiServicer):
         self, request: api_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.WatchEvent]:
         try:
-            who = pki.peer_identity(context)
-            if who is None:
-                raise Unauthorized("no client certificate: every caller must authenticate")
+            who = await self.authenticator.authenticate(context)
             kind = kinds.by_kind(request.kind) if request.kind else None
             ns = request.namespace if (kind is None or kind.namespaced) else ""
             selector = (
                 labels.parse_selector(request.label_selector) if request.label_selector else None
             )
+            hide_secrets = False
             if kind is not None:
                 await self._authorize(who, "watch", kind, ns, "")
+            elif who.is_node:
+                hide_secrets = True  # a node may watch every kind but Secrets
+            else:
+                everything = rbac.Request(who.user, who.groups, "watch", "*", "*", "", ns, "")
+                decision = await self.decide(who, everything)
+                if not decision.allowed:
+                    raise Forbidden(
+                        f"watching every kind is forbidden: {decision.reason} "
+                        "(name a kind to watch)"
+                    )
             since = int(request.resource_version or 0) or await self.store.current_rv()
             if request.send_initial_bookmark:
                 yield api_pb2.WatchEvent(
@@ -365,6 +409,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             async for etype, obj in self.store.watch(
                 kind.kind if kind else None, ns or None, since, selector
             ):
+                if hide_secrets and obj.get("kind") == "Secret":
+                    continue
                 yield api_pb2.WatchEvent(
                     type=etype,
                     object_json=_dump(obj),

@@ -20,11 +20,15 @@ import grpc
 
 from controller.admission import Admission
 from controller.api import ApiService
+from controller.audit import AuditLog
+from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
 from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
 from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
+from controller.rbac import bootstrap_rbac
+from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
@@ -45,6 +49,8 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "node_grace_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
+    "audit_log": str,
+    "token_listen": str,
     "metrics_listen": str,
     "console_listen": str,
 }
@@ -86,6 +92,15 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
     p.add_argument("--console-listen", help="host:port for the web console (empty: off)")
     p.add_argument(
+        "--audit-log",
+        help="file of the audit log, one JSON line per decision (default <data-dir>/audit.log)",
+    )
+    p.add_argument(
+        "--token-listen",
+        help="host:port of an extra TLS listener for bearer-token clients without a "
+        "client certificate (default: none; tokens are always accepted on --listen too)",
+    )
+    p.add_argument(
         "--insecure-plaintext",
         action="store_true",
         default=None,
@@ -124,6 +139,7 @@ async def bootstrap(store: Store) -> None:
     )
     with contextlib.suppress(AlreadyExists):
         await store.create(hco)
+    await bootstrap_rbac(store)
 
 
 async def serve(config: dict[str, Any]) -> None:
@@ -133,7 +149,11 @@ async def serve(config: dict[str, Any]) -> None:
     try:
         await bootstrap(store)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        api = ApiService(store, Admission(store))
+        signer = TokenSigner(load_signing_key(data_dir))
+        audit = AuditLog(Path(config.get("audit_log") or data_dir / "audit.log"))
+        api = ApiService(
+            store, Admission(store), authenticator=Authenticator(store, signer), audit=audit
+        )
         api_pb2_grpc.add_ApiServicer_to_server(api, server)
         if config["insecure_plaintext"]:
             log.warning(
@@ -144,6 +164,13 @@ async def serve(config: dict[str, Any]) -> None:
         else:
             tls = pki.TlsFiles(Path(config["ca"]), Path(config["cert"]), Path(config["key"]))
             port = server.add_secure_port(config["listen"], pki.server_credentials(tls))
+            if config.get("token_listen"):
+                token_port = server.add_secure_port(
+                    config["token_listen"], pki.server_credentials(tls, require_client_cert=False)
+                )
+                if token_port == 0:
+                    raise ConfigError(f"cannot listen on {config['token_listen']}")
+                log.info("bearer-token clients served on %s", config["token_listen"])
         if port == 0:
             raise ConfigError(f"cannot listen on {config['listen']}")
         await server.start()
@@ -182,6 +209,7 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(
                     NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
                 ),
+                tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
             ]
             if console is not None:
                 tasks.append(tg.create_task(console.run()))
@@ -195,6 +223,11 @@ async def serve(config: dict[str, Any]) -> None:
         await server.stop(grace=2)
     finally:
         await store.close()
+
+
+def _ca_pem(config: dict[str, Any]) -> bytes:
+    """The cluster CA certificate published in every namespace (empty without TLS)."""
+    return Path(config["ca"]).read_bytes() if config.get("ca") else b""
 
 
 def main(argv: list[str] | None = None) -> None:

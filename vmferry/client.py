@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -66,7 +67,15 @@ class ApiClient:
                 raise ValueError("a client without TLS needs insecure_plaintext=True")
             self._channel = grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
         else:
-            creds = pki.channel_credentials(config.tls)
+            if config.tls.cert == Path():
+                if not config.token:
+                    raise ValueError(
+                        "the client configuration has neither a client certificate nor a "
+                        "token: set clientCertificate/clientKey or token"
+                    )
+                creds = pki.ca_only_channel_credentials(config.tls.ca)
+            else:
+                creds = pki.channel_credentials(config.tls)
             self._channel = grpc.aio.secure_channel(config.server, creds, options=_CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.ApiStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (

@@ -36,6 +36,7 @@ class Kind:
 
 
 KUBEVIRT = "kubevirt.io/v1"
+RBAC = "rbac.authorization.k8s.io/v1"
 
 KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "v1", "namespaces", False, ("ns",)),
@@ -51,6 +52,13 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind("HyperConverged", "hco.kubevirt.io/v1beta1", "hyperconvergeds", True, ("hco",)),
     Kind("MigrationPolicy", "migrations.kubevirt.io/v1alpha1", "migrationpolicies", False),
+    Kind("ServiceAccount", "v1", "serviceaccounts", True, ("sa",)),
+    Kind("Secret", "v1", "secrets", True),
+    Kind("ConfigMap", "v1", "configmaps", True, ("cm",)),
+    Kind("ClusterRole", RBAC, "clusterroles", False),
+    Kind("ClusterRoleBinding", RBAC, "clusterrolebindings", False),
+    Kind("Role", RBAC, "roles", True),
+    Kind("RoleBinding", RBAC, "rolebindings", True),
 )
 
 BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}

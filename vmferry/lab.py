@@ -138,8 +138,10 @@ class Lab:
         api_port = free_port("127.0.0.1")
         console_port = free_port("127.0.0.1")  # the web console (HTTPS)
         metrics_ports = {"controller": free_port("127.0.0.1")}  # component -> /metrics port
+        token_port = free_port("127.0.0.1")  # TLS without client certs: bearer-token clients
         (self.dir / "controller.toml").write_text(
             f'listen = "127.0.0.1:{api_port}"\n'
+            f'token_listen = "127.0.0.1:{token_port}"\n'
             f'data_dir = "{self.dir / "controller"}"\n'
             f'ca = "{server.ca}"\ncert = "{server.cert}"\nkey = "{server.key}"\n'
             "node_grace_seconds = 8\n"
@@ -177,6 +179,7 @@ class Lab:
                     "apiPort": api_port,
                     "consolePort": console_port,
                     "metricsPorts": metrics_ports,
+                    "tokenPort": token_port,
                 }
             )
         )

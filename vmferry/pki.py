@@ -44,6 +44,7 @@ __all__ = [
     "NODE_USER_PREFIX",
     "Identity",
     "TlsFiles",
+    "ca_only_channel_credentials",
     "cert_not_after",
     "channel_credentials",
     "identity_from_pem",
@@ -304,10 +305,13 @@ def _issue(
     san: x509.SubjectAlternativeName | None,
     usages: Sequence[x509.ObjectIdentifier],
     days: int,
+    validity: tuple[datetime, datetime] | None = None,
 ) -> TlsFiles:
     """Sign a fresh key for ``subject`` with the CA and write ``<subdir>/<name>.{crt,key}``.
 
-    The leaf never outlives the CA: its not-after is clamped to the CA's.
+    The leaf never outlives the CA: its not-after is clamped to the CA's. ``validity``
+    (not-before, not-after) overrides the window; tests use it to make expired
+    certificates.
     """
     pki_dir = Path(pki_dir)
     _validate_days(days)
@@ -315,13 +319,18 @@ def _issue(
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
+    not_before = now - CLOCK_SKEW
+    if validity is not None:
+        not_before, not_after = validity
+        if not_after <= not_before:
+            raise ValueError("validity: not-after must be later than not-before")
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(secrets.randbits(SERIAL_BITS) | 1)
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -394,11 +403,19 @@ def issue_node(
     )
 
 
-def issue_user(pki_dir: Path, name: str, *, groups: Sequence[str] = (), days: int = 30) -> TlsFiles:
+def issue_user(
+    pki_dir: Path,
+    name: str,
+    *,
+    groups: Sequence[str] = (),
+    days: int = 30,
+    validity: tuple[datetime, datetime] | None = None,
+) -> TlsFiles:
     """Issue (or renew) the client certificate of user ``name``: ``users/<name>.crt``/``.key``.
 
     Subject ``CN=<name>`` plus one ``O=<group>`` per group (in order, duplicates dropped);
-    EKU clientAuth only.
+    EKU clientAuth only. ``validity`` = (not-before, not-after) replaces the usual window
+    (tests: an already expired certificate).
 
     Returns the identity's files. Raises ValueError for a bad name or group or
     ``days < 1``; FileNotFoundError if the CA does not exist yet.
@@ -421,6 +438,7 @@ def issue_user(pki_dir: Path, name: str, *, groups: Sequence[str] = (), days: in
         san=None,
         usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         days=days,
+        validity=validity,
     )
 
 
@@ -587,8 +605,14 @@ class _CertificateReloader:
             return config
 
 
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+def server_credentials(
+    tls: TlsFiles, *, require_client_cert: bool = True
+) -> grpc.ServerCredentials:
     """Return mTLS server credentials: clients must present a cert signed by ``tls.ca``.
+
+    ``require_client_cert=False`` makes server-only TLS (no client certificate is even
+    requested; gRPC Python cannot request one optionally): the controller's listener for
+    bearer-token clients.
 
     The cert, key and CA files are re-read on the first new connection after any of them
     changes (renewal), so the server never needs a restart; connections already open keep
@@ -597,8 +621,16 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     """
     reloader = _CertificateReloader(tls)
     return grpc.dynamic_ssl_server_credentials(
-        reloader.initial, reloader, require_client_authentication=True
+        reloader.initial, reloader, require_client_authentication=require_client_cert
     )
+
+
+def ca_only_channel_credentials(ca: Path) -> grpc.ChannelCredentials:
+    """TLS channel credentials that trust only ``ca`` and present no certificate (clients
+    that authenticate with a bearer token)."""
+    ca_pem = Path(ca).read_bytes()
+    x509.load_pem_x509_certificates(ca_pem)
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem)
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:

@@ -27,6 +27,7 @@ Adding a kind: write its top-level fields with the DSL below (:class:`Obj`, :cla
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 import difflib
@@ -944,6 +945,117 @@ MIGRATION_POLICY_SPEC = Obj(
 )
 
 # --------------------------------------------------------------------------------------
+# RBAC, service accounts, secrets and config maps (the Kubernetes core/v1 and
+# rbac.authorization.k8s.io/v1 shapes; see controller/rbac.py for their meaning)
+# --------------------------------------------------------------------------------------
+
+RBAC_GROUP = "rbac.authorization.k8s.io"
+SERVICE_ACCOUNT_TOKEN_TYPE = "kubernetes.io/service-account-token"
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+class Base64(Str):
+    """A base64 string (a Secret's ``data`` value); padding and alphabet are checked."""
+
+    type_name = "base64 string"
+
+    def check(self, value: object, path: str, errors: Errors) -> object:
+        if not isinstance(value, str):
+            errors.add(path, _expected("base64 string", value))
+        elif len(value) % 4 or not _BASE64.fullmatch(value):
+            errors.add(path, f"invalid base64 data {_quote(value, 20)}: encode it (base64 -w0)")
+        return value
+
+
+def _rule_policy_rule(rule: dict[str, Any], path: str, errors: Errors) -> None:
+    if not isinstance(rule.get("verbs"), list) or not rule.get("verbs"):
+        errors.add(_field_path(path, "verbs"), "required: at least one verb")
+    has_resources = bool(rule.get("resources"))
+    has_urls = bool(rule.get("nonResourceURLs"))
+    if not has_resources and not has_urls:
+        errors.add(path, "a rule needs resources (or nonResourceURLs)")
+    if has_resources and rule.get("apiGroups") is None:
+        errors.add(_field_path(path, "apiGroups"), 'required with resources ("" is the core group)')
+
+
+POLICY_RULE = Obj(
+    {
+        "apiGroups": List(Str()),
+        "resources": List(Str(nonempty=True)),
+        "verbs": List(Str(nonempty=True)),
+        "resourceNames": List(Str(nonempty=True)),
+        "nonResourceURLs": List(Str(nonempty=True)),
+    },
+    rules=(_rule_policy_rule,),
+)
+
+_SELECTOR_REQUIREMENT = Obj(
+    {
+        "key": Str(nonempty=True),
+        "operator": Str(enum=("In", "NotIn", "Exists", "DoesNotExist")),
+        "values": List(Str()),
+    },
+    required=("key", "operator"),
+)
+
+LABEL_SELECTOR = Obj({"matchLabels": Labels(), "matchExpressions": List(_SELECTOR_REQUIREMENT)})
+
+AGGREGATION_RULE = Obj({"clusterRoleSelectors": List(LABEL_SELECTOR)})
+
+
+def _rule_subject(subject: dict[str, Any], path: str, errors: Errors) -> None:
+    kind = subject.get("kind")
+    group = subject.get("apiGroup")
+    if kind in ("User", "Group") and group not in (None, "", RBAC_GROUP):
+        errors.add(_field_path(path, "apiGroup"), f'must be "{RBAC_GROUP}" for a {kind}')
+    if kind == "ServiceAccount" and group not in (None, ""):
+        errors.add(_field_path(path, "apiGroup"), 'must be "" for a ServiceAccount')
+
+
+SUBJECT = Obj(
+    {
+        "kind": Str(enum=("User", "Group", "ServiceAccount")),
+        "name": Str(nonempty=True),
+        "namespace": Str(),
+        "apiGroup": Str(),
+    },
+    required=("kind", "name"),
+    rules=(_rule_subject,),
+)
+
+ROLE_REF = Obj(
+    {
+        "apiGroup": Str(enum=(RBAC_GROUP,)),
+        "kind": Str(enum=("ClusterRole", "Role")),
+        "name": Str(nonempty=True),
+    },
+    required=("apiGroup", "kind", "name"),
+)
+
+_OBJECT_REFERENCE = Obj(
+    {
+        "kind": Str(),
+        "apiVersion": Str(),
+        "name": Str(),
+        "namespace": Str(),
+        "uid": Str(),
+    }
+)
+
+
+def rbac_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid RBAC object name (a path segment: ``kubevirt.io:migrate``
+    and ``system:masters`` are fine; ``/`` and ``%`` are not), or None."""
+    if name in (".", ".."):
+        return f"may not be {_quote(name)}"
+    for bad in ("/", "%"):
+        if bad in name:
+            return f"may not contain {_quote(bad)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
 # Kinds
 # --------------------------------------------------------------------------------------
 
@@ -1010,6 +1122,37 @@ SCHEMAS: dict[str, KindSchema] = {
     ),
     "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": AnyObject()}),
     "MigrationPolicy": KindSchema({"spec": MIGRATION_POLICY_SPEC, "status": AnyObject()}),
+    "ServiceAccount": KindSchema(
+        {
+            "secrets": List(_OBJECT_REFERENCE),
+            "imagePullSecrets": List(Obj({"name": Str()})),
+            "automountServiceAccountToken": Bool(),
+        }
+    ),
+    "Secret": KindSchema(
+        {
+            "type": Str(),
+            "data": Map(Base64()),
+            "stringData": Map(Str()),
+            "immutable": Bool(),
+        }
+    ),
+    "ConfigMap": KindSchema({"data": Map(Str()), "binaryData": Map(Base64()), "immutable": Bool()}),
+    "ClusterRole": KindSchema(
+        {"rules": List(POLICY_RULE), "aggregationRule": AGGREGATION_RULE},
+        name_problem=rbac_name_problem,
+    ),
+    "Role": KindSchema({"rules": List(POLICY_RULE)}, name_problem=rbac_name_problem),
+    "ClusterRoleBinding": KindSchema(
+        {"subjects": List(SUBJECT), "roleRef": ROLE_REF},
+        required=("roleRef",),
+        name_problem=rbac_name_problem,
+    ),
+    "RoleBinding": KindSchema(
+        {"subjects": List(SUBJECT), "roleRef": ROLE_REF},
+        required=("roleRef",),
+        name_problem=rbac_name_problem,
+    ),
 }
 """Schema of every kind, by ``kind``. A kind listed in ``vmferry.kinds.KINDS`` needs one."""
 
@@ -1182,7 +1325,20 @@ def _default_hyperconverged(obj: dict[str, Any]) -> None:
             config[key] = value
 
 
+def _default_secret(obj: dict[str, Any]) -> None:
+    """As the API server does: ``stringData`` is merged into ``data`` (base64) and dropped;
+    ``type`` defaults to ``Opaque``."""
+    string_data = obj.pop("stringData", None)
+    if isinstance(string_data, dict) and string_data:
+        data = _child(obj, "data")
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+    if not obj.get("type"):
+        obj["type"] = "Opaque"
+
+
 _DEFAULTERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "Secret": _default_secret,
     "VirtualMachine": _default_vm,
     "VirtualMachineInstance": _default_vmi,
     "HyperConverged": _default_hyperconverged,
@@ -1197,6 +1353,7 @@ def apply_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
     - VirtualMachineInstance: ``spec.domain.cpu.model`` = ``host-model``;
       ``spec.domain.memory.guest`` from ``spec.domain.resources.requests.memory``.
       ``evictionStrategy`` stays unset (the cluster default applies).
+    - Secret: ``stringData`` merged into ``data`` (base64); ``type`` = ``Opaque``.
     - VirtualMachine: ``running`` becomes ``runStrategy`` (true → Always, false → Halted)
       and is removed; with neither, ``runStrategy`` = ``Halted``.
 

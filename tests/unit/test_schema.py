@@ -269,6 +269,83 @@ VALID: dict[str, dict[str, Any]] = {
             "allowPostCopy": False,
         },
     },
+    "ServiceAccount": {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "mtv", "namespace": "tools"},
+    },
+    "Secret": {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "mtv-token",
+            "namespace": "tools",
+            "annotations": {"kubernetes.io/service-account.name": "mtv"},
+        },
+        "type": "kubernetes.io/service-account-token",
+        "data": {"namespace": "dG9vbHM="},
+    },
+    "ConfigMap": {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "kube-root-ca.crt", "namespace": "tools"},
+        "data": {"ca.crt": "-----BEGIN CERTIFICATE-----"},
+    },
+    "ClusterRole": {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {
+            "name": "kubevirt.io:upgrademigrate",
+            "labels": {"rbac.authorization.k8s.io/aggregate-to-admin": "true"},
+        },
+        "rules": [
+            {
+                "apiGroups": ["kubevirt.io"],
+                "resources": ["virtualmachineinstancemigrations"],
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            },
+            {
+                "apiGroups": ["subresources.kubevirt.io"],
+                "resources": ["virtualmachines/migrate"],
+                "verbs": ["update"],
+            },
+        ],
+    },
+    "Role": {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "vm-reader", "namespace": "tools"},
+        "rules": [
+            {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"], "verbs": ["get"]}
+        ],
+    },
+    "ClusterRoleBinding": {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "kvmigrate"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "kubevirt.io:migrate",
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"},
+            {"kind": "ServiceAccount", "name": "mtv", "namespace": "tools"},
+        ],
+    },
+    "RoleBinding": {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "kvmigrate", "namespace": "tools"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "kubevirt.io:migrate",
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "migrators"}
+        ],
+    },
 }
 
 

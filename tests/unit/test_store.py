@@ -166,9 +166,9 @@ def test_already_exists_and_not_found_messages(tmp_path: Path) -> None:
 
 def test_unknown_kind_uses_lowercase_kind_in_messages(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
-        obj = {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ns"}}
+        obj = {"kind": "Widget", "metadata": {"name": "c", "namespace": "ns"}}
         await store.create(obj)
-        with pytest.raises(AlreadyExists, match=r'^configmap "c" already exists$'):
+        with pytest.raises(AlreadyExists, match=r'^widget "c" already exists$'):
             await store.create(obj)
 
     run(tmp_path, body)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from vmferry import kinds, manifests, schema
-from vmferry.cli import printers
+from vmferry.cli import printers, rbac_cmd
 from vmferry.cli.common import Obj, error, namespace, run_with_client, server_error
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
@@ -139,8 +139,12 @@ def _prepare(obj: Obj, ns: str, explicit_ns: bool) -> Obj:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    if getattr(args, "subtype", None):
+        return rbac_cmd.cmd_create_typed(args)
     if not args.filename:
-        return error("must specify one of -f and -k")
+        return error(
+            "must specify -f FILE, or a type: rolebinding, clusterrolebinding, serviceaccount"
+        )
 
     async def run(api: ApiClient, config: ClientConfig) -> int:
         ns = namespace(args, config)
@@ -377,9 +381,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--selector")
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("create", parents=[common], help="create resources from files (-f)")
+    p = sub.add_parser(
+        "create",
+        parents=[common],
+        help="create resources from files (-f), or a rolebinding/clusterrolebinding/serviceaccount",
+    )
     p.add_argument("-f", "--filename", action="append", help="file, directory or - for stdin")
     p.add_argument("--dry-run", action="store_true", help="validate only; store nothing")
+    rbac_cmd.add_create_arguments(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("apply", parents=[common], help="create or update resources from files")

@@ -1,0 +1,591 @@
+"""Kubernetes RBAC for vmferry: rule matching, the authorizer, escalation checks and the
+built-in roles (DESIGN §4, reference 12.1.2 to 12.1.4).
+
+Semantics follow ``k8s.io/kubernetes/plugin/pkg/auth/authorizer/rbac``:
+
+- A request (user, groups, verb, API group, resource[/subresource], namespace, name) is
+  allowed when a rule of a role bound to the user allows it; nothing denies. Cluster-wide
+  grants come from ClusterRoleBindings; a RoleBinding grants its ClusterRole (or Role)
+  only inside its own namespace.
+- A rule matches when its ``verbs``, ``apiGroups`` and ``resources`` contain the request's
+  (or ``*``) and ``resourceNames`` is empty or names the object. ``resources`` name
+  subresources as ``virtualmachines/migrate``; ``*`` matches every resource and every
+  subresource, ``*/status`` one subresource of every resource.
+- Escalation prevention: whoever creates or updates a role must already hold every
+  permission it grants (or the ``escalate`` verb on it); whoever binds a role must hold
+  its permissions (or the ``bind`` verb on it). An aggregated ClusterRole
+  (``aggregationRule``) needs full authority (``*`` on ``*``) or ``escalate``.
+
+Node identities are not decided here: ``controller.api`` keeps the node authorizer
+(a node changes only its own Node and the VMIs/VMIMs its migrations involve).
+
+Built-in roles (created at bootstrap and reconciled at every start, keeping what an
+administrator added: extra labels, annotations and rules): ``cluster-admin``;
+``admin``/``edit``/``view`` aggregated by the labels
+``rbac.authorization.k8s.io/aggregate-to-admin|edit|view``; the base roles
+``system:aggregate-to-*`` and ``kubevirt.io:admin|edit|view`` that feed them;
+``kubevirt.io:migrate``. As in OpenShift Virtualization 4.19+, ``admin`` and ``edit``
+may read migrations but not create, update, patch or delete them: that is
+``kubevirt.io:migrate``, which no one holds until an administrator binds it (12.1.3) or
+aggregates it into ``admin`` (12.1.4).
+
+About ``virtualmachines/migrate``: KubeVirt's ``virtctl migrate`` calls that subresource
+and virt-api creates the migration on the caller's behalf. vmferry serves no such
+subresource: ``vmferry migrate`` creates the VirtualMachineInstanceMigration itself and is
+authorized as ``create virtualmachineinstancemigrations``. Rules naming
+``virtualmachines/migrate`` are accepted and stored (the built-in ``kubevirt.io:migrate``
+carries the reference's rule) but grant nothing else in vmferry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.store import Store
+from vmferry import kinds
+from vmferry.errors import Forbidden, NotFound
+from vmferry.labels import Selector
+
+Obj = dict[str, Any]
+
+RBAC_GROUP = "rbac.authorization.k8s.io"
+RBAC_API_VERSION = f"{RBAC_GROUP}/v1"
+AGGREGATE_LABEL = "rbac.authorization.k8s.io/aggregate-to-{}"
+AUTOUPDATE_ANNOTATION = "rbac.authorization.kubernetes.io/autoupdate"
+BOOTSTRAP_LABEL = "kubernetes.io/bootstrapping"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+MASTERS_GROUP = "system:masters"
+AUTHENTICATED_GROUP = "system:authenticated"
+
+READ_VERBS = ["get", "list", "watch"]
+WRITE_VERBS = ["create", "update", "patch", "delete", "deletecollection"]
+ALL_VERBS = [*READ_VERBS, *WRITE_VERBS]
+
+
+# ---------------------------------------------------------------------------------------
+# Requests and rule matching
+
+
+@dataclass(frozen=True)
+class Request:
+    """The attributes RBAC decides on (Kubernetes' ``authorizer.Attributes``)."""
+
+    user: str
+    groups: tuple[str, ...]
+    verb: str
+    api_group: str
+    resource: str
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+
+    @property
+    def full_resource(self) -> str:
+        """``resource`` or ``resource/subresource``, as rules spell it."""
+        return f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+
+    def describe(self) -> str:
+        """Kubernetes' denial text: ``User "alice" cannot create resource "x" in API group
+        "kubevirt.io" in the namespace "ns1"`` (or ``at the cluster scope``)."""
+        where = (
+            f' in the namespace "{self.namespace}"' if self.namespace else " at the cluster scope"
+        )
+        return (
+            f'User "{self.user}" cannot {self.verb} resource "{self.full_resource}" '
+            f'in API group "{self.api_group}"{where}'
+        )
+
+
+def request_for(
+    user: str,
+    groups: Sequence[str],
+    verb: str,
+    kind: kinds.Kind,
+    namespace: str = "",
+    name: str = "",
+    subresource: str = "",
+) -> Request:
+    """Build the Request of an API call on ``kind``."""
+    return Request(
+        user=user,
+        groups=tuple(groups),
+        verb=verb,
+        api_group=kind.group,
+        resource=kind.plural,
+        subresource=subresource,
+        namespace=namespace if kind.namespaced else "",
+        name=name,
+    )
+
+
+def _has(values: Iterable[str] | None, wanted: str) -> bool:
+    items = list(values or [])
+    return "*" in items or wanted in items
+
+
+def _resource_matches(resources: Iterable[str] | None, full: str) -> bool:
+    """``*`` matches everything; ``*/sub`` matches ``anything/sub``; else exact."""
+    sub = full.partition("/")[2]
+    for resource in resources or []:
+        if resource == "*" or resource == full:
+            return True
+        if sub and resource == f"*/{sub}":
+            return True
+    return False
+
+
+def rule_allows(rule: Obj, request: Request) -> bool:
+    """True when one policy rule allows the request (Kubernetes' ``RuleAllows``)."""
+    if not _has(rule.get("verbs"), request.verb):
+        return False
+    if not _has(rule.get("apiGroups"), request.api_group):
+        return False
+    if not _resource_matches(rule.get("resources"), request.full_resource):
+        return False
+    names = rule.get("resourceNames") or []
+    return not names or request.name in names
+
+
+def subject_matches(subject: Obj, user: str, groups: Sequence[str], binding_ns: str) -> bool:
+    """True when a binding's subject names this user, one of its groups or its account."""
+    kind = subject.get("kind")
+    name = subject.get("name", "")
+    if kind == "User":
+        return bool(name == user)
+    if kind == "Group":
+        return name in groups
+    if kind == "ServiceAccount":
+        ns = subject.get("namespace") or binding_ns
+        return user == f"{SERVICE_ACCOUNT_PREFIX}{ns}:{name}"
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# The policy: a snapshot of the RBAC objects one decision needs
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+@dataclass
+class Policy:
+    """The RBAC objects in force: every ClusterRole and ClusterRoleBinding, and the Roles
+    and RoleBindings of the namespaces loaded. Pure: decisions need no I/O."""
+
+    cluster_roles: dict[str, Obj] = field(default_factory=dict)
+    cluster_role_bindings: list[Obj] = field(default_factory=list)
+    roles: dict[tuple[str, str], Obj] = field(default_factory=dict)
+    role_bindings: list[Obj] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, objects: Iterable[Obj]) -> Policy:
+        """Build a policy from a mixed list of RBAC objects (tests, bootstrap)."""
+        policy = cls()
+        for obj in objects:
+            meta = obj["metadata"]
+            if obj["kind"] == "ClusterRole":
+                policy.cluster_roles[meta["name"]] = obj
+            elif obj["kind"] == "ClusterRoleBinding":
+                policy.cluster_role_bindings.append(obj)
+            elif obj["kind"] == "Role":
+                policy.roles[(meta["namespace"], meta["name"])] = obj
+            elif obj["kind"] == "RoleBinding":
+                policy.role_bindings.append(obj)
+        return policy
+
+    def role_rules(self, role_ref: Obj, namespace: str) -> list[Obj] | None:
+        """Rules of the role a binding refers to; None when the role does not exist."""
+        if role_ref.get("kind") == "ClusterRole":
+            role = self.cluster_roles.get(role_ref.get("name", ""))
+        else:
+            role = self.roles.get((namespace, role_ref.get("name", "")))
+        if role is None:
+            return None
+        return list(role.get("rules") or [])
+
+    def grants(self, user: str, groups: Sequence[str], namespace: str) -> Iterable[tuple[Obj, str]]:
+        """Yield (rule, "how it was granted") for every rule the user holds in
+        ``namespace`` ("" = cluster-wide grants only)."""
+        for binding in self.cluster_role_bindings:
+            if any(subject_matches(s, user, groups, "") for s in binding.get("subjects") or []):
+                ref = binding["roleRef"]
+                for rule in self.role_rules(ref, "") or []:
+                    yield (
+                        rule,
+                        (
+                            f'ClusterRoleBinding "{binding["metadata"]["name"]}" of '
+                            f'ClusterRole "{ref.get("name")}"'
+                        ),
+                    )
+        if not namespace:
+            return
+        for binding in self.role_bindings:
+            bns = binding["metadata"].get("namespace", "")
+            if bns != namespace:
+                continue
+            if any(subject_matches(s, user, groups, bns) for s in binding.get("subjects") or []):
+                ref = binding["roleRef"]
+                for rule in self.role_rules(ref, bns) or []:
+                    yield (
+                        rule,
+                        (
+                            f'RoleBinding "{binding["metadata"]["name"]}/{bns}" of '
+                            f'{ref.get("kind")} "{ref.get("name")}"'
+                        ),
+                    )
+
+    def rules_of(self, user: str, groups: Sequence[str], namespace: str) -> list[Obj]:
+        return [rule for rule, _ in self.grants(user, groups, namespace)]
+
+    def authorize(self, request: Request) -> Decision:
+        """Allow when any granted rule allows; the reason names the grant or the lack."""
+        for rule, how in self.grants(request.user, request.groups, request.namespace):
+            if rule_allows(rule, request):
+                return Decision(True, f"RBAC: allowed by {how} to {_who(request)}")
+        return Decision(False, request.describe())
+
+
+def _who(request: Request) -> str:
+    if request.user.startswith(SERVICE_ACCOUNT_PREFIX):
+        ns, _, name = request.user[len(SERVICE_ACCOUNT_PREFIX) :].partition(":")
+        return f'ServiceAccount "{name}/{ns}"'
+    return f'User "{request.user}"'
+
+
+async def load_policy(store: Store, namespace: str = "") -> Policy:
+    """Read the RBAC objects a decision in ``namespace`` needs, straight from the store
+    (so a binding is in force as soon as its create returns)."""
+    policy = Policy()
+    roles, _ = await store.list("ClusterRole", "")
+    policy.cluster_roles = {r["metadata"]["name"]: r for r in roles}
+    policy.cluster_role_bindings, _ = await store.list("ClusterRoleBinding", "")
+    if namespace:
+        ns_roles, _ = await store.list("Role", namespace)
+        policy.roles = {(namespace, r["metadata"]["name"]): r for r in ns_roles}
+        policy.role_bindings, _ = await store.list("RoleBinding", namespace)
+    return policy
+
+
+# ---------------------------------------------------------------------------------------
+# Escalation prevention
+
+
+def _atomic(rules: Iterable[Obj]) -> list[Obj]:
+    """Break rules into one (group, resource, verb, name) each (Kubernetes' BreakdownRule)."""
+    out: list[Obj] = []
+    for rule in rules:
+        names = rule.get("resourceNames") or [""]
+        for group in rule.get("apiGroups") or [""]:
+            for resource in rule.get("resources") or []:
+                for verb in rule.get("verbs") or []:
+                    for name in names:
+                        atom: Obj = {"apiGroups": [group], "resources": [resource], "verbs": [verb]}
+                        if name:
+                            atom["resourceNames"] = [name]
+                        out.append(atom)
+    return out
+
+
+def _covers(owner: Obj, atom: Obj) -> bool:
+    """True when the owner's rule holds the single permission ``atom``. A wildcard is
+    covered only by a wildcard: ``*`` verbs need an owner rule with ``*`` verbs."""
+    verb, group, resource = atom["verbs"][0], atom["apiGroups"][0], atom["resources"][0]
+    if not _has(owner.get("verbs"), verb) or not _has(owner.get("apiGroups"), group):
+        return False
+    if not _resource_matches(owner.get("resources"), resource):
+        return False
+    owner_names = owner.get("resourceNames") or []
+    if not owner_names:
+        return True
+    names = atom.get("resourceNames") or []
+    return bool(names) and names[0] in owner_names
+
+
+def uncovered(owner_rules: Sequence[Obj], requested: Iterable[Obj]) -> list[Obj]:
+    """The single permissions of ``requested`` that no rule of ``owner_rules`` holds."""
+    return [atom for atom in _atomic(requested) if not any(_covers(o, atom) for o in owner_rules)]
+
+
+def _format_rule(rule: Obj) -> str:
+    text = (
+        f"APIGroups:{json.dumps(rule['apiGroups'])}, Resources:{json.dumps(rule['resources'])}, "
+        f"Verbs:{json.dumps(rule['verbs'])}"
+    )
+    if rule.get("resourceNames"):
+        text += f", ResourceNames:{json.dumps(rule['resourceNames'])}"
+    return "{" + text + "}"
+
+
+def _format_rules(rules: Sequence[Obj], limit: int = 10) -> str:
+    shown = [_format_rule(r) for r in rules[:limit]]
+    if len(rules) > limit:
+        shown.append(f"... and {len(rules) - limit} more")
+    return "\n".join(shown)
+
+
+FULL_AUTHORITY = [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]
+
+
+def escalation_problem(policy: Policy, user: str, groups: Sequence[str], obj: Obj) -> str | None:
+    """Why creating/updating the RBAC object ``obj`` would escalate the user's privileges,
+    or None when it is allowed. ``policy`` must include ``obj``'s namespace."""
+    kind = obj["kind"]
+    meta = obj["metadata"]
+    name = meta.get("name", "")
+    ns = meta.get("namespace", "") if kind in ("Role", "RoleBinding") else ""
+    resource = kinds.by_kind(kind).resource
+    held = policy.rules_of(user, groups, ns)
+    groups_text = " ".join(json.dumps(g) for g in groups)
+    prefix = f'{resource} "{name}" is forbidden: user "{user}" (groups=[{groups_text}])'
+
+    def may(verb: str, role_kind: str, role_name: str) -> bool:
+        plural = "clusterroles" if role_kind == "ClusterRole" else "roles"
+        request = Request(user, tuple(groups), verb, RBAC_GROUP, plural, "", ns, role_name)
+        return any(rule_allows(rule, request) for rule in held)
+
+    if kind in ("ClusterRole", "Role"):
+        if may("escalate", kind, name):
+            return None
+        if kind == "ClusterRole" and obj.get("aggregationRule"):
+            if uncovered(held, FULL_AUTHORITY):
+                return (
+                    f"{prefix} must have cluster-admin privileges to use the aggregationRule "
+                    f'(or the "escalate" verb on clusterroles)'
+                )
+            return None
+        missing = uncovered(held, obj.get("rules") or [])
+        if missing:
+            return (
+                f"{prefix} is attempting to grant RBAC permissions not currently held:\n"
+                f"{_format_rules(missing)}"
+            )
+        return None
+
+    ref = obj.get("roleRef") or {}
+    ref_kind, ref_name = ref.get("kind", ""), ref.get("name", "")
+    if may("bind", ref_kind, ref_name):
+        return None
+    rules = policy.role_rules(ref, ns)
+    if rules is None:
+        return (
+            f'{prefix}: {ref_kind.lower()}s "{ref_name}" not found '
+            '(binding a role that does not exist needs the "bind" verb on it)'
+        )
+    missing = uncovered(held, rules)
+    if missing:
+        return (
+            f"{prefix} is attempting to grant RBAC permissions not currently held:\n"
+            f"{_format_rules(missing)}"
+        )
+    return None
+
+
+async def check_escalation(store: Store, user: str, groups: Sequence[str], obj: Obj) -> None:
+    """Raise Forbidden when writing the RBAC object ``obj`` would escalate privileges."""
+    if obj.get("kind") not in ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding"):
+        return
+    ns = obj["metadata"].get("namespace", "") if obj["kind"] in ("Role", "RoleBinding") else ""
+    problem = escalation_problem(await load_policy(store, ns), user, groups, obj)
+    if problem:
+        raise Forbidden(problem)
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation
+
+
+def aggregated_rules(role: Obj, cluster_roles: Iterable[Obj]) -> list[Obj]:
+    """The rules of every other ClusterRole matched by ``role``'s aggregationRule, in name
+    order, duplicates dropped (what kube-controller-manager's aggregator writes)."""
+    selectors = [
+        Selector.from_label_selector(s)
+        for s in (role.get("aggregationRule") or {}).get("clusterRoleSelectors") or []
+    ]
+    own = role["metadata"]["name"]
+    rules: list[Obj] = []
+    seen: set[str] = set()
+    for other in sorted(cluster_roles, key=lambda r: r["metadata"]["name"]):
+        if other["metadata"]["name"] == own:
+            continue
+        labels = other["metadata"].get("labels") or {}
+        if not any(sel.matches(labels) for sel in selectors):
+            continue
+        for rule in other.get("rules") or []:
+            key = json.dumps(rule, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rules.append(copy.deepcopy(rule))
+    return rules
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in roles and bindings
+
+
+def _rule(groups: list[str], resources: list[str], verbs: list[str]) -> Obj:
+    return {"apiGroups": groups, "resources": resources, "verbs": verbs}
+
+
+def _cluster_role(
+    name: str,
+    rules: list[Obj],
+    labels: dict[str, str] | None = None,
+    aggregate_to: Sequence[str] = (),
+) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "labels": {BOOTSTRAP_LABEL: "rbac-defaults", **(labels or {})},
+        "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+    }
+    role: Obj = {"apiVersion": RBAC_API_VERSION, "kind": "ClusterRole", "metadata": meta}
+    if aggregate_to:
+        role["aggregationRule"] = {
+            "clusterRoleSelectors": [
+                {"matchLabels": {AGGREGATE_LABEL.format(target): "true"}} for target in aggregate_to
+            ]
+        }
+        role["rules"] = []
+    else:
+        role["rules"] = rules
+    return role
+
+
+def _aggregate_to(*targets: str) -> dict[str, str]:
+    return {AGGREGATE_LABEL.format(t): "true" for t in targets}
+
+
+KUBEVIRT_GROUP = "kubevirt.io"
+VMS = ["virtualmachines", "virtualmachineinstances"]
+VMIMS = ["virtualmachineinstancemigrations"]
+
+MIGRATE_ROLE = "kubevirt.io:migrate"
+
+BUILTIN_CLUSTER_ROLES: list[Obj] = [
+    _cluster_role("cluster-admin", [_rule(["*"], ["*"], ["*"])]),
+    _cluster_role("admin", [], aggregate_to=("admin",)),
+    _cluster_role("edit", [], labels=_aggregate_to("admin"), aggregate_to=("edit",)),
+    _cluster_role("view", [], labels=_aggregate_to("edit"), aggregate_to=("view",)),
+    _cluster_role(
+        "system:aggregate-to-admin",
+        [
+            _rule([RBAC_GROUP], ["rolebindings", "roles"], ALL_VERBS),
+            _rule([""], ["secrets"], ALL_VERBS),
+        ],
+        labels=_aggregate_to("admin"),
+    ),
+    _cluster_role(
+        "system:aggregate-to-edit",
+        [_rule([""], ["configmaps", "serviceaccounts", "secrets"], ALL_VERBS)],
+        labels=_aggregate_to("edit"),
+    ),
+    _cluster_role(
+        "system:aggregate-to-view",
+        [
+            _rule([""], ["configmaps", "serviceaccounts"], READ_VERBS),
+            _rule([""], ["namespaces"], READ_VERBS),
+        ],
+        labels=_aggregate_to("view"),
+    ),
+    # KubeVirt's roles. Since 4.19 admin/edit may read migrations but not make them.
+    _cluster_role(
+        "kubevirt.io:admin",
+        [_rule([KUBEVIRT_GROUP], VMS, ALL_VERBS), _rule([KUBEVIRT_GROUP], VMIMS, READ_VERBS)],
+        labels=_aggregate_to("admin"),
+    ),
+    _cluster_role(
+        "kubevirt.io:edit",
+        [_rule([KUBEVIRT_GROUP], VMS, ALL_VERBS), _rule([KUBEVIRT_GROUP], VMIMS, READ_VERBS)],
+        labels=_aggregate_to("edit"),
+    ),
+    _cluster_role(
+        "kubevirt.io:view",
+        [_rule([KUBEVIRT_GROUP], [*VMS, *VMIMS], READ_VERBS)],
+        labels=_aggregate_to("view"),
+    ),
+    _cluster_role(
+        MIGRATE_ROLE,
+        [
+            _rule(
+                [KUBEVIRT_GROUP],
+                VMIMS,
+                ["create", "delete", "update", "patch", "get", "list", "watch"],
+            ),
+            _rule(["subresources.kubevirt.io"], ["virtualmachines/migrate"], ["update"]),
+        ],
+    ),
+]
+
+BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
+    {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": "cluster-admin",
+            "labels": {BOOTSTRAP_LABEL: "rbac-defaults"},
+            "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": MASTERS_GROUP}],
+    }
+]
+
+
+def reconcile_builtin(existing: Obj, expected: Obj) -> Obj | None:
+    """The updated object for a built-in that already exists, or None when nothing changes.
+
+    Like the API server's bootstrap reconciliation: unless annotated
+    ``rbac.authorization.kubernetes.io/autoupdate: "false"``, missing labels, annotations,
+    rules, selectors and subjects are added; whatever the administrator added is kept
+    (their label values win, so ``label --overwrite`` sticks across restarts).
+    """
+    meta = existing["metadata"]
+    if (meta.get("annotations") or {}).get(AUTOUPDATE_ANNOTATION) == "false":
+        return None
+    updated = copy.deepcopy(existing)
+    umeta = updated["metadata"]
+    for key in ("labels", "annotations"):
+        merged = {**(expected["metadata"].get(key) or {}), **(meta.get(key) or {})}
+        if merged:
+            umeta[key] = merged
+    if expected["kind"] == "ClusterRole":
+        if "aggregationRule" in expected:
+            have = (updated.get("aggregationRule") or {}).get("clusterRoleSelectors") or []
+            for selector in expected["aggregationRule"]["clusterRoleSelectors"]:
+                if selector not in have:
+                    have.append(selector)
+            updated["aggregationRule"] = {"clusterRoleSelectors": have}
+        else:
+            rules = list(updated.get("rules") or [])
+            for rule in expected["rules"]:
+                if uncovered(rules, [rule]):
+                    rules.append(rule)
+            updated["rules"] = rules
+    else:
+        subjects = list(updated.get("subjects") or [])
+        for subject in expected["subjects"]:
+            if subject not in subjects:
+                subjects.append(subject)
+        updated["subjects"] = subjects
+        updated["roleRef"] = expected["roleRef"]
+    return None if updated == existing else updated
+
+
+async def bootstrap_rbac(store: Store) -> None:
+    """Create or reconcile the built-in ClusterRoles and ClusterRoleBindings."""
+    for expected in [*BUILTIN_CLUSTER_ROLES, *BUILTIN_CLUSTER_ROLE_BINDINGS]:
+        name = expected["metadata"]["name"]
+        try:
+            existing = await store.get(expected["kind"], "", name)
+        except NotFound:
+            await store.create(copy.deepcopy(expected))
+            continue
+        updated = reconcile_builtin(existing, expected)
+        if updated is not None:
+            await store.update(updated)

@@ -1,0 +1,340 @@
+"""The RBAC evaluator: rule matching, bindings, escalation, aggregation, built-ins, tokens."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import pytest
+
+from controller import rbac
+from controller.authn import TokenSigner
+from vmferry import kinds, schema
+from vmferry.errors import Invalid, Unauthorized
+
+Obj = dict[str, Any]
+G = rbac.RBAC_GROUP
+
+
+def binding(
+    name: str, role: str, *subjects: Obj, ns: str = "", role_kind: str = "ClusterRole"
+) -> Obj:
+    meta: Obj = {"name": name}
+    if ns:
+        meta["namespace"] = ns
+    return {
+        "apiVersion": rbac.RBAC_API_VERSION,
+        "kind": "RoleBinding" if ns else "ClusterRoleBinding",
+        "metadata": meta,
+        "roleRef": {"apiGroup": G, "kind": role_kind, "name": role},
+        "subjects": list(subjects),
+    }
+
+
+def user(name: str) -> Obj:
+    return {"apiGroup": G, "kind": "User", "name": name}
+
+
+def group(name: str) -> Obj:
+    return {"apiGroup": G, "kind": "Group", "name": name}
+
+
+def role(name: str, *rules: Obj, labels: dict[str, str] | None = None) -> Obj:
+    return {
+        "apiVersion": rbac.RBAC_API_VERSION,
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": labels or {}},
+        "rules": list(rules),
+    }
+
+
+def builtins_aggregated() -> list[Obj]:
+    """The built-in roles with aggregation applied until nothing changes."""
+    roles = {r["metadata"]["name"]: copy.deepcopy(r) for r in rbac.BUILTIN_CLUSTER_ROLES}
+    for _ in range(4):
+        for r in roles.values():
+            if r.get("aggregationRule"):
+                r["rules"] = rbac.aggregated_rules(r, roles.values())
+    return list(roles.values())
+
+
+def req(
+    who: str, verb: str, kind: str, ns: str = "", name: str = "", groups: tuple[str, ...] = ()
+) -> rbac.Request:
+    return rbac.request_for(who, groups, verb, kinds.by_kind(kind), ns, name)
+
+
+VMIM = "VirtualMachineInstanceMigration"
+
+
+def test_rule_matching_wildcards_subresources_and_names() -> None:
+    r = rbac.Request("u", (), "update", "kubevirt.io", "virtualmachines", "migrate", "ns", "vm1")
+    assert r.full_resource == "virtualmachines/migrate"
+    assert rbac.rule_allows({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}, r)
+    assert rbac.rule_allows(
+        {"apiGroups": ["kubevirt.io"], "resources": ["*/migrate"], "verbs": ["update"]}, r
+    )
+    assert not rbac.rule_allows(
+        {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"], "verbs": ["update"]}, r
+    ), "the resource does not grant its subresources"
+    named = {
+        "apiGroups": ["kubevirt.io"],
+        "resources": ["virtualmachines/migrate"],
+        "verbs": ["update"],
+        "resourceNames": ["vm2"],
+    }
+    assert not rbac.rule_allows(named, r)
+    named["resourceNames"] = ["vm1"]
+    assert rbac.rule_allows(named, r)
+
+
+def test_namespace_binding_grants_only_in_its_namespace() -> None:
+    policy = rbac.Policy.of(
+        [
+            *builtins_aggregated(),
+            binding("kvmigrate", "kubevirt.io:migrate", user("alice"), ns="ns1"),
+        ]
+    )
+    assert policy.authorize(req("alice", "create", VMIM, "ns1")).allowed
+    denied = policy.authorize(req("alice", "create", VMIM, "ns2"))
+    assert not denied.allowed
+    assert denied.reason == (
+        'User "alice" cannot create resource "virtualmachineinstancemigrations" '
+        'in API group "kubevirt.io" in the namespace "ns2"'
+    )
+    assert not policy.authorize(req("bob", "create", VMIM, "ns1")).allowed
+
+
+def test_cluster_binding_group_and_masters() -> None:
+    policy = rbac.Policy.of(
+        [
+            *builtins_aggregated(),
+            *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS,
+            binding("kvmigrate", "kubevirt.io:migrate", group("migrators")),
+        ]
+    )
+    allowed = policy.authorize(req("carol", "delete", VMIM, "any", groups=("migrators",)))
+    assert allowed.allowed and 'ClusterRoleBinding "kvmigrate"' in allowed.reason
+    assert policy.authorize(req("root", "create", "Node", groups=(rbac.MASTERS_GROUP,))).allowed
+    node_denied = policy.authorize(req("carol", "create", "Node", groups=("migrators",)))
+    assert "at the cluster scope" in node_denied.reason
+
+
+def test_service_account_subject() -> None:
+    sa = {"kind": "ServiceAccount", "name": "mtv", "namespace": "tools"}
+    policy = rbac.Policy.of([*builtins_aggregated(), binding("mtv", "kubevirt.io:view", sa)])
+    who = "system:serviceaccount:tools:mtv"
+    assert policy.authorize(req(who, "list", "VirtualMachine", "ns1")).allowed
+    assert not policy.authorize(
+        req("system:serviceaccount:other:mtv", "list", "VirtualMachine", "ns1")
+    ).allowed
+    # In a RoleBinding, a ServiceAccount subject without a namespace is the binding's.
+    rb = binding("local", "view", {"kind": "ServiceAccount", "name": "bot"}, ns="ns1")
+    policy = rbac.Policy.of([*builtins_aggregated(), rb])
+    assert policy.authorize(
+        req("system:serviceaccount:ns1:bot", "get", "VirtualMachine", "ns1")
+    ).allowed
+
+
+def test_admin_does_not_include_migrate_until_aggregated() -> None:
+    """OpenShift Virtualization 4.19+: admin reads migrations but cannot create them."""
+    roles = builtins_aggregated()
+    admin_binding = binding("owner", "admin", user("dana"), ns="ns1")
+    policy = rbac.Policy.of([*roles, admin_binding])
+    assert policy.authorize(req("dana", "create", "VirtualMachine", "ns1")).allowed
+    assert policy.authorize(req("dana", "list", VMIM, "ns1")).allowed
+    assert not policy.authorize(req("dana", "create", VMIM, "ns1")).allowed
+    # 12.1.4: label kubevirt.io:migrate aggregate-to-admin=true
+    for r in roles:
+        if r["metadata"]["name"] == rbac.MIGRATE_ROLE:
+            r["metadata"]["labels"][rbac.AGGREGATE_LABEL.format("admin")] = "true"
+    for r in roles:
+        if r.get("aggregationRule"):
+            r["rules"] = rbac.aggregated_rules(r, roles)
+    policy = rbac.Policy.of([*roles, admin_binding])
+    assert policy.authorize(req("dana", "create", VMIM, "ns1")).allowed
+    # edit is not affected by an aggregate-to-admin label
+    policy = rbac.Policy.of([*roles, binding("e", "edit", user("erin"), ns="ns1")])
+    assert not policy.authorize(req("erin", "create", VMIM, "ns1")).allowed
+
+
+def test_aggregation_rule_with_match_expressions() -> None:
+    agg = {
+        **role("agg"),
+        "aggregationRule": {
+            "clusterRoleSelectors": [
+                {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}
+            ]
+        },
+    }
+    a = role(
+        "a",
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+        labels={"tier": "a"},
+    )
+    c = role(
+        "c", {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}, labels={"tier": "c"}
+    )
+    dup = role(
+        "a2",
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+        labels={"tier": "b"},
+    )
+    assert rbac.aggregated_rules(agg, [agg, a, c, dup]) == a["rules"]
+
+
+def test_escalation_binding_needs_the_permissions_or_bind() -> None:
+    roles = builtins_aggregated()
+    ns_admin = binding("owner", "admin", user("dana"), ns="ns1")
+    policy = rbac.Policy.of([*roles, ns_admin])
+    # dana may bind view and edit in ns1 (she holds those permissions there) ...
+    assert (
+        rbac.escalation_problem(policy, "dana", (), binding("v", "view", user("x"), ns="ns1"))
+        is None
+    )
+    # ... but not kubevirt.io:migrate, nor cluster-admin, nor anything cluster-wide.
+    problem = rbac.escalation_problem(
+        policy, "dana", (), binding("m", rbac.MIGRATE_ROLE, user("dana"), ns="ns1")
+    )
+    assert (
+        problem
+        and "not currently held" in problem
+        and "virtualmachineinstancemigrations" in problem
+    )
+    assert rbac.escalation_problem(
+        policy, "dana", (), binding("root", "cluster-admin", user("dana"))
+    )
+    # a role that does not exist needs "bind"
+    missing = rbac.escalation_problem(
+        policy, "dana", (), binding("x", "nope", user("dana"), ns="ns1")
+    )
+    assert missing and "not found" in missing
+    # the bind verb on that very role is enough
+    binder = role(
+        "binder",
+        {
+            "apiGroups": [G],
+            "resources": ["clusterroles"],
+            "verbs": ["bind"],
+            "resourceNames": [rbac.MIGRATE_ROLE],
+        },
+    )
+    policy = rbac.Policy.of([*roles, ns_admin, binder, binding("b", "binder", user("dana"))])
+    assert (
+        rbac.escalation_problem(
+            policy, "dana", (), binding("m", rbac.MIGRATE_ROLE, user("dana"), ns="ns1")
+        )
+        is None
+    )
+
+
+def test_escalation_roles_need_the_rules_or_escalate() -> None:
+    roles = builtins_aggregated()
+    policy = rbac.Policy.of([*roles, binding("e", "kubevirt.io:edit", user("erin"))])
+    small = role(
+        "vm-reader",
+        {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"], "verbs": ["get"]},
+    )
+    assert rbac.escalation_problem(policy, "erin", (), small) is None
+    big = role("everything", {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]})
+    assert rbac.escalation_problem(policy, "erin", (), big)
+    aggregated = {
+        **small,
+        "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"x": "y"}}]},
+    }
+    problem = rbac.escalation_problem(policy, "erin", (), aggregated)
+    assert problem and "aggregationRule" in problem
+    root = rbac.Policy.of([*roles, *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS])
+    assert rbac.escalation_problem(root, "admin", (rbac.MASTERS_GROUP,), big) is None
+    assert rbac.escalation_problem(root, "admin", (rbac.MASTERS_GROUP,), aggregated) is None
+
+
+def test_wildcards_are_covered_only_by_wildcards() -> None:
+    owner = [
+        {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"], "verbs": rbac.ALL_VERBS}
+    ]
+    star = [{"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"], "verbs": ["*"]}]
+    assert rbac.uncovered(owner, star)
+    assert not rbac.uncovered(star, owner)
+
+
+def test_reconcile_builtin_keeps_administrator_changes() -> None:
+    expected = next(
+        r for r in rbac.BUILTIN_CLUSTER_ROLES if r["metadata"]["name"] == rbac.MIGRATE_ROLE
+    )
+    existing = {**expected, "metadata": {**expected["metadata"], "uid": "u1"}}
+    existing["metadata"]["labels"] = {
+        **expected["metadata"]["labels"],
+        rbac.AGGREGATE_LABEL.format("admin"): "true",
+    }
+    assert rbac.reconcile_builtin(existing, expected) is None
+    stripped = {**existing, "rules": existing["rules"][:1]}
+    updated = rbac.reconcile_builtin(stripped, expected)
+    assert updated is not None and len(updated["rules"]) == 2
+    assert updated["metadata"]["labels"][rbac.AGGREGATE_LABEL.format("admin")] == "true"
+    pinned = {
+        **stripped,
+        "metadata": {**stripped["metadata"], "annotations": {rbac.AUTOUPDATE_ANNOTATION: "false"}},
+    }
+    assert rbac.reconcile_builtin(pinned, expected) is None
+
+
+def test_builtins_validate_and_rbac_names_allow_colons() -> None:
+    for obj in [*rbac.BUILTIN_CLUSTER_ROLES, *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS]:
+        schema.validate(obj)
+    with pytest.raises(Invalid, match=r"metadata\.name"):
+        schema.validate(role("a/b"))
+    with pytest.raises(Invalid, match=r"roleRef.kind"):
+        schema.validate(
+            {
+                **binding("x", "y", user("u")),
+                "roleRef": {"apiGroup": G, "kind": "Thing", "name": "y"},
+            }
+        )
+
+
+def test_secret_string_data_becomes_data() -> None:
+    secret = schema.apply_defaults(
+        schema.validate(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "s", "namespace": "d"},
+                "stringData": {"a": "hi"},
+            }
+        )
+    )
+    assert secret["data"] == {"a": base64.b64encode(b"hi").decode()} and secret["type"] == "Opaque"
+    with pytest.raises(Invalid, match=r"data\.a"):
+        schema.validate(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "s"},
+                "data": {"a": "not base64!"},
+            }
+        )
+
+
+def test_token_signature_and_binding_to_secret_and_account() -> None:
+    signer = TokenSigner(b"k" * 32)
+    secret = {"metadata": {"name": "tok", "uid": "s-uid"}}
+    account = {"metadata": {"name": "mtv", "uid": "a-uid"}}
+    token = signer.issue("tools", secret, account)
+    claims = signer.claims(token)
+    assert claims["sub"] == "system:serviceaccount:tools:mtv"
+    assert signer.valid_for(token, secret, account)
+    assert not signer.valid_for(token, {"metadata": {"uid": "other"}}, account)
+    with pytest.raises(Unauthorized, match="signature"):
+        TokenSigner(b"x" * 32).claims(token)
+    head, _, sig = token.split(".")
+    forged_body = (
+        base64.urlsafe_b64encode(b'{"iss":"vmferry/serviceaccount","sub":"root"}')
+        .decode()
+        .rstrip("=")
+    )
+    with pytest.raises(Unauthorized):
+        signer.claims(f"{head}.{forged_body}.{sig}")
+    with pytest.raises(Unauthorized):
+        signer.claims("garbage")
