@@ -1,0 +1,602 @@
+"""``make bench``: the transfer engine measured side by side with QEMU and bare gRPC.
+
+Scenarios (issue 7), each run several times; every run of ours is followed by one run of
+each QEMU peer, so both see the same machine noise:
+
+  random  random memory, idle guest, 1 GiB: throughput (memory bytes / migration time)
+  zero    zero-heavy guest, 4 GiB with 256 MiB touched: total migration time
+  text    compressible (text) memory, 1 GiB: throughput and bytes on the wire
+  busy    busy guest, 1 GiB dirtying 50 MiB/s: time, rounds, guest-seen downtime p50/p99
+  sched   scheduling overhead: `vmferry migrate` returning -> first byte on the wire, and
+          Succeeded on the handler -> Succeeded on the VMIM
+  grpc    the bare gRPC mTLS ceiling (1 stream, N streams on one connection, N connections)
+
+Ours: memory bytes / migrationSeconds, where migrationSeconds is the source handler's span
+from its "starting" log line to its "succeeded" line (rounds, switchover with digest
+verification, commit, resume, final status write). QEMU: from the ``migrate`` command to
+the target reporting ``completed``. Ratios are throughput ratios: ours / theirs, > 1 means
+ours is faster.
+
+  python -m bench.run [--quick] [--scenario NAME ...] [--output FILE] [--no-qemu]
+                      [--no-profile] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import grpc_baseline, qemu
+from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
+from bench.profile import Recorder, top_entries
+from bench.stats import (
+    Summary,
+    fmt_ratio,
+    fmt_summary,
+    median_of,
+    ratio,
+    summaries,
+    summarize,
+)
+from vmferry.quantity import parse_quantity
+
+Obj = dict[str, Any]
+MiB = 1 << 20
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
+SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched"]
+
+OUR_KEYS = [
+    "throughput",
+    "migrationSeconds",
+    "endToEndSeconds",
+    "wireBytes",
+    "rounds",
+    "downtimeMilliseconds",
+    "guestDowntimeMilliseconds",
+    "downtime_pause",
+    "downtime_final_pass",
+    "downtime_state_transfer",
+    "downtime_verify",
+    "downtime_resume",
+    "cliToFirstByteSeconds",
+    "cliToHandlerStartSeconds",
+    "handlerStartToFirstByteSeconds",
+    "handlerToVmimSucceededSeconds",
+    "commitToVmimSucceededSeconds",
+    "cpu_source",
+    "cpu_target",
+    "cpu_controller",
+    "targetRamAllocatedBytes",
+]
+PEER_KEYS = ["throughput", "seconds", "wireBytes", "qemuDowntimeMilliseconds"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    memory: str
+    content: str
+    runs: int
+    dirty_rate: str = "0"
+    touched: str = "0"
+    qemu_modes: list[qemu.QemuMode] = field(default_factory=list)
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_quantity(self.memory)
+
+
+def standard_modes(streams: int) -> list[qemu.QemuMode]:
+    return [
+        qemu.QemuMode(tls=False, multifd_channels=0),
+        qemu.QemuMode(tls=True, multifd_channels=0),
+        qemu.QemuMode(tls=False, multifd_channels=streams),
+        qemu.QemuMode(tls=True, multifd_channels=streams),
+    ]
+
+
+def scenarios(quick: bool, streams: int, runs: int | None) -> dict[str, Scenario]:
+    modes = standard_modes(streams)
+    text_modes = [*modes, qemu.QemuMode(tls=True, multifd_channels=streams, compression="zstd")]
+    if quick:
+        out = [
+            Scenario("random", "random memory, idle guest", "256Mi", "random", 2, qemu_modes=modes),
+            Scenario(
+                "zero", "zero-heavy guest", "1Gi", "random", 2, touched="64Mi", qemu_modes=modes
+            ),
+            Scenario(
+                "text", "compressible (text) memory", "256Mi", "text", 2, qemu_modes=text_modes
+            ),
+            Scenario("busy", "busy guest", "256Mi", "random", 4, dirty_rate="50Mi"),
+            Scenario("sched", "scheduling overhead, idle 64 MiB guest", "64Mi", "random", 3),
+        ]
+    else:
+        out = [
+            Scenario("random", "random memory, idle guest", "1Gi", "random", 5, qemu_modes=modes),
+            Scenario(
+                "zero", "zero-heavy guest", "4Gi", "random", 3, touched="256Mi", qemu_modes=modes
+            ),
+            Scenario("text", "compressible (text) memory", "1Gi", "text", 3, qemu_modes=text_modes),
+            Scenario("busy", "busy guest", "1Gi", "random", 10, dirty_rate="50Mi"),
+            Scenario("sched", "scheduling overhead, idle 128 MiB guest", "128Mi", "random", 10),
+        ]
+    if runs is not None:
+        for s in out:
+            s.runs = max(runs, 10) if s.name == "busy" and not quick else runs
+    return {s.name: s for s in out}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> Obj:
+    try:
+        shm = os.statvfs("/dev/shm")
+        shm_free = shm.f_bavail * shm.f_frsize
+    except OSError:
+        shm_free = 0
+    import grpc
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "qemu": qemu.version(),
+        "loadavgStart": os.getloadavg(),
+        "devShmFreeBytes": shm_free,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def summary_dict(records: list[Obj], keys: list[str]) -> dict[str, Obj | None]:
+    return {k: (s.as_dict() if s else None) for k, s in summaries(records, keys).items()}
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+async def run_grpc(quick: bool, streams: int, runs: int | None, workdir: Path) -> Obj:
+    total = (256 if quick else 1024) * MiB
+    n = runs if runs is not None else (1 if quick else 3)
+    variants = [(1, 1), (streams, 1), (streams, streams)]
+    log(f"grpc baseline: {total // MiB} MiB x {n} runs, variants {variants}")
+    results = await asyncio.to_thread(
+        grpc_baseline.run_baseline,
+        workdir,
+        total_bytes=total,
+        message_bytes=MiB,
+        variants=variants,
+        runs=n,
+    )
+    return {
+        name: {"records": recs, "summary": summary_dict(recs, ["throughput"])}
+        for name, recs in results.items()
+    }
+
+
+async def run_scenario(
+    bench: LabBench, sc: Scenario, *, with_qemu: bool, profile_dir: Path | None
+) -> Obj:
+    name = f"bench-{sc.name}"
+    manifest = vm_manifest(
+        name, sc.memory, sc.content, dirty_rate=sc.dirty_rate, touched=sc.touched
+    )
+    log(f"{sc.name}: {sc.title}, {sc.memory}, {sc.runs} runs")
+    peer: qemu.QemuPeer | None = None
+    ours: list[Obj] = []
+    peers: dict[str, list[Obj]] = {m.name: [] for m in sc.qemu_modes} if with_qemu else {}
+    profiled: Obj | None = None
+    await bench.create_vm(manifest)
+    try:
+        await bench.wait_guest_booted(name)
+        if with_qemu and sc.qemu_modes:
+            peer = qemu.QemuPeer(sc.memory_bytes, sc.content, parse_quantity(sc.touched))
+            await peer.prepare()
+        await asyncio.sleep(1.0)
+        for i in range(sc.runs):
+            rec = await bench.migrate(name)
+            ours.append(rec)
+            log(
+                f"  ours #{i + 1}: {rec.get('phase')} {fmt(rec.get('migrationSeconds'), 's')} "
+                f"{fmt((rec.get('throughput') or 0) / MiB, 'MiB/s')} rounds={rec.get('rounds')} "
+                f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')}"
+                + (
+                    f" FAILED: {rec.get('failureReason')}"
+                    if rec.get("phase") != "Succeeded"
+                    else ""
+                )
+            )
+            if peer is not None:
+                for mode in sc.qemu_modes:
+                    r = await peer.migrate(mode)
+                    peers[mode.name].append(r)
+                    log(
+                        f"  {mode.name} #{i + 1}: "
+                        + (
+                            f"error {r['error']}"
+                            if "error" in r
+                            else f"{fmt(r['seconds'], 's')} {fmt(r['throughput'] / MiB, 'MiB/s')}"
+                        )
+                    )
+        if profile_dir is not None:
+            profiled = await profile_run(bench, name, profile_dir)
+    finally:
+        if peer is not None:
+            peer.close()
+        with contextlib.suppress(Exception):
+            await bench.delete_vm(name)
+    return {
+        "title": sc.title,
+        "memory": sc.memory,
+        "memoryBytes": sc.memory_bytes,
+        "content": sc.content,
+        "dirtyRate": sc.dirty_rate,
+        "touched": sc.touched,
+        "runs": sc.runs,
+        "ours": {"records": ours, "summary": summary_dict(ours, OUR_KEYS)},
+        "peers": {
+            n: {
+                "records": recs,
+                "summary": summary_dict([r for r in recs if "error" not in r], PEER_KEYS),
+            }
+            for n, recs in peers.items()
+        },
+        "profile": profiled,
+    }
+
+
+async def profile_run(bench: LabBench, name: str, profile_dir: Path) -> Obj:
+    """One extra (untimed) migration with py-spy on the source and target handlers."""
+    async with bench.api() as api:
+        vmi = await api.get("VirtualMachineInstance", "default", name)
+    source = vmi["status"]["nodeName"]
+    target = next(n for n in bench.lab.node_names() if n != source)
+    recorders = {}
+    for role, node in (("source", source), ("target", target)):
+        pid = bench.lab.pid(node)
+        if pid is None:
+            continue
+        rec = Recorder(pid, profile_dir / f"{role}.collapsed")
+        rec.start()
+        recorders[role] = rec
+    log(f"  profiling one more migration with py-spy ({source} -> {target})")
+    await asyncio.sleep(1.0)  # py-spy attaches
+    try:
+        record = await bench.migrate(name, settle=0.2)
+    finally:
+        outputs = {role: r.stop() for role, r in recorders.items()}
+    result: Obj = {
+        "migration": {k: record.get(k) for k in ("migrationSeconds", "throughput", "phase")}
+    }
+    for role, ok in outputs.items():
+        path = recorders[role].output
+        if ok:
+            result[role] = top_entries(path.read_text(errors="replace"))
+            result[role]["file"] = str(path)
+        else:
+            err = path.with_suffix(".log")
+            result[role] = {
+                "error": err.read_text(errors="replace")[-500:] if err.exists() else "no output"
+            }
+    return result
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} {unit}"
+
+
+def _summary(d: Obj | None) -> Summary | None:
+    return Summary(**d) if d else None
+
+
+def ceiling(results: Obj) -> dict[str, float]:
+    """{grpc variant: median throughput}."""
+    out = {}
+    for name, data in (results.get("grpc") or {}).items():
+        s = _summary(data["summary"].get("throughput"))
+        if s:
+            out[name] = s.median
+    return out
+
+
+def compute_ratios(results: Obj) -> None:
+    """Add ``ratios`` to every scenario: ours / each peer and / each gRPC ceiling."""
+    ceil = ceiling(results)
+    for sc in (results.get("scenarios") or {}).values():
+        ours = median_of(_summary(sc["ours"]["summary"].get("throughput")))
+        ratios: Obj = {}
+        for name, peer in sc["peers"].items():
+            ratios[name] = ratio(ours, median_of(_summary(peer["summary"].get("throughput"))))
+        for name, value in ceil.items():
+            ratios[name] = ratio(ours, value)
+        sc["ratios"] = ratios
+
+
+def table(results: Obj) -> str:
+    lines: list[str] = []
+    w = 28
+
+    def row(label: str, value: str, extra: str = "") -> None:
+        lines.append(f"  {label:<{w}} {value:<40} {extra}".rstrip())
+
+    m = results["machine"]
+    lines.append(
+        f"vmferry bench  {m['started']}  cpus={m['cpus']} python {m['python']} grpcio {m['grpcio']}  "
+        f"{m['qemu'] or 'no QEMU'}"
+    )
+    lines.append(
+        f"load average at start {m['loadavgStart'][0]:.2f}, at end {m.get('loadavgEnd', [0])[0]:.2f}"
+        "   values: median [min..max] over the runs; ratios: our throughput / theirs"
+    )
+    cfg = results.get("liveMigrationConfig") or {}
+    if cfg:
+        lines.append(
+            "liveMigrationConfig: "
+            + ", ".join(
+                f"{k}={cfg.get(k)}"
+                for k in ("parallelStreams", "downtimeBudgetMilliseconds", "bandwidthPerMigration")
+            )
+        )
+    grpc_res = results.get("grpc") or {}
+    if grpc_res:
+        lines.append("")
+        lines.append("== bare gRPC mTLS streaming (the ceiling), 1 MiB messages ==")
+        for name, data in grpc_res.items():
+            row(name, fmt_summary(_summary(data["summary"]["throughput"]), "MiB/s", MiB))
+    for key, sc in (results.get("scenarios") or {}).items():
+        ours = {k: _summary(v) for k, v in sc["ours"]["summary"].items()}
+        lines.append("")
+        extra = f", dirtying {sc['dirtyRate']}/s" if sc["dirtyRate"] != "0" else ""
+        extra += f", {sc['touched']} touched" if sc["touched"] != "0" else ""
+        lines.append(
+            f"== {key}: {sc['title']}, {sc['memory']} {sc['content']}{extra} ({sc['runs']} runs) =="
+        )
+        failed = [r for r in sc["ours"]["records"] if r.get("phase") != "Succeeded"]
+        if failed:
+            row("FAILED migrations", str(len(failed)), failed[0].get("failureReason") or "")
+        row("ours: throughput", fmt_summary(ours["throughput"], "MiB/s", MiB))
+        row(
+            "ours: migration time",
+            fmt_summary(ours["migrationSeconds"], "s", digits=2),
+            "(source handler start -> succeeded)",
+        )
+        row(
+            "ours: end to end",
+            fmt_summary(ours["endToEndSeconds"], "s", digits=2),
+            "(VMIM created -> Succeeded)",
+        )
+        mem = sc["memoryBytes"]
+        wire = ours["wireBytes"]
+        if wire:
+            row(
+                "ours: wire bytes",
+                fmt_summary(wire, "MiB", MiB),
+                f"({100 * wire.median / mem:.1f}% of memory)",
+            )
+        row("ours: rounds", fmt_summary(ours["rounds"], "", digits=0))
+        gd = ours["guestDowntimeMilliseconds"]
+        if gd:
+            row(
+                "ours: guest-seen downtime",
+                fmt_summary(gd, "ms"),
+                f"p50 {gd.median:.1f} ms, p99 {gd.p99:.1f} ms",
+            )
+        parts = [
+            f"{p} {s.median:.1f}"
+            for p in ("pause", "final_pass", "state_transfer", "verify", "resume")
+            if (s := ours.get(f"downtime_{p}")) is not None
+        ]
+        if parts:
+            row("ours: downtime parts (median)", ", ".join(parts) + " ms")
+        if key == "sched" or ours.get("cliToFirstByteSeconds"):
+            row(
+                "sched: migrate -> first byte",
+                fmt_summary(ours["cliToFirstByteSeconds"], "ms", 1e-3),
+                "(CLI returned -> round 0 start)",
+            )
+            row(
+                "sched: migrate -> handler",
+                fmt_summary(ours["cliToHandlerStartSeconds"], "ms", 1e-3),
+                "(CLI returned -> source 'starting')",
+            )
+            row(
+                "sched: handler -> VMIM done",
+                fmt_summary(ours["handlerToVmimSucceededSeconds"], "ms", 1e-3),
+                "(source 'succeeded' log -> VMIM Succeeded)",
+            )
+            row(
+                "sched: commit -> VMIM done",
+                fmt_summary(ours["commitToVmimSucceededSeconds"], "ms", 1e-3),
+                "(hand-off committed -> VMIM Succeeded)",
+            )
+        if key == "sched":
+            phases = phase_deltas(sc["ours"]["records"])
+            if phases:
+                row(
+                    "sched: VMIM phases (median)",
+                    ", ".join(f"{p} +{v * 1000:.0f}" for p, v in phases.items()) + " ms",
+                )
+        cpu = [
+            f"{r} {s.median:.2f}"
+            for r in ("source", "target", "controller")
+            if (s := ours.get(f"cpu_{r}")) is not None
+        ]
+        if cpu:
+            row("ours: CPU seconds (median)", ", ".join(cpu))
+        alloc = ours.get("targetRamAllocatedBytes")
+        if alloc and sc["touched"] != "0":
+            row(
+                "ours: target RAM allocated",
+                fmt_summary(alloc, "MiB", MiB),
+                f"(guest touched {sc['touched']})",
+            )
+        for name, peer in sc["peers"].items():
+            ps = {k: _summary(v) for k, v in peer["summary"].items()}
+            extra_txt = f"ours {fmt_ratio(sc['ratios'].get(name))}"
+            peer_wire = ps.get("wireBytes")
+            if peer_wire and key == "text":
+                extra_txt += f"; wire {100 * peer_wire.median / mem:.1f}% of memory"
+            errors = [r["error"] for r in peer["records"] if "error" in r]
+            if errors:
+                extra_txt += f"; {len(errors)} errors: {errors[0][:80]}"
+            row(name, fmt_summary(ps.get("throughput"), "MiB/s", MiB), extra_txt)
+        for name, value in sc.get("ratios", {}).items():
+            if name.startswith("grpc"):
+                row(f"vs ceiling {name}", fmt_ratio(value))
+    prof = results.get("profile")
+    if prof:
+        lines.append("")
+        lines.append(
+            f"== profile (py-spy, {prof.get('scenario')} scenario, one extra migration) =="
+        )
+        for role in ("source", "target"):
+            p = prof.get(role) or {}
+            if "error" in p:
+                lines.append(f"  {role}: py-spy failed: {p['error']}")
+                continue
+            lines.append(
+                f"  {role} handler: {p.get('samples', 0)} samples; threads: "
+                + ", ".join(f"{t['thread']} {t['percent']}%" for t in p.get("threads", [])[:4])
+            )
+            lines.append("    self:")
+            for e in p.get("self", [])[:10]:
+                lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
+            lines.append("    inclusive:")
+            for e in p.get("inclusive", [])[:12]:
+                lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
+    return "\n".join(lines)
+
+
+def phase_deltas(records: list[Obj]) -> dict[str, float]:
+    """Median time spent reaching each VMIM phase from the previous one."""
+    order = [
+        "Pending",
+        "Scheduling",
+        "Scheduled",
+        "PreparingTarget",
+        "TargetReady",
+        "Running",
+        "Succeeded",
+    ]
+    out = {}
+    for prev, cur in itertools.pairwise(order):
+        values = [
+            r["phases"][cur] - r["phases"][prev]
+            for r in records
+            if cur in r.get("phases", {}) and prev in r.get("phases", {})
+        ]
+        s = summarize(values)
+        if s:
+            out[cur] = s.median
+    return out
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+async def main_async(args: argparse.Namespace) -> Obj:
+    selected = args.scenario or SCENARIO_NAMES
+    results: Obj = {"machine": machine_info(), "missingFields": MISSING_FIELDS, "scenarios": {}}
+    root = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    results["workdir"] = str(root)
+    streams = args.streams
+    if "grpc" in selected:
+        results["grpc"] = await run_grpc(args.quick, streams, args.runs, root / "grpc")
+    lab_scenarios = [s for s in selected if s != "grpc"]
+    if lab_scenarios:
+        bench = LabBench(root)
+        log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")
+        await asyncio.to_thread(bench.up)
+        try:
+            if args.streams_config:
+                await bench.set_live_migration_config({"parallelStreams": streams})
+            results["liveMigrationConfig"] = await bench.live_migration_config()
+            with_qemu = not args.no_qemu and qemu.available()
+            if not with_qemu and not args.no_qemu:
+                log("qemu-system-x86_64 not found: QEMU peers skipped (make bench installs it)")
+            all_sc = scenarios(args.quick, streams, args.runs)
+            for key in lab_scenarios:
+                profile_dir = None
+                if key == "random" and not args.no_profile:
+                    profile_dir = root / "profile"
+                    profile_dir.mkdir(exist_ok=True)
+                res = await run_scenario(
+                    bench, all_sc[key], with_qemu=with_qemu, profile_dir=profile_dir
+                )
+                prof = res.pop("profile", None)
+                if prof is not None:
+                    results["profile"] = {"scenario": key, **prof}
+                results["scenarios"][key] = res
+        finally:
+            log("lab: stopping")
+            await asyncio.to_thread(bench.down)
+    results["machine"]["loadavgEnd"] = os.getloadavg()
+    compute_ratios(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer runs, smaller guests")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIO_NAMES,
+        help="run only this scenario (repeatable); default: all",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"JSON results (default {DEFAULT_OUTPUT}; '-' for stdout)",
+    )
+    p.add_argument(
+        "--runs", type=int, help="runs per scenario (busy keeps at least 10 unless --quick)"
+    )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=2,
+        help="N for the gRPC N-stream ceiling and QEMU multifd channels (default 2)",
+    )
+    p.add_argument(
+        "--streams-config",
+        action="store_true",
+        help="also set liveMigrationConfig.parallelStreams to --streams",
+    )
+    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU peers")
+    p.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy profile of the random scenario"
+    )
+    args = p.parse_args(argv)
+    results = asyncio.run(main_async(args))
+    text = json.dumps(results, indent=2, default=str)
+    if str(args.output) == "-":
+        print(text)
+        print(table(results), file=sys.stderr)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+        print(table(results))
+        print(f"\nJSON: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
