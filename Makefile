@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# The console's browser tests drive the system Chromium (Debian package); as root we
+	@# install it, otherwise those tests skip and say why.
+	@if [ "$$(id -u)" = 0 ]; then \
+	  command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium); \
+	else command -v chromium >/dev/null || echo "note: no chromium (not root): console browser tests will be skipped"; fi
 	@touch $(STAMP)
 
 venv: $(STAMP)

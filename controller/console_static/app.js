@@ -95,8 +95,10 @@ function render(next) {
   state = next;
   renderMigrations();
   renderVms();
+  // What the user may not read is said apart from the action messages.
   const errs = Object.entries(state.errors || {});
-  if (errs.length) showMessage(errs.map(([k, v]) => k + ": " + v).join("; "));
+  $("#read-errors").textContent = errs.map(([k, v]) => k + ": " + v).join("; ");
+  $("#read-errors").hidden = errs.length === 0;
 }
 
 function cell(tr, text, cls) {

@@ -3,6 +3,9 @@ migration, and the values follow the migration (names, types and labels as KubeV
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
@@ -56,7 +59,7 @@ def value(scrape: dict, metric: str, /, **labels: str) -> float | None:
 
 @pytest.mark.timeout(90)
 def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
-    lab.apply(vm_manifest("metered", memory="192Mi", dirty_rate="8Mi", hot_set="16Mi"))
+    lab.apply(vm_manifest("metered", memory="128Mi", dirty_rate="4Mi", hot_set="16Mi"))
     vmi = lab.wait_vmi_running("metered")
     source = vmi["status"]["nodeName"]
     vm = {"namespace": "default", "name": "metered", "node": source}
@@ -67,7 +70,7 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
     assert value(idle, "kubevirt_vmi_migrations_in_running_phase") == 0
     assert value(lab.scrape(source), "kubevirt_vmi_migration_data_processed_bytes", **vm) is None
 
-    lab.set_live_migration_config(bandwidthPerMigration="40Mi")  # ~5 s: time to look
+    lab.set_live_migration_config(bandwidthPerMigration="32Mi")  # ~4 s: time to look
     try:
         out = lab.cli("migrate", "metered")
         vmim = out.stdout.split("(")[1].split(")")[0]
@@ -92,7 +95,7 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
         processed_1 = value(first, "kubevirt_vmi_migration_data_processed_bytes", **vm)
         remaining_1 = value(first, "kubevirt_vmi_migration_data_remaining_bytes", **vm)
         total = value(first, "kubevirt_vmi_migration_data_bytes_total", **vm)
-        assert total == 192 << 20
+        assert total == 128 << 20
         assert value(first, "kubevirt_vmi_migration_data_total_bytes", **vm) == total
         assert remaining_1 and remaining_1 > 0
         later = lab.wait_for(
@@ -154,3 +157,30 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
     assert (value(ctrl, f"{histogram}_sum", phase="Succeeded") or 0) > 0
     assert not any(name.endswith("_created") for name, _ in ctrl), "no *_created series"
     lab.cli("delete", "vm", "metered")
+
+
+@pytest.mark.timeout(60)
+def test_get_vmim_watch_prints_each_phase_as_it_happens(lab: LabHarness) -> None:
+    lab.apply(vm_manifest("watched", memory="64Mi", dirty_rate="2Mi"))
+    lab.wait_vmi_running("watched")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", "get", "vmim", "-w"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=lab.env,
+    )
+    try:
+        time.sleep(1.0)  # the watch is established
+        out = lab.cli("migrate", "watched", "--wait", timeout=50)
+        vmim = out.stdout.split("(")[1].split(")")[0]
+        time.sleep(1.0)
+    finally:
+        watcher.terminate()
+        stdout, stderr = watcher.communicate(timeout=10)
+    rows = [line.split() for line in stdout.splitlines() if line.startswith(vmim)]
+    phases = [row[1] for row in rows]
+    assert phases[-1] == "Succeeded", stdout + stderr
+    assert {"Scheduling", "Running", "Succeeded"} <= set(phases), phases
+    assert phases.index("Running") < phases.index("Succeeded")
+    lab.cli("delete", "vm", "watched")
