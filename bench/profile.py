@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_RATE = 250  # Hz
-_THREAD_RE = re.compile(r"^thread \((0x[0-9A-Fa-f]+)\)$")
+_THREAD_RE = re.compile(r"^thread \((\w+)\)(?::\s*(.*))?$")
+# Frames every stack passes through (interpreter start-up, the event loop's and the thread
+# pools' machinery): left out of the inclusive ranking, which would otherwise show only them.
+GENERIC_FILES = (
+    "<frozen runpy>",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+    "threading.py",
+    "futures/thread.py",
+    "handler/main.py",
+)
 _PROCESS_RE = re.compile(r"^process \d+:")
 
 
@@ -104,12 +115,14 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
 
 
 def top_entries(text: str, limit: int = 15) -> dict[str, Any]:
-    """Self and inclusive top functions, and the share of samples per thread."""
+    """Self and inclusive top functions (percent of all samples), the event loop thread's
+    own self-time ranking, and the share of samples per thread (pools merged)."""
     stacks = parse_collapsed(text)
     total = sum(c for _, c in stacks)
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    loop_counts: Counter[str] = Counter()  # self samples on the event loop thread
     for frames, count in stacks:
         thread = "?"
         code = []
@@ -117,15 +130,19 @@ def top_entries(text: str, limit: int = 15) -> dict[str, Any]:
             if _PROCESS_RE.match(f):
                 continue
             if m := _THREAD_RE.match(f):
-                thread = m.group(1)
+                # "asyncio_3" and "ram-digest_0" are pools: one entry per pool.
+                thread = re.sub(r"_\d+$", "", m.group(2) or m.group(1))
                 continue
             code.append(_short(f))
         threads[thread] += count
         if not code:
             continue
         self_counts[code[-1]] += count
+        if thread == "MainThread":
+            loop_counts[code[-1]] += count
         for name in set(code):
-            incl_counts[name] += count
+            if not name.rstrip(")").endswith(GENERIC_FILES):
+                incl_counts[name] += count
 
     def ranked(counter: Counter[str]) -> list[dict[str, Any]]:
         return [
@@ -138,6 +155,7 @@ def top_entries(text: str, limit: int = 15) -> dict[str, Any]:
         "sampleRateHz": SAMPLE_RATE,
         "self": ranked(self_counts),
         "inclusive": ranked(incl_counts),
+        "eventLoopSelf": ranked(loop_counts),
         "threads": [
             {"thread": t, "samples": n, "percent": round(100 * n / total, 1) if total else 0}
             for t, n in threads.most_common()

@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +55,7 @@ from vmferry.quantity import parse_quantity
 Obj = dict[str, Any]
 MiB = 1 << 20
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
+REPO = Path(__file__).resolve().parent.parent
 SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched"]
 
 OUR_KEYS = [
@@ -140,6 +142,27 @@ def scenarios(quick: bool, streams: int, runs: int | None) -> dict[str, Scenario
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def source_info() -> Obj:
+    """Which code was measured: HEAD and whether the engine's files differ from it (the
+    lab runs the working tree)."""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, cwd=REPO
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip()
+
+    return {
+        "head": git("rev-parse", "HEAD"),
+        "engineFilesModified": git(
+            "status", "--porcelain", "--", "handler", "proto", "vmferry/rpc"
+        ).splitlines(),
+    }
 
 
 def machine_info() -> Obj:
@@ -344,6 +367,17 @@ def table(results: Obj) -> str:
         f"load average at start {m['loadavgStart'][0]:.2f}, at end {m.get('loadavgEnd', [0])[0]:.2f}"
         "   values: median [min..max] over the runs; ratios: our throughput / theirs"
     )
+    code = results.get("code") or {}
+    if code.get("head"):
+        modified = code.get("engineFilesModified") or []
+        lines.append(
+            f"code: HEAD {code['head'][:10]}"
+            + (
+                f" + {len(modified)} uncommitted engine files (the working tree ran)"
+                if modified
+                else ""
+            )
+        )
     cfg = results.get("liveMigrationConfig") or {}
     if cfg:
         lines.append(
@@ -475,10 +509,13 @@ def table(results: Obj) -> str:
                 + ", ".join(f"{t['thread']} {t['percent']}%" for t in p.get("threads", [])[:4])
             )
             lines.append("    self:")
-            for e in p.get("self", [])[:10]:
+            for e in p.get("self", [])[:12]:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
-            lines.append("    inclusive:")
-            for e in p.get("inclusive", [])[:12]:
+            lines.append("    event loop thread, self:")
+            for e in p.get("eventLoopSelf", [])[:6]:
+                lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
+            lines.append("    inclusive (without interpreter/event-loop/pool frames):")
+            for e in p.get("inclusive", [])[:15]:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
     return "\n".join(lines)
 
@@ -512,7 +549,12 @@ def phase_deltas(records: list[Obj]) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> Obj:
     selected = args.scenario or SCENARIO_NAMES
-    results: Obj = {"machine": machine_info(), "missingFields": MISSING_FIELDS, "scenarios": {}}
+    results: Obj = {
+        "machine": machine_info(),
+        "code": source_info(),
+        "missingFields": MISSING_FIELDS,
+        "scenarios": {},
+    }
     root = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     results["workdir"] = str(root)
     streams = args.streams

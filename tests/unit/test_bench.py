@@ -110,9 +110,10 @@ def test_source_log_gives_start_first_byte_and_end(tmp_path: Path) -> None:
 def test_profile_top_entries_from_collapsed_stacks() -> None:
     text = "\n".join(
         [
-            "process 1:python;thread (0x1);main (a.py:1);hot (b/c.py:10) 30",
-            "process 1:python;thread (0x1);main (a.py:1);hot (b/c.py:12) 10",
-            "process 1:python;thread (0x2);worker (w.py:5);copy (w.py:9) 60",
+            "thread (11): MainThread;run (asyncio/runners.py:1);main (a.py:1);hot (b/c.py:10) 30",
+            "thread (11): MainThread;run (asyncio/runners.py:1);main (a.py:1);hot (b/c.py:12) 10",
+            "thread (12): asyncio_0;worker (w.py:5);copy (w.py:9) 35",
+            "thread (13): asyncio_1;worker (w.py:5);copy (w.py:9) 25",
         ]
     )
     top = top_entries(text)
@@ -121,4 +122,9 @@ def test_profile_top_entries_from_collapsed_stacks() -> None:
     assert {"function": "hot (b/c.py)", "samples": 40, "percent": 40.0} in top["self"]
     incl = {e["function"]: e["samples"] for e in top["inclusive"]}
     assert incl["main (a.py)"] == 40
-    assert [t["thread"] for t in top["threads"]] == ["0x2", "0x1"]
+    assert "run (asyncio/runners.py)" not in incl  # generic frames are left out
+    assert [e["function"] for e in top["eventLoopSelf"]] == ["hot (b/c.py)"]
+    assert [(t["thread"], t["samples"]) for t in top["threads"]] == [
+        ("asyncio", 60),
+        ("MainThread", 40),
+    ]
