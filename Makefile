@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
 
-.PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down
+.PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
+	install-qemu guest-image guest-image-optional
 
 all: test
 
@@ -20,7 +21,24 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ]; then \
 	  command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium); \
 	else command -v chromium >/dev/null || echo "note: no chromium (not root): console browser tests will be skipped"; fi
+	@$(MAKE) --no-print-directory install-qemu
 	@touch $(STAMP)
+
+# QEMU and the guest image's build tools (driver `qemu`); only as root, only when missing.
+# Never fatal: without QEMU the qemu tests skip and say why.
+install-qemu:
+	@command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -q && apt-get install -y -q --no-install-recommends qemu-system-x86 cpio gcc libc6-dev) \
+	        || echo "warning: could not install qemu-system-x86 (the qemu tests will skip)"; \
+	    else echo "note: not root: install qemu-system-x86 and cpio yourself for the qemu driver"; fi; }
+
+# The test/demo guest: Debian's kernel + a static memload /init (guest/). Fast when built.
+guest-image:
+	guest/build.sh
+
+guest-image-optional:
+	-@guest/build.sh || echo "warning: guest image not built: the qemu tests will skip"
 
 venv: $(STAMP)
 
@@ -44,13 +62,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) proto-check lint
+test: $(STAMP) proto-check lint guest-image-optional
 	$(BIN)/pytest -q tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) guest-image-optional
 	$(BIN)/pytest -q -m slow tests/integration
 
 demo: $(STAMP)

@@ -20,16 +20,18 @@ from typing import Any
 import grpc
 
 from handler.drivers.memvm import MemVMDriver
+from handler.drivers.qemu import QemuDriver
 from handler.metrics import HandlerMetrics
 from handler.migration_target import MigrationService
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
+from handler.qemu_migration import TunnelService
 from handler.vm_manager import VMManager
 from vmferry import httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, load_toml
 from vmferry.informer import Informer
 from vmferry.quantity import parse_quantity
-from vmferry.rpc import migration_pb2_grpc
+from vmferry.rpc import migration_pb2_grpc, tunnel_pb2_grpc
 
 log = logging.getLogger("vmferry.handler")
 
@@ -51,6 +53,8 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "log_level": str,
     "insecure_plaintext": bool,
     "metrics_listen": str,
+    "qemu_binary": str,
+    "qemu_image_dir": str,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
@@ -64,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "insecure_plaintext": False,
     "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
+    "qemu_binary": "qemu-system-x86_64",
+    # default kernel/initrd of qemu VMIs that name none (`make guest-image` builds it here)
+    "qemu_image_dir": str(Path(__file__).resolve().parent.parent / "build" / "guest"),
 }
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -162,8 +169,23 @@ async def serve(config: dict[str, Any]) -> None:
         record_dir=runtime_dir / "incoming",
         require_peer_identity=tls is not None,
     )
+    qemu = QemuDriver(
+        runtime_dir / "qemu",
+        Path(config["ram_dir"]),
+        binary=config["qemu_binary"],
+        image_dir=Path(config["qemu_image_dir"]),
+    )
+    tunnel = TunnelService(
+        service.registry,
+        qemu,
+        on_commit=lambda inc: service.on_commit(inc),
+        on_abort=lambda inc, reason: service.on_abort(inc, reason),
+        record_dir=runtime_dir / "incoming",
+        require_peer_identity=tls is not None,
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     migration_pb2_grpc.add_MigrationServicer_to_server(service, server)
+    tunnel_pb2_grpc.add_TunnelServicer_to_server(tunnel, server)  # QEMU guests' migrations
     listen = f"{config['migration_address']}:{config['migration_port']}"
     port = (
         server.add_insecure_port(listen)
@@ -199,6 +221,7 @@ async def serve(config: dict[str, Any]) -> None:
         tls=tls,
         migration_endpoint=(config["migration_address"], port),
         state_dir=runtime_dir,
+        qemu=qemu,
     )
     await manager.adopt()
     metrics = HandlerMetrics(manager, node)

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from handler.drivers.base import Driver, GuestSpec, VMHandle
+from handler.drivers.qemu import QemuDriver, QemuHandle
 from handler.migration_source import SourceMigration, Stats
 from handler.migration_target import IncomingMigration, MigrationService
+from handler.qemu_migration import QemuSourceMigration
 from vmferry import conditions, pki, schema
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -78,10 +80,12 @@ class VMManager:
         tls: pki.TlsFiles | None,
         migration_endpoint: tuple[str, int],
         state_dir: Path,
+        qemu: QemuDriver | None = None,
     ) -> None:
         self.api = api
         self.node = node_name
         self.driver = driver
+        self.qemu = qemu  # VMIs with spec.qemu run on this driver
         self.vmis = vmis
         self.service = service
         self.tls = tls
@@ -89,7 +93,9 @@ class VMManager:
         self.state_dir = state_dir
         self.handles: dict[str, VMHandle] = {}  # VMI uid -> the guest running here
         self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
-        self.sources: dict[str, tuple[SourceMigration, asyncio.Task[None]]] = {}
+        self.sources: dict[
+            str, tuple[SourceMigration | QemuSourceMigration, asyncio.Task[None]]
+        ] = {}
         self.progress: dict[str, tuple[Obj, Stats]] = {}  # migration uid -> last progress
         self.queue = WorkQueue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,7 +107,8 @@ class VMManager:
 
     async def adopt(self) -> None:
         """Re-adopt the guests that survived a handler restart."""
-        for handle in await self.driver.adopt_all():
+        qemu_handles = await self.qemu.adopt_all() if self.qemu is not None else []
+        for handle in [*await self.driver.adopt_all(), *qemu_handles]:
             state = (await handle.status()).state
             if state == "incoming":
                 self.orphans[handle.vm_id] = handle
@@ -165,8 +172,11 @@ class VMManager:
         if FINALIZER not in meta.get("finalizers", []):
             meta.setdefault("finalizers", []).append(FINALIZER)
             vmi = await self.api.update(vmi)
-        spec = guest_spec(vmi)
-        handle = await self.driver.start(meta["uid"], spec)
+        if self.qemu is not None and (vmi.get("spec") or {}).get("qemu") is not None:
+            handle: VMHandle = await self.qemu.start(meta["uid"], self.qemu.spec_for(vmi))
+        else:
+            handle = await self.driver.start(meta["uid"], guest_spec(vmi))
+        spec = handle.spec
         self.handles[meta["uid"]] = handle
         log.info(
             "vmi %s/%s: guest started (pid %d, %d MiB)",
@@ -193,7 +203,7 @@ class VMManager:
             status["launcher"] = {
                 "pid": handle.pid,
                 "vmId": handle.vm_id,
-                "driver": self.driver.name,
+                "driver": "qemu" if isinstance(handle, QemuHandle) else self.driver.name,
             }
             try:
                 await self.api.update(vmi, subresource="status")
@@ -270,13 +280,30 @@ class VMManager:
             return
         if not ms.get("targetNodeAddress") or not ms.get("targetNodePort"):
             return  # the target is still preparing
-        migration = SourceMigration(
-            self.api, self.node, copy.deepcopy(vmi), handle, self.tls, on_progress=self._on_progress
-        )
+        migration: SourceMigration | QemuSourceMigration
+        if isinstance(handle, QemuHandle) and self.qemu is not None:
+            migration = QemuSourceMigration(
+                self.api,
+                self.node,
+                copy.deepcopy(vmi),
+                handle,
+                self.tls,
+                self.qemu,
+                on_progress=self._on_progress,
+            )
+        else:
+            migration = SourceMigration(
+                self.api,
+                self.node,
+                copy.deepcopy(vmi),
+                handle,
+                self.tls,
+                on_progress=self._on_progress,
+            )
         task = asyncio.create_task(self._run_source(migration))
         self.sources[mig_uid] = (migration, task)
 
-    async def _run_source(self, migration: SourceMigration) -> None:
+    async def _run_source(self, migration: SourceMigration | QemuSourceMigration) -> None:
         key = (migration.ns, migration.name)
         try:
             await migration.run()
@@ -365,8 +392,12 @@ class VMManager:
     async def _prepare_target(self, vmi: Obj, ms: Obj) -> None:
         meta = vmi["metadata"]
         await self._patch_ms(vmi, {"targetNodeDomainDetected": True})
-        spec = guest_spec(vmi)
-        handle = await self.driver.prepare_incoming(self._incoming_id(vmi, ms), spec)
+        if self.qemu is not None and (vmi.get("spec") or {}).get("qemu") is not None:
+            handle: VMHandle = await self.qemu.prepare_incoming(
+                self._incoming_id(vmi, ms), self.qemu.spec_for(vmi)
+            )
+        else:
+            handle = await self.driver.prepare_incoming(self._incoming_id(vmi, ms), guest_spec(vmi))
         inc = IncomingMigration(
             namespace=meta["namespace"],
             name=meta["name"],
@@ -421,7 +452,7 @@ class VMManager:
                 status["launcher"] = {
                     "pid": inc.handle.pid,
                     "vmId": inc.handle.vm_id,
-                    "driver": self.driver.name,
+                    "driver": "qemu" if isinstance(inc.handle, QemuHandle) else self.driver.name,
                 }
                 status["guest"] = {"resumeGapMilliseconds": round(gap_ms or 0.0, 3)}
                 await self.api.update(vmi, subresource="status")

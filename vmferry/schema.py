@@ -622,6 +622,9 @@ MIGRATION_TRANSFER = Obj(
         "targetDigest": Str(),
         "digestVerified": Bool(),
         "throttlePercent": Int(min=0, max=100),
+        # QEMU guests' verified switchover: the mode and the pages re-sent to the target.
+        "verifyMode": Str(enum=("off", "detect", "repair")),
+        "repairedPages": _NON_NEGATIVE,
     }
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmferry.cli import adm_cmd, lab_cmd, migrate_cmd, pki_cmd, resources
+from vmferry.cli import adm_cmd, console_cmd, lab_cmd, migrate_cmd, pki_cmd, resources
 from vmferry.cli.common import error, run_with_client
 from vmferry.errors import ApiError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     adm_cmd.add_parser(sub, common)
     pki_cmd.add_parser(sub)
     lab_cmd.add_parser(sub)
+    console_cmd.add_parser(sub, common)
     return parser
 
 

@@ -1,0 +1,154 @@
+/* memload: the vmferry test guest's /init.
+ *
+ * Runs as PID 1 in an initramfs under a stock Debian kernel. It fills a share of guest
+ * memory with non-zero data, then dirties it at a set rate and prints a heartbeat on
+ * the serial console every tick:
+ *
+ *     HB <seq> <monotonic_ns> <gap_ms> <dirtied_pages>
+ *
+ * <gap_ms> is the monotonic time between this heartbeat and the previous one, as the
+ * guest saw it: after a live migration the largest gap is the downtime the guest saw.
+ * (CLOCK_MONOTONIC in the guest keeps counting across a migration: kvmclock/TSC state
+ * migrates with the VM, and under TCG the host clock drives it.)
+ *
+ * Parameters come from the kernel command line (unknown words are ignored):
+ *     memload.fill=<MiB>      memory to fill at boot (default 128)
+ *     memload.rate=<MiB/s>    dirty rate (default 8)
+ *     memload.tick=<ms>       heartbeat / dirtying period (default 100)
+ * Each filled page carries a checksum word, verified when it is rewritten: a page whose
+ * content changed under the guest's feet (a page lost by a migration) is reported as
+ *     CORRUPT page=<n> ...
+ * on the console.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t xorshift(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+static long param(const char *cmdline, const char *name, long fallback) {
+    const char *p = strstr(cmdline, name);
+    if (!p) return fallback;
+    p += strlen(name);
+    if (*p != '=') return fallback;
+    return strtol(p + 1, NULL, 10);
+}
+
+/* Page layout: word 0 = page index, word 1 = generation, word 2 = checksum of the
+ * rest, words 3.. = pseudo-random data of this generation. */
+static void write_page(uint64_t *page, uint64_t index, uint64_t gen) {
+    uint64_t s = (index + 1) * 0x9E3779B97F4A7C15ull ^ (gen * 0xBF58476D1CE4E5B9ull);
+    uint64_t sum = 0;
+    if (!s) s = 1;
+    for (int i = 3; i < PAGE / 8; i++) {
+        uint64_t v = xorshift(&s);
+        page[i] = v;
+        sum += v;
+    }
+    page[0] = index;
+    page[1] = gen;
+    page[2] = sum;
+}
+
+static int check_page(const uint64_t *page, uint64_t index) {
+    uint64_t sum = 0;
+    for (int i = 3; i < PAGE / 8; i++) sum += page[i];
+    return page[0] == index && page[2] == sum;
+}
+
+int main(void) {
+    char cmdline[4096] = "";
+    mkdir("/proc", 0755);
+    mount("proc", "/proc", "proc", 0, NULL);
+    /* The initramfs has no /dev/console node (built without mknod): mount devtmpfs and
+     * point stdout/stderr at the serial console. */
+    mkdir("/dev", 0755);
+    mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+    int console = open("/dev/ttyS0", O_WRONLY | O_NOCTTY);
+    if (console < 0) console = open("/dev/console", O_WRONLY | O_NOCTTY);
+    if (console >= 0) {
+        dup2(console, 1);
+        dup2(console, 2);
+        if (console > 2) close(console);
+    }
+    int fd = open("/proc/cmdline", O_RDONLY);
+    if (fd >= 0) {
+        ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
+        if (n > 0) cmdline[n] = 0;
+        close(fd);
+    }
+    long fill_mib = param(cmdline, "memload.fill", 128);
+    long rate_mib = param(cmdline, "memload.rate", 8);
+    long tick_ms = param(cmdline, "memload.tick", 100);
+    if (tick_ms < 1) tick_ms = 1;
+    size_t pages = (size_t)fill_mib * (1 << 20) / PAGE;
+    if (pages < 1) pages = 1;
+    uint8_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (mem == MAP_FAILED) {
+        printf("memload: cannot map %ld MiB\n", fill_mib);
+        fflush(stdout);
+        for (;;) pause();
+    }
+    uint64_t *gens = calloc(pages, sizeof(uint64_t));
+    uint64_t t0 = now_ns();
+    for (size_t i = 0; i < pages; i++) write_page((uint64_t *)(mem + i * PAGE), i, 0);
+    printf("memload: filled %ld MiB in %.0f ms; dirtying %ld MiB/s, tick %ld ms\n", fill_mib,
+           (now_ns() - t0) / 1e6, rate_mib, tick_ms);
+    fflush(stdout);
+
+    uint64_t per_tick = (uint64_t)rate_mib * (1 << 20) / PAGE * (uint64_t)tick_ms / 1000;
+    uint64_t seq = 0, cursor = 0, total = 0, corrupt = 0;
+    uint64_t last = now_ns();
+    uint64_t next = last;
+    for (;;) {
+        for (uint64_t k = 0; k < per_tick; k++) {
+            size_t i = (size_t)(cursor++ % pages);
+            uint64_t *page = (uint64_t *)(mem + i * PAGE);
+            if (!check_page(page, i) || page[1] != gens[i]) {
+                corrupt++;
+                printf("CORRUPT page=%zu gen=%llu expected_gen=%llu\n", i,
+                       (unsigned long long)page[1], (unsigned long long)gens[i]);
+            }
+            write_page(page, i, ++gens[i]);
+            total++;
+        }
+        next += (uint64_t)tick_ms * 1000000ull;
+        uint64_t t = now_ns();
+        if (next > t) {
+            struct timespec ts = {(time_t)((next - t) / 1000000000ull),
+                                  (long)((next - t) % 1000000000ull)};
+            nanosleep(&ts, NULL);
+        } else {
+            next = t;
+        }
+        t = now_ns();
+        printf("HB %llu %llu %.3f %llu %llu\n", (unsigned long long)seq++,
+               (unsigned long long)t, (t - last) / 1e6, (unsigned long long)total,
+               (unsigned long long)corrupt);
+        fflush(stdout);
+        last = t;
+    }
+}
