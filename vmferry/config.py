@@ -11,6 +11,10 @@ A client config is a small YAML file::
     token: ""                             # optional bearer token instead of a client cert
     namespace: default
 
+With only ``certificateAuthority`` and ``token`` (no client certificate and key) the
+client presents no certificate and authenticates with the bearer token; ``server`` must
+then be the controller's ``token_listen`` address (see ``controller.authn``).
+
 It is found, in order, at ``--config``, ``$VMFERRY_CONFIG``, ``~/.vmferry/config.yaml``.
 """
 

@@ -338,3 +338,43 @@ def test_token_signature_and_binding_to_secret_and_account() -> None:
         signer.claims(f"{head}.{forged_body}.{sig}")
     with pytest.raises(Unauthorized):
         signer.claims("garbage")
+
+
+def test_cli_builds_bindings_like_kubectl() -> None:
+    import argparse
+
+    from vmferry.cli import rbac_cmd
+
+    def args(*argv: str) -> argparse.Namespace:
+        p = argparse.ArgumentParser()
+        p.add_argument("-f", "--filename", action="append")
+        p.add_argument("--dry-run", action="store_true")
+        rbac_cmd.add_create_arguments(p)
+        return p.parse_args(argv)
+
+    rb = rbac_cmd.build_object(
+        args(
+            "rolebinding",
+            "kvmigrate",
+            "--clusterrole=kubevirt.io:migrate",
+            "--user=a",
+            "--user=b",
+            "--group=g",
+            "--serviceaccount=ns2:bot",
+        ),
+        "ns1",
+    )
+    assert rb["metadata"] == {"name": "kvmigrate", "namespace": "ns1"}
+    assert [s["name"] for s in rb["subjects"]] == ["a", "b", "g", "bot"]
+    assert rb["subjects"][3] == {"kind": "ServiceAccount", "name": "bot", "namespace": "ns2"}
+    schema.validate(rb)
+    crb = rbac_cmd.build_object(args("clusterrolebinding", "x", "--clusterrole=view"), "ns1")
+    assert "namespace" not in crb["metadata"]
+    with pytest.raises(rbac_cmd.UsageError, match="namespace>:<name"):
+        rbac_cmd.build_object(
+            args("clusterrolebinding", "x", "--clusterrole=v", "--serviceaccount=bot"), "d"
+        )
+    with pytest.raises(rbac_cmd.UsageError, match="exactly one"):
+        rbac_cmd.build_object(args("rolebinding", "x"), "d")
+    sa = rbac_cmd.build_object(args("sa", "mtv"), "tools")
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["namespace"] == "tools"
