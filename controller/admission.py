@@ -11,7 +11,7 @@ from typing import Any
 
 from controller.store import Store
 from vmferry import conditions
-from vmferry.errors import Invalid, NotFound
+from vmferry.errors import Forbidden, Invalid, NotFound
 
 Obj = dict[str, Any]
 
@@ -42,7 +42,30 @@ class Admission:
             )
 
     async def admit_delete(self, current: Obj) -> None:
-        return None
+        if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):
+            await self._refuse_cancel_in_postcopy(current)
+
+    async def _refuse_cancel_in_postcopy(self, vmim: Obj) -> None:
+        """Cancelling a post-copy migration would lose the VM: the guest already runs on
+        the target while part of its memory is still on the source."""
+        ns = vmim["metadata"]["namespace"]
+        try:
+            vmi = await self.store.get("VirtualMachineInstance", ns, vmim["spec"]["vmiName"])
+        except NotFound:
+            return
+        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        if (
+            ms.get("migrationUid") == vmim["metadata"]["uid"]
+            and ms.get("mode") == "PostCopy"
+            and not ms.get("completed")
+            and not ms.get("failed")
+        ):
+            raise Forbidden(
+                f'VirtualMachineInstanceMigration "{vmim["metadata"]["name"]}" cannot be '
+                "cancelled: it is in post-copy, the VM already runs on the target node "
+                f"{ms.get('targetNode')} while part of its memory is still on "
+                f"{ms.get('sourceNode')}; aborting now would lose the VM. Wait for it to complete."
+            )
 
     async def _admit_migration(self, vmim: Obj) -> None:
         ns = vmim["metadata"]["namespace"]

@@ -34,6 +34,7 @@ HANDOFF_FIELDS = (
     "downtimeBudgetMilliseconds",
     "parallelStreams",
     "network",
+    "postCopyRecoveryWindowSeconds",
 )
 
 

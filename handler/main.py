@@ -44,6 +44,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "main_address": str,
     "migration_address": str,
     "migration_port": int,
+    "migration_advertise": str,
     "runtime_dir": str,
     "ram_dir": str,
     "memory": (str, int),
@@ -96,6 +97,12 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     p.add_argument(
         "--migration-port", type=int, help="port of the migration service (default 7444)"
     )
+    p.add_argument(
+        "--migration-advertise",
+        metavar="HOST:PORT",
+        help="address sources dial for migrations when it differs from the listen address "
+        "(NAT, a relay); default: the migration address and port",
+    )
     p.add_argument("--runtime-dir", help="per-guest runtime files (default /run/vmferry)")
     p.add_argument("--ram-dir", help="guest RAM files, on tmpfs (default /dev/shm/vmferry)")
     p.add_argument("--memory", help="memory offered to guests, a quantity (default: host memory)")
@@ -147,6 +154,17 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
     return config
+
+
+def advertised_endpoint(config: dict[str, Any], port: int) -> tuple[str, int]:
+    """Where sources reach this node's migration service (published in the hand-off)."""
+    advertise = config.get("migration_advertise")
+    if not advertise:
+        return config["migration_address"], port
+    host, sep, port_text = advertise.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"migration_advertise {advertise!r}: expected HOST:PORT")
+    return host, int(port_text)
 
 
 async def serve(config: dict[str, Any]) -> None:
@@ -206,8 +224,8 @@ async def serve(config: dict[str, Any]) -> None:
             cpu_model=config.get("cpu_model") or host_cpu_model(),
             cpus=os.cpu_count() or 1,
             main_address=config["main_address"],
-            migration_address=config["migration_address"],
-            migration_port=port,
+            migration_address=advertised_endpoint(config, port)[0],
+            migration_port=advertised_endpoint(config, port)[1],
         ),
         heartbeat_seconds=float(config["heartbeat_seconds"]),
     )
@@ -219,7 +237,7 @@ async def serve(config: dict[str, Any]) -> None:
         vmis,
         service,
         tls=tls,
-        migration_endpoint=(config["migration_address"], port),
+        migration_endpoint=advertised_endpoint(config, port),
         state_dir=runtime_dir,
         qemu=qemu,
     )

@@ -35,9 +35,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from handler import stream
-from handler.drivers.base import GuestError, VMHandle, ram_digest_async
+from handler.drivers.base import GuestError, VMHandle, masked_ram_digest, ram_digest_async
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -54,6 +55,12 @@ VERIFY_TIMEOUT = 60.0  # s for the target to hash and answer Verified
 RESUMED_TIMEOUT = 30.0  # s; after that the target resumes from the arbiter record anyway
 MIN_ROUND_SECONDS = 0.02  # a round shorter than this gives no useful rate sample
 MAX_ROUNDS = 10_000  # a hard stop; the timeouts end a hopeless migration long before
+AUTO_CONVERGE_INITIAL = 20  # % CPU throttle at the first non-converging round (QEMU's default)
+AUTO_CONVERGE_STEP = 10  # % more at each further non-converging round
+AUTO_CONVERGE_MAX = 99
+NOT_CONVERGING = 0.5  # a round is not converging when the guest dirtied > 50% of what was sent
+RECONNECT_DELAY = 0.5  # s, doubled up to RECONNECT_MAX_DELAY while post-copy recovers
+RECONNECT_MAX_DELAY = 5.0
 MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
 PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
 PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
@@ -66,6 +73,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+STOP_SERVING = b"stop"  # sentinel on a channel's request queue (never a valid request)
 
 
 class MigrationFailed(Exception):
@@ -89,6 +99,10 @@ class Stats:
     guest_downtime_ms: float | None = None
     first_byte_at: float = 0.0  # time.monotonic() of the first and the latest batch sent
     last_byte_at: float = 0.0
+    throttle_percent: int = 0  # the highest auto-converge throttle applied
+    postcopy_stall_ms: float | None = None
+    postcopy_faults: int = 0
+    postcopy_interruptions: int = 0
     digest: str = ""
     target_digest: str = ""
     digest_verified: bool = False
@@ -115,6 +129,13 @@ class Stats:
             }
         if self.guest_downtime_ms is not None:
             out["guestDowntimeMilliseconds"] = round(self.guest_downtime_ms, 3)
+        if self.throttle_percent:
+            out["throttlePercent"] = self.throttle_percent
+        if self.postcopy_stall_ms is not None:
+            out["postCopyStallMilliseconds"] = round(self.postcopy_stall_ms, 3)
+            out["postCopyFaults"] = self.postcopy_faults
+        if self.postcopy_interruptions:
+            out["postCopyInterruptions"] = self.postcopy_interruptions
         if self.digest:
             out["digest"] = self.digest
             out["targetDigest"] = self.target_digest
@@ -139,6 +160,8 @@ class Channel:
         self.credit_changed = asyncio.Event()
         self.acks: asyncio.Queue[pb.RoundAck] = asyncio.Queue()
         self.control: asyncio.Queue[pb.TargetFrame] = asyncio.Queue()
+        self.requests: asyncio.Queue[bytes] = asyncio.Queue()  # post-copy page faults
+        self.write_lock = asyncio.Lock()  # post-copy: demand and background share channel 0
         self.error: BaseException | None = None
 
     async def read_loop(self) -> None:
@@ -153,6 +176,8 @@ class Channel:
                     self.credit_changed.set()
                 elif kind == "round_ack":
                     self.acks.put_nowait(frame.round_ack)
+                elif kind == "page_request":
+                    self.requests.put_nowait(frame.page_request.indices)
                 else:
                     self.control.put_nowait(frame)
         except grpc.aio.AioRpcError as e:
@@ -166,6 +191,7 @@ class Channel:
             self.credit_changed.set()
             self.acks.put_nowait(pb.RoundAck(round=2**32 - 1))
             self.control.put_nowait(pb.TargetFrame())
+            self.requests.put_nowait(b"")
 
     def check(self) -> None:
         if self.error is not None:
@@ -174,7 +200,8 @@ class Channel:
     async def write(self, frame: pb.SourceFrame) -> None:
         self.check()
         try:
-            await self.call.write(frame)
+            async with self.write_lock:
+                await self.call.write(frame)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             self.check()
             raise MigrationFailed(f"migration channel {self.id}: write failed: {e}") from None
@@ -215,12 +242,17 @@ class SourceMigration:
         self.uid: str = ms["migrationUid"]
         self.token: str = ms.get("token", "")
         self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
+        self.target_node: str = ms["targetNode"]
         self.config: Obj = ms.get("migrationConfiguration") or {}
         self.abort_requested = asyncio.Event()
         self.stats = Stats(total_bytes=handle.spec.memory_bytes)
         self.paused = False
         self.switching = False
         self.committed = False
+        self.postcopy_due = asyncio.Event()  # the completion timeout elapsed, post-copy allowed
+        self.postcopy_active = False  # the guest runs on the target; pages still flow
+        self._throttle = 0
+        self._in_downtime = False  # the guest is paused and nowhere running: no pacing
         self.on_progress = on_progress
         self._grpc_channel: grpc.aio.Channel | None = None
         self._channels: list[Channel] = []
@@ -240,8 +272,10 @@ class SourceMigration:
             async with asyncio.TaskGroup() as tg:
                 await self._connect(tg)
                 tg.create_task(self._monitor())
-                await self._precopy()
-                await self._switchover()
+                if await self._precopy():
+                    await self._switchover()
+                else:
+                    await self._postcopy(tg)
                 for ch in self._channels:
                     ch.call.cancel()
         except asyncio.CancelledError:
@@ -298,12 +332,12 @@ class SourceMigration:
             except Conflict:
                 continue
 
-    async def _patch_ms(self, fields: Obj) -> None:
+    async def _patch_ms(self, fields: Obj, extra_status: Obj | None = None) -> None:
         await self.api.patch(
             "VirtualMachineInstance",
             self.ns,
             self.name,
-            {"status": {"migrationState": fields}},
+            {"status": {**(extra_status or {}), "migrationState": fields}},
             subresource="status",
         )
 
@@ -324,15 +358,21 @@ class SourceMigration:
 
     # -- connection -------------------------------------------------------------------------
 
-    async def _connect(self, tg: asyncio.TaskGroup) -> None:
+    async def _connect(self, tg: asyncio.TaskGroup, *, resume: bool = False) -> None:
         count = max(1, min(int(self.config.get("parallelStreams", 2)), stream.MAX_CHANNELS))
+        if self._grpc_channel is not None:
+            await self._grpc_channel.close()
+        self._channels = []
         if self.tls is None:
             self._grpc_channel = grpc.aio.insecure_channel(
                 self.target_address, options=CHANNEL_OPTIONS
             )
         else:
+            # The target proves it is the hand-off's target node: its certificate must
+            # name the node (the address may be a relay or an advertised address).
+            options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.target_node)]
             self._grpc_channel = grpc.aio.secure_channel(
-                self.target_address, pki.channel_credentials(self.tls), options=CHANNEL_OPTIONS
+                self.target_address, pki.channel_credentials(self.tls), options=options
             )
         stub = migration_pb2_grpc.MigrationStub(self._grpc_channel)
         spec = self.handle.spec
@@ -351,6 +391,7 @@ class SourceMigration:
                                 channel_count=count,
                                 memory_bytes=spec.memory_bytes,
                                 page_size=spec.page_size,
+                                resume=resume,
                             )
                         )
                     )
@@ -370,45 +411,44 @@ class SourceMigration:
     # -- sending rounds ---------------------------------------------------------------------
 
     async def _send_round(
-        self, indices: stream.IndexArray, round_no: int, final: bool
-    ) -> tuple[int, float]:
-        """Send ``indices`` across the channels; returns (wire bytes, seconds) once acked."""
+        self,
+        indices: stream.IndexArray,
+        round_no: int,
+        final: bool,
+        *,
+        stop: asyncio.Event | None = None,
+        sent_mask: npt.NDArray[np.bool_] | None = None,
+    ) -> tuple[int, float, stream.IndexArray]:
+        """Send ``indices`` across the channels and wait until every channel's batches are
+        in the target's RAM. Returns (wire bytes, seconds, pages left unsent).
+
+        ``stop`` (the switch to post-copy) ends the round at the next batch boundary:
+        the pages not sent yet are returned. ``sent_mask`` (post-copy) skips pages already
+        sent and marks the ones sent now."""
         pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
         compress = False
-        limit = self.bandwidth_limit
+        # The cap protects the network while the guest runs (pre-copy, post-copy); the
+        # stop-and-copy round runs flat out, as QEMU's completion stage does.
+        limit = 0 if self._in_downtime else self.bandwidth_limit
         parts = stream.split_by_channel(indices, len(self._channels))
         started = time.monotonic()
         sent = [0]
+        unsent: list[stream.IndexArray] = []
 
         async def send_part(ch: Channel, part: stream.IndexArray) -> None:
             for offset in range(0, len(part), stream.BATCH_PAGES):
                 if self.abort_requested.is_set() and not self.paused:
                     raise Aborted("migration canceled by the user")
-                batch = await asyncio.to_thread(
-                    stream.build_batch,
-                    pages,
-                    part[offset : offset + stream.BATCH_PAGES],
-                    round_no,
-                    compress=compress,
-                )
-                size = len(batch.frame.payload)
-                await ch.wait_credit(size)
-                ch.credit -= size
-                await ch.write(pb.SourceFrame(pages=batch.frame))
-                sent[0] += batch.wire_bytes
-                self.stats.wire_bytes += batch.wire_bytes
-                self.stats.processed_bytes += batch.raw_bytes
-                self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - batch.raw_bytes)
-                now = time.monotonic()
-                self.stats.first_byte_at = self.stats.first_byte_at or now
-                self.stats.last_byte_at = now
-                if limit > 0:  # bandwidthPerMigration paces the migration's whole stream
-                    self._pace_next = (
-                        max(self._pace_next, now - PACING_BURST) + batch.wire_bytes / limit
-                    )
-                    if self._pace_next > now:
-                        await asyncio.sleep(self._pace_next - now)
-                self._report()
+                if stop is not None and stop.is_set():
+                    unsent.append(part[offset:])
+                    break
+                chunk = part[offset : offset + stream.BATCH_PAGES]
+                if sent_mask is not None:
+                    chunk = chunk[~sent_mask[chunk]]
+                    sent_mask[chunk] = True
+                    if not chunk.size:
+                        continue
+                await self._send_batch(ch, pages, chunk, round_no, compress, limit, sent)
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=final)))
 
         async with asyncio.TaskGroup() as tg:
@@ -421,40 +461,110 @@ class SourceMigration:
                 raise MigrationFailed(
                     f"channel {ch.id}: acknowledged round {ack.round}, expected {round_no}"
                 )
-        return sent[0], time.monotonic() - started
+        left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
+        return sent[0], time.monotonic() - started, left
 
-    async def _precopy(self) -> None:
+    async def _send_batch(
+        self,
+        ch: Channel,
+        pages: npt.NDArray[np.uint8],
+        chunk: stream.IndexArray,
+        round_no: int,
+        compress: bool,
+        limit: int,
+        sent: list[int],
+    ) -> None:
+        """Gather, flow-control, send and pace one batch; account for it in the stats."""
+        batch = await asyncio.to_thread(
+            stream.build_batch, pages, chunk, round_no, compress=compress
+        )
+        size = len(batch.frame.payload)
+        await ch.wait_credit(size)
+        ch.credit -= size
+        await ch.write(pb.SourceFrame(pages=batch.frame))
+        sent[0] += batch.wire_bytes
+        self.stats.wire_bytes += batch.wire_bytes
+        self.stats.processed_bytes += batch.raw_bytes
+        self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - batch.raw_bytes)
+        now = time.monotonic()
+        self.stats.first_byte_at = self.stats.first_byte_at or now
+        self.stats.last_byte_at = now
+        if limit > 0:  # bandwidthPerMigration paces the migration's whole stream
+            self._pace_next = max(self._pace_next, now - PACING_BURST) + batch.wire_bytes / limit
+            if self._pace_next > now:
+                await asyncio.sleep(self._pace_next - now)
+        self._report()
+
+    async def _precopy(self) -> bool:
+        """Pre-copy rounds. True: converged (switch over now); False: switch to post-copy
+        (``self._pending`` then holds every page the target lacks)."""
         spec = self.handle.spec
         budget = float(self.config.get("downtimeBudgetMilliseconds", 300)) / 1000
+        auto_converge = bool(self.config.get("allowAutoConverge", False))
         self.handle.clear_dirty()
         indices = np.arange(spec.page_count, dtype=np.int64)
         self.stats.remaining_bytes = spec.memory_bytes
-        for round_no in range(MAX_ROUNDS):
-            wire, seconds = await self._send_round(indices, round_no, final=False)
-            self.stats.rounds = round_no + 1
-            if seconds >= MIN_ROUND_SECONDS or self.stats.transfer_rate == 0:
-                self.stats.transfer_rate = len(indices) * spec.page_size / max(seconds, 1e-3)
-            indices = self.handle.harvest_dirty()
-            remaining = len(indices) * spec.page_size
-            self.stats.dirty_rate = remaining / max(seconds, 1e-3)
-            self.stats.remaining_bytes = remaining
-            self._report(force=True)
-            log.info(
-                "migration %s: round %d sent %d pages in %.3fs (%.0f MiB/s); %d dirty (%.1f MiB/s)",
-                self.uid,
-                round_no,
-                wire // spec.page_size,
-                seconds,
-                self.stats.transfer_rate / 2**20,
-                len(indices),
-                self.stats.dirty_rate / 2**20,
-            )
-            if self.abort_requested.is_set():
-                raise Aborted("migration canceled by the user")
-            if remaining / max(self.stats.transfer_rate, 1) <= budget:
-                self._pending = indices
-                return
-        raise MigrationFailed(f"did not converge within {MAX_ROUNDS} rounds")
+        try:
+            for round_no in range(MAX_ROUNDS):
+                _, seconds, unsent = await self._send_round(
+                    indices, round_no, final=False, stop=self.postcopy_due
+                )
+                self.stats.rounds = round_no + 1
+                sent_pages = len(indices) - len(unsent)
+                if seconds >= MIN_ROUND_SECONDS or self.stats.transfer_rate == 0:
+                    self.stats.transfer_rate = sent_pages * spec.page_size / max(seconds, 1e-3)
+                indices = self.handle.harvest_dirty()
+                if self.postcopy_due.is_set():
+                    self._pending = np.union1d(indices, unsent)
+                    return False
+                remaining = len(indices) * spec.page_size
+                # The guest's dirty rate, measured over this round.
+                self.stats.dirty_rate = remaining / max(seconds, 1e-3)
+                self.stats.remaining_bytes = remaining
+                self._report(force=True)
+                log.info(
+                    "migration %s: round %d sent %d pages in %.3fs (%.0f MiB/s); %d dirty "
+                    "(%.1f MiB/s)%s",
+                    self.uid,
+                    round_no,
+                    sent_pages,
+                    seconds,
+                    self.stats.transfer_rate / 2**20,
+                    len(indices),
+                    self.stats.dirty_rate / 2**20,
+                    f"; throttle {self._throttle}%" if self._throttle else "",
+                )
+                if self.abort_requested.is_set():
+                    raise Aborted("migration canceled by the user")
+                if remaining / max(self.stats.transfer_rate, 1) <= budget:
+                    self._pending = indices
+                    return True
+                if (
+                    auto_converge
+                    and self.stats.dirty_rate > NOT_CONVERGING * self.stats.transfer_rate
+                ):
+                    await self._throttle_more()
+            raise MigrationFailed(f"did not converge within {MAX_ROUNDS} rounds")
+        except BaseException:
+            await self._unthrottle()
+            raise
+
+    async def _throttle_more(self) -> None:
+        """Auto-converge: slow the guest's CPU down (20%, then +10% a round, up to 99%)."""
+        if self._throttle == 0:
+            self._throttle = AUTO_CONVERGE_INITIAL
+        else:
+            self._throttle = min(AUTO_CONVERGE_MAX, self._throttle + AUTO_CONVERGE_STEP)
+        self.stats.throttle_percent = max(self.stats.throttle_percent, self._throttle)
+        await self.handle.set_throttle(self._throttle)
+        log.info("migration %s: auto-converge: guest throttled to %d%%", self.uid, self._throttle)
+
+    async def _unthrottle(self) -> None:
+        """The guest stays on the source: give it its CPU back."""
+        if self._throttle:
+            self._throttle = 0
+            with contextlib.suppress(GuestError):
+                await self.handle.set_throttle(0)
 
     async def _monitor(self) -> None:
         """KubeVirt's migration monitor: while pre-copy runs, every MONITOR_PERIOD s,
@@ -482,6 +592,14 @@ class SourceMigration:
                     f"the guest dirties {self.stats.dirty_rate / 2**20:.1f} MiB/s and "
                     f"{self.stats.transfer_rate / 2**20:.1f} MiB/s are sent"
                 )
+            if now - started > completion_timeout and self.config.get("allowPostCopy"):
+                log.info(
+                    "migration %s: not completed after %.0f s: switching to post-copy",
+                    self.uid,
+                    now - started,
+                )
+                self.postcopy_due.set()
+                return
             if now - started > completion_timeout:
                 raise MigrationFailed(
                     f"Live migration is not completed after {now - started:.0f} sec and has been "
@@ -504,7 +622,9 @@ class SourceMigration:
         digest_task = asyncio.create_task(ram_digest_async(self.handle.ram()))
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
+            self._in_downtime = True
             await self._send_round(final, self.stats.rounds, final=True)
+            self._in_downtime = False
             self.stats.rounds += 1
             t2 = time.monotonic()
             parts["final_pass"] = t2 - t1
@@ -544,8 +664,198 @@ class SourceMigration:
                 parts["resume"] = time.monotonic() - t4
         await self._finish_success()
 
-    async def _record_handoff(self) -> None:
-        """The arbiter: switchover=Committed, written with a resourceVersion precondition."""
+    # -- post-copy --------------------------------------------------------------------------
+
+    async def _postcopy(self, tg: asyncio.TaskGroup) -> None:
+        """Steps of the post-copy switch (pre-copy did not complete in time):
+        1. pause; the pages dirty since their last copy, plus those a cut-short round did
+           not send, are *missing*; page 0 (the guest's CPU state) is sent now;
+        2. PostCopyStart: device state, the missing list, and the digest of RAM with the
+           missing pages masked; the target verifies the pages it has the same way;
+        3. the arbiter records Committed and mode PostCopy; Commit; the guest resumes on
+           the target and from now on runs there;
+        4. the missing pages flow, faulted ones first, surviving broken connections for
+           postCopyRecoveryWindowSeconds; PostCopyEnd / PostCopyDone; the source is
+           destroyed."""
+        parts = self.stats.downtime_parts
+        spec = self.handle.spec
+        t0 = time.monotonic()
+        self.switching = True
+        self.paused = True
+        await self.handle.pause()
+        await self._unthrottle()
+        t1 = time.monotonic()
+        parts["pause"] = t1 - t0
+        missing = np.union1d(self._pending, self.handle.harvest_dirty())
+        missing = missing[missing != 0]
+        await self._send_round(np.zeros(1, dtype=np.int64), self.stats.rounds, final=False)
+        self.stats.rounds += 1
+        t2 = time.monotonic()
+        parts["final_pass"] = t2 - t1
+        device_state = await self.handle.device_state()
+        self.stats.digest = await asyncio.to_thread(
+            masked_ram_digest, self.handle.ram(), missing, spec.page_size
+        )
+        ch0 = self._channels[0]
+        await ch0.write(
+            pb.SourceFrame(
+                postcopy_start=pb.PostCopyStart(
+                    device_state=device_state,
+                    missing_indices=stream.pack_indices(missing),
+                    present_digest=self.stats.digest,
+                )
+            )
+        )
+        t3 = time.monotonic()
+        parts["state_transfer"] = t3 - t2
+        frame = await ch0.next_control(VERIFY_TIMEOUT)
+        if frame.WhichOneof("frame") != "verified":
+            raise MigrationFailed(
+                f"expected Verified from the target, got {frame.WhichOneof('frame')}"
+            )
+        t4 = time.monotonic()
+        parts["verify"] = t4 - t3
+        self.stats.target_digest = frame.verified.digest
+        if not frame.verified.match:
+            raise MigrationFailed(
+                "memory digest mismatch at the post-copy switch (pages already on the target): "
+                f"source {self.stats.digest[:16]}…, target {frame.verified.digest[:16]}…"
+            )
+        self.stats.digest_verified = True
+        await self._record_handoff(mode="PostCopy")
+        self.committed = True
+        self.postcopy_active = True
+        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
+        with contextlib.suppress(TimeoutError, MigrationFailed):  # recovery handles a break
+            frame = await ch0.next_control(RESUMED_TIMEOUT)
+            if frame.WhichOneof("frame") == "resumed":
+                parts["resume"] = time.monotonic() - t4
+        log.info(
+            "migration %s: post-copy: the guest runs on %s; %d pages (%.1f MiB) to go",
+            self.uid,
+            self.target_node,
+            len(missing),
+            len(missing) * spec.page_size / 2**20,
+        )
+        self.stats.remaining_bytes = len(missing) * spec.page_size
+        self._report(force=True)
+        await self._postcopy_push(tg, missing)
+        await self._finish_success()
+
+    async def _postcopy_push(self, tg: asyncio.TaskGroup, missing: stream.IndexArray) -> None:
+        """Send ``missing`` (faulted pages first) until the target has every page;
+        reconnect after a broken stream and go on from the target's own missing list."""
+        window = float(self.config.get("postCopyRecoveryWindowSeconds", 600))
+        while True:
+            try:
+                await self._push_missing(missing)
+                return
+            except MigrationFailed as e:
+                log.warning("migration %s: post-copy stream broken (%s): recovering", self.uid, e)
+            self.stats.postcopy_interruptions += 1
+            self._report(force=True)
+            missing = await self._reconnect(tg, window)
+
+    async def _push_missing(self, missing: stream.IndexArray) -> None:
+        spec = self.handle.spec
+        sent_mask = np.zeros(spec.page_count, dtype=np.bool_)
+        round_no = self.stats.rounds
+        ch0 = self._channels[0]
+        pages = stream.page_view(self.handle.ram(), spec.page_size)
+        sent = [0]
+
+        async def serve_faults() -> None:
+            while True:
+                blob = await ch0.requests.get()
+                if blob is STOP_SERVING:
+                    return
+                ch0.check()
+                wanted = stream.unpack_indices(blob, spec.page_count, "page_request")
+                wanted = wanted[~sent_mask[wanted]]
+                sent_mask[wanted] = True
+                for off in range(0, len(wanted), stream.BATCH_PAGES):
+                    await self._send_batch(
+                        ch0, pages, wanted[off : off + stream.BATCH_PAGES], round_no, False, 0, sent
+                    )
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                server = tg.create_task(serve_faults())
+                # final=False: faulted pages may still follow on channel 0 until PostCopyEnd
+                await self._send_round(missing, round_no, final=False, sent_mask=sent_mask)
+                ch0.requests.put_nowait(STOP_SERVING)  # let it finish what it has started
+                await server
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+        except stream.ProtocolError as e:
+            raise MigrationFailed(f"bad page request from the target: {e}") from None
+        self.stats.rounds += 1
+        await ch0.write(pb.SourceFrame(postcopy_end=pb.PostCopyEnd()))
+        while True:
+            frame = await ch0.next_control(VERIFY_TIMEOUT)
+            if frame.WhichOneof("frame") == "postcopy_done":
+                break
+            if frame.WhichOneof("frame") is None:
+                ch0.check()
+        self.stats.postcopy_stall_ms = frame.postcopy_done.stall_seconds * 1000
+        self.stats.postcopy_faults = int(frame.postcopy_done.faults)
+        self.stats.remaining_bytes = 0
+        log.info(
+            "migration %s: post-copy done: guest stalled %.1f ms over %d faults",
+            self.uid,
+            self.stats.postcopy_stall_ms,
+            self.stats.postcopy_faults,
+        )
+
+    async def _reconnect(self, tg: asyncio.TaskGroup, window: float) -> stream.IndexArray:
+        """Reach the target again within ``window`` s; returns its missing pages."""
+        deadline = time.monotonic() + window
+        delay = RECONNECT_DELAY
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                await self._connect(tg, resume=True)
+                frame = await self._channels[0].next_control(CONNECT_TIMEOUT)
+                if frame.WhichOneof("frame") != "postcopy_state":
+                    raise MigrationFailed("the target did not report its missing pages")
+                missing = stream.unpack_indices(
+                    frame.postcopy_state.missing_indices, self.handle.page_count, "missing"
+                )
+                log.info(
+                    "migration %s: post-copy resumed; %d pages still missing",
+                    self.uid,
+                    len(missing),
+                )
+                self.stats.remaining_bytes = len(missing) * self.handle.spec.page_size
+                return missing
+            except (MigrationFailed, TimeoutError, stream.ProtocolError) as e:
+                last = (str(e).splitlines() or ["timeout"])[0][:200]
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        raise MigrationFailed(
+            f"post-copy: the target was unreachable for longer than the recovery window "
+            f"({window:.0f}s, postCopyRecoveryWindowSeconds); last error: {last}. The VM's "
+            "memory was split between the two nodes and it cannot continue"
+        )
+
+    async def _fail_postcopy(self, reason: str) -> None:
+        """Post-copy cannot finish: the VM is lost (its memory is split); say so."""
+        for ch in self._channels:
+            ch.call.cancel()
+        await self.handle.destroy()
+        await self._patch_with_retry(
+            {
+                "failed": True,
+                "failureReason": reason,
+                "endTimestamp": conditions.now_rfc3339(),
+                "transfer": self.stats.as_status(),
+            },
+            extra_status={"phase": "Failed", "reason": "PostCopyFailed"},
+        )
+
+    async def _record_handoff(self, mode: str = "PreCopy") -> None:
+        """The arbiter: switchover=Committed, written with a resourceVersion precondition
+        (in post-copy together with ``mode: PostCopy``: from then on cancel is refused)."""
         while True:
             try:
                 vmi, ms = await self._read_state()
@@ -554,6 +864,7 @@ class SourceMigration:
                 if ms.get("switchover") == "Committed":
                     return
                 ms["switchover"] = "Committed"
+                ms["mode"] = mode
                 await self.api.update(vmi, subresource="status")
                 log.info("migration %s: hand-off committed", self.uid)
                 return
@@ -586,14 +897,14 @@ class SourceMigration:
             {k: round(v * 1000, 1) for k, v in self.stats.downtime_parts.items()},
         )
 
-    async def _patch_with_retry(self, fields: Obj) -> None:
+    async def _patch_with_retry(self, fields: Obj, extra_status: Obj | None = None) -> None:
         """Status that must land (completion/failure): retry while the API is away."""
         if self._publisher is not None:  # never let an older progress write land after this
             with contextlib.suppress(Exception):
                 await self._publisher
         while True:
             try:
-                await self._patch_ms(fields)
+                await self._patch_ms(fields, extra_status)
                 return
             except NotFound:
                 return
@@ -605,6 +916,9 @@ class SourceMigration:
 
     async def _fail(self, reason: str, aborted: bool = False) -> None:
         log.warning("migration %s: failed: %s", self.uid, reason)
+        if self.postcopy_active:
+            await self._fail_postcopy(reason)
+            return
         for ch in self._channels:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(

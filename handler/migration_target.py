@@ -8,15 +8,22 @@ version and geometry; frames arrive in the order of the state machine in
 ``proto/vmferry/rpc/migration.proto``. Violations end the stream with
 INVALID_ARGUMENT / PERMISSION_DENIED / NOT_FOUND and a message that says which rule.
 
-Ownership: the service writes guest RAM only through ``IncomingMigration.pages`` and
-only before ``decided`` is set; the VM manager owns the handle's lifecycle (resume on
-commit, destroy on abort) through the callbacks.
+Each channel has a reader task (applies frames) and an outbound queue drained by the
+servicer, so the target can also speak first: in post-copy, the request poller sends
+PageRequest frames on channel 0 for the pages the guest is waiting for.
+
+Ownership: the service writes guest RAM only through ``IncomingMigration.pages``;
+before the hand-off nothing else touches it, and in post-copy a page is written only
+while its present byte is 0 (the guest does not touch it then) and marked present
+after. The VM manager owns the handle's lifecycle (resume on commit, destroy on abort)
+through the callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import secrets
@@ -30,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from handler import stream
-from handler.drivers.base import VMHandle, ram_digest_async
+from handler.drivers.base import PostCopyHandle, VMHandle, masked_ram_digest, ram_digest_async
 from vmferry import pki
 from vmferry.rpc import migration_pb2 as pb
 from vmferry.rpc import migration_pb2_grpc
@@ -38,6 +45,7 @@ from vmferry.rpc import migration_pb2_grpc
 log = logging.getLogger(__name__)
 
 FINAL_ROUND_TIMEOUT = 60.0  # s for every channel's final round once FinalState arrived
+REQUEST_POLL = 0.001  # s between looks at the pages a post-copy guest is waiting for
 
 
 @dataclass
@@ -59,6 +67,12 @@ class IncomingMigration:
     pages_applied: int = 0
     bytes_received: int = 0
     verified_at: float = 0.0  # time.monotonic() of the verification
+    postcopy: bool = False  # the guest runs here while pages are still arriving
+    postcopy_done: bool = False
+    control_out: asyncio.Queue[pb.TargetFrame | None] | None = None  # channel 0's queue
+    request_sent: npt.NDArray[np.bool_] | None = None  # pages already asked for
+    stall_ms: float = 0.0
+    faults: int = 0
     _pages: npt.NDArray[np.uint8] | None = None
 
     @property
@@ -67,11 +81,21 @@ class IncomingMigration:
             self._pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
         return self._pages
 
+    @property
+    def postcopy_handle(self) -> PostCopyHandle:
+        if not isinstance(self.handle, PostCopyHandle):
+            raise stream.ProtocolError(f"driver of {self.handle.vm_id} cannot run post-copy")
+        return self.handle
+
     def release(self) -> None:
         self._pages = None
 
 
 Callback = Callable[[IncomingMigration], Awaitable[None]]
+
+
+class _ChannelClosed(Exception):
+    """The reader finished this channel normally (commit, abort, post-copy done)."""
 
 
 class MigrationService(migration_pb2_grpc.MigrationServicer):
@@ -87,7 +111,9 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         self.record_dir = record_dir
         self.on_commit = on_commit
         self.on_abort = on_abort
+        self.on_postcopy_done: Callback | None = None
         self.require_peer_identity = require_peer_identity
+        self._pollers: set[asyncio.Task[None]] = set()
 
     def expect(self, inc: IncomingMigration) -> None:
         self.registry[inc.migration_uid] = inc
@@ -96,7 +122,10 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         inc = self.registry.pop(migration_uid, None)
         if inc is not None:
             inc.release()
+            inc.control_out = None
         return inc
+
+    # -- one channel ------------------------------------------------------------------------
 
     async def Transfer(
         self, request_iterator: AsyncIterator[pb.SourceFrame], context: grpc.aio.ServicerContext
@@ -110,7 +139,8 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Hello")
         hello = first.hello
         inc = self.registry.get(hello.migration_uid)
-        if inc is None or inc.decision:
+        resumable = inc is not None and inc.postcopy and inc.decision == "Committed"
+        if inc is None or (inc.decision and not (hello.resume and resumable)):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no migration {hello.migration_uid!r} is expected on this node",
@@ -137,88 +167,172 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
                 memory_bytes=inc.handle.spec.memory_bytes,
                 page_size=inc.handle.spec.page_size,
             )
+            if hello.resume and not resumable:
+                raise stream.ProtocolError("resume is only possible during post-copy")
             if inc.channel_count and hello.channel_count != inc.channel_count:
                 raise stream.ProtocolError(
-                    f"channel_count {hello.channel_count} differs from the first channel's {inc.channel_count}"
+                    f"channel_count {hello.channel_count} differs from the first channel's "
+                    f"{inc.channel_count}"
                 )
-            if hello.channel_id in inc.connected:
+            if hello.channel_id in inc.connected and not hello.resume:
                 raise stream.ProtocolError(f"channel {hello.channel_id} is already connected")
         except stream.ProtocolError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         inc.channel_count = hello.channel_count
         inc.connected.add(hello.channel_id)
         channel = hello.channel_id
-        yield pb.TargetFrame(hello_ack=pb.HelloAck(channel_id=channel))
-        yield pb.TargetFrame(credit=pb.Credit(bytes=stream.CREDIT_WINDOW))
-        try:
-            async for frame in frames:
-                kind = frame.WhichOneof("frame")
-                if kind == "commit" and channel == 0 and inc.decision == "Committed":
-                    # The arbiter record reached this handler before the Commit frame.
-                    yield pb.TargetFrame(resumed=pb.Resumed(resume_seconds=0.0))
-                    return
-                if inc.decision:
-                    raise stream.ProtocolError(
-                        f"frame {kind} after the migration was {inc.decision}"
-                    )
-                if kind == "pages":
-                    if channel in inc.final_channels:
-                        raise stream.ProtocolError("pages after the final round")
-                    n = await asyncio.to_thread(stream.apply_batch, inc.pages, frame.pages)
-                    inc.pages_applied += n
-                    inc.bytes_received += len(frame.pages.payload)
-                    yield pb.TargetFrame(credit=pb.Credit(bytes=len(frame.pages.payload)))
-                elif kind == "round_end":
-                    if frame.round_end.final:
-                        inc.final_channels.add(channel)
-                        if len(inc.final_channels) == inc.channel_count:
-                            inc.all_final.set()
-                    yield pb.TargetFrame(
-                        round_ack=pb.RoundAck(
-                            round=frame.round_end.round, pages_applied=inc.pages_applied
+        out: asyncio.Queue[pb.TargetFrame | None] = asyncio.Queue()
+        out.put_nowait(pb.TargetFrame(hello_ack=pb.HelloAck(channel_id=channel)))
+        out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=stream.CREDIT_WINDOW)))
+        if channel == 0:
+            inc.control_out = out
+            if hello.resume:
+                missing = inc.postcopy_handle.missing_pages()
+                log.info(
+                    "migration %s: source reconnected in post-copy; %d pages missing",
+                    inc.migration_uid,
+                    len(missing),
+                )
+                inc.request_sent = None  # re-request whatever was in flight
+                out.put_nowait(
+                    pb.TargetFrame(
+                        postcopy_state=pb.PostCopyState(
+                            missing_indices=stream.pack_indices(missing)
                         )
                     )
-                elif kind == "final_state" and channel == 0:
-                    yield await self._verify(inc, frame.final_state)
-                elif kind == "commit" and channel == 0:
-                    if not inc.verified:
-                        raise stream.ProtocolError("Commit before the memory was verified")
-                    t0 = time.monotonic()
-                    await self.on_commit(inc)
-                    yield pb.TargetFrame(resumed=pb.Resumed(resume_seconds=time.monotonic() - t0))
-                    return
-                elif kind == "abort":
-                    log.info(
-                        "migration %s: source aborted: %s", inc.migration_uid, frame.abort.reason
-                    )
-                    await self.on_abort(inc, frame.abort.reason)
-                    return
-                else:
-                    raise stream.ProtocolError(f"unexpected frame {kind!r} on channel {channel}")
-        except stream.ProtocolError as e:
+                )
+        error: list[BaseException] = []
+        reader = asyncio.create_task(self._read(inc, channel, frames, out, error))
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if channel == 0 and inc.control_out is out:
+                inc.control_out = None
+        if error and isinstance(error[0], stream.ProtocolError):
             log.warning(
-                "migration %s: protocol error on channel %d: %s", inc.migration_uid, channel, e
+                "migration %s: protocol error on channel %d: %s",
+                inc.migration_uid,
+                channel,
+                error[0],
             )
-            await self.on_abort(inc, f"protocol error: {e}")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if not inc.postcopy:
+                await self.on_abort(inc, f"protocol error: {error[0]}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error[0]))
 
-    def record_path(self, migration_uid: str) -> Path:
-        assert self.record_dir is not None
-        return self.record_dir / f"{migration_uid}.json"
+    async def _read(
+        self,
+        inc: IncomingMigration,
+        channel: int,
+        frames: AsyncIterator[pb.SourceFrame],
+        out: asyncio.Queue[pb.TargetFrame | None],
+        error: list[BaseException],
+    ) -> None:
+        try:
+            async for frame in frames:
+                await self._apply(inc, channel, frame, out)
+        except (_ChannelClosed, StopAsyncIteration):
+            pass
+        except stream.ProtocolError as e:
+            error.append(e)
+        except Exception as e:
+            log.info("migration %s: channel %d closed: %r", inc.migration_uid, channel, e)
+        finally:
+            out.put_nowait(None)
 
-    def _write_record(self, inc: IncomingMigration) -> None:
-        path = self.record_path(inc.migration_uid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "vmId": inc.handle.vm_id,
-                    "deviceState": base64.b64encode(inc.device_state or b"").decode(),
-                }
+    async def _apply(
+        self,
+        inc: IncomingMigration,
+        channel: int,
+        frame: pb.SourceFrame,
+        out: asyncio.Queue[pb.TargetFrame | None],
+    ) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "commit" and channel == 0 and inc.decision == "Committed" and not inc.postcopy:
+            # The arbiter record reached this handler before the Commit frame.
+            out.put_nowait(pb.TargetFrame(resumed=pb.Resumed(resume_seconds=0.0)))
+            raise _ChannelClosed
+        if inc.decision == "Aborted" or (inc.decision and not inc.postcopy and kind != "commit"):
+            raise stream.ProtocolError(f"frame {kind} after the migration was {inc.decision}")
+        if kind == "pages":
+            if channel in inc.final_channels:
+                raise stream.ProtocolError("pages after the final round")
+            present = inc.postcopy_handle.present() if inc.postcopy else None
+            written = await asyncio.to_thread(stream.apply_batch, inc.pages, frame.pages, present)
+            if inc.postcopy:
+                inc.postcopy_handle.mark_present(written)
+            inc.pages_applied += len(written)
+            inc.bytes_received += len(frame.pages.payload)
+            out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=len(frame.pages.payload))))
+        elif kind == "round_end":
+            if frame.round_end.final:
+                inc.final_channels.add(channel)
+                if len(inc.final_channels) == inc.channel_count:
+                    inc.all_final.set()
+            out.put_nowait(
+                pb.TargetFrame(
+                    round_ack=pb.RoundAck(
+                        round=frame.round_end.round, pages_applied=inc.pages_applied
+                    )
+                )
             )
-        )
-        tmp.replace(path)
+        elif kind == "final_state" and channel == 0:
+            out.put_nowait(await self._verify(inc, frame.final_state))
+        elif kind == "postcopy_start" and channel == 0:
+            out.put_nowait(await self._start_postcopy(inc, frame.postcopy_start))
+        elif kind == "commit" and channel == 0:
+            if not inc.verified:
+                raise stream.ProtocolError("Commit before the memory was verified")
+            t0 = time.monotonic()
+            if inc.decision != "Committed":  # else the arbiter record got here first
+                await self.on_commit(inc)
+            out.put_nowait(pb.TargetFrame(resumed=pb.Resumed(resume_seconds=time.monotonic() - t0)))
+            if inc.postcopy:
+                self._start_poller(inc)
+            else:
+                raise _ChannelClosed
+        elif kind == "postcopy_end" and channel == 0:
+            if not inc.postcopy:
+                raise stream.ProtocolError("PostCopyEnd outside post-copy")
+            handle = inc.postcopy_handle
+            missing = handle.missing_pages()
+            if missing.size:
+                raise stream.ProtocolError(f"PostCopyEnd with {missing.size} pages still missing")
+            status = await handle.finish_postcopy()
+            inc.postcopy_done = True
+            inc.stall_ms, inc.faults = status.stall_ms, status.faults
+            out.put_nowait(
+                pb.TargetFrame(
+                    postcopy_done=pb.PostCopyDone(
+                        stall_seconds=status.stall_ms / 1000, faults=status.faults
+                    )
+                )
+            )
+            log.info(
+                "migration %s: post-copy complete (guest stalled %.1f ms over %d faults)",
+                inc.migration_uid,
+                status.stall_ms,
+                status.faults,
+            )
+            if self.on_postcopy_done is not None:
+                await self.on_postcopy_done(inc)
+            raise _ChannelClosed
+        elif kind == "abort":
+            if inc.postcopy and inc.decision == "Committed":
+                raise stream.ProtocolError("Abort after the post-copy hand-off: the VM runs here")
+            log.info("migration %s: source aborted: %s", inc.migration_uid, frame.abort.reason)
+            await self.on_abort(inc, frame.abort.reason)
+            raise _ChannelClosed
+        else:
+            raise stream.ProtocolError(f"unexpected frame {kind!r} on channel {channel}")
+
+    # -- switchover -------------------------------------------------------------------------
 
     async def _verify(self, inc: IncomingMigration, final: pb.FinalState) -> pb.TargetFrame:
         if inc.verified:
@@ -233,7 +347,33 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         t0 = time.monotonic()
         inc.device_state = final.device_state
         digest = await ram_digest_async(inc.handle.ram())
-        inc.verified = secrets.compare_digest(digest, final.digest)
+        return await self._verified(inc, digest, final.digest, t0)
+
+    async def _start_postcopy(
+        self, inc: IncomingMigration, start: pb.PostCopyStart
+    ) -> pb.TargetFrame:
+        """The source paused and lacks convergence: verify what is here, mark the rest
+        missing; the guest will resume here before it has all its memory."""
+        if inc.verified:
+            raise stream.ProtocolError("PostCopyStart after the memory was verified")
+        handle = inc.postcopy_handle
+        missing = stream.unpack_indices(start.missing_indices, handle.page_count, "missing_indices")
+        t0 = time.monotonic()
+        inc.device_state = start.device_state
+        handle.prepare_postcopy(missing)
+        inc.postcopy = True
+        inc.final_channels.clear()
+        inc.all_final.clear()
+        digest = await asyncio.to_thread(
+            masked_ram_digest, handle.ram(), missing, handle.spec.page_size
+        )
+        log.info("migration %s: post-copy start, %d pages missing", inc.migration_uid, len(missing))
+        return await self._verified(inc, digest, start.present_digest, t0)
+
+    async def _verified(
+        self, inc: IncomingMigration, digest: str, expected: str, t0: float
+    ) -> pb.TargetFrame:
+        inc.verified = secrets.compare_digest(digest, expected)
         inc.verified_at = time.monotonic()
         if inc.verified and self.record_dir is not None:
             # Survives a handler restart between here and the resume (vm_manager settles it).
@@ -248,3 +388,52 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         return pb.TargetFrame(
             verified=pb.Verified(match=inc.verified, digest=digest, verify_seconds=seconds)
         )
+
+    # -- post-copy: demand faults -----------------------------------------------------------
+
+    def _start_poller(self, inc: IncomingMigration) -> None:
+        task = asyncio.create_task(self._poll_requests(inc))
+        self._pollers.add(task)
+        task.add_done_callback(self._pollers.discard)
+
+    async def _poll_requests(self, inc: IncomingMigration) -> None:
+        """Forward the guest's page faults to the source, each page once per connection."""
+        handle = inc.postcopy_handle
+        while inc.postcopy and not inc.postcopy_done and inc.decision == "Committed":
+            if inc.control_out is not None:
+                if inc.request_sent is None:
+                    inc.request_sent = np.zeros(handle.page_count, dtype=np.bool_)
+                try:
+                    wanted = handle.requested_pages()
+                except Exception:
+                    return
+                new = wanted[~inc.request_sent[wanted]]
+                if new.size:
+                    inc.request_sent[new] = True
+                    inc.control_out.put_nowait(
+                        pb.TargetFrame(
+                            page_request=pb.PageRequest(indices=stream.pack_indices(new))
+                        )
+                    )
+            await asyncio.sleep(REQUEST_POLL)
+
+    # -- restart records --------------------------------------------------------------------
+
+    def record_path(self, migration_uid: str) -> Path:
+        assert self.record_dir is not None
+        return self.record_dir / f"{migration_uid}.json"
+
+    def _write_record(self, inc: IncomingMigration) -> None:
+        path = self.record_path(inc.migration_uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "vmId": inc.handle.vm_id,
+                    "deviceState": base64.b64encode(inc.device_state or b"").decode(),
+                    "postcopy": inc.postcopy,
+                }
+            )
+        )
+        tmp.replace(path)

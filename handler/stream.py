@@ -96,8 +96,15 @@ def _indices(blob: bytes, page_count: int, what: str) -> IndexArray:
     return idx
 
 
-def apply_batch(pages: npt.NDArray[np.uint8], frame: pb.PageBatch) -> int:
-    """Validate ``frame`` and scatter it into ``pages`` (worker thread); returns pages written."""
+def apply_batch(
+    pages: npt.NDArray[np.uint8],
+    frame: pb.PageBatch,
+    present: npt.NDArray[np.uint8] | None = None,
+) -> IndexArray:
+    """Validate ``frame`` and scatter it into ``pages`` (worker thread).
+
+    Returns the indices written. With ``present`` (post-copy), pages already present are
+    skipped: the guest may have written them since, and the source's copy is older."""
     page_count, page_size = pages.shape
     nz_idx = _indices(frame.indices, page_count, "indices")
     zero_idx = _indices(frame.zero_indices, page_count, "zero_indices")
@@ -118,11 +125,25 @@ def apply_batch(pages: npt.NDArray[np.uint8], frame: pb.PageBatch) -> int:
         raise ProtocolError(f"unknown codec {frame.codec}")
     if len(payload) != expected:
         raise ProtocolError(f"payload is {len(payload)} bytes, {expected} expected")
+    data = np.frombuffer(payload, dtype=np.uint8).reshape(-1, page_size)
+    if present is not None:
+        keep = present[nz_idx] == 0
+        nz_idx, data = nz_idx[keep], data[keep]
+        zero_idx = zero_idx[present[zero_idx] == 0]
     if nz_idx.size:
-        pages[nz_idx] = np.frombuffer(payload, dtype=np.uint8).reshape(-1, page_size)
+        pages[nz_idx] = data
     if zero_idx.size:
         pages[zero_idx] = 0
-    return int(nz_idx.size + zero_idx.size)
+    return np.concatenate((nz_idx, zero_idx))
+
+
+def pack_indices(indices: IndexArray) -> bytes:
+    return indices.astype("<u4").tobytes()
+
+
+def unpack_indices(blob: bytes, page_count: int, what: str) -> IndexArray:
+    """Indices from the wire, bounds-checked (ProtocolError)."""
+    return _indices(blob, page_count, what)
 
 
 def check_hello(hello: pb.Hello, *, memory_bytes: int, page_size: int) -> None:

@@ -23,6 +23,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ Obj = dict[str, Any]
 FINALIZER = "vmferry.io/handler"
 INCOMING_SUFFIX = ".in-"
 ARBITER_WAIT = 20.0  # s a verified target waits for the source's hand-off before claiming abort
+RESUME_GAP_POLLS = 200  # x 10 ms: how long a resumed guest may take to report its gap
 GUEST_CHECK_INTERVAL = 2.0  # s between liveness checks of local guests
 
 
@@ -102,6 +104,7 @@ class VMManager:
         vmis.add_handler(lambda key, old, new: self.queue.add(key))
         service.on_commit = self._on_commit
         service.on_abort = self._on_abort
+        service.on_postcopy_done = self._on_postcopy_done
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -344,6 +347,8 @@ class VMManager:
 
     async def _drop_stale_source_guest(self, vmi: Obj, ms: Obj) -> None:
         """A guest of a VMI that now runs elsewhere (handed off while we were away)."""
+        if self._migrating(vmi["metadata"]["uid"]):
+            return  # post-copy: the paused source still serves the pages the target lacks
         handle = self.handles.get(vmi["metadata"]["uid"])
         if (
             handle is not None
@@ -379,7 +384,11 @@ class VMManager:
             if _active(ms) and not ms.get("targetNodeAddress") and ms.get("switchover") is None:
                 await self._prepare_target(vmi, ms)
             return
-        if ms.get("failed") or ms.get("switchover") == "Aborted":
+        if inc.decision == "Committed" and inc.postcopy and ms.get("failed"):
+            # Post-copy could not finish (the source gave up): the VM is lost; the VMI's
+            # Failed phase lets its VM controller start it again.
+            self.service.forget(inc.migration_uid)
+        elif ms.get("failed") or ms.get("switchover") == "Aborted":
             await self._discard(inc, ms.get("failureReason") or "migration aborted")
         elif ms.get("switchover") == "Committed" and not inc.decision and inc.verified:
             await self._on_commit(inc)  # the Commit frame was lost; the arbiter decided
@@ -424,37 +433,66 @@ class VMManager:
         if inc.decision:
             return
         inc.decision = "Committed"
-        inc.release()
-        await inc.handle.resume(inc.device_state)
-        self.service.forget(inc.migration_uid)
-        self.service.record_path(inc.migration_uid).unlink(missing_ok=True)
+        if inc.postcopy:
+            # The guest runs here from now on; its missing pages keep arriving, so the
+            # incoming record stays registered (reconnects) until post-copy is done.
+            await inc.postcopy_handle.resume_postcopy(inc.device_state or b"{}")
+        else:
+            inc.release()
+            await inc.handle.resume(inc.device_state)
+            self.service.forget(inc.migration_uid)
+            self.service.record_path(inc.migration_uid).unlink(missing_ok=True)
         self.handles[inc.vmi_uid] = inc.handle
-        status = await inc.handle.status()
         log.info(
-            "migration %s: guest resumed here (guest-seen gap %s ms)",
+            "migration %s: guest resumed here%s",
             inc.migration_uid,
-            status.resume_gap_ms,
+            " (post-copy: pages still arriving)" if inc.postcopy else "",
         )
-        task = asyncio.create_task(self._publish_resumed(inc, status.resume_gap_ms))
+        task = asyncio.create_task(self._publish_resumed(inc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish_resumed(self, inc: IncomingMigration, gap_ms: float | None) -> None:
+    async def _publish_resumed(self, inc: IncomingMigration) -> None:
+        """Record that the VM runs here (nodeName first), then the gap the guest saw."""
+        await self._update_status_retrying(inc, self._resumed_fields(inc))
+        status = await inc.handle.status()
+        for _ in range(RESUME_GAP_POLLS):  # the gap is known at the guest's first tick
+            if status.resume_gap_ms is not None:
+                break
+            await asyncio.sleep(0.01)
+            status = await inc.handle.status()
+        gap = status.resume_gap_ms
+        log.info("migration %s: the guest saw a %s ms gap", inc.migration_uid, gap)
+        if gap is not None:
+
+            def record_gap(st: Obj) -> None:
+                st["guest"] = {"resumeGapMilliseconds": round(gap, 3)}
+                transfer = st.setdefault("migrationState", {}).setdefault("transfer", {})
+                transfer["guestDowntimeMilliseconds"] = round(gap, 3)
+
+            await self._update_status_retrying(inc, record_gap)
+
+    def _resumed_fields(self, inc: IncomingMigration) -> Callable[[Obj], None]:
+        def apply(status: Obj) -> None:
+            status["nodeName"] = self.node
+            ms = status.setdefault("migrationState", {})
+            ms["targetNodeDomainReadyTimestamp"] = conditions.now_rfc3339()
+            status["launcher"] = {
+                "pid": inc.handle.pid,
+                "vmId": inc.handle.vm_id,
+                "driver": "qemu" if isinstance(inc.handle, QemuHandle) else self.driver.name,
+            }
+
+        return apply
+
+    async def _update_status_retrying(
+        self, inc: IncomingMigration, change: Callable[[Obj], Any]
+    ) -> None:
+        """Read-modify-write the VMI status until it lands (the API may be restarting)."""
         while True:
             try:
                 vmi = await self.api.get("VirtualMachineInstance", inc.namespace, inc.name)
-                status = vmi.setdefault("status", {})
-                status["nodeName"] = self.node
-                ms = status.setdefault("migrationState", {})
-                ms["targetNodeDomainReadyTimestamp"] = conditions.now_rfc3339()
-                if gap_ms is not None:
-                    ms.setdefault("transfer", {})["guestDowntimeMilliseconds"] = round(gap_ms, 3)
-                status["launcher"] = {
-                    "pid": inc.handle.pid,
-                    "vmId": inc.handle.vm_id,
-                    "driver": "qemu" if isinstance(inc.handle, QemuHandle) else self.driver.name,
-                }
-                status["guest"] = {"resumeGapMilliseconds": round(gap_ms or 0.0, 3)}
+                change(vmi.setdefault("status", {}))
                 await self.api.update(vmi, subresource="status")
                 return
             except Conflict:
@@ -462,8 +500,12 @@ class VMManager:
             except NotFound:
                 return
             except ApiError as e:
-                log.warning("migration %s: cannot publish the resume yet: %s", inc.migration_uid, e)
+                log.warning("migration %s: cannot update the VMI yet: %s", inc.migration_uid, e)
                 await asyncio.sleep(0.5)
+
+    async def _on_postcopy_done(self, inc: IncomingMigration) -> None:
+        self.service.forget(inc.migration_uid)
+        self.service.record_path(inc.migration_uid).unlink(missing_ok=True)
 
     async def _on_abort(self, inc: IncomingMigration, reason: str) -> None:
         await self._discard(inc, reason)

@@ -576,6 +576,7 @@ _MIGRATION_TUNABLES: dict[str, Schema] = {
     "downtimeBudgetMilliseconds": Int(min=1),
     "parallelStreams": Int(min=1, max=16),
     "unschedulableTimeoutSeconds": Int(min=1),
+    "postCopyRecoveryWindowSeconds": Int(min=1),
 }
 
 LIVE_MIGRATION_CONFIG = Obj(
@@ -597,6 +598,8 @@ LIVE_MIGRATION_DEFAULTS: dict[str, Any] = {
     "downtimeBudgetMilliseconds": 300,
     "parallelStreams": 2,
     "unschedulableTimeoutSeconds": 300,  # s a pending target may stay unschedulable
+    # s a post-copy migration waits for a broken migration network to come back
+    "postCopyRecoveryWindowSeconds": 600,
 }
 """HyperConverged ``spec.liveMigrationConfig`` defaults (``network`` stays unset)."""
 
@@ -625,6 +628,9 @@ MIGRATION_TRANSFER = Obj(
         # QEMU guests' verified switchover: the mode and the pages re-sent to the target.
         "verifyMode": Str(enum=("off", "detect", "repair")),
         "repairedPages": _NON_NEGATIVE,
+        "postCopyStallMilliseconds": _NON_NEGATIVE,
+        "postCopyFaults": _NON_NEGATIVE,
+        "postCopyInterruptions": _NON_NEGATIVE,
     }
 )
 

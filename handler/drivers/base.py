@@ -46,6 +46,7 @@ __all__ = [
     "PageIndices",
     "VMExistsError",
     "VMHandle",
+    "masked_ram_digest",
     "ram_digest",
     "ram_digest_async",
 ]
@@ -169,6 +170,9 @@ class GuestStatus:
     dirty_rate_bytes: int = 0
     memory_bytes: int = 0
     pages_written: int = 0
+    postcopy: bool = False  # still waiting for pages of a post-copy migration
+    stall_ms: float = 0.0  # post-copy: total time accesses waited for missing pages
+    faults: int = 0  # post-copy: accesses that had to wait
 
 
 @runtime_checkable
@@ -233,6 +237,30 @@ class VMHandle(Protocol):
 
 
 @runtime_checkable
+class PostCopyHandle(VMHandle, Protocol):
+    """A guest that can run before all of its memory has arrived (post-copy target).
+
+    ``prepare_postcopy(missing)`` marks pages not present; ``resume(state, postcopy=True)``
+    starts the guest, whose accesses to a missing page wait for it. The handler writes
+    arriving pages through ``present()``-masked scatters, then ``mark_present()``;
+    ``requested_pages()`` lists the pages the guest is waiting for."""
+
+    def prepare_postcopy(self, missing: PageIndices) -> None: ...
+
+    def present(self) -> npt.NDArray[np.uint8]: ...
+
+    def mark_present(self, indices: PageIndices) -> None: ...
+
+    def requested_pages(self) -> PageIndices: ...
+
+    def missing_pages(self) -> PageIndices: ...
+
+    async def resume_postcopy(self, device_state: bytes) -> None: ...
+
+    async def finish_postcopy(self) -> GuestStatus: ...
+
+
+@runtime_checkable
 class Driver(Protocol):
     name: str
 
@@ -282,6 +310,38 @@ def ram_digest(buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BY
 
         outer = hashlib.sha256()
         for piece_digest in _pool().map(hash_chunk, offsets):
+            outer.update(piece_digest)
+        return outer.hexdigest()
+
+
+def masked_ram_digest(
+    buf: memoryview | bytes | bytearray,
+    excluded: PageIndices,
+    page_size: int,
+    chunk: int = DIGEST_CHUNK_BYTES,
+) -> str:
+    """ram_digest() of ``buf`` with the ``excluded`` pages taken as all zeros.
+
+    Post-copy verifies the pages the target already has: both sides hash RAM with the
+    missing pages masked out. Chunks without excluded pages are hashed in place; only
+    chunks that contain one are copied (and the copy masked)."""
+    pages_per_chunk = chunk // page_size
+    by_chunk: dict[int, list[int]] = {}
+    for page in np.unique(excluded).tolist():
+        by_chunk.setdefault(page // pages_per_chunk, []).append(page % pages_per_chunk)
+    with memoryview(buf) as view, view.cast("B") as data:
+
+        def hash_chunk(offset: int) -> bytes:
+            with data[offset : offset + chunk] as piece:
+                masked = by_chunk.get(offset // chunk)
+                if not masked:
+                    return hashlib.sha256(piece).digest()
+                copy = np.frombuffer(bytearray(piece), dtype=np.uint8).reshape(-1, page_size)
+                copy[masked] = 0
+                return hashlib.sha256(copy.data).digest()
+
+        outer = hashlib.sha256()
+        for piece_digest in _pool().map(hash_chunk, range(0, len(data), chunk)):
             outer.update(piece_digest)
         return outer.hexdigest()
 

@@ -252,6 +252,8 @@ class MemVMHandle:
             self._ram_mm.close()
             raise
         self._dirty: npt.NDArray[np.uint8] | None = np.frombuffer(self._dirty_mm, np.uint8)
+        self._present_mm: mmap.mmap | None = None  # post-copy bitmaps (target side)
+        self._requested_mm: mmap.mmap | None = None
 
     def __repr__(self) -> str:
         return f"MemVMHandle(vm_id={self.vm_id!r}, pid={self.pid})"
@@ -354,7 +356,78 @@ class MemVMHandle:
             dirty_rate_bytes=int(response.get("dirty_rate", 0)),
             memory_bytes=int(response.get("memory_bytes", 0)),
             pages_written=int(response.get("pages_written", 0)),
+            postcopy=bool(response.get("postcopy", False)),
+            stall_ms=float(response.get("stall_ms", 0.0)),
+            faults=int(response.get("faults", 0)),
         )
+
+    # -- post-copy (target side) --
+
+    @property
+    def _postcopy_paths(self) -> tuple[Path, Path]:
+        return self.ram_path.with_suffix(".present"), self.ram_path.with_suffix(".requested")
+
+    def prepare_postcopy(self, missing: PageIndices) -> None:
+        """Create the present/requested bitmaps: every page present except ``missing``."""
+        present_path, requested_path = self._postcopy_paths
+        for path, fill in ((present_path, 1), (requested_path, 0)):
+            if not path.exists():
+                _create_sparse(path, self.spec.page_count)
+            mapping = _map(path, self.spec.page_count)
+            arr = np.frombuffer(mapping, np.uint8)
+            arr[:] = fill
+            if fill:
+                arr[missing] = 0
+            setattr(self, "_present_mm" if fill else "_requested_mm", mapping)
+        memory_fence()
+
+    def _bitmap(self, name: str) -> npt.NDArray[np.uint8]:
+        mapping = getattr(self, name, None)
+        if mapping is None:
+            raise DriverError(f"VM {self.vm_id}: not in post-copy (no {name[1:-3]} bitmap)")
+        return np.frombuffer(mapping, np.uint8)
+
+    def present(self) -> npt.NDArray[np.uint8]:
+        return self._bitmap("_present_mm")
+
+    def mark_present(self, indices: PageIndices) -> None:
+        memory_fence()  # the page contents are visible before their present bytes
+        self.present()[indices] = 1
+
+    def requested_pages(self) -> PageIndices:
+        requested = np.flatnonzero(self._bitmap("_requested_mm").copy()).astype(np.int64)
+        return requested[self.present()[requested] == 0]
+
+    def missing_pages(self) -> PageIndices:
+        return np.flatnonzero(self.present() == 0).astype(np.int64)
+
+    async def resume_postcopy(self, device_state: bytes) -> None:
+        present_path, requested_path = self._postcopy_paths
+        state = json.loads(device_state)
+        await self.request(
+            "resume",
+            device_state=state,
+            postcopy={"present": str(present_path), "requested": str(requested_path)},
+        )
+
+    async def finish_postcopy(self) -> GuestStatus:
+        """All pages arrived: the guest stops checking; the bitmaps are deleted."""
+        await self.request("postcopy_done")
+        self._drop_postcopy()
+        return await self.status()
+
+    def _unmap_postcopy(self) -> None:
+        for name in ("_present_mm", "_requested_mm"):
+            bitmap: mmap.mmap | None = getattr(self, name, None)
+            setattr(self, name, None)
+            if bitmap is not None:
+                with contextlib.suppress(BufferError):
+                    bitmap.close()
+
+    def _drop_postcopy(self) -> None:
+        self._unmap_postcopy()
+        for path in self._postcopy_paths:
+            path.unlink(missing_ok=True)
 
     # -- process --
 
@@ -397,12 +470,14 @@ class MemVMHandle:
         if self.is_alive():
             await self._kill()
         self.close()
+        self._drop_postcopy()
         for path in (self.ram_path, self.dirty_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
 
     def close(self) -> None:
         self._dirty = None
+        self._unmap_postcopy()
         for name in ("_ram_mm", "_dirty_mm"):
             mapping: mmap.mmap | None = getattr(self, name)
             setattr(self, name, None)

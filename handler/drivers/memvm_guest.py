@@ -90,6 +90,7 @@ BOOT_CHUNK_PAGES = 4096  # 16 MiB of fresh content per step of the boot fill
 MAX_REQUEST_BYTES = 1 << 20
 TEXT_CORPUS_WORDS = 400_000  # ~2 MiB of text that zlib compresses to about a third
 STAMP_BYTES = 16  # (tick, page index) at the start of every written page
+FAULT_POLL_S = 0.0002  # post-copy: how often a faulting access looks for its page
 
 Pages = npt.NDArray[np.uint8]
 Indices = npt.NDArray[np.int64]
@@ -290,6 +291,15 @@ class Guest:
         self.state = "incoming" if incoming else "booting"
         self.throttle_percent = 0
         self.resume_gap_ms: float | None = None
+        # Post-copy (on a migration target): pages whose present byte is 0 have not
+        # arrived yet; an access sets its requested byte and waits for the page.
+        self._present_mm: mmap.mmap | None = None
+        self._requested_mm: mmap.mmap | None = None
+        self._present: Pages | None = None
+        self._requested: Pages | None = None
+        self.stall_s = 0.0  # total time accesses waited for missing pages
+        self.faults = 0  # accesses (ticks) that had to wait
+        self.fault_pages = 0
 
         self._ram_mm = _map_file(ram_path, spec.memory_bytes)
         self._dirty_mm = _map_file(dirty_path, spec.page_count)
@@ -334,6 +344,7 @@ class Guest:
             "throttle": self._op_throttle,
             "state": self._op_state,
             "stop": self._op_stop,
+            "postcopy_done": self._op_postcopy_done,
         }
 
     # -- lifecycle --
@@ -434,7 +445,7 @@ class Guest:
             if not self._running.is_set():
                 await self._running.wait()
             now = time.monotonic()
-            self._tick(now)
+            await self._tick(now)
             period = self.spec.tick_interval_s * 100 / (100 - self.throttle_percent)
             self._next_tick_mono += period
             if self._next_tick_mono < now:  # late: skip, the owed bytes catch up instead
@@ -446,9 +457,48 @@ class Guest:
                         await self._wake.wait()
             self._wake.clear()
 
-    def _tick(self, now_mono: float) -> None:
+    async def _fault_in(self, indices: Indices) -> None:
+        """Post-copy: wait until every page in ``indices`` has arrived (a demand fault
+        per missing page: its requested byte tells the handler to fetch it first)."""
+        present, requested = self._present, self._requested
+        if present is None or requested is None:
+            return
+        missing = np.unique(indices[present[indices] == 0])
+        if not missing.size:
+            return
+        started = time.monotonic()
+        requested[missing] = 1
+        memory_fence()
+        self.faults += 1
+        self.fault_pages += int(missing.size)
+        while missing.size and not self._stop.is_set():
+            await asyncio.sleep(FAULT_POLL_S)
+            memory_fence()
+            missing = missing[present[missing] == 0]
+        self.stall_s += time.monotonic() - started
+
+    async def _tick(self, now_mono: float) -> None:
         """One tick: the heartbeat into page 0, then this tick's share of page writes.
-        Synchronous, so no control request is handled in the middle of it."""
+        Nothing is written before every page the tick touches is present (post-copy), so
+        a pause that arrives while the tick waits for pages still finds no write
+        in progress; the tick is then skipped."""
+        spec = self.spec
+        if self._present is not None:
+            tick = self.header.ticks + 1
+            planned = min(
+                int((self._owed_bytes + spec.dirty_rate_bytes * MAX_CATCH_UP_S) // spec.page_size),
+                MAX_PAGES_PER_TICK,
+            )
+            rng = tick_rng(self.header.seed, tick)
+            probe = rng.integers(1, self._hot_end, size=planned, dtype=np.int64)
+            await self._fault_in(np.concatenate(([0], probe)))
+            if not self._running.is_set():
+                return
+            self._sync_tick(time.monotonic(), fault_checked=probe)
+            return
+        self._sync_tick(now_mono, fault_checked=None)
+
+    def _sync_tick(self, now_mono: float, fault_checked: Indices | None) -> None:
         spec = self.spec
         run_fraction = (100 - self.throttle_percent) / 100
         period = spec.tick_interval_s / run_fraction
@@ -483,6 +533,10 @@ class Guest:
         if count:
             rng = tick_rng(self.header.seed, tick)
             indices = rng.integers(1, self._hot_end, size=count, dtype=np.int64)
+            if fault_checked is not None and len(fault_checked) >= count:
+                indices = fault_checked[:count]  # the pages faulted in for this tick
+            elif self._present is not None:  # more than probed: only pages known present
+                indices = indices[self._present[indices] == 1]
             self._ram[indices] = self._content.pages(rng, indices, tick)
             memory_fence()
             self._dirty[indices] = 1
@@ -550,6 +604,10 @@ class Guest:
             "memory_bytes": self.spec.memory_bytes,
             "pages_written": self.header.pages_written,
             "resumes": self.header.resumes,
+            "postcopy": self._present is not None,
+            "stall_ms": round(self.stall_s * 1000, 3),
+            "faults": self.faults,
+            "fault_pages": self.fault_pages,
         }
 
     def device_state(self) -> dict[str, Any]:
@@ -611,6 +669,20 @@ class Guest:
             raise RequestError(f"cannot resume a guest that is {self.state}")
         if device_state is not None:
             _check_device_state(device_state, header)
+        postcopy = request.get("postcopy")
+        if postcopy is not None:
+            if self.state != "incoming" or not isinstance(postcopy, dict):
+                raise RequestError("postcopy applies to an incoming guest: {present, requested}")
+            try:
+                self._present_mm = _map_file(Path(postcopy["present"]), self.spec.page_count)
+                self._requested_mm = _map_file(Path(postcopy["requested"]), self.spec.page_count)
+            except (KeyError, OSError, SystemExit) as e:
+                raise RequestError(f"cannot map the post-copy bitmaps: {e}") from None
+            self._present = np.frombuffer(self._present_mm, dtype=np.uint8)
+            self._requested = np.frombuffer(self._requested_mm, dtype=np.uint8)
+            self.console(
+                f"resuming in post-copy: {int((self._present == 0).sum())} pages still missing"
+            )
         self.header = header
         self.state = "running"
         if self.incoming:
@@ -643,6 +715,23 @@ class Guest:
 
     def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"state": "stopping"}
+
+    def _op_postcopy_done(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Every page has arrived: stop checking the present bitmap."""
+        if self._present is not None and not bool(self._present.all()):
+            raise RequestError(f"{int((self._present == 0).sum())} pages are still missing")
+        self._present = self._requested = None
+        for name in ("_present_mm", "_requested_mm"):
+            mapping = getattr(self, name)
+            setattr(self, name, None)
+            if mapping is not None:
+                with contextlib.suppress(BufferError):
+                    mapping.close()
+        self.console(
+            f"post-copy complete: {self.faults} faults ({self.fault_pages} pages) waited "
+            f"{self.stall_s * 1000:.1f} ms in total"
+        )
+        return self.status()
 
 
 def _check_device_state(device_state: dict[str, Any], header: Header) -> None:

@@ -30,9 +30,8 @@ def test_batches_round_trip_and_zero_pages_travel_as_indices(compress: bool) -> 
             batch = stream.build_batch(
                 source, part[off : off + stream.BATCH_PAGES], 0, compress=compress
             )
-            assert stream.apply_batch(target, batch.frame) == len(
-                part[off : off + stream.BATCH_PAGES]
-            )
+            written = stream.apply_batch(target, batch.frame)
+            assert sorted(written.tolist()) == part[off : off + stream.BATCH_PAGES].tolist()
     assert np.array_equal(source, target)
     batch = stream.build_batch(source, indices, 0, compress=False)
     assert len(batch.frame.zero_indices) == 4 * 100
@@ -150,3 +149,34 @@ def test_zlib_bomb_is_refused() -> None:
 def test_bad_hello_is_refused(hello: pb.Hello, message: str) -> None:
     with pytest.raises(stream.ProtocolError, match=message):
         stream.check_hello(hello, memory_bytes=8 * PAGE, page_size=PAGE)
+
+
+def test_post_copy_never_overwrites_a_present_page() -> None:
+    source = ram(16)
+    target = np.zeros_like(source)
+    present = np.zeros(16, dtype=np.uint8)
+    present[[1, 2, 5]] = 1
+    target[[1, 2, 5]] = 7  # the guest already wrote these on the target
+    batch = stream.build_batch(source, np.arange(16, dtype=np.int64), 0, compress=False)
+    written = stream.apply_batch(target, batch.frame, present)
+    assert sorted(written.tolist()) == [i for i in range(16) if i not in (1, 2, 5)]
+    assert (target[[1, 2, 5]] == 7).all()
+    others = [i for i in range(16) if i not in (1, 2, 5)]
+    assert np.array_equal(target[others], source[others])
+
+
+def test_masked_digest_ignores_exactly_the_missing_pages() -> None:
+    from handler.drivers.base import masked_ram_digest, ram_digest
+
+    a = ram(64)
+    b = a.copy()
+    b[[3, 40]] = 0xAB  # pages the target has not received yet differ
+    missing = np.array([3, 40], dtype=np.int64)
+    chunk = 16 * PAGE
+    assert masked_ram_digest(a.data, missing, PAGE, chunk) == masked_ram_digest(
+        b.data, missing, PAGE, chunk
+    )
+    assert masked_ram_digest(a.data, missing[:1], PAGE, chunk) != masked_ram_digest(
+        b.data, missing[:1], PAGE, chunk
+    )
+    assert masked_ram_digest(a.data, missing[:0], PAGE, chunk) == ram_digest(a.data, chunk)

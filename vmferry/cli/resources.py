@@ -28,6 +28,16 @@ from vmferry.patch import parse_patch
 DELETE_WAIT_TIMEOUT = 60.0  # s; like kubectl, delete waits for finalizers to finish
 
 
+def _flag_value(text: str) -> bool:
+    """kubectl-style boolean flag values: ``--wait=false``."""
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _split_targets(targets: list[str]) -> tuple[kinds.Kind, list[str]]:
     """Accept ``KIND NAME...`` and ``KIND/NAME``."""
     if not targets:
@@ -402,9 +412,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-not-found", action="store_true")
     p.add_argument(
         "--wait",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const=True,
         default=True,
-        help="wait until the resources are gone (default: yes)",
+        type=_flag_value,
+        help="wait until the resources are gone (default: true; --wait=false returns at once)",
     )
     p.set_defaults(func=cmd_delete)
 

@@ -24,41 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvmferry/rpc/migration.proto\x12\nvmferry.v1\"\x9b\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmigration_uid\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nchannel_id\x18\x04 \x01(\r\x12\x15\n\rchannel_count\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tpage_size\x18\x07 \x01(\r\"\x86\x01\n\tPageBatch\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07indices\x18\x02 \x01(\x0c\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12 \n\x05\x63odec\x18\x04 \x01(\x0e\x32\x11.vmferry.v1.Codec\x12\x14\n\x0czero_indices\x18\x05 \x01(\x0c\x12\x10\n\x08raw_size\x18\x06 \x01(\r\"(\n\x08RoundEnd\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"2\n\nFinalState\x12\x14\n\x0c\x64\x65vice_state\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x08\n\x06\x43ommit\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x86\x02\n\x0bSourceFrame\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.vmferry.v1.HelloH\x00\x12&\n\x05pages\x18\x02 \x01(\x0b\x32\x15.vmferry.v1.PageBatchH\x00\x12)\n\tround_end\x18\x03 \x01(\x0b\x32\x14.vmferry.v1.RoundEndH\x00\x12-\n\x0b\x66inal_state\x18\x04 \x01(\x0b\x32\x16.vmferry.v1.FinalStateH\x00\x12$\n\x06\x63ommit\x18\x05 \x01(\x0b\x32\x12.vmferry.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x06 \x01(\x0b\x32\x11.vmferry.v1.AbortH\x00\x42\x07\n\x05\x66rame\"\x1e\n\x08HelloAck\x12\x12\n\nchannel_id\x18\x01 \x01(\r\"\x17\n\x06\x43redit\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"0\n\x08RoundAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rpages_applied\x18\x02 \x01(\x04\"A\n\x08Verified\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x16\n\x0everify_seconds\x18\x03 \x01(\x01\"!\n\x07Resumed\x12\x16\n\x0eresume_seconds\x18\x01 \x01(\x01\"\xe4\x01\n\x0bTargetFrame\x12)\n\thello_ack\x18\x01 \x01(\x0b\x32\x14.vmferry.v1.HelloAckH\x00\x12$\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x12.vmferry.v1.CreditH\x00\x12)\n\tround_ack\x18\x03 \x01(\x0b\x32\x14.vmferry.v1.RoundAckH\x00\x12(\n\x08verified\x18\x04 \x01(\x0b\x32\x14.vmferry.v1.VerifiedH\x00\x12&\n\x07resumed\x18\x05 \x01(\x0b\x32\x13.vmferry.v1.ResumedH\x00\x42\x07\n\x05\x66rame*=\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_ZLIB\x10\x02\x32M\n\tMigration\x12@\n\x08Transfer\x12\x17.vmferry.v1.SourceFrame\x1a\x17.vmferry.v1.TargetFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvmferry/rpc/migration.proto\x12\nvmferry.v1\"\xab\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmigration_uid\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nchannel_id\x18\x04 \x01(\r\x12\x15\n\rchannel_count\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x0e\n\x06resume\x18\x08 \x01(\x08\"\x86\x01\n\tPageBatch\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07indices\x18\x02 \x01(\x0c\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12 \n\x05\x63odec\x18\x04 \x01(\x0e\x32\x11.vmferry.v1.Codec\x12\x14\n\x0czero_indices\x18\x05 \x01(\x0c\x12\x10\n\x08raw_size\x18\x06 \x01(\r\"(\n\x08RoundEnd\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"2\n\nFinalState\x12\x14\n\x0c\x64\x65vice_state\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x08\n\x06\x43ommit\"V\n\rPostCopyStart\x12\x14\n\x0c\x64\x65vice_state\x18\x01 \x01(\x0c\x12\x17\n\x0fmissing_indices\x18\x02 \x01(\x0c\x12\x16\n\x0epresent_digest\x18\x03 \x01(\t\"\r\n\x0bPostCopyEnd\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xec\x02\n\x0bSourceFrame\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.vmferry.v1.HelloH\x00\x12&\n\x05pages\x18\x02 \x01(\x0b\x32\x15.vmferry.v1.PageBatchH\x00\x12)\n\tround_end\x18\x03 \x01(\x0b\x32\x14.vmferry.v1.RoundEndH\x00\x12-\n\x0b\x66inal_state\x18\x04 \x01(\x0b\x32\x16.vmferry.v1.FinalStateH\x00\x12$\n\x06\x63ommit\x18\x05 \x01(\x0b\x32\x12.vmferry.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x06 \x01(\x0b\x32\x11.vmferry.v1.AbortH\x00\x12\x33\n\x0epostcopy_start\x18\x07 \x01(\x0b\x32\x19.vmferry.v1.PostCopyStartH\x00\x12/\n\x0cpostcopy_end\x18\x08 \x01(\x0b\x32\x17.vmferry.v1.PostCopyEndH\x00\x42\x07\n\x05\x66rame\"\x1e\n\x08HelloAck\x12\x12\n\nchannel_id\x18\x01 \x01(\r\"\x17\n\x06\x43redit\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"0\n\x08RoundAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rpages_applied\x18\x02 \x01(\x04\"A\n\x08Verified\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x16\n\x0everify_seconds\x18\x03 \x01(\x01\"!\n\x07Resumed\x12\x16\n\x0eresume_seconds\x18\x01 \x01(\x01\"\x1e\n\x0bPageRequest\x12\x0f\n\x07indices\x18\x01 \x01(\x0c\"(\n\rPostCopyState\x12\x17\n\x0fmissing_indices\x18\x01 \x01(\x0c\"5\n\x0cPostCopyDone\x12\x15\n\rstall_seconds\x18\x01 \x01(\x01\x12\x0e\n\x06\x66\x61ults\x18\x02 \x01(\x04\"\xfd\x02\n\x0bTargetFrame\x12)\n\thello_ack\x18\x01 \x01(\x0b\x32\x14.vmferry.v1.HelloAckH\x00\x12$\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x12.vmferry.v1.CreditH\x00\x12)\n\tround_ack\x18\x03 \x01(\x0b\x32\x14.vmferry.v1.RoundAckH\x00\x12(\n\x08verified\x18\x04 \x01(\x0b\x32\x14.vmferry.v1.VerifiedH\x00\x12&\n\x07resumed\x18\x05 \x01(\x0b\x32\x13.vmferry.v1.ResumedH\x00\x12/\n\x0cpage_request\x18\x06 \x01(\x0b\x32\x17.vmferry.v1.PageRequestH\x00\x12\x33\n\x0epostcopy_state\x18\x07 \x01(\x0b\x32\x19.vmferry.v1.PostCopyStateH\x00\x12\x31\n\rpostcopy_done\x18\x08 \x01(\x0b\x32\x18.vmferry.v1.PostCopyDoneH\x00\x42\x07\n\x05\x66rame*=\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_ZLIB\x10\x02\x32M\n\tMigration\x12@\n\x08Transfer\x12\x17.vmferry.v1.SourceFrame\x1a\x17.vmferry.v1.TargetFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmferry.rpc.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1172
-  _globals['_CODEC']._serialized_end=1233
+  _globals['_CODEC']._serialized_start=1675
+  _globals['_CODEC']._serialized_end=1736
   _globals['_HELLO']._serialized_start=44
-  _globals['_HELLO']._serialized_end=199
-  _globals['_PAGEBATCH']._serialized_start=202
-  _globals['_PAGEBATCH']._serialized_end=336
-  _globals['_ROUNDEND']._serialized_start=338
-  _globals['_ROUNDEND']._serialized_end=378
-  _globals['_FINALSTATE']._serialized_start=380
-  _globals['_FINALSTATE']._serialized_end=430
-  _globals['_COMMIT']._serialized_start=432
-  _globals['_COMMIT']._serialized_end=440
-  _globals['_ABORT']._serialized_start=442
-  _globals['_ABORT']._serialized_end=465
-  _globals['_SOURCEFRAME']._serialized_start=468
-  _globals['_SOURCEFRAME']._serialized_end=730
-  _globals['_HELLOACK']._serialized_start=732
-  _globals['_HELLOACK']._serialized_end=762
-  _globals['_CREDIT']._serialized_start=764
-  _globals['_CREDIT']._serialized_end=787
-  _globals['_ROUNDACK']._serialized_start=789
-  _globals['_ROUNDACK']._serialized_end=837
-  _globals['_VERIFIED']._serialized_start=839
-  _globals['_VERIFIED']._serialized_end=904
-  _globals['_RESUMED']._serialized_start=906
-  _globals['_RESUMED']._serialized_end=939
-  _globals['_TARGETFRAME']._serialized_start=942
-  _globals['_TARGETFRAME']._serialized_end=1170
-  _globals['_MIGRATION']._serialized_start=1235
-  _globals['_MIGRATION']._serialized_end=1312
+  _globals['_HELLO']._serialized_end=215
+  _globals['_PAGEBATCH']._serialized_start=218
+  _globals['_PAGEBATCH']._serialized_end=352
+  _globals['_ROUNDEND']._serialized_start=354
+  _globals['_ROUNDEND']._serialized_end=394
+  _globals['_FINALSTATE']._serialized_start=396
+  _globals['_FINALSTATE']._serialized_end=446
+  _globals['_COMMIT']._serialized_start=448
+  _globals['_COMMIT']._serialized_end=456
+  _globals['_POSTCOPYSTART']._serialized_start=458
+  _globals['_POSTCOPYSTART']._serialized_end=544
+  _globals['_POSTCOPYEND']._serialized_start=546
+  _globals['_POSTCOPYEND']._serialized_end=559
+  _globals['_ABORT']._serialized_start=561
+  _globals['_ABORT']._serialized_end=584
+  _globals['_SOURCEFRAME']._serialized_start=587
+  _globals['_SOURCEFRAME']._serialized_end=951
+  _globals['_HELLOACK']._serialized_start=953
+  _globals['_HELLOACK']._serialized_end=983
+  _globals['_CREDIT']._serialized_start=985
+  _globals['_CREDIT']._serialized_end=1008
+  _globals['_ROUNDACK']._serialized_start=1010
+  _globals['_ROUNDACK']._serialized_end=1058
+  _globals['_VERIFIED']._serialized_start=1060
+  _globals['_VERIFIED']._serialized_end=1125
+  _globals['_RESUMED']._serialized_start=1127
+  _globals['_RESUMED']._serialized_end=1160
+  _globals['_PAGEREQUEST']._serialized_start=1162
+  _globals['_PAGEREQUEST']._serialized_end=1192
+  _globals['_POSTCOPYSTATE']._serialized_start=1194
+  _globals['_POSTCOPYSTATE']._serialized_end=1234
+  _globals['_POSTCOPYDONE']._serialized_start=1236
+  _globals['_POSTCOPYDONE']._serialized_end=1289
+  _globals['_TARGETFRAME']._serialized_start=1292
+  _globals['_TARGETFRAME']._serialized_end=1673
+  _globals['_MIGRATION']._serialized_start=1738
+  _globals['_MIGRATION']._serialized_end=1815
 # @@protoc_insertion_point(module_scope)

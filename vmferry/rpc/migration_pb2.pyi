@@ -27,6 +27,21 @@ guest is then paused and a final round sent. Then, on channel 0 only:
 or, at any point before Commit:
   S: Abort            the target discards everything; the guest stays on the source
 
+Post-copy (allowPostCopy, after the completion timeout): every channel ends its round
+(RoundEnd final=false, RoundAck), then on channel 0:
+  S: PostCopyStart    device state, the pages the target lacks, digest of the rest
+  T: Verified         digest of the pages it has (the same mask), match or not
+  S: Commit / T: Resumed   as above: the guest now runs on the target
+  T: PageRequest*     pages the guest faulted on; the source sends them first
+  S: PageBatch*       on every channel: requested pages, then the rest (background)
+  S: RoundEnd(final)  per channel, when its share of the missing pages is sent
+  S: PostCopyEnd      on channel 0 once every channel's final round is acknowledged
+  T: PostCopyDone     every page is present; the source may destroy its copy
+Recovery: if the streams break during post-copy neither side destroys anything; the
+source reconnects (Hello.resume = true) and the target answers HelloAck followed by
+PostCopyState (the pages still missing) on channel 0; outstanding requests are
+re-sent. Only after the recovery window does the migration fail.
+
 Target state machine per migration: AwaitingHello -> Receiving -> Verifying ->
 Verified -> (Committed -> Resumed) | Aborted. A frame that does not fit the
 current state, a page index out of bounds, a payload whose size does not match
@@ -81,6 +96,7 @@ class Hello(_message.Message):
     CHANNEL_COUNT_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     migration_uid: _builtins.str
     token: _builtins.str
@@ -88,6 +104,8 @@ class Hello(_message.Message):
     channel_count: _builtins.int
     memory_bytes: _builtins.int
     page_size: _builtins.int
+    resume: _builtins.bool
+    """reconnecting to a migration in post-copy"""
     def __init__(
         self,
         *,
@@ -98,10 +116,11 @@ class Hello(_message.Message):
         channel_count: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
         page_size: _builtins.int = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "page_size", b"page_size", "protocol_version", b"protocol_version", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "page_size", b"page_size", "protocol_version", b"protocol_version", "resume", b"resume", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,6 +225,48 @@ class Commit(_message.Message):
 Global___Commit: _TypeAlias = Commit  # noqa: Y015
 
 @_typing.final
+class PostCopyStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_STATE_FIELD_NUMBER: _builtins.int
+    MISSING_INDICES_FIELD_NUMBER: _builtins.int
+    PRESENT_DIGEST_FIELD_NUMBER: _builtins.int
+    device_state: _builtins.bytes
+    missing_indices: _builtins.bytes
+    """little-endian uint32: pages the target must not use yet"""
+    present_digest: _builtins.str
+    """tree digest of RAM with the missing pages zeroed"""
+    def __init__(
+        self,
+        *,
+        device_state: _builtins.bytes = ...,
+        missing_indices: _builtins.bytes = ...,
+        present_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_state", b"device_state", "missing_indices", b"missing_indices", "present_digest", b"present_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyStart: _TypeAlias = PostCopyStart  # noqa: Y015
+
+@_typing.final
+class PostCopyEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyEnd: _TypeAlias = PostCopyEnd  # noqa: Y015
+
+@_typing.final
 class Abort(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -234,6 +295,8 @@ class SourceFrame(_message.Message):
     FINAL_STATE_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    POSTCOPY_START_FIELD_NUMBER: _builtins.int
+    POSTCOPY_END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -246,6 +309,10 @@ class SourceFrame(_message.Message):
     def commit(self) -> Global___Commit: ...
     @_builtins.property
     def abort(self) -> Global___Abort: ...
+    @_builtins.property
+    def postcopy_start(self) -> Global___PostCopyStart: ...
+    @_builtins.property
+    def postcopy_end(self) -> Global___PostCopyEnd: ...
     def __init__(
         self,
         *,
@@ -255,12 +322,14 @@ class SourceFrame(_message.Message):
         final_state: Global___FinalState | None = ...,
         commit: Global___Commit | None = ...,
         abort: Global___Abort | None = ...,
+        postcopy_start: Global___PostCopyStart | None = ...,
+        postcopy_end: Global___PostCopyEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "round_end", b"round_end"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "round_end", b"round_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "pages", "round_end", "final_state", "commit", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "pages", "round_end", "final_state", "commit", "abort", "postcopy_start", "postcopy_end"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -371,6 +440,70 @@ class Resumed(_message.Message):
 Global___Resumed: _TypeAlias = Resumed  # noqa: Y015
 
 @_typing.final
+class PageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDICES_FIELD_NUMBER: _builtins.int
+    indices: _builtins.bytes
+    """little-endian uint32"""
+    def __init__(
+        self,
+        *,
+        indices: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PageRequest: _TypeAlias = PageRequest  # noqa: Y015
+
+@_typing.final
+class PostCopyState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISSING_INDICES_FIELD_NUMBER: _builtins.int
+    missing_indices: _builtins.bytes
+    """little-endian uint32: still missing on the target"""
+    def __init__(
+        self,
+        *,
+        missing_indices: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_indices", b"missing_indices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyState: _TypeAlias = PostCopyState  # noqa: Y015
+
+@_typing.final
+class PostCopyDone(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STALL_SECONDS_FIELD_NUMBER: _builtins.int
+    FAULTS_FIELD_NUMBER: _builtins.int
+    stall_seconds: _builtins.float
+    """total time the guest waited for missing pages"""
+    faults: _builtins.int
+    """accesses that had to wait"""
+    def __init__(
+        self,
+        *,
+        stall_seconds: _builtins.float = ...,
+        faults: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["faults", b"faults", "stall_seconds", b"stall_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyDone: _TypeAlias = PostCopyDone  # noqa: Y015
+
+@_typing.final
 class TargetFrame(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -379,6 +512,9 @@ class TargetFrame(_message.Message):
     ROUND_ACK_FIELD_NUMBER: _builtins.int
     VERIFIED_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
+    PAGE_REQUEST_FIELD_NUMBER: _builtins.int
+    POSTCOPY_STATE_FIELD_NUMBER: _builtins.int
+    POSTCOPY_DONE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello_ack(self) -> Global___HelloAck: ...
     @_builtins.property
@@ -389,6 +525,12 @@ class TargetFrame(_message.Message):
     def verified(self) -> Global___Verified: ...
     @_builtins.property
     def resumed(self) -> Global___Resumed: ...
+    @_builtins.property
+    def page_request(self) -> Global___PageRequest: ...
+    @_builtins.property
+    def postcopy_state(self) -> Global___PostCopyState: ...
+    @_builtins.property
+    def postcopy_done(self) -> Global___PostCopyDone: ...
     def __init__(
         self,
         *,
@@ -397,12 +539,15 @@ class TargetFrame(_message.Message):
         round_ack: Global___RoundAck | None = ...,
         verified: Global___Verified | None = ...,
         resumed: Global___Resumed | None = ...,
+        page_request: Global___PageRequest | None = ...,
+        postcopy_state: Global___PostCopyState | None = ...,
+        postcopy_done: Global___PostCopyDone | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "frame", b"frame", "hello_ack", b"hello_ack", "resumed", b"resumed", "round_ack", b"round_ack", "verified", b"verified"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "frame", b"frame", "hello_ack", b"hello_ack", "page_request", b"page_request", "postcopy_done", b"postcopy_done", "postcopy_state", b"postcopy_state", "resumed", b"resumed", "round_ack", b"round_ack", "verified", b"verified"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "frame", b"frame", "hello_ack", b"hello_ack", "resumed", b"resumed", "round_ack", b"round_ack", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "frame", b"frame", "hello_ack", b"hello_ack", "page_request", b"page_request", "postcopy_done", b"postcopy_done", "postcopy_state", b"postcopy_state", "resumed", b"resumed", "round_ack", b"round_ack", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello_ack", "credit", "round_ack", "verified", "resumed"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello_ack", "credit", "round_ack", "verified", "resumed", "page_request", "postcopy_state", "postcopy_done"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
