@@ -93,6 +93,7 @@ class Scenario:
     runs: int
     dirty_rate: str = "0"
     touched: str = "0"
+    hot_set: str = "0"  # the region the workload writes; "0" = all of RAM
     qemu_modes: list[qemu.QemuMode] = field(default_factory=list)
 
     @property
@@ -215,7 +216,12 @@ async def run_scenario(
 ) -> Obj:
     name = f"bench-{sc.name}"
     manifest = vm_manifest(
-        name, sc.memory, sc.content, dirty_rate=sc.dirty_rate, touched=sc.touched
+        name,
+        sc.memory,
+        sc.content,
+        dirty_rate=sc.dirty_rate,
+        hot_set=sc.hot_set,
+        touched=sc.touched,
     )
     log(f"{sc.name}: {sc.title}, {sc.memory}, {sc.runs} runs")
     peer: qemu.QemuPeer | None = None
@@ -268,6 +274,7 @@ async def run_scenario(
         "content": sc.content,
         "dirtyRate": sc.dirty_rate,
         "touched": sc.touched,
+        "hotSet": sc.hot_set,
         "runs": sc.runs,
         "ours": {"records": ours, "summary": summary_dict(ours, OUR_KEYS)},
         "peers": {
@@ -398,6 +405,7 @@ def table(results: Obj) -> str:
         lines.append("")
         extra = f", dirtying {sc['dirtyRate']}/s" if sc["dirtyRate"] != "0" else ""
         extra += f", {sc['touched']} touched" if sc["touched"] != "0" else ""
+        extra += f", hot set {sc['hotSet']}" if sc.get("hotSet", "0") != "0" else ""
         lines.append(
             f"== {key}: {sc['title']}, {sc['memory']} {sc['content']}{extra} ({sc['runs']} runs) =="
         )
