@@ -38,7 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from handler import stream
-from handler.drivers.base import GuestError, VMHandle, masked_ram_digest, ram_digest_async
+from handler.digest import ChunkDigest
+from handler.drivers.base import GuestError, VMHandle, masked_ram_digest
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -253,6 +254,7 @@ class SourceMigration:
         self.postcopy_active = False  # the guest runs on the target; pages still flow
         self._throttle = 0
         self._in_downtime = False  # the guest is paused and nowhere running: no pacing
+        self.chunk_digest: ChunkDigest | None = None
         self.on_progress = on_progress
         self._grpc_channel: grpc.aio.Channel | None = None
         self._channels: list[Channel] = []
@@ -297,6 +299,8 @@ class SourceMigration:
                 reason = f"internal error in the source handler: {leaf!r}"
             await self._fail(reason, aborted=isinstance(leaf, Aborted))
         finally:
+            if self.chunk_digest is not None:
+                self.chunk_digest.release()
             if self._grpc_channel is not None:
                 await self._grpc_channel.close()
 
@@ -502,6 +506,9 @@ class SourceMigration:
         budget = float(self.config.get("downtimeBudgetMilliseconds", 300)) / 1000
         auto_converge = bool(self.config.get("allowAutoConverge", False))
         self.handle.clear_dirty()
+        # Hash all of RAM once while round 0 travels; later rounds re-hash what got dirty.
+        self.chunk_digest = ChunkDigest(self.handle.ram(), spec.page_size)
+        self.chunk_digest.refresh_in_background()
         indices = np.arange(spec.page_count, dtype=np.int64)
         self.stats.remaining_bytes = spec.memory_bytes
         try:
@@ -514,6 +521,8 @@ class SourceMigration:
                 if seconds >= MIN_ROUND_SECONDS or self.stats.transfer_rate == 0:
                     self.stats.transfer_rate = sent_pages * spec.page_size / max(seconds, 1e-3)
                 indices = self.handle.harvest_dirty()
+                self.chunk_digest.invalidate(indices)
+                self.chunk_digest.refresh_in_background()
                 if self.postcopy_due.is_set():
                     self._pending = np.union1d(indices, unsent)
                     return False
@@ -619,7 +628,10 @@ class SourceMigration:
         t1 = time.monotonic()
         parts["pause"] = t1 - t0
         final = np.union1d(self._pending, self.handle.harvest_dirty())
-        digest_task = asyncio.create_task(ram_digest_async(self.handle.ram()))
+        digest = self.chunk_digest
+        assert digest is not None  # made by _precopy
+        digest.invalidate(final)
+        digest_task = asyncio.create_task(digest.digest_async())  # the final chunks only
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
             self._in_downtime = True
@@ -639,29 +651,7 @@ class SourceMigration:
                 final_state=pb.FinalState(device_state=device_state, digest=self.stats.digest)
             )
         )
-        t3 = time.monotonic()
-        parts["state_transfer"] = t3 - t2
-        frame = await ch0.next_control(VERIFY_TIMEOUT)
-        if frame.WhichOneof("frame") != "verified":
-            raise MigrationFailed(
-                f"expected Verified from the target, got {frame.WhichOneof('frame')}"
-            )
-        t4 = time.monotonic()
-        parts["verify"] = t4 - t3
-        self.stats.target_digest = frame.verified.digest
-        if not frame.verified.match:
-            raise MigrationFailed(
-                f"memory digest mismatch at switchover: source {self.stats.digest[:16]}…, "
-                f"target {frame.verified.digest[:16]}…"
-            )
-        self.stats.digest_verified = True
-        await self._record_handoff()
-        self.committed = True
-        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
-        with contextlib.suppress(TimeoutError, MigrationFailed):
-            frame = await ch0.next_control(RESUMED_TIMEOUT)
-            if frame.WhichOneof("frame") == "resumed":
-                parts["resume"] = time.monotonic() - t4
+        await self._verify_and_commit(ch0, t2, mode="PreCopy")
         await self._finish_success()
 
     # -- post-copy --------------------------------------------------------------------------
@@ -706,30 +696,7 @@ class SourceMigration:
                 )
             )
         )
-        t3 = time.monotonic()
-        parts["state_transfer"] = t3 - t2
-        frame = await ch0.next_control(VERIFY_TIMEOUT)
-        if frame.WhichOneof("frame") != "verified":
-            raise MigrationFailed(
-                f"expected Verified from the target, got {frame.WhichOneof('frame')}"
-            )
-        t4 = time.monotonic()
-        parts["verify"] = t4 - t3
-        self.stats.target_digest = frame.verified.digest
-        if not frame.verified.match:
-            raise MigrationFailed(
-                "memory digest mismatch at the post-copy switch (pages already on the target): "
-                f"source {self.stats.digest[:16]}…, target {frame.verified.digest[:16]}…"
-            )
-        self.stats.digest_verified = True
-        await self._record_handoff(mode="PostCopy")
-        self.committed = True
-        self.postcopy_active = True
-        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
-        with contextlib.suppress(TimeoutError, MigrationFailed):  # recovery handles a break
-            frame = await ch0.next_control(RESUMED_TIMEOUT)
-            if frame.WhichOneof("frame") == "resumed":
-                parts["resume"] = time.monotonic() - t4
+        await self._verify_and_commit(ch0, t2, mode="PostCopy")
         log.info(
             "migration %s: post-copy: the guest runs on %s; %d pages (%.1f MiB) to go",
             self.uid,
@@ -853,6 +820,38 @@ class SourceMigration:
             extra_status={"phase": "Failed", "reason": "PostCopyFailed"},
         )
 
+    async def _verify_and_commit(self, ch0: Channel, t2: float, mode: str) -> None:
+        """Steps shared by both switchovers, once the state is on its way (``t2``): the
+        target's Verified, the arbiter record, Commit, and the target's Resumed."""
+        parts = self.stats.downtime_parts
+        t3 = time.monotonic()
+        parts["state_transfer"] = t3 - t2
+        frame = await ch0.next_control(VERIFY_TIMEOUT)
+        if frame.WhichOneof("frame") != "verified":
+            raise MigrationFailed(
+                f"expected Verified from the target, got {frame.WhichOneof('frame')}"
+            )
+        t4 = time.monotonic()
+        parts["verify"] = t4 - t3
+        self.stats.target_digest = frame.verified.digest
+        if not frame.verified.match:
+            what = "at switchover" if mode == "PreCopy" else "of the pages already on the target"
+            raise MigrationFailed(
+                f"memory digest mismatch {what}: source {self.stats.digest[:16]}…, "
+                f"target {frame.verified.digest[:16]}…"
+            )
+        self.stats.digest_verified = True
+        await self._record_handoff(mode=mode)
+        self.committed = True
+        self.postcopy_active = mode == "PostCopy"
+        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
+        # The target resumes on Commit or on the arbiter record, whichever comes first: a
+        # lost Resumed changes nothing (and in post-copy, recovery handles a break).
+        with contextlib.suppress(TimeoutError, MigrationFailed):
+            frame = await ch0.next_control(RESUMED_TIMEOUT)
+            if frame.WhichOneof("frame") == "resumed":
+                parts["resume"] = time.monotonic() - t4
+
     async def _record_handoff(self, mode: str = "PreCopy") -> None:
         """The arbiter: switchover=Committed, written with a resourceVersion precondition
         (in post-copy together with ``mode: PostCopy``: from then on cancel is refused)."""
@@ -879,9 +878,8 @@ class SourceMigration:
                 await asyncio.sleep(ARBITER_RETRY)
 
     async def _finish_success(self) -> None:
-        status = await self.handle.status() if self.handle.is_alive() else None
-        del status
-        await self.handle.destroy()
+        """Record completion, then destroy the paused source guest (it never runs again:
+        the arbiter says the target owns the VM), so Succeeded does not wait on teardown."""
         self.stats.remaining_bytes = 0
         fields: Obj = {
             "completed": True,
@@ -889,6 +887,9 @@ class SourceMigration:
             "transfer": self.stats.as_status(),
         }
         await self._patch_with_retry(fields)
+        if self.chunk_digest is not None:
+            self.chunk_digest.release()
+        await self.handle.destroy()
         log.info(
             "migration %s: succeeded: %d rounds, %.1f MiB on the wire, downtime %s",
             self.uid,

@@ -37,7 +37,8 @@ import numpy as np
 import numpy.typing as npt
 
 from handler import stream
-from handler.drivers.base import PostCopyHandle, VMHandle, masked_ram_digest, ram_digest_async
+from handler.digest import ChunkDigest
+from handler.drivers.base import PostCopyHandle, VMHandle, masked_ram_digest
 from vmferry import pki
 from vmferry.rpc import migration_pb2 as pb
 from vmferry.rpc import migration_pb2_grpc
@@ -74,6 +75,14 @@ class IncomingMigration:
     stall_ms: float = 0.0
     faults: int = 0
     _pages: npt.NDArray[np.uint8] | None = None
+    _digest: ChunkDigest | None = None
+
+    @property
+    def chunk_digest(self) -> ChunkDigest:
+        """Per-chunk hashes of the RAM received so far (invalidated by every write)."""
+        if self._digest is None:
+            self._digest = ChunkDigest(self.handle.ram(), self.handle.spec.page_size)
+        return self._digest
 
     @property
     def pages(self) -> npt.NDArray[np.uint8]:
@@ -89,6 +98,9 @@ class IncomingMigration:
 
     def release(self) -> None:
         self._pages = None
+        if self._digest is not None:
+            self._digest.release()
+            self._digest = None
 
 
 Callback = Callable[[IncomingMigration], Awaitable[None]]
@@ -264,13 +276,23 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
             if channel in inc.final_channels:
                 raise stream.ProtocolError("pages after the final round")
             present = inc.postcopy_handle.present() if inc.postcopy else None
-            written = await asyncio.to_thread(stream.apply_batch, inc.pages, frame.pages, present)
+            written = await asyncio.to_thread(
+                stream.apply_batch,
+                inc.pages,
+                frame.pages,
+                present,
+                fresh_zero=frame.pages.round == 0 and not inc.postcopy,
+            )
             if inc.postcopy:
                 inc.postcopy_handle.mark_present(written)
+            else:
+                inc.chunk_digest.invalidate(written)
             inc.pages_applied += len(written)
             inc.bytes_received += len(frame.pages.payload)
             out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=len(frame.pages.payload))))
         elif kind == "round_end":
+            if not inc.postcopy:  # hash what arrived while the next round travels
+                inc.chunk_digest.refresh_in_background()
             if frame.round_end.final:
                 inc.final_channels.add(channel)
                 if len(inc.final_channels) == inc.channel_count:
@@ -346,7 +368,7 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
             ) from None
         t0 = time.monotonic()
         inc.device_state = final.device_state
-        digest = await ram_digest_async(inc.handle.ram())
+        digest = await inc.chunk_digest.digest_async()  # only the chunks still stale
         return await self._verified(inc, digest, final.digest, t0)
 
     async def _start_postcopy(

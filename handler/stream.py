@@ -100,11 +100,15 @@ def apply_batch(
     pages: npt.NDArray[np.uint8],
     frame: pb.PageBatch,
     present: npt.NDArray[np.uint8] | None = None,
+    *,
+    fresh_zero: bool = False,
 ) -> IndexArray:
     """Validate ``frame`` and scatter it into ``pages`` (worker thread).
 
     Returns the indices written. With ``present`` (post-copy), pages already present are
-    skipped: the guest may have written them since, and the source's copy is older."""
+    skipped: the guest may have written them since, and the source's copy is older. With
+    ``fresh_zero`` (round 0 into a new, all-zero RAM file) zero pages are not written at
+    all, so untouched guest memory stays sparse on the target."""
     page_count, page_size = pages.shape
     nz_idx = _indices(frame.indices, page_count, "indices")
     zero_idx = _indices(frame.zero_indices, page_count, "zero_indices")
@@ -132,6 +136,8 @@ def apply_batch(
         zero_idx = zero_idx[present[zero_idx] == 0]
     if nz_idx.size:
         pages[nz_idx] = data
+    if fresh_zero:
+        zero_idx = zero_idx[:0]  # already zero: nothing to write
     if zero_idx.size:
         pages[zero_idx] = 0
     return np.concatenate((nz_idx, zero_idx))

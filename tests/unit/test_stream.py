@@ -180,3 +180,12 @@ def test_masked_digest_ignores_exactly_the_missing_pages() -> None:
         b.data, missing[:1], PAGE, chunk
     )
     assert masked_ram_digest(a.data, missing[:0], PAGE, chunk) == ram_digest(a.data, chunk)
+
+
+def test_round_zero_into_fresh_memory_leaves_zero_pages_untouched() -> None:
+    source = ram(9)  # pages 0, 3, 6 are zero
+    target = np.zeros_like(source)
+    batch = stream.build_batch(source, np.arange(9, dtype=np.int64), 0, compress=False)
+    written = stream.apply_batch(target, batch.frame, fresh_zero=True)
+    assert sorted(written.tolist()) == [1, 2, 4, 5, 7, 8]
+    assert np.array_equal(target, source)

@@ -1,0 +1,107 @@
+"""The migration's memory digest, kept up to date chunk by chunk while pages move.
+
+Digest = hex sha256 over the concatenated sha256 of every CHUNK_PAGES-page chunk of
+guest RAM (the last chunk may be shorter). Both sides keep the per-chunk hashes of their
+own RAM and re-hash only the chunks that changed, so the switchover hashes just what the
+final pass touched instead of all of memory:
+
+- the target invalidates the chunks of every page it writes (it is the only writer of
+  its RAM before the guest resumes: exact);
+- the source invalidates the chunks of every page the dirty log reports (the same log
+  the migration relies on to send those pages).
+
+Clear-then-hash: ``refresh`` clears a chunk's stale flag *before* hashing it, and writers
+mark stale *after* writing, so a write racing a hash always leaves the chunk stale for
+the next refresh. ``digest()`` is exact once a refresh found nothing stale while the
+memory was not changing (guest paused, all pages applied).
+
+Ownership: ``invalidate`` runs on the event loop; ``refresh`` in worker threads (one
+refresh at a time per object); ``hashes`` rows are written only by ``refresh``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+
+from handler.stream import CHUNK_PAGES
+
+HASH_THREADS = 2  # hashlib releases the GIL: two chunks hash in parallel on two cores
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="chunk-digest")
+        return _pool
+
+
+class ChunkDigest:
+    def __init__(self, ram: memoryview, page_size: int, chunk_pages: int = CHUNK_PAGES) -> None:
+        self._ram = ram.cast("B") if ram.format != "B" else ram
+        self.chunk_bytes = page_size * chunk_pages
+        self.chunk_pages = chunk_pages
+        chunks = -(-len(self._ram) // self.chunk_bytes)
+        self.hashes: npt.NDArray[np.uint8] = np.zeros((chunks, 32), dtype=np.uint8)
+        self.stale: npt.NDArray[np.bool_] = np.ones(chunks, dtype=np.bool_)
+        self._lock = asyncio.Lock()
+        self.hashed_bytes = 0  # work done, for the downtime breakdown and tests
+        self._background: asyncio.Task[int] | None = None
+        self._ram_released = False
+
+    def invalidate(self, pages: npt.NDArray[np.int64]) -> None:
+        """The pages changed (or will be sent again): their chunks must be re-hashed."""
+        if pages.size:
+            self.stale[pages // self.chunk_pages] = True
+
+    def _hash_chunks(self, chunks: list[int]) -> int:
+        done = 0
+        for c in chunks:
+            start = c * self.chunk_bytes
+            with self._ram[start : start + self.chunk_bytes] as piece:
+                self.hashes[c] = np.frombuffer(hashlib.sha256(piece).digest(), dtype=np.uint8)
+                done += len(piece)
+        return done
+
+    def refresh(self) -> int:
+        """Re-hash every stale chunk (blocking; run in a worker). Returns chunks hashed."""
+        todo = np.flatnonzero(self.stale)
+        if not todo.size:
+            return 0
+        self.stale[todo] = False  # clear, then hash
+        parts = [p.tolist() for p in np.array_split(todo, HASH_THREADS) if p.size]
+        for future in [_executor().submit(self._hash_chunks, part) for part in parts]:
+            self.hashed_bytes += future.result()
+        return int(todo.size)
+
+    async def refresh_async(self) -> int:
+        """refresh() off the event loop; concurrent callers wait for each other."""
+        async with self._lock:
+            return await asyncio.to_thread(self.refresh)
+
+    def refresh_in_background(self) -> None:
+        """Start a refresh unless one runs (its result is picked up by the next call)."""
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self.refresh_async())
+
+    async def digest_async(self) -> str:
+        """Refresh what is stale, then the digest. Call when the memory is quiescent."""
+        await self.refresh_async()
+        return hashlib.sha256(self.hashes.tobytes()).hexdigest()
+
+    def release(self) -> None:
+        """Drop the view of guest RAM (the driver can unmap it). Safe to call twice."""
+        if self._background is not None:
+            self._background.cancel()
+        if self.stale.size and not self._ram_released:
+            self._ram_released = True
+            self._ram.release()
