@@ -33,7 +33,7 @@ from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
 from vmferry import httpserve, kinds, logs, pki, schema
-from vmferry.config import ConfigError, load_toml
+from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
 from vmferry.rpc import api_pb2_grpc
@@ -107,21 +107,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="serve without TLS (tests only; never in production)",
     )
     args = p.parse_args(argv)
-    config = dict(DEFAULTS)
-    if args.config:
-        config.update(load_toml(args.config, CONFIG_KEYS))
-    for key in CONFIG_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            config[key] = value
-    if not config["insecure_plaintext"]:
-        missing = [k for k in ("ca", "cert", "key") if not config.get(k)]
-        if missing:
-            raise ConfigError(
-                f"missing {', '.join(missing)}: mTLS needs the CA, a server certificate and its "
-                "key (or --insecure-plaintext for tests)"
-            )
-    return config
+    return daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
 
 
 async def bootstrap(store: Store) -> None:

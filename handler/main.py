@@ -28,7 +28,7 @@ from handler.qemu_migration import TunnelService
 from handler.vm_manager import VMManager
 from vmferry import httpserve, logs, pki
 from vmferry.client import ApiClient
-from vmferry.config import ClientConfig, ConfigError, load_toml
+from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
 from vmferry.quantity import parse_quantity
 from vmferry.rpc import migration_pb2_grpc, tunnel_pb2_grpc
@@ -124,13 +124,9 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="no TLS anywhere (tests only; never in production)",
     )
     args = p.parse_args(argv)
-    config = dict(DEFAULTS)
-    if args.config:
-        config.update(load_toml(args.config, CONFIG_KEYS))
-    for key in CONFIG_KEYS:
-        value = getattr(args, key, None)
-        if value is not None and key != "labels":
-            config[key] = value
+    config = daemon_config(
+        args, DEFAULTS, CONFIG_KEYS, tls_what="the node certificate", flag_skip=("labels",)
+    )
     labels = dict(config["labels"])
     for item in args.label:
         k, sep, v = item.partition("=")
@@ -140,13 +136,6 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     config["labels"] = labels
     if not config.get("node_name"):
         raise ConfigError("node_name is required (--node-name or node_name in the config file)")
-    if not config["insecure_plaintext"]:
-        missing = [k for k in ("ca", "cert", "key") if not config.get(k)]
-        if missing:
-            raise ConfigError(
-                f"missing {', '.join(missing)}: mTLS needs the CA, the node "
-                "certificate and its key (or --insecure-plaintext for tests)"
-            )
     try:
         config["memory_bytes"] = (
             parse_quantity(config["memory"]) if config.get("memory") else host_memory_bytes()

@@ -45,6 +45,7 @@ FINALIZER = "vmferry.io/handler"
 INCOMING_SUFFIX = ".in-"
 ARBITER_WAIT = 20.0  # s a verified target waits for the source's hand-off before claiming abort
 RESUME_GAP_POLLS = 200  # x 10 ms: how long a resumed guest may take to report its gap
+PROGRESS_RETENTION = 900.0  # s a finished migration's progress stays (metrics read it)
 GUEST_CHECK_INTERVAL = 2.0  # s between liveness checks of local guests
 
 
@@ -314,6 +315,10 @@ class VMManager:
             log.exception("migration %s crashed", migration.uid)
         finally:
             self.sources.pop(migration.uid, None)
+            # Keep the final figures for the metrics collector a while, then let them go.
+            asyncio.get_running_loop().call_later(
+                PROGRESS_RETENTION, self.progress.pop, migration.uid, None
+            )
             if migration.committed:
                 self.handles.pop(migration.vmi["metadata"]["uid"], None)
             self.queue.add(key)

@@ -143,3 +143,33 @@ def load_toml(path: Path, allowed: dict[str, type | tuple[type, ...]]) -> dict[s
         if not isinstance(value, allowed[key]) or isinstance(value, bool) != (allowed[key] is bool):
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
     return doc
+
+
+def daemon_config(
+    args: Any,
+    defaults: dict[str, Any],
+    keys: dict[str, type | tuple[type, ...]],
+    *,
+    tls_what: str,
+    flag_skip: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A daemon's configuration: ``defaults``, then the TOML file ``args.config``, then
+    every command-line flag that was given (``keys`` named as flags, minus ``flag_skip``).
+
+    Unless ``insecure_plaintext`` is set, the CA, certificate and key must be present
+    (``tls_what`` names the certificate in the error)."""
+    config = dict(defaults)
+    if getattr(args, "config", None):
+        config.update(load_toml(args.config, keys))
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None and key not in flag_skip:
+            config[key] = value
+    if not config.get("insecure_plaintext"):
+        missing = [k for k in ("ca", "cert", "key") if not config.get(k)]
+        if missing:
+            raise ConfigError(
+                f"missing {', '.join(missing)}: mTLS needs the CA, {tls_what} and its key "
+                "(or --insecure-plaintext for tests)"
+            )
+    return config
