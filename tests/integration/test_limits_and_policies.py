@@ -323,7 +323,7 @@ def test_drain_moves_every_live_migratable_vm_and_names_blockers(lab: LabHarness
     assert lab.get("vmi", "pinned")["status"]["nodeName"] == "node2"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_drain_capacity_reports_the_reference_formula(lab: LabHarness) -> None:
     place_on(lab, "node1", vm_manifest("cap-a", "256Mi", "0"), vm_manifest("cap-b", "256Mi", "0"))
     out = lab.cli("adm", "drain-capacity", "--parallel-drains", "2")
@@ -339,7 +339,8 @@ def test_cancel_while_pending_and_garbage_collection_of_old_migrations(lab: LabH
     a, b = place_on(
         lab, "node1", vm_manifest("gc-a", "64Mi", "1Mi"), vm_manifest("gc-b", "32Mi", "1Mi")
     )
-    lab.set_live_migration_config(parallelMigrationsPerCluster=1, bandwidthPerMigration="16Mi")
+    # 64 MiB at 6 MiB/s: the first migration occupies the only slot for ~10 s.
+    lab.set_live_migration_config(parallelMigrationsPerCluster=1, bandwidthPerMigration="6Mi")
     running = migrate(lab, a)
     queued = migrate(lab, b)
     assert lab.get("vmim", queued)["status"]["phase"] == "Pending"

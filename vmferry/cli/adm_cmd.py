@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from typing import Any
 
 from vmferry import conditions, kinds, schema
 from vmferry.cli.common import Obj, error, run_with_client
+from vmferry.cli.progress import MultiMigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.quantity import format_quantity, parse_quantity
@@ -80,44 +80,6 @@ def _active_migration(vmims: list[Obj], vmi: Obj) -> Obj | None:
     return None
 
 
-class DrainProgress:
-    """One status line: live on a terminal, a plain line per change otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last = ""
-
-    def show(self, text: str) -> None:
-        if text == self.last:
-            return
-        self.last = text
-        if self.tty:
-            sys.stderr.write("\r\033[K" + text)
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty and self.last:
-            sys.stderr.write("\n")
-
-
-def _progress_text(
-    node: str, total: int, remaining: list[Obj], vmims: list[Obj], started: float
-) -> str:
-    parts = [f"draining {node}: {total - len(remaining)}/{total} VMIs moved"]
-    for vmi in remaining[:4]:
-        m = _active_migration(vmims, vmi)
-        phase = (m.get("status") or {}).get("phase", "Pending") if m else "waiting"
-        t = ((m or {}).get("status") or {}).get("migrationState", {}).get("transfer") or {}
-        pct = ""
-        if t.get("dataTotalBytes"):
-            pct = f" {min(100, 100 * t.get('dataProcessedBytes', 0) // t['dataTotalBytes'])}%"
-        parts.append(f"{vmi['metadata']['name']} {phase}{pct}")
-    parts.append(f"{time.monotonic() - started:.0f}s")
-    return "  ".join(parts)
-
-
 def cmd_drain(args: argparse.Namespace) -> int:
     async def run(api: ApiClient, config: ClientConfig) -> int:
         node = args.node
@@ -150,9 +112,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
                     "VirtualMachineInstance", vmi["metadata"]["namespace"], vmi["metadata"]["name"]
                 )
         movable = [v for v in vmis if not _blocker(v)]
+        drain_started = conditions.now_rfc3339()
         attempts: dict[str, int] = {}
-        progress = DrainProgress()
-        started = time.monotonic()
+        progress = MultiMigrationProgress(title=f"draining {node}")
+        movable_keys = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in movable}
         try:
             async with asyncio.timeout(args.timeout):
                 while True:
@@ -167,7 +130,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
                         and current[v["metadata"]["uid"]]["status"].get("nodeName") == node
                     ]
                     vmims, _ = await api.list("VirtualMachineInstanceMigration")
-                    progress.show(_progress_text(node, len(movable), remaining, vmims, started))
+                    for vmim in vmims:  # the migrations moving this node's VMIs
+                        key = (vmim["metadata"]["namespace"], vmim["spec"].get("vmiName"))
+                        tracked = vmim["metadata"]["name"] in progress.names()
+                        if key in movable_keys and (
+                            tracked
+                            or vmim["metadata"].get("creationTimestamp", "") >= drain_started
+                        ):
+                            progress.update(vmim)
                     if not remaining:
                         break
                     for vmi in remaining:
@@ -175,7 +145,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
                             continue
                         uid = vmi["metadata"]["uid"]
                         if attempts.get(uid, 0) >= EVACUATION_ATTEMPTS:
-                            progress.done()
+                            progress.close()
                             failed = [
                                 m
                                 for m in vmims
@@ -208,11 +178,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
                         )
                     await asyncio.sleep(POLL_INTERVAL)
         except TimeoutError:
-            progress.done()
+            progress.close()
             return error(
                 f"drain of {node} did not finish within {args.timeout:.0f}s; the node stays cordoned"
             )
-        progress.done()
+        progress.close()
         print(f"node/{node} drained ({len(movable)} VMIs live-migrated)")
         return 0
 

@@ -178,6 +178,10 @@ class MultiMigrationProgress:
             out.append(f"{key.split('/', 1)[1]:<{width}}  {line}")
         return out
 
+    def names(self) -> set[str]:
+        """Names of the migrations shown so far."""
+        return {key.split("/", 1)[1] for key in self.vmims}
+
     def update(self, vmim: Obj) -> None:
         """Fold in one VMIM (new or changed) and redraw."""
         key = _key(vmim)
