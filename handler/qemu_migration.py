@@ -297,6 +297,12 @@ class QemuSourceMigration:
                 await self._start(tg)
                 await self._monitor()
                 await self._switchover()
+                # End every tunnel stream (multifd channels idle after QEMU finished),
+                # so the TaskGroup's pumps return.
+                for ch in self._channels:
+                    ch.call.cancel()
+                for w in self._writers:
+                    w.close()
         except asyncio.CancelledError:
             raise
         except BaseException as e:

@@ -152,6 +152,9 @@ def test_repair_switchover_guest_runs_on_without_panic(
     assert "Kernel panic" not in text and "CORRUPT" not in text, text[-2000:]
     shown = lab.cli("console-log", "qrep", "--tail", "1").stdout
     assert shown.startswith("HB "), shown
+    # The migration's source side has fully ended: deleting the VM destroys its QEMU.
+    lab.cli("delete", "vm", "qrep", timeout=90)
+    lab.wait_for("qrep's QEMU to be destroyed", lambda: qemu_guests(lab, uid) == [], timeout=30)
 
 
 @pytest.mark.timeout(300)
