@@ -35,6 +35,7 @@ HANDOFF_FIELDS = (
     "parallelStreams",
     "network",
     "postCopyRecoveryWindowSeconds",
+    "compression",
 )
 
 

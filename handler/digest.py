@@ -72,9 +72,12 @@ class ChunkDigest:
                 done += len(piece)
         return done
 
-    def refresh(self) -> int:
-        """Re-hash every stale chunk (blocking; run in a worker). Returns chunks hashed."""
+    def refresh(self, skip: npt.NDArray[np.int64] | None = None) -> int:
+        """Re-hash every stale chunk but those in ``skip`` (which stay stale); blocking,
+        run in a worker. Returns the number of chunks hashed."""
         todo = np.flatnonzero(self.stale)
+        if skip is not None and skip.size:
+            todo = np.setdiff1d(todo, skip, assume_unique=True)
         if not todo.size:
             return 0
         self.stale[todo] = False  # clear, then hash
@@ -83,10 +86,10 @@ class ChunkDigest:
             self.hashed_bytes += future.result()
         return int(todo.size)
 
-    async def refresh_async(self) -> int:
+    async def refresh_async(self, skip: npt.NDArray[np.int64] | None = None) -> int:
         """refresh() off the event loop; concurrent callers wait for each other."""
         async with self._lock:
-            return await asyncio.to_thread(self.refresh)
+            return await asyncio.to_thread(self.refresh, skip)
 
     def refresh_in_background(self) -> None:
         """Start a refresh unless one runs (its result is picked up by the next call)."""
@@ -97,6 +100,35 @@ class ChunkDigest:
         """Refresh what is stale, then the digest. Call when the memory is quiescent."""
         await self.refresh_async()
         return hashlib.sha256(self.hashes.tobytes()).hexdigest()
+
+    async def masked_digest_async(self, missing: npt.NDArray[np.int64], page_size: int) -> str:
+        """The digest with the ``missing`` pages taken as zeros (post-copy: what the target
+        already has). Chunks holding a missing page are hashed from a masked copy."""
+        by_chunk: dict[int, list[int]] = {}
+        for page in np.unique(missing).tolist():
+            by_chunk.setdefault(page // self.chunk_pages, []).append(page % self.chunk_pages)
+        # Chunks with a missing page are hashed below from a masked copy (or known to be
+        # zeros): refreshing them first would be wasted work.
+        await self.refresh_async(skip=np.array(sorted(by_chunk), dtype=np.int64))
+        hashes = self.hashes.copy()
+
+        zero_chunk = np.frombuffer(hashlib.sha256(bytes(self.chunk_bytes)).digest(), dtype=np.uint8)
+
+        def mask(items: list[tuple[int, list[int]]]) -> None:
+            for c, pages in items:
+                start = c * self.chunk_bytes
+                if len(pages) == self.chunk_pages and start + self.chunk_bytes <= len(self._ram):
+                    hashes[c] = zero_chunk  # wholly missing: all zeros, nothing to copy
+                    continue
+                with self._ram[start : start + self.chunk_bytes] as piece:
+                    copy = np.frombuffer(bytearray(piece), dtype=np.uint8).reshape(-1, page_size)
+                copy[pages] = 0
+                hashes[c] = np.frombuffer(hashlib.sha256(copy.data).digest(), dtype=np.uint8)
+
+        items = list(by_chunk.items())
+        halves = [items[i::HASH_THREADS] for i in range(HASH_THREADS)]
+        await asyncio.gather(*(asyncio.to_thread(mask, half) for half in halves if half))
+        return hashlib.sha256(hashes.tobytes()).hexdigest()
 
     def release(self) -> None:
         """Drop the view of guest RAM (the driver can unmap it). Safe to call twice."""

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from handler import stream
 from handler.digest import ChunkDigest
-from handler.drivers.base import GuestError, VMHandle, masked_ram_digest
+from handler.drivers.base import GuestError, VMHandle
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -62,6 +62,8 @@ AUTO_CONVERGE_MAX = 99
 NOT_CONVERGING = 0.5  # a round is not converging when the guest dirtied > 50% of what was sent
 RECONNECT_DELAY = 0.5  # s, doubled up to RECONNECT_MAX_DELAY while post-copy recovers
 RECONNECT_MAX_DELAY = 5.0
+SHRINKING = 0.5  # a round left less than half of what it sent: another round pays
+TIGHT_BUDGET = 0.1  # ... until the estimated pause is this fraction of the budget
 MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
 PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
 PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
@@ -255,8 +257,10 @@ class SourceMigration:
         self._throttle = 0
         self._in_downtime = False  # the guest is paused and nowhere running: no pacing
         self.chunk_digest: ChunkDigest | None = None
+        # zstd per batch, kept only where it pays; "None" in the configuration turns it off.
+        self.compress = str(self.config.get("compression", "Zstd")) != "None"
         self.on_progress = on_progress
-        self._grpc_channel: grpc.aio.Channel | None = None
+        self._connections: list[grpc.aio.Channel] = []  # one per stream
         self._channels: list[Channel] = []
         self._last_report = 0.0
         self._publisher: asyncio.Task[None] | None = None
@@ -301,8 +305,7 @@ class SourceMigration:
         finally:
             if self.chunk_digest is not None:
                 self.chunk_digest.release()
-            if self._grpc_channel is not None:
-                await self._grpc_channel.close()
+            await self._close_connections()
 
     # -- status writes ----------------------------------------------------------------------
 
@@ -364,26 +367,34 @@ class SourceMigration:
 
     async def _connect(self, tg: asyncio.TaskGroup, *, resume: bool = False) -> None:
         count = max(1, min(int(self.config.get("parallelStreams", 2)), stream.MAX_CHANNELS))
-        if self._grpc_channel is not None:
-            await self._grpc_channel.close()
+        await self._close_connections()
         self._channels = []
-        if self.tls is None:
-            self._grpc_channel = grpc.aio.insecure_channel(
-                self.target_address, options=CHANNEL_OPTIONS
-            )
-        else:
+        # One TCP/TLS connection per stream (a local subchannel pool keeps gRPC from
+        # sharing one connection): streams multiplexed on one HTTP/2 connection measured
+        # well below separate connections here.
+        options: list[tuple[str, int | str]] = [
+            *CHANNEL_OPTIONS,
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        if self.tls is not None:
             # The target proves it is the hand-off's target node: its certificate must
             # name the node (the address may be a relay or an advertised address).
-            options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.target_node)]
-            self._grpc_channel = grpc.aio.secure_channel(
-                self.target_address, pki.channel_credentials(self.tls), options=options
-            )
-        stub = migration_pb2_grpc.MigrationStub(self._grpc_channel)
+            options.append(("grpc.ssl_target_name_override", self.target_node))
+        stubs = []
+        for _ in range(count):
+            if self.tls is None:
+                conn = grpc.aio.insecure_channel(self.target_address, options=options)
+            else:
+                conn = grpc.aio.secure_channel(
+                    self.target_address, pki.channel_credentials(self.tls), options=options
+                )
+            self._connections.append(conn)
+            stubs.append(migration_pb2_grpc.MigrationStub(conn))
         spec = self.handle.spec
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 for cid in range(count):
-                    ch = Channel(cid, stub.Transfer())
+                    ch = Channel(cid, stubs[cid].Transfer())
                     self._channels.append(ch)
                     await ch.write(
                         pb.SourceFrame(
@@ -412,6 +423,11 @@ class SourceMigration:
                 f"the target {self.target_address} did not answer within {CONNECT_TIMEOUT:.0f}s"
             ) from None
 
+    async def _close_connections(self) -> None:
+        connections, self._connections = self._connections, []
+        for conn in connections:
+            await conn.close()
+
     # -- sending rounds ---------------------------------------------------------------------
 
     async def _send_round(
@@ -430,7 +446,9 @@ class SourceMigration:
         the pages not sent yet are returned. ``sent_mask`` (post-copy) skips pages already
         sent and marks the ones sent now."""
         pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
-        compress = False
+        # Compression saves wire while the guest runs; in the stop-and-copy round the CPU
+        # time it costs is downtime, and the link is rarely what limits that round.
+        compress = self.compress and not self._in_downtime
         # The cap protects the network while the guest runs (pre-copy, post-copy); the
         # stop-and-copy round runs flat out, as QEMU's completion stage does.
         limit = 0 if self._in_downtime else self.bandwidth_limit
@@ -545,7 +563,7 @@ class SourceMigration:
                 )
                 if self.abort_requested.is_set():
                     raise Aborted("migration canceled by the user")
-                if remaining / max(self.stats.transfer_rate, 1) <= budget:
+                if self._converged(remaining, sent_pages * spec.page_size, budget):
                     self._pending = indices
                     return True
                 if (
@@ -557,6 +575,17 @@ class SourceMigration:
         except BaseException:
             await self._unthrottle()
             raise
+
+    def _converged(self, remaining: int, sent: int, budget: float) -> bool:
+        """Stop-and-copy now? When the remaining dirty memory fits the downtime budget at
+        the measured rate -- unless the last round more than halved what is left, in
+        which case one more round is cheap and cuts the pause (the budget is a ceiling,
+        not a target), until the estimate is a tenth of the budget."""
+        estimate = remaining / max(self.stats.transfer_rate, 1)
+        if estimate > budget:
+            return False
+        shrinking = remaining < SHRINKING * sent
+        return not shrinking or estimate <= budget * TIGHT_BUDGET
 
     async def _throttle_more(self) -> None:
         """Auto-converge: slow the guest's CPU down (20%, then +10% a round, up to 99%)."""
@@ -683,9 +712,8 @@ class SourceMigration:
         t2 = time.monotonic()
         parts["final_pass"] = t2 - t1
         device_state = await self.handle.device_state()
-        self.stats.digest = await asyncio.to_thread(
-            masked_ram_digest, self.handle.ram(), missing, spec.page_size
-        )
+        assert self.chunk_digest is not None  # made by _precopy
+        self.stats.digest = await self.chunk_digest.masked_digest_async(missing, spec.page_size)
         ch0 = self._channels[0]
         await ch0.write(
             pb.SourceFrame(

@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from handler import stream
 from handler.digest import ChunkDigest
-from handler.drivers.base import PostCopyHandle, VMHandle, masked_ram_digest
+from handler.drivers.base import PostCopyHandle, VMHandle
 from vmferry import pki
 from vmferry.rpc import migration_pb2 as pb
 from vmferry.rpc import migration_pb2_grpc
@@ -386,9 +386,7 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         inc.postcopy = True
         inc.final_channels.clear()
         inc.all_final.clear()
-        digest = await asyncio.to_thread(
-            masked_ram_digest, handle.ram(), missing, handle.spec.page_size
-        )
+        digest = await inc.chunk_digest.masked_digest_async(missing, handle.spec.page_size)
         log.info("migration %s: post-copy start, %d pages missing", inc.migration_uid, len(missing))
         return await self._verified(inc, digest, start.present_digest, t0)
 

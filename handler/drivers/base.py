@@ -46,7 +46,6 @@ __all__ = [
     "PageIndices",
     "VMExistsError",
     "VMHandle",
-    "masked_ram_digest",
     "ram_digest",
     "ram_digest_async",
 ]
@@ -310,38 +309,6 @@ def ram_digest(buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BY
 
         outer = hashlib.sha256()
         for piece_digest in _pool().map(hash_chunk, offsets):
-            outer.update(piece_digest)
-        return outer.hexdigest()
-
-
-def masked_ram_digest(
-    buf: memoryview | bytes | bytearray,
-    excluded: PageIndices,
-    page_size: int,
-    chunk: int = DIGEST_CHUNK_BYTES,
-) -> str:
-    """ram_digest() of ``buf`` with the ``excluded`` pages taken as all zeros.
-
-    Post-copy verifies the pages the target already has: both sides hash RAM with the
-    missing pages masked out. Chunks without excluded pages are hashed in place; only
-    chunks that contain one are copied (and the copy masked)."""
-    pages_per_chunk = chunk // page_size
-    by_chunk: dict[int, list[int]] = {}
-    for page in np.unique(excluded).tolist():
-        by_chunk.setdefault(page // pages_per_chunk, []).append(page % pages_per_chunk)
-    with memoryview(buf) as view, view.cast("B") as data:
-
-        def hash_chunk(offset: int) -> bytes:
-            with data[offset : offset + chunk] as piece:
-                masked = by_chunk.get(offset // chunk)
-                if not masked:
-                    return hashlib.sha256(piece).digest()
-                copy = np.frombuffer(bytearray(piece), dtype=np.uint8).reshape(-1, page_size)
-                copy[masked] = 0
-                return hashlib.sha256(copy.data).digest()
-
-        outer = hashlib.sha256()
-        for piece_digest in _pool().map(hash_chunk, range(0, len(data), chunk)):
             outer.update(piece_digest)
         return outer.hexdigest()
 

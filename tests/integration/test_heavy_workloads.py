@@ -59,7 +59,7 @@ def heavy_vm(lab: LabHarness) -> Iterator[dict[str, Any]]:
     for node in ("node2", "node3"):
         lab.cli("adm", "cordon", node)
     try:
-        lab.apply(vm_manifest("heavy", "128Mi", "32Mi", hot_set="16Mi", content="mixed"))
+        lab.apply(vm_manifest("heavy", "128Mi", "32Mi", hot_set="16Mi", content="random"))
         vmi = lab.wait_vmi_running("heavy")
     finally:
         for node in ("node2", "node3"):

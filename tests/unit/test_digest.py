@@ -35,3 +35,33 @@ def test_incremental_digest_tracks_writes_and_hashes_only_stale_chunks() -> None
     ram[500 * PAGE] ^= 0xFF  # a write nobody reported is not seen: the writer must invalidate
     assert asyncio.run(d.digest_async()) != full(ram, 64)
     d.release()
+
+
+def test_masked_digest_ignores_exactly_the_missing_pages() -> None:
+    rng = np.random.default_rng(4)
+    a = bytearray(rng.integers(0, 256, 256 * PAGE, dtype=np.uint8).tobytes())
+    b = bytearray(a)
+    for page in (3, 200):  # pages the target has not received yet differ
+        b[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    missing = np.array([3, 200], dtype=np.int64)
+    da, db = ChunkDigest(memoryview(a), PAGE), ChunkDigest(memoryview(b), PAGE)
+    assert asyncio.run(da.masked_digest_async(missing, PAGE)) == asyncio.run(
+        db.masked_digest_async(missing, PAGE)
+    )
+    assert asyncio.run(da.masked_digest_async(missing[:1], PAGE)) != asyncio.run(
+        db.masked_digest_async(missing[:1], PAGE)
+    )
+    assert asyncio.run(da.masked_digest_async(missing[:0], PAGE)) == asyncio.run(da.digest_async())
+    da.release()
+    db.release()
+
+
+def test_a_wholly_missing_chunk_hashes_as_zeros() -> None:
+    a = bytearray(np.random.default_rng(5).integers(0, 256, 256 * PAGE, dtype=np.uint8).tobytes())
+    b = bytearray(a)
+    b[64 * PAGE : 128 * PAGE] = bytes(64 * PAGE)
+    whole = np.arange(64, 128, dtype=np.int64)
+    da, db = ChunkDigest(memoryview(a), PAGE), ChunkDigest(memoryview(b), PAGE)
+    assert asyncio.run(da.masked_digest_async(whole, PAGE)) == asyncio.run(db.digest_async())
+    da.release()
+    db.release()

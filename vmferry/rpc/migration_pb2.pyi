@@ -76,6 +76,8 @@ class _CodecEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Codec.ValueType
     """always rejected"""
     CODEC_RAW: _Codec.ValueType  # 1
     CODEC_ZLIB: _Codec.ValueType  # 2
+    CODEC_ZSTD: _Codec.ValueType  # 3
+    """zstd level 1: what the source uses when a batch shrinks by 10% or more"""
 
 class Codec(_Codec, metaclass=_CodecEnumTypeWrapper): ...
 
@@ -83,6 +85,8 @@ CODEC_UNSPECIFIED: Codec.ValueType  # 0
 """always rejected"""
 CODEC_RAW: Codec.ValueType  # 1
 CODEC_ZLIB: Codec.ValueType  # 2
+CODEC_ZSTD: Codec.ValueType  # 3
+"""zstd level 1: what the source uses when a batch shrinks by 10% or more"""
 Global___Codec: _TypeAlias = Codec  # noqa: Y015
 
 @_typing.final
