@@ -46,13 +46,27 @@ def _executor() -> ThreadPoolExecutor:
 
 
 class ChunkDigest:
-    def __init__(self, ram: memoryview, page_size: int, chunk_pages: int = CHUNK_PAGES) -> None:
+    def __init__(
+        self,
+        ram: memoryview,
+        page_size: int,
+        chunk_pages: int = CHUNK_PAGES,
+        *,
+        all_zero: bool = False,
+    ) -> None:
+        """``all_zero``: the memory is known to be all zeros now (a migration target's
+        fresh RAM file), so no chunk needs reading until something is written."""
         self._ram = ram.cast("B") if ram.format != "B" else ram
         self.chunk_bytes = page_size * chunk_pages
         self.chunk_pages = chunk_pages
         chunks = -(-len(self._ram) // self.chunk_bytes)
         self.hashes: npt.NDArray[np.uint8] = np.zeros((chunks, 32), dtype=np.uint8)
-        self.stale: npt.NDArray[np.bool_] = np.ones(chunks, dtype=np.bool_)
+        self.stale: npt.NDArray[np.bool_] = np.full(chunks, not all_zero, dtype=np.bool_)
+        if all_zero and chunks:
+            zero = hashlib.sha256(bytes(self.chunk_bytes)).digest()
+            self.hashes[:] = np.frombuffer(zero, dtype=np.uint8)
+            tail = len(self._ram) - (chunks - 1) * self.chunk_bytes
+            self.hashes[-1] = np.frombuffer(hashlib.sha256(bytes(tail)).digest(), dtype=np.uint8)
         self._lock = asyncio.Lock()
         self.hashed_bytes = 0  # work done, for the downtime breakdown and tests
         self._background: asyncio.Task[int] | None = None

@@ -81,7 +81,8 @@ class IncomingMigration:
     def chunk_digest(self) -> ChunkDigest:
         """Per-chunk hashes of the RAM received so far (invalidated by every write)."""
         if self._digest is None:
-            self._digest = ChunkDigest(self.handle.ram(), self.handle.spec.page_size)
+            # prepare_incoming() made a fresh, all-zero RAM file: only writes need hashing.
+            self._digest = ChunkDigest(self.handle.ram(), self.handle.spec.page_size, all_zero=True)
         return self._digest
 
     @property
@@ -287,6 +288,7 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
                 inc.postcopy_handle.mark_present(written)
             else:
                 inc.chunk_digest.invalidate(written)
+                inc.chunk_digest.refresh_in_background()  # keep up as pages land
             inc.pages_applied += len(written)
             inc.bytes_received += len(frame.pages.payload)
             out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=len(frame.pages.payload))))

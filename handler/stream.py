@@ -23,7 +23,7 @@ from vmferry.rpc import migration_pb2 as pb
 
 PROTOCOL_VERSION = 1
 CHUNK_PAGES = 64  # pages; a page always travels on channel (index // CHUNK_PAGES) % channels
-BATCH_PAGES = 256  # pages per PageBatch (1 MiB of 4 KiB pages)
+BATCH_PAGES = 1024  # pages per PageBatch (4 MiB of 4 KiB pages; 1 MiB measured slower)
 CREDIT_WINDOW = 32 << 20  # bytes of payload a source may have in flight per channel
 MAX_CHANNELS = 16
 COMPRESS_MIN_GAIN = 0.9  # keep a compressed payload only if it is < 90% of the raw size

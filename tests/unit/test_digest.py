@@ -65,3 +65,13 @@ def test_a_wholly_missing_chunk_hashes_as_zeros() -> None:
     assert asyncio.run(da.masked_digest_async(whole, PAGE)) == asyncio.run(db.digest_async())
     da.release()
     db.release()
+
+
+def test_fresh_zero_memory_needs_no_reading_until_written() -> None:
+    ram = bytearray(300 * PAGE)
+    d = ChunkDigest(memoryview(ram), PAGE, all_zero=True)
+    assert asyncio.run(d.digest_async()) == full(ram, 64) and d.hashed_bytes == 0
+    ram[70 * PAGE] = 1
+    d.invalidate(np.array([70], dtype=np.int64))
+    assert asyncio.run(d.digest_async()) == full(ram, 64) and d.hashed_bytes == 64 * PAGE
+    d.release()
