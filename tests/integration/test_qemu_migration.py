@@ -94,7 +94,7 @@ def vmim_name(out: str) -> str:
 
 @pytest.fixture(scope="module")
 def guests(lab: LabHarness) -> Iterator[dict[str, str]]:
-    """Boot qrep and qdet; {name: vmi uid}. Kills every QEMU of the lab at the end."""
+    """Boot qrep and qdet; {name: vmi uid}. Deletes them and kills any QEMU left at the end."""
     lab.apply(qemu_vm("qrep", "repair"))
     lab.apply(qemu_vm("qdet", "detect"))
     uids = {n: lab.wait_vmi_running(n, timeout=60)["metadata"]["uid"] for n in ("qrep", "qdet")}
@@ -108,6 +108,10 @@ def guests(lab: LabHarness) -> Iterator[dict[str, str]]:
             )
         yield uids
     finally:
+        # Delete the VMs first: a QEMU merely killed would be restarted by its VM
+        # (runStrategy Always) and outlive the lab, which does not know QEMU guests.
+        for name in uids:
+            lab.cli("delete", "vm", name, check=False, timeout=90)
         for node in lab.lab.node_names():
             for vm_json in (lab.lab.runtime_dir(node) / "qemu").glob("*/vm.json"):
                 try:
