@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -40,9 +39,10 @@ import numpy.typing as npt
 from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import GuestError, VMHandle
+from handler.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
-from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.errors import ApiError
 from vmferry.quantity import parse_quantity
 from vmferry.rpc import migration_pb2 as pb
 from vmferry.rpc import migration_pb2_grpc
@@ -67,7 +67,6 @@ TIGHT_BUDGET = 0.1  # ... until the estimated pause is this fraction of the budg
 MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
 PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
 PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
-ARBITER_RETRY = 0.5  # s between attempts to record the hand-off while the API is away
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -79,14 +78,6 @@ CHANNEL_OPTIONS = [
 
 
 STOP_SERVING = b"stop"  # sentinel on a channel's request queue (never a valid request)
-
-
-class MigrationFailed(Exception):
-    """The migration cannot go on; the message is the failureReason users see."""
-
-
-class Aborted(MigrationFailed):
-    """Cancelled on request (``abortRequested``)."""
 
 
 @dataclass
@@ -144,13 +135,6 @@ class Stats:
             out["targetDigest"] = self.target_digest
             out["digestVerified"] = self.digest_verified
         return out
-
-
-def _first_leaf(e: BaseException) -> BaseException:
-    """The first non-group exception inside (possibly nested) exception groups."""
-    while isinstance(e, BaseExceptionGroup):
-        e = e.exceptions[0]
-    return e
 
 
 class Channel:
@@ -246,6 +230,7 @@ class SourceMigration:
         self.token: str = ms.get("token", "")
         self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
         self.target_node: str = ms["targetNode"]
+        self.record = HandoffRecord(api, self.ns, self.name, self.uid)
         self.config: Obj = ms.get("migrationConfiguration") or {}
         self.abort_requested = asyncio.Event()
         self.stats = Stats(total_bytes=handle.spec.memory_bytes)
@@ -287,7 +272,7 @@ class SourceMigration:
         except asyncio.CancelledError:
             raise  # handler shutdown: a restarted handler settles the migration
         except BaseException as e:
-            leaf = _first_leaf(e)
+            leaf = first_leaf(e)
             if isinstance(leaf, asyncio.CancelledError):
                 raise
             if isinstance(leaf, MigrationFailed):
@@ -309,44 +294,20 @@ class SourceMigration:
 
     # -- status writes ----------------------------------------------------------------------
 
-    async def _read_state(self) -> tuple[Obj, Obj]:
-        vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
-        if ms.get("migrationUid") != self.uid:
-            raise MigrationFailed("the VMI's migration state was replaced by another migration")
-        return vmi, ms
-
     async def _mark_started(self) -> bool:
         """Record startTimestamp unless the migration was failed/canceled meanwhile."""
-        while True:
-            vmi, ms = await self._read_state()
-            if ms.get("failed") or ms.get("completed") or ms.get("startTimestamp"):
-                log.info("migration %s: not starting (already ended or started)", self.uid)
-                return False
-            ms["startTimestamp"] = conditions.now_rfc3339()
-            ms["mode"] = "PreCopy"
-            ms["transfer"] = self.stats.as_status()
-            try:
-                await self.api.update(vmi, subresource="status")
-                log.info(
-                    "migration %s: %s/%s starting to %s",
-                    self.uid,
-                    self.ns,
-                    self.name,
-                    self.target_address,
-                )
-                return True
-            except Conflict:
-                continue
-
-    async def _patch_ms(self, fields: Obj, extra_status: Obj | None = None) -> None:
-        await self.api.patch(
-            "VirtualMachineInstance",
-            self.ns,
-            self.name,
-            {"status": {**(extra_status or {}), "migrationState": fields}},
-            subresource="status",
+        started = await self.record.mark_started(
+            {"mode": "PreCopy", "transfer": self.stats.as_status()}
         )
+        if started:
+            log.info(
+                "migration %s: %s/%s starting to %s",
+                self.uid,
+                self.ns,
+                self.name,
+                self.target_address,
+            )
+        return started
 
     def _report(self, force: bool = False) -> None:
         """Local progress (metrics) now; the VMI status at most every PROGRESS_PERIOD s."""
@@ -361,7 +322,7 @@ class SourceMigration:
 
     async def _publish_progress(self) -> None:
         with contextlib.suppress(ApiError):
-            await self._patch_ms({"transfer": self.stats.as_status()})
+            await self.record.patch({"transfer": self.stats.as_status()})
 
     # -- connection -------------------------------------------------------------------------
 
@@ -781,7 +742,7 @@ class SourceMigration:
                 ch0.requests.put_nowait(STOP_SERVING)  # let it finish what it has started
                 await server
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            raise first_leaf(group) from None
         except stream.ProtocolError as e:
             raise MigrationFailed(f"bad page request from the target: {e}") from None
         self.stats.rounds += 1
@@ -869,7 +830,7 @@ class SourceMigration:
                 f"target {frame.verified.digest[:16]}…"
             )
         self.stats.digest_verified = True
-        await self._record_handoff(mode=mode)
+        await self.record.commit(mode)
         self.committed = True
         self.postcopy_active = mode == "PostCopy"
         await ch0.write(pb.SourceFrame(commit=pb.Commit()))
@@ -879,31 +840,6 @@ class SourceMigration:
             frame = await ch0.next_control(RESUMED_TIMEOUT)
             if frame.WhichOneof("frame") == "resumed":
                 parts["resume"] = time.monotonic() - t4
-
-    async def _record_handoff(self, mode: str = "PreCopy") -> None:
-        """The arbiter: switchover=Committed, written with a resourceVersion precondition
-        (in post-copy together with ``mode: PostCopy``: from then on cancel is refused)."""
-        while True:
-            try:
-                vmi, ms = await self._read_state()
-                if ms.get("switchover") == "Aborted":
-                    raise MigrationFailed("the target gave up waiting for the hand-off")
-                if ms.get("switchover") == "Committed":
-                    return
-                ms["switchover"] = "Committed"
-                ms["mode"] = mode
-                await self.api.update(vmi, subresource="status")
-                log.info("migration %s: hand-off committed", self.uid)
-                return
-            except Conflict:
-                continue
-            except NotFound:
-                raise MigrationFailed("the VMI was deleted during switchover") from None
-            except ApiError as e:  # the controller is away: the guest stays paused, retry
-                log.warning(
-                    "migration %s: cannot record the hand-off yet (%s); retrying", self.uid, e
-                )
-                await asyncio.sleep(ARBITER_RETRY)
 
     async def _finish_success(self) -> None:
         """Record completion, then destroy the paused source guest (it never runs again:
@@ -927,19 +863,12 @@ class SourceMigration:
         )
 
     async def _patch_with_retry(self, fields: Obj, extra_status: Obj | None = None) -> None:
-        """Status that must land (completion/failure): retry while the API is away."""
-        if self._publisher is not None:  # never let an older progress write land after this
+        """Status that must land (completion/failure), after any progress write in flight
+        (an older progress write must never land after it)."""
+        if self._publisher is not None:
             with contextlib.suppress(Exception):
                 await self._publisher
-        while True:
-            try:
-                await self._patch_ms(fields, extra_status)
-                return
-            except NotFound:
-                return
-            except ApiError as e:
-                log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
-                await asyncio.sleep(ARBITER_RETRY)
+        await self.record.patch_until_written(fields, extra_status)
 
     # -- failure ----------------------------------------------------------------------------
 
@@ -993,24 +922,4 @@ class SourceMigration:
 
     async def _claim_abort(self) -> bool:
         """Write switchover=Aborted unless Committed is already recorded; True if aborted."""
-        while True:
-            try:
-                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
-                ms = (vmi.get("status") or {}).get("migrationState") or {}
-                if ms.get("migrationUid") != self.uid:
-                    return True
-                if ms.get("switchover") == "Committed":
-                    return False
-                if ms.get("switchover") == "Aborted":
-                    return True
-                new = copy.deepcopy(vmi)
-                new["status"]["migrationState"]["switchover"] = "Aborted"
-                await self.api.update(new, subresource="status")
-                return True
-            except Conflict:
-                continue
-            except NotFound:
-                return True
-            except ApiError as e:
-                log.warning("migration %s: cannot record the abort yet (%s); retrying", self.uid, e)
-                await asyncio.sleep(ARBITER_RETRY)
+        return await self.record.claim("Aborted") == "Aborted"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import json
 import logging
 import secrets
@@ -49,11 +48,12 @@ import numpy as np
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
 from handler.migration_source import Stats
 from handler.migration_target import IncomingMigration
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
-from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.errors import ApiError
 from vmferry.quantity import parse_quantity
 from vmferry.rpc import tunnel_pb2 as pb
 from vmferry.rpc import tunnel_pb2_grpc
@@ -75,7 +75,6 @@ PROGRESS_PERIOD = 0.5
 COMPLETE_TIMEOUT = 60.0  # s for the target QEMU to finish loading after the source completed
 VERIFY_TIMEOUT = 120.0
 RESUMED_TIMEOUT = 30.0
-ARBITER_RETRY = 0.5
 UNLIMITED_BANDWIDTH = 64 * GiB  # QEMU's default max-bandwidth is 128 MiB/s: always set it
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -90,14 +89,6 @@ VERIFY_MODES = {
     "detect": pb.VERIFY_MODE_DETECT,
     "repair": pb.VERIFY_MODE_REPAIR,
 }
-
-
-class MigrationFailed(Exception):
-    """The migration cannot go on; the message is the failureReason users see."""
-
-
-class Aborted(MigrationFailed):
-    """Cancelled on request (``abortRequested``)."""
 
 
 class ProtocolError(Exception):
@@ -150,12 +141,6 @@ class QemuPlan:
         if self.multifd_channels:
             params["multifd-channels"] = self.multifd_channels
         return params
-
-
-def _first_leaf(e: BaseException) -> BaseException:
-    while isinstance(e, BaseExceptionGroup):
-        e = e.exceptions[0]
-    return e
 
 
 # ==========================================================================================
@@ -263,6 +248,7 @@ class QemuSourceMigration:
         self.name = vmi["metadata"]["name"]
         ms = vmi["status"]["migrationState"]
         self.uid: str = ms["migrationUid"]
+        self.record = HandoffRecord(api, self.ns, self.name, self.uid)
         self.token: str = ms.get("token", "")
         self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
         self.config: Obj = ms.get("migrationConfiguration") or {}
@@ -306,7 +292,7 @@ class QemuSourceMigration:
         except asyncio.CancelledError:
             raise
         except BaseException as e:
-            leaf = _first_leaf(e)
+            leaf = first_leaf(e)
             if isinstance(leaf, asyncio.CancelledError):
                 raise
             if isinstance(leaf, MigrationFailed):
@@ -337,50 +323,27 @@ class QemuSourceMigration:
 
     # -- status ---------------------------------------------------------------------------
 
-    async def _read_state(self) -> tuple[Obj, Obj]:
-        vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
-        if ms.get("migrationUid") != self.uid:
-            raise MigrationFailed("the VMI's migration state was replaced by another migration")
-        return vmi, ms
-
     async def _mark_started(self) -> bool:
-        while True:
-            vmi, ms = await self._read_state()
-            if ms.get("failed") or ms.get("completed") or ms.get("startTimestamp"):
-                return False
-            ms["startTimestamp"] = conditions.now_rfc3339()
-            ms["mode"] = "PreCopy"
-            ms["transfer"] = self._transfer_status()
-            try:
-                await self.api.update(vmi, subresource="status")
-                log.info(
-                    "migration %s: QEMU guest %s/%s to %s (verify %s, %d channel(s))",
-                    self.uid,
-                    self.ns,
-                    self.name,
-                    self.target_address,
-                    self.verify,
-                    self.plan.channel_count,
-                )
-                return True
-            except Conflict:
-                continue
+        started = await self.record.mark_started(
+            {"mode": "PreCopy", "transfer": self._transfer_status()}
+        )
+        if started:
+            log.info(
+                "migration %s: QEMU guest %s/%s to %s (verify %s, %d channel(s))",
+                self.uid,
+                self.ns,
+                self.name,
+                self.target_address,
+                self.verify,
+                self.plan.channel_count,
+            )
+        return started
 
     def _transfer_status(self) -> Obj:
         out = self.stats.as_status()
         out["verifyMode"] = self.verify
         out["repairedPages"] = self.repaired_pages
         return out
-
-    async def _patch_ms(self, fields: Obj) -> None:
-        await self.api.patch(
-            "VirtualMachineInstance",
-            self.ns,
-            self.name,
-            {"status": {"migrationState": fields}},
-            subresource="status",
-        )
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -395,21 +358,13 @@ class QemuSourceMigration:
 
     async def _publish(self) -> None:
         with contextlib.suppress(ApiError):
-            await self._patch_ms({"transfer": self._transfer_status(), "mode": self.mode})
+            await self.record.patch({"transfer": self._transfer_status(), "mode": self.mode})
 
     async def _patch_with_retry(self, fields: Obj) -> None:
         if self._publisher is not None:
             with contextlib.suppress(Exception):
                 await self._publisher
-        while True:
-            try:
-                await self._patch_ms(fields)
-                return
-            except NotFound:
-                return
-            except ApiError as e:
-                log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
-                await asyncio.sleep(ARBITER_RETRY)
+        await self.record.patch_until_written(fields)
 
     # -- start: tunnel + QEMU -------------------------------------------------------------
 
@@ -631,7 +586,7 @@ class QemuSourceMigration:
             if digest_task is not None and not digest_task.done():
                 digest_task.cancel()
         t2 = time.monotonic()
-        await self._record_handoff()
+        await self.record.commit(self.mode)
         self.committed = True
         await ch0.write(pb.TunnelSourceFrame(commit=pb.Commit()))
         with contextlib.suppress(MigrationFailed):
@@ -698,26 +653,6 @@ class QemuSourceMigration:
             )
         )
         self.repaired_pages = int(diff.size)
-
-    async def _record_handoff(self) -> None:
-        while True:
-            try:
-                vmi, ms = await self._read_state()
-                if ms.get("switchover") == "Aborted":
-                    raise MigrationFailed("the target gave up waiting for the hand-off")
-                if ms.get("switchover") == "Committed":
-                    return
-                ms["switchover"] = "Committed"
-                await self.api.update(vmi, subresource="status")
-                log.info("migration %s: hand-off committed", self.uid)
-                return
-            except Conflict:
-                continue
-            except NotFound:
-                raise MigrationFailed("the VMI was deleted during switchover") from None
-            except ApiError as e:
-                log.warning("migration %s: cannot record the hand-off yet (%s)", self.uid, e)
-                await asyncio.sleep(ARBITER_RETRY)
 
     async def _finish_success(self) -> None:
         await self.handle.destroy()
@@ -787,27 +722,7 @@ class QemuSourceMigration:
             log.error("migration %s: cannot resume the guest on the source: %s", self.uid, e)
 
     async def _claim_abort(self) -> bool:
-        while True:
-            try:
-                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
-                ms = (vmi.get("status") or {}).get("migrationState") or {}
-                if ms.get("migrationUid") != self.uid:
-                    return True
-                if ms.get("switchover") == "Committed":
-                    return False
-                if ms.get("switchover") == "Aborted":
-                    return True
-                new = copy.deepcopy(vmi)
-                new["status"]["migrationState"]["switchover"] = "Aborted"
-                await self.api.update(new, subresource="status")
-                return True
-            except Conflict:
-                continue
-            except NotFound:
-                return True
-            except ApiError as e:
-                log.warning("migration %s: cannot record the abort yet (%s)", self.uid, e)
-                await asyncio.sleep(ARBITER_RETRY)
+        return await self.record.claim("Aborted") == "Aborted"
 
 
 # ==========================================================================================

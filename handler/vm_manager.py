@@ -29,6 +29,7 @@ from typing import Any
 
 from handler.drivers.base import Driver, GuestSpec, VMHandle
 from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.handoff import HandoffRecord
 from handler.migration_source import SourceMigration, Stats
 from handler.migration_target import IncomingMigration, MigrationService
 from handler.qemu_migration import QemuSourceMigration
@@ -535,29 +536,15 @@ class VMManager:
 
     # -- API helpers ------------------------------------------------------------------------
 
-    async def _patch_ms(self, vmi: Obj, fields: Obj) -> None:
-        await self.api.patch(
-            "VirtualMachineInstance",
-            vmi["metadata"]["namespace"],
-            vmi["metadata"]["name"],
-            {"status": {"migrationState": fields}},
-            subresource="status",
+    def _record(self, vmi: Obj) -> HandoffRecord:
+        meta = vmi["metadata"]
+        return HandoffRecord(
+            self.api, meta["namespace"], meta["name"], _ms(vmi).get("migrationUid", "")
         )
+
+    async def _patch_ms(self, vmi: Obj, fields: Obj) -> None:
+        await self._record(vmi).patch(fields)
 
     async def _claim(self, vmi: Obj, decision: str) -> str:
         """Write ``switchover=decision`` unless one is recorded; return the recorded one."""
-        ns, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
-        mig_uid = _ms(vmi).get("migrationUid")
-        while True:
-            current = await self.api.get("VirtualMachineInstance", ns, name)
-            ms = _ms(current)
-            if ms.get("migrationUid") != mig_uid:
-                return "Aborted"
-            if ms.get("switchover"):
-                return str(ms["switchover"])
-            current["status"]["migrationState"]["switchover"] = decision
-            try:
-                await self.api.update(current, subresource="status")
-                return decision
-            except Conflict:
-                continue
+        return await self._record(vmi).claim(decision)

@@ -1,0 +1,131 @@
+"""The hand-off record: one migration's state in its VMI's status, and the arbiter.
+
+Both handlers of a migration (and every driver's migration path) write the migration's
+progress into ``vmi.status.migrationState`` and settle who owns the VM through one
+field, ``switchover``: ``Committed`` (the target owns the VM) or ``Aborted`` (the source
+keeps it). It is written with the VMI's resourceVersion as a precondition, so exactly
+one decision is ever recorded: the target resumes only once Committed is recorded, the
+source resumes only once Aborted is (or nothing was committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any
+
+from vmferry import conditions
+from vmferry.client import ApiClient
+from vmferry.errors import ApiError, Conflict, NotFound
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+RETRY = 0.5  # s between attempts while the API is away (a restarting controller)
+
+
+class MigrationFailed(Exception):
+    """The migration cannot go on; the message is the failureReason users see."""
+
+
+class Aborted(MigrationFailed):
+    """Cancelled on request (``abortRequested``)."""
+
+
+def first_leaf(e: BaseException) -> BaseException:
+    """The first non-group exception inside (possibly nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
+class HandoffRecord:
+    """Reads and writes one migration's state in the VMI named ``namespace/name``."""
+
+    def __init__(self, api: ApiClient, namespace: str, name: str, migration_uid: str) -> None:
+        self.api = api
+        self.ns = namespace
+        self.name = name
+        self.uid = migration_uid
+
+    async def read(self) -> tuple[Obj, Obj]:
+        """(VMI, its migrationState); MigrationFailed if another migration replaced it."""
+        vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        if ms.get("migrationUid") != self.uid:
+            raise MigrationFailed("the VMI's migration state was replaced by another migration")
+        return vmi, ms
+
+    async def mark_started(self, fields: Obj) -> bool:
+        """Record startTimestamp (plus ``fields``) unless the migration ended or started
+        meanwhile; the precondition makes a cancel racing the start lose or win cleanly."""
+        while True:
+            vmi, ms = await self.read()
+            if ms.get("failed") or ms.get("completed") or ms.get("startTimestamp"):
+                log.info("migration %s: not starting (already ended or started)", self.uid)
+                return False
+            ms["startTimestamp"] = conditions.now_rfc3339()
+            ms.update(fields)
+            try:
+                await self.api.update(vmi, subresource="status")
+                return True
+            except Conflict:
+                continue
+
+    async def patch(self, fields: Obj, extra_status: Obj | None = None) -> None:
+        """Merge ``fields`` into migrationState (and ``extra_status`` into status)."""
+        await self.api.patch(
+            "VirtualMachineInstance",
+            self.ns,
+            self.name,
+            {"status": {**(extra_status or {}), "migrationState": fields}},
+            subresource="status",
+        )
+
+    async def patch_until_written(self, fields: Obj, extra_status: Obj | None = None) -> None:
+        """patch() for what must land (completion, failure): retried while the API is
+        away; a deleted VMI ends it."""
+        while True:
+            try:
+                await self.patch(fields, extra_status)
+                return
+            except NotFound:
+                return
+            except ApiError as e:
+                log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
+                await asyncio.sleep(RETRY)
+
+    async def claim(self, decision: str, extra: Obj | None = None) -> str:
+        """Record ``switchover: decision`` (with ``extra`` fields) unless a decision is
+        recorded already; returns the decision that stands. Retries while the API is away.
+        A VMI that is gone or belongs to another migration counts as Aborted."""
+        while True:
+            try:
+                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+                ms = (vmi.get("status") or {}).get("migrationState") or {}
+                if ms.get("migrationUid") != self.uid:
+                    return "Aborted"
+                if ms.get("switchover"):
+                    return str(ms["switchover"])
+                new = copy.deepcopy(vmi)
+                new["status"]["migrationState"].update(switchover=decision, **(extra or {}))
+                await self.api.update(new, subresource="status")
+                log.info("migration %s: switchover %s recorded", self.uid, decision)
+                return decision
+            except Conflict:
+                continue
+            except NotFound:
+                return "Aborted"
+            except ApiError as e:
+                log.warning(
+                    "migration %s: cannot record %s yet (%s); retrying", self.uid, decision, e
+                )
+                await asyncio.sleep(RETRY)
+
+    async def commit(self, mode: str = "PreCopy") -> None:
+        """The hand-off: Committed (and the mode); MigrationFailed if Aborted stands."""
+        if await self.claim("Committed", {"mode": mode}) != "Committed":
+            raise MigrationFailed(
+                "the hand-off was aborted (the target gave up waiting, or the VMI went away)"
+            )
