@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu guest-image guest-image-optional
+	install-qemu guest-image guest-image-optional test-deps
 
 all: test
 
@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	@# The console's browser tests drive the system Chromium (Debian package); as root we
-	@# install it, otherwise those tests skip and say why.
+	@touch $(STAMP)
+
+# What the tests need beyond Python: the system Chromium (console browser tests) and QEMU
+# (driver `qemu`). Installed with apt-get as root, only when missing; otherwise those
+# tests skip and say why. `make demo` needs none of it.
+test-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium); \
 	else command -v chromium >/dev/null || echo "note: no chromium (not root): console browser tests will be skipped"; fi
 	@$(MAKE) --no-print-directory install-qemu
-	@touch $(STAMP)
 
 # QEMU and the guest image's build tools (driver `qemu`); only as root, only when missing.
 # Never fatal: without QEMU the qemu tests skip and say why.
@@ -62,13 +65,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) proto-check lint guest-image-optional
+test: $(STAMP) test-deps proto-check lint guest-image-optional
 	$(BIN)/pytest -q tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-test-integration: $(STAMP) guest-image-optional
+test-integration: $(STAMP) test-deps guest-image-optional
 	$(BIN)/pytest -q -m slow tests/integration
 
 demo: $(STAMP)

@@ -261,9 +261,11 @@ class Lab:
     # -- down -------------------------------------------------------------------------------
 
     def guest_pids(self) -> list[int]:
+        """Live guest processes of every node: memvm (``guests/``) and QEMU (``qemu/``)."""
         pids = []
         for name in self.node_names():
-            for vm_json in (self.runtime_dir(name) / "guests").glob("*/vm.json"):
+            runtime = self.runtime_dir(name)
+            for vm_json in [*runtime.glob("guests/*/vm.json"), *runtime.glob("qemu/*/vm.json")]:
                 try:
                     pid = int(json.loads(vm_json.read_text())["pid"])
                 except (OSError, ValueError, KeyError):

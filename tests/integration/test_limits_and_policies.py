@@ -134,7 +134,8 @@ def test_evacuations_are_queued_before_user_requests(lab: LabHarness) -> None:
         vm_manifest("q-user", "32Mi", "1Mi"),
         vm_manifest("q-evac", "32Mi", "1Mi"),
     )
-    lab.set_live_migration_config(parallelMigrationsPerCluster=1, bandwidthPerMigration="16Mi")
+    # 64 MiB at 6 MiB/s: the first migration holds the only slot for ~10 s.
+    lab.set_live_migration_config(parallelMigrationsPerCluster=1, bandwidthPerMigration="6Mi")
     running = migrate(lab, first)
     lab.wait_for(
         "the first migration to run",
