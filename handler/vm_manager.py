@@ -114,7 +114,16 @@ class VMManager:
         """Re-adopt the guests that survived a handler restart."""
         qemu_handles = await self.qemu.adopt_all() if self.qemu is not None else []
         for handle in [*await self.driver.adopt_all(), *qemu_handles]:
-            state = (await handle.status()).state
+            try:
+                state = (await handle.status()).state
+            except Exception as e:  # one unreachable guest must not stop the handler
+                # Judge by its record (never by its name: a migrated guest keeps the
+                # incoming id it was born with). A guest still waiting for an incoming
+                # migration is settled (resumed or destroyed) through the arbiter.
+                state = "incoming" if getattr(handle, "incoming", False) else "paused"
+                log.warning(
+                    "guest %s does not answer (%s): adopting it as %s", handle.vm_id, e, state
+                )
             if state == "incoming":
                 self.orphans[handle.vm_id] = handle
             else:
