@@ -27,6 +27,7 @@ Adding a kind: write its top-level fields with the DSL below (:class:`Obj`, :cla
 
 from __future__ import annotations
 
+import abc
 import base64
 import copy
 import datetime as dt
@@ -151,7 +152,7 @@ def _range_message(minimum: float | None, maximum: float | None, value: object) 
 # --------------------------------------------------------------------------------------
 
 
-class Schema:
+class Schema(abc.ABC):
     """A node of the schema: checks one value and returns its normalized copy.
 
     ``check`` reports problems into ``errors`` under ``path`` and never raises; after a
@@ -163,8 +164,9 @@ class Schema:
     nullable = False
     type_name = "a value"  # as in "expected <type_name>, got ..."
 
+    @abc.abstractmethod
     def check(self, value: object, path: str, errors: Errors) -> object:
-        raise NotImplementedError
+        """Report problems of ``value`` into ``errors``; return its normalized copy."""
 
 
 Rule = Callable[[dict[str, Any], str, Errors], None]
@@ -261,28 +263,6 @@ class Str(Schema):
         return value
 
 
-class Int(Schema):
-    """An integer (not a boolean) in ``[min, max]``; an integral float is accepted."""
-
-    type_name = "integer"
-
-    def __init__(self, min: int | None = None, max: int | None = None) -> None:
-        self.min = min
-        self.max = max
-
-    def check(self, value: object, path: str, errors: Errors) -> object:
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.add(path, _expected("integer", value))
-            return value
-        if (self.min is not None and value < self.min) or (
-            self.max is not None and value > self.max
-        ):
-            errors.add(path, _range_message(self.min, self.max, value))
-        return value
-
-
 class Number(Schema):
     """An integer or a finite float (not a boolean) in ``[min, max]``."""
 
@@ -292,16 +272,37 @@ class Number(Schema):
         self.min = min
         self.max = max
 
-    def check(self, value: object, path: str, errors: Errors) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.add(path, _expected("number", value))
-            return value
-        if not math.isfinite(value):
-            errors.add(path, f"must be a finite number, got {value!r}")
-        elif (self.min is not None and value < self.min) or (
+    def _in_range(self, value: float, path: str, errors: Errors) -> None:
+        if (self.min is not None and value < self.min) or (
             self.max is not None and value > self.max
         ):
             errors.add(path, _range_message(self.min, self.max, value))
+
+    def check(self, value: object, path: str, errors: Errors) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.add(path, _expected("number", value))
+        elif not math.isfinite(value):
+            errors.add(path, f"must be a finite number, got {value!r}")
+        else:
+            self._in_range(value, path, errors)
+        return value
+
+
+class Int(Number):
+    """An integer (not a boolean) in ``[min, max]``; an integral float is accepted."""
+
+    type_name = "integer"
+
+    def __init__(self, min: int | None = None, max: int | None = None) -> None:
+        super().__init__(min, max)
+
+    def check(self, value: object, path: str, errors: Errors) -> object:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.add(path, _expected("integer", value))
+        else:
+            self._in_range(value, path, errors)
         return value
 
 

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.timeout(30)
     ],
 )
 def test_valid_keys(key: str) -> None:
-    validate_label_key(key)
+    assert validate_label_key(key) is None  # raises ValueError when invalid
+    assert Selector.from_match_labels({key: "v"}).matches({key: "v"})
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,8 @@ def test_invalid_keys(key: str, message: str) -> None:
 
 @pytest.mark.parametrize("value", ["", "a", "v1.2_3-x", "Z" * 63, "1"])
 def test_valid_values(value: str) -> None:
-    validate_label_value(value)
+    assert validate_label_value(value) is None  # raises ValueError when invalid
+    assert Selector.from_match_labels({"k": value}).matches({"k": value})
 
 
 @pytest.mark.parametrize(

@@ -725,7 +725,7 @@ def test_invalid_names(name: str) -> None:
 def test_valid_names(name: str) -> None:
     obj = manifest("VirtualMachine")
     obj["metadata"]["name"] = name
-    validate(obj)
+    assert validate(obj)["metadata"]["name"] == name
 
 
 def test_namespace_names_are_dns_labels() -> None:
