@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from handler import allocator
 from vmferry import pki
 from vmferry.lab import free_port
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1)
     args = p.parse_args(argv)
     tls = pki.TlsFiles(args.ca, args.cert, args.key)
+    allocator.tune_for_bulk_buffers()  # as the handlers do (handler/main.py)
     if args.role == "serve":
         asyncio.run(serve(args.port, tls))
         return 0

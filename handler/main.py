@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from handler import allocator
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
 from handler.metrics import HandlerMetrics
@@ -31,7 +32,7 @@ from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
 from vmferry.quantity import parse_quantity
-from vmferry.rpc import migration_pb2_grpc, tunnel_pb2_grpc
+from vmferry.rpc import tunnel_pb2_grpc
 
 log = logging.getLogger("vmferry.handler")
 
@@ -191,7 +192,7 @@ async def serve(config: dict[str, Any]) -> None:
         require_peer_identity=tls is not None,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    migration_pb2_grpc.add_MigrationServicer_to_server(service, server)
+    service.register(server)
     tunnel_pb2_grpc.add_TunnelServicer_to_server(tunnel, server)  # QEMU guests' migrations
     listen = f"{config['migration_address']}:{config['migration_port']}"
     port = (
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vmferry-handler: error: {e}", file=sys.stderr)
         sys.exit(2)
     logs.setup(f"handler/{config['node_name']}", config["log_level"])
+    allocator.tune_for_bulk_buffers()  # page batches recycle heap instead of fresh mmaps
     try:
         asyncio.run(serve(config))
     except ConfigError as e:

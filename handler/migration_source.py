@@ -45,7 +45,6 @@ from vmferry.client import ApiClient
 from vmferry.errors import ApiError
 from vmferry.quantity import parse_quantity
 from vmferry.rpc import migration_pb2 as pb
-from vmferry.rpc import migration_pb2_grpc
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -184,11 +183,13 @@ class Channel:
         if self.error is not None:
             raise self.error
 
-    async def write(self, frame: pb.SourceFrame) -> None:
+    async def write(self, frame: pb.SourceFrame | bytes) -> None:
+        """Send a frame (or one build_batch serialized already)."""
         self.check()
+        data = frame if isinstance(frame, bytes) else frame.SerializeToString()
         try:
             async with self.write_lock:
-                await self.call.write(frame)
+                await self.call.write(data)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             self.check()
             raise MigrationFailed(f"migration channel {self.id}: write failed: {e}") from None
@@ -341,7 +342,6 @@ class SourceMigration:
             # The target proves it is the hand-off's target node: its certificate must
             # name the node (the address may be a relay or an advertised address).
             options.append(("grpc.ssl_target_name_override", self.target_node))
-        stubs = []
         for _ in range(count):
             if self.tls is None:
                 conn = grpc.aio.insecure_channel(self.target_address, options=options)
@@ -350,12 +350,11 @@ class SourceMigration:
                     self.target_address, pki.channel_credentials(self.tls), options=options
                 )
             self._connections.append(conn)
-            stubs.append(migration_pb2_grpc.MigrationStub(conn))
         spec = self.handle.spec
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 for cid in range(count):
-                    ch = Channel(cid, stubs[cid].Transfer())
+                    ch = Channel(cid, stream.open_transfer(self._connections[cid]))
                     self._channels.append(ch)
                     await ch.write(
                         pb.SourceFrame(
@@ -461,10 +460,9 @@ class SourceMigration:
         batch = await asyncio.to_thread(
             stream.build_batch, pages, chunk, round_no, compress=compress
         )
-        size = len(batch.frame.payload)
-        await ch.wait_credit(size)
-        ch.credit -= size
-        await ch.write(pb.SourceFrame(pages=batch.frame))
+        await ch.wait_credit(batch.payload_bytes)
+        ch.credit -= batch.payload_bytes
+        await ch.write(batch.frame)
         sent[0] += batch.wire_bytes
         self.stats.wire_bytes += batch.wire_bytes
         self.stats.processed_bytes += batch.raw_bytes
@@ -880,7 +878,10 @@ class SourceMigration:
         for ch in self._channels:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
-                    ch.call.write(pb.SourceFrame(abort=pb.Abort(reason=reason))), 1
+                    ch.call.write(
+                        pb.SourceFrame(abort=pb.Abort(reason=reason)).SerializeToString()
+                    ),
+                    1,
                 )
             ch.call.cancel()
         if self.paused and not self.committed:

@@ -41,7 +41,6 @@ from handler.digest import ChunkDigest
 from handler.drivers.base import PostCopyHandle, VMHandle
 from vmferry import pki
 from vmferry.rpc import migration_pb2 as pb
-from vmferry.rpc import migration_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,10 @@ class _ChannelClosed(Exception):
     """The reader finished this channel normally (commit, abort, post-copy done)."""
 
 
-class MigrationService(migration_pb2_grpc.MigrationServicer):
+class MigrationService:
+    """The Transfer service (vmferry.v1.Migration); frames arrive as bytes, see
+    ``stream.transfer_handler``."""
+
     def __init__(
         self,
         on_commit: Callback,
@@ -128,6 +130,10 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         self.require_peer_identity = require_peer_identity
         self._pollers: set[asyncio.Task[None]] = set()
 
+    def register(self, server: grpc.aio.Server) -> None:
+        """Serve Transfer on ``server``."""
+        server.add_generic_rpc_handlers((stream.transfer_handler(self.Transfer),))
+
     def expect(self, inc: IncomingMigration) -> None:
         self.registry[inc.migration_uid] = inc
 
@@ -141,13 +147,15 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
     # -- one channel ------------------------------------------------------------------------
 
     async def Transfer(
-        self, request_iterator: AsyncIterator[pb.SourceFrame], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TargetFrame]:
         frames = aiter(request_iterator)
         try:
-            first = await anext(frames)
+            first = stream.parse_frame(await anext(frames))
         except StopAsyncIteration:
             return
+        except stream.ProtocolError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if first.WhichOneof("frame") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Hello")
         hello = first.hello
@@ -243,13 +251,13 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         self,
         inc: IncomingMigration,
         channel: int,
-        frames: AsyncIterator[pb.SourceFrame],
+        frames: AsyncIterator[bytes],
         out: asyncio.Queue[pb.TargetFrame | None],
         error: list[BaseException],
     ) -> None:
         try:
-            async for frame in frames:
-                await self._apply(inc, channel, frame, out)
+            async for raw in frames:
+                await self._apply(inc, channel, raw, out)
         except (_ChannelClosed, StopAsyncIteration):
             pass
         except stream.ProtocolError as e:
@@ -263,26 +271,24 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
         self,
         inc: IncomingMigration,
         channel: int,
-        frame: pb.SourceFrame,
+        raw: bytes,
         out: asyncio.Queue[pb.TargetFrame | None],
     ) -> None:
-        kind = frame.WhichOneof("frame")
+        # Page batches are parsed and applied in a worker thread, everything else here.
+        frame = None if stream.is_pages_frame(raw) else stream.parse_frame(raw)
+        kind = "pages" if frame is None else frame.WhichOneof("frame")
         if kind == "commit" and channel == 0 and inc.decision == "Committed" and not inc.postcopy:
             # The arbiter record reached this handler before the Commit frame.
             out.put_nowait(pb.TargetFrame(resumed=pb.Resumed(resume_seconds=0.0)))
             raise _ChannelClosed
         if inc.decision == "Aborted" or (inc.decision and not inc.postcopy and kind != "commit"):
             raise stream.ProtocolError(f"frame {kind} after the migration was {inc.decision}")
-        if kind == "pages":
+        if frame is None:
             if channel in inc.final_channels:
                 raise stream.ProtocolError("pages after the final round")
             present = inc.postcopy_handle.present() if inc.postcopy else None
-            written = await asyncio.to_thread(
-                stream.apply_batch,
-                inc.pages,
-                frame.pages,
-                present,
-                fresh_zero=frame.pages.round == 0 and not inc.postcopy,
+            written, _, payload_bytes = await asyncio.to_thread(
+                stream.receive_batch, inc.pages, raw, present, fresh_zero=not inc.postcopy
             )
             if inc.postcopy:
                 inc.postcopy_handle.mark_present(written)
@@ -290,9 +296,10 @@ class MigrationService(migration_pb2_grpc.MigrationServicer):
                 inc.chunk_digest.invalidate(written)
                 inc.chunk_digest.refresh_in_background()  # keep up as pages land
             inc.pages_applied += len(written)
-            inc.bytes_received += len(frame.pages.payload)
-            out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=len(frame.pages.payload))))
-        elif kind == "round_end":
+            inc.bytes_received += payload_bytes
+            out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=payload_bytes)))
+            return
+        if kind == "round_end":
             if not inc.postcopy:  # hash what arrived while the next round travels
                 inc.chunk_digest.refresh_in_background()
             if frame.round_end.final:

@@ -15,13 +15,17 @@ import threading
 import zlib
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import zstandard
+from google.protobuf.message import DecodeError
 
 from vmferry.rpc import migration_pb2 as pb
 
 PROTOCOL_VERSION = 1
+TRANSFER_SERVICE = "vmferry.v1.Migration"
+TRANSFER_METHOD = f"/{TRANSFER_SERVICE}/Transfer"
 CHUNK_PAGES = 64  # pages; a page always travels on channel (index // CHUNK_PAGES) % channels
 BATCH_PAGES = 1024  # pages per PageBatch (4 MiB of 4 KiB pages; 1 MiB measured slower)
 CREDIT_WINDOW = 32 << 20  # bytes of payload a source may have in flight per channel
@@ -29,6 +33,7 @@ MAX_CHANNELS = 16
 COMPRESS_MIN_GAIN = 0.9  # keep a compressed payload only if it is < 90% of the raw size
 
 IndexArray = npt.NDArray[np.int64]
+Buffer = bytes | memoryview
 ZSTD_LEVEL = 1
 
 _codecs = threading.local()  # zstd (de)compressors are not thread-safe: one per worker
@@ -66,42 +71,138 @@ def split_by_channel(indices: IndexArray, channels: int) -> list[IndexArray]:
     return [indices[owner == c] for c in range(channels)]
 
 
+# Field tags of the frames the source pre-serializes (proto/vmferry/rpc/migration.proto):
+# SourceFrame.pages = 2; PageBatch round = 1, indices = 2, payload = 3, codec = 4,
+# zero_indices = 5, raw_size = 6. Varints are wire type 0, bytes and messages type 2.
+_PAGES_TAG = b"\x12"
+PROBE_PAGES = 8  # pages zstd tries first; the whole batch only when they compress
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_field(field: int, size: int) -> bytes:
+    return _varint(field << 3 | 2) + _varint(size)
+
+
 @dataclass
 class Batch:
-    frame: pb.PageBatch
+    """One PageBatch, already serialized as the SourceFrame that carries it."""
+
+    frame: bytes  # a serialized SourceFrame{pages: PageBatch}
+    payload_bytes: int  # len(PageBatch.payload): what the target's credit accounts
     raw_bytes: int  # bytes of guest memory the batch covers (zero pages included)
     wire_bytes: int  # bytes of payload + indices on the wire
+
+    def page_batch(self) -> pb.PageBatch:
+        """The batch parsed back (tests and diagnostics)."""
+        return pb.SourceFrame.FromString(self.frame).pages
+
+
+def _encode_pages_frame(
+    round_no: int, nz_idx: bytes, zero_idx: bytes, codec: int, raw_size: int, payload: Buffer
+) -> bytes:
+    """SourceFrame{pages} in protobuf wire format with the payload copied exactly once.
+
+    Fields holding their proto3 default are left out, as protobuf does; the payload goes
+    last (any field order is valid protobuf) so the frame is header + payload, joined in
+    one copy (``bytes.join`` drops the GIL for large buffers)."""
+    view = memoryview(payload).cast("B")
+    head = bytearray()
+    if round_no:
+        head += b"\x08" + _varint(round_no)
+    if nz_idx:
+        head += _len_field(2, len(nz_idx)) + nz_idx
+    if codec:
+        head += b"\x20" + _varint(codec)
+    if zero_idx:
+        head += _len_field(5, len(zero_idx)) + zero_idx
+    if raw_size:
+        head += b"\x30" + _varint(raw_size)
+    if view.nbytes:
+        head += _len_field(3, view.nbytes)
+    return b"".join((_PAGES_TAG, _varint(len(head) + view.nbytes), head, view))
 
 
 def build_batch(
     pages: npt.NDArray[np.uint8], indices: IndexArray, round_no: int, *, compress: bool
 ) -> Batch:
-    """Gather ``indices`` from ``pages`` into one PageBatch (runs in a worker thread).
+    """Gather ``indices`` from ``pages`` into one serialized PageBatch frame (runs in a
+    worker thread).
 
-    All-zero pages travel as indices only; with ``compress`` the payload is zstd-compressed
-    when that saves at least 10% (incompressible data costs zstd almost nothing to detect).
+    All-zero pages travel as indices only. With ``compress`` zstd first tries a few of
+    the batch's pages; only when they compress is the whole payload compressed, and kept
+    when that saves at least 10%: incompressible memory costs almost nothing extra.
     """
     page_size = pages.shape[1]
-    data = pages[indices]  # gather (one copy)
+    data = np.take(pages, indices, axis=0)  # gather (one copy)
     nonzero = data.view(np.uint64).any(axis=1)
-    nz_idx = indices[nonzero].astype("<u4")
-    zero_idx = indices[~nonzero].astype("<u4")
-    payload = data[nonzero].tobytes()
+    if nonzero.all():
+        nz_idx, zero_idx = indices, indices[:0]
+    else:
+        keep = np.flatnonzero(nonzero)
+        nz_idx, zero_idx = indices[keep], indices[~nonzero]
+        data = np.take(data, keep, axis=0)
+    raw_size = data.nbytes
+    payload: Buffer = data.data if raw_size else b""  # a view of the gathered pages
     codec = pb.CODEC_RAW
-    raw_size = len(payload)
-    if compress and payload:
+    if compress and raw_size and _worth_compressing(data):
         packed = _compressor().compress(payload)
         if len(packed) < raw_size * COMPRESS_MIN_GAIN:
             payload, codec = packed, pb.CODEC_ZSTD
-    frame = pb.PageBatch(
-        round=round_no,
-        indices=nz_idx.tobytes(),
-        payload=payload,
-        codec=codec,
-        zero_indices=zero_idx.tobytes(),
-        raw_size=raw_size,
+    nz_blob = nz_idx.astype("<u4").tobytes()
+    zero_blob = zero_idx.astype("<u4").tobytes()
+    frame = _encode_pages_frame(round_no, nz_blob, zero_blob, codec, raw_size, payload)
+    payload_bytes = memoryview(payload).nbytes
+    return Batch(
+        frame,
+        payload_bytes,
+        len(indices) * page_size,
+        payload_bytes + len(nz_blob) + len(zero_blob),
     )
-    return Batch(frame, len(indices) * page_size, len(payload) + 4 * (len(nz_idx) + len(zero_idx)))
+
+
+def _worth_compressing(data: npt.NDArray[np.uint8]) -> bool:
+    """Whether a sample of the batch's pages compresses below the keep threshold."""
+    if len(data) <= PROBE_PAGES:
+        return True
+    sample = np.ascontiguousarray(data[:: len(data) // PROBE_PAGES][:PROBE_PAGES])
+    return len(_compressor().compress(sample.data)) < sample.nbytes * COMPRESS_MIN_GAIN
+
+
+def is_pages_frame(raw: bytes) -> bool:
+    """Whether a serialized SourceFrame is a PageBatch (parsed and applied off the loop)."""
+    return raw[:1] == _PAGES_TAG
+
+
+def parse_frame(raw: bytes) -> pb.SourceFrame:
+    """A SourceFrame from the wire; ProtocolError if it is not valid protobuf."""
+    try:
+        return pb.SourceFrame.FromString(raw)
+    except DecodeError:
+        raise ProtocolError(f"malformed frame ({len(raw)} bytes): not a SourceFrame") from None
+
+
+def receive_batch(
+    pages: npt.NDArray[np.uint8],
+    raw: bytes,
+    present: npt.NDArray[np.uint8] | None = None,
+    *,
+    fresh_zero: bool = False,
+) -> tuple[IndexArray, int, int]:
+    """Parse a serialized pages frame and apply it (worker thread): (indices written, its
+    round, payload bytes for the credit)."""
+    frame = parse_frame(raw).pages
+    payload = frame.payload  # a copy each time it is read: once
+    fresh = fresh_zero and frame.round == 0
+    written = _apply(pages, frame, payload, present, fresh_zero=fresh)
+    return written, frame.round, len(payload)
 
 
 def _indices(blob: bytes, page_count: int, what: str) -> IndexArray:
@@ -128,28 +229,37 @@ def apply_batch(
     skipped: the guest may have written them since, and the source's copy is older. With
     ``fresh_zero`` (round 0 into a new, all-zero RAM file) zero pages are not written at
     all, so untouched guest memory stays sparse on the target."""
+    return _apply(pages, frame, frame.payload, present, fresh_zero=fresh_zero)
+
+
+def _apply(
+    pages: npt.NDArray[np.uint8],
+    frame: pb.PageBatch,
+    payload: bytes,
+    present: npt.NDArray[np.uint8] | None,
+    *,
+    fresh_zero: bool,
+) -> IndexArray:
     page_count, page_size = pages.shape
     nz_idx = _indices(frame.indices, page_count, "indices")
     zero_idx = _indices(frame.zero_indices, page_count, "zero_indices")
     expected = nz_idx.size * page_size
     if frame.raw_size != expected:
         raise ProtocolError(f"raw_size {frame.raw_size} does not match {nz_idx.size} pages")
-    if frame.codec == pb.CODEC_RAW:
-        payload = frame.payload
-    elif frame.codec == pb.CODEC_ZSTD:
+    if frame.codec == pb.CODEC_ZSTD:
         try:
-            payload = _decompressor().decompress(frame.payload, max_output_size=expected)
+            payload = _decompressor().decompress(payload, max_output_size=expected)
         except zstandard.ZstdError as e:
             raise ProtocolError(f"corrupt zstd payload: {e}") from None
     elif frame.codec == pb.CODEC_ZLIB:
         try:
             d = zlib.decompressobj()
-            payload = d.decompress(frame.payload, expected)
+            payload = d.decompress(payload, expected)
             if d.unconsumed_tail or not d.eof:
                 raise ProtocolError("zlib payload larger than raw_size")
         except zlib.error as e:
             raise ProtocolError(f"corrupt zlib payload: {e}") from None
-    else:
+    elif frame.codec != pb.CODEC_RAW:
         raise ProtocolError(f"unknown codec {frame.codec}")
     if len(payload) != expected:
         raise ProtocolError(f"payload is {len(payload)} bytes, {expected} expected")
@@ -192,3 +302,35 @@ def check_hello(hello: pb.Hello, *, memory_bytes: int, page_size: int) -> None:
             f"geometry mismatch: source has {hello.memory_bytes} bytes in {hello.page_size}-byte "
             f"pages, target prepared {memory_bytes} bytes in {page_size}-byte pages"
         )
+
+
+# -- the Transfer RPC with pre-serialized source frames ---------------------------------------
+# The source serializes page batches in worker threads (build_batch) and the target parses
+# them in worker threads (receive_batch), so both ends of the stream carry bytes: gRPC's
+# own (de)serialization would copy every batch again on the event loop.
+
+
+def open_transfer(conn: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    """Start a Transfer stream whose requests are serialized SourceFrames (bytes)."""
+    method = conn.stream_stream(
+        TRANSFER_METHOD,
+        request_serializer=None,
+        response_deserializer=pb.TargetFrame.FromString,
+    )
+    return method()
+
+
+def transfer_handler(
+    transfer: grpc.aio.StreamStreamMultiCallable,
+) -> grpc.GenericRpcHandler:
+    """Serve ``transfer`` (an async generator method taking raw SourceFrame bytes)."""
+    return grpc.method_handlers_generic_handler(
+        TRANSFER_SERVICE,
+        {
+            "Transfer": grpc.stream_stream_rpc_method_handler(
+                transfer,
+                request_deserializer=None,
+                response_serializer=pb.TargetFrame.SerializeToString,
+            )
+        },
+    )

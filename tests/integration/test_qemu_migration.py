@@ -161,21 +161,22 @@ def test_repair_switchover_guest_runs_on_without_panic(
     lab.wait_for("qrep's QEMU to be destroyed", lambda: qemu_guests(lab, uid) == [], timeout=30)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_detect_fails_on_mismatch_and_guest_stays_on_source(
     lab: LabHarness, guests: dict[str, str]
 ) -> None:
     uid = guests["qdet"]
     source = lab.get("vmi", "qdet")["status"]["nodeName"]
-    # TCG loses pages in most (not all) live migrations: try up to three times.
-    for _attempt in range(3):
+    # TCG loses pages in most (not all) live migrations, fewer on an idle machine: three
+    # intact migrations in a row happened once in CI-like runs, so up to five.
+    for _attempt in range(5):
         name = vmim_name(lab.cli("migrate", "qdet").stdout)
         vmim = lab.wait_vmim_final(name, timeout=150)
         if vmim["status"]["phase"] == "Failed":
             break
         source = lab.get("vmi", "qdet")["status"]["nodeName"]  # it moved intact; again
     else:
-        pytest.fail("three migrations without a single lost page: cannot test detect")
+        pytest.fail("five migrations without a single lost page: cannot test detect")
     ms = vmim["status"]["migrationState"]
     assert "memory mismatch" in ms["failureReason"] and "pages differ" in ms["failureReason"]
     vmi = lab.get("vmi", "qdet")

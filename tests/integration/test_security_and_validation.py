@@ -57,6 +57,42 @@ def test_migration_endpoint_refuses_a_user_certificate(lab: LabHarness) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_malformed_bytes_on_the_migration_stream_are_refused(lab: LabHarness) -> None:
+    """Frames travel as raw bytes parsed by the handler: garbage is INVALID_ARGUMENT with a
+    message, and the handler goes on serving."""
+    import asyncio
+
+    from handler import stream
+    from vmferry.rpc import migration_pb2 as pb
+
+    node = lab.get("no", "node1")
+    endpoint = node["status"]["migrationEndpoint"]
+    tls = pki.issue_node(lab.lab.pki_dir, "node2")  # a node of this cluster
+
+    async def attempt(raw: bytes) -> tuple[grpc.StatusCode, str]:
+        async with grpc.aio.secure_channel(
+            f"{endpoint['address']}:{endpoint['port']}",
+            pki.channel_credentials(tls),
+            options=[("grpc.ssl_target_name_override", "node1")],
+        ) as channel:
+            call = stream.open_transfer(channel)
+            await call.write(raw)
+            try:
+                await call.read()
+            except grpc.aio.AioRpcError as e:
+                return e.code(), e.details() or ""
+            return grpc.StatusCode.OK, ""
+
+    for raw in (b"\x0a\xff\xff\xff", b"\x12\x05\x0a"):
+        code, details = asyncio.run(attempt(raw))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (raw, code, details)
+        assert "malformed frame" in details
+    hello = pb.SourceFrame(hello=pb.Hello(protocol_version=1, migration_uid="nope"))
+    code, details = asyncio.run(attempt(hello.SerializeToString()))  # still serving
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+@pytest.mark.timeout(60)
 def test_invalid_manifests_name_the_field(lab: LabHarness) -> None:
     bad_field = """
 apiVersion: kubevirt.io/v1

@@ -30,14 +30,16 @@ def test_batches_round_trip_and_zero_pages_travel_as_indices(compress: bool) -> 
             batch = stream.build_batch(
                 source, part[off : off + stream.BATCH_PAGES], 0, compress=compress
             )
-            written = stream.apply_batch(target, batch.frame)
+            written = stream.apply_batch(target, batch.page_batch())
             assert sorted(written.tolist()) == part[off : off + stream.BATCH_PAGES].tolist()
     assert np.array_equal(source, target)
     batch = stream.build_batch(source, indices, 0, compress=False)
-    assert len(batch.frame.zero_indices) == 4 * 100
-    assert len(batch.frame.payload) == 200 * PAGE
+    assert len(batch.page_batch().zero_indices) == 4 * 100
+    assert len(batch.page_batch().payload) == 200 * PAGE
     compressed = stream.build_batch(source, indices, 0, compress=True)
-    assert compressed.frame.codec == pb.CODEC_ZSTD and compressed.wire_bytes < batch.wire_bytes
+    assert (
+        compressed.page_batch().codec == pb.CODEC_ZSTD and compressed.wire_bytes < batch.wire_bytes
+    )
 
 
 def test_split_by_channel_keeps_a_page_on_one_channel() -> None:
@@ -158,7 +160,7 @@ def test_post_copy_never_overwrites_a_present_page() -> None:
     present[[1, 2, 5]] = 1
     target[[1, 2, 5]] = 7  # the guest already wrote these on the target
     batch = stream.build_batch(source, np.arange(16, dtype=np.int64), 0, compress=False)
-    written = stream.apply_batch(target, batch.frame, present)
+    written = stream.apply_batch(target, batch.page_batch(), present)
     assert sorted(written.tolist()) == [i for i in range(16) if i not in (1, 2, 5)]
     assert (target[[1, 2, 5]] == 7).all()
     others = [i for i in range(16) if i not in (1, 2, 5)]
@@ -169,7 +171,7 @@ def test_round_zero_into_fresh_memory_leaves_zero_pages_untouched() -> None:
     source = ram(9)  # pages 0, 3, 6 are zero
     target = np.zeros_like(source)
     batch = stream.build_batch(source, np.arange(9, dtype=np.int64), 0, compress=False)
-    written = stream.apply_batch(target, batch.frame, fresh_zero=True)
+    written = stream.apply_batch(target, batch.page_batch(), fresh_zero=True)
     assert sorted(written.tolist()) == [1, 2, 4, 5, 7, 8]
     assert np.array_equal(target, source)
 
@@ -188,3 +190,71 @@ def test_zstd_payloads_are_bounds_checked() -> None:
     )
     with pytest.raises(stream.ProtocolError, match="zstd"):
         stream.apply_batch(np.zeros((8, PAGE), dtype=np.uint8), junk)
+
+
+def test_pre_serialized_frame_is_the_protobuf_message() -> None:
+    """build_batch writes the SourceFrame bytes itself; protobuf must read the same fields."""
+    source = ram(40)
+    indices = np.arange(3, 40, dtype=np.int64)
+    for round_no, compress in ((0, False), (7, True), (300, False)):
+        batch = stream.build_batch(source, indices, round_no, compress=compress)
+        assert stream.is_pages_frame(batch.frame)
+        parsed = stream.parse_frame(batch.frame)
+        assert parsed.WhichOneof("frame") == "pages"
+        pages = parsed.pages
+        nonzero = [i for i in indices.tolist() if source[i].any()]
+        assert pages.round == round_no
+        assert np.frombuffer(pages.indices, "<u4").tolist() == nonzero
+        assert len(pages.zero_indices) == 4 * (len(indices) - len(nonzero))
+        assert pages.raw_size == len(nonzero) * PAGE
+        assert len(pages.payload) == batch.payload_bytes
+        assert batch.wire_bytes == batch.payload_bytes + 4 * len(indices)
+        # what protobuf itself writes for these fields parses to the same message
+        assert pb.SourceFrame.FromString(pb.SourceFrame(pages=pages).SerializeToString()) == parsed
+
+
+def test_all_zero_batch_has_no_payload() -> None:
+    batch = stream.build_batch(np.zeros((8, PAGE), np.uint8), np.arange(8), 0, compress=True)
+    parsed = batch.page_batch()
+    assert parsed.payload == b"" and parsed.indices == b"" and parsed.raw_size == 0
+    assert np.frombuffer(parsed.zero_indices, "<u4").tolist() == list(range(8))
+    target = np.full((8, PAGE), 9, np.uint8)
+    written, round_no, payload_bytes = stream.receive_batch(target, batch.frame)
+    assert sorted(written.tolist()) == list(range(8)) and not target.any()
+    assert (round_no, payload_bytes) == (0, 0)
+
+
+def test_compression_is_tried_on_a_sample_and_kept_only_where_it_pays() -> None:
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, size=(64, PAGE), dtype=np.uint8)
+    text = np.frombuffer((b"the quick brown fox " * (64 * PAGE // 20 + 1))[: 64 * PAGE], np.uint8)
+    text = text.reshape(64, PAGE).copy()
+    idx = np.arange(64, dtype=np.int64)
+    assert stream.build_batch(noise, idx, 1, compress=True).page_batch().codec == pb.CODEC_RAW
+    packed = stream.build_batch(text, idx, 1, compress=True)
+    assert packed.page_batch().codec == pb.CODEC_ZSTD
+    assert packed.payload_bytes < 0.1 * text.nbytes
+    target = np.zeros_like(text)
+    _, _, payload_bytes = stream.receive_batch(target, packed.frame)
+    assert payload_bytes == packed.payload_bytes and np.array_equal(target, text)
+
+
+@pytest.mark.parametrize("raw", [b"\x12\xff\xff\xff\xff\x0f", b"\x0a", b"\xff\xff\xff"])
+def test_malformed_frame_bytes_are_a_protocol_error(raw: bytes) -> None:
+    with pytest.raises(stream.ProtocolError, match="malformed frame"):
+        stream.parse_frame(raw)
+    target = np.zeros((8, PAGE), dtype=np.uint8)
+    if stream.is_pages_frame(raw):
+        with pytest.raises(stream.ProtocolError, match="malformed frame"):
+            stream.receive_batch(target, raw)
+    assert not target.any()
+
+
+def test_receive_batch_writes_zero_pages_unless_the_memory_is_fresh() -> None:
+    source = ram(9)
+    for round_no, fresh, dirty_kept in ((0, True, True), (1, True, False), (0, False, False)):
+        target = np.full_like(source, 0xEE)
+        batch = stream.build_batch(source, np.arange(9, dtype=np.int64), round_no, compress=False)
+        stream.receive_batch(target, batch.frame, fresh_zero=fresh)
+        assert (target[0] == 0xEE).all() == dirty_kept  # page 0 is a zero page
+        assert np.array_equal(target[1], source[1])
