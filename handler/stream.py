@@ -189,6 +189,80 @@ def parse_frame(raw: bytes) -> pb.SourceFrame:
         raise ProtocolError(f"malformed frame ({len(raw)} bytes): not a SourceFrame") from None
 
 
+@dataclass(frozen=True)
+class PagesView:
+    """A PageBatch read in place: its bytes fields are views of the received frame."""
+
+    round: int = 0
+    indices: Buffer = b""
+    payload: Buffer = b""
+    codec: int = pb.CODEC_RAW
+    zero_indices: Buffer = b""
+    raw_size: int = 0
+
+
+_VARINT_FIELDS = {1: "round", 4: "codec", 6: "raw_size"}
+_BYTES_FIELDS = {2: "indices", 3: "payload", 5: "zero_indices"}
+
+
+class _Unusual(Exception):
+    """Not the layout build_batch writes: protobuf's own parser decides."""
+
+
+def _varint_at(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _Unusual
+
+
+def _pages_in_place(buf: memoryview) -> PagesView:
+    end = len(buf)
+    tag, pos = _varint_at(buf, 0, end)
+    size, pos = _varint_at(buf, pos, end) if tag == _PAGES_TAG[0] else (0, -1)
+    if pos < 0 or pos + size != end:
+        raise _Unusual  # another frame, or fields after the batch
+    fields: dict[str, int | memoryview] = {}
+    while pos < end:
+        key, pos = _varint_at(buf, pos, end)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0 and number in _VARINT_FIELDS:
+            value, pos = _varint_at(buf, pos, end)
+            if value >= 1 << 31:  # uint32 fields and an int32 enum: protobuf's rules
+                raise _Unusual
+            fields[_VARINT_FIELDS[number]] = value
+        elif wire_type == 2 and number in _BYTES_FIELDS:
+            size, pos = _varint_at(buf, pos, end)
+            if pos + size > end:
+                raise _Unusual
+            fields[_BYTES_FIELDS[number]] = buf[pos : pos + size]
+            pos += size
+        else:
+            raise _Unusual  # unknown field or wire type
+    return PagesView(**fields)  # type: ignore[arg-type]
+
+
+def read_pages_frame(raw: bytes) -> PagesView:
+    """The PageBatch of a pages frame without copying its payload (worker thread).
+
+    Frames as build_batch writes them are read in place; any other encoding (unknown
+    fields, other field types, anything malformed) goes through protobuf's parser, so
+    the result is always what protobuf would read, or a ProtocolError."""
+    try:
+        return _pages_in_place(memoryview(raw))
+    except _Unusual:
+        frame = parse_frame(raw)
+        if frame.WhichOneof("frame") != "pages":
+            raise ProtocolError("not a pages frame") from None
+        p = frame.pages
+        return PagesView(p.round, p.indices, p.payload, p.codec, p.zero_indices, p.raw_size)
+
+
 def receive_batch(
     pages: npt.NDArray[np.uint8],
     raw: bytes,
@@ -196,16 +270,16 @@ def receive_batch(
     *,
     fresh_zero: bool = False,
 ) -> tuple[IndexArray, int, int]:
-    """Parse a serialized pages frame and apply it (worker thread): (indices written, its
-    round, payload bytes for the credit)."""
-    frame = parse_frame(raw).pages
-    payload = frame.payload  # a copy each time it is read: once
+    """Read a serialized pages frame and apply it (worker thread): (indices written, its
+    round, payload bytes for the credit). The payload goes from the received bytes
+    straight into guest memory."""
+    frame = read_pages_frame(raw)
     fresh = fresh_zero and frame.round == 0
-    written = _apply(pages, frame, payload, present, fresh_zero=fresh)
-    return written, frame.round, len(payload)
+    written = _apply(pages, frame, frame.payload, present, fresh_zero=fresh)
+    return written, frame.round, len(frame.payload)
 
 
-def _indices(blob: bytes, page_count: int, what: str) -> IndexArray:
+def _indices(blob: Buffer, page_count: int, what: str) -> IndexArray:
     if len(blob) % 4:
         raise ProtocolError(f"{what}: length {len(blob)} is not a multiple of 4")
     idx = np.frombuffer(blob, dtype="<u4").astype(np.int64)
@@ -234,8 +308,8 @@ def apply_batch(
 
 def _apply(
     pages: npt.NDArray[np.uint8],
-    frame: pb.PageBatch,
-    payload: bytes,
+    frame: pb.PageBatch | PagesView,
+    payload: Buffer,
     present: npt.NDArray[np.uint8] | None,
     *,
     fresh_zero: bool,

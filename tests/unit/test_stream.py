@@ -258,3 +258,46 @@ def test_receive_batch_writes_zero_pages_unless_the_memory_is_fresh() -> None:
         stream.receive_batch(target, batch.frame, fresh_zero=fresh)
         assert (target[0] == 0xEE).all() == dirty_kept  # page 0 is a zero page
         assert np.array_equal(target[1], source[1])
+
+
+def _fields(view: stream.PagesView) -> tuple[object, ...]:
+    return (
+        view.round,
+        bytes(view.indices),
+        bytes(view.payload),
+        view.codec,
+        bytes(view.zero_indices),
+        view.raw_size,
+    )
+
+
+def _pb_fields(p: pb.PageBatch) -> tuple[object, ...]:
+    return (p.round, p.indices, p.payload, p.codec, p.zero_indices, p.raw_size)
+
+
+def test_pages_frames_are_read_in_place_as_protobuf_reads_them() -> None:
+    source = ram(64)
+    batch = stream.build_batch(source, np.arange(5, 64, dtype=np.int64), 3, compress=True)
+    view = stream.read_pages_frame(batch.frame)
+    assert isinstance(view.payload, memoryview) and view.payload.obj is batch.frame  # no copy
+    assert _fields(view) == _pb_fields(batch.page_batch())
+    # protobuf's own encoding (other field order) and unknown fields: protobuf's reading
+    canonical = pb.SourceFrame(pages=batch.page_batch()).SerializeToString()
+    assert _fields(stream.read_pages_frame(canonical)) == _pb_fields(batch.page_batch())
+    inner = pb.SourceFrame.FromString(batch.frame).pages.SerializeToString() + b"\x38\x05"
+    framed = b"\x12" + stream._varint(len(inner)) + inner  # field 7: unknown to PageBatch
+    assert _fields(stream.read_pages_frame(framed)) == _pb_fields(batch.page_batch())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x12\x10\x08\x01",  # length beyond the frame
+        b"\x12\x03\x1a\x05\x00",  # payload beyond the batch
+        b"\x12\x02\x08",  # truncated varint
+        pb.SourceFrame(round_end=pb.RoundEnd(round=1)).SerializeToString(),
+    ],
+)
+def test_malformed_or_foreign_frames_are_not_read_as_pages(raw: bytes) -> None:
+    with pytest.raises(stream.ProtocolError):
+        stream.receive_batch(np.zeros((8, PAGE), dtype=np.uint8), raw)
