@@ -1,14 +1,24 @@
 """The migration's memory digest, kept up to date chunk by chunk while pages move.
 
-Digest = hex sha256 over the concatenated sha256 of every CHUNK_PAGES-page chunk of
-guest RAM (the last chunk may be shorter). Both sides keep the per-chunk hashes of their
-own RAM and re-hash only the chunks that changed, so the switchover hashes just what the
-final pass touched instead of all of memory:
+Digest = hex sha256 over the concatenated group hashes, where a group hash is the sha256
+over up to GROUP_CHUNKS consecutive chunk hashes and a chunk hash is the sha256 of
+CHUNK_PAGES consecutive pages of guest RAM (the last chunk and group may be shorter).
+Both sides keep the chunk and group hashes of their own RAM and re-hash only the chunks
+that changed (and the groups holding them), so the switchover hashes just what the final
+pass touched instead of all of memory:
 
 - the target invalidates the chunks of every page it writes (it is the only writer of
   its RAM before the guest resumes: exact);
 - the source invalidates the chunks of every page the dirty log reports (the same log
   the migration relies on to send those pages).
+
+A chunk is one page because a guest that writes all over its memory dirties a page here
+and a page there: what is re-hashed at switchover is then exactly the dirty memory, where
+256 KiB chunks made it most of RAM (measured: a 256 MiB guest dirtying 50 MiB/s re-hashed
+~200 MiB on each side while paused; guest-seen downtime p50 367 -> 99 ms). Hashing page
+by page costs ~25% more than in 256 KiB pieces on the first full pass (975 against 1266
+MiB/s a thread here), which runs while round 0 travels. The groups keep the root small:
+1 GiB is 256 group hashes.
 
 Clear-then-hash: ``refresh`` clears a chunk's stale flag *before* hashing it, and writers
 mark stale *after* writing, so a write racing a hash always leaves the chunk stale for
@@ -16,7 +26,8 @@ the next refresh. ``digest()`` is exact once a refresh found nothing stale while
 memory was not changing (guest paused, all pages applied).
 
 Ownership: ``invalidate`` runs on the event loop; ``refresh`` in worker threads (one
-refresh at a time per object); ``hashes`` rows are written only by ``refresh``.
+refresh at a time per object); ``hashes`` and ``group_hashes`` rows are written only by
+``refresh``.
 """
 
 from __future__ import annotations
@@ -29,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from handler.stream import CHUNK_PAGES
-
+CHUNK_PAGES = 1  # pages per chunk hash; see above
+GROUP_CHUNKS = 1024  # chunk hashes per group hash (32 KiB of hashes)
 HASH_THREADS = 2  # hashlib releases the GIL: two chunks hash in parallel on two cores
 
 _pool: ThreadPoolExecutor | None = None
@@ -43,6 +54,11 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="chunk-digest")
         return _pool
+
+
+def _group_hash(hashes: npt.NDArray[np.uint8], group: int) -> bytes:
+    rows = hashes[group * GROUP_CHUNKS : (group + 1) * GROUP_CHUNKS]
+    return hashlib.sha256(rows.tobytes()).digest()
 
 
 class ChunkDigest:
@@ -62,6 +78,9 @@ class ChunkDigest:
         chunks = -(-len(self._ram) // self.chunk_bytes)
         self.hashes: npt.NDArray[np.uint8] = np.zeros((chunks, 32), dtype=np.uint8)
         self.stale: npt.NDArray[np.bool_] = np.full(chunks, not all_zero, dtype=np.bool_)
+        groups = -(-chunks // GROUP_CHUNKS)
+        self.group_hashes: npt.NDArray[np.uint8] = np.zeros((groups, 32), dtype=np.uint8)
+        self.group_stale: npt.NDArray[np.bool_] = np.ones(groups, dtype=np.bool_)
         if all_zero and chunks:
             zero = hashlib.sha256(bytes(self.chunk_bytes)).digest()
             self.hashes[:] = np.frombuffer(zero, dtype=np.uint8)
@@ -78,13 +97,12 @@ class ChunkDigest:
             self.stale[pages // self.chunk_pages] = True
 
     def _hash_chunks(self, chunks: list[int]) -> int:
-        done = 0
-        for c in chunks:
-            start = c * self.chunk_bytes
-            with self._ram[start : start + self.chunk_bytes] as piece:
-                self.hashes[c] = np.frombuffer(hashlib.sha256(piece).digest(), dtype=np.uint8)
-                done += len(piece)
-        return done
+        sha256, ram, size = hashlib.sha256, self._ram, self.chunk_bytes
+        digests = b"".join([sha256(ram[c * size : (c + 1) * size]).digest() for c in chunks])
+        self.hashes[chunks] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
+        last = len(self.stale) - 1  # the only chunk that may be short
+        tail = len(ram) - last * size if chunks and chunks[-1] == last else size
+        return (len(chunks) - 1) * size + tail if chunks else 0
 
     def refresh(self, skip: npt.NDArray[np.int64] | None = None) -> int:
         """Re-hash every stale chunk but those in ``skip`` (which stay stale); blocking,
@@ -92,12 +110,15 @@ class ChunkDigest:
         todo = np.flatnonzero(self.stale)
         if skip is not None and skip.size:
             todo = np.setdiff1d(todo, skip, assume_unique=True)
-        if not todo.size:
-            return 0
-        self.stale[todo] = False  # clear, then hash
-        parts = [p.tolist() for p in np.array_split(todo, HASH_THREADS) if p.size]
-        for future in [_executor().submit(self._hash_chunks, part) for part in parts]:
-            self.hashed_bytes += future.result()
+        if todo.size:
+            self.stale[todo] = False  # clear, then hash
+            parts = [p.tolist() for p in np.array_split(todo, HASH_THREADS) if p.size]
+            for future in [_executor().submit(self._hash_chunks, part) for part in parts]:
+                self.hashed_bytes += future.result()
+            self.group_stale[np.unique(todo // GROUP_CHUNKS)] = True
+        for g in np.flatnonzero(self.group_stale).tolist():
+            self.group_stale[g] = False
+            self.group_hashes[g] = np.frombuffer(_group_hash(self.hashes, g), dtype=np.uint8)
         return int(todo.size)
 
     async def refresh_async(self, skip: npt.NDArray[np.int64] | None = None) -> int:
@@ -113,7 +134,7 @@ class ChunkDigest:
     async def digest_async(self) -> str:
         """Refresh what is stale, then the digest. Call when the memory is quiescent."""
         await self.refresh_async()
-        return hashlib.sha256(self.hashes.tobytes()).hexdigest()
+        return hashlib.sha256(self.group_hashes.tobytes()).hexdigest()
 
     async def masked_digest_async(self, missing: npt.NDArray[np.int64], page_size: int) -> str:
         """The digest with the ``missing`` pages taken as zeros (post-copy: what the target
@@ -142,7 +163,8 @@ class ChunkDigest:
         items = list(by_chunk.items())
         halves = [items[i::HASH_THREADS] for i in range(HASH_THREADS)]
         await asyncio.gather(*(asyncio.to_thread(mask, half) for half in halves if half))
-        return hashlib.sha256(hashes.tobytes()).hexdigest()
+        groups = b"".join(_group_hash(hashes, g) for g in range(len(self.group_hashes)))
+        return hashlib.sha256(groups).hexdigest()
 
     def release(self) -> None:
         """Drop the view of guest RAM (the driver can unmap it). Safe to call twice."""

@@ -48,10 +48,18 @@ class HandoffRecord:
         self.ns = namespace
         self.name = name
         self.uid = migration_uid
+        # The newest VMI this record read or wrote: claim() tries it first, and the
+        # resourceVersion precondition makes a stale copy cost a Conflict, never a
+        # lost decision. Saves the read in the common case (the hand-off is downtime).
+        self._latest: Obj | None = None
+
+    def _seen(self, vmi: Obj) -> Obj:
+        self._latest = vmi
+        return vmi
 
     async def read(self) -> tuple[Obj, Obj]:
         """(VMI, its migrationState); MigrationFailed if another migration replaced it."""
-        vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+        vmi = self._seen(await self.api.get("VirtualMachineInstance", self.ns, self.name))
         ms = (vmi.get("status") or {}).get("migrationState") or {}
         if ms.get("migrationUid") != self.uid:
             raise MigrationFailed("the VMI's migration state was replaced by another migration")
@@ -68,19 +76,21 @@ class HandoffRecord:
             ms["startTimestamp"] = conditions.now_rfc3339()
             ms.update(fields)
             try:
-                await self.api.update(vmi, subresource="status")
+                self._seen(await self.api.update(vmi, subresource="status"))
                 return True
             except Conflict:
                 continue
 
     async def patch(self, fields: Obj, extra_status: Obj | None = None) -> None:
         """Merge ``fields`` into migrationState (and ``extra_status`` into status)."""
-        await self.api.patch(
-            "VirtualMachineInstance",
-            self.ns,
-            self.name,
-            {"status": {**(extra_status or {}), "migrationState": fields}},
-            subresource="status",
+        self._seen(
+            await self.api.patch(
+                "VirtualMachineInstance",
+                self.ns,
+                self.name,
+                {"status": {**(extra_status or {}), "migrationState": fields}},
+                subresource="status",
+            )
         )
 
     async def patch_until_written(self, fields: Obj, extra_status: Obj | None = None) -> None:
@@ -102,7 +112,11 @@ class HandoffRecord:
         A VMI that is gone or belongs to another migration counts as Aborted."""
         while True:
             try:
-                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+                vmi, self._latest = self._latest, None  # a cached copy is tried once
+                if vmi is None:
+                    vmi = self._seen(
+                        await self.api.get("VirtualMachineInstance", self.ns, self.name)
+                    )
                 ms = (vmi.get("status") or {}).get("migrationState") or {}
                 if ms.get("migrationUid") != self.uid:
                     return "Aborted"
@@ -110,7 +124,7 @@ class HandoffRecord:
                     return str(ms["switchover"])
                 new = copy.deepcopy(vmi)
                 new["status"]["migrationState"].update(switchover=decision, **(extra or {}))
-                await self.api.update(new, subresource="status")
+                self._seen(await self.api.update(new, subresource="status"))
                 log.info("migration %s: switchover %s recorded", self.uid, decision)
                 return decision
             except Conflict:

@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.ma  # np.unique imports it on first use (~15 ms here): not in a downtime
 import numpy.typing as npt
 
 from handler import stream
@@ -398,9 +399,12 @@ class SourceMigration:
         *,
         stop: asyncio.Event | None = None,
         sent_mask: npt.NDArray[np.bool_] | None = None,
+        wait_acks: bool = True,
     ) -> tuple[int, float, stream.IndexArray]:
         """Send ``indices`` across the channels and wait until every channel's batches are
-        in the target's RAM. Returns (wire bytes, seconds, pages left unsent).
+        in the target's RAM (``wait_acks=False``: only until they are written; the caller
+        collects the acknowledgements with _round_acks). Returns (wire bytes, seconds,
+        pages left unsent).
 
         ``stop`` (the switch to post-copy) ends the round at the next batch boundary:
         the pages not sent yet are returned. ``sent_mask`` (post-copy) skips pages already
@@ -436,15 +440,20 @@ class SourceMigration:
         async with asyncio.TaskGroup() as tg:
             for ch, part in zip(self._channels, parts, strict=True):
                 tg.create_task(send_part(ch, part))
-        for ch in self._channels:  # every batch of this round is in the target's RAM
+        if wait_acks:
+            await self._round_acks(round_no)
+        left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
+        return sent[0], time.monotonic() - started, left
+
+    async def _round_acks(self, round_no: int) -> None:
+        """Every channel acknowledged ``round_no``: its batches are in the target's RAM."""
+        for ch in self._channels:
             ack = await ch.acks.get()
             ch.check()
             if ack.round != round_no:
                 raise MigrationFailed(
                     f"channel {ch.id}: acknowledged round {ack.round}, expected {round_no}"
                 )
-        left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
-        return sent[0], time.monotonic() - started, left
 
     async def _send_batch(
         self,
@@ -619,26 +628,33 @@ class SourceMigration:
         digest = self.chunk_digest
         assert digest is not None  # made by _precopy
         digest.invalidate(final)
-        digest_task = asyncio.create_task(digest.digest_async())  # the final chunks only
+        # The digest of the final chunks and the device state are made while the final
+        # pages travel; FinalState follows the final RoundEnds without waiting for their
+        # acknowledgements (the target verifies only once every channel's final round is
+        # applied), so the switchover costs one round trip fewer.
+        digest_task = asyncio.create_task(digest.digest_async())
+        state_task = asyncio.create_task(self.handle.device_state())
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
             self._in_downtime = True
-            await self._send_round(final, self.stats.rounds, final=True)
+            await self._send_round(final, self.stats.rounds, final=True, wait_acks=False)
             self._in_downtime = False
             self.stats.rounds += 1
             t2 = time.monotonic()
             parts["final_pass"] = t2 - t1
-            device_state = await self.handle.device_state()
+            device_state = await state_task
             self.stats.digest = await digest_task
         finally:
-            if not digest_task.done():
-                digest_task.cancel()
+            for task in (digest_task, state_task):
+                if not task.done():
+                    task.cancel()
         ch0 = self._channels[0]
         await ch0.write(
             pb.SourceFrame(
                 final_state=pb.FinalState(device_state=device_state, digest=self.stats.digest)
             )
         )
+        await self._round_acks(self.stats.rounds - 1)
         await self._verify_and_commit(ch0, t2, mode="PreCopy")
         await self._finish_success()
 

@@ -7,15 +7,20 @@ import hashlib
 
 import numpy as np
 
-from handler.digest import ChunkDigest
+from handler.digest import CHUNK_PAGES, GROUP_CHUNKS, ChunkDigest
 
 PAGE = 4096
 
 
 def full(ram: bytearray, chunk_pages: int) -> str:
+    """The digest's definition, computed from scratch: chunk hashes, group hashes, root."""
     size = PAGE * chunk_pages
-    inner = b"".join(hashlib.sha256(ram[o : o + size]).digest() for o in range(0, len(ram), size))
-    return hashlib.sha256(inner).hexdigest()
+    chunks = [hashlib.sha256(ram[o : o + size]).digest() for o in range(0, len(ram), size)]
+    groups = [
+        hashlib.sha256(b"".join(chunks[g : g + GROUP_CHUNKS])).digest()
+        for g in range(0, len(chunks), GROUP_CHUNKS)
+    ]
+    return hashlib.sha256(b"".join(groups)).hexdigest()
 
 
 def test_incremental_digest_tracks_writes_and_hashes_only_stale_chunks() -> None:
@@ -70,8 +75,28 @@ def test_a_wholly_missing_chunk_hashes_as_zeros() -> None:
 def test_fresh_zero_memory_needs_no_reading_until_written() -> None:
     ram = bytearray(300 * PAGE)
     d = ChunkDigest(memoryview(ram), PAGE, all_zero=True)
-    assert asyncio.run(d.digest_async()) == full(ram, 64) and d.hashed_bytes == 0
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES) and d.hashed_bytes == 0
     ram[70 * PAGE] = 1
     d.invalidate(np.array([70], dtype=np.int64))
-    assert asyncio.run(d.digest_async()) == full(ram, 64) and d.hashed_bytes == 64 * PAGE
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    assert d.hashed_bytes == CHUNK_PAGES * PAGE
+    d.release()
+
+
+def test_many_groups_and_scattered_writes_rehash_only_their_chunks() -> None:
+    """Default geometry (chunks in groups of 1024): scattered single-page writes cost one
+    chunk each, not a fraction of RAM."""
+    pages = CHUNK_PAGES * GROUP_CHUNKS * 2 + 7  # two full groups and a short third
+    rng = np.random.default_rng(9)
+    ram = bytearray(rng.integers(0, 256, pages * PAGE, dtype=np.uint8).tobytes())
+    d = ChunkDigest(memoryview(ram), PAGE)
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    before = d.hashed_bytes
+    written = np.array([1, pages // 2, pages - 1], dtype=np.int64)  # three chunks
+    for page in written.tolist():
+        ram[page * PAGE + 17] ^= 0x5A
+    d.invalidate(written)
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    last_chunk_pages = pages - (pages - 1) // CHUNK_PAGES * CHUNK_PAGES
+    assert d.hashed_bytes - before == (2 * CHUNK_PAGES + last_chunk_pages) * PAGE
     d.release()

@@ -198,7 +198,7 @@ class FinalState(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     device_state: _builtins.bytes
     digest: _builtins.str
-    """sha256 tree digest of guest RAM (handler/drivers/base.py)"""
+    """sha256 tree digest of guest RAM (handler/digest.py)"""
     def __init__(
         self,
         *,
