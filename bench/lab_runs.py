@@ -135,7 +135,7 @@ def parse_source_log(events: list[LogEvent]) -> Obj:
             out["roundLog"].append(rnd)
             if rnd["round"] == 0:
                 out["firstByte"] = ev.at - rnd["seconds"]
-        elif ev.msg.startswith("hand-off committed"):
+        elif ev.msg.startswith("switchover Committed recorded"):
             out["handOffCommitted"] = ev.at
         elif ev.msg.startswith("succeeded"):
             out["handlerSucceeded"] = ev.at
@@ -335,6 +335,8 @@ class LabBench:
             rec["throughput"] = mem / rec["migrationSeconds"] if mem else None
         if first:
             rec["cliToFirstByteSeconds"] = first - cli_returned
+            if "Pending" in phases:  # the controller saw the VMIM (creationTimestamp: whole s)
+                rec["pendingToFirstByteSeconds"] = first - phases["Pending"]
             rec["handlerStartToFirstByteSeconds"] = first - start if start else None
         if start:
             rec["cliToHandlerStartSeconds"] = start - cli_returned

@@ -72,6 +72,7 @@ OUR_KEYS = [
     "downtime_verify",
     "downtime_resume",
     "cliToFirstByteSeconds",
+    "pendingToFirstByteSeconds",
     "cliToHandlerStartSeconds",
     "handlerStartToFirstByteSeconds",
     "handlerToVmimSucceededSeconds",
@@ -450,7 +451,12 @@ def table(results: Obj) -> str:
             row(
                 "sched: migrate -> first byte",
                 fmt_summary(ours["cliToFirstByteSeconds"], "ms", 1e-3),
-                "(CLI returned -> round 0 start)",
+                "(CLI returned -> round 0 start; < 0: before the CLI exited)",
+            )
+            row(
+                "sched: VMIM -> first byte",
+                fmt_summary(ours.get("pendingToFirstByteSeconds"), "ms", 1e-3),
+                "(VMIM phase Pending -> round 0 start)",
             )
             row(
                 "sched: migrate -> handler",

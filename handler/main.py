@@ -171,6 +171,7 @@ async def serve(config: dict[str, Any]) -> None:
     )
     api = ApiClient(client_config, timeout=10.0)
     driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
+    driver.warm_up()  # a guest (a migration target above all) starts without a Python start-up
     service = MigrationService(
         lambda inc: asyncio.sleep(0),
         lambda inc, reason: asyncio.sleep(0),
@@ -257,6 +258,7 @@ async def serve(config: dict[str, Any]) -> None:
     finally:
         for handle in manager.handles.values():
             handle.close()
+        await driver.close()
         if metrics_server is not None:
             metrics_server.close()
         await server.stop(grace=1)

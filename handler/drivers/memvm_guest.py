@@ -9,6 +9,12 @@ Unless ``--foreground`` is given the process daemonises: it forks, the parent pr
 child's pid on stdout and exits, and the child (the guest) continues in a session of its
 own, so that it is never a child of the handler and outlives a handler restart.
 
+``python -m handler.drivers.memvm_guest --launcher`` is the same program started ahead
+of need: it imports everything (numpy and asyncio: ~0.25 s here) and then waits for one
+line on stdin, ``{"argv": [...], "log": PATH}``, and goes on as if started with that
+argv, its stderr the guest log. The driver keeps one launcher warm, so starting a guest
+(a migration target above all) does not wait for Python to start. End of input: it exits.
+
 Memory (both files are created, sized and eventually deleted by the driver):
 
 - ``--ram``: guest RAM, ``memory_bytes`` long. Page 0 is the header (the guest's "CPU
@@ -146,9 +152,13 @@ def is_guest_process(pid: int, start_ticks: int | None, vm_id: str) -> bool:
     argv = proc_cmdline(pid)
     if GUEST_MODULE not in argv:
         return False
+    if "--vm-id" in argv[:-1] and argv[argv.index("--vm-id") + 1] == vm_id:
+        return True
+    # Started from a launcher, the guest keeps the launcher's command line; it runs in its
+    # VM directory (set before the fork), which is named after the VM.
     try:
-        return argv[argv.index("--vm-id") + 1] == vm_id
-    except (ValueError, IndexError):
+        return Path(os.readlink(f"/proc/{pid}/cwd")).name == vm_id
+    except OSError:
         return False
 
 
@@ -776,13 +786,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _await_launch() -> list[str] | None:
+    """--launcher: one launch request from stdin; None at end of input (not needed)."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    request = json.loads(line)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the guest does not hold the driver's pipe
+    os.close(devnull)
+    argv: list[str] = request["argv"]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--launcher"]:
+        argv = _await_launch()
+        if argv is None:
+            return 0
     args = parse_args(argv)
     try:
         spec = GuestSpec.from_json(json.loads(args.spec))
     except (ValueError, TypeError) as e:
         print(f"memvm guest: bad --spec: {e}", file=sys.stderr)
         return 2
+    os.umask(0o077)
+    vm_dir = args.vm_dir.resolve()
+    os.chdir(vm_dir)  # before the fork: the guest is known by its directory (is_guest_process)
     if not args.foreground:
         child = os.fork()
         if child:
@@ -792,9 +825,6 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.setsid()
         os.dup2(2, 1)  # stdout joins stderr (the guest log) and lets go of the pid pipe
-    os.umask(0o077)
-    vm_dir = args.vm_dir.resolve()
-    os.chdir(vm_dir)
     guest = Guest(
         vm_id=args.vm_id,
         vm_dir=vm_dir,

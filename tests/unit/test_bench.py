@@ -94,7 +94,7 @@ def test_source_log_gives_start_first_byte_and_end(tmp_path: Path) -> None:
                 f'ts=2026-01-01T00:00:00.100Z level=info component=handler logger=x msg="migration {uid}: default/vm starting to 127.0.1.2:1"',
                 f'ts=2026-01-01T00:00:02.200Z level=info component=handler logger=x msg="migration {uid}: round 0 sent 65600 pages in 2.000s (128 MiB/s); 3 dirty (0.0 MiB/s)"',
                 'ts=2026-01-01T00:00:02.300Z level=info component=handler logger=x msg="migration other: succeeded: x"',
-                f'ts=2026-01-01T00:00:02.500Z level=info component=handler logger=x msg="migration {uid}: hand-off committed"',
+                f'ts=2026-01-01T00:00:02.500Z level=info component=handler logger=x msg="migration {uid}: switchover Committed recorded"',
                 f'ts=2026-01-01T00:00:02.600Z level=info component=handler logger=x msg="migration {uid}: succeeded: 2 rounds"',
             ]
         )

@@ -389,3 +389,57 @@ def test_rejects_unsafe_vm_ids(runtime_dir: Path, ram_dir: Path) -> None:
     for vm_id in ("../escape", "", ".hidden", "a/b"):
         with pytest.raises(ValueError, match="filesystem-safe"):
             asyncio.run(driver.start(vm_id, GuestSpec(MiB)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+
+
+@pytest.mark.timeout(60)
+def test_warm_launcher_starts_guests_and_is_replaced(runtime_dir: Path, ram_dir: Path) -> None:
+    """A guest starts from the launcher kept warm (not a fresh Python); each launch warms
+    the next one; a dead warm launcher is replaced; close() ends the warm one."""
+
+    async def scenario() -> None:
+        driver = MemVMDriver(runtime_dir, ram_dir)
+        driver.warm_up()
+        assert driver._warm is not None
+        first = await driver._warm
+        handle = await driver.prepare_incoming("ns_vm1_0123abcd", GuestSpec(8 * MiB))
+        assert (await handle.status()).state == "incoming"
+        assert first.returncode == 0  # it launched the guest and exited
+        assert driver._warm is not None
+        second = await driver._warm
+        assert second.pid != first.pid and second.returncode is None
+        second.kill()  # the warm launcher dies unnoticed: the next start still works
+        await second.wait()
+        other = await driver.start("ns_vm2_0123abcd", GuestSpec(8 * MiB))
+        assert (await other.status()).state == "running"
+        assert driver._warm is not None
+        third = await driver._warm
+        await driver.close()
+        assert third.returncode == 0 and driver._warm is None
+        for h in (handle, other):
+            await h.destroy()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_launcher_reports_a_guest_that_cannot_start(runtime_dir: Path, ram_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = MemVMDriver(runtime_dir, ram_dir)
+        driver.warm_up()
+        bad = GuestSpec(8 * MiB)
+        object.__setattr__(bad, "memory_bytes", 8 * MiB + 1)  # not whole pages: refused
+        with pytest.raises(DriverError, match=r"guest failed to start(.|\n)*bad --spec"):
+            await driver.start("ns_vm3_0123abcd", bad)
+        good = await driver.start("ns_vm4_0123abcd", GuestSpec(8 * MiB))  # still serving
+        await good.destroy()
+        await driver.close()
+
+    asyncio.run(scenario())
