@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 CHUNK_PAGES = 1  # pages per chunk hash; see above
 GROUP_CHUNKS = 1024  # chunk hashes per group hash (32 KiB of hashes)
+ZERO_CHECK_BLOCK = 4096  # chunks checked for all-zero at a time
 HASH_THREADS = 2  # hashlib releases the GIL: two chunks hash in parallel on two cores
 
 _pool: ThreadPoolExecutor | None = None
@@ -69,9 +70,11 @@ class ChunkDigest:
         chunk_pages: int = CHUNK_PAGES,
         *,
         all_zero: bool = False,
+        zero_pages: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         """``all_zero``: the memory is known to be all zeros now (a migration target's
-        fresh RAM file), so no chunk needs reading until something is written."""
+        fresh RAM file), so no chunk needs reading until something is written.
+        ``zero_pages``: the same per page (a source's never-written pages: file holes)."""
         self._ram = ram.cast("B") if ram.format != "B" else ram
         self.chunk_bytes = page_size * chunk_pages
         self.chunk_pages = chunk_pages
@@ -86,6 +89,14 @@ class ChunkDigest:
             self.hashes[:] = np.frombuffer(zero, dtype=np.uint8)
             tail = len(self._ram) - (chunks - 1) * self.chunk_bytes
             self.hashes[-1] = np.frombuffer(hashlib.sha256(bytes(tail)).digest(), dtype=np.uint8)
+        if zero_pages is not None and chunks and not all_zero:
+            padded = np.zeros(chunks * chunk_pages, dtype=np.bool_)
+            padded[: len(zero_pages)] = zero_pages
+            known = np.asarray(padded.reshape(chunks, chunk_pages).all(axis=1), dtype=np.bool_)
+            known[-1] &= len(self._ram) == chunks * self.chunk_bytes  # a short tail: hash it
+            zero = hashlib.sha256(bytes(self.chunk_bytes)).digest()
+            self.hashes[known] = np.frombuffer(zero, dtype=np.uint8)
+            self.stale[known] = False
         self._lock = asyncio.Lock()
         self.hashed_bytes = 0  # work done, for the downtime breakdown and tests
         self._background: asyncio.Task[int] | None = None
@@ -97,12 +108,42 @@ class ChunkDigest:
             self.stale[pages // self.chunk_pages] = True
 
     def _hash_chunks(self, chunks: list[int]) -> int:
+        """Hash ``chunks`` (ascending); returns the bytes that went through SHA-256.
+
+        All-zero chunks get the known zero-chunk hash without SHA-256: the zero check
+        runs at memory speed, ~10x the hash, and guest memory is mostly zeros. Only blocks
+        of consecutive chunks are checked (in place); scattered ones (dirty pages) are
+        hashed as they are."""
         sha256, ram, size = hashlib.sha256, self._ram, self.chunk_bytes
-        digests = b"".join([sha256(ram[c * size : (c + 1) * size]).digest() for c in chunks])
-        self.hashes[chunks] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
-        last = len(self.stale) - 1  # the only chunk that may be short
-        tail = len(ram) - last * size if chunks and chunks[-1] == last else size
-        return (len(chunks) - 1) * size + tail if chunks else 0
+        whole = len(ram) // size  # chunks of exactly ``size`` bytes (the last may be short)
+        ids = np.asarray(chunks, dtype=np.int64)
+        hashed = 0
+        if size % 8 == 0 and whole:
+            words = np.frombuffer(ram, dtype=np.uint64, count=whole * size // 8)
+            words = words.reshape(whole, size // 8)
+            zero_hash = np.frombuffer(sha256(bytes(size)).digest(), dtype=np.uint8)
+            full = ids[ids < whole]
+            for at in range(0, len(full), ZERO_CHECK_BLOCK):
+                block = full[at : at + ZERO_CHECK_BLOCK]
+                first, last = int(block[0]), int(block[-1])
+                if last - first == len(block) - 1:  # consecutive: check in place
+                    nonzero = words[first : last + 1].any(axis=1)
+                    self.hashes[block[~nonzero]] = zero_hash
+                    todo = block[nonzero].tolist()
+                else:  # scattered (dirty pages): a gather would cost as much as the hash
+                    todo = block.tolist()
+                if todo:
+                    digests = b"".join(
+                        [sha256(ram[c * size : (c + 1) * size]).digest() for c in todo]
+                    )
+                    self.hashes[todo] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
+                    hashed += len(todo) * size
+            ids = ids[ids >= whole]
+        for c in ids.tolist():  # the short last chunk, or a geometry without a word view
+            with ram[c * size : (c + 1) * size] as piece:
+                self.hashes[c] = np.frombuffer(sha256(piece).digest(), dtype=np.uint8)
+                hashed += len(piece)
+        return hashed
 
     def refresh(self, skip: npt.NDArray[np.int64] | None = None) -> int:
         """Re-hash every stale chunk but those in ``skip`` (which stay stale); blocking,

@@ -422,19 +422,29 @@ class SourceMigration:
         unsent: list[stream.IndexArray] = []
 
         async def send_part(ch: Channel, part: stream.IndexArray) -> None:
-            for offset in range(0, len(part), stream.BATCH_PAGES):
+            # A batch carries up to BATCH_PAGES non-zero pages; where memory is mostly zero
+            # pages it covers a longer span (doubling up to MAX_SPAN), so zeros cost
+            # neither copies nor per-batch round trips.
+            offset, span = 0, stream.BATCH_PAGES
+            while offset < len(part):
                 if self.abort_requested.is_set() and not self.paused:
                     raise Aborted("migration canceled by the user")
                 if stop is not None and stop.is_set():
                     unsent.append(part[offset:])
                     break
-                chunk = part[offset : offset + stream.BATCH_PAGES]
-                if sent_mask is not None:
+                chunk = part[offset : offset + span]
+                if sent_mask is not None:  # post-copy: fixed spans, each page once
+                    chunk = part[offset : offset + stream.BATCH_PAGES]
+                    offset += len(chunk)
                     chunk = chunk[~sent_mask[chunk]]
                     sent_mask[chunk] = True
-                    if not chunk.size:
-                        continue
-                await self._send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                    if chunk.size:
+                        await self._send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                    continue
+                batch = await self._send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                offset += batch.pages
+                sparse = batch.nonzero < stream.BATCH_PAGES // 2
+                span = min(2 * span, stream.MAX_SPAN) if sparse else stream.BATCH_PAGES
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=final)))
 
         async with asyncio.TaskGroup() as tg:
@@ -464,8 +474,9 @@ class SourceMigration:
         compress: bool,
         limit: int,
         sent: list[int],
-    ) -> None:
-        """Gather, flow-control, send and pace one batch; account for it in the stats."""
+    ) -> stream.Batch:
+        """Gather, flow-control, send and pace one batch (it may cover only a prefix of
+        ``chunk``: Batch.pages); account for it in the stats."""
         batch = await asyncio.to_thread(
             stream.build_batch, pages, chunk, round_no, compress=compress
         )
@@ -484,6 +495,7 @@ class SourceMigration:
             if self._pace_next > now:
                 await asyncio.sleep(self._pace_next - now)
         self._report()
+        return batch
 
     async def _precopy(self) -> bool:
         """Pre-copy rounds. True: converged (switch over now); False: switch to post-copy
@@ -492,11 +504,22 @@ class SourceMigration:
         budget = float(self.config.get("downtimeBudgetMilliseconds", 300)) / 1000
         auto_converge = bool(self.config.get("allowAutoConverge", False))
         self.handle.clear_dirty()
+        # Never-written pages (holes in the RAM file) are zeros: round 0 neither reads nor
+        # sends them (the target's fresh RAM is zeros too). A write after this point is
+        # in the dirty log, cleared just before.
+        data = self.handle.data_pages()
         # Hash all of RAM once while round 0 travels; later rounds re-hash what got dirty.
-        self.chunk_digest = ChunkDigest(self.handle.ram(), spec.page_size)
+        self.chunk_digest = ChunkDigest(
+            self.handle.ram(), spec.page_size, zero_pages=None if data is None else ~data
+        )
         self.chunk_digest.refresh_in_background()
-        indices = np.arange(spec.page_count, dtype=np.int64)
-        self.stats.remaining_bytes = spec.memory_bytes
+        if data is None:
+            indices = np.arange(spec.page_count, dtype=np.int64)
+        else:
+            indices = np.flatnonzero(data).astype(np.int64)
+        untouched = (spec.page_count - len(indices)) * spec.page_size
+        self.stats.processed_bytes += untouched
+        self.stats.remaining_bytes = spec.memory_bytes - untouched
         try:
             for round_no in range(MAX_ROUNDS):
                 _, seconds, unsent = await self._send_round(

@@ -24,11 +24,14 @@ cannot be reached raises :class:`GuestError`; a guest that dies while booting ra
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -44,8 +47,10 @@ __all__ = [
     "GuestStartError",
     "GuestStatus",
     "PageIndices",
+    "PageMask",
     "VMExistsError",
     "VMHandle",
+    "file_data_pages",
     "ram_digest",
     "ram_digest_async",
 ]
@@ -58,6 +63,7 @@ DIGEST_CHUNK_BYTES = 16 << 20
 DIGEST_THREADS = 2  # hashlib releases the GIL, so two chunks hash in parallel
 
 PageIndices = npt.NDArray[np.int64]
+PageMask = npt.NDArray[np.bool_]  # one flag per page
 
 
 class DriverError(Exception):
@@ -203,6 +209,12 @@ class VMHandle(Protocol):
 
     def clear_dirty(self) -> None: ...
 
+    def data_pages(self) -> PageMask | None:
+        """Per page: may hold data (False: never written, reads as zeros), or None when
+        the driver cannot tell. Lets a migration skip untouched memory without reading
+        it (reading a hole of a RAM file would also allocate it)."""
+        ...
+
     async def pause(self) -> None:
         """Returns when the guest has finished its current write and writes nothing more."""
         ...
@@ -311,6 +323,32 @@ def ram_digest(buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BY
         for piece_digest in _pool().map(hash_chunk, offsets):
             outer.update(piece_digest)
         return outer.hexdigest()
+
+
+def file_data_pages(path: Path, page_size: int, page_count: int) -> PageMask | None:
+    """Pages of a sparse file that hold data, from SEEK_DATA/SEEK_HOLE (tmpfs and most file
+    systems report holes exactly); None if the file system cannot say."""
+    mask = np.zeros(page_count, dtype=np.bool_)
+    size = page_count * page_size
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after offset
+                    break
+                return None
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            mask[start // page_size : -(-end // page_size)] = True
+            offset = end
+    finally:
+        os.close(fd)
+    return mask
 
 
 async def ram_digest_async(

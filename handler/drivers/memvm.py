@@ -50,8 +50,10 @@ from handler.drivers.base import (
     GuestStartError,
     GuestStatus,
     PageIndices,
+    PageMask,
     VMExistsError,
     VMHandle,
+    file_data_pages,
     ram_digest,
     ram_digest_async,
 )
@@ -292,6 +294,9 @@ class MemVMHandle:
 
     def clear_dirty(self) -> None:
         self._dirty_log().fill(0)
+
+    def data_pages(self) -> PageMask | None:
+        return file_data_pages(self.ram_path, self.spec.page_size, self.spec.page_count)
 
     # -- control --
 

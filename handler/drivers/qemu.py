@@ -50,6 +50,7 @@ from handler.drivers.base import (
     GuestStartError,
     GuestStatus,
     PageIndices,
+    PageMask,
     VMExistsError,
     VMHandle,
 )
@@ -264,6 +265,9 @@ class QemuHandle:
 
     def clear_dirty(self) -> None:
         raise DriverError("qemu guests track dirty memory inside QEMU")
+
+    def data_pages(self) -> PageMask | None:
+        return None  # QEMU migrates its own memory
 
     # -- control --------------------------------------------------------------------------
 

@@ -100,3 +100,37 @@ def test_many_groups_and_scattered_writes_rehash_only_their_chunks() -> None:
     last_chunk_pages = pages - (pages - 1) // CHUNK_PAGES * CHUNK_PAGES
     assert d.hashed_bytes - before == (2 * CHUNK_PAGES + last_chunk_pages) * PAGE
     d.release()
+
+
+def test_zero_chunks_are_recognised_without_hashing() -> None:
+    """Mostly-zero memory: only the chunks with data go through SHA-256, and the digest is
+    still the definition's (zero chunks hash like any other)."""
+    pages = 3000
+    ram = bytearray(pages * PAGE)
+    for page in (7, 1500, 2999):
+        ram[page * PAGE + 100] = 1
+    d = ChunkDigest(memoryview(ram), PAGE)
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    assert d.hashed_bytes == 3 * CHUNK_PAGES * PAGE
+    ram[1500 * PAGE + 100] = 0  # a page becomes zero again; a scattered (gathered) check
+    ram[20 * PAGE] = 9
+    d.invalidate(np.array([20, 1500], dtype=np.int64))
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    d.release()
+
+
+def test_pages_known_zero_are_not_read() -> None:
+    """A source's never-written pages (file holes) get the zero hash without a read; the
+    digest is the definition's, and a later write (reported by the dirty log) counts."""
+    pages = 2000
+    ram = bytearray(pages * PAGE)
+    ram[10 * PAGE] = 3
+    zero = np.ones(pages, dtype=np.bool_)
+    zero[10] = False
+    d = ChunkDigest(memoryview(ram), PAGE, zero_pages=zero)
+    assert int(d.stale.sum()) == 1  # only page 10's chunk waits for hashing
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    ram[1999 * PAGE] = 4
+    d.invalidate(np.array([1999], dtype=np.int64))
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    d.release()

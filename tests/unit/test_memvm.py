@@ -443,3 +443,22 @@ def test_launcher_reports_a_guest_that_cannot_start(runtime_dir: Path, ram_dir: 
         await driver.close()
 
     asyncio.run(scenario())
+
+
+def test_file_holes_are_never_written_pages(tmp_path: Path) -> None:
+    from handler.drivers.base import file_data_pages
+
+    path = Path(f"/dev/shm/vmferry-test-holes-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(path, "wb") as f:
+            f.truncate(64 * PAGE)
+            f.seek(5 * PAGE + 10)
+            f.write(b"x")
+            f.seek(40 * PAGE)
+            f.write(b"y" * (PAGE + 1))  # pages 40 and 41
+        mask = file_data_pages(path, PAGE, 64)
+        assert mask is not None
+        assert np.flatnonzero(mask).tolist() == [5, 40, 41]
+        assert file_data_pages(tmp_path / "missing", PAGE, 64) is None
+    finally:
+        path.unlink(missing_ok=True)

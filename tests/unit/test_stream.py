@@ -301,3 +301,34 @@ def test_pages_frames_are_read_in_place_as_protobuf_reads_them() -> None:
 def test_malformed_or_foreign_frames_are_not_read_as_pages(raw: bytes) -> None:
     with pytest.raises(stream.ProtocolError):
         stream.receive_batch(np.zeros((8, PAGE), dtype=np.uint8), raw)
+
+
+@pytest.mark.parametrize("lead", [0, 16])
+def test_a_batch_covers_a_prefix_with_at_most_max_pages_of_data(lead: int) -> None:
+    """Zero pages are not counted against the batch: a sparse span travels in one frame;
+    a dense one stops after max_pages non-zero pages (``lead`` non-zero leading pages take
+    the dense path). Zero checks in place and after a gather agree."""
+    source = np.zeros((5000, PAGE), dtype=np.uint8)
+    dense = [*range(lead), 3 + lead, 4 + lead, 5 + lead, 900, 901, 4000, 4999]
+    source[dense, 7] = 1
+    every = np.arange(5000, dtype=np.int64)
+    batches = []
+    offset = 0
+    while offset < 5000:
+        batch = stream.build_batch(source, every[offset:], 0, compress=False, max_pages=4)
+        assert 0 < batch.nonzero <= 4 or batch.pages == 5000 - offset
+        batches.append(batch)
+        offset += batch.pages
+    if not lead:
+        assert batches[0].pages == 901 and batches[0].nonzero == 4  # pages 0..900
+        parsed = batches[0].page_batch()
+        assert np.frombuffer(parsed.indices, "<u4").tolist() == [3, 4, 5, 900]
+        assert len(parsed.zero_indices) == 4 * (901 - 4)
+    target = np.zeros_like(source)
+    for b in batches:
+        stream.receive_batch(target, b.frame)
+    assert np.array_equal(source, target)
+    scattered = every[::7]  # 715 runs: gathered, not checked in place
+    expect = [i for i in scattered.tolist() if i in dense]
+    assert int(stream.nonzero_pages(source, scattered).sum()) == len(expect)
+    assert stream.nonzero_pages(source, every).nonzero()[0].tolist() == dense

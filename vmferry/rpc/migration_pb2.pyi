@@ -14,12 +14,16 @@ Sequence, per channel (S = source, T = target):
   S: Hello            protocol version, migration uid, token, channel id/count, geometry
   T: HelloAck         accepted (or the stream is closed with an error status)
   T: Credit           initial window in payload bytes
-  S: PageBatch*       pages of a round; zero pages travel as indices only
+  S: PageBatch*       pages of a round; zero pages travel as indices only (round 0
+                      leaves out the pages the source never wrote: the target's RAM
+                      starts as zeros); at most 1024 non-zero pages a batch
   T: Credit*          returned as batches are applied
   S: RoundEnd         round r is complete on this channel
   T: RoundAck         every batch of round r on this channel is in guest RAM
 ...rounds repeat until the remaining dirty memory fits the downtime budget; the
-guest is then paused and a final round sent. Then, on channel 0 only:
+guest is then paused and a final round sent. Then, on channel 0 only (FinalState
+may come before the final RoundAcks: the target verifies once every channel's final
+round is applied):
   S: FinalState       device state + the source's memory digest
   T: Verified         the target's digest and whether it matches
   S: Commit           the hand-off is recorded (the arbiter CAS succeeded)
