@@ -327,7 +327,10 @@ class LabBench:
         start = src_log.get("handlerStart")
         first = src_log.get("firstByte")
         done = src_log.get("handlerSucceeded")
-        rec["endToEndSeconds"] = succeeded - created if succeeded else None
+        # creationTimestamp has whole seconds; the Pending phase (the controller's first
+        # look at the VMIM, milliseconds later) has microseconds.
+        begun = phases.get("Pending", created)
+        rec["endToEndSeconds"] = succeeded - begun if succeeded else None
         rec["cliSeconds"] = cli_returned - invoked
         if start and done:
             rec["migrationSeconds"] = done - start  # the source handler's whole migration

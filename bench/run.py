@@ -422,7 +422,7 @@ def table(results: Obj) -> str:
         row(
             "ours: end to end",
             fmt_summary(ours["endToEndSeconds"], "s", digits=2),
-            "(VMIM created -> Succeeded)",
+            "(VMIM Pending -> Succeeded)",
         )
         mem = sc["memoryBytes"]
         wire = ours["wireBytes"]
