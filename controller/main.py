@@ -189,7 +189,7 @@ async def serve(config: dict[str, Any]) -> None:
             for inf in (vms, vmis, vmims, nodes, hcos):
                 await inf.synced.wait()
             tasks += [
-                tg.create_task(VMController(store, vms, vmis).run()),
+                tg.create_task(VMController(store, vms, vmis, vmims).run()),
                 tg.create_task(VMIController(store, vmis, nodes).run()),
                 tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
                 tg.create_task(

@@ -23,13 +23,40 @@ Obj = dict[str, Any]
 
 
 class VMController:
-    def __init__(self, store: Store, vms: Informer, vmis: Informer) -> None:
+    def __init__(
+        self, store: Store, vms: Informer, vmis: Informer, vmims: Informer | None = None
+    ) -> None:
         self.store = store
         self.vms = vms
         self.vmis = vmis
+        self.vmims = vmims
         self.queue = WorkQueue()
         vms.add_handler(lambda key, old, new: self.queue.add(key))
         vmis.add_handler(lambda key, old, new: self.queue.add(key))
+        if vmims is not None:  # a migration that ended may release a VMI to replace
+            vmims.add_handler(self._on_vmim)
+
+    def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
+        vmim = new or old
+        vmi_name = ((vmim or {}).get("spec") or {}).get("vmiName")
+        if vmi_name:
+            self.queue.add((key[0], vmi_name))
+
+    def _migration_unrecorded(self, vmi: Obj) -> bool:
+        """The VMI's migration ended with it, but its VMIM does not say so yet: replacing
+        the VMI now would lose the failure reason (the migration controller reads it from
+        the VMI). The VMIM's own update re-queues the VM."""
+        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        ended = ms.get("failed") or ms.get("completed")  # the outcome the VMIM will copy
+        if self.vmims is None or not ms.get("migrationUid") or not ended:
+            return False
+        ns = vmi["metadata"]["namespace"]
+        for vmim in self.vmims.items():
+            if vmim["metadata"].get("uid") == ms["migrationUid"] and (
+                vmim["metadata"].get("namespace") == ns
+            ):
+                return (vmim.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        return False
 
     async def run(self) -> None:
         await self.queue.run(self.reconcile, "vm-controller")
@@ -52,6 +79,16 @@ class VMController:
         )
         phase = ((vmi or {}).get("status") or {}).get("phase", "")
         if vmi is not None and phase in ("Succeeded", "Failed") and strategy == "Always":
+            if self._migration_unrecorded(vmi):
+                log.info(
+                    "vm %s/%s: VMI ended (%s); replacing it once its migration "
+                    "has recorded how it ended",
+                    ns,
+                    name,
+                    phase,
+                )
+                await self._update_status(vm, vmi)
+                return
             log.info("vm %s/%s: VMI ended (%s); replacing it", ns, name, phase)
             await self._delete(vmi)
             vmi = None
