@@ -703,14 +703,18 @@ class SourceMigration:
         await self._unthrottle()
         t1 = time.monotonic()
         parts["pause"] = t1 - t0
-        missing = np.union1d(self._pending, self.handle.harvest_dirty())
+        dirty = self.handle.harvest_dirty()
+        assert self.chunk_digest is not None  # made by _precopy
+        # Page 0 (the guest's CPU state) leaves the missing set and is sent now: its hash,
+        # like every page written since the last harvest, must be made again.
+        self.chunk_digest.invalidate(dirty)
+        missing = np.union1d(self._pending, dirty)
         missing = missing[missing != 0]
         await self._send_round(np.zeros(1, dtype=np.int64), self.stats.rounds, final=False)
         self.stats.rounds += 1
         t2 = time.monotonic()
         parts["final_pass"] = t2 - t1
         device_state = await self.handle.device_state()
-        assert self.chunk_digest is not None  # made by _precopy
         self.stats.digest = await self.chunk_digest.masked_digest_async(missing, spec.page_size)
         ch0 = self._channels[0]
         await ch0.write(
