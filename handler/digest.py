@@ -34,27 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
 
+from handler.drivers.base import DIGEST_THREADS, hash_pool
+
 CHUNK_PAGES = 1  # pages per chunk hash; see above
 GROUP_CHUNKS = 1024  # chunk hashes per group hash (32 KiB of hashes)
 ZERO_CHECK_BLOCK = 4096  # chunks checked for all-zero at a time
-HASH_THREADS = 2  # hashlib releases the GIL: two chunks hash in parallel on two cores
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="chunk-digest")
-        return _pool
 
 
 def _group_hash(hashes: npt.NDArray[np.uint8], group: int) -> bytes:
@@ -84,9 +72,12 @@ class ChunkDigest:
         groups = -(-chunks // GROUP_CHUNKS)
         self.group_hashes: npt.NDArray[np.uint8] = np.zeros((groups, 32), dtype=np.uint8)
         self.group_stale: npt.NDArray[np.bool_] = np.ones(groups, dtype=np.bool_)
+        # The hash of an all-zero chunk: what a zero chunk gets without being hashed.
+        self._zero_hash = np.frombuffer(
+            hashlib.sha256(bytes(self.chunk_bytes)).digest(), dtype=np.uint8
+        )
         if all_zero and chunks:
-            zero = hashlib.sha256(bytes(self.chunk_bytes)).digest()
-            self.hashes[:] = np.frombuffer(zero, dtype=np.uint8)
+            self.hashes[:] = self._zero_hash
             tail = len(self._ram) - (chunks - 1) * self.chunk_bytes
             self.hashes[-1] = np.frombuffer(hashlib.sha256(bytes(tail)).digest(), dtype=np.uint8)
         if zero_pages is not None and chunks and not all_zero:
@@ -94,8 +85,7 @@ class ChunkDigest:
             padded[: len(zero_pages)] = zero_pages
             known = np.asarray(padded.reshape(chunks, chunk_pages).all(axis=1), dtype=np.bool_)
             known[-1] &= len(self._ram) == chunks * self.chunk_bytes  # a short tail: hash it
-            zero = hashlib.sha256(bytes(self.chunk_bytes)).digest()
-            self.hashes[known] = np.frombuffer(zero, dtype=np.uint8)
+            self.hashes[known] = self._zero_hash
             self.stale[known] = False
         self._lock = asyncio.Lock()
         self.hashed_bytes = 0  # work done, for the downtime breakdown and tests
@@ -121,14 +111,13 @@ class ChunkDigest:
         if size % 8 == 0 and whole:
             words = np.frombuffer(ram, dtype=np.uint64, count=whole * size // 8)
             words = words.reshape(whole, size // 8)
-            zero_hash = np.frombuffer(sha256(bytes(size)).digest(), dtype=np.uint8)
             full = ids[ids < whole]
             for at in range(0, len(full), ZERO_CHECK_BLOCK):
                 block = full[at : at + ZERO_CHECK_BLOCK]
                 first, last = int(block[0]), int(block[-1])
                 if last - first == len(block) - 1:  # consecutive: check in place
                     nonzero = words[first : last + 1].any(axis=1)
-                    self.hashes[block[~nonzero]] = zero_hash
+                    self.hashes[block[~nonzero]] = self._zero_hash
                     todo = block[nonzero].tolist()
                 else:  # scattered (dirty pages): a gather would cost as much as the hash
                     todo = block.tolist()
@@ -153,8 +142,8 @@ class ChunkDigest:
             todo = np.setdiff1d(todo, skip, assume_unique=True)
         if todo.size:
             self.stale[todo] = False  # clear, then hash
-            parts = [p.tolist() for p in np.array_split(todo, HASH_THREADS) if p.size]
-            for future in [_executor().submit(self._hash_chunks, part) for part in parts]:
+            parts = [p.tolist() for p in np.array_split(todo, DIGEST_THREADS) if p.size]
+            for future in [hash_pool().submit(self._hash_chunks, part) for part in parts]:
                 self.hashed_bytes += future.result()
             self.group_stale[np.unique(todo // GROUP_CHUNKS)] = True
         for g in np.flatnonzero(self.group_stale).tolist():
@@ -188,13 +177,11 @@ class ChunkDigest:
         await self.refresh_async(skip=np.array(sorted(by_chunk), dtype=np.int64))
         hashes = self.hashes.copy()
 
-        zero_chunk = np.frombuffer(hashlib.sha256(bytes(self.chunk_bytes)).digest(), dtype=np.uint8)
-
         def mask(items: list[tuple[int, list[int]]]) -> None:
             for c, pages in items:
                 start = c * self.chunk_bytes
                 if len(pages) == self.chunk_pages and start + self.chunk_bytes <= len(self._ram):
-                    hashes[c] = zero_chunk  # wholly missing: all zeros, nothing to copy
+                    hashes[c] = self._zero_hash  # wholly missing: all zeros, nothing to copy
                     continue
                 with self._ram[start : start + self.chunk_bytes] as piece:
                     copy = np.frombuffer(bytearray(piece), dtype=np.uint8).reshape(-1, page_size)
@@ -202,7 +189,7 @@ class ChunkDigest:
                 hashes[c] = np.frombuffer(hashlib.sha256(copy.data).digest(), dtype=np.uint8)
 
         items = list(by_chunk.items())
-        halves = [items[i::HASH_THREADS] for i in range(HASH_THREADS)]
+        halves = [items[i::DIGEST_THREADS] for i in range(DIGEST_THREADS)]
         await asyncio.gather(*(asyncio.to_thread(mask, half) for half in halves if half))
         groups = b"".join(_group_hash(hashes, g) for g in range(len(self.group_hashes)))
         return hashlib.sha256(groups).hexdigest()

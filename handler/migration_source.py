@@ -485,8 +485,9 @@ class SourceMigration:
         await ch.write(batch.frame)
         sent[0] += batch.wire_bytes
         self.stats.wire_bytes += batch.wire_bytes
-        self.stats.processed_bytes += batch.raw_bytes
-        self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - batch.raw_bytes)
+        covered = batch.pages * pages.shape[1]  # guest memory, zero pages included
+        self.stats.processed_bytes += covered
+        self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - covered)
         now = time.monotonic()
         self.stats.first_byte_at = self.stats.first_byte_at or now
         self.stats.last_byte_at = now
@@ -507,7 +508,7 @@ class SourceMigration:
         # Never-written pages (holes in the RAM file) are zeros: round 0 neither reads nor
         # sends them (the target's fresh RAM is zeros too). A write after this point is
         # in the dirty log, cleared just before.
-        data = self.handle.data_pages()
+        data = await asyncio.to_thread(self.handle.data_pages)  # an lseek per extent
         # Hash all of RAM once while round 0 travels; later rounds re-hash what got dirty.
         self.chunk_digest = ChunkDigest(
             self.handle.ram(), spec.page_size, zero_pages=None if data is None else ~data

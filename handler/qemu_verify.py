@@ -13,18 +13,19 @@ built to catch pages that a hypervisor failed to copy — any change of a page c
 its digest except with probability ~2^-64 — not to resist an adversary: the stream
 that carries digests and pages is mTLS between two authenticated nodes.
 
-Digests are computed in chunks of ``CHUNK_PAGES`` pages (1 MiB, cache-friendly) by a
-pool of ``DIGEST_THREADS`` threads; numpy releases the GIL, so both cores hash.
+Digests are computed in chunks of ``CHUNK_PAGES`` pages (1 MiB, cache-friendly) in the
+handler's hashing pool (``drivers.base.hash_pool``); numpy releases the GIL, so both cores hash.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from handler.drivers.base import hash_pool
 
 __all__ = [
     "DIGEST_BYTES",
@@ -40,7 +41,6 @@ __all__ = [
 PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 CHUNK_PAGES = 256
-DIGEST_THREADS = 2
 DIGEST_BYTES = 16  # two little-endian uint64 lanes per page
 
 PageDigests = npt.NDArray[np.uint64]  # shape (pages, 2)
@@ -56,15 +56,6 @@ _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
 _S29 = np.uint64(29)
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(DIGEST_THREADS, thread_name_prefix="page-digest")
-    return _pool
 
 
 def _digest_chunk(pages: PageArray, out: PageDigests, start: int, stop: int) -> None:
@@ -94,7 +85,7 @@ def page_digests(buf: memoryview | bytes | bytearray | PageArray) -> PageDigests
     out = np.empty((len(pages), 2), dtype=np.uint64)
     starts = range(0, len(pages), CHUNK_PAGES)
     futures = [
-        _executor().submit(_digest_chunk, pages, out, s, min(s + CHUNK_PAGES, len(pages)))
+        hash_pool().submit(_digest_chunk, pages, out, s, min(s + CHUNK_PAGES, len(pages)))
         for s in starts
     ]
     for f in futures:

@@ -101,10 +101,13 @@ class Batch:
 
     frame: bytes  # a serialized SourceFrame{pages: PageBatch}
     payload_bytes: int  # len(PageBatch.payload): what the target's credit accounts
-    raw_bytes: int  # bytes of guest memory the batch covers (zero pages included)
-    wire_bytes: int  # bytes of payload + indices on the wire
-    pages: int = 0  # how many of the given indices the batch covers (a prefix)
-    nonzero: int = 0  # of which non-zero (sent with their contents)
+    pages: int  # how many of the given indices the batch covers (a prefix)
+    nonzero: int  # of which non-zero (sent with their contents)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload plus the 4-byte index of every page."""
+        return self.payload_bytes + 4 * self.pages
 
     def page_batch(self) -> pb.PageBatch:
         """The batch parsed back (tests and diagnostics)."""
@@ -171,7 +174,6 @@ def build_batch(
     compressed, and kept when that saves at least 10%: incompressible memory costs
     almost nothing extra.
     """
-    page_size = pages.shape[1]
     if nonzero_pages(pages, indices[:DENSE_PROBE]).all():
         # Dense memory: gather max_pages pages first and find zeros in the (cache-warm)
         # copy, instead of reading every page twice.
@@ -202,15 +204,7 @@ def build_batch(
     nz_blob = nz_idx.astype("<u4").tobytes()
     zero_blob = zero_idx.astype("<u4").tobytes()
     frame = _encode_pages_frame(round_no, nz_blob, zero_blob, codec, raw_size, payload)
-    payload_bytes = memoryview(payload).nbytes
-    return Batch(
-        frame,
-        payload_bytes,
-        len(indices) * page_size,
-        payload_bytes + len(nz_blob) + len(zero_blob),
-        pages=len(indices),
-        nonzero=len(nz_idx),
-    )
+    return Batch(frame, memoryview(payload).nbytes, pages=len(indices), nonzero=len(nz_idx))
 
 
 def _worth_compressing(data: npt.NDArray[np.uint8]) -> bool:

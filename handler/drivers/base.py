@@ -13,8 +13,9 @@ when the handler starts again. A *VM handle* is the handler's view of one guest:
 - ``pause()`` / ``device_state()`` / ``resume()`` are the switchover primitives;
 - ``set_throttle()`` is auto-converge.
 
-``ram_digest()`` is THE memory digest of the migration: both sides compute it over guest
-RAM at switchover and must agree before the target acknowledges.
+``ram_digest()`` hashes a whole guest RAM in one go (comparing two memories); the
+migration's own digest is kept incrementally by ``handler/digest.py``. Both hash in
+``hash_pool()``.
 
 Errors: every driver failure is a :class:`DriverError`; a guest that refuses a request or
 cannot be reached raises :class:`GuestError`; a guest that dies while booting raises
@@ -51,6 +52,7 @@ __all__ = [
     "VMExistsError",
     "VMHandle",
     "file_data_pages",
+    "hash_pool",
     "ram_digest",
     "ram_digest_async",
 ]
@@ -296,11 +298,12 @@ _digest_pool: ThreadPoolExecutor | None = None
 _digest_pool_lock = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
+def hash_pool() -> ThreadPoolExecutor:
+    """The process's memory-hashing threads (DIGEST_THREADS of them)."""
     global _digest_pool
     with _digest_pool_lock:
         if _digest_pool is None:
-            _digest_pool = ThreadPoolExecutor(DIGEST_THREADS, thread_name_prefix="ram-digest")
+            _digest_pool = ThreadPoolExecutor(DIGEST_THREADS, thread_name_prefix="memory-hash")
         return _digest_pool
 
 
@@ -320,7 +323,7 @@ def ram_digest(buf: memoryview | bytes | bytearray, chunk: int = DIGEST_CHUNK_BY
                 return hashlib.sha256(piece).digest()
 
         outer = hashlib.sha256()
-        for piece_digest in _pool().map(hash_chunk, offsets):
+        for piece_digest in hash_pool().map(hash_chunk, offsets):
             outer.update(piece_digest)
         return outer.hexdigest()
 
