@@ -7,8 +7,8 @@ Both sides keep the chunk and group hashes of their own RAM and re-hash only the
 that changed (and the groups holding them), so the switchover hashes just what the final
 pass touched instead of all of memory:
 
-- the target invalidates the chunks of every page it writes (it is the only writer of
-  its RAM before the guest resumes: exact);
+- the target hashes every page it writes right after writing it (``hash_pages``; it is
+  the only writer of its RAM before the guest resumes: exact);
 - the source invalidates the chunks of every page the dirty log reports (the same log
   the migration relies on to send those pages).
 
@@ -17,17 +17,30 @@ and a page there: what is re-hashed at switchover is then exactly the dirty memo
 256 KiB chunks made it most of RAM (measured: a 256 MiB guest dirtying 50 MiB/s re-hashed
 ~200 MiB on each side while paused; guest-seen downtime p50 367 -> 99 ms). Hashing page
 by page costs ~25% more than in 256 KiB pieces on the first full pass (975 against 1266
-MiB/s a thread here), which runs while round 0 travels. The groups keep the root small:
-1 GiB is 256 group hashes.
+MiB/s a thread here), which runs while round 0 travels. The groups keep the root small
+(1 GiB is 4096 group hashes, 128 KiB) and stay small themselves: the same scattered dirty
+pages land in most groups, and each such group is re-hashed whole at switchover (with
+1024-chunk groups, 1000 dirty pages of a 1 GiB guest re-hashed 8 MiB of chunk hashes on
+each side; with 64, ~2 MiB).
 
 Clear-then-hash: ``refresh`` clears a chunk's stale flag *before* hashing it, and writers
 mark stale *after* writing, so a write racing a hash always leaves the chunk stale for
 the next refresh. ``digest()`` is exact once a refresh found nothing stale while the
 memory was not changing (guest paused, all pages applied).
 
+``hash_pages`` is for a worker that is the only one touching its pages while it runs
+(the target applying a batch, the source gathering the stop-and-copy round): it hashes
+them while they are in the CPU cache, so the digest is ready as soon as the last page is
+applied (sent), with no refresh to wait for.
+
+Group hashes are made by ``refresh`` (a round's end, a digest): hash_pages only marks the
+groups it touched (re-hashing them after every batch re-hashed most groups a thousand
+times over a migration).
+
 Ownership: ``invalidate`` runs on the event loop; ``refresh`` in worker threads (one
-refresh at a time per object); ``hashes`` and ``group_hashes`` rows are written only by
-``refresh``.
+refresh at a time per object); ``hash_pages`` in the worker that wrote the pages (each
+page written by one worker at a time); ``group_hashes`` rows are written only under the
+digest's lock.
 """
 
 from __future__ import annotations
@@ -41,13 +54,16 @@ import numpy.typing as npt
 from handler.drivers.base import DIGEST_THREADS, hash_pool
 
 CHUNK_PAGES = 1  # pages per chunk hash; see above
-GROUP_CHUNKS = 1024  # chunk hashes per group hash (32 KiB of hashes)
+GROUP_CHUNKS = 64  # chunk hashes per group hash (2 KiB of hashes)
 ZERO_CHECK_BLOCK = 4096  # chunks checked for all-zero at a time
 
 
-def _group_hash(hashes: npt.NDArray[np.uint8], group: int) -> bytes:
-    rows = hashes[group * GROUP_CHUNKS : (group + 1) * GROUP_CHUNKS]
-    return hashlib.sha256(rows.tobytes()).digest()
+def _group_hashes(hashes: npt.NDArray[np.uint8], groups: list[int]) -> npt.NDArray[np.uint8]:
+    """The hashes of ``groups`` (each over up to GROUP_CHUNKS rows of ``hashes``)."""
+    flat, span = hashes.data.cast("B"), GROUP_CHUNKS * 32
+    sha256 = hashlib.sha256
+    out = b"".join([sha256(flat[g * span : (g + 1) * span]).digest() for g in groups])
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, 32)
 
 
 class ChunkDigest:
@@ -145,11 +161,31 @@ class ChunkDigest:
             parts = [p.tolist() for p in np.array_split(todo, DIGEST_THREADS) if p.size]
             for future in [hash_pool().submit(self._hash_chunks, part) for part in parts]:
                 self.hashed_bytes += future.result()
-            self.group_stale[np.unique(todo // GROUP_CHUNKS)] = True
-        for g in np.flatnonzero(self.group_stale).tolist():
-            self.group_stale[g] = False
-            self.group_hashes[g] = np.frombuffer(_group_hash(self.hashes, g), dtype=np.uint8)
+            self.group_stale[todo // GROUP_CHUNKS] = True
+        self._refresh_groups()
         return int(todo.size)
+
+    def hash_pages(self, pages: npt.NDArray[np.int64]) -> int:
+        """Hash the chunks of ``pages`` now: the caller just wrote them and is their only
+        writer. Blocking, run in that worker. Returns the bytes hashed."""
+        if not pages.size:
+            return 0
+        chunks = np.unique(pages // self.chunk_pages)
+        self.stale[chunks] = False
+        hashed = self._hash_chunks(chunks.tolist())
+        self.group_stale[chunks // GROUP_CHUNKS] = True  # after the rows: clear-then-hash
+        return hashed
+
+    def _refresh_groups(self) -> None:
+        """Re-hash the groups whose chunk hashes changed (clear, then hash)."""
+        todo = np.flatnonzero(self.group_stale)
+        if todo.size:
+            self.group_stale[todo] = False
+            self.group_hashes[todo] = _group_hashes(self.hashes, todo.tolist())
+
+    def _digest(self) -> str:
+        self.refresh()
+        return hashlib.sha256(self.group_hashes.tobytes()).hexdigest()
 
     async def refresh_async(self, skip: npt.NDArray[np.int64] | None = None) -> int:
         """refresh() off the event loop; concurrent callers wait for each other."""
@@ -163,8 +199,8 @@ class ChunkDigest:
 
     async def digest_async(self) -> str:
         """Refresh what is stale, then the digest. Call when the memory is quiescent."""
-        await self.refresh_async()
-        return hashlib.sha256(self.group_hashes.tobytes()).hexdigest()
+        async with self._lock:
+            return await asyncio.to_thread(self._digest)
 
     async def masked_digest_async(self, missing: npt.NDArray[np.int64], page_size: int) -> str:
         """The digest with the ``missing`` pages taken as zeros (post-copy: what the target
@@ -191,8 +227,17 @@ class ChunkDigest:
         items = list(by_chunk.items())
         halves = [items[i::DIGEST_THREADS] for i in range(DIGEST_THREADS)]
         await asyncio.gather(*(asyncio.to_thread(mask, half) for half in halves if half))
-        groups = b"".join(_group_hash(hashes, g) for g in range(len(self.group_hashes)))
-        return hashlib.sha256(groups).hexdigest()
+
+        def root() -> str:
+            self._refresh_groups()  # hash_pages may have marked some since the refresh
+            groups = self.group_hashes.copy()
+            masked = np.unique(np.fromiter(by_chunk, dtype=np.int64) // GROUP_CHUNKS).tolist()
+            if masked:
+                groups[masked] = _group_hashes(hashes, masked)
+            return hashlib.sha256(groups.tobytes()).hexdigest()
+
+        async with self._lock:
+            return await asyncio.to_thread(root)
 
     def release(self) -> None:
         """Drop the view of guest RAM (the driver can unmap it). Safe to call twice."""

@@ -106,6 +106,22 @@ class IncomingMigration:
 Callback = Callable[[IncomingMigration], Awaitable[None]]
 
 
+def _receive_and_hash(
+    pages: npt.NDArray[np.uint8],
+    raw: bytes,
+    present: npt.NDArray[np.uint8] | None,
+    digest: ChunkDigest | None,
+) -> tuple[stream.IndexArray, int]:
+    """Worker: apply one page batch (fresh RAM is zeros unless in post-copy), then hash
+    the pages it wrote. Returns (pages written, payload bytes)."""
+    written, _, payload_bytes = stream.receive_batch(
+        pages, raw, present, fresh_zero=present is None
+    )
+    if digest is not None:
+        digest.hash_pages(written)
+    return written, payload_bytes
+
+
 class _ChannelClosed(Exception):
     """The reader finished this channel normally (commit, abort, post-copy done)."""
 
@@ -287,21 +303,21 @@ class MigrationService:
             if channel in inc.final_channels:
                 raise stream.ProtocolError("pages after the final round")
             present = inc.postcopy_handle.present() if inc.postcopy else None
-            written, _, payload_bytes = await asyncio.to_thread(
-                stream.receive_batch, inc.pages, raw, present, fresh_zero=not inc.postcopy
+            # Before post-copy the pages are hashed where they were written, while hot in
+            # the cache, so the digest is ready once the last batch is in (digest.py).
+            digest = None if inc.postcopy else inc.chunk_digest
+            written, payload_bytes = await asyncio.to_thread(
+                _receive_and_hash, inc.pages, raw, present, digest
             )
             if inc.postcopy:
                 inc.postcopy_handle.mark_present(written)
-            else:
-                inc.chunk_digest.invalidate(written)
-                inc.chunk_digest.refresh_in_background()  # keep up as pages land
             inc.pages_applied += len(written)
             inc.bytes_received += payload_bytes
             out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=payload_bytes)))
             return
         if kind == "round_end":
-            if not inc.postcopy:  # hash what arrived while the next round travels
-                inc.chunk_digest.refresh_in_background()
+            if not inc.postcopy and not frame.round_end.final:
+                inc.chunk_digest.refresh_in_background()  # the group hashes, between rounds
             if frame.round_end.final:
                 inc.final_channels.add(channel)
                 if len(inc.final_channels) == inc.channel_count:

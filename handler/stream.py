@@ -24,7 +24,9 @@ from google.protobuf.message import DecodeError
 
 from vmferry.rpc import migration_pb2 as pb
 
-PROTOCOL_VERSION = 1
+# 2: the digest tree's groups are 64 chunk hashes (handler/digest.py), not 1024: a pair of
+# handlers that disagree would fail verification, so they refuse each other at Hello.
+PROTOCOL_VERSION = 2
 TRANSFER_SERVICE = "vmferry.v1.Migration"
 TRANSFER_METHOD = f"/{TRANSFER_SERVICE}/Transfer"
 CHUNK_PAGES = 64  # pages; a page always travels on channel (index // CHUNK_PAGES) % channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from handler import stream
 from tests.support.lab import LabHarness
 from vmferry import pki
 from vmferry.config import ClientConfig
@@ -46,7 +47,11 @@ def test_migration_endpoint_refuses_a_user_certificate(lab: LabHarness) -> None:
             f"{endpoint['address']}:{endpoint['port']}", pki.channel_credentials(user)
         ) as channel:
             call = migration_pb2_grpc.MigrationStub(channel).Transfer()
-            await call.write(pb.SourceFrame(hello=pb.Hello(protocol_version=1, migration_uid="x")))
+            await call.write(
+                pb.SourceFrame(
+                    hello=pb.Hello(protocol_version=stream.PROTOCOL_VERSION, migration_uid="x")
+                )
+            )
             try:
                 await call.read()
             except grpc.aio.AioRpcError as e:
@@ -87,7 +92,9 @@ def test_malformed_bytes_on_the_migration_stream_are_refused(lab: LabHarness) ->
         code, details = asyncio.run(attempt(raw))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (raw, code, details)
         assert "malformed frame" in details
-    hello = pb.SourceFrame(hello=pb.Hello(protocol_version=1, migration_uid="nope"))
+    hello = pb.SourceFrame(
+        hello=pb.Hello(protocol_version=stream.PROTOCOL_VERSION, migration_uid="nope")
+    )
     code, details = asyncio.run(attempt(hello.SerializeToString()))  # still serving
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 
 import numpy as np
+import numpy.typing as npt
 
 from handler.digest import CHUNK_PAGES, GROUP_CHUNKS, ChunkDigest
 
@@ -84,8 +86,8 @@ def test_fresh_zero_memory_needs_no_reading_until_written() -> None:
 
 
 def test_many_groups_and_scattered_writes_rehash_only_their_chunks() -> None:
-    """Default geometry (chunks in groups of 1024): scattered single-page writes cost one
-    chunk each, not a fraction of RAM."""
+    """Default geometry (chunks in groups of GROUP_CHUNKS): scattered single-page writes
+    cost one chunk each, not a fraction of RAM."""
     pages = CHUNK_PAGES * GROUP_CHUNKS * 2 + 7  # two full groups and a short third
     rng = np.random.default_rng(9)
     ram = bytearray(rng.integers(0, 256, pages * PAGE, dtype=np.uint8).tobytes())
@@ -134,3 +136,35 @@ def test_pages_known_zero_are_not_read() -> None:
     d.invalidate(np.array([1999], dtype=np.int64))
     assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
     d.release()
+
+
+def test_writers_hashing_their_own_pages_give_the_definitions_digest() -> None:
+    """A target's apply workers (one per channel, concurrently, disjoint pages) hash what
+    they write; nothing is left stale, and the digest is the definition's."""
+    pages = CHUNK_PAGES * GROUP_CHUNKS * 3 + 5
+    ram = bytearray(pages * PAGE)
+    d = ChunkDigest(memoryview(ram), PAGE, all_zero=True)
+    written = np.random.default_rng(4).choice(pages, size=pages // 3, replace=False)
+    written = written.astype(np.int64)
+    parts = [written[written % 2 == c] for c in range(2)]
+
+    def apply(part: npt.NDArray[np.int64]) -> int:
+        for page in part.tolist():
+            ram[page * PAGE : (page + 1) * PAGE] = rng_bytes(page)
+        return d.hash_pages(part)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        hashed = sum(pool.map(apply, parts))
+    assert hashed == len(written) * PAGE
+    assert not d.stale.any()
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    again = written[:10]
+    for page in again.tolist():
+        ram[page * PAGE] ^= 0xFF
+    d.hash_pages(again)
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    d.release()
+
+
+def rng_bytes(seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, PAGE, dtype=np.uint8).tobytes()

@@ -129,12 +129,17 @@ def test_zlib_bomb_is_refused() -> None:
             "protocol version 99",
         ),
         (
-            pb.Hello(protocol_version=1, channel_count=0, memory_bytes=8 * PAGE, page_size=PAGE),
+            pb.Hello(
+                protocol_version=stream.PROTOCOL_VERSION,
+                channel_count=0,
+                memory_bytes=8 * PAGE,
+                page_size=PAGE,
+            ),
             "channel_count 0",
         ),
         (
             pb.Hello(
-                protocol_version=1,
+                protocol_version=stream.PROTOCOL_VERSION,
                 channel_count=2,
                 channel_id=2,
                 memory_bytes=8 * PAGE,
@@ -143,7 +148,12 @@ def test_zlib_bomb_is_refused() -> None:
             "channel_id 2",
         ),
         (
-            pb.Hello(protocol_version=1, channel_count=1, memory_bytes=16 * PAGE, page_size=PAGE),
+            pb.Hello(
+                protocol_version=stream.PROTOCOL_VERSION,
+                channel_count=1,
+                memory_bytes=16 * PAGE,
+                page_size=PAGE,
+            ),
             "geometry mismatch",
         ),
     ],
