@@ -155,11 +155,14 @@ def is_guest_process(pid: int, start_ticks: int | None, vm_id: str) -> bool:
     if "--vm-id" in argv[:-1] and argv[argv.index("--vm-id") + 1] == vm_id:
         return True
     # Started from a launcher, the guest keeps the launcher's command line; it runs in its
-    # VM directory (set before the fork), which is named after the VM.
+    # VM directory (set before the fork), which is named after the VM. A directory deleted
+    # under the running guest reads "<dir> (deleted)": still this guest (the start time
+    # above guards against a reused pid).
     try:
-        return Path(os.readlink(f"/proc/{pid}/cwd")).name == vm_id
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
+    return Path(cwd.removesuffix(" (deleted)")).name == vm_id
 
 
 # -- page 0 -------------------------------------------------------------------------------

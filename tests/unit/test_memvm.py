@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -28,7 +30,7 @@ from handler.drivers.base import (
     ram_digest_async,
 )
 from handler.drivers.memvm import MemVMDriver, MemVMHandle
-from handler.drivers.memvm_guest import is_guest_process
+from handler.drivers.memvm_guest import GUEST_MODULE, is_guest_process, proc_info
 
 MiB = 1 << 20
 PAGE = 4096
@@ -462,3 +464,26 @@ def test_file_holes_are_never_written_pages(tmp_path: Path) -> None:
         assert file_data_pages(tmp_path / "missing", PAGE, 64) is None
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_a_launched_guest_is_recognised_even_after_its_vm_dir_is_deleted(tmp_path: Path) -> None:
+    """Guests started from the warm launcher carry the launcher's command line and are
+    known by their working directory, which reads "<dir> (deleted)" once removed: such a
+    guest is still found (and can be stopped), a process in another VM's dir is not."""
+    vm_dir = tmp_path / "vm-7f3a"
+    vm_dir.mkdir()
+    sleeper = "import time; time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", sleeper, GUEST_MODULE], cwd=vm_dir)
+    try:
+        ticks = proc_info(proc.pid)
+        assert ticks is not None
+        assert is_guest_process(proc.pid, ticks.start_ticks, "vm-7f3a")
+        assert not is_guest_process(proc.pid, ticks.start_ticks, "vm-other")
+        assert not is_guest_process(proc.pid, ticks.start_ticks + 1, "vm-7f3a")  # pid reuse
+        shutil.rmtree(vm_dir)
+        assert os.readlink(f"/proc/{proc.pid}/cwd").endswith(" (deleted)")
+        assert is_guest_process(proc.pid, ticks.start_ticks, "vm-7f3a")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert not is_guest_process(proc.pid, None, "vm-7f3a")
