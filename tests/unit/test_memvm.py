@@ -30,7 +30,7 @@ from handler.drivers.base import (
     ram_digest_async,
 )
 from handler.drivers.memvm import MemVMDriver, MemVMHandle
-from handler.drivers.memvm_guest import GUEST_MODULE, is_guest_process, proc_info
+from handler.drivers.memvm_guest import GUEST_MODULE, is_guest_process, proc_cmdline, proc_info
 
 MiB = 1 << 20
 PAGE = 4096
@@ -475,6 +475,10 @@ def test_a_launched_guest_is_recognised_even_after_its_vm_dir_is_deleted(tmp_pat
     sleeper = "import time; time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", sleeper, GUEST_MODULE], cwd=vm_dir)
     try:
+        # The parent may run again before the exec has set up the new command line.
+        deadline = time.monotonic() + 10
+        while GUEST_MODULE not in proc_cmdline(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         ticks = proc_info(proc.pid)
         assert ticks is not None
         assert is_guest_process(proc.pid, ticks.start_ticks, "vm-7f3a")
