@@ -24,9 +24,10 @@ from google.protobuf.message import DecodeError
 
 from vmferry.rpc import migration_pb2 as pb
 
-# 2: the digest tree's groups are 64 chunk hashes (handler/digest.py), not 1024: a pair of
-# handlers that disagree would fail verification, so they refuse each other at Hello.
-PROTOCOL_VERSION = 2
+# 3: the digest tree's leaves are XXH3-128 page hashes in groups of 64 (handler/digest.py;
+# 2: SHA-256 leaves in groups of 64; 1: in groups of 1024): handlers that would compute
+# different digests refuse each other at Hello instead of failing verification.
+PROTOCOL_VERSION = 3
 TRANSFER_SERVICE = "vmferry.v1.Migration"
 TRANSFER_METHOD = f"/{TRANSFER_SERVICE}/Transfer"
 CHUNK_PAGES = 64  # pages; a page always travels on channel (index // CHUNK_PAGES) % channels

@@ -8,6 +8,7 @@ import hashlib
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from handler.digest import CHUNK_PAGES, GROUP_CHUNKS, ChunkDigest
 
@@ -17,7 +18,7 @@ PAGE = 4096
 def full(ram: bytearray, chunk_pages: int) -> str:
     """The digest's definition, computed from scratch: chunk hashes, group hashes, root."""
     size = PAGE * chunk_pages
-    chunks = [hashlib.sha256(ram[o : o + size]).digest() for o in range(0, len(ram), size)]
+    chunks = [xxhash.xxh3_128_digest(bytes(ram[o : o + size])) for o in range(0, len(ram), size)]
     groups = [
         hashlib.sha256(b"".join(chunks[g : g + GROUP_CHUNKS])).digest()
         for g in range(0, len(chunks), GROUP_CHUNKS)

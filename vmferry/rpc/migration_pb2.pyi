@@ -202,7 +202,7 @@ class FinalState(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     device_state: _builtins.bytes
     digest: _builtins.str
-    """sha256 tree digest of guest RAM (handler/digest.py)"""
+    """Tree digest of guest RAM: a sha256 root over XXH3-128 page hashes (handler/digest.py)."""
     def __init__(
         self,
         *,
