@@ -60,6 +60,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from handler.stream import nonzero_rows
+
 CHUNK_PAGES = 1  # pages per chunk hash; see above
 GROUP_CHUNKS = 64  # chunk hashes per group hash (1 KiB of hashes)
 LEAF_BYTES = 16  # a chunk hash: XXH3-128, big-endian (xxhash's canonical digest)
@@ -148,7 +150,7 @@ class ChunkDigest:
                 block = full[at : at + ZERO_CHECK_BLOCK]
                 first, last = int(block[0]), int(block[-1])
                 if last - first == len(block) - 1:  # consecutive: check in place
-                    nonzero = words[first : last + 1].any(axis=1)
+                    nonzero = nonzero_rows(words[first : last + 1])
                     self.hashes[block[~nonzero]] = self._zero_hash
                     todo = block[nonzero].tolist()
                 else:  # scattered (dirty pages): a gather would cost as much as the hash

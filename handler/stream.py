@@ -142,6 +142,20 @@ def _encode_pages_frame(
     return b"".join((_PAGES_TAG, _varint(len(head) + view.nbytes), head, view))
 
 
+def nonzero_rows(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """Which rows (pages viewed as 64-bit words) hold a non-zero word. A page whose first
+    word is not zero -- nearly every page with data -- is not read further (a full check
+    read all of memory once more: 11% of the source's CPU on random memory); only the
+    others are, in place when they are many (mostly-zero memory), gathered when few."""
+    out = np.asarray(words[:, 0] != 0, dtype=np.bool_)
+    rest = np.flatnonzero(~out)
+    if rest.size * 4 > len(out):
+        out |= words.any(axis=1)
+    elif rest.size:
+        out[rest] = words[rest].any(axis=1)
+    return out
+
+
 def nonzero_pages(pages: npt.NDArray[np.uint8], indices: IndexArray) -> npt.NDArray[np.bool_]:
     """Which of ``indices`` hold a non-zero byte. Runs of consecutive pages are checked in
     place (a view, no copy); indices scattered into many runs are gathered first."""
@@ -150,12 +164,12 @@ def nonzero_pages(pages: npt.NDArray[np.uint8], indices: IndexArray) -> npt.NDAr
         return np.zeros(0, dtype=np.bool_)
     starts = np.flatnonzero(np.diff(indices) != 1) + 1
     if len(indices) < MIN_RUN_IN_PLACE * (len(starts) + 1):  # short runs: one gather
-        return np.asarray(words[indices].any(axis=1), dtype=np.bool_)
+        return nonzero_rows(words[indices])
     out = np.empty(len(indices), dtype=np.bool_)
     bounds = [0, *starts.tolist(), len(indices)]
     for lo, hi in itertools.pairwise(bounds):
         first = int(indices[lo])
-        out[lo:hi] = words[first : first + hi - lo].any(axis=1)
+        out[lo:hi] = nonzero_rows(words[first : first + hi - lo])
     return out
 
 

@@ -342,3 +342,37 @@ def test_a_batch_covers_a_prefix_with_at_most_max_pages_of_data(lead: int) -> No
     expect = [i for i in scattered.tolist() if i in dense]
     assert int(stream.nonzero_pages(source, scattered).sum()) == len(expect)
     assert stream.nonzero_pages(source, every).nonzero()[0].tolist() == dense
+
+
+@pytest.mark.parametrize("zero_every", [1, 2, 50])  # mostly zero pages, half, a few
+def test_nonzero_rows_finds_data_anywhere_in_a_page(zero_every: int) -> None:
+    """Only a page's first word is read when it holds data; a page whose data starts
+    later (or ends in its last byte) still counts, an all-zero page does not."""
+    pages = np.zeros((200, PAGE), dtype=np.uint8)
+    rng = np.random.default_rng(zero_every)
+    for i in range(200):
+        if i % zero_every:
+            continue
+        kind = i % 3
+        if kind == 0:
+            pages[i] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+        elif kind == 1:
+            pages[i, PAGE - 1] = 7  # data only in the last byte
+        # kind 2: stays all zero
+    expected = pages.any(axis=1)
+    assert (stream.nonzero_rows(pages.view(np.uint64)) == expected).all()
+    idx = np.arange(0, 200, 3, dtype=np.int64)
+    assert (stream.nonzero_pages(pages, idx) == expected[idx]).all()
+
+
+def test_nonzero_rows_with_few_pages_to_look_into() -> None:
+    """Memory full of data with a few pages whose first word is zero: only those are
+    read whole (gathered), with the right answer for each."""
+    pages = np.random.default_rng(3).integers(0, 256, (300, PAGE), dtype=np.uint8)
+    pages[10] = 0  # all zero
+    pages[20, :8] = 0  # the first word zero, data after it
+    pages[30, : PAGE - 1] = 0  # only the last byte left
+    pages[30, PAGE - 1] = 1
+    got = stream.nonzero_rows(pages.view(np.uint64))
+    assert got.tolist() == pages.any(axis=1).tolist()
+    assert not got[10] and got[20] and got[30] and int(got.sum()) == 299
