@@ -3,6 +3,10 @@ they touch memory."""
 
 from __future__ import annotations
 
+import mmap
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -376,3 +380,32 @@ def test_nonzero_rows_with_few_pages_to_look_into() -> None:
     got = stream.nonzero_rows(pages.view(np.uint64))
     assert got.tolist() == pages.any(axis=1).tolist()
     assert not got[10] and got[20] and got[30] and int(got.sum()) == 299
+
+
+def test_round_zero_populates_only_the_pages_it_writes(tmp_path: Path) -> None:
+    """Fresh target RAM (a sparse shared-memory file): long runs of a round-0 batch's data
+    pages are allocated in one call each, zero pages are not, and the content is right."""
+    path = Path("/dev/shm") / f"vmferry-test-{tmp_path.name}"
+    pages_total = 4096
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, pages_total * PAGE)
+        with mmap.mmap(fd, pages_total * PAGE, mmap.MAP_SHARED) as mm:
+            target = np.frombuffer(mm, dtype=np.uint8).reshape(pages_total, PAGE)
+            source = np.zeros((pages_total, PAGE), dtype=np.uint8)
+            rng = np.random.default_rng(11)
+            data = [*range(100, 400), *range(1000, 1010), 2000]  # a long run, a short, one
+            source[data] = rng.integers(1, 256, (len(data), PAGE), dtype=np.uint8)
+            indices = np.arange(64, 2100, dtype=np.int64)  # data pages among zero pages
+            offset = 0
+            while offset < len(indices):
+                batch = stream.build_batch(source, indices[offset:], 0, compress=False)
+                stream.receive_batch(target, batch.frame, fresh_zero=True)
+                offset += batch.pages
+            # Before reading it back: a read of a tmpfs hole through the mapping allocates.
+            assert os.fstat(fd).st_blocks * 512 == len(data) * PAGE  # zero pages: none
+            assert (target == source).all()
+            del target
+    finally:
+        os.close(fd)
+        path.unlink()
