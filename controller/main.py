@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -161,54 +162,75 @@ async def serve(config: dict[str, Any]) -> None:
             raise ConfigError(f"cannot listen on {config['listen']}")
         await server.start()
         log.info("api serving on %s (data in %s)", config["listen"], data_dir)
-
-        source = StoreSource(store)
-        vms = Informer(source, "VirtualMachine")
-        vmis = Informer(source, "VirtualMachineInstance")
-        vmims = Informer(source, "VirtualMachineInstanceMigration")
-        nodes = Informer(source, "Node")
-        hcos = Informer(source, "HyperConverged")
-        metrics = ControllerMetrics(vmims, vmis)
-        http_servers = []
-        if config["metrics_listen"]:
-            http_servers.append(
-                await httpserve.serve_metrics(metrics.registry, config["metrics_listen"])
-            )
-            log.info("metrics on http://%s/metrics", config["metrics_listen"])
-        console = None
-        if config["console_listen"]:
-            console_tls = None if config["insecure_plaintext"] else tls
-            console = Console(api, vmims=vmims, vmis=vmis, tls=console_tls)
-            http_servers.append(await console.serve(config["console_listen"]))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
-            for inf in (vms, vmis, vmims, nodes, hcos):
-                await inf.synced.wait()
-            tasks += [
-                tg.create_task(VMController(store, vms, vmis, vmims).run()),
-                tg.create_task(VMIController(store, vmis, nodes).run()),
-                tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
-                tg.create_task(
-                    NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
-                ),
-                tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
-            ]
-            if console is not None:
-                tasks.append(tg.create_task(console.run()))
-            log.info("reconcilers running")
-            await stop.wait()
-            log.info("shutting down")
-            for task in tasks:
-                task.cancel()
-        for http_server in http_servers:
-            http_server.close()
-        await server.stop(grace=2)
+        try:  # from here a failure (a port taken, say) stops the server: never a hang
+            await _serve_started(config, store, signer, api, tls)
+        finally:
+            await server.stop(grace=2)
     finally:
         await store.close()
+
+
+async def _listen_http(what: str, listen: str, start: Awaitable[asyncio.Server]) -> asyncio.Server:
+    try:
+        return await start
+    except OSError as e:
+        raise ConfigError(f"cannot serve {what} on {listen}: {e.strerror or e}") from None
+
+
+async def _serve_started(
+    config: dict[str, Any],
+    store: Store,
+    signer: TokenSigner,
+    api: ApiService,
+    tls: pki.TlsFiles | None,
+) -> None:
+    """Everything that runs once the API server is up, until a stop signal."""
+    source = StoreSource(store)
+    vms = Informer(source, "VirtualMachine")
+    vmis = Informer(source, "VirtualMachineInstance")
+    vmims = Informer(source, "VirtualMachineInstanceMigration")
+    nodes = Informer(source, "Node")
+    hcos = Informer(source, "HyperConverged")
+    metrics = ControllerMetrics(vmims, vmis)
+    http_servers = []
+    if config["metrics_listen"]:
+        listen = config["metrics_listen"]
+        http_servers.append(
+            await _listen_http("metrics", listen, httpserve.serve_metrics(metrics.registry, listen))
+        )
+        log.info("metrics on http://%s/metrics", config["metrics_listen"])
+    console = None
+    if config["console_listen"]:
+        console_tls = None if config["insecure_plaintext"] else tls
+        console = Console(api, vmims=vmims, vmis=vmis, tls=console_tls)
+        listen = config["console_listen"]
+        http_servers.append(await _listen_http("the web console", listen, console.serve(listen)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
+        for inf in (vms, vmis, vmims, nodes, hcos):
+            await inf.synced.wait()
+        tasks += [
+            tg.create_task(VMController(store, vms, vmis, vmims).run()),
+            tg.create_task(VMIController(store, vmis, nodes).run()),
+            tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
+            tg.create_task(
+                NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
+            ),
+            tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
+        ]
+        if console is not None:
+            tasks.append(tg.create_task(console.run()))
+        log.info("reconcilers running")
+        await stop.wait()
+        log.info("shutting down")
+        for task in tasks:
+            task.cancel()
+    for http_server in http_servers:
+        http_server.close()
 
 
 def _ca_pem(config: dict[str, Any]) -> bytes:

@@ -205,44 +205,51 @@ async def serve(config: dict[str, Any]) -> None:
         raise ConfigError(f"cannot listen on {listen} for migrations")
     await server.start()
     log.info("node %s: migration service on %s", node, listen)
-
-    agent = NodeAgent(
-        api,
-        NodeInfo(
-            name=node,
-            labels=config["labels"],
-            memory_bytes=config["memory_bytes"],
-            cpu_model=config.get("cpu_model") or host_cpu_model(),
-            cpus=os.cpu_count() or 1,
-            main_address=config["main_address"],
-            migration_address=advertised_endpoint(config, port)[0],
-            migration_port=advertised_endpoint(config, port)[1],
-        ),
-        heartbeat_seconds=float(config["heartbeat_seconds"]),
-    )
-    vmis = Informer(api, "VirtualMachineInstance")
-    manager = VMManager(
-        api,
-        node,
-        driver,
-        vmis,
-        service,
-        tls=tls,
-        migration_endpoint=advertised_endpoint(config, port),
-        state_dir=runtime_dir,
-        qemu=qemu,
-    )
-    await manager.adopt()
-    metrics = HandlerMetrics(manager, node)
     metrics_server = None
-    if config["metrics_listen"]:
-        metrics_server = await httpserve.serve_metrics(metrics.registry, config["metrics_listen"])
-        log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    manager: VMManager | None = None
+    try:  # from here a failure (a port taken, say) stops what started: never a hang
+        agent = NodeAgent(
+            api,
+            NodeInfo(
+                name=node,
+                labels=config["labels"],
+                memory_bytes=config["memory_bytes"],
+                cpu_model=config.get("cpu_model") or host_cpu_model(),
+                cpus=os.cpu_count() or 1,
+                main_address=config["main_address"],
+                migration_address=advertised_endpoint(config, port)[0],
+                migration_port=advertised_endpoint(config, port)[1],
+            ),
+            heartbeat_seconds=float(config["heartbeat_seconds"]),
+        )
+        vmis = Informer(api, "VirtualMachineInstance")
+        manager = VMManager(
+            api,
+            node,
+            driver,
+            vmis,
+            service,
+            tls=tls,
+            migration_endpoint=advertised_endpoint(config, port),
+            state_dir=runtime_dir,
+            qemu=qemu,
+        )
+        await manager.adopt()
+        metrics = HandlerMetrics(manager, node)
+        if config["metrics_listen"]:
+            try:
+                metrics_server = await httpserve.serve_metrics(
+                    metrics.registry, config["metrics_listen"]
+                )
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve metrics on {config['metrics_listen']}: {e.strerror or e}"
+                ) from None
+            log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tg:
             await agent.register()
             tasks = [
@@ -256,8 +263,9 @@ async def serve(config: dict[str, Any]) -> None:
             for task in tasks:
                 task.cancel()
     finally:
-        for handle in manager.handles.values():
-            handle.close()
+        if manager is not None:
+            for handle in manager.handles.values():
+                handle.close()
         await driver.close()
         if metrics_server is not None:
             metrics_server.close()

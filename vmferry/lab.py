@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,11 +43,37 @@ def default_dir() -> Path:
     return Path(os.environ.get(LAB_ENV) or DEFAULT_LAB_DIR)
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LAB_PORTS = (10000, 32767)  # below Linux's default ephemeral range (32768-60999)
+
+
 def free_port(address: str) -> int:
-    with socket.socket() as s:
+    """A TCP port on ``address`` that nothing holds now, for a component to listen on later.
+
+    Chosen outside the kernel's ephemeral range: a port from that range (what bind to
+    port 0 hands out) can become the local port of any outgoing connection between now
+    and the moment the component binds it -- seen here: a handler's metrics port taken
+    that way, and the handler failing to start."""
+    low, high = LAB_PORTS
+    try:
+        eph_low, eph_high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        eph_low, eph_high = 32768, 60999
+    if low <= eph_high and eph_low <= high:  # a different range here: stay below or above it
+        low, high = (1024, eph_low - 1) if eph_low - 1024 > 4096 else (eph_high + 1, 65535)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried is taken: let the kernel choose
         s.bind((address, 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def _alive(pid: int) -> bool:
