@@ -13,7 +13,6 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +169,6 @@ async def serve(config: dict[str, Any]) -> None:
         await store.close()
 
 
-async def _listen_http(what: str, listen: str, start: Awaitable[asyncio.Server]) -> asyncio.Server:
-    try:
-        return await start
-    except OSError as e:
-        raise ConfigError(f"cannot serve {what} on {listen}: {e.strerror or e}") from None
-
-
 async def _serve_started(
     config: dict[str, Any],
     store: Store,
@@ -192,45 +184,51 @@ async def _serve_started(
     nodes = Informer(source, "Node")
     hcos = Informer(source, "HyperConverged")
     metrics = ControllerMetrics(vmims, vmis)
-    http_servers = []
-    if config["metrics_listen"]:
-        listen = config["metrics_listen"]
-        http_servers.append(
-            await _listen_http("metrics", listen, httpserve.serve_metrics(metrics.registry, listen))
-        )
-        log.info("metrics on http://%s/metrics", config["metrics_listen"])
-    console = None
-    if config["console_listen"]:
-        console_tls = None if config["insecure_plaintext"] else tls
-        console = Console(api, vmims=vmims, vmis=vmis, tls=console_tls)
-        listen = config["console_listen"]
-        http_servers.append(await _listen_http("the web console", listen, console.serve(listen)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
-        for inf in (vms, vmis, vmims, nodes, hcos):
-            await inf.synced.wait()
-        tasks += [
-            tg.create_task(VMController(store, vms, vmis, vmims).run()),
-            tg.create_task(VMIController(store, vmis, nodes).run()),
-            tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
-            tg.create_task(
-                NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
-            ),
-            tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
-        ]
-        if console is not None:
-            tasks.append(tg.create_task(console.run()))
-        log.info("reconcilers running")
-        await stop.wait()
-        log.info("shutting down")
-        for task in tasks:
-            task.cancel()
-    for http_server in http_servers:
-        http_server.close()
+    http_servers: list[asyncio.Server] = []
+    try:  # the HTTP servers started so far stop with the daemon, however it ends
+        if config["metrics_listen"]:
+            listen = config["metrics_listen"]
+            http_servers.append(
+                await httpserve.listening(
+                    "metrics", listen, httpserve.serve_metrics(metrics.registry, listen)
+                )
+            )
+            log.info("metrics on http://%s/metrics", config["metrics_listen"])
+        console = None
+        if config["console_listen"]:
+            console_tls = None if config["insecure_plaintext"] else tls
+            console = Console(api, vmims=vmims, vmis=vmis, tls=console_tls)
+            listen = config["console_listen"]
+            http_servers.append(
+                await httpserve.listening("the web console", listen, console.serve(listen))
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
+            for inf in (vms, vmis, vmims, nodes, hcos):
+                await inf.synced.wait()
+            tasks += [
+                tg.create_task(VMController(store, vms, vmis, vmims).run()),
+                tg.create_task(VMIController(store, vmis, nodes).run()),
+                tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
+                tg.create_task(
+                    NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
+                ),
+                tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
+            ]
+            if console is not None:
+                tasks.append(tg.create_task(console.run()))
+            log.info("reconcilers running")
+            await stop.wait()
+            log.info("shutting down")
+            for task in tasks:
+                task.cancel()
+    finally:
+        for http_server in http_servers:
+            http_server.close()
 
 
 def _ca_pem(config: dict[str, Any]) -> bytes:

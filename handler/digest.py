@@ -12,6 +12,7 @@ does not need to: the pages and both digests travel over mTLS between the two no
 hand-off names, and a source that wanted to lie would simply send other memory and
 digest it honestly. (The QEMU path's page digests, qemu_verify.py, are non-cryptographic
 for the same reason.)
+
 Both sides keep the chunk and group hashes of their own RAM and re-hash only the chunks
 that changed (and the groups holding them), so the switchover hashes just what the final
 pass touched instead of all of memory:
@@ -135,9 +136,9 @@ class ChunkDigest:
         """Hash ``chunks`` (ascending); returns the bytes that went through the hash.
 
         All-zero chunks get the known zero-chunk hash without hashing: the zero check
-        runs at memory speed, several times the hash, and guest memory is mostly zeros. Only blocks
-        of consecutive chunks are checked (in place); scattered ones (dirty pages) are
-        hashed as they are."""
+        runs at memory speed, several times the hash, and guest memory is mostly zeros.
+        Only blocks of consecutive chunks are checked (in place); scattered ones (dirty
+        pages) are hashed as they are."""
         leaf, ram, size = _leaf, self._ram, self.chunk_bytes
         whole = len(ram) // size  # chunks of exactly ``size`` bytes (the last may be short)
         ids = np.asarray(chunks, dtype=np.int64)

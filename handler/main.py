@@ -236,15 +236,10 @@ async def serve(config: dict[str, Any]) -> None:
         )
         await manager.adopt()
         metrics = HandlerMetrics(manager, node)
-        if config["metrics_listen"]:
-            try:
-                metrics_server = await httpserve.serve_metrics(
-                    metrics.registry, config["metrics_listen"]
-                )
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot serve metrics on {config['metrics_listen']}: {e.strerror or e}"
-                ) from None
+        if listen := config["metrics_listen"]:
+            metrics_server = await httpserve.listening(
+                "metrics", listen, httpserve.serve_metrics(metrics.registry, listen)
+            )
             log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

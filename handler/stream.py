@@ -196,7 +196,7 @@ def build_batch(
         # copy, instead of reading every page twice.
         indices = indices[:max_pages]
         data = np.take(pages, indices, axis=0)
-        nonzero = data.view(np.uint64).any(axis=1)
+        nonzero = nonzero_rows(data.view(np.uint64))
         nz_pos = np.flatnonzero(nonzero)
         if len(nz_pos) < len(indices):
             data = np.take(data, nz_pos, axis=0)

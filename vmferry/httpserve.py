@@ -25,6 +25,8 @@ from urllib.parse import parse_qsl, urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from vmferry.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 << 10  # request line + headers
@@ -207,6 +209,15 @@ async def serve(
     return await asyncio.start_server(
         on_connect, host, port, ssl=ssl_context, limit=MAX_HEADER_BYTES, reuse_address=True
     )
+
+
+async def listening(what: str, listen: str, start: Awaitable[asyncio.Server]) -> asyncio.Server:
+    """Await ``start`` (a serve() of ``what`` on ``listen``); a port that cannot be bound
+    becomes the daemon's ConfigError naming both ("cannot serve metrics on HOST:PORT")."""
+    try:
+        return await start
+    except OSError as e:
+        raise ConfigError(f"cannot serve {what} on {listen}: {e.strerror or e}") from None
 
 
 async def serve_metrics(registry: CollectorRegistry, listen: str) -> asyncio.Server:

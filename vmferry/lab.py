@@ -11,6 +11,7 @@ guest they started.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +48,19 @@ EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LAB_PORTS = (10000, 32767)  # below Linux's default ephemeral range (32768-60999)
 
 
+@functools.cache
+def _lab_port_range() -> tuple[int, int]:
+    """LAB_PORTS, or a range clear of this machine's ephemeral range if that differs."""
+    low, high = LAB_PORTS
+    try:
+        eph_low, eph_high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return low, high
+    if low <= eph_high and eph_low <= high:  # overlapping: stay below or above it
+        return (1024, eph_low - 1) if eph_low - 1024 > 4096 else (eph_high + 1, 65535)
+    return low, high
+
+
 def free_port(address: str) -> int:
     """A TCP port on ``address`` that nothing holds now, for a component to listen on later.
 
@@ -54,13 +68,7 @@ def free_port(address: str) -> int:
     port 0 hands out) can become the local port of any outgoing connection between now
     and the moment the component binds it -- seen here: a handler's metrics port taken
     that way, and the handler failing to start."""
-    low, high = LAB_PORTS
-    try:
-        eph_low, eph_high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split())
-    except (OSError, ValueError):
-        eph_low, eph_high = 32768, 60999
-    if low <= eph_high and eph_low <= high:  # a different range here: stay below or above it
-        low, high = (1024, eph_low - 1) if eph_low - 1024 > 4096 else (eph_high + 1, 65535)
+    low, high = _lab_port_range()
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randint(low, high)

@@ -13,9 +13,8 @@ when the handler starts again. A *VM handle* is the handler's view of one guest:
 - ``pause()`` / ``device_state()`` / ``resume()`` are the switchover primitives;
 - ``set_throttle()`` is auto-converge.
 
-``ram_digest()`` hashes a whole guest RAM in one go (comparing two memories); the
-migration's own digest is kept incrementally by ``handler/digest.py``. Both hash in
-``hash_pool()``.
+``ram_digest()`` hashes a whole guest RAM in one go (comparing two memories), in
+``hash_pool()``; the migration's own digest is kept incrementally by ``handler/digest.py``.
 
 Errors: every driver failure is a :class:`DriverError`; a guest that refuses a request or
 cannot be reached raises :class:`GuestError`; a guest that dies while booting raises
