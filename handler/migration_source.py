@@ -137,21 +137,6 @@ class Stats:
         return out
 
 
-def _build_batch(
-    pages: npt.NDArray[np.uint8],
-    chunk: stream.IndexArray,
-    round_no: int,
-    compress: bool,
-    hash_into: ChunkDigest | None,
-) -> stream.Batch:
-    """Worker: one batch of ``chunk`` (a prefix of it: Batch.pages), and with
-    ``hash_into`` the digest's hashes of the pages it covers."""
-    batch = stream.build_batch(pages, chunk, round_no, compress=compress)
-    if hash_into is not None:
-        hash_into.hash_pages(chunk[: batch.pages])
-    return batch
-
-
 class Channel:
     """One Transfer stream; its reader task routes the target's frames."""
 
@@ -492,13 +477,24 @@ class SourceMigration:
     ) -> stream.Batch:
         """Gather, flow-control, send and pace one batch (it may cover only a prefix of
         ``chunk``: Batch.pages); account for it in the stats."""
-        # In the stop-and-copy round the memory is still: the worker hashes the pages it
-        # gathered for the digest while they are in its cache.
-        hash_into = self.chunk_digest if self._in_downtime else None
-        batch = await asyncio.to_thread(_build_batch, pages, chunk, round_no, compress, hash_into)
-        await ch.wait_credit(batch.payload_bytes)
-        ch.credit -= batch.payload_bytes
-        await ch.write(batch.frame)
+        batch = await asyncio.to_thread(
+            stream.build_batch, pages, chunk, round_no, compress=compress
+        )
+        # In the stop-and-copy round the memory is still: a worker hashes the pages just
+        # gathered for the digest (still in the cache) while the batch is on its way.
+        hashing = None
+        if self._in_downtime and self.chunk_digest is not None:
+            covered_pages = chunk[: batch.pages]
+            hashing = asyncio.ensure_future(
+                asyncio.to_thread(self.chunk_digest.hash_pages, covered_pages)
+            )
+        try:
+            await ch.wait_credit(batch.payload_bytes)
+            ch.credit -= batch.payload_bytes
+            await ch.write(batch.frame)
+        finally:
+            if hashing is not None:
+                await hashing
         sent[0] += batch.wire_bytes
         self.stats.wire_bytes += batch.wire_bytes
         covered = batch.pages * pages.shape[1]  # guest memory, zero pages included
@@ -672,8 +668,8 @@ class SourceMigration:
         parts["pause"] = t1 - t0
         final = np.union1d(self._pending, self.handle.harvest_dirty())
         digest.invalidate(final)
-        # The final pages are hashed by the workers that gather them (the memory is still
-        # and in their cache; _send_batch), and the device state is fetched meanwhile.
+        # The final pages are hashed while they travel (the memory is still; _send_batch),
+        # and the device state is fetched meanwhile.
         # FinalState follows the final RoundEnds without waiting for their
         # acknowledgements (the target verifies only once every channel's final round is
         # applied): one round trip fewer.

@@ -393,8 +393,8 @@ class MigrationService:
             ) from None
         t0 = time.monotonic()
         inc.device_state = final.device_state
-        digest = await inc.chunk_digest.digest_async()  # only the chunks still stale
-        return await self._verified(inc, digest, final.digest, t0)
+        # only the chunks still stale
+        return await self._verified(inc, inc.chunk_digest.digest_async(), final.digest, t0)
 
     async def _start_postcopy(
         self, inc: IncomingMigration, start: pb.PostCopyStart
@@ -411,18 +411,30 @@ class MigrationService:
         inc.postcopy = True
         inc.final_channels.clear()
         inc.all_final.clear()
-        digest = await inc.chunk_digest.masked_digest_async(missing, handle.spec.page_size)
         log.info("migration %s: post-copy start, %d pages missing", inc.migration_uid, len(missing))
+        digest = inc.chunk_digest.masked_digest_async(missing, handle.spec.page_size)
         return await self._verified(inc, digest, start.present_digest, t0)
 
     async def _verified(
-        self, inc: IncomingMigration, digest: str, expected: str, t0: float
+        self, inc: IncomingMigration, digest_made: Awaitable[str], expected: str, t0: float
     ) -> pb.TargetFrame:
+        """Verified for the source once ``digest_made`` is compared with ``expected``.
+
+        The record that lets a handler restarted after the hand-off resume the guest
+        (vm_manager settles it) does not depend on the digest: it is written while the
+        digest is made, and removed again when they differ (the source never commits)."""
+        record = None
+        if self.record_dir is not None:
+            record = asyncio.ensure_future(asyncio.to_thread(self._write_record, inc))
+        try:
+            digest = await digest_made
+        finally:
+            if record is not None:
+                await record
         inc.verified = secrets.compare_digest(digest, expected)
         inc.verified_at = time.monotonic()
-        if inc.verified and self.record_dir is not None:
-            # Survives a handler restart between here and the resume (vm_manager settles it).
-            await asyncio.to_thread(self._write_record, inc)
+        if not inc.verified and record is not None:
+            self.record_path(inc.migration_uid).unlink(missing_ok=True)
         seconds = time.monotonic() - t0
         log.info(
             "migration %s: memory digest %s (%.0f ms)",

@@ -700,7 +700,9 @@ class Guest:
         self.state = "running"
         if self.incoming:
             self.incoming = False
-            self.write_vm_json()  # a re-adopting handler sees a regular guest now
+            # A re-adopting handler sees a regular guest now. Written once the answer and
+            # the first tick are out: a file write is downtime otherwise.
+            asyncio.get_running_loop().call_soon(self.write_vm_json)
         self._gap_pending = True
         self._owed_bytes = 0.0
         self._last_run_mono = self._next_tick_mono = time.monotonic()

@@ -20,7 +20,7 @@ def full(ram: bytearray, chunk_pages: int) -> str:
     size = PAGE * chunk_pages
     chunks = [xxhash.xxh3_128_digest(bytes(ram[o : o + size])) for o in range(0, len(ram), size)]
     groups = [
-        hashlib.sha256(b"".join(chunks[g : g + GROUP_CHUNKS])).digest()
+        xxhash.xxh3_128_digest(b"".join(chunks[g : g + GROUP_CHUNKS]))
         for g in range(0, len(chunks), GROUP_CHUNKS)
     ]
     return hashlib.sha256(b"".join(groups)).hexdigest()

@@ -202,7 +202,9 @@ class FinalState(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     device_state: _builtins.bytes
     digest: _builtins.str
-    """Tree digest of guest RAM: a sha256 root over XXH3-128 page hashes (handler/digest.py)."""
+    """Tree digest of guest RAM: a sha256 root over XXH3-128 group and page hashes
+    (handler/digest.py).
+    """
     def __init__(
         self,
         *,
