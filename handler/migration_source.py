@@ -493,15 +493,22 @@ class SourceMigration:
                 asyncio.to_thread(self.chunk_digest.hash_pages, covered_pages)
             )
         try:
-            await ch.wait_credit(batch.payload_bytes)
-            ch.credit -= batch.payload_bytes
-            await ch.write(batch.frame)
+            await self._put_batch(ch, batch, pages.shape[1], limit, sent)
         finally:
             if hashing is not None:
                 await hashing
+        return batch
+
+    async def _put_batch(
+        self, ch: Channel, batch: stream.Batch, page_size: int, limit: int, sent: list[int]
+    ) -> None:
+        """Flow-control, send and pace one gathered batch; account for it in the stats."""
+        await ch.wait_credit(batch.payload_bytes)
+        ch.credit -= batch.payload_bytes
+        await ch.write(batch.frame)
         sent[0] += batch.wire_bytes
         self.stats.wire_bytes += batch.wire_bytes
-        covered = batch.pages * pages.shape[1]  # guest memory, zero pages included
+        covered = batch.pages * page_size  # guest memory, zero pages included
         self.stats.processed_bytes += covered
         self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - covered)
         now = time.monotonic()
@@ -512,7 +519,48 @@ class SourceMigration:
             if self._pace_next > now:
                 await asyncio.sleep(self._pace_next - now)
         self._report()
-        return batch
+
+    async def _send_final(self, final: stream.IndexArray, round_no: int) -> str:
+        """The stop-and-copy round, acknowledgements not awaited; returns the digest of
+        RAM. A small round -- what a converging guest dirtied during one short round, the
+        usual case -- is gathered for every channel by one worker call and written, while
+        another hashes its pages and makes the digest: a worker per channel for a few
+        hundred pages took longer handing the GIL and the two cores around than the
+        gathering itself. A large one goes batch by batch like any round."""
+        digest = self.chunk_digest
+        assert digest is not None  # made by _precopy
+        parts = stream.split_by_channel(final, len(self._channels))
+        if max(len(p) for p in parts) > stream.BATCH_PAGES:
+            await self._send_round(final, round_no, final=True, wait_acks=False)
+            return await digest.digest_async()
+        pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
+
+        def gather() -> list[stream.Batch | None]:
+            return [
+                stream.build_batch(pages, p, round_no, compress=False) if p.size else None
+                for p in parts
+            ]
+
+        async def hash_and_digest() -> str:
+            await asyncio.to_thread(digest.hash_pages, final)  # the memory is still
+            return await digest.digest_async()
+
+        batches = await asyncio.to_thread(gather)
+        digest_made = asyncio.ensure_future(hash_and_digest())
+        sent = [0]
+
+        async def put(ch: Channel, batch: stream.Batch | None) -> None:
+            if batch is not None:
+                await self._put_batch(ch, batch, pages.shape[1], 0, sent)
+            await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=True)))
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for ch, batch in zip(self._channels, batches, strict=True):
+                    tg.create_task(put(ch, batch))
+        finally:
+            made = await digest_made
+        return made
 
     async def _precopy(self) -> bool:
         """Pre-copy rounds. True: converged (switch over now); False: switch to post-copy
@@ -675,8 +723,8 @@ class SourceMigration:
         parts["pause"] = t1 - t0
         final = np.union1d(self._pending, self.handle.harvest_dirty())
         digest.invalidate(final)
-        # The final pages are hashed while they travel (the memory is still; _send_batch),
-        # and the device state is fetched meanwhile.
+        # The final pages are hashed and the digest made while they travel (the memory is
+        # still; _send_final), and the device state is fetched meanwhile.
         # FinalState follows the final RoundEnds without waiting for their
         # acknowledgements (the target verifies only once every channel's final round is
         # applied): one round trip fewer.
@@ -684,13 +732,12 @@ class SourceMigration:
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
             self._in_downtime = True
-            await self._send_round(final, self.stats.rounds, final=True, wait_acks=False)
+            self.stats.digest = await self._send_final(final, self.stats.rounds)
             self._in_downtime = False
             self.stats.rounds += 1
             t2 = time.monotonic()
             parts["final_pass"] = t2 - t1
             device_state = await state_task
-            self.stats.digest = await digest.digest_async()  # the groups and the root
         finally:
             if not state_task.done():
                 state_task.cancel()
