@@ -9,11 +9,10 @@ against 0.83 GiB/s a thread here, the largest CPU cost of a migration on both si
 a group 5x faster (400 groups of 1 KiB: 0.18 against 0.94 ms, re-hashed on both sides
 while the guest is paused), and it changes with any change of its input except with
 probability ~2^-128 -- what the digest is for: catching pages a migration failed to copy
-or wrote wrong. It does not resist an adversary, and
-does not need to: the pages and both digests travel over mTLS between the two nodes the
-hand-off names, and a source that wanted to lie would simply send other memory and
-digest it honestly. (The QEMU path's page digests, qemu_verify.py, are non-cryptographic
-for the same reason.)
+or wrote wrong. It does not resist an adversary, and does not need to: the pages and
+both digests travel over mTLS between the two nodes the hand-off names, and a source that
+wanted to lie would simply send other memory and digest it honestly. (The QEMU path's
+page digests, qemu_verify.py, are non-cryptographic for the same reason.)
 
 Both sides keep the chunk and group hashes of their own RAM and re-hash only the chunks
 that changed (and the groups holding them), so the switchover hashes just what the final
@@ -38,10 +37,10 @@ mark stale *after* writing, so a write racing a hash always leaves the chunk sta
 the next refresh. ``digest()`` is exact once a refresh found nothing stale while the
 memory was not changing (guest paused, all pages applied).
 
-``hash_pages`` is for a worker that is the only one touching its pages while it runs
-(the target applying a batch, the source gathering the stop-and-copy round): it hashes
-them while they are in the CPU cache, so the digest is ready as soon as the last page is
-applied (sent), with no refresh to wait for.
+``hash_pages`` is for a worker that is the only one touching its pages while it runs:
+the target's, right after applying a batch (the pages are in the CPU cache, and the
+digest is ready as soon as the last page is applied, with no refresh to wait for), and
+the source's during its stop-and-copy round, while those pages travel.
 
 Group hashes are made by ``refresh`` (a round's end, a digest): hash_pages only marks the
 groups it touched (re-hashing them after every batch re-hashed most groups a thousand

@@ -484,19 +484,7 @@ class SourceMigration:
         batch = await asyncio.to_thread(
             stream.build_batch, pages, chunk, round_no, compress=compress
         )
-        # In the stop-and-copy round the memory is still: a worker hashes the pages just
-        # gathered for the digest (still in the cache) while the batch is on its way.
-        hashing = None
-        if self._in_downtime and self.chunk_digest is not None:
-            covered_pages = chunk[: batch.pages]
-            hashing = asyncio.ensure_future(
-                asyncio.to_thread(self.chunk_digest.hash_pages, covered_pages)
-            )
-        try:
-            await self._put_batch(ch, batch, pages.shape[1], limit, sent)
-        finally:
-            if hashing is not None:
-                await hashing
+        await self._put_batch(ch, batch, pages.shape[1], limit, sent)
         return batch
 
     async def _put_batch(
@@ -522,18 +510,17 @@ class SourceMigration:
 
     async def _send_final(self, final: stream.IndexArray, round_no: int) -> str:
         """The stop-and-copy round, acknowledgements not awaited; returns the digest of
-        RAM. A small round -- what a converging guest dirtied during one short round, the
-        usual case -- is gathered for every channel by one worker call and written, while
-        another hashes its pages and makes the digest: a worker per channel for a few
-        hundred pages took longer handing the GIL and the two cores around than the
-        gathering itself. A large one goes batch by batch like any round."""
+        RAM, made by a worker that hashes the round's pages while they travel (the memory
+        is still). A small round -- what a converging guest dirtied during one short
+        round, the usual case -- is gathered for every channel by one worker call, then
+        written: a worker per channel for a few hundred pages took longer handing the GIL
+        and the two cores around than the gathering itself. A large one goes batch by
+        batch like any round."""
         digest = self.chunk_digest
         assert digest is not None  # made by _precopy
+        page_size = self.handle.spec.page_size
+        pages = stream.page_view(self.handle.ram(), page_size)
         parts = stream.split_by_channel(final, len(self._channels))
-        if max(len(p) for p in parts) > stream.BATCH_PAGES:
-            await self._send_round(final, round_no, final=True, wait_acks=False)
-            return await digest.digest_async()
-        pages = stream.page_view(self.handle.ram(), self.handle.spec.page_size)
 
         def gather() -> list[stream.Batch | None]:
             return [
@@ -542,22 +529,25 @@ class SourceMigration:
             ]
 
         async def hash_and_digest() -> str:
-            await asyncio.to_thread(digest.hash_pages, final)  # the memory is still
+            await asyncio.to_thread(digest.hash_pages, final)
             return await digest.digest_async()
-
-        batches = await asyncio.to_thread(gather)
-        digest_made = asyncio.ensure_future(hash_and_digest())
-        sent = [0]
 
         async def put(ch: Channel, batch: stream.Batch | None) -> None:
             if batch is not None:
-                await self._put_batch(ch, batch, pages.shape[1], 0, sent)
+                await self._put_batch(ch, batch, page_size, 0, sent)
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=True)))
 
+        small = max(len(p) for p in parts) <= stream.BATCH_PAGES
+        batches = await asyncio.to_thread(gather) if small else None
+        digest_made = asyncio.ensure_future(hash_and_digest())
+        sent = [0]
         try:
-            async with asyncio.TaskGroup() as tg:
-                for ch, batch in zip(self._channels, batches, strict=True):
-                    tg.create_task(put(ch, batch))
+            if batches is None:
+                await self._send_round(final, round_no, final=True, wait_acks=False)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for ch, batch in zip(self._channels, batches, strict=True):
+                        tg.create_task(put(ch, batch))
         finally:
             made = await digest_made
         return made

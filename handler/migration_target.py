@@ -393,8 +393,8 @@ class MigrationService:
             ) from None
         t0 = time.monotonic()
         inc.device_state = final.device_state
-        # only the chunks still stale
-        return await self._verified(inc, inc.chunk_digest.digest_async(), final.digest, t0)
+        digest = inc.chunk_digest.digest_async()  # hashes only the chunks still stale
+        return await self._verified(inc, digest, final.digest, t0)
 
     async def _start_postcopy(
         self, inc: IncomingMigration, start: pb.PostCopyStart

@@ -24,9 +24,10 @@ from google.protobuf.message import DecodeError
 
 from vmferry.rpc import migration_pb2 as pb
 
-# 3: the digest tree's leaves are XXH3-128 page hashes in groups of 64 (handler/digest.py;
-# 2: SHA-256 leaves in groups of 64; 1: in groups of 1024): handlers that would compute
-# different digests refuse each other at Hello instead of failing verification.
+# 4: the digest tree's groups are XXH3-128 too (handler/digest.py; 3: SHA-256 groups of 64
+# XXH3-128 page hashes; 2: SHA-256 leaves in groups of 64; 1: in groups of 1024): handlers
+# that would compute different digests refuse each other at Hello instead of failing
+# verification.
 PROTOCOL_VERSION = 4
 TRANSFER_SERVICE = "vmferry.v1.Migration"
 TRANSFER_METHOD = f"/{TRANSFER_SERVICE}/Transfer"
