@@ -212,8 +212,9 @@ class ApiService(api_pb2_grpc.ApiServicer):
             raise Invalid(f"{kind.kind}: metadata: expected an object")
         if kind.namespaced:
             meta.setdefault("namespace", "default")
-        obj = schema.validate(obj)
-        return kind, schema.apply_defaults(obj)
+        obj = schema.validate(obj)  # a normalized copy: defaulted in place
+        schema.fill_defaults(obj)
+        return kind, obj
 
     # -- verbs ----------------------------------------------------------------------------
 
@@ -406,15 +407,16 @@ class ApiService(api_pb2_grpc.ApiServicer):
                     object_json=_dump({"metadata": {"resourceVersion": str(since)}}),
                     resource_version=str(since),
                 )
-            async for etype, obj in self.store.watch(
+            # The stored JSON goes out as it is: no decoding and encoding per watcher.
+            async for event in self.store.watch_json(
                 kind.kind if kind else None, ns or None, since, selector
             ):
-                if hide_secrets and obj.get("kind") == "Secret":
+                if hide_secrets and event.kind == "Secret":
                     continue
                 yield api_pb2.WatchEvent(
-                    type=etype,
-                    object_json=_dump(obj),
-                    resource_version=obj["metadata"]["resourceVersion"],
+                    type=event.type,
+                    object_json=event.data.encode(),
+                    resource_version=str(event.resource_version),
                 )
         except ValueError:
             await context.abort(

@@ -15,10 +15,17 @@ Key facts:
   ``watch`` can resume from a resourceVersion even after a controller restart.
 * Threading: every sqlite3 call runs on ONE dedicated worker thread (a single-worker
   ``ThreadPoolExecutor``) that also creates the connection; the event loop never blocks
-  on SQLite. Because that thread serialises all reads and writes, a write's commit, its
+  on SQLite. Because that thread serialises all writes, a write's commit, its
   resourceVersion and its live notification (``loop.call_soon_threadsafe`` from the
   worker, right after COMMIT, so notifications arrive in commit order) are totally ordered.
   A ``Store`` belongs to the event loop that opened it.
+* Reads (``get``, ``list``, ``current_rv``) are served on the event loop from an
+  in-memory copy of the objects table -- the watch cache of kube-apiserver -- loaded when
+  the store opens and kept by the same committed events the watchers get, applied before
+  them. A write's notification reaches the loop before its caller resumes, so a read
+  after a write sees it (a binding is in force once its create returns); a read costs no
+  trip to the worker thread, which the switchover's hand-off write and every
+  authorization used to pay.
 * Objects crossing the API are copies: callers may mutate what they pass in or get back.
 * Durability: WAL with ``synchronous=NORMAL`` survives a crash (kill -9) of the process
   without losing a committed write; pass ``synchronous="FULL"`` to also survive power loss.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import secrets
@@ -38,13 +46,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from vmferry.errors import AlreadyExists, BadRequest, Conflict, Gone, Invalid, NotFound, Unavailable
 from vmferry.kinds import BY_KIND
 from vmferry.labels import Selector
 
-__all__ = ["EventType", "Store", "WatchEvent"]
+__all__ = ["EventType", "JsonWatchEvent", "Store", "WatchEvent"]
 
 Obj = dict[str, Any]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
@@ -172,22 +180,29 @@ class _Event:
     prev_labels: dict[str, str] | None  # labels before a MODIFIED event, if they changed
     data: str  # the object's JSON after the change (DELETED: last state, new rv)
 
-    def translate(self, selector: Selector | None) -> WatchEvent | None:
-        """The event as a watcher with ``selector`` sees it, or None if it sees nothing.
-
-        A MODIFIED object that starts matching is ADDED, one that stops matching is
-        DELETED, as in Kubernetes. Returns a fresh dict each call.
-        """
+    def seen_as(self, selector: Selector | None) -> str | None:
+        """The event's type as a watcher with ``selector`` sees it, or None if it sees
+        nothing: a MODIFIED object that starts matching is ADDED, one that stops matching
+        is DELETED, as in Kubernetes."""
         if selector is None or selector.empty():
-            return self.type, json.loads(self.data)
+            return self.type
         matches = selector.matches(self.labels)
         if self.type == "MODIFIED" and self.prev_labels is not None:
             matched = selector.matches(self.prev_labels)
             if matches and not matched:
-                return "ADDED", json.loads(self.data)
+                return "ADDED"
             if matched and not matches:
-                return "DELETED", json.loads(self.data)
-        return (self.type, json.loads(self.data)) if matches else None
+                return "DELETED"
+        return self.type if matches else None
+
+
+class JsonWatchEvent(NamedTuple):
+    """One change as ``Store.watch_json`` yields it: the object still as stored JSON."""
+
+    type: str
+    kind: str
+    resource_version: int
+    data: str
 
 
 _EventList = list[_Event]
@@ -270,6 +285,11 @@ class _Database:
 
     def close(self) -> None:
         self.conn.close()
+
+    def snapshot(self) -> tuple[list[tuple[str, str, str, dict[str, str], str]], int]:
+        """Every object row as (kind, namespace, name, labels, JSON) and the current rv."""
+        rows = self.conn.execute("SELECT kind, namespace, name, labels, data FROM objects")
+        return [(k, ns, n, json.loads(lb), d) for k, ns, n, lb, d in rows], self.rv
 
     # --- helpers (inside a transaction) ----------------------------------------------
 
@@ -399,29 +419,6 @@ class _Database:
 
         return self._write(body)
 
-    def get(self, kind: str, namespace: str, name: str) -> Obj:
-        obj = self._load(kind, namespace, name)
-        if obj is None:
-            raise NotFound(f'{_resource(kind)} "{name}" not found')
-        return obj
-
-    def list(
-        self, kind: str, namespace: str | None, selector: Selector | None
-    ) -> tuple[_ObjList, int]:
-        if namespace is None:
-            rows = self.conn.execute(
-                "SELECT labels, data FROM objects WHERE kind = ? ORDER BY namespace, name",
-                (kind,),
-            ).fetchall()
-        else:
-            rows = self.conn.execute(
-                "SELECT labels, data FROM objects WHERE kind = ? AND namespace = ? ORDER BY name",
-                (kind, namespace),
-            ).fetchall()
-        if selector is not None and not selector.empty():
-            rows = [row for row in rows if selector.matches(json.loads(row[0]))]
-        return [json.loads(data) for _, data in rows], self.rv
-
     def update(self, obj: Obj, subresource: str | None) -> Obj:
         kind, namespace, name, meta = _identity(obj)
         if subresource not in (None, "status"):
@@ -446,11 +443,12 @@ class _Database:
                     f"UID in object meta: {stored_meta['uid']}"
                 )
             if subresource == "status":
-                new = json.loads(_dumps(stored))
+                # A shallow copy: ``stored`` was just decoded (private) and, after the
+                # comparison below, only returned unchanged by a no-op.
+                new = {key: value for key, value in stored.items() if key != "status"}
+                new["metadata"] = dict(stored_meta)
                 if "status" in obj:
                     new["status"] = obj["status"]
-                else:
-                    new.pop("status", None)
             else:
                 new = obj
                 if "status" in stored:
@@ -593,6 +591,10 @@ class Store:
         self._subscribers: set[_Subscriber] = set()
         self._closed = False
         self._db: _Database | None = None
+        # The read cache: kind -> (namespace, name) -> (labels, object JSON), as of
+        # resourceVersion _cache_rv. Changed only on the loop, by _publish.
+        self._objects: dict[str, dict[tuple[str, str], tuple[dict[str, str], str]]] = {}
+        self._cache_rv = 0
 
     @classmethod
     async def open(
@@ -621,9 +623,14 @@ class Store:
             store._db = await loop.run_in_executor(
                 executor, _Database, store.path, history, synchronous, store._notify
             )
+            rows, store._cache_rv = await loop.run_in_executor(executor, store._db.snapshot)
         except BaseException:
+            if store._db is not None:
+                await loop.run_in_executor(executor, store._db.close)
             executor.shutdown(wait=False)
             raise
+        for kind, namespace, name, labels, data in rows:
+            store._objects.setdefault(kind, {})[(namespace, name)] = (labels, data)
         return store
 
     async def close(self) -> None:
@@ -658,7 +665,15 @@ class Store:
             pass  # the loop is closed: nobody is watching any more
 
     def _publish(self, events: Sequence[_Event]) -> None:
-        """Event loop: fan committed events out to the live watchers."""
+        """Event loop: apply committed events to the read cache, then fan them out to
+        the live watchers."""
+        for event in events:
+            objects = self._objects.setdefault(event.kind, {})
+            if event.type == "DELETED":
+                objects.pop((event.namespace, event.name), None)
+            else:
+                objects[(event.namespace, event.name)] = (event.labels, event.data)
+            self._cache_rv = event.rv
         for subscriber in list(self._subscribers):
             for event in events:
                 subscriber.offer(event)
@@ -676,8 +691,12 @@ class Store:
 
     async def get(self, kind: str, namespace: str, name: str) -> Obj:
         """Return the object; raise NotFound (``virtualmachineinstances "vm1" not found``)."""
-        db = self._database()
-        return await self._run(db.get, kind, namespace, name)
+        self._database()
+        entry = self._objects.get(kind, {}).get((namespace, name))
+        if entry is None:
+            raise NotFound(f'{_resource(kind)} "{name}" not found')
+        obj: Obj = json.loads(entry[1])
+        return obj
 
     async def list(
         self, kind: str, namespace: str | None = None, selector: Selector | None = None
@@ -687,8 +706,18 @@ class Store:
         ``namespace=None`` lists all namespaces; ``""`` lists cluster-scoped objects. The
         resourceVersion is consistent with the items: watch from it to see later changes.
         """
-        db = self._database()
-        return await self._run(db.list, kind, namespace, selector)
+        self._database()
+        objects = self._objects.get(kind, {})
+        keys = sorted(
+            objects if namespace is None else (key for key in objects if key[0] == namespace)
+        )
+        wanted = None if selector is None or selector.empty() else selector
+        items = [
+            json.loads(data)
+            for labels, data in (objects[key] for key in keys)
+            if wanted is None or wanted.matches(labels)
+        ]
+        return items, self._cache_rv
 
     async def update(self, obj: Obj, *, subresource: str | None = None) -> Obj:
         """Replace an object; return the stored result.
@@ -724,8 +753,8 @@ class Store:
 
     async def current_rv(self) -> int:
         """The resourceVersion of the latest committed write (0 for an empty store)."""
-        db = self._database()
-        return await self._run(lambda: db.rv)
+        self._database()
+        return self._cache_rv
 
     async def watch(
         self,
@@ -743,6 +772,21 @@ class Store:
         catching up) if events after ``since_rv`` were pruned: list again. Ends when the
         store closes. Each yielded object is a fresh copy.
         """
+        async with contextlib.aclosing(
+            self.watch_json(kind, namespace, since_rv, selector)
+        ) as events:
+            async for event in events:
+                yield event.type, json.loads(event.data)
+
+    async def watch_json(
+        self,
+        kind: str | None,
+        namespace: str | None,
+        since_rv: int,
+        selector: Selector | None = None,
+    ) -> AsyncGenerator[JsonWatchEvent, None]:
+        """``watch`` with each object as the stored JSON text, not parsed: what the API
+        forwards to its watchers without decoding and encoding it again."""
         self._database()
         cursor = since_rv
         while True:
@@ -757,9 +801,9 @@ class Store:
                     )
                     for event in events:
                         cursor = event.rv
-                        seen = event.translate(selector)
+                        seen = event.seen_as(selector)
                         if seen is not None:
-                            yield seen
+                            yield JsonWatchEvent(seen, event.kind, event.rv, event.data)
                     cursor = max(cursor, scanned)
                     if len(events) < _REPLAY_PAGE:
                         break
@@ -769,9 +813,9 @@ class Store:
                         if event.rv <= cursor:
                             continue
                         cursor = event.rv
-                        seen = event.translate(selector)
+                        seen = event.seen_as(selector)
                         if seen is not None:
-                            yield seen
+                            yield JsonWatchEvent(seen, event.kind, event.rv, event.data)
                     elif subscriber.closed:
                         return
                     else:

@@ -11,7 +11,6 @@ source resumes only once Aborted is (or nothing was committed).
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from typing import Any
 
@@ -122,8 +121,9 @@ class HandoffRecord:
                     return "Aborted"
                 if ms.get("switchover"):
                     return str(ms["switchover"])
-                new = copy.deepcopy(vmi)
-                new["status"]["migrationState"].update(switchover=decision, **(extra or {}))
+                # Copied along the changed path only (the hand-off is downtime).
+                new_ms = {**ms, "switchover": decision, **(extra or {})}
+                new = {**vmi, "status": {**vmi["status"], "migrationState": new_ms}}
                 self._seen(await self.api.update(new, subresource="status"))
                 log.info("migration %s: switchover %s recorded", self.uid, decision)
                 return decision

@@ -21,6 +21,7 @@ channel with :func:`channel_credentials`; existing channels keep their credentia
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -509,6 +510,11 @@ def identity_from_pem(cert_pem: bytes) -> Identity:
     return Identity(user=_attr_str(cns[0].value), groups=tuple(_attr_str(g.value) for g in groups))
 
 
+# A certificate's identity is a pure function of its bytes: peer_identity parses each
+# certificate once, not on every request (~50 us a parse).
+_identity_of_peer = functools.lru_cache(maxsize=1024)(identity_from_pem)
+
+
 def _attr_str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -525,7 +531,7 @@ def peer_identity(context: grpc.aio.ServicerContext) -> Identity | None:
     if not pems:
         return None
     try:
-        return identity_from_pem(pems[0])
+        return _identity_of_peer(bytes(pems[0]))
     except ValueError:
         log.warning("peer certificate without a usable identity", exc_info=True)
         return None

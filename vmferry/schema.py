@@ -1372,10 +1372,16 @@ def apply_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
     Other kinds are copied unchanged. Defaulting is idempotent.
     """
     out = copy.deepcopy(dict(obj))
-    defaulter = _DEFAULTERS.get(str(out.get("kind")))
-    if defaulter is not None:
-        defaulter(out)
+    fill_defaults(out)
     return out
+
+
+def fill_defaults(obj: dict[str, Any]) -> None:
+    """:func:`apply_defaults` in place: for an object that is already a private copy
+    (what :func:`validate` returns), which saves copying it again."""
+    defaulter = _DEFAULTERS.get(str(obj.get("kind")))
+    if defaulter is not None:
+        defaulter(obj)
 
 
 def memory_bytes(vmi_spec: Mapping[str, Any]) -> int:

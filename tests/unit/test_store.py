@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -786,3 +787,49 @@ def test_sigkill_loses_no_committed_write(tmp_path: Path) -> None:
         assert rv(created) == current + 1
 
     run(tmp_path, check)
+
+
+def test_reads_come_from_the_cache_and_see_every_committed_write(tmp_path: Path) -> None:
+    """get/list/current_rv answer on the event loop while the worker thread is busy, and
+    reflect each write (create, update, status, finalizer removal) once it returns."""
+
+    async def body(store: Store) -> None:
+        a = await store.create(vmi("a", labels={"app": "x"}))
+        await store.create(vmi("b", namespace="other"))
+        release = threading.Event()
+        store._executor.submit(release.wait, 10)  # the worker thread is busy meanwhile
+        try:
+            async with asyncio.timeout(2):  # no trip to the worker: not blocked by it
+                assert (await store.get(VMI, "default", "a"))["metadata"]["uid"] == a["metadata"][
+                    "uid"
+                ]
+                items, listed_rv = await store.list(VMI)
+                assert [o["metadata"]["name"] for o in items] == ["a", "b"]
+                assert listed_rv == await store.current_rv() == 2
+                picked, _ = await store.list(VMI, None, parse_selector("app=x"))
+                assert [o["metadata"]["name"] for o in picked] == ["a"]
+        finally:
+            release.set()
+        updated = await store.update(dict(a, status={"phase": "Running"}), subresource="status")
+        assert (await store.get(VMI, "default", "a"))["status"] == {"phase": "Running"}
+        assert (await store.get(VMI, "default", "a"))["metadata"]["resourceVersion"] == (
+            updated["metadata"]["resourceVersion"]
+        )
+        with_finalizer = await store.update(
+            dict(updated, metadata=dict(updated["metadata"], finalizers=["f"]))
+        )
+        marked = await store.delete(VMI, "default", "a")
+        assert marked["metadata"]["deletionTimestamp"]
+        assert (await store.get(VMI, "default", "a"))["metadata"]["finalizers"] == ["f"]
+        gone = dict(marked, metadata=dict(marked["metadata"], finalizers=[]))
+        await store.update(gone)
+        with pytest.raises(NotFound):
+            await store.get(VMI, "default", "a")
+        items, listed_rv = await store.list(VMI)
+        assert [o["metadata"]["name"] for o in items] == ["b"]
+        assert listed_rv == rv(with_finalizer) + 2  # marked, then removed
+        got = await store.get(VMI, "other", "b")
+        got["spec"]["mutated"] = True  # a copy: the cache is not changed through it
+        assert "mutated" not in (await store.get(VMI, "other", "b"))["spec"]
+
+    run(tmp_path, body)
