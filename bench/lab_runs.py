@@ -39,6 +39,7 @@ from vmferry.lab import LAB_ENV, Lab
 Obj = dict[str, Any]
 NAMESPACE = "default"
 MIGRATION_TIMEOUT = 600.0
+GAP_WAIT = 3.0  # s for the guest-seen gap to appear in the VMI status after Succeeded
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # What the bench would read from status if it were there (reported with the results).
@@ -286,6 +287,15 @@ class LabBench:
                     raise TimeoutError(f"migration {vmim_name} did not finish")
                 await asyncio.sleep(0.1)
             vmi = await api.get("VirtualMachineInstance", NAMESPACE, name)
+            # The target records the gap its guest saw just after the hand-off, which
+            # may land after the VMIM's Succeeded: wait for it (a short while).
+            gap_deadline = time.monotonic() + GAP_WAIT
+            while phase == "Succeeded" and time.monotonic() < gap_deadline:
+                ms = (vmi.get("status") or {}).get("migrationState") or {}
+                if (ms.get("transfer") or {}).get("guestDowntimeMilliseconds") is not None:
+                    break
+                await asyncio.sleep(0.05)
+                vmi = await api.get("VirtualMachineInstance", NAMESPACE, name)
         cpu_after = {c: cpu_seconds(p) for c, p in pids.items()}
         await asyncio.sleep(settle)  # the source guest's teardown, log flushes
         return self._record(name, vmim, vmi, invoked, cli_returned, cpu_before, cpu_after)
