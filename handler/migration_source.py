@@ -528,10 +528,6 @@ class SourceMigration:
                 for p in parts
             ]
 
-        async def hash_and_digest() -> str:
-            await asyncio.to_thread(digest.hash_pages, final)
-            return await digest.digest_async()
-
         async def put(ch: Channel, batch: stream.Batch | None) -> None:
             if batch is not None:
                 await self._put_batch(ch, batch, page_size, 0, sent)
@@ -539,7 +535,7 @@ class SourceMigration:
 
         small = max(len(p) for p in parts) <= stream.BATCH_PAGES
         batches = await asyncio.to_thread(gather) if small else None
-        digest_made = asyncio.ensure_future(hash_and_digest())
+        digest_made = asyncio.ensure_future(digest.hash_pages_and_digest_async(final))
         sent = [0]
         try:
             if batches is None:

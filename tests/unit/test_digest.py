@@ -169,3 +169,21 @@ def test_writers_hashing_their_own_pages_give_the_definitions_digest() -> None:
 
 def rng_bytes(seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, PAGE, dtype=np.uint8).tobytes()
+
+
+def test_stop_and_copy_pages_hashed_with_the_digest_in_one_call() -> None:
+    """The source's final round: the dirty pages (invalidated or not) are hashed and the
+    digest made in one worker call; it is the definition's."""
+    pages = CHUNK_PAGES * GROUP_CHUNKS * 4
+    ram = bytearray(np.random.default_rng(5).integers(0, 256, pages * PAGE, np.uint8).tobytes())
+    d = ChunkDigest(memoryview(ram), PAGE)
+    assert asyncio.run(d.digest_async()) == full(ram, CHUNK_PAGES)
+    before = d.hashed_bytes
+    final = np.array([1, 70, 71, pages - 1], dtype=np.int64)
+    for page in final.tolist():
+        ram[page * PAGE + 7] ^= 0x5A
+    d.invalidate(final[:2])  # as the pause harvest does; the other two were not
+    assert asyncio.run(d.hash_pages_and_digest_async(final)) == full(ram, CHUNK_PAGES)
+    assert not d.stale.any()
+    assert d.hashed_bytes == before  # the refresh found nothing left: no page hashed twice
+    d.release()
