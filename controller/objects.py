@@ -3,7 +3,6 @@ that validate, and phase bookkeeping shared by the reconcilers."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,7 +46,7 @@ class StoreSource:
 
 async def write_status(store: Store, obj: Obj) -> Obj:
     """Validate and write ``obj.status`` with its resourceVersion as precondition."""
-    checked = schema.validate(copy.deepcopy(obj), server_managed=True)
+    checked = schema.validate(obj, server_managed=True)  # a normalized copy: obj untouched
     return await store.update(checked, subresource="status")
 
 

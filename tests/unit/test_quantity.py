@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vmferry import quantity
 from vmferry.quantity import format_quantity, parse_quantity
 
 pytestmark = pytest.mark.timeout(30)
@@ -141,3 +142,15 @@ def test_format_rejects_non_int() -> None:
         format_quantity(1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         format_quantity(True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0", "7", "007Ki", "512Mi", "3Gi", "2Ti", "1Pi", "1Ei", "1k", "5M", "9G", "4T", "2P", "3E"],
+)
+def test_integer_fast_path_agrees_with_exact_arithmetic(text: str) -> None:
+    """Digits with an integer-valued suffix skip the fractions; the value is the same."""
+    exact = quantity._exact(text, text)
+    assert exact.denominator == 1
+    assert parse_quantity(text) == int(exact)
+    assert parse_quantity(f"  {text} ") == int(exact)
