@@ -75,6 +75,9 @@ class IncomingMigration:
     faults: int = 0
     _pages: npt.NDArray[np.uint8] | None = None
     _digest: ChunkDigest | None = None
+    # The digest of RAM, started once every channel's final round is in: it is made
+    # while the source's FinalState (its digest, the device state) is on its way.
+    final_digest: asyncio.Future[str] | None = None
 
     @property
     def chunk_digest(self) -> ChunkDigest:
@@ -98,6 +101,8 @@ class IncomingMigration:
 
     def release(self) -> None:
         self._pages = None
+        if self.final_digest is not None and not self.final_digest.done():
+            self.final_digest.cancel()
         if self._digest is not None:
             self._digest.release()
             self._digest = None
@@ -120,6 +125,13 @@ def _receive_and_hash(
     if digest is not None:
         digest.hash_pages(written)
     return written, payload_bytes
+
+
+def _consume_failure(future: asyncio.Future[str]) -> None:
+    """A digest nobody awaits (the source went away before its FinalState) must not be
+    reported as a never-retrieved exception; the one awaited raises there."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _ChannelClosed(Exception):
@@ -322,6 +334,9 @@ class MigrationService:
                 inc.final_channels.add(channel)
                 if len(inc.final_channels) == inc.channel_count:
                     inc.all_final.set()
+                    # Every page is in and no more may come: the memory is still.
+                    inc.final_digest = asyncio.ensure_future(inc.chunk_digest.digest_async())
+                    inc.final_digest.add_done_callback(_consume_failure)
             out.put_nowait(
                 pb.TargetFrame(
                     round_ack=pb.RoundAck(
@@ -393,7 +408,8 @@ class MigrationService:
             ) from None
         t0 = time.monotonic()
         inc.device_state = final.device_state
-        digest = inc.chunk_digest.digest_async()  # hashes only the chunks still stale
+        # Started when the last final round came in (hashing only the chunks still stale).
+        digest = inc.final_digest or inc.chunk_digest.digest_async()
         return await self._verified(inc, digest, final.digest, t0)
 
     async def _start_postcopy(
