@@ -511,32 +511,41 @@ class MemVMHandle:
     async def destroy(self) -> None:
         if self.is_alive():
             await self._kill()
-        self.close()
+        mappings = self._detach()
         self._drop_postcopy()
-        # Freeing a large RAM file's pages takes a while (1 GiB of tmpfs: ~230 ms here):
-        # not on the event loop.
-        await asyncio.to_thread(self._delete_files)
+        # Unmapping a large guest's RAM and freeing its file's pages take a while (1 GiB:
+        # tens of ms to unmap, ~230 ms to free the tmpfs pages here): not on the event loop.
+        await asyncio.to_thread(self._unmap_and_delete, mappings)
 
-    def _delete_files(self) -> None:
+    def _unmap_and_delete(self, mappings: list[tuple[str, mmap.mmap]]) -> None:
+        self._unmap(mappings)
         for path in (self.ram_path, self.dirty_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
 
-    def close(self) -> None:
+    def _detach(self) -> list[tuple[str, mmap.mmap]]:
+        """Forget the guest's mappings (and its control connection); return them to unmap."""
         self._control.close()
         self._dirty = None
         self._unmap_postcopy()
+        mappings = []
         for name in ("_ram_mm", "_dirty_mm"):
             mapping: mmap.mmap | None = getattr(self, name)
             setattr(self, name, None)
             if mapping is not None:
-                try:
-                    mapping.close()
-                except BufferError:
-                    # A memoryview from ram() is still alive: the mapping goes with it.
-                    log.debug(
-                        "memvm %s: %s still exported; unmapped when released", self.vm_id, name
-                    )
+                mappings.append((name, mapping))
+        return mappings
+
+    def _unmap(self, mappings: list[tuple[str, mmap.mmap]]) -> None:
+        for name, mapping in mappings:
+            try:
+                mapping.close()
+            except BufferError:
+                # A memoryview from ram() is still alive: the mapping goes with it.
+                log.debug("memvm %s: %s still exported; unmapped when released", self.vm_id, name)
+
+    def close(self) -> None:
+        self._unmap(self._detach())
 
 
 class MemVMDriver:

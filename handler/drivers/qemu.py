@@ -396,12 +396,14 @@ class QemuHandle:
     async def destroy(self) -> None:
         await self._disconnect()
         await self._kill()
+        mm, self._mm = self._mm, None
         self.close()
-        # Freeing a large RAM file's pages takes a while (1 GiB of tmpfs: ~230 ms here):
-        # not on the event loop.
-        await asyncio.to_thread(self._delete_files)
+        # Unmapping a large guest's RAM and freeing its file's pages take a while (1 GiB:
+        # tens of ms to unmap, ~230 ms to free the tmpfs pages here): not on the event loop.
+        await asyncio.to_thread(self._unmap_and_delete, mm)
 
-    def _delete_files(self) -> None:
+    def _unmap_and_delete(self, mm: mmap.mmap | None) -> None:
+        self._unmap(mm)
         self.ram_path.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
@@ -412,13 +414,16 @@ class QemuHandle:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
+    def _unmap(self, mm: mmap.mmap | None) -> None:
         if mm is not None:
             try:
                 mm.close()
             except BufferError:
                 log.debug("qemu %s: RAM still exported; unmapped when released", self.vm_id)
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        self._unmap(mm)
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):

@@ -125,6 +125,8 @@ def test_start_harvest_pause_resume(runtime_dir: Path, ram_dir: Path) -> None:
         assert not handle.is_alive()
         assert not handle.vm_dir.exists()
         assert not handle.ram_path.exists() and not handle.dirty_path.exists()
+        with pytest.raises(DriverError):
+            handle.ram()  # unmapped (by the worker that deleted the files)
         await handle.destroy()  # idempotent
 
     asyncio.run(scenario())
