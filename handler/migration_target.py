@@ -408,9 +408,9 @@ class MigrationService:
             ) from None
         t0 = time.monotonic()
         inc.device_state = final.device_state
-        # Started when the last final round came in (hashing only the chunks still stale).
-        digest = inc.final_digest or inc.chunk_digest.digest_async()
-        return await self._verified(inc, digest, final.digest, t0)
+        # Started with all_final, when the last final round came in (see _apply).
+        assert inc.final_digest is not None
+        return await self._verified(inc, inc.final_digest, final.digest, t0)
 
     async def _start_postcopy(
         self, inc: IncomingMigration, start: pb.PostCopyStart

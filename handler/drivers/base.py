@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
+import mmap
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,7 @@ __all__ = [
     "hash_pool",
     "ram_digest",
     "ram_digest_async",
+    "unmap",
 ]
 
 CONTENT_KINDS = ("random", "text", "zero", "mixed")
@@ -65,6 +68,20 @@ DIGEST_THREADS = 2  # hashlib releases the GIL, so two chunks hash in parallel
 
 PageIndices = npt.NDArray[np.int64]
 PageMask = npt.NDArray[np.bool_]  # one flag per page
+
+
+log = logging.getLogger(__name__)
+
+
+def unmap(mapping: mmap.mmap | None, what: str) -> None:
+    """Close ``mapping`` (None: nothing to do). A mapping a memoryview or array still
+    exports stays mapped until that is released; ``what`` names it in the debug line."""
+    if mapping is None:
+        return
+    try:
+        mapping.close()
+    except BufferError:
+        log.debug("%s still exported; unmapped when released", what)
 
 
 class DriverError(Exception):

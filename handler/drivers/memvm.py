@@ -56,6 +56,7 @@ from handler.drivers.base import (
     file_data_pages,
     ram_digest,
     ram_digest_async,
+    unmap,
 )
 from handler.drivers.memvm_guest import (
     CONTROL_SOCKET_NAME,
@@ -462,9 +463,7 @@ class MemVMHandle:
         for name in ("_present_mm", "_requested_mm"):
             bitmap: mmap.mmap | None = getattr(self, name, None)
             setattr(self, name, None)
-            if bitmap is not None:
-                with contextlib.suppress(BufferError):
-                    bitmap.close()
+            unmap(bitmap, f"memvm {self.vm_id}: {name}")
 
     def _drop_postcopy(self) -> None:
         self._unmap_postcopy()
@@ -517,32 +516,24 @@ class MemVMHandle:
         # tens of ms to unmap, ~230 ms to free the tmpfs pages here): not on the event loop.
         await asyncio.to_thread(self._unmap_and_delete, mappings)
 
-    def _unmap_and_delete(self, mappings: list[tuple[str, mmap.mmap]]) -> None:
+    def _unmap_and_delete(self, mappings: dict[str, mmap.mmap | None]) -> None:
         self._unmap(mappings)
         for path in (self.ram_path, self.dirty_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
 
-    def _detach(self) -> list[tuple[str, mmap.mmap]]:
+    def _detach(self) -> dict[str, mmap.mmap | None]:
         """Forget the guest's mappings (and its control connection); return them to unmap."""
         self._control.close()
         self._dirty = None
         self._unmap_postcopy()
-        mappings = []
-        for name in ("_ram_mm", "_dirty_mm"):
-            mapping: mmap.mmap | None = getattr(self, name)
-            setattr(self, name, None)
-            if mapping is not None:
-                mappings.append((name, mapping))
+        mappings = {"_ram_mm": self._ram_mm, "_dirty_mm": self._dirty_mm}
+        self._ram_mm = self._dirty_mm = None
         return mappings
 
-    def _unmap(self, mappings: list[tuple[str, mmap.mmap]]) -> None:
-        for name, mapping in mappings:
-            try:
-                mapping.close()
-            except BufferError:
-                # A memoryview from ram() is still alive: the mapping goes with it.
-                log.debug("memvm %s: %s still exported; unmapped when released", self.vm_id, name)
+    def _unmap(self, mappings: dict[str, mmap.mmap | None]) -> None:
+        for name, mapping in mappings.items():
+            unmap(mapping, f"memvm {self.vm_id}: {name}")
 
     def close(self) -> None:
         self._unmap(self._detach())

@@ -53,6 +53,7 @@ from handler.drivers.base import (
     PageMask,
     VMExistsError,
     VMHandle,
+    unmap,
 )
 from vmferry import schema
 
@@ -403,7 +404,7 @@ class QemuHandle:
         await asyncio.to_thread(self._unmap_and_delete, mm)
 
     def _unmap_and_delete(self, mm: mmap.mmap | None) -> None:
-        self._unmap(mm)
+        unmap(mm, f"qemu {self.vm_id}: RAM")
         self.ram_path.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
@@ -414,16 +415,9 @@ class QemuHandle:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
-    def _unmap(self, mm: mmap.mmap | None) -> None:
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                log.debug("qemu %s: RAM still exported; unmapped when released", self.vm_id)
-
     def close(self) -> None:
         mm, self._mm = self._mm, None
-        self._unmap(mm)
+        unmap(mm, f"qemu {self.vm_id}: RAM")
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):
