@@ -453,16 +453,21 @@ class Guest:
 
     # -- workload --
 
+    def _period(self) -> float:
+        """Seconds from one tick to the next at the current throttle."""
+        return self.spec.tick_interval_s * 100 / (100 - self.throttle_percent)
+
     async def _workload(self) -> None:
         while True:
             if not self._running.is_set():
                 await self._running.wait()
             now = time.monotonic()
-            await self._tick(now)
-            period = self.spec.tick_interval_s * 100 / (100 - self.throttle_percent)
-            self._next_tick_mono += period
-            if self._next_tick_mono < now:  # late: skip, the owed bytes catch up instead
-                self._next_tick_mono = now + period
+            if now >= self._next_tick_mono:  # else woken early: the resume made this tick
+                await self._tick(now)
+                period = self._period()
+                self._next_tick_mono += period
+                if self._next_tick_mono < now:  # late: skip, the owed bytes catch up instead
+                    self._next_tick_mono = now + period
             delay = self._next_tick_mono - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -705,7 +710,14 @@ class Guest:
             asyncio.get_running_loop().call_soon(self.write_vm_json)
         self._gap_pending = True
         self._owed_bytes = 0.0
-        self._last_run_mono = self._next_tick_mono = time.monotonic()
+        now = time.monotonic()
+        self._last_run_mono = self._next_tick_mono = now
+        if self._present is None:
+            # The vCPU runs from the moment it is resumed: its first tick (the heartbeat
+            # the downtime is measured by) is made here, not once the answer has gone out
+            # and the loop has come round to the workload (1-2 ms later, measured).
+            self._sync_tick(now, fault_checked=None)
+            self._next_tick_mono = now + self._period()
         self._running.set()
         self._wake.set()
         return self.status()

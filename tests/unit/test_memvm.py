@@ -113,7 +113,12 @@ def test_start_harvest_pause_resume(runtime_dir: Path, ram_dir: Path) -> None:
             assert state["ticks"] == paused.ticks
 
             resumed_at = time.monotonic()
-            await handle.resume()
+            answer = await handle.request("resume")
+            # The first tick after the pause -- the heartbeat the gap is measured by -- is
+            # made as part of the resume, before its answer.
+            assert answer["state"] == "running" and answer["ticks"] == paused.ticks + 1
+            assert answer["resume_gap_ms"] >= (resumed_at - paused_at) * 1000
+            assert handle.harvest_dirty().tolist()[:1] == [0]  # the heartbeat page
             await wait_for_ticks(handle, paused.ticks + 5)
             resumed = await handle.status()
             assert resumed.state == "running"
@@ -211,7 +216,9 @@ def test_incoming_guest_continues_from_migrated_state(tmp_path: Path, ram_dir: P
 
             await asyncio.sleep(0.1)
             resumed_ns = time.time_ns()
-            await b.resume(device_state)
+            answer = await b.request("resume", device_state=json.loads(device_state))
+            assert answer["ticks"] == ticks_at_pause + 1  # its first tick came with the answer
+            assert answer["resume_gap_ms"] >= (resumed_ns - paused_ns) / 1e6
             ticks = await wait_for_ticks(b, ticks_at_pause + 5)
             status = await b.status()
             assert status.state == "running" and ticks > ticks_at_pause
