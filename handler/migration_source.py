@@ -481,9 +481,12 @@ class SourceMigration:
     ) -> stream.Batch:
         """Gather, flow-control, send and pace one batch (it may cover only a prefix of
         ``chunk``: Batch.pages); account for it in the stats."""
-        batch = await asyncio.to_thread(
-            stream.build_batch, pages, chunk, round_no, compress=compress
-        )
+        if len(chunk) <= stream.INLINE_BATCH_PAGES:
+            batch = stream.build_batch(pages, chunk, round_no, compress=compress)
+        else:
+            batch = await asyncio.to_thread(
+                stream.build_batch, pages, chunk, round_no, compress=compress
+            )
         await self._put_batch(ch, batch, pages.shape[1], limit, sent)
         return batch
 
@@ -512,10 +515,11 @@ class SourceMigration:
         """The stop-and-copy round, acknowledgements not awaited; returns the digest of
         RAM, made by a worker that hashes the round's pages while they travel (the memory
         is still). A small round -- what a converging guest dirtied during one short
-        round, the usual case -- is gathered for every channel by one worker call, then
-        written: a worker per channel for a few hundred pages took longer handing the GIL
-        and the two cores around than the gathering itself. A large one goes batch by
-        batch like any round."""
+        round, the usual case -- is gathered for every channel at once, then written: on
+        the event loop up to INLINE_BATCH_PAGES a channel (the loop has nothing else to
+        do while the guest is paused), else by one worker call (a worker per channel for
+        a few hundred pages took longer handing the GIL and the two cores around than
+        the gathering itself). A large one goes batch by batch like any round."""
         digest = self.chunk_digest
         assert digest is not None  # made by _precopy
         page_size = self.handle.spec.page_size
@@ -533,8 +537,13 @@ class SourceMigration:
                 await self._put_batch(ch, batch, page_size, 0, sent)
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=True)))
 
-        small = max(len(p) for p in parts) <= stream.BATCH_PAGES
-        batches = await asyncio.to_thread(gather) if small else None
+        largest = max(len(p) for p in parts)
+        if largest <= stream.INLINE_BATCH_PAGES:
+            batches: list[stream.Batch | None] | None = gather()
+        elif largest <= stream.BATCH_PAGES:
+            batches = await asyncio.to_thread(gather)
+        else:
+            batches = None
         digest_made = asyncio.ensure_future(digest.hash_pages_and_digest_async(final))
         sent = [0]
         try:

@@ -94,6 +94,11 @@ class IncomingMigration:
         return self._pages
 
     @property
+    def inline_bytes(self) -> int:
+        """A page batch frame this long or shorter is applied on the event loop."""
+        return stream.INLINE_BATCH_PAGES * self.handle.spec.page_size
+
+    @property
     def postcopy_handle(self) -> PostCopyHandle:
         if not isinstance(self.handle, PostCopyHandle):
             raise stream.ProtocolError(f"driver of {self.handle.vm_id} cannot run post-copy")
@@ -318,9 +323,12 @@ class MigrationService:
             # Before post-copy the pages are hashed where they were written, while hot in
             # the cache, so the digest is ready once the last batch is in (digest.py).
             digest = None if inc.postcopy else inc.chunk_digest
-            written, payload_bytes = await asyncio.to_thread(
-                _receive_and_hash, inc.pages, raw, present, digest
-            )
+            if len(raw) <= inc.inline_bytes:
+                written, payload_bytes = _receive_and_hash(inc.pages, raw, present, digest)
+            else:
+                written, payload_bytes = await asyncio.to_thread(
+                    _receive_and_hash, inc.pages, raw, present, digest
+                )
             if inc.postcopy:
                 inc.postcopy_handle.mark_present(written)
             inc.pages_applied += len(written)
@@ -335,7 +343,7 @@ class MigrationService:
                 if len(inc.final_channels) == inc.channel_count:
                     inc.all_final.set()
                     # Every page is in and no more may come: the memory is still.
-                    inc.final_digest = asyncio.ensure_future(inc.chunk_digest.digest_async())
+                    inc.final_digest = inc.chunk_digest.digest_soon()
                     inc.final_digest.add_done_callback(_consume_failure)
             out.put_nowait(
                 pb.TargetFrame(

@@ -187,3 +187,27 @@ def test_stop_and_copy_pages_hashed_with_the_digest_in_one_call() -> None:
     assert not d.stale.any()
     assert d.hashed_bytes == before  # the refresh found nothing left: no page hashed twice
     d.release()
+
+
+def test_digest_soon_is_made_on_the_loop_unless_a_refresh_runs() -> None:
+    """The target's digest at the end of the final round: made at once (a future that is
+    done already) when no refresh holds the digest; else it waits for that refresh in a
+    worker, and both give the definition's digest."""
+    pages = CHUNK_PAGES * GROUP_CHUNKS * 3
+    ram = bytearray(np.random.default_rng(9).integers(0, 256, pages * PAGE, np.uint8).tobytes())
+    d = ChunkDigest(memoryview(ram), PAGE)
+
+    async def scenario() -> None:
+        now = d.digest_soon()
+        assert now.done() and now.result() == full(ram, CHUNK_PAGES)
+
+        ram[5 * PAGE] ^= 0xFF
+        d.invalidate(np.array([5], dtype=np.int64))
+        async with d._lock:  # as a background refresh holds it
+            later = d.digest_soon()
+            await asyncio.sleep(0.01)
+            assert not later.done()
+        assert await later == full(ram, CHUNK_PAGES)
+
+    asyncio.run(scenario())
+    d.release()
