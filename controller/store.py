@@ -121,6 +121,15 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
+def _differ(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values would be stored differently. Unequal values always
+    are (the store holds no NaN, the one value unequal to itself); equal ones may still
+    differ in type (1, 1.0 and true compare equal): only those are serialized to tell.
+    Most updates change something, and the two canonical encodings of a VMI cost
+    ~0.1 ms of the store's thread."""
+    return a != b or _canonical(a) != _canonical(b)
+
+
 def _clone(obj: Any, what: str = "object") -> Any:
     """Deep copy through JSON; raise BadRequest when ``obj`` is not JSON-serialisable."""
     try:
@@ -470,11 +479,11 @@ class _Database:
                         meta[key] = stored_meta[key]
                     else:
                         meta.pop(key, None)
-                if _canonical(_spec_part(new)) != _canonical(_spec_part(stored)):
+                if _differ(_spec_part(new), _spec_part(stored)):
                     meta["generation"] = int(stored_meta.get("generation", 0)) + 1
             new_meta = new["metadata"]
             new_meta["resourceVersion"] = stored_meta["resourceVersion"]
-            if _canonical(new) == _canonical(stored):
+            if not _differ(new, stored):
                 return stored, []  # a no-op update is not a write
             prev_labels = _labels_of(stored_meta)
             if new_meta.get("deletionTimestamp") and not new_meta.get("finalizers"):

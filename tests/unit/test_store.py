@@ -333,6 +333,13 @@ def test_noop_update_is_not_a_write(tmp_path: Path) -> None:
         same_status = await store.update(created, subresource="status")
         assert same_status == created
         await nothing_more(events)
+        # Equal in Python but stored differently (2 == 2.0): a change of type is a write,
+        # and a change of the spec.
+        retyped = {**created, "spec": {**created["spec"], "replicas": 2}}
+        first = await store.update(retyped)
+        again = await store.update({**first, "spec": {**first["spec"], "replicas": 2.0}})
+        assert again["spec"]["replicas"] == 2.0 and isinstance(again["spec"]["replicas"], float)
+        assert rv(again) > rv(first) and again["metadata"]["generation"] == 3
         await events.aclose()
 
     run(tmp_path, body)
