@@ -511,10 +511,12 @@ class SourceMigration:
                 await asyncio.sleep(self._pace_next - now)
         self._report()
 
-    async def _send_final(self, final: stream.IndexArray, round_no: int) -> str:
+    async def _send_final(
+        self, final: stream.IndexArray, round_no: int, rehash: stream.IndexArray
+    ) -> str:
         """The stop-and-copy round, acknowledgements not awaited; returns the digest of
-        RAM, made by a worker that hashes the round's pages while they travel (the memory
-        is still). A small round -- what a converging guest dirtied during one short
+        RAM, made by a worker that hashes the ``rehash`` pages while the round travels
+        (the memory is still). A small round -- what a converging guest dirtied during one short
         round, the usual case -- is gathered for every channel at once, then written: on
         the event loop up to INLINE_BATCH_PAGES a channel (the loop has nothing else to
         do while the guest is paused), else by one worker call (a worker per channel for
@@ -544,7 +546,7 @@ class SourceMigration:
             batches = await asyncio.to_thread(gather)
         else:
             batches = None
-        digest_made = asyncio.ensure_future(digest.hash_pages_and_digest_async(final))
+        digest_made = asyncio.ensure_future(digest.hash_pages_and_digest_async(rehash))
         sent = [0]
         try:
             if batches is None:
@@ -716,10 +718,13 @@ class SourceMigration:
         await self.handle.pause()
         t1 = time.monotonic()
         parts["pause"] = t1 - t0
-        final = np.union1d(self._pending, self.handle.harvest_dirty())
-        digest.invalidate(final)
-        # The final pages are hashed and the digest made while they travel (the memory is
-        # still; _send_final), and the device state is fetched meanwhile.
+        # The pages written since the last harvest, hashed and the digest made while the
+        # final pages travel (the memory is still; _send_final); the rest of the final
+        # pages were hashed by the refresh above, after that harvest, and any write to
+        # them since is in this one. The device state is fetched meanwhile.
+        written = self.handle.harvest_dirty()
+        final = np.union1d(self._pending, written)
+        digest.invalidate(written)
         # FinalState follows the final RoundEnds without waiting for their
         # acknowledgements (the target verifies only once every channel's final round is
         # applied): one round trip fewer.
@@ -727,7 +732,7 @@ class SourceMigration:
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
             self._in_downtime = True
-            self.stats.digest = await self._send_final(final, self.stats.rounds)
+            self.stats.digest = await self._send_final(final, self.stats.rounds, written)
             self._in_downtime = False
             self.stats.rounds += 1
             t2 = time.monotonic()
