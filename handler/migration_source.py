@@ -721,14 +721,22 @@ class SourceMigration:
         # The pages written since the last harvest, hashed and the digest made while the
         # final pages travel (the memory is still; _send_final); the rest of the final
         # pages were hashed by the refresh above, after that harvest, and any write to
-        # them since is in this one. The device state is fetched meanwhile.
+        # them since is in this one.
         written = self.handle.harvest_dirty()
         final = np.union1d(self._pending, written)
         digest.invalidate(written)
-        # FinalState follows the final RoundEnds without waiting for their
-        # acknowledgements (the target verifies only once every channel's final round is
-        # applied): one round trip fewer.
-        state_task = asyncio.create_task(self.handle.device_state())
+        ch0 = self._channels[0]
+
+        async def send_device_state() -> None:
+            state = await self.handle.device_state()
+            await ch0.write(pb.SourceFrame(device_state=pb.DeviceState(state=state)))
+
+        # The device state goes out on channel 0 as soon as the guest has given it, so the
+        # target writes its restart record while the final pages travel; FinalState
+        # follows the final RoundEnds without waiting for their acknowledgements (the
+        # target verifies only once every channel's final round is applied): one round
+        # trip fewer.
+        state_sent = asyncio.create_task(send_device_state())
         try:
             self.stats.remaining_bytes = len(final) * self.handle.spec.page_size
             self._in_downtime = True
@@ -737,16 +745,11 @@ class SourceMigration:
             self.stats.rounds += 1
             t2 = time.monotonic()
             parts["final_pass"] = t2 - t1
-            device_state = await state_task
+            await state_sent
         finally:
-            if not state_task.done():
-                state_task.cancel()
-        ch0 = self._channels[0]
-        await ch0.write(
-            pb.SourceFrame(
-                final_state=pb.FinalState(device_state=device_state, digest=self.stats.digest)
-            )
-        )
+            if not state_sent.done():
+                state_sent.cancel()
+        await ch0.write(pb.SourceFrame(final_state=pb.FinalState(digest=self.stats.digest)))
         await self._round_acks(self.stats.rounds - 1)
         await self._verify_and_commit(ch0, t2, mode="PreCopy")
         await self._finish_success()

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -61,7 +62,9 @@ class IncomingMigration:
     connected: set[int] = field(default_factory=set)
     final_channels: set[int] = field(default_factory=set)
     all_final: asyncio.Event = field(default_factory=asyncio.Event)
-    device_state: bytes | None = None
+    device_state: bytes | None = None  # from DeviceState (or PostCopyStart)
+    # The restart record's write, started when the device state arrives (see _verified).
+    record_written: asyncio.Future[None] | None = None
     verified: bool = False
     decision: str = ""  # "", "Committed" or "Aborted"
     pages_applied: int = 0
@@ -132,9 +135,10 @@ def _receive_and_hash(
     return written, payload_bytes
 
 
-def _consume_failure(future: asyncio.Future[str]) -> None:
-    """A digest nobody awaits (the source went away before its FinalState) must not be
-    reported as a never-retrieved exception; the one awaited raises there."""
+def _consume_failure(future: asyncio.Future[Any]) -> None:
+    """A digest or record write nobody awaits (the source went away before its
+    FinalState) must not be reported as a never-retrieved exception; the one awaited
+    raises there."""
     if not future.cancelled():
         future.exception()
 
@@ -352,6 +356,11 @@ class MigrationService:
                     )
                 )
             )
+        elif kind == "device_state" and channel == 0:
+            if inc.device_state is not None or inc.postcopy or inc.verified:
+                raise stream.ProtocolError("DeviceState sent twice or after the switchover")
+            inc.device_state = frame.device_state.state
+            inc.record_written = self._write_record_soon(inc)
         elif kind == "final_state" and channel == 0:
             out.put_nowait(await self._verify(inc, frame.final_state))
         elif kind == "postcopy_start" and channel == 0:
@@ -407,6 +416,8 @@ class MigrationService:
     async def _verify(self, inc: IncomingMigration, final: pb.FinalState) -> pb.TargetFrame:
         if inc.verified:
             raise stream.ProtocolError("FinalState sent twice")
+        if inc.device_state is None:
+            raise stream.ProtocolError("FinalState before DeviceState")
         try:
             async with asyncio.timeout(FINAL_ROUND_TIMEOUT):
                 await inc.all_final.wait()
@@ -415,7 +426,6 @@ class MigrationService:
                 "FinalState before every channel finished its final round"
             ) from None
         t0 = time.monotonic()
-        inc.device_state = final.device_state
         # Started with all_final, when the last final round came in (see _apply).
         assert inc.final_digest is not None
         return await self._verified(inc, inc.final_digest, final.digest, t0)
@@ -425,14 +435,17 @@ class MigrationService:
     ) -> pb.TargetFrame:
         """The source paused and lacks convergence: verify what is here, mark the rest
         missing; the guest will resume here before it has all its memory."""
-        if inc.verified:
-            raise stream.ProtocolError("PostCopyStart after the memory was verified")
+        if inc.verified or inc.device_state is not None:
+            raise stream.ProtocolError(
+                "PostCopyStart after the memory was verified or the switchover began"
+            )
         handle = inc.postcopy_handle
         missing = stream.unpack_indices(start.missing_indices, handle.page_count, "missing_indices")
         t0 = time.monotonic()
         inc.device_state = start.device_state
         handle.prepare_postcopy(missing)
         inc.postcopy = True
+        inc.record_written = self._write_record_soon(inc)
         inc.final_channels.clear()
         inc.all_final.clear()
         log.info("migration %s: post-copy start, %d pages missing", inc.migration_uid, len(missing))
@@ -442,14 +455,14 @@ class MigrationService:
     async def _verified(
         self, inc: IncomingMigration, digest_made: Awaitable[str], expected: str, t0: float
     ) -> pb.TargetFrame:
-        """Verified for the source once ``digest_made`` is compared with ``expected``.
+        """Verified for the source once ``digest_made`` is compared with ``expected`` and
+        the restart record is on disk.
 
         The record that lets a handler restarted after the hand-off resume the guest
-        (vm_manager settles it) does not depend on the digest: it is written while the
-        digest is made, and removed again when they differ (the source never commits)."""
-        record = None
-        if self.record_dir is not None:
-            record = asyncio.ensure_future(asyncio.to_thread(self._write_record, inc))
+        (vm_manager settles it) does not depend on the digest: its write starts when the
+        device state arrives, and it is removed again when they differ (the source never
+        commits)."""
+        record = inc.record_written
         try:
             digest = await digest_made
         finally:
@@ -503,6 +516,14 @@ class MigrationService:
     def record_path(self, migration_uid: str) -> Path:
         assert self.record_dir is not None
         return self.record_dir / f"{migration_uid}.json"
+
+    def _write_record_soon(self, inc: IncomingMigration) -> asyncio.Future[None] | None:
+        """Start writing ``inc``'s restart record in a worker (None: no record dir)."""
+        if self.record_dir is None:
+            return None
+        written = asyncio.ensure_future(asyncio.to_thread(self._write_record, inc))
+        written.add_done_callback(_consume_failure)
+        return written
 
     def _write_record(self, inc: IncomingMigration) -> None:
         path = self.record_path(inc.migration_uid)

@@ -28,7 +28,7 @@ from vmferry.rpc import migration_pb2 as pb
 # XXH3-128 page hashes; 2: SHA-256 leaves in groups of 64; 1: in groups of 1024): handlers
 # that would compute different digests refuse each other at Hello instead of failing
 # verification.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 TRANSFER_SERVICE = "vmferry.v1.Migration"
 TRANSFER_METHOD = f"/{TRANSFER_SERVICE}/Transfer"
 CHUNK_PAGES = 64  # pages; a page always travels on channel (index // CHUNK_PAGES) % channels

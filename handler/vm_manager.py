@@ -553,6 +553,10 @@ class VMManager:
         inc.decision = "Aborted"
         self.service.forget(inc.migration_uid)
         await inc.handle.destroy()
+        if inc.record_written is not None:  # the device state came: a record was written
+            with contextlib.suppress(Exception):
+                await inc.record_written
+            self.service.record_path(inc.migration_uid).unlink(missing_ok=True)
         log.info("migration %s: incoming guest discarded: %s", inc.migration_uid, reason)
 
     async def _settle_orphaned_target(self, vmi: Obj, ms: Obj, handle: VMHandle) -> None:

@@ -21,10 +21,13 @@ Sequence, per channel (S = source, T = target):
   S: RoundEnd         round r is complete on this channel
   T: RoundAck         every batch of round r on this channel is in guest RAM
 ...rounds repeat until the remaining dirty memory fits the downtime budget; the
-guest is then paused and a final round sent. Then, on channel 0 only (FinalState
-may come before the final RoundAcks: the target verifies once every channel's final
-round is applied):
-  S: FinalState       device state + the source's memory digest
+guest is then paused and a final round sent. On channel 0, as soon as the source has
+it (before, between or after channel 0's final batches, always before FinalState):
+  S: DeviceState      the paused guest's device/CPU state (the target writes the
+                      record a restarted target handler resumes the guest from)
+Then, on channel 0 only (FinalState may come before the final RoundAcks: the target
+verifies once every channel's final round is applied):
+  S: FinalState       the source's memory digest
   T: Verified         the target's digest and whether it matches
   S: Commit           the hand-off is recorded (the arbiter CAS succeeded)
   T: Resumed          the guest runs on the target
@@ -195,12 +198,30 @@ class RoundEnd(_message.Message):
 Global___RoundEnd: _TypeAlias = RoundEnd  # noqa: Y015
 
 @_typing.final
+class DeviceState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _builtins.bytes
+    """driver-defined (memvm: JSON), handed to the target's guest on resume"""
+    def __init__(
+        self,
+        *,
+        state: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
+
+@_typing.final
 class FinalState(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    DEVICE_STATE_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
-    device_state: _builtins.bytes
     digest: _builtins.str
     """Tree digest of guest RAM: a sha256 root over XXH3-128 group and page hashes
     (handler/digest.py).
@@ -208,12 +229,11 @@ class FinalState(_message.Message):
     def __init__(
         self,
         *,
-        device_state: _builtins.bytes = ...,
         digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_state", b"device_state", "digest", b"digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,6 +327,7 @@ class SourceFrame(_message.Message):
     ABORT_FIELD_NUMBER: _builtins.int
     POSTCOPY_START_FIELD_NUMBER: _builtins.int
     POSTCOPY_END_FIELD_NUMBER: _builtins.int
+    DEVICE_STATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -323,6 +344,8 @@ class SourceFrame(_message.Message):
     def postcopy_start(self) -> Global___PostCopyStart: ...
     @_builtins.property
     def postcopy_end(self) -> Global___PostCopyEnd: ...
+    @_builtins.property
+    def device_state(self) -> Global___DeviceState: ...
     def __init__(
         self,
         *,
@@ -334,12 +357,13 @@ class SourceFrame(_message.Message):
         abort: Global___Abort | None = ...,
         postcopy_start: Global___PostCopyStart | None = ...,
         postcopy_end: Global___PostCopyEnd | None = ...,
+        device_state: Global___DeviceState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "device_state", b"device_state", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "device_state", b"device_state", "final_state", b"final_state", "frame", b"frame", "hello", b"hello", "pages", b"pages", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "round_end", b"round_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "pages", "round_end", "final_state", "commit", "abort", "postcopy_start", "postcopy_end"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "pages", "round_end", "final_state", "commit", "abort", "postcopy_start", "postcopy_end", "device_state"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
