@@ -124,11 +124,13 @@ def _receive_and_hash(
     raw: bytes,
     present: npt.NDArray[np.uint8] | None,
     digest: ChunkDigest | None,
+    ram_file: Path | None,
 ) -> tuple[stream.IndexArray, int]:
-    """Worker: apply one page batch (fresh RAM is zeros unless in post-copy), then hash
-    the pages it wrote. Returns (pages written, payload bytes)."""
+    """Worker: apply one page batch (fresh RAM is zeros unless in post-copy; long runs
+    through ``ram_file``), then hash the pages it wrote. Returns (pages written, payload
+    bytes)."""
     written, _, payload_bytes = stream.receive_batch(
-        pages, raw, present, fresh_zero=present is None
+        pages, raw, present, fresh_zero=present is None, ram_file=ram_file
     )
     if digest is not None:
         digest.hash_pages(written)
@@ -327,11 +329,14 @@ class MigrationService:
             # Before post-copy the pages are hashed where they were written, while hot in
             # the cache, so the digest is ready once the last batch is in (digest.py).
             digest = None if inc.postcopy else inc.chunk_digest
+            ram_file = inc.handle.ram_path
             if len(raw) <= inc.inline_bytes:
-                written, payload_bytes = _receive_and_hash(inc.pages, raw, present, digest)
+                written, payload_bytes = _receive_and_hash(
+                    inc.pages, raw, present, digest, ram_file
+                )
             else:
                 written, payload_bytes = await asyncio.to_thread(
-                    _receive_and_hash, inc.pages, raw, present, digest
+                    _receive_and_hash, inc.pages, raw, present, digest, ram_file
                 )
             if inc.postcopy:
                 inc.postcopy_handle.mark_present(written)

@@ -12,9 +12,11 @@ Every index, length and size from the wire is bounds-checked before it touches m
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -38,6 +40,11 @@ MAX_SPAN = 32 * BATCH_PAGES  # indices one batch may cover when most of them are
 # ~1 ms of CPU, less than handing it to a worker thread and back costs while both cores
 # are busy (the converging rounds and the stop-and-copy round, measured: ~1.5 ms each).
 INLINE_BATCH_PAGES = 256
+# Consecutive pages this many or more are written into the target's RAM file with one
+# pwrite(): a fresh page of a shared-memory file costs a page fault and zeroing through a
+# mapping, not through write() (256 MiB of fresh pages here: 0.42 s of CPU by the
+# mapping, 0.19 s by pwrite, which also leaves the GIL to the other threads meanwhile).
+PWRITE_MIN_RUN = 16
 MIN_RUN_IN_PLACE = 8  # zero checks read runs of consecutive pages this long in place
 DENSE_PROBE = 16  # leading pages checked first: all non-zero -> the batch is taken as dense
 CREDIT_WINDOW = 32 << 20  # bytes of payload a source may have in flight per channel
@@ -330,13 +337,15 @@ def receive_batch(
     present: npt.NDArray[np.uint8] | None = None,
     *,
     fresh_zero: bool = False,
+    ram_file: Path | None = None,
 ) -> tuple[IndexArray, int, int]:
     """Read a serialized pages frame and apply it (worker thread): (indices written, its
     round, payload bytes for the credit). The payload goes from the received bytes
-    straight into guest memory."""
+    straight into guest memory: ``pages``, or for runs of PWRITE_MIN_RUN consecutive
+    pages ``ram_file`` (the file ``pages`` maps) when given."""
     frame = read_pages_frame(raw)
     fresh = fresh_zero and frame.round == 0
-    written = _apply(pages, frame, frame.payload, present, fresh_zero=fresh)
+    written = _apply(pages, frame, frame.payload, present, fresh_zero=fresh, ram_file=ram_file)
     return written, frame.round, len(frame.payload)
 
 
@@ -374,6 +383,7 @@ def _apply(
     present: npt.NDArray[np.uint8] | None,
     *,
     fresh_zero: bool,
+    ram_file: Path | None = None,
 ) -> IndexArray:
     page_count, page_size = pages.shape
     nz_idx = _indices(frame.indices, page_count, "indices")
@@ -403,13 +413,44 @@ def _apply(
         keep = present[nz_idx] == 0
         nz_idx, data = nz_idx[keep], data[keep]
         zero_idx = zero_idx[present[zero_idx] == 0]
-    if nz_idx.size:
+    if nz_idx.size and ram_file is not None and present is None:
+        _write_runs(pages, ram_file, nz_idx, data)
+    elif nz_idx.size:
         pages[nz_idx] = data
     if fresh_zero:
         zero_idx = zero_idx[:0]  # already zero: nothing to write
     if zero_idx.size:
         pages[zero_idx] = 0
     return np.concatenate((nz_idx, zero_idx))
+
+
+def _write_runs(
+    pages: npt.NDArray[np.uint8], ram_file: Path, idx: IndexArray, data: npt.NDArray[np.uint8]
+) -> None:
+    """pages[idx] = data, where ``pages`` maps ``ram_file``: runs of PWRITE_MIN_RUN or more
+    consecutive pages through pwrite() (see there), the rest through the mapping."""
+    starts = np.flatnonzero(np.diff(idx, prepend=idx[0] - 2) != 1)
+    ends = np.append(starts[1:], len(idx))
+    long = ends - starts >= PWRITE_MIN_RUN
+    if not long.any():
+        pages[idx] = data
+        return
+    page_size = pages.shape[1]
+    through_mapping = np.ones(len(idx), dtype=np.bool_)
+    payload = data.reshape(-1).data
+    fd = os.open(ram_file, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for start, end in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+            through_mapping[start:end] = False
+            view = payload[start * page_size : end * page_size]
+            offset = int(idx[start]) * page_size
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+    finally:
+        os.close(fd)
+    if through_mapping.any():
+        pages[idx[through_mapping]] = data[through_mapping]
 
 
 def pack_indices(indices: IndexArray) -> bytes:

@@ -205,6 +205,7 @@ class VMHandle(Protocol):
     vm_id: str
     spec: GuestSpec
     pid: int
+    ram_path: Path  # the (shared-memory) file ram() maps
 
     @property
     def page_count(self) -> int: ...

@@ -409,3 +409,47 @@ def test_round_zero_populates_only_the_pages_it_writes(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         path.unlink()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_long_runs_go_through_the_ram_file_and_the_rest_through_the_mapping(
+    tmp_path: Path, fresh: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """receive_batch with the RAM file: runs of PWRITE_MIN_RUN consecutive pages are
+    written with pwrite(), shorter ones through the mapping; both land in the file the
+    mapping shows, and nothing else changes."""
+    count = 200
+    path = tmp_path / "ram"
+    with open(path, "wb") as f:
+        f.truncate(count * PAGE)
+    source = np.random.default_rng(4).integers(1, 256, size=(count, PAGE), dtype=np.uint8)
+    long_run = np.arange(20, 20 + stream.PWRITE_MIN_RUN + 5)
+    short_run = np.arange(100, 100 + stream.PWRITE_MIN_RUN - 1)
+    indices = np.concatenate(([3, 7], long_run, short_run, [150], np.arange(160, 200)))
+    pwrites: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        pwrites.append((offset // PAGE, len(data) // PAGE))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, count * PAGE) as mm:
+            target = np.frombuffer(mm, dtype=np.uint8).reshape(count, PAGE)
+            if not fresh:
+                target[:] = 0x11
+            before = target.copy()
+            batch = stream.build_batch(source, indices.astype(np.int64), 1, compress=False)
+            written, _, _ = stream.receive_batch(target, batch.frame, ram_file=path)
+            assert sorted(written.tolist()) == indices.tolist()
+            assert pwrites == [(20, len(long_run)), (160, 40)]  # the two long runs
+            expected = before
+            expected[indices] = source[indices]
+            assert np.array_equal(target, expected)
+            del target
+    finally:
+        os.close(fd)
+    on_disk = np.fromfile(path, dtype=np.uint8).reshape(count, PAGE)
+    assert np.array_equal(on_disk, expected)
