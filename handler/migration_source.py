@@ -254,6 +254,7 @@ class SourceMigration:
         self._pending: stream.IndexArray = np.empty(0, dtype=np.int64)
         self.bandwidth_limit = parse_quantity(self.config.get("bandwidthPerMigration", 0) or 0)
         self._pace_next = 0.0  # time.monotonic() before which the paced stream may not send
+        self._compressing = True  # the last batch sent compressed (see _send_batch)
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -480,14 +481,19 @@ class SourceMigration:
         sent: list[int],
     ) -> stream.Batch:
         """Gather, flow-control, send and pace one batch (it may cover only a prefix of
-        ``chunk``: Batch.pages); account for it in the stats."""
-        if len(chunk) <= stream.INLINE_BATCH_PAGES:
+        ``chunk``: Batch.pages); account for it in the stats. A small batch is gathered
+        on the event loop unless the last batch compressed: zstd over up to 1 MiB would
+        hold the loop for milliseconds (a sample that does not compress costs ~0.1 ms)."""
+        page_size = pages.shape[1]
+        if len(chunk) <= stream.INLINE_BATCH_PAGES and not (compress and self._compressing):
             batch = stream.build_batch(pages, chunk, round_no, compress=compress)
         else:
             batch = await asyncio.to_thread(
                 stream.build_batch, pages, chunk, round_no, compress=compress
             )
-        await self._put_batch(ch, batch, pages.shape[1], limit, sent)
+        if compress and batch.nonzero:
+            self._compressing = batch.payload_bytes < batch.nonzero * page_size
+        await self._put_batch(ch, batch, page_size, limit, sent)
         return batch
 
     async def _put_batch(

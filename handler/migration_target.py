@@ -97,11 +97,6 @@ class IncomingMigration:
         return self._pages
 
     @property
-    def inline_bytes(self) -> int:
-        """A page batch frame this long or shorter is applied on the event loop."""
-        return stream.INLINE_BATCH_PAGES * self.handle.spec.page_size
-
-    @property
     def postcopy_handle(self) -> PostCopyHandle:
         if not isinstance(self.handle, PostCopyHandle):
             raise stream.ProtocolError(f"driver of {self.handle.vm_id} cannot run post-copy")
@@ -330,7 +325,7 @@ class MigrationService:
             # the cache, so the digest is ready once the last batch is in (digest.py).
             digest = None if inc.postcopy else inc.chunk_digest
             ram_file = inc.handle.ram_path
-            if len(raw) <= inc.inline_bytes:
+            if stream.is_small_batch(raw, stream.INLINE_BATCH_PAGES, inc.handle.spec.page_size):
                 written, payload_bytes = _receive_and_hash(
                     inc.pages, raw, present, digest, ram_file
                 )

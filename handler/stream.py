@@ -244,6 +244,19 @@ def _worth_compressing(data: npt.NDArray[np.uint8]) -> bool:
     return len(_compressor().compress(sample.data)) < sample.nbytes * COMPRESS_MIN_GAIN
 
 
+def is_small_batch(raw: bytes, max_pages: int, page_size: int) -> bool:
+    """Whether a pages frame is uncompressed and covers at most ``max_pages`` pages, zero
+    pages included: applying it is at most that many page copies (no decompression)."""
+    if len(raw) > max_pages * page_size + 8 * max_pages + 64:
+        return False
+    try:
+        frame = read_pages_frame(raw)
+    except ProtocolError:
+        return False  # refused where it is applied, with the message
+    pages = (len(frame.indices) + len(frame.zero_indices)) // 4
+    return frame.codec == pb.CODEC_RAW and pages <= max_pages
+
+
 def is_pages_frame(raw: bytes) -> bool:
     """Whether a serialized SourceFrame is a PageBatch (parsed and applied off the loop)."""
     return raw[:1] == _PAGES_TAG
@@ -264,7 +277,7 @@ class PagesView:
     round: int = 0
     indices: Buffer = b""
     payload: Buffer = b""
-    codec: int = pb.CODEC_RAW
+    codec: int = pb.CODEC_UNSPECIFIED  # absent from the wire: refused, as protobuf reads it
     zero_indices: Buffer = b""
     raw_size: int = 0
 

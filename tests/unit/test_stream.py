@@ -111,6 +111,9 @@ def test_malformed_batches_are_refused_and_memory_is_untouched(
     target = np.zeros((8, PAGE), dtype=np.uint8)
     with pytest.raises(stream.ProtocolError, match=message):
         stream.apply_batch(target, batch)
+    # The same frame as the target receives it, read in place.
+    with pytest.raises(stream.ProtocolError, match=message):
+        stream.receive_batch(target, pb.SourceFrame(pages=batch).SerializeToString())
     assert not target.any()
 
 
@@ -453,3 +456,22 @@ def test_long_runs_go_through_the_ram_file_and_the_rest_through_the_mapping(
         os.close(fd)
     on_disk = np.fromfile(path, dtype=np.uint8).reshape(count, PAGE)
     assert np.array_equal(on_disk, expected)
+
+
+def test_small_batches_are_uncompressed_and_few_pages_zero_pages_included() -> None:
+    """What the target applies on its event loop: no decompression, at most max_pages
+    page copies (a batch of zero pages is indices only but still writes its pages)."""
+    source = ram(600)
+    text = np.full((600, PAGE), ord("a"), dtype=np.uint8)
+    small = stream.build_batch(source, np.arange(1, 200, dtype=np.int64), 1, compress=False)
+    assert stream.is_small_batch(small.frame, 256, PAGE)
+    large = stream.build_batch(source, np.arange(0, 600, dtype=np.int64), 1, compress=False)
+    assert not stream.is_small_batch(large.frame, 256, PAGE)
+    packed = stream.build_batch(text, np.arange(0, 100, dtype=np.int64), 1, compress=True)
+    assert packed.payload_bytes < 100 * PAGE  # compressed: not small, whatever its size
+    assert not stream.is_small_batch(packed.frame, 256, PAGE)
+    zeros = stream.build_batch(
+        np.zeros_like(source), np.arange(600, dtype=np.int64), 1, compress=False
+    )
+    assert zeros.nonzero == 0 and not stream.is_small_batch(zeros.frame, 256, PAGE)
+    assert not stream.is_small_batch(b"\x12\x05\x0a", 256, PAGE)  # malformed: not inline
