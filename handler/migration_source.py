@@ -13,7 +13,8 @@ Steps:
     the downtime budget, go to switchover. No progress for ``progressTimeout`` s, or
     more than ``completionTimeoutPerGiB`` s per GiB in total, aborts.
  3. Switchover, timed in named parts: pause the guest (``pause``), send the last dirty
-    pages (``final_pass``) while hashing RAM in threads, send the device state
+    pages (``final_pass``) while hashing RAM in threads and sending the device state
+    as soon as the guest gives it, send the digest and collect the final acknowledgements
     (``state_transfer``), the target verifies the digest (``verify``).
  4. Hand-off: write ``switchover: Committed`` into the VMI status with a resourceVersion
     precondition — the arbiter. Only then is Commit sent; the target resumes

@@ -79,7 +79,7 @@ class IncomingMigration:
     _pages: npt.NDArray[np.uint8] | None = None
     _digest: ChunkDigest | None = None
     # The digest of RAM, started once every channel's final round is in: it is made
-    # while the source's FinalState (its digest, the device state) is on its way.
+    # while the source's FinalState (its digest) is on its way.
     final_digest: asyncio.Future[str] | None = None
 
     @property
