@@ -47,9 +47,9 @@ groups it touched (re-hashing them after every batch re-hashed most groups a tho
 times over a migration).
 
 Ownership: ``invalidate`` runs on the event loop; ``refresh`` in worker threads (one
-refresh at a time per object: the lock), or on the loop when none runs (``digest_soon``); ``hash_pages`` in the worker that wrote the pages (each
-page written by one worker at a time); ``group_hashes`` rows are written only under the
-digest's lock.
+refresh at a time per object: the lock), or on the loop when none runs (``digest_soon``);
+``hash_pages`` in the worker that wrote the pages (each page written by one worker at a
+time); ``group_hashes`` rows are written only under the digest's lock.
 """
 
 from __future__ import annotations

@@ -523,12 +523,13 @@ class SourceMigration:
     ) -> str:
         """The stop-and-copy round, acknowledgements not awaited; returns the digest of
         RAM, made by a worker that hashes the ``rehash`` pages while the round travels
-        (the memory is still). A small round -- what a converging guest dirtied during one short
-        round, the usual case -- is gathered for every channel at once, then written: on
-        the event loop up to INLINE_BATCH_PAGES a channel (the loop has nothing else to
-        do while the guest is paused), else by one worker call (a worker per channel for
-        a few hundred pages took longer handing the GIL and the two cores around than
-        the gathering itself). A large one goes batch by batch like any round."""
+        (the memory is still). A small round -- what a converging guest dirtied during
+        one short round, the usual case -- is gathered for every channel at once, then
+        written: on the event loop up to INLINE_BATCH_PAGES a channel (the loop has
+        nothing else to do while the guest is paused), else by one worker call (a worker
+        per channel for a few hundred pages took longer handing the GIL and the two cores
+        around than the gathering itself). A large one goes batch by batch like any
+        round."""
         digest = self.chunk_digest
         assert digest is not None  # made by _precopy
         page_size = self.handle.spec.page_size

@@ -247,8 +247,8 @@ def _worth_compressing(data: npt.NDArray[np.uint8]) -> bool:
 def is_small_batch(raw: bytes, max_pages: int, page_size: int) -> bool:
     """Whether a pages frame is uncompressed and covers at most ``max_pages`` pages, zero
     pages included: applying it is at most that many page copies (no decompression)."""
-    if len(raw) > max_pages * page_size + 8 * max_pages + 64:
-        return False
+    if len(raw) > max_pages * (page_size + 8) + 64:
+        return False  # too long to qualify: not parsed here (an odd frame would be copied)
     try:
         frame = read_pages_frame(raw)
     except ProtocolError:

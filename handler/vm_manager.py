@@ -23,7 +23,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,17 @@ def guest_spec(vmi: Obj) -> GuestSpec:
 
 def _ms(vmi: Obj) -> Obj:
     return (vmi.get("status") or {}).get("migrationState") or {}
+
+
+def _commit_awaits(inc: IncomingMigration, ms: Obj) -> bool:
+    """The arbiter recorded the hand-off of this verified incoming guest, and nothing here
+    has acted on it yet (resume, or discard)."""
+    return (
+        ms.get("switchover") == "Committed"
+        and not ms.get("failed")
+        and inc.verified
+        and not inc.decision
+    )
 
 
 def _active(ms: Obj) -> bool:
@@ -405,7 +416,7 @@ class VMManager:
             self.service.forget(inc.migration_uid)
         elif ms.get("failed") or ms.get("switchover") == "Aborted":
             await self._discard(inc, ms.get("failureReason") or "migration aborted")
-        elif ms.get("switchover") == "Committed" and not inc.decision and inc.verified:
+        elif _commit_awaits(inc, ms):
             await self._on_commit(inc)  # the Commit frame was lost; the arbiter decided
         elif inc.verified and not inc.decision and ms.get("switchover") is None:
             self.queue.add_after((vmi["metadata"]["namespace"], vmi["metadata"]["name"]), 1.0)
@@ -451,19 +462,21 @@ class VMManager:
         decision made: _on_commit decides before its first await, so one resume runs."""
         self.queue.add(key)
         ms = _ms(new) if new is not None else {}
-        if ms.get("switchover") != "Committed" or ms.get("failed"):
-            return
         inc = self.service.registry.get(ms.get("migrationUid", ""))
-        if inc is None or inc.decision or not inc.verified:
-            return
-        task = asyncio.create_task(self._on_commit(inc))
-        self._tasks.add(task)
-        task.add_done_callback(self._resume_done)
+        if inc is not None and _commit_awaits(inc, ms):
+            self._spawn(self._on_commit(inc), "resuming a migrated guest")
 
-    def _resume_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (e := task.exception()) is not None:
-            log.error("resuming a migrated guest failed: %s", e, exc_info=e)
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``work`` in the background, kept until it ends; a failure is logged."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and (e := task.exception()) is not None:
+                log.error("%s failed: %s", what, e, exc_info=e)
+
+        task.add_done_callback(done)
 
     async def _on_commit(self, inc: IncomingMigration) -> None:
         """Resume the incoming guest: the arbiter recorded the hand-off (steps 4-5)."""
@@ -485,9 +498,9 @@ class VMManager:
             inc.migration_uid,
             " (post-copy: pages still arriving)" if inc.postcopy else "",
         )
-        task = asyncio.create_task(self._publish_resumed(inc))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(
+            self._publish_resumed(inc), f"migration {inc.migration_uid}: publishing the resume"
+        )
 
     async def _publish_resumed(self, inc: IncomingMigration) -> None:
         """Record that the VM runs here (nodeName first), then the gap the guest saw."""

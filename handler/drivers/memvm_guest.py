@@ -519,7 +519,7 @@ class Guest:
     def _sync_tick(self, now_mono: float, fault_checked: Indices | None) -> None:
         spec = self.spec
         run_fraction = (100 - self.throttle_percent) / 100
-        period = spec.tick_interval_s / run_fraction
+        period = self._period()
         elapsed = min(now_mono - self._last_run_mono, max(MAX_CATCH_UP_S, 2 * period))
         self._last_run_mono = now_mono
         self._owed_bytes += spec.dirty_rate_bytes * elapsed * run_fraction
