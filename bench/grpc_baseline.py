@@ -29,46 +29,21 @@ from typing import Any
 import grpc
 
 from handler import allocator
-from vmferry import pki
+from vmferry import grpc_options, pki
 from vmferry.lab import free_port
 
 METHOD = "/vmferry.bench.Sink/Stream"
 ACK = b"\x00" * 8
 
-# The handlers' settings (copied; the source of truth is handler/main.py SERVER_OPTIONS and
-# handler/migration_source.py CHANNEL_OPTIONS, imported when they are there).
-_SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
-]
-_CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-
 
 def server_options() -> list[tuple[str, Any]]:
-    try:
-        from handler.main import SERVER_OPTIONS
-
-        return list(SERVER_OPTIONS)
-    except ImportError:
-        return list(_SERVER_OPTIONS)
+    """The handlers' migration server options."""
+    return grpc_options.server_options()
 
 
 def channel_options() -> list[tuple[str, Any]]:
-    try:
-        from handler.migration_source import CHANNEL_OPTIONS
-
-        return list(CHANNEL_OPTIONS)
-    except ImportError:
-        return list(_CHANNEL_OPTIONS)
+    """The handlers' migration channel options."""
+    return grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)
 
 
 def _identity(b: bytes) -> bytes:

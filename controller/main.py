@@ -32,7 +32,7 @@ from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import httpserve, kinds, logs, pki, schema
+from vmferry import grpc_options, httpserve, kinds, logs, pki, schema
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
@@ -64,12 +64,6 @@ DEFAULTS: dict[str, Any] = {
     "console_listen": "",  # host:port of the web console (HTTPS); empty: no console
 }
 BOOTSTRAP_NAMESPACES = ("default", kinds.SYSTEM_NAMESPACE, "kube-system")
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-]
 
 
 def parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -134,7 +128,7 @@ async def serve(config: dict[str, Any]) -> None:
     store = await Store.open(data_dir / "state.db")
     try:
         await bootstrap(store)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=grpc_options.server_options())
         signer = TokenSigner(load_signing_key(data_dir))
         audit = AuditLog(Path(config.get("audit_log") or data_dir / "audit.log"))
         api = ApiService(

@@ -27,7 +27,7 @@ from handler.migration_target import MigrationService
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.qemu_migration import TunnelService
 from handler.vm_manager import VMManager
-from vmferry import httpserve, logs, pki
+from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
@@ -74,12 +74,6 @@ DEFAULTS: dict[str, Any] = {
     # default kernel/initrd of qemu VMIs that name none (`make guest-image` builds it here)
     "qemu_image_dir": str(Path(__file__).resolve().parent.parent / "build" / "guest"),
 }
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
-]
 
 
 def parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -192,7 +186,7 @@ async def serve(config: dict[str, Any]) -> None:
         record_dir=runtime_dir / "incoming",
         require_peer_identity=tls is not None,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=grpc_options.server_options())
     service.register(server)
     tunnel_pb2_grpc.add_TunnelServicer_to_server(tunnel, server)  # QEMU guests' migrations
     listen = f"{config['migration_address']}:{config['migration_port']}"

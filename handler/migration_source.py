@@ -41,7 +41,7 @@ import numpy.typing as npt
 from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import GuestError, VMHandle
-from handler.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
+from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError

@@ -48,7 +48,7 @@ import numpy as np
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
+from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
 from handler.migration_source import Stats
 from handler.migration_target import IncomingMigration
 from vmferry import conditions, pki

@@ -29,7 +29,7 @@ from typing import Any
 
 from handler.drivers.base import Driver, GuestSpec, VMHandle
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.handoff import HandoffRecord
+from handler.migration.handoff import HandoffRecord
 from handler.migration_source import SourceMigration, Stats
 from handler.migration_target import IncomingMigration, MigrationService
 from handler.qemu_migration import QemuSourceMigration

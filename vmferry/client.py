@@ -15,20 +15,13 @@ from typing import Any
 
 import grpc
 
-from vmferry import pki
+from vmferry import grpc_options, pki
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, Unavailable, error_from_reason
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 REASON_KEY = "vmferry-reason"
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+_CHANNEL_OPTIONS = grpc_options.channel_options(grpc_options.API_KEEPALIVE_MS)
 PATCH_TYPES = {"json": api_pb2.PATCH_TYPE_JSON, "merge": api_pb2.PATCH_TYPE_MERGE}
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from vmferry.errors import ApiError, Invalid
 from vmferry.kinds import by_kind
 from vmferry.labels import validate_label_key, validate_label_value
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
 from vmferry.quantity import parse_quantity
 
 __all__ = [
@@ -589,22 +590,7 @@ LIVE_MIGRATION_CONFIG = Obj(
     }
 )
 
-LIVE_MIGRATION_DEFAULTS: dict[str, Any] = {
-    "bandwidthPerMigration": "0",  # bytes/s; 0 = unlimited
-    "completionTimeoutPerGiB": 150,  # s per GiB of guest memory
-    "parallelMigrationsPerCluster": 5,
-    "parallelOutboundMigrationsPerNode": 2,
-    "progressTimeout": 150,  # s without progress before the migration is cancelled
-    "allowAutoConverge": False,
-    "allowPostCopy": False,
-    "downtimeBudgetMilliseconds": 300,
-    "parallelStreams": 2,
-    "unschedulableTimeoutSeconds": 300,  # s a pending target may stay unschedulable
-    # s a post-copy migration waits for a broken migration network to come back
-    "postCopyRecoveryWindowSeconds": 600,
-    "compression": "Zstd",  # page batches: zstd where it saves >= 10%, raw otherwise
-}
-"""HyperConverged ``spec.liveMigrationConfig`` defaults (``network`` stays unset)."""
+# The defaults live with the migration contract (vmferry/migration_state.py).
 
 MIGRATION_CONFIGURATION = Obj(_MIGRATION_TUNABLES)
 

@@ -1,0 +1,39 @@
+"""gRPC channel and server options: one place for every daemon and client.
+
+The keepalive numbers must agree across processes: a client that pings more often than
+the server's ``min_ping_interval_without_data_ms`` gets GOAWAY(too_many_pings) and its
+calls fail. So the server's floor is below every client's keepalive time here.
+"""
+
+from __future__ import annotations
+
+MAX_MESSAGE_BYTES = 64 << 20  # a page batch (4 MiB) plus headroom; API lists of many objects
+SERVER_MIN_PING_INTERVAL_MS = 4_000  # below both keepalive times below
+API_KEEPALIVE_MS = 10_000  # CLI / handlers -> controller: detects a dead controller in ~15 s
+MIGRATION_KEEPALIVE_MS = 5_000  # handler -> handler: a broken migration link shows in ~10 s
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+Options = list[tuple[str, int]]
+
+
+def server_options() -> Options:
+    """Options of every gRPC server (the controller's API, the handlers' migration port)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+    ]
+
+
+def channel_options(keepalive_ms: int) -> Options:
+    """Options of a client channel that pings every ``keepalive_ms`` while idle."""
+    assert keepalive_ms >= SERVER_MIN_PING_INTERVAL_MS
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
