@@ -49,6 +49,16 @@ from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
 from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
+from handler.migration.tunnel import (
+    DATA_FRAME_BYTES,
+    DIGEST_FRAME_PAGES,
+    MAX_CHANNELS,
+    PAGE_SIZE,
+    REPAIR_FRAME_PAGES,
+    TUNNEL_PROTOCOL_VERSION,
+    VERIFY_MODES,
+    ProtocolError,
+)
 from handler.migration_source import Stats
 from handler.migration_target import IncomingMigration
 from vmferry import conditions, pki
@@ -61,13 +71,7 @@ from vmferry.rpc import tunnel_pb2_grpc
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
-TUNNEL_PROTOCOL_VERSION = 1
 GiB = 1 << 30
-PAGE_SIZE = 4096
-DATA_FRAME_BYTES = 256 << 10
-MAX_CHANNELS = 9  # main + up to 8 multifd channels
-DIGEST_FRAME_PAGES = 1 << 16  # 1 MiB of digests per frame
-REPAIR_FRAME_PAGES = 256
 CONNECT_TIMEOUT = 10.0
 ACCEPT_TIMEOUT = 20.0  # s for QEMU to open all its connections once migrate started
 POLL_PERIOD = 0.2  # s between query-migrate polls
@@ -84,15 +88,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-VERIFY_MODES = {
-    "off": pb.VERIFY_MODE_OFF,
-    "detect": pb.VERIFY_MODE_DETECT,
-    "repair": pb.VERIFY_MODE_REPAIR,
-}
-
-
-class ProtocolError(Exception):
-    """A tunnel frame violated the protocol; the message says which rule."""
 
 
 @dataclass
