@@ -20,19 +20,21 @@ from typing import Any
 import grpc
 
 from handler import allocator
+from handler.drivers.base import Drivers
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
 from handler.metrics import HandlerMetrics
-from handler.migration_target import MigrationService
+from handler.migration.incoming import IncomingRegistry
+from handler.migration.memvm_target import MigrationService
+from handler.migration.qemu_target import TunnelService
+from handler.migration.restart_record import RestartRecords
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
-from handler.qemu_migration import TunnelService
 from handler.vm_manager import VMManager
 from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
 from vmferry.quantity import parse_quantity
-from vmferry.rpc import tunnel_pb2_grpc
 
 log = logging.getLogger("vmferry.handler")
 
@@ -166,11 +168,9 @@ async def serve(config: dict[str, Any]) -> None:
     api = ApiClient(client_config, timeout=10.0)
     driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
     driver.warm_up()  # a guest (a migration target above all) starts without a Python start-up
-    service = MigrationService(
-        lambda inc: asyncio.sleep(0),
-        lambda inc, reason: asyncio.sleep(0),
-        record_dir=runtime_dir / "incoming",
-        require_peer_identity=tls is not None,
+    # Expected incoming migrations, shared by both target services and the VM manager.
+    incoming = IncomingRegistry(
+        RestartRecords(runtime_dir / "incoming"), require_peer_identity=tls is not None
     )
     qemu = QemuDriver(
         runtime_dir / "qemu",
@@ -178,17 +178,9 @@ async def serve(config: dict[str, Any]) -> None:
         binary=config["qemu_binary"],
         image_dir=Path(config["qemu_image_dir"]),
     )
-    tunnel = TunnelService(
-        service.registry,
-        qemu,
-        on_commit=lambda inc: service.on_commit(inc),
-        on_abort=lambda inc, reason: service.on_abort(inc, reason),
-        record_dir=runtime_dir / "incoming",
-        require_peer_identity=tls is not None,
-    )
     server = grpc.aio.server(options=grpc_options.server_options())
-    service.register(server)
-    tunnel_pb2_grpc.add_TunnelServicer_to_server(tunnel, server)  # QEMU guests' migrations
+    MigrationService(incoming).register(server)  # memvm guests' migrations
+    TunnelService(incoming, qemu).register(server)  # QEMU guests' migrations
     listen = f"{config['migration_address']}:{config['migration_port']}"
     port = (
         server.add_insecure_port(listen)
@@ -220,13 +212,12 @@ async def serve(config: dict[str, Any]) -> None:
         manager = VMManager(
             api,
             node,
-            driver,
+            Drivers(driver, qemu),
             vmis,
-            service,
+            incoming,
             tls=tls,
             migration_endpoint=advertised_endpoint(config, port),
             state_dir=runtime_dir,
-            qemu=qemu,
         )
         await manager.adopt()
         metrics = HandlerMetrics(manager, node)

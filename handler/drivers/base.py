@@ -2,16 +2,24 @@
 
 A *driver* starts guests (each guest is its own OS process, in its own session, so that it
 outlives a handler restart) and re-adopts the guests it finds in its runtime directory
-when the handler starts again. A *VM handle* is the handler's view of one guest:
+when the handler starts again. It says which VMIs it runs (``claims``: by their spec;
+``Drivers`` picks a VMI's driver once) and supplies the source engine that migrates its
+guests (``source_engine``), so the VM manager never asks which driver it has.
 
-- ``ram()`` maps guest RAM read/write, so the migration source can read pages and the
-  migration target can write them before the guest resumes;
-- ``harvest_dirty()`` returns the pages written since the previous harvest, with
+A *VM handle* is the handler's view of one guest. Every driver's handle is a
+:class:`VMHandle`: ``ram()`` maps guest RAM read/write (the target writes it before the
+guest resumes), ``pause()`` / ``resume()`` are the switchover primitives,
+``set_throttle()`` is auto-converge. Capabilities only some guests have are separate
+protocols, asked for through :func:`dirty_log` and :func:`postcopy` (the one place
+that checks them):
+
+- :class:`DirtyLogHandle`: the handler migrates the guest's memory itself.
+  ``harvest_dirty()`` returns the pages written since the previous harvest, with
   clear-then-copy semantics: the dirty bits are cleared *before* the caller copies the
   pages, so a write that races with the harvest leaves its bit set for the next round and
-  no write is ever missed (the role KVM's dirty log plays);
-- ``pause()`` / ``device_state()`` / ``resume()`` are the switchover primitives;
-- ``set_throttle()`` is auto-converge.
+  no write is ever missed (the role KVM's dirty log plays); ``device_state()`` is the
+  paused guest's non-RAM state;
+- :class:`PostCopyHandle`: the guest can run before all of its memory has arrived.
 
 ``ram_digest()`` hashes a whole guest RAM in one go (comparing two memories), in
 ``hash_pool()``; the migration's own digest is kept incrementally by ``handler/digest.py``.
@@ -34,26 +42,36 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from vmferry.client import ApiClient
+    from vmferry.pki import TlsFiles
+
 __all__ = [
     "CONTENT_KINDS",
     "DIGEST_CHUNK_BYTES",
+    "DirtyLogHandle",
     "Driver",
     "DriverError",
+    "Drivers",
     "GuestError",
     "GuestSpec",
     "GuestStartError",
     "GuestStatus",
     "PageIndices",
     "PageMask",
+    "PostCopyHandle",
     "VMExistsError",
     "VMHandle",
+    "dirty_log",
     "file_data_pages",
     "hash_pool",
+    "postcopy",
     "ram_digest",
     "ram_digest_async",
     "unmap",
@@ -200,12 +218,24 @@ class GuestStatus:
 
 @runtime_checkable
 class VMHandle(Protocol):
-    """The handler's view of one running (or incoming) guest."""
+    """The handler's view of one running (or incoming) guest, for every driver."""
 
     vm_id: str
     spec: GuestSpec
     pid: int
     ram_path: Path  # the (shared-memory) file ram() maps
+
+    @property
+    def driver_name(self) -> str:
+        """The driver running the guest (``status.launcher.driver``)."""
+        ...
+
+    @property
+    def incoming(self) -> bool:
+        """Started for an incoming migration and not resumed yet, as the driver's own
+        record says (False when the driver keeps no such record): how an adopted guest
+        that does not answer is judged."""
+        ...
 
     @property
     def page_count(self) -> int: ...
@@ -217,37 +247,17 @@ class VMHandle(Protocol):
         before close() can unmap; until then the mapping stays alive."""
         ...
 
-    def harvest_dirty(self) -> PageIndices:
-        """Indices (int64, ascending) of the pages written since the last harvest.
-
-        Their dirty bits are already cleared when this returns: copy the pages *after*
-        calling it, and a write racing with the copy shows up in the next harvest."""
-        ...
-
-    def mark_all_dirty(self) -> None: ...
-
-    def clear_dirty(self) -> None: ...
-
-    def data_pages(self) -> PageMask | None:
-        """Per page: may hold data (False: never written, reads as zeros), or None when
-        the driver cannot tell. Lets a migration skip untouched memory without reading
-        it (reading a hole of a RAM file would also allocate it)."""
-        ...
-
     async def pause(self) -> None:
         """Returns when the guest has finished its current write and writes nothing more."""
         ...
 
     async def resume(self, device_state: bytes | None = None) -> None:
         """Resume a paused guest, or start an incoming one from ``device_state`` (the
-        bytes another guest's device_state() returned) plus the memory copied into it."""
+        bytes another guest's device_state() returned; None for a guest whose device
+        state travels in its own migration stream) plus the memory copied into it."""
         ...
 
     async def set_throttle(self, percent: int) -> None: ...
-
-    async def device_state(self) -> bytes:
-        """The guest's non-RAM state; only while paused."""
-        ...
 
     async def status(self) -> GuestStatus: ...
 
@@ -267,10 +277,36 @@ class VMHandle(Protocol):
 
 
 @runtime_checkable
+class DirtyLogHandle(VMHandle, Protocol):
+    """A guest whose memory the handler migrates itself (the memvm engine)."""
+
+    def harvest_dirty(self) -> PageIndices:
+        """Indices (int64, ascending) of the pages written since the last harvest.
+
+        Their dirty bits are already cleared when this returns: copy the pages *after*
+        calling it, and a write racing with the copy shows up in the next harvest."""
+        ...
+
+    def mark_all_dirty(self) -> None: ...
+
+    def clear_dirty(self) -> None: ...
+
+    def data_pages(self) -> PageMask | None:
+        """Per page: may hold data (False: never written, reads as zeros), or None when
+        the driver cannot tell. Lets a migration skip untouched memory without reading
+        it (reading a hole of a RAM file would also allocate it)."""
+        ...
+
+    async def device_state(self) -> bytes:
+        """The guest's non-RAM state; only while paused."""
+        ...
+
+
+@runtime_checkable
 class PostCopyHandle(VMHandle, Protocol):
     """A guest that can run before all of its memory has arrived (post-copy target).
 
-    ``prepare_postcopy(missing)`` marks pages not present; ``resume(state, postcopy=True)``
+    ``prepare_postcopy(missing)`` marks pages not present; ``resume_postcopy(state)``
     starts the guest, whose accesses to a missing page wait for it. The handler writes
     arriving pages through ``present()``-masked scatters, then ``mark_present()``;
     ``requested_pages()`` lists the pages the guest is waiting for."""
@@ -290,16 +326,41 @@ class PostCopyHandle(VMHandle, Protocol):
     async def finish_postcopy(self) -> GuestStatus: ...
 
 
+def _lacks(handle: VMHandle, capability: str, what: str) -> DriverError:
+    return DriverError(f"{what}: the {handle.driver_name} guest {handle.vm_id} has no {capability}")
+
+
+def dirty_log(handle: VMHandle, what: str) -> DirtyLogHandle:
+    """``handle`` as a DirtyLogHandle; DriverError (naming ``what`` needed it) when its
+    driver migrates memory its own way."""
+    if not isinstance(handle, DirtyLogHandle):
+        raise _lacks(handle, "dirty log", what)
+    return handle
+
+
+def postcopy(handle: VMHandle, what: str) -> PostCopyHandle:
+    """``handle`` as a PostCopyHandle; DriverError when its driver cannot run post-copy."""
+    if not isinstance(handle, PostCopyHandle):
+        raise _lacks(handle, "post-copy", what)
+    return handle
+
+
 @runtime_checkable
 class Driver(Protocol):
+    """Runs one kind of guest. ``claims(vmi)`` says whether a VMI's spec asks for this
+    driver; ``start``/``prepare_incoming`` take the VMI itself (each driver reads its own
+    part of the spec)."""
+
     name: str
 
-    async def start(self, vm_id: str, spec: GuestSpec) -> VMHandle:
-        """Boot a fresh guest; returns when it is running."""
+    def claims(self, vmi: dict[str, Any]) -> bool: ...
+
+    async def start_vmi(self, vm_id: str, vmi: dict[str, Any]) -> VMHandle:
+        """Boot a fresh guest for the VMI; returns when it is running."""
         ...
 
-    async def prepare_incoming(self, vm_id: str, spec: GuestSpec) -> VMHandle:
-        """Create empty (zero) RAM and a guest process waiting, paused, for resume()."""
+    async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> VMHandle:
+        """Empty (zero) RAM and a guest process waiting, paused, for an incoming migration."""
         ...
 
     async def adopt_all(self) -> Sequence[VMHandle]:
@@ -307,6 +368,36 @@ class Driver(Protocol):
 
         (A Sequence, so that a driver may return a list of its own handle type.)"""
         ...
+
+    def source_engine(
+        self,
+        api: ApiClient,
+        node: str,
+        vmi: dict[str, Any],
+        handle: VMHandle,
+        tls: TlsFiles | None,
+        *,
+        on_progress: ProgressCallback,
+    ) -> SourceEngine:
+        """The engine that migrates ``handle`` (a guest of this driver) away, for the
+        hand-off in ``vmi``."""
+        ...
+
+
+class Drivers:
+    """This handler's drivers: a VMI runs on the first one that claims it, else on the
+    default (the first given)."""
+
+    def __init__(self, default: Driver, *others: Driver) -> None:
+        self.default = default
+        self.all: tuple[Driver, ...] = (default, *others)
+
+    def for_vmi(self, vmi: dict[str, Any]) -> Driver:
+        return next((d for d in self.all[1:] if d.claims(vmi)), self.default)
+
+    def by_name(self, name: str) -> Driver:
+        """The driver of a handle (``handle.driver_name``)."""
+        return next(d for d in self.all if d.name == name)
 
 
 # -- the migration's memory digest ---------------------------------------------------------

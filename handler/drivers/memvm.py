@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from handler.drivers.base import (
+    DirtyLogHandle,
     Driver,
     DriverError,
     GuestError,
@@ -51,8 +52,10 @@ from handler.drivers.base import (
     GuestStatus,
     PageIndices,
     PageMask,
+    PostCopyHandle,
     VMExistsError,
     VMHandle,
+    dirty_log,
     file_data_pages,
     ram_digest,
     ram_digest_async,
@@ -67,6 +70,13 @@ from handler.drivers.memvm_guest import (
     is_guest_process,
     memory_fence,
 )
+from vmferry import schema
+from vmferry.quantity import parse_quantity
+
+if TYPE_CHECKING:
+    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from vmferry.client import ApiClient
+    from vmferry.pki import TlsFiles
 
 __all__ = [
     "DEFAULT_RAM_DIR",
@@ -295,6 +305,15 @@ class MemVMHandle:
 
     def __repr__(self) -> str:
         return f"MemVMHandle(vm_id={self.vm_id!r}, pid={self.pid})"
+
+    @property
+    def driver_name(self) -> str:
+        return MemVMDriver.name
+
+    @property
+    def incoming(self) -> bool:
+        """memvm keeps no record of it: an adopted guest is judged by its status."""
+        return False
 
     @property
     def page_count(self) -> int:
@@ -623,6 +642,34 @@ class MemVMDriver:
             self.ram_dir / f"{vm_id}.dirty",
         )
 
+    # -- the Driver interface -------------------------------------------------------------
+
+    def claims(self, vmi: dict[str, Any]) -> bool:
+        """The default driver: a VMI without another driver's spec runs here."""
+        return True
+
+    async def start_vmi(self, vm_id: str, vmi: dict[str, Any]) -> MemVMHandle:
+        return await self.start(vm_id, guest_spec(vmi))
+
+    async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> MemVMHandle:
+        return await self.prepare_incoming(vm_id, guest_spec(vmi))
+
+    def source_engine(
+        self,
+        api: ApiClient,
+        node: str,
+        vmi: dict[str, Any],
+        handle: VMHandle,
+        tls: TlsFiles | None,
+        *,
+        on_progress: ProgressCallback,
+    ) -> SourceEngine:
+        """The memvm engine: this handler copies the guest's memory, round by round."""
+        from handler.migration_source import SourceMigration as MemvmSourceMigration
+
+        guest = dirty_log(handle, "a memvm migration")
+        return MemvmSourceMigration(api, node, vmi, guest, tls, on_progress=on_progress)
+
     async def start(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:
         """Boot a fresh guest; returns once it runs (its RAM is filled by then).
 
@@ -818,7 +865,23 @@ class MemVMDriver:
         shutil.rmtree(vm_dir, ignore_errors=True)
 
 
+def guest_spec(vmi: dict[str, Any]) -> GuestSpec:
+    """The memvm guest a VMI asks for (``spec.memvm.workload`` plus its memory)."""
+    spec = vmi.get("spec") or {}
+    workload = (spec.get("memvm") or {}).get("workload") or {}
+    return GuestSpec(
+        memory_bytes=schema.memory_bytes(spec),
+        dirty_rate_bytes=parse_quantity(workload.get("dirtyRate", 0)),
+        hot_set_bytes=parse_quantity(workload.get("hotSet", 0)),
+        content=workload.get("content", "random"),
+        touched_bytes=parse_quantity(workload.get("touched", 0)),
+        tick_interval_s=int(workload.get("tickIntervalMilliseconds", 5)) / 1000,
+    )
+
+
 if TYPE_CHECKING:
 
-    def _conforms(driver: MemVMDriver, handle: MemVMHandle) -> tuple[Driver, VMHandle]:
-        return driver, handle  # mypy checks both against the protocols
+    def _conforms(
+        driver: MemVMDriver, handle: MemVMHandle
+    ) -> tuple[Driver, DirtyLogHandle, PostCopyHandle]:
+        return driver, handle, handle  # mypy checks both against the protocols

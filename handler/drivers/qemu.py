@@ -49,13 +49,17 @@ from handler.drivers.base import (
     GuestSpec,
     GuestStartError,
     GuestStatus,
-    PageIndices,
-    PageMask,
     VMExistsError,
     VMHandle,
     unmap,
 )
 from vmferry import schema
+
+if TYPE_CHECKING:
+    from handler.drivers.base import Driver
+    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from vmferry.client import ApiClient
+    from vmferry.pki import TlsFiles
 
 __all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "qemu_binary"]
 
@@ -209,6 +213,10 @@ class QemuHandle:
     def page_count(self) -> int:
         return self.spec.page_count
 
+    @property
+    def driver_name(self) -> str:
+        return QemuDriver.name
+
     # -- QMP ------------------------------------------------------------------------------
 
     async def _client(self) -> QMPClient:
@@ -257,18 +265,6 @@ class QemuHandle:
             finally:
                 os.close(fd)
         return memoryview(self._mm)
-
-    def harvest_dirty(self) -> PageIndices:
-        raise DriverError("qemu guests track dirty memory inside QEMU (use QEMU's migration)")
-
-    def mark_all_dirty(self) -> None:
-        raise DriverError("qemu guests track dirty memory inside QEMU")
-
-    def clear_dirty(self) -> None:
-        raise DriverError("qemu guests track dirty memory inside QEMU")
-
-    def data_pages(self) -> PageMask | None:
-        return None  # QEMU migrates its own memory
 
     # -- control --------------------------------------------------------------------------
 
@@ -319,9 +315,6 @@ class QemuHandle:
             "migrate-set-parameters",
             {"cpu-throttle-initial": max(1, percent), "cpu-throttle-increment": 10},
         )
-
-    async def device_state(self) -> bytes:
-        return b""  # travels inside QEMU's migration stream
 
     async def status(self) -> GuestStatus:
         if not self.is_alive():
@@ -480,6 +473,35 @@ class QemuDriver:
     def sock_path(self, vm_id: str, suffix: str) -> Path:
         digest = hashlib.sha256(vm_id.encode()).hexdigest()[:16]
         return self.sock_dir / f"{digest}.{suffix}"
+
+    # -- the Driver interface -------------------------------------------------------------
+
+    def claims(self, vmi: dict[str, Any]) -> bool:
+        """VMIs with ``spec.qemu``."""
+        return (vmi.get("spec") or {}).get("qemu") is not None
+
+    async def start_vmi(self, vm_id: str, vmi: dict[str, Any]) -> QemuHandle:
+        return await self.start(vm_id, self.spec_for(vmi))
+
+    async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> QemuHandle:
+        return await self.prepare_incoming(vm_id, self.spec_for(vmi))
+
+    def source_engine(
+        self,
+        api: ApiClient,
+        node: str,
+        vmi: dict[str, Any],
+        handle: VMHandle,
+        tls: TlsFiles | None,
+        *,
+        on_progress: ProgressCallback,
+    ) -> SourceEngine:
+        """QEMU migrates the guest itself; the engine tunnels its stream and verifies."""
+        from handler.qemu_migration import QemuSourceMigration
+
+        if not isinstance(handle, QemuHandle):
+            raise DriverError(f"a QEMU migration of {handle.driver_name} guest {handle.vm_id}")
+        return QemuSourceMigration(api, node, vmi, handle, tls, self, on_progress=on_progress)
 
     async def start(self, vm_id: str, spec: QemuSpec) -> QemuHandle:
         return await self._launch(vm_id, spec, incoming=False)
@@ -680,5 +702,5 @@ def _tail(path: Path, lines: int = 10) -> str:
 
 if TYPE_CHECKING:
 
-    def _conforms(handle: QemuHandle) -> VMHandle:
-        return handle  # mypy checks the handle against the VMHandle protocol
+    def _conforms(driver: QemuDriver, handle: QemuHandle) -> tuple[Driver, VMHandle]:
+        return driver, handle  # mypy checks both against the protocols

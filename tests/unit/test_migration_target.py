@@ -19,7 +19,10 @@ from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import GuestSpec
 from handler.drivers.memvm import MemVMDriver, MemVMHandle
-from handler.migration_target import IncomingMigration, MigrationService
+from handler.migration.incoming import IncomingMigration, IncomingRegistry
+from handler.migration.memvm_target import MigrationService
+from handler.migration.restart_record import RestartRecords
+from handler.migration.target_state import TargetState
 from vmferry.rpc import migration_pb2 as pb
 
 MiB = 1 << 20
@@ -32,16 +35,13 @@ def ram_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def nothing(inc: IncomingMigration, *_: object) -> None:
-    return None
-
-
 class Pair:
     """A paused source guest and an incoming one waiting for its memory."""
 
     def __init__(self, tmp_path: Path, ram_dir: Path) -> None:
         self.tmp_path, self.ram_dir = tmp_path, ram_dir
-        self.service = MigrationService(nothing, nothing, record_dir=tmp_path / "incoming")
+        self.registry = IncomingRegistry(RestartRecords(tmp_path / "incoming"))
+        self.service = MigrationService(self.registry)
         self.out: asyncio.Queue[pb.TargetFrame | None] = asyncio.Queue()
 
     async def __aenter__(self) -> Pair:
@@ -64,11 +64,12 @@ class Pair:
             handle=self.incoming,
             channel_count=1,
         )
-        self.service.expect(self.inc)
+        self.registry.expect(self.inc)
+        self.inc.move(TargetState.RECEIVING, "Hello")  # frames go to _apply directly
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        self.service.forget(self.inc.migration_uid)
+        self.registry.forget(self.inc.migration_uid)
         await self.source.destroy()
         await self.incoming.destroy()
 
@@ -102,7 +103,9 @@ class Pair:
 
     @property
     def record(self) -> Path:
-        return self.service.record_path(self.inc.migration_uid)
+        path = self.registry.records.path(self.inc.migration_uid)
+        assert path is not None
+        return path
 
 
 @pytest.mark.timeout(60)
@@ -157,6 +160,7 @@ def test_a_digest_mismatch_removes_the_record(tmp_path: Path, ram_dir: Path) -> 
             await pair.send(pb.SourceFrame(final_state=pb.FinalState(digest="0" * 64)))
             verified = pair.verified()
             assert not verified.match and not pair.inc.verified
+            assert pair.inc.state is TargetState.MISMATCHED
             assert verified.digest == await pair.source_digest()  # what arrived was right
             assert not pair.record.exists()
 

@@ -1,0 +1,131 @@
+"""Who may stream a migration to this node: the security checks of both target services.
+
+The memvm Transfer service and the QEMU Tunnel service admit a stream only through
+:meth:`PeerGate.admit`, in this order:
+
+0. the first frame is the protocol's Hello (memvm) or Open (QEMU);
+1. it names a migration registered here (the hand-off names this node as
+   the target) that accepts a stream now (NOT_FOUND otherwise: nothing is revealed about
+   other migrations);
+2. the peer's client certificate names the hand-off's source node (PERMISSION_DENIED;
+   skipped only when the handler runs without TLS, in tests);
+3. the stream token equals the migration's, compared in constant time
+   (``secrets.compare_digest``; PERMISSION_DENIED);
+4. the service's own rules for the first frame (version, geometry, channels;
+   INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+
+from handler import stream
+from handler.migration import tunnel
+from vmferry import pki
+
+if TYPE_CHECKING:
+    from handler.migration.incoming import IncomingMigration
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Refused(Exception):
+    """A stream is not admitted; ``code`` and the message are its gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerGate:
+    """The admission checks over the shared registry of expected migrations."""
+
+    def __init__(
+        self, registry: Mapping[str, IncomingMigration], *, require_peer_identity: bool
+    ) -> None:
+        self.registry = registry
+        self.require_peer_identity = require_peer_identity
+
+    def check(
+        self,
+        peer: pki.Identity | None,
+        migration_uid: str,
+        token: str,
+        *,
+        acceptable: Callable[[IncomingMigration], bool],
+        what: str = "migration",
+    ) -> IncomingMigration:
+        """The registered migration the stream is for; Refused when it may not stream.
+        ``acceptable`` says whether the migration takes a stream in its current state
+        (and of this kind); ``what`` names the kind in the NOT_FOUND message."""
+        inc = self.registry.get(migration_uid)
+        if inc is None or not acceptable(inc):
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"no {what} {migration_uid!r} is expected on this node",
+            )
+        if self.require_peer_identity and (peer is None or peer.node_name != inc.source_node):
+            who = peer.user if peer else "an unauthenticated peer"
+            log.warning(
+                "migration %s: refused stream from %s (expected node %s)",
+                inc.migration_uid,
+                who,
+                inc.source_node,
+            )
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who} is not the source node {inc.source_node} of migration {inc.migration_uid}",
+            )
+        if not secrets.compare_digest(token.encode(), inc.token.encode()):
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "wrong migration token")
+        return inc
+
+    async def admit(
+        self,
+        context: grpc.aio.ServicerContext,
+        first: Any,
+        kind: str,
+        *,
+        acceptable: Callable[[IncomingMigration], bool],
+        check: Callable[[IncomingMigration, Any], T],
+        what: str = "migration",
+    ) -> tuple[IncomingMigration, T]:
+        """Admit a stream whose first frame is ``first`` (a SourceFrame or a
+        TunnelSourceFrame): it must be a ``kind`` frame (the Hello or the Open, which both
+        carry migration_uid and token), pass check() (a refusal ends the call with its
+        status), then ``check(inc, hello)``, the service's own rules for the frame (a
+        protocol error ends the call with INVALID_ARGUMENT). Returns the migration and
+        what ``check`` returned."""
+        if first.WhichOneof("frame") != kind:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first frame must be {kind.capitalize()}",
+            )
+        hello = getattr(first, kind)
+        try:
+            inc = self.check(
+                pki.peer_identity(context),
+                hello.migration_uid,
+                hello.token,
+                acceptable=acceptable,
+                what=what,
+            )
+        except Refused as e:
+            await abort(context, e.code, str(e))
+        try:
+            return inc, check(inc, hello)
+        except (stream.ProtocolError, tunnel.ProtocolError) as e:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+async def abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    """``context.abort`` (which raises) for the type checker."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")

@@ -1,0 +1,376 @@
+"""The QEMU target: the Tunnel servicer (vmferry.tunnel.v1.Tunnel) on the migration network.
+
+QEMU migrates its guest itself; the tunnel carries its byte stream from the source
+handler to a local unix socket of the incoming QEMU (started ``-incoming defer -S``), and
+the switchover is verified here (the sequence is in ``proto/vmferry/rpc/tunnel.proto``).
+A stream is admitted through ``peer.PeerGate`` (registered migration whose guest is a
+QEMU guest, source node's certificate, token); the migration walks the target state
+machine of ``target_state`` (Open = Hello, Completed starts Verifying). The registry of
+expected migrations, the restart records and the VM manager's callbacks are the ones the
+memvm Transfer service uses (``incoming.IncomingRegistry``), so the commit / abort /
+arbiter logic of the VM manager is the same for both drivers.
+
+Per migration the service keeps a ``TunnelState`` (the incoming QEMU's socket, which
+channels are connected, the repaired pages' digests) in ``states``; it ends with every
+end of the migration: channel 0's stream closing (Commit, Abort, or a source that just
+went away) and the registry forgetting the migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from handler import qemu_verify
+from handler.drivers.base import GuestError
+from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.migration.incoming import IncomingMigration, IncomingRegistry
+from handler.migration.peer import abort
+from handler.migration.restart_record import RestartRecord
+from handler.migration.target_state import TargetState
+from handler.migration.tunnel import (
+    DATA_FRAME_BYTES,
+    DIGEST_FRAME_PAGES,
+    MAX_CHANNELS,
+    PAGE_SIZE,
+    TUNNEL_PROTOCOL_VERSION,
+    VERIFY_MODES,
+    ProtocolError,
+)
+from vmferry.rpc import tunnel_pb2 as pb
+from vmferry.rpc import tunnel_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # s for the incoming QEMU to accept a channel's connection
+COMPLETE_TIMEOUT = 60.0  # s for the target QEMU to finish loading after the source completed
+
+
+@dataclass
+class TunnelState:
+    """The target's per-migration tunnel state (beside the shared IncomingMigration)."""
+
+    inc: IncomingMigration
+    handle: QemuHandle
+    channel_count: int
+    verify: int
+    socket: Path
+    connected: list[asyncio.Event] = field(default_factory=list)
+    started: bool = False
+    start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    repaired: list[qemu_verify.PageDigests] = field(default_factory=list)  # their new digests
+
+
+class TunnelService(tunnel_pb2_grpc.TunnelServicer):
+    """The Tunnel servicer over the registry both target services share."""
+
+    def __init__(self, incoming: IncomingRegistry, driver: QemuDriver) -> None:
+        self.incoming = incoming
+        self.driver = driver
+        self.states: dict[str, TunnelState] = {}
+        incoming.on_forget(self._end)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Serve Tunnel on ``server``."""
+        tunnel_pb2_grpc.add_TunnelServicer_to_server(self, server)
+
+    def _end(self, migration_uid: str) -> None:
+        """The migration's tunnel state ends (channel 0 closed, or the registry forgot it)."""
+        self.states.pop(migration_uid, None)
+
+    async def Migrate(
+        self,
+        request_iterator: AsyncIterator[pb.TunnelSourceFrame],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.TunnelTargetFrame]:
+        frames = aiter(request_iterator)
+        try:
+            first = await anext(frames)
+        except StopAsyncIteration:
+            return
+        inc, state = await self.incoming.gate.admit(
+            context,
+            first,
+            "open",
+            acceptable=lambda inc: not inc.state.decided and isinstance(inc.handle, QemuHandle),
+            check=self._check_open,
+            what="QEMU migration",
+        )
+        hello = first.open
+        cid = hello.channel_id
+        out: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue(maxsize=64)
+        try:
+            writer, reader = await self._connect(state, cid, hello.postcopy)
+        except (OSError, GuestError, TimeoutError) as e:
+            reason = f"the target QEMU did not accept tunnel channel {cid}: {e}"
+            if cid == 0:
+                self._end(inc.migration_uid)
+            await self.incoming.on_abort(inc, reason)
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=cid))
+        pump = asyncio.create_task(self._downstream(reader, out))
+        handler = asyncio.create_task(self._handle_frames(state, cid, frames, writer, out))
+        try:
+            while True:
+                reply = await out.get()
+                if reply is None:
+                    break
+                yield reply
+            await handler  # re-raises a ProtocolError
+        except ProtocolError as e:
+            log.warning("migration %s: tunnel channel %d: %s", inc.migration_uid, cid, e)
+            await self.incoming.on_abort(inc, f"protocol error: {e}")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            pump.cancel()
+            handler.cancel()
+            writer.close()
+            if cid == 0:
+                # Commit, Abort, or a source that went away (the arbiter settles that).
+                self._end(inc.migration_uid)
+                if not inc.state.decided:
+                    log.info("migration %s: tunnel channel 0 closed", inc.migration_uid)
+
+    def _check_open(self, inc: IncomingMigration, hello: pb.Open) -> TunnelState:
+        assert isinstance(inc.handle, QemuHandle)
+        if hello.protocol_version != TUNNEL_PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"tunnel protocol version {hello.protocol_version} is not supported "
+                f"(this handler speaks {TUNNEL_PROTOCOL_VERSION})"
+            )
+        if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
+            raise ProtocolError("Open.verify is unspecified or unknown")
+        if not 1 <= hello.channel_count <= MAX_CHANNELS:
+            raise ProtocolError(f"channel_count {hello.channel_count} outside 1..{MAX_CHANNELS}")
+        if hello.channel_id >= hello.channel_count:
+            raise ProtocolError(f"channel_id {hello.channel_id} >= channel_count")
+        if hello.memory_bytes != inc.handle.qspec.memory_bytes or hello.page_size != PAGE_SIZE:
+            raise ProtocolError(
+                f"geometry mismatch: source has {hello.memory_bytes} bytes in {hello.page_size}-"
+                f"byte pages, target prepared {inc.handle.qspec.memory_bytes} bytes"
+            )
+        state = self.states.get(inc.migration_uid)
+        if state is None:
+            state = TunnelState(
+                inc,
+                inc.handle,
+                hello.channel_count,
+                hello.verify,
+                self.driver.sock_path(inc.handle.vm_id, "in"),
+                [asyncio.Event() for _ in range(hello.channel_count)],
+            )
+            self.states[inc.migration_uid] = state
+        elif state.channel_count != hello.channel_count or state.verify != hello.verify:
+            raise ProtocolError("channel_count/verify differ from the first channel's Open")
+        if state.connected[hello.channel_id].is_set():
+            raise ProtocolError(f"channel {hello.channel_id} is already connected")
+        if inc.state is TargetState.AWAITING_HELLO:
+            inc.move(TargetState.RECEIVING, "Open")
+        return state
+
+    async def _connect(
+        self, state: TunnelState, cid: int, postcopy: bool
+    ) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+        """Start the incoming migration (once), then connect in channel order."""
+        h = state.handle
+        async with state.start_lock:
+            if not state.started:
+                multifd = state.channel_count - 1
+                caps = [
+                    {"capability": "multifd", "state": multifd > 0},
+                    {"capability": "postcopy-ram", "state": postcopy},
+                ]
+                await h.qmp("migrate-set-capabilities", {"capabilities": caps})
+                if multifd:
+                    await h.qmp("migrate-set-parameters", {"multifd-channels": multifd})
+                state.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                state.socket.unlink(missing_ok=True)
+                await h.qmp("migrate-incoming", {"uri": f"unix:{state.socket}"})
+                state.started = True
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            for earlier in state.connected[:cid]:
+                await earlier.wait()
+            reader, writer = await asyncio.open_unix_connection(str(state.socket))
+        state.connected[cid].set()
+        return writer, reader
+
+    async def _downstream(
+        self, reader: asyncio.StreamReader, out: asyncio.Queue[pb.TunnelTargetFrame | None]
+    ) -> None:
+        """Target QEMU → source (the return path)."""
+        with contextlib.suppress(ConnectionError):
+            while True:
+                data = await reader.read(DATA_FRAME_BYTES)
+                if not data:
+                    break
+                await out.put(pb.TunnelTargetFrame(data=pb.Data(data=data)))
+        await out.put(pb.TunnelTargetFrame(data_end=pb.DataEnd()))
+
+    async def _handle_frames(
+        self,
+        state: TunnelState,
+        cid: int,
+        frames: AsyncIterator[pb.TunnelSourceFrame],
+        writer: asyncio.StreamWriter,
+        out: asyncio.Queue[pb.TunnelTargetFrame | None],
+    ) -> None:
+        inc = state.inc
+        try:
+            async for frame in frames:
+                kind = frame.WhichOneof("frame")
+                if kind == "commit" and cid == 0 and inc.state.committed:
+                    await out.put(pb.TunnelTargetFrame(resumed=pb.Resumed()))
+                    return
+                if inc.state.decided:
+                    raise ProtocolError(f"frame {kind} after the migration was {inc.decision}")
+                if kind == "data":
+                    writer.write(frame.data.data)
+                    await writer.drain()
+                    inc.bytes_received += len(frame.data.data)
+                elif kind == "data_end":
+                    if writer.can_write_eof():
+                        with contextlib.suppress(OSError):
+                            writer.write_eof()
+                elif kind == "completed" and cid == 0:
+                    inc.move(TargetState.VERIFYING, "Completed")
+                    state.handle.source_last_console_ns = frame.completed.last_console_unix_ns
+                    for digest_frame in await self._complete_and_digest(state):
+                        await out.put(digest_frame)
+                elif kind in ("repair", "repair_end") and cid == 0:
+                    reply = await self._repair(state, frame)
+                    if reply is not None:
+                        await out.put(reply)
+                elif kind == "commit" and cid == 0:
+                    if not inc.verified:
+                        raise ProtocolError("Commit before the memory was verified")
+                    t0 = time.monotonic()
+                    await self.incoming.on_commit(inc)  # a no-op if another path decided
+                    gap = state.handle.resume_gap_ms
+                    await out.put(
+                        pb.TunnelTargetFrame(
+                            resumed=pb.Resumed(
+                                resume_seconds=time.monotonic() - t0, guest_gap_ms=gap or 0.0
+                            )
+                        )
+                    )
+                    return
+                elif kind == "abort":
+                    log.info(
+                        "migration %s: source aborted: %s", inc.migration_uid, frame.abort.reason
+                    )
+                    await self.incoming.on_abort(inc, frame.abort.reason)
+                    return
+                else:
+                    raise ProtocolError(f"unexpected frame {kind!r} on tunnel channel {cid}")
+        except (ConnectionError, OSError) as e:
+            await out.put(pb.TunnelTargetFrame(failure=pb.Failure(reason=f"target QEMU: {e}")))
+        except GuestError as e:
+            await out.put(pb.TunnelTargetFrame(failure=pb.Failure(reason=str(e))))
+        finally:
+            await out.put(None)
+
+    async def _complete_and_digest(self, state: TunnelState) -> list[pb.TunnelTargetFrame]:
+        """Wait for the target QEMU to finish loading (it stays paused), then digests."""
+        h = state.handle
+        deadline = time.monotonic() + COMPLETE_TIMEOUT
+        while True:
+            info = await h.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise GuestError(
+                    f"the target QEMU's incoming migration {status}: {info.get('error-desc', '')}"
+                )
+            if time.monotonic() > deadline:
+                raise GuestError(f"the target QEMU did not finish loading ({status})")
+            await asyncio.sleep(0.01)
+        state.inc.verified_at = time.monotonic()
+        if state.verify == pb.VERIFY_MODE_OFF:
+            await self._mark_verified(state.inc)
+            return [pb.TunnelTargetFrame(verified=pb.Verified(match=True, detail="verify: off"))]
+        digests = await qemu_verify.page_digests_async(h.ram())
+        replies = []
+        blob = qemu_verify.digests_to_bytes(digests)
+        step = DIGEST_FRAME_PAGES * qemu_verify.DIGEST_BYTES
+        for first in range(0, len(blob), step):
+            replies.append(
+                pb.TunnelTargetFrame(
+                    digests=pb.Digests(
+                        first_page=first // qemu_verify.DIGEST_BYTES,
+                        digests=blob[first : first + step],
+                        last=first + step >= len(blob),
+                    )
+                )
+            )
+        return replies
+
+    async def _repair(
+        self, state: TunnelState, frame: pb.TunnelSourceFrame
+    ) -> pb.TunnelTargetFrame | None:
+        pages = state.handle.qspec.memory_bytes // PAGE_SIZE
+        if frame.WhichOneof("frame") == "repair":
+            if state.verify != pb.VERIFY_MODE_REPAIR:
+                raise ProtocolError("Repair frames in a migration that does not repair")
+            blob = frame.repair.indices
+            if len(blob) % 4:
+                raise ProtocolError("Repair.indices is not a multiple of 4 bytes")
+            idx = np.frombuffer(blob, dtype="<u4").astype(np.int64)
+            if idx.size and int(idx.max()) >= pages:
+                raise ProtocolError(f"repair page {int(idx.max())} out of bounds ({pages} pages)")
+            try:
+                new = await asyncio.to_thread(
+                    qemu_verify.apply_pages, state.handle.ram(), idx, frame.repair.payload
+                )
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+            state.repaired.append(new)
+            return None
+        end = frame.repair_end
+        got = (
+            np.concatenate(state.repaired) if state.repaired else np.empty((0, 2), dtype=np.uint64)
+        )
+        try:
+            expected = qemu_verify.digests_from_bytes(end.digests, int(end.pages))
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        if len(got) != end.pages:
+            raise ProtocolError(f"RepairEnd announces {end.pages} pages, {len(got)} received")
+        match = bool((got == expected).all())
+        detail = (
+            f"{end.pages} page(s) repaired"
+            if match
+            else "repaired pages still differ from the source"
+        )
+        if match:
+            await self._mark_verified(state.inc)
+        else:
+            state.inc.move(TargetState.MISMATCHED, "RepairEnd with differing pages")
+        log.info("migration %s: %s", state.inc.migration_uid, detail)
+        return pb.TunnelTargetFrame(
+            verified=pb.Verified(
+                match=match,
+                repaired_pages=int(end.pages),
+                detail=detail,
+                verify_seconds=time.monotonic() - state.inc.verified_at,
+            )
+        )
+
+    async def _mark_verified(self, inc: IncomingMigration) -> None:
+        """Verified, once the restart record is on disk (the device state travels in
+        QEMU's stream: the record holds none)."""
+        written = self.incoming.records.write_soon(
+            inc.migration_uid, RestartRecord(inc.handle.vm_id, b"")
+        )
+        if written is not None:
+            await written
+        inc.move(TargetState.VERIFIED, "a verified memory")
+        inc.verified_at = time.monotonic()

@@ -1,0 +1,250 @@
+"""The VM manager's target half: incoming guests, from the hand-off to resume or discard.
+
+When a hand-off names this node as the target, ``prepare`` starts an incoming guest on the
+VMI's driver, registers an ``IncomingMigration`` (with the stream token read from the
+migration's Secret) and publishes ``targetNodeAddress``/``targetNodePort``. From then on
+the migration's state (``target_state``) moves with the frames; the decision is taken
+only in :meth:`IncomingGuests.commit` and :meth:`IncomingGuests.discard`, each of which
+goes through ``IncomingMigration.decide`` before its first await, so exactly one resume
+(or one discard) runs whichever path brings the decision:
+
+- the Commit frame (the services' ``on_commit``);
+- the VMI watch event carrying ``switchover: Committed`` (``VMManager._on_vmi_event``);
+- the reconcile, when the Commit frame was lost (``reconcile``).
+
+A verified target that hears nothing claims Aborted after ``ARBITER_WAIT``. After a
+handler restart an adopted incoming guest is settled: Committed and a restart record →
+resume from the record; anything else → destroy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from handler.drivers.base import Drivers, VMHandle
+from handler.migration.handoff import HandoffRecord, read_token
+from handler.migration.incoming import IncomingMigration, IncomingRegistry
+from vmferry import conditions
+from vmferry.client import ApiClient
+from vmferry.informer import WorkQueue
+from vmferry.migration_state import Field, Switchover, raw
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+INCOMING_SUFFIX = ".in-"
+ARBITER_WAIT = 20.0  # s a verified target waits for the source's hand-off before claiming abort
+RESUME_GAP_POLLS = 200  # x 10 ms: how long a resumed guest may take to report its gap
+
+
+def commit_awaits(inc: IncomingMigration, ms: Obj) -> bool:
+    """The arbiter recorded the hand-off of this verified incoming guest, and nothing here
+    has acted on it yet (resume, or discard)."""
+    return (
+        ms.get(Field.SWITCHOVER) == Switchover.COMMITTED
+        and not ms.get(Field.FAILED)
+        and inc.verified
+        and inc.decision is None
+    )
+
+
+def active(ms: Obj) -> bool:
+    return (
+        bool(ms.get(Field.MIGRATION_UID))
+        and not ms.get(Field.COMPLETED)
+        and not ms.get(Field.FAILED)
+    )
+
+
+def incoming_id(vmi: Obj, ms: Obj) -> str:
+    """The vm id of a VMI's incoming guest (kept after the resume)."""
+    return f"{vmi['metadata']['uid']}{INCOMING_SUFFIX}{ms[Field.MIGRATION_UID][:8]}"
+
+
+class IncomingGuests:
+    """The incoming guests of this node. ``handles`` is the VM manager's map of the guests
+    running here (VMI uid → handle): a resumed guest joins it."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        node: str,
+        drivers: Drivers,
+        incoming: IncomingRegistry,
+        queue: WorkQueue,
+        handles: dict[str, VMHandle],
+        *,
+        endpoint: tuple[str, int],
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
+    ) -> None:
+        self.api = api
+        self.node = node
+        self.drivers = drivers
+        self.incoming = incoming
+        self.queue = queue
+        self.handles = handles
+        self.endpoint = endpoint
+        self.spawn = spawn
+        self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
+        incoming.on_commit = self.commit
+        incoming.on_abort = self.discard
+        incoming.on_postcopy_done = self._postcopy_done
+
+    def on_vmi_event(self, new: Obj | None) -> None:
+        """The watch-event path of the commit decision (see VMManager._on_vmi_event)."""
+        ms = raw(new) if new is not None else {}
+        inc = self.incoming.get(ms.get(Field.MIGRATION_UID, ""))
+        if inc is not None and commit_awaits(inc, ms):
+            self.spawn(self.commit(inc), "resuming a migrated guest")
+
+    async def reconcile(self, vmi: Obj, ms: Obj) -> None:
+        """One pass for a VMI whose hand-off names this node as the target."""
+        mig_uid = ms.get(Field.MIGRATION_UID, "")
+        inc = self.incoming.get(mig_uid)
+        # Clean up incoming guests of migrations that ended or were replaced.
+        for other_uid, other in list(self.incoming.registry.items()):
+            if other.vmi_uid == vmi["metadata"]["uid"] and other_uid != mig_uid:
+                await self.discard(other, "replaced by another migration")
+        switchover = ms.get(Field.SWITCHOVER)
+        if inc is None:
+            orphan = self.orphans.pop(incoming_id(vmi, ms), None) if mig_uid else None
+            if orphan is not None:
+                await self.settle_orphan(vmi, ms, orphan)
+                return
+            if active(ms) and not ms.get(Field.TARGET_NODE_ADDRESS) and switchover is None:
+                await self.prepare(vmi, ms)
+            return
+        if inc.state.guest_runs_here and ms.get(Field.FAILED):
+            # Post-copy could not finish (the source gave up): the VM is lost; the VMI's
+            # Failed phase lets its VM controller start it again.
+            self.incoming.forget(inc.migration_uid)
+        elif ms.get(Field.FAILED) or switchover == Switchover.ABORTED:
+            await self.discard(inc, ms.get(Field.FAILURE_REASON) or "migration aborted")
+        elif commit_awaits(inc, ms):
+            await self.commit(inc)  # the Commit frame was lost; the arbiter decided
+        elif inc.verified and inc.decision is None and switchover is None:
+            self.queue.add_after((vmi["metadata"]["namespace"], vmi["metadata"]["name"]), 1.0)
+            if time.monotonic() - inc.verified_at > ARBITER_WAIT:
+                record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
+                if await record.claim(Switchover.ABORTED) == Switchover.ABORTED:
+                    await self.discard(inc, "the source never recorded the hand-off")
+
+    async def prepare(self, vmi: Obj, ms: Obj) -> None:
+        meta = vmi["metadata"]
+        uid = ms[Field.MIGRATION_UID]
+        record = HandoffRecord(self.api, meta["namespace"], meta["name"], uid)
+        token = await read_token(self.api, uid)
+        await record.patch({Field.TARGET_NODE_DOMAIN_DETECTED: True})
+        driver = self.drivers.for_vmi(vmi)
+        handle = await driver.prepare_incoming_vmi(incoming_id(vmi, ms), vmi)
+        inc = IncomingMigration(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            vmi_uid=meta["uid"],
+            migration_uid=uid,
+            token=token,
+            source_node=ms[Field.SOURCE_NODE],
+            handle=handle,
+        )
+        self.incoming.expect(inc)
+        address, port = self.endpoint
+        await record.patch({Field.TARGET_NODE_ADDRESS: address, Field.TARGET_NODE_PORT: port})
+        log.info(
+            "migration %s: target prepared for %s/%s, listening on %s:%d",
+            uid,
+            meta["namespace"],
+            meta["name"],
+            address,
+            port,
+        )
+
+    # -- the decision ---------------------------------------------------------------------
+
+    async def commit(self, inc: IncomingMigration) -> None:
+        """Resume the incoming guest: the arbiter recorded the hand-off (steps 4-5). Every
+        path of the commit decision ends here; ``decide`` runs before the first await, so
+        of concurrent callers exactly one resumes."""
+        if not inc.decide(Switchover.COMMITTED):
+            return
+        if inc.postcopy:
+            # The guest runs here from now on; its missing pages keep arriving, so the
+            # incoming record stays registered (reconnects) until post-copy is done.
+            await inc.postcopy_handle.resume_postcopy(inc.device_state or b"{}")
+        else:
+            inc.release()
+            await inc.handle.resume(inc.device_state)
+            self.incoming.forget(inc.migration_uid)
+            await asyncio.to_thread(self.incoming.records.remove, inc.migration_uid)
+        inc.resumed()
+        self.handles[inc.vmi_uid] = inc.handle
+        log.info(
+            "migration %s: guest resumed here%s",
+            inc.migration_uid,
+            " (post-copy: pages still arriving)" if inc.postcopy else "",
+        )
+        self.spawn(
+            self._publish_resumed(inc), f"migration {inc.migration_uid}: publishing the resume"
+        )
+
+    async def discard(self, inc: IncomingMigration, reason: str) -> None:
+        """Destroy the incoming guest, unless the hand-off was committed here."""
+        if not inc.decide(Switchover.ABORTED):
+            return
+        self.incoming.forget(inc.migration_uid)
+        await inc.handle.destroy()
+        if inc.record_written is not None:  # the device state came: a record was written
+            with contextlib.suppress(Exception):
+                await inc.record_written
+        await asyncio.to_thread(self.incoming.records.remove, inc.migration_uid)
+        log.info("migration %s: incoming guest discarded: %s", inc.migration_uid, reason)
+
+    async def _postcopy_done(self, inc: IncomingMigration) -> None:
+        self.incoming.forget(inc.migration_uid)
+        await asyncio.to_thread(self.incoming.records.remove, inc.migration_uid)
+
+    async def settle_orphan(self, vmi: Obj, ms: Obj, handle: VMHandle) -> None:
+        """An incoming guest adopted after a restart: resume it from its restart record if
+        the hand-off was committed, else destroy it."""
+        uid = ms[Field.MIGRATION_UID]
+        record = await asyncio.to_thread(self.incoming.records.read, uid)
+        if ms.get(Field.SWITCHOVER) == Switchover.COMMITTED and record is not None:
+            await handle.resume(record.device_state)
+            self.handles[vmi["metadata"]["uid"]] = handle
+            log.info("migration %s: incoming guest resumed from its restart record", uid)
+        else:
+            await handle.destroy()
+            log.info("migration %s: incoming guest destroyed (not handed off)", uid)
+        await asyncio.to_thread(self.incoming.records.remove, uid)
+
+    # -- publishing the resume ------------------------------------------------------------
+
+    async def _publish_resumed(self, inc: IncomingMigration) -> None:
+        """Record that the VM runs here (nodeName first), then the gap the guest saw."""
+        record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
+        await record.patch_until_written(
+            {Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: conditions.now_rfc3339()},
+            {"nodeName": self.node, "launcher": launcher(inc.handle)},
+        )
+        status = await inc.handle.status()
+        for _ in range(RESUME_GAP_POLLS):  # the gap is known at the guest's first tick
+            if status.resume_gap_ms is not None:
+                break
+            await asyncio.sleep(0.01)
+            status = await inc.handle.status()
+        gap = status.resume_gap_ms
+        log.info("migration %s: the guest saw a %s ms gap", inc.migration_uid, gap)
+        if gap is not None:
+            await record.patch_until_written(
+                {Field.TRANSFER: {"guestDowntimeMilliseconds": round(gap, 3)}},
+                {"guest": {"resumeGapMilliseconds": round(gap, 3)}},
+            )
+
+
+def launcher(handle: VMHandle) -> Obj:
+    """``status.launcher`` of a guest."""
+    return {"pid": handle.pid, "vmId": handle.vm_id, "driver": handle.driver_name}
