@@ -19,7 +19,15 @@ from typing import Any
 from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
-from vmferry.migration_state import TOKEN_SECRET_KEY, TOKEN_SECRET_NAMESPACE, token_secret_name
+from vmferry.migration_state import (
+    TOKEN_SECRET_KEY,
+    TOKEN_SECRET_NAMESPACE,
+    Field,
+    MigrationMode,
+    Switchover,
+    raw,
+    token_secret_name,
+)
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -88,8 +96,8 @@ class HandoffRecord:
     async def read(self) -> tuple[Obj, Obj]:
         """(VMI, its migrationState); MigrationFailed if another migration replaced it."""
         vmi = self._seen(await self.api.get("VirtualMachineInstance", self.ns, self.name))
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
-        if ms.get("migrationUid") != self.uid:
+        ms = raw(vmi)
+        if ms.get(Field.MIGRATION_UID) != self.uid:
             raise MigrationFailed("the VMI's migration state was replaced by another migration")
         return vmi, ms
 
@@ -98,10 +106,10 @@ class HandoffRecord:
         meanwhile; the precondition makes a cancel racing the start lose or win cleanly."""
         while True:
             vmi, ms = await self.read()
-            if ms.get("failed") or ms.get("completed") or ms.get("startTimestamp"):
+            if ms.get(Field.FAILED) or ms.get(Field.COMPLETED) or ms.get(Field.START_TIMESTAMP):
                 log.info("migration %s: not starting (already ended or started)", self.uid)
                 return False
-            ms["startTimestamp"] = conditions.now_rfc3339()
+            ms[Field.START_TIMESTAMP] = conditions.now_rfc3339()
             ms.update(fields)
             try:
                 self._seen(await self.api.update(vmi, subresource="status"))
@@ -134,7 +142,7 @@ class HandoffRecord:
                 log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
                 await asyncio.sleep(RETRY)
 
-    async def claim(self, decision: str, extra: Obj | None = None) -> str:
+    async def claim(self, decision: Switchover, extra: Obj | None = None) -> Switchover:
         """Record ``switchover: decision`` (with ``extra`` fields) unless a decision is
         recorded already; returns the decision that stands. Retries while the API is away.
         A VMI that is gone or belongs to another migration counts as Aborted."""
@@ -145,13 +153,13 @@ class HandoffRecord:
                     vmi = self._seen(
                         await self.api.get("VirtualMachineInstance", self.ns, self.name)
                     )
-                ms = (vmi.get("status") or {}).get("migrationState") or {}
-                if ms.get("migrationUid") != self.uid:
-                    return "Aborted"
-                if ms.get("switchover"):
-                    return str(ms["switchover"])
+                ms = raw(vmi)
+                if ms.get(Field.MIGRATION_UID) != self.uid:
+                    return Switchover.ABORTED
+                if ms.get(Field.SWITCHOVER):
+                    return Switchover(ms[Field.SWITCHOVER])
                 # Copied along the changed path only (the hand-off is downtime).
-                new_ms = {**ms, "switchover": decision, **(extra or {})}
+                new_ms = {**ms, Field.SWITCHOVER: decision, **(extra or {})}
                 new = {**vmi, "status": {**vmi["status"], "migrationState": new_ms}}
                 self._seen(await self.api.update(new, subresource="status"))
                 log.info("migration %s: switchover %s recorded", self.uid, decision)
@@ -159,16 +167,16 @@ class HandoffRecord:
             except Conflict:
                 continue
             except NotFound:
-                return "Aborted"
+                return Switchover.ABORTED
             except ApiError as e:
                 log.warning(
                     "migration %s: cannot record %s yet (%s); retrying", self.uid, decision, e
                 )
                 await asyncio.sleep(RETRY)
 
-    async def commit(self, mode: str = "PreCopy") -> None:
+    async def commit(self, mode: MigrationMode = MigrationMode.PRE_COPY) -> None:
         """The hand-off: Committed (and the mode); MigrationFailed if Aborted stands."""
-        if await self.claim("Committed", {"mode": mode}) != "Committed":
+        if await self.claim(Switchover.COMMITTED, {Field.MODE: mode}) != Switchover.COMMITTED:
             raise MigrationFailed(
                 "the hand-off was aborted (the target gave up waiting, or the VMI went away)"
             )
