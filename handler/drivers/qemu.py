@@ -1,4 +1,5 @@
-"""The qemu driver: guests are ``qemu-system-x86_64`` processes controlled over QMP.
+"""The qemu driver: guests are ``qemu-system-x86_64`` processes controlled over QMP
+(their handle and spec are in ``qemu_handle.py``).
 
 Each guest is its own QEMU process, daemonised (``-daemonize``) in its own session, so
 it is never the handler's child and outlives a handler restart. Files:
@@ -15,12 +16,6 @@ it is never the handler's child and outlives a handler restart. Files:
 An incoming guest (migration target) starts with ``-incoming defer -S``: paused, waiting
 for ``migrate-incoming``; it stays paused after the migration completes until the
 handler resumes it (``cont``) once the hand-off is recorded.
-
-Downtime as the guest saw it: the guest program prints a heartbeat on the serial
-console every tick. Under TCG the guest's clocks stop while QEMU is paused, so the gap
-is measured on the host: the time the first heartbeat reached the target's console
-minus the time of the source console's last write before the pause (file mtimes, which
-is why the console is a file).
 """
 
 from __future__ import annotations
@@ -30,28 +25,33 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
-import re
 import shutil
 import signal
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
-
 from handler.drivers.base import (
     DriverError,
-    GuestError,
-    GuestSpec,
     GuestStartError,
-    GuestStatus,
     VMExistsError,
     VMHandle,
-    unmap,
+)
+from handler.drivers.qemu_handle import (
+    _VM_ID_RE,
+    CONSOLE_LOG,
+    DEFAULT_CMDLINE,
+    DEFAULT_RAM_DIR,
+    DRIVER_NAME,
+    VM_JSON,
+    QemuHandle,
+    QemuSpec,
+    _is_qemu_of,
+    _proc_start_ticks,
+    kvm_usable,
+    last_heartbeat,
+    qemu_binary,
 )
 from vmferry import schema
 
@@ -61,367 +61,18 @@ if TYPE_CHECKING:
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
 
-__all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "qemu_binary"]
+__all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "last_heartbeat", "qemu_binary"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RAM_DIR = Path("/dev/shm/vmferry")
-VM_JSON = "vm.json"
-CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 LAUNCH_TIMEOUT_S = 30.0  # until the daemonised QEMU wrote its pidfile
-QMP_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
-HEARTBEAT_WAIT_S = 1.5  # how long resume() waits for the guest's first heartbeat
-VERIFY_MODES = ("off", "detect", "repair")
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1"
-ACCELERATORS = ("kvm", "tcg")
-_VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_HB_RE = re.compile(rb"^HB (\d+) (\d+) ", re.M)
-PANIC_MARKERS = ("Kernel panic", "CORRUPT page=")
-
-
-def qemu_binary(name: str = "qemu-system-x86_64") -> str | None:
-    """The QEMU binary's path, or None when it is not installed."""
-    return shutil.which(name)
-
-
-def kvm_usable() -> bool:
-    """True when /dev/kvm opens read/write and the CPU has hardware virtualisation
-    (vmx/svm). A /dev/kvm without them (e.g. the paravirtual kvm-pvm module inside a
-    cloud VM) runs only PVM-aware guest kernels, so it does not count."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if not re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M):
-        return False
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-@dataclass(frozen=True)
-class QemuSpec:
-    """A QEMU guest: direct kernel boot (kernel + initrd + cmdline), RAM, vCPUs."""
-
-    memory_bytes: int
-    kernel: str
-    initrd: str = ""
-    cmdline: str = DEFAULT_CMDLINE
-    accelerator: str = ""  # kvm|tcg; "" = kvm when usable, else tcg
-    vcpus: int = 1
-    verify: str = "repair"
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.memory_bytes < (16 << 20) or self.memory_bytes % (2 << 20):
-            raise ValueError(
-                f"qemu: memory must be a multiple of 2 MiB and at least 16 MiB, "
-                f"got {self.memory_bytes} bytes"
-            )
-        if not self.kernel:
-            raise ValueError("qemu.kernel: required (a kernel image path on the node)")
-        if self.accelerator not in ("", *ACCELERATORS):
-            raise ValueError(f"qemu.accelerator: expected kvm or tcg, got {self.accelerator!r}")
-        if self.verify not in VERIFY_MODES:
-            raise ValueError(f"qemu.verify: expected off, detect or repair, got {self.verify!r}")
-        if self.vcpus < 1:
-            raise ValueError(f"qemu.vcpus: must be >= 1, got {self.vcpus}")
-
-    def effective_accelerator(self) -> str:
-        return self.accelerator or ("kvm" if kvm_usable() else "tcg")
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["extra_args"] = list(self.extra_args)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> QemuSpec:
-        data = dict(data)
-        data["extra_args"] = tuple(data.get("extra_args") or ())
-        return cls(**data)
-
-
-def _proc_start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _is_qemu_of(pid: int, start_ticks: int | None, vm_id: str) -> bool:
-    """True when ``pid`` is the live QEMU process of ``vm_id`` (not a reused pid)."""
-    if pid <= 0:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    if state in ("Z", "X"):
-        return False
-    if start_ticks is not None and _proc_start_ticks(pid) != start_ticks:
-        return False
-    return b"qemu-system" in cmdline[0] and f"guest={vm_id}".encode() in cmdline
-
-
-def last_heartbeat(console: bytes) -> tuple[int, int] | None:
-    """(seq, guest monotonic ns) of the last heartbeat line in console output."""
-    found = None
-    for m in _HB_RE.finditer(console):
-        found = m
-    return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-class QemuHandle:
-    """One QEMU guest: QMP control, its RAM file mapped, its console log."""
-
-    def __init__(
-        self,
-        vm_id: str,
-        qspec: QemuSpec,
-        pid: int,
-        start_ticks: int | None,
-        vm_dir: Path,
-        ram_path: Path,
-        qmp_path: Path,
-        incoming: bool,
-    ) -> None:
-        self.vm_id = vm_id
-        self.qspec = qspec
-        self.spec = GuestSpec(memory_bytes=qspec.memory_bytes)  # geometry for the protocols
-        self.pid = pid
-        self.start_ticks = start_ticks
-        self.vm_dir = vm_dir
-        self.ram_path = ram_path
-        self.qmp_path = qmp_path
-        self.incoming = incoming
-        self.console_path = vm_dir / CONSOLE_LOG
-        self.resume_gap_ms: float | None = None
-        self.source_last_console_ns: int = 0  # set on a target by the tunnel
-        self._qmp: QMPClient | None = None
-        self._qmp_lock = asyncio.Lock()
-        self._mm: mmap.mmap | None = None
-
-    @property
-    def page_count(self) -> int:
-        return self.spec.page_count
-
-    @property
-    def driver_name(self) -> str:
-        return QemuDriver.name
-
-    # -- QMP ------------------------------------------------------------------------------
-
-    async def _client(self) -> QMPClient:
-        async with self._qmp_lock:
-            if self._qmp is not None and self._qmp.runstate.name == "RUNNING":
-                return self._qmp
-            if self._qmp is not None:
-                with contextlib.suppress(Exception):
-                    await self._qmp.disconnect()
-            client = QMPClient(f"vmferry-{self.vm_id[:13]}")
-            try:
-                async with asyncio.timeout(QMP_TIMEOUT_S):
-                    await client.connect(str(self.qmp_path))
-            except (ConnectError, OSError, TimeoutError) as e:
-                raise GuestError(f"VM {self.vm_id}: cannot reach QEMU's QMP socket: {e}") from e
-            self._qmp = client
-            return client
-
-    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a QMP command; GuestError with QEMU's message when it fails."""
-        client = await self._client()
-        try:
-            async with asyncio.timeout(QMP_TIMEOUT_S):
-                return await client.execute(command, arguments)
-        except ExecuteError as e:
-            raise GuestError(f"VM {self.vm_id}: QEMU refused {command}: {e}") from e
-        except (QMPError, OSError, TimeoutError, EOFError) as e:
-            self._qmp = None
-            raise GuestError(f"VM {self.vm_id}: QMP {command} failed: {e!r}") from e
-
-    async def run_state(self) -> str:
-        return str((await self.qmp("query-status"))["status"])
-
-    # -- memory ---------------------------------------------------------------------------
-
-    def ram(self) -> memoryview:
-        if self._mm is None:
-            fd = os.open(self.ram_path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                if size != self.qspec.memory_bytes:
-                    raise DriverError(
-                        f"{self.ram_path} is {size} bytes, expected {self.qspec.memory_bytes}"
-                    )
-                self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
-        return memoryview(self._mm)
-
-    # -- control --------------------------------------------------------------------------
-
-    async def pause(self) -> None:
-        await self.qmp("stop")
-
-    async def resume(self, device_state: bytes | None = None) -> None:
-        """``cont``. For an incoming guest, also measure the downtime the guest saw:
-        waits (at most HEARTBEAT_WAIT_S) for its first heartbeat on this console."""
-        del device_state  # QEMU carries the device state in its own stream
-        before = self.console_path.stat().st_size if self.console_path.exists() else 0
-        await self.qmp("cont")
-        if self.incoming:
-            self.incoming = False
-            await asyncio.to_thread(self._write_record)
-            if self.source_last_console_ns:
-                self.resume_gap_ms = await self._first_heartbeat_gap(before)
-
-    async def _first_heartbeat_gap(self, offset: int) -> float | None:
-        deadline = time.monotonic() + HEARTBEAT_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                st = self.console_path.stat()
-                if st.st_size > offset:
-                    with self.console_path.open("rb") as f:
-                        f.seek(offset)
-                        if b"HB " in f.read():
-                            return (st.st_mtime_ns - self.source_last_console_ns) / 1e6
-            except OSError:
-                pass
-            await asyncio.sleep(0.005)
-        return None
-
-    def console_mtime_ns(self) -> int:
-        try:
-            return self.console_path.stat().st_mtime_ns
-        except OSError:
-            return 0
-
-    def console_text(self) -> str:
-        try:
-            return self.console_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    async def set_throttle(self, percent: int) -> None:
-        await self.qmp(
-            "migrate-set-parameters",
-            {"cpu-throttle-initial": max(1, percent), "cpu-throttle-increment": 10},
-        )
-
-    async def status(self) -> GuestStatus:
-        if not self.is_alive():
-            state = "stopped"
-        else:
-            try:
-                qstate = await self.run_state()
-            except GuestError:
-                if not self.is_alive():
-                    qstate = "shutdown"
-                else:
-                    raise
-            if qstate == "running":
-                state = "running"
-            elif qstate in ("shutdown", "guest-panicked", "internal-error"):
-                state = "stopped"
-            else:
-                state = "incoming" if self.incoming else "paused"
-        hb = last_heartbeat(self._console_tail())
-        return GuestStatus(
-            state=state,
-            ticks=hb[0] if hb else 0,
-            last_tick_ns=hb[1] if hb else 0,
-            throttle_percent=0,
-            resume_gap_ms=self.resume_gap_ms,
-            pid=self.pid,
-            memory_bytes=self.qspec.memory_bytes,
-        )
-
-    def _console_tail(self, size: int = 4096) -> bytes:
-        try:
-            with self.console_path.open("rb") as f:
-                f.seek(max(0, self.console_path.stat().st_size - size))
-                return f.read()
-        except OSError:
-            return b""
-
-    def _write_record(self) -> None:
-        path = self.vm_dir / VM_JSON
-        record = json.loads(path.read_text())
-        record["incoming"] = self.incoming
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
-
-    # -- process --------------------------------------------------------------------------
-
-    def is_alive(self) -> bool:
-        return _is_qemu_of(self.pid, self.start_ticks, self.vm_id)
-
-    async def _wait_gone(self, limit: float) -> bool:
-        deadline = time.monotonic() + limit
-        while self.is_alive():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
-    async def stop(self) -> None:
-        if not self.is_alive():
-            return
-        with contextlib.suppress(GuestError):
-            await self.qmp("quit")
-        if not await self._wait_gone(STOP_TIMEOUT_S):
-            await self._kill()
-
-    async def _kill(self) -> None:
-        if self.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        await self._wait_gone(STOP_TIMEOUT_S)
-
-    async def destroy(self) -> None:
-        await self._disconnect()
-        await self._kill()
-        mm, self._mm = self._mm, None
-        self.close()
-        # Unmapping a large guest's RAM and freeing its file's pages take a while (1 GiB:
-        # tens of ms to unmap, ~230 ms to free the tmpfs pages here): not on the event loop.
-        await asyncio.to_thread(self._unmap_and_delete, mm)
-
-    def _unmap_and_delete(self, mm: mmap.mmap | None) -> None:
-        unmap(mm, f"qemu {self.vm_id}: RAM")
-        self.ram_path.unlink(missing_ok=True)
-        self.qmp_path.unlink(missing_ok=True)
-        shutil.rmtree(self.vm_dir, ignore_errors=True)
-
-    async def _disconnect(self) -> None:
-        client, self._qmp = self._qmp, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        unmap(mm, f"qemu {self.vm_id}: RAM")
-        client, self._qmp = self._qmp, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                task = asyncio.get_running_loop().create_task(client.disconnect())
-                del task
 
 
 class QemuDriver:
     """Runs QEMU guests; one directory per VM under ``runtime_dir``."""
 
-    name = "qemu"
+    name = DRIVER_NAME
 
     def __init__(
         self,
