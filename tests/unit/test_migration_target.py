@@ -20,9 +20,10 @@ from handler.digest import ChunkDigest
 from handler.drivers.base import GuestSpec
 from handler.drivers.memvm import MemVMDriver, MemVMHandle
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.migration.memvm_target import MigrationService
+from handler.migration.memvm_target import MigrationService, _ChannelClosed
 from handler.migration.restart_record import RestartRecords
-from handler.migration.target_state import TargetState
+from handler.migration.target_state import IllegalTransition, TargetState
+from vmferry.migration_state import Switchover
 from vmferry.rpc import migration_pb2 as pb
 
 MiB = 1 << 20
@@ -123,6 +124,7 @@ def test_device_state_first_then_final_state_verifies_with_the_record_written(
             )
             verified = pair.verified()
             assert verified.match and pair.inc.verified
+            assert pair.inc.state is TargetState.VERIFIED
             record = json.loads(pair.record.read_text())
             assert base64.b64decode(record["deviceState"]) == state
             assert record["vmId"] == pair.incoming.vm_id and record["postcopy"] is False
@@ -165,3 +167,48 @@ def test_a_digest_mismatch_removes_the_record(tmp_path: Path, ram_dir: Path) -> 
             assert not pair.record.exists()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_commit_frames_in_the_order_of_the_state_machine(tmp_path: Path, ram_dir: Path) -> None:
+    """Commit before verification is refused; after it the VM manager's on_commit runs
+    (it decides), Resumed answers, and a frame after the decision is refused."""
+
+    async def scenario() -> None:
+        async with Pair(tmp_path, ram_dir) as pair:
+            commits: list[TargetState] = []
+
+            async def on_commit(inc: IncomingMigration) -> None:
+                commits.append(inc.state)
+                assert inc.decide(Switchover.COMMITTED)
+
+            pair.registry.on_commit = on_commit
+            commit = pb.SourceFrame(commit=pb.Commit())
+            with pytest.raises(stream.ProtocolError, match="Commit before the memory"):
+                await pair.send(commit)
+            await pair.send(pb.SourceFrame(device_state=pb.DeviceState(state=b"{}")))
+            await pair.send_memory()
+            digest = await pair.source_digest()
+            await pair.send(pb.SourceFrame(final_state=pb.FinalState(digest=digest)))
+            assert pair.verified().match
+            with pytest.raises(IllegalTransition, match="in state Verified"):
+                await pair.send(pb.SourceFrame(final_state=pb.FinalState(digest=digest)))
+            with pytest.raises(_ChannelClosed):  # channel 0 ends after Resumed
+                await pair.send(commit)
+            assert commits == [TargetState.VERIFIED]
+            assert pair.inc.state is TargetState.COMMITTED
+            resumed = [f for f in drain(pair.out) if f.WhichOneof("frame") == "resumed"]
+            assert len(resumed) == 1
+            with pytest.raises(stream.ProtocolError, match="after the migration was Committed"):
+                await pair.send(pb.SourceFrame(round_end=pb.RoundEnd(round=1, final=True)))
+
+    asyncio.run(scenario())
+
+
+def drain(queue: asyncio.Queue[pb.TargetFrame | None]) -> list[pb.TargetFrame]:
+    frames = []
+    while not queue.empty():
+        frame = queue.get_nowait()
+        if frame is not None:
+            frames.append(frame)
+    return frames
