@@ -46,6 +46,14 @@ from vmferry.conditions import parse_time
 from vmferry.errors import ApiError, BadRequest, NotFound, Unauthorized, error_from_reason
 from vmferry.httpserve import Request, Response, serve
 from vmferry.informer import Informer
+from vmferry.migration_state import (
+    PROGRESS_PHASES,
+    Field,
+    MigrationPhase,
+    MigrationState,
+    VMIPhase,
+    raw,
+)
 from vmferry.rpc import api_pb2
 
 log = logging.getLogger(__name__)
@@ -56,8 +64,7 @@ SESSION_TTL = 8 * 3600.0  # s; a console session, like an oc login, ends the wor
 EVENT_PERIOD = 1.0  # s between live updates pushed to a page
 SAMPLE_PERIOD = 1.0  # s between samples of the Metrics tab's history
 HISTORY_SAMPLES = 600  # 10 minutes at SAMPLE_PERIOD
-FINAL = ("Succeeded", "Failed")
-RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
+RUNNING_PHASES = PROGRESS_PHASES  # the Metrics tab counts them all as "running"
 HOSTNAME_LABEL = "kubernetes.io/hostname"  # every Node carries it (handler/node_agent.py)
 STATIC_PACKAGE = "controller"
 STATIC_DIR = "console_static"
@@ -210,7 +217,7 @@ def _elapsed(vmim: Obj, now: float) -> float:
     except (KeyError, ValueError):
         return 0.0
     end = now
-    if status.get("phase") in FINAL:
+    if MigrationPhase.of(vmim).final:
         stamps = [
             p.get("phaseTransitionTimestamp")
             for p in status.get("phaseTransitionTimestamps") or []
@@ -226,21 +233,21 @@ def migration_row(vmim: Obj, vmis: dict[tuple[str, str], Obj], now: float) -> Ob
     """One row of the Migrations tab."""
     meta = vmim["metadata"]
     status = vmim.get("status") or {}
-    ms = dict(status.get("migrationState") or {})
     vmi_name = (vmim.get("spec") or {}).get("vmiName", "")
     vmi = vmis.get((meta["namespace"], vmi_name))
-    vmi_ms = ((vmi or {}).get("status") or {}).get("migrationState") or {}
-    if vmi_ms.get("migrationUid") == meta.get("uid"):  # the VMI has the freshest figures
-        ms = {**ms, **vmi_ms}
-    transfer = ms.get("transfer") or {}
+    vmi_ms = raw(vmi or {})
+    # The VMI has the freshest figures.
+    fresh = vmi_ms.get(Field.MIGRATION_UID) == meta.get("uid")
+    ms = MigrationState.from_dict({**raw(vmim), **vmi_ms} if fresh else raw(vmim))
+    transfer = ms.transfer
     return {
         "namespace": meta["namespace"],
         "name": meta["name"],
         "vmi": vmi_name,
         "phase": status.get("phase") or "",
-        "source": ms.get("sourceNode", ""),
-        "target": ms.get("targetNode", ""),
-        "mode": ms.get("mode", ""),
+        "source": ms.source_node,
+        "target": ms.target_node,
+        "mode": ms.mode or "",
         "total": transfer.get("dataTotalBytes", 0),
         "processed": transfer.get("dataProcessedBytes", 0),
         "remaining": transfer.get("dataRemainingBytes", 0),
@@ -251,8 +258,8 @@ def migration_row(vmim: Obj, vmis: dict[tuple[str, str], Obj], now: float) -> Ob
         "elapsed": round(_elapsed(vmim, now), 1),
         "created": meta.get("creationTimestamp", ""),
         "deleting": bool(meta.get("deletionTimestamp")),
-        "failureReason": ms.get("failureReason", ""),
-        "abortStatus": ms.get("abortStatus", ""),
+        "failureReason": ms.failure_reason,
+        "abortStatus": ms.abort_status or "",
     }
 
 
@@ -261,9 +268,7 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
     by_key = {(v["metadata"]["namespace"], v["metadata"]["name"]): v for v in vmis}
     active: dict[tuple[str, str], str] = {}
     for m in vmims:
-        if (m.get("status") or {}).get("phase") not in FINAL and not m["metadata"].get(
-            "deletionTimestamp"
-        ):
+        if not MigrationPhase.of(m).final and not m["metadata"].get("deletionTimestamp"):
             active[(m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName", ""))] = m[
                 "metadata"
             ]["name"]
@@ -278,7 +283,7 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
             {
                 "namespace": ns,
                 "name": name,
-                "phase": status.get("phase") or ("Stopped" if vmi is None else "Pending"),
+                "phase": status.get("phase") or ("Stopped" if vmi is None else VMIPhase.PENDING),
                 "node": status.get("nodeName", ""),
                 "migratable": conds.get("LiveMigratable") == "True",
                 "migration": active.get((ns, name), ""),
@@ -331,18 +336,18 @@ class MetricsHistory:
             (v["metadata"]["namespace"], v["metadata"]["name"]): v for v in self.vmis.cache.values()
         }
         for vmim in self.vmims.cache.values():
-            phase = (vmim.get("status") or {}).get("phase") or ""
-            if phase in ("", "Pending"):
+            phase = MigrationPhase.of(vmim)
+            if phase in (MigrationPhase.UNSET, MigrationPhase.PENDING):
                 counts["pending"] += 1
-            elif phase == "Scheduling":
+            elif phase == MigrationPhase.SCHEDULING:
                 counts["scheduling"] += 1
             elif phase in RUNNING_PHASES:
                 counts["running"] += 1
-            elif phase == "Succeeded":
+            elif phase == MigrationPhase.SUCCEEDED:
                 counts["succeeded"] += 1
-            elif phase == "Failed":
+            elif phase == MigrationPhase.FAILED:
                 counts["failed"] += 1
-            if phase == "Running":
+            if phase == MigrationPhase.RUNNING:
                 row = migration_row(vmim, vmis, now)
                 migrations[f"{row['namespace']}/{row['name']}"] = {
                     "vmi": row["vmi"],
@@ -534,7 +539,7 @@ class Console:
             m["metadata"]["name"]
             for m in vmims
             if (m.get("spec") or {}).get("vmiName") == vm
-            and (m.get("status") or {}).get("phase") not in FINAL
+            and not MigrationPhase.of(m).final
             and not m["metadata"].get("deletionTimestamp")
         ]
         if not active:

@@ -29,7 +29,7 @@ from typing import Any
 
 from handler.drivers.base import Driver, GuestSpec, VMHandle
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.migration.handoff import HandoffRecord
+from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration_source import SourceMigration, Stats
 from handler.migration_target import IncomingMigration, MigrationService
 from handler.qemu_migration import QemuSourceMigration
@@ -438,7 +438,7 @@ class VMManager:
             name=meta["name"],
             vmi_uid=meta["uid"],
             migration_uid=ms["migrationUid"],
-            token=ms.get("token", ""),
+            token=await read_token(self.api, ms["migrationUid"]),
             source_node=ms["sourceNode"],
             handle=handle,
         )

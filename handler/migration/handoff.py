@@ -11,12 +11,14 @@ source resumes only once Aborted is (or nothing was committed).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from typing import Any
 
 from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.migration_state import TOKEN_SECRET_KEY, TOKEN_SECRET_NAMESPACE, token_secret_name
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -37,6 +39,16 @@ def first_leaf(e: BaseException) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
+
+
+async def read_token(api: ApiClient, migration_uid: str) -> str:
+    """The stream token of migration ``migration_uid``, from the Secret the controller
+    created before the hand-off (``token_secret_name``). Only the migration's two nodes
+    may read it. Raises the API's NotFound once the migration has ended (the controller
+    deletes the Secret then) and Forbidden on any other node."""
+    secret = await api.get("Secret", TOKEN_SECRET_NAMESPACE, token_secret_name(migration_uid))
+    encoded = (secret.get("data") or {}).get(TOKEN_SECRET_KEY, "")
+    return base64.b64decode(encoded).decode()
 
 
 class HandoffRecord:
