@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from controller import rbac
+from controller import migration_token, rbac
+from controller.api import NodeAuthorizer
 from controller.authn import TokenSigner
-from vmferry import kinds, schema
+from vmferry import kinds, pki, schema
 from vmferry.errors import Invalid, Unauthorized
+from vmferry.migration_state import TOKEN_MIGRATION_LABEL, TOKEN_SECRET_NAMESPACE, token_secret_name
 
 Obj = dict[str, Any]
 G = rbac.RBAC_GROUP
@@ -378,3 +380,58 @@ def test_cli_builds_bindings_like_kubectl() -> None:
         rbac_cmd.build_object(args("rolebinding", "x"), "d")
     sa = rbac_cmd.build_object(args("sa", "mtv"), "tools")
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["namespace"] == "tools"
+
+
+def test_view_and_edit_grant_no_secrets_outside_their_namespace() -> None:
+    """The migration token Secret lives in the system namespace: a namespace's viewer
+    reads no Secret at all, and its admin none outside that namespace."""
+    roles = builtins_aggregated()
+    policy = rbac.Policy.of(
+        [
+            *roles,
+            binding("v", "view", user("vera"), ns="ns1"),
+            binding("a", "admin", user("adam"), ns="ns1"),
+        ]
+    )
+    secret_name = token_secret_name("some-uid")
+    for verb in ("get", "list", "watch"):
+        assert not policy.authorize(req("vera", verb, "Secret", "ns1")).allowed
+        assert not policy.authorize(
+            req("vera", verb, "Secret", TOKEN_SECRET_NAMESPACE, secret_name)
+        ).allowed
+        assert not policy.authorize(
+            req("adam", verb, "Secret", TOKEN_SECRET_NAMESPACE, secret_name)
+        ).allowed
+    assert policy.authorize(req("adam", "get", "Secret", "ns1")).allowed  # their own
+    assert policy.authorize(req("vera", "get", "VirtualMachineInstance", "ns1")).allowed
+
+
+def node_identity(name: str) -> pki.Identity:
+    return pki.Identity(f"{pki.NODE_USER_PREFIX}{name}", (pki.NODES_GROUP,))
+
+
+def test_node_authorizer_lets_only_the_two_nodes_get_a_token_secret() -> None:
+    authz = NodeAuthorizer()
+    secret = migration_token.token_secret("uid-1", "node1", "node2", "t0k3n")
+    name = secret["metadata"]["name"]
+
+    def decide(node: str, verb: str, current: Obj | None, secret_name: str = name) -> bool:
+        who = node_identity(node)
+        request = rbac.request_for(
+            who.user, who.groups, verb, kinds.by_kind("Secret"), TOKEN_SECRET_NAMESPACE, secret_name
+        )
+        return authz.check(who, request, current).allowed
+
+    assert decide("node1", "get", secret) and decide("node2", "get", secret)
+    assert not decide("node3", "get", secret)
+    assert not decide("node1", "list", None, "") and not decide("node1", "watch", None, "")
+    assert decide("node3", "get", None)  # gone (migration ended): the get says NotFound
+    # A Secret that is not a migration token, even labelled so, stays closed.
+    other = copy.deepcopy(secret)
+    other["metadata"]["name"] = "cluster-credentials"
+    assert not decide("node1", "get", other, "cluster-credentials")
+    forged = copy.deepcopy(secret)
+    forged["metadata"]["labels"][TOKEN_MIGRATION_LABEL] = "uid-2"  # names another Secret
+    assert not decide("node1", "get", forged)
+    for verb in ("update", "patch", "delete", "create"):
+        assert not decide("node1", verb, secret)
