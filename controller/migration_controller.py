@@ -403,10 +403,14 @@ class MigrationController:
         await self._collect_garbage(vmim)
 
     async def _collect_garbage(self, vmim: Obj) -> None:
-        """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest
-        (and their token Secrets, should one have survived)."""
+        """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest.
+        Then delete the token Secrets no unfinished migration owns (one whose VMIM was
+        removed without passing here, or survived a crash)."""
         ns, vmi_name = vmim["metadata"]["namespace"], vmim["spec"]["vmiName"]
-        items, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
+        everywhere, _ = await self.store.list("VirtualMachineInstanceMigration")
+        unfinished = {m["metadata"]["uid"] for m in everywhere if not MigrationPhase.of(m).final}
+        await migration_token.delete_orphans(self.store, unfinished)
+        items = [m for m in everywhere if m["metadata"]["namespace"] == ns]
         finished = sorted(
             (
                 m
@@ -429,7 +433,6 @@ class MigrationController:
                 ns,
                 vmi_name,
             )
-            await migration_token.delete_token_secret(self.store, old["metadata"]["uid"])
             with contextlib.suppress(NotFound, Conflict):
                 await self.store.delete(
                     "VirtualMachineInstanceMigration",

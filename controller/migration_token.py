@@ -15,6 +15,8 @@ Lifecycle, all in the migration reconciler:
    a new placement), so a pass that failed half-way never mints a second token.
 2. ``delete_token_secret`` before the VMIM's final phase is written (Succeeded, Failed,
    cancel) and when a finished VMIM is garbage-collected; a missing Secret is fine.
+3. ``delete_orphans`` after each garbage collection: the Secrets of migrations that no
+   longer exist or have finished (a VMIM whose finalizer an administrator removed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import base64
 import contextlib
 import logging
 import secrets
+from collections.abc import Collection
 from typing import Any
 
 from controller.store import Store
@@ -94,6 +97,25 @@ async def delete_token_secret(store: Store, migration_uid: str) -> None:
     with contextlib.suppress(NotFound):
         await store.delete("Secret", TOKEN_SECRET_NAMESPACE, token_secret_name(migration_uid))
         log.info("migration %s: stream token deleted", migration_uid)
+
+
+async def delete_orphans(store: Store, unfinished_uids: Collection[str]) -> list[str]:
+    """Delete every token Secret whose migration is not among ``unfinished_uids`` (the
+    uids of the VMIMs not yet Succeeded or Failed, read before this call: a Secret is only
+    created for one of those, by the migration reconciler, whose passes run one at a time,
+    so none appears between that read and this one). Returns the uids deleted."""
+    items, _ = await store.list("Secret", TOKEN_SECRET_NAMESPACE)
+    deleted = []
+    for secret in items:
+        uid = (secret["metadata"].get("labels") or {}).get(TOKEN_MIGRATION_LABEL, "")
+        if (
+            uid
+            and uid not in unfinished_uids
+            and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"])
+        ):
+            await delete_token_secret(store, uid)
+            deleted.append(uid)
+    return deleted
 
 
 def is_token_secret_name(namespace: str, name: str) -> bool:

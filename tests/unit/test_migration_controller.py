@@ -519,16 +519,23 @@ def test_old_finished_migrations_are_collected_with_their_secrets(tmp_path: Path
             vmim["status"] = {"phase": MigrationPhase.FAILED}
             await c.store.update(vmim, subresource="status")
             old_uids.append(uid)
-        # A Secret that survived its migration (a controller crashed before deleting it).
+        # Secrets that survived their migration: a finished one, one whose VMIM is gone.
         await migration_token.ensure_token_secret(c.store, old_uids[0], "node1", "node2")
+        await migration_token.ensure_token_secret(c.store, "gone-uid", "node1", "node2")
+        # A migration of another VMI in flight: its Secret stays.
+        await c.add_vmi("other", "node2")
+        live_uid = await c.add_vmim("live", "other")
+        await c.to_phase("live", MigrationPhase.SCHEDULED, vmi="other")
         await c.add_vmim("new", "vm")
         await c.reconcile("new")
         await c.store.delete(VMIM, NS, "new")
         await c.reconcile("new")  # finishes (canceled before hand-off) and collects
         items, _ = await c.store.list(VMIM, NS)
-        left = sorted(m["metadata"]["name"] for m in items)
+        left = sorted(m["metadata"]["name"] for m in items if m["spec"]["vmiName"] == "vm")
         # "new" was deleted on cancel; of the six old ones the five newest stay.
         assert left == [f"old-{i}" for i in range(1, KEEP_FINISHED + 1)]
-        assert await c.token_secrets() == []
+        [secret] = await c.token_secrets()
+        assert secret["metadata"]["name"] == token_secret_name(live_uid)
+        assert await c.phase("live") == MigrationPhase.SCHEDULED
 
     run(test, tmp_path)
