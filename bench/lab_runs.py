@@ -35,6 +35,7 @@ from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, ClientConfig
 from vmferry.lab import LAB_ENV, Lab
+from vmferry.migration_state import MigrationPhase, MigrationState, VMIPhase
 
 Obj = dict[str, Any]
 NAMESPACE = "default"
@@ -215,7 +216,7 @@ class LabBench:
             while True:
                 try:
                     vmi = await api.get("VirtualMachineInstance", NAMESPACE, name)
-                    if (vmi.get("status") or {}).get("phase") == "Running":
+                    if (vmi.get("status") or {}).get("phase") == VMIPhase.RUNNING:
                         return vmi
                 except Exception:
                     pass
@@ -280,8 +281,8 @@ class LabBench:
             deadline = time.monotonic() + MIGRATION_TIMEOUT
             while True:
                 vmim = await api.get("VirtualMachineInstanceMigration", NAMESPACE, vmim_name)
-                phase = (vmim.get("status") or {}).get("phase")
-                if phase in ("Succeeded", "Failed"):
+                phase = MigrationPhase.of(vmim)
+                if phase.final:
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"migration {vmim_name} did not finish")
@@ -290,9 +291,8 @@ class LabBench:
             # The target records the gap its guest saw just after the hand-off, which
             # may land after the VMIM's Succeeded: wait for it (a short while).
             gap_deadline = time.monotonic() + GAP_WAIT
-            while phase == "Succeeded" and time.monotonic() < gap_deadline:
-                ms = (vmi.get("status") or {}).get("migrationState") or {}
-                if (ms.get("transfer") or {}).get("guestDowntimeMilliseconds") is not None:
+            while phase == MigrationPhase.SUCCEEDED and time.monotonic() < gap_deadline:
+                if MigrationState.of(vmi).transfer.get("guestDowntimeMilliseconds") is not None:
                     break
                 await asyncio.sleep(0.05)
                 vmi = await api.get("VirtualMachineInstance", NAMESPACE, name)
@@ -311,21 +311,21 @@ class LabBench:
         cpu_after: dict[str, float | None],
     ) -> Obj:
         status = vmim.get("status") or {}
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        ms = MigrationState.of(vmi)
         phases = {
             p["phase"]: _ts(p["phaseTransitionTimestamp"])
             for p in status.get("phaseTransitionTimestamps") or []
         }
         created = _ts(vmim["metadata"]["creationTimestamp"])
-        source, target = ms.get("sourceNode", ""), ms.get("targetNode", "")
-        uid = ms.get("migrationUid", "")
+        source, target = ms.source_node, ms.target_node
+        uid = ms.migration_uid
         src_log = parse_source_log(read_log_events(self.lab.log_dir / f"{source}.log", uid))
-        transfer: Obj = ms.get("transfer") or {}
+        transfer: Obj = ms.transfer
         rec: Obj = {
             "vm": name,
             "migration": vmim["metadata"]["name"],
             "phase": status.get("phase"),
-            "failureReason": ms.get("failureReason"),
+            "failureReason": ms.failure_reason or None,
             "source": source,
             "target": target,
             "memoryBytes": transfer.get("dataTotalBytes"),
@@ -333,13 +333,13 @@ class LabBench:
             "phases": {k: round(v - created, 6) for k, v in phases.items()},
             "roundLog": src_log["roundLog"],
         }
-        succeeded = phases.get("Succeeded")
+        succeeded = phases.get(MigrationPhase.SUCCEEDED)
         start = src_log.get("handlerStart")
         first = src_log.get("firstByte")
         done = src_log.get("handlerSucceeded")
         # creationTimestamp has whole seconds; the Pending phase (the controller's first
         # look at the VMIM, milliseconds later) has microseconds.
-        begun = phases.get("Pending", created)
+        begun = phases.get(MigrationPhase.PENDING, created)
         rec["endToEndSeconds"] = succeeded - begun if succeeded else None
         rec["cliSeconds"] = cli_returned - invoked
         if start and done:
@@ -348,8 +348,8 @@ class LabBench:
             rec["throughput"] = mem / rec["migrationSeconds"] if mem else None
         if first:
             rec["cliToFirstByteSeconds"] = first - cli_returned
-            if "Pending" in phases:  # the controller saw the VMIM (creationTimestamp: whole s)
-                rec["pendingToFirstByteSeconds"] = first - phases["Pending"]
+            if MigrationPhase.PENDING in phases:  # the controller saw the VMIM (whole s)
+                rec["pendingToFirstByteSeconds"] = first - phases[MigrationPhase.PENDING]
             rec["handlerStartToFirstByteSeconds"] = first - start if start else None
         if start:
             rec["cliToHandlerStartSeconds"] = start - cli_returned

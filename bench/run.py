@@ -50,6 +50,7 @@ from bench.stats import (
     summaries,
     summarize,
 )
+from vmferry.migration_state import PROGRESS_PHASES, ConfigKey, MigrationPhase
 from vmferry.quantity import parse_quantity
 
 Obj = dict[str, Any]
@@ -245,7 +246,7 @@ async def run_scenario(
                 f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')}"
                 + (
                     f" FAILED: {rec.get('failureReason')}"
-                    if rec.get("phase") != "Succeeded"
+                    if rec.get("phase") != MigrationPhase.SUCCEEDED
                     else ""
                 )
             )
@@ -392,7 +393,11 @@ def table(results: Obj) -> str:
             "liveMigrationConfig: "
             + ", ".join(
                 f"{k}={cfg.get(k)}"
-                for k in ("parallelStreams", "downtimeBudgetMilliseconds", "bandwidthPerMigration")
+                for k in (
+                    ConfigKey.PARALLEL_STREAMS,
+                    ConfigKey.DOWNTIME_BUDGET_MS,
+                    ConfigKey.BANDWIDTH_PER_MIGRATION,
+                )
             )
         )
     grpc_res = results.get("grpc") or {}
@@ -410,7 +415,7 @@ def table(results: Obj) -> str:
         lines.append(
             f"== {key}: {sc['title']}, {sc['memory']} {sc['content']}{extra} ({sc['runs']} runs) =="
         )
-        failed = [r for r in sc["ours"]["records"] if r.get("phase") != "Succeeded"]
+        failed = [r for r in sc["ours"]["records"] if r.get("phase") != MigrationPhase.SUCCEEDED]
         if failed:
             row("FAILED migrations", str(len(failed)), failed[0].get("failureReason") or "")
         row("ours: throughput", fmt_summary(ours["throughput"], "MiB/s", MiB))
@@ -537,15 +542,12 @@ def table(results: Obj) -> str:
 def phase_deltas(records: list[Obj]) -> dict[str, float]:
     """Median time spent reaching each VMIM phase from the previous one."""
     order = [
-        "Pending",
-        "Scheduling",
-        "Scheduled",
-        "PreparingTarget",
-        "TargetReady",
-        "Running",
-        "Succeeded",
+        MigrationPhase.PENDING,
+        MigrationPhase.SCHEDULING,
+        *PROGRESS_PHASES,
+        MigrationPhase.SUCCEEDED,
     ]
-    out = {}
+    out: dict[str, float] = {}
     for prev, cur in itertools.pairwise(order):
         values = [
             r["phases"][cur] - r["phases"][prev]
@@ -581,7 +583,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
         await asyncio.to_thread(bench.up)
         try:
             if args.streams_config:
-                await bench.set_live_migration_config({"parallelStreams": streams})
+                await bench.set_live_migration_config({ConfigKey.PARALLEL_STREAMS: streams})
             results["liveMigrationConfig"] = await bench.live_migration_config()
             with_qemu = not args.no_qemu and qemu.available()
             if not with_qemu and not args.no_qemu:

@@ -12,14 +12,13 @@ from typing import Any
 from controller.store import Store
 from vmferry import conditions
 from vmferry.errors import Forbidden, Invalid, NotFound
+from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
 
 Obj = dict[str, Any]
 
-FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
-
 
 def is_final(vmim: Obj) -> bool:
-    return (vmim.get("status") or {}).get("phase") in FINAL_MIGRATION_PHASES
+    return MigrationPhase.of(vmim).final
 
 
 class Admission:
@@ -53,18 +52,17 @@ class Admission:
             vmi = await self.store.get("VirtualMachineInstance", ns, vmim["spec"]["vmiName"])
         except NotFound:
             return
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
+        ms = MigrationState.of(vmi)
         if (
-            ms.get("migrationUid") == vmim["metadata"]["uid"]
-            and ms.get("mode") == "PostCopy"
-            and not ms.get("completed")
-            and not ms.get("failed")
+            ms.migration_uid == vmim["metadata"]["uid"]
+            and ms.mode == MigrationMode.POST_COPY
+            and not ms.ended
         ):
             raise Forbidden(
                 f'VirtualMachineInstanceMigration "{vmim["metadata"]["name"]}" cannot be '
                 "cancelled: it is in post-copy, the VM already runs on the target node "
-                f"{ms.get('targetNode')} while part of its memory is still on "
-                f"{ms.get('sourceNode')}; aborting now would lose the VM. Wait for it to complete."
+                f"{ms.target_node} while part of its memory is still on "
+                f"{ms.source_node}; aborting now would lose the VM. Wait for it to complete."
             )
 
     async def _admit_migration(self, vmim: Obj) -> None:
@@ -79,10 +77,10 @@ class Admission:
                 f'in namespace "{ns}"'
             ) from None
         status = vmi.get("status") or {}
-        if status.get("phase") != "Running":
+        if status.get("phase") != VMIPhase.RUNNING:
             raise Invalid(
                 f"{prefix}: cannot migrate: the VMI is not running "
-                f"(phase {status.get('phase') or 'Pending'})"
+                f"(phase {status.get('phase') or VMIPhase.PENDING})"
             )
         migratable = conditions.get(vmi, "LiveMigratable")
         if migratable is not None and migratable.get("status") == "False":

@@ -5,8 +5,9 @@ Every request is authenticated (``controller.authn``: the mTLS client certificat
 service-account bearer token) and authorized before anything else happens:
 
 - node identities (``system:node:<name>``) by the node authorizer: they may read
-  everything but Secrets, and write only their own Node and the VMIs/VMIMs that involve
-  their node;
+  everything but Secrets (except, with ``get``, the stream-token Secret of a migration
+  whose source or target they are), and write only their own Node and the VMIs/VMIMs
+  that involve their node;
 - everyone else by RBAC (``controller.rbac``), reading the RBAC objects from the store,
   so a binding is in force as soon as its create returns. Writing a role or a binding
   also passes the escalation check.
@@ -18,6 +19,7 @@ a denial names the permission that was missing, as Kubernetes does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -26,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from controller import rbac
+from controller import migration_token, rbac
 from controller.admission import Admission
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner
@@ -41,6 +43,7 @@ from vmferry.errors import (
     Invalid,
     NotFound,
 )
+from vmferry.migration_state import MigrationState
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -72,9 +75,9 @@ def _dump(obj: Obj) -> bytes:
 
 
 def _involves_node(obj: Obj, node: str) -> bool:
-    status = obj.get("status") or {}
-    ms = status.get("migrationState") or {}
-    return node in (status.get("nodeName"), ms.get("sourceNode"), ms.get("targetNode"))
+    """The object runs on ``node``, or ``node`` is the source or target of its migration."""
+    ms = MigrationState.of(obj)
+    return node in ((obj.get("status") or {}).get("nodeName"), ms.source_node, ms.target_node)
 
 
 RBAC_KINDS = frozenset({"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
@@ -88,8 +91,11 @@ MIGRATION_HINT = (
 class NodeAuthorizer:
     """The node authorizer: what a handler's certificate may do.
 
-    A node reads every kind but Secrets; it writes only its own Node and the VMIs/VMIMs
-    whose status names it (running there, or the source or target of their migration).
+    A node reads every kind but Secrets; of those it may ``get`` only the stream-token
+    Secret of a migration whose source or target it is (``controller.migration_token``;
+    ``current`` is that Secret, None when it does not exist). It writes only its own Node
+    and the VMIs/VMIMs whose status names it (running there, or the source or target of
+    their migration).
     """
 
     def check(self, who: pki.Identity, request: rbac.Request, current: Obj | None) -> rbac.Decision:
@@ -97,7 +103,7 @@ class NodeAuthorizer:
         kind = request.resource
         if request.verb in ("get", "list", "watch"):
             if kind == "secrets":
-                return rbac.Decision(False, f"{request.describe()}: nodes may not read secrets")
+                return self._check_secret_read(node, request, current)
             return rbac.Decision(True, "Node: nodes may read")
         if (
             kind == "nodes"
@@ -114,6 +120,28 @@ class NodeAuthorizer:
             False,
             f"{request.describe()}: a node may only change its own Node and the virtual "
             "machines running on or migrating to/from it",
+        )
+
+    @staticmethod
+    def _check_secret_read(node: str, request: rbac.Request, current: Obj | None) -> rbac.Decision:
+        if request.verb == "get" and migration_token.is_token_secret_name(
+            request.namespace, request.name
+        ):
+            if current is None:  # the migration ended: let the get answer NotFound
+                return rbac.Decision(True, "Node: a migration token Secret that does not exist")
+            if migration_token.may_node_read(current, node):
+                return rbac.Decision(
+                    True, f"Node: the stream token of a migration that involves node {node}"
+                )
+            return rbac.Decision(
+                False,
+                f"{request.describe()}: node {node} is neither the source nor the target of "
+                "this migration",
+            )
+        return rbac.Decision(
+            False,
+            f"{request.describe()}: nodes may not read secrets (only, with get, the stream "
+            "token of a migration that involves them)",
         )
 
 
@@ -255,8 +283,12 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
-            await self._authorize(who, "get", kind, ns, request.ref.name)
-            obj = await self.store.get(kind.kind, ns, request.ref.name)
+            current: Obj | None = None
+            if who.is_node and kind.kind == "Secret":  # the node authorizer reads its labels
+                with contextlib.suppress(NotFound):
+                    current = await self.store.get(kind.kind, ns, request.ref.name)
+            await self._authorize(who, "get", kind, ns, request.ref.name, current)
+            obj = current or await self.store.get(kind.kind, ns, request.ref.name)
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
         result: api_pb2.ObjectReply = await self._guard(context, run)

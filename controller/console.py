@@ -18,20 +18,18 @@ action shows the API's own message.
 
 Pages (``controller/console_static/``): Migrations (every VMIM, live), Virtual machines
 (Migrate to an automatically selected or a specific node; Cancel migration) and Metrics
-(charts of the migration figures over the last minutes, sampled here once a second from
-the controller's caches). Live data reaches the page as server-sent events.
+(charts of the migration figures over the last minutes, sampled once a second from
+the controller's caches: ``controller.console_pages``). Live data reaches the page as server-sent events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -40,12 +38,20 @@ from typing import Any, NamedTuple
 import grpc
 
 from controller.api import ApiService
+from controller.console_pages import (
+    HOSTNAME_LABEL,
+    SAMPLE_PERIOD,
+    MetricsHistory,
+    migration_row,
+    node_rows,
+    vm_rows,
+)
 from vmferry import kinds, pki
 from vmferry.client import REASON_KEY
-from vmferry.conditions import parse_time
 from vmferry.errors import ApiError, BadRequest, NotFound, Unauthorized, error_from_reason
 from vmferry.httpserve import Request, Response, serve
 from vmferry.informer import Informer
+from vmferry.migration_state import MigrationPhase
 from vmferry.rpc import api_pb2
 
 log = logging.getLogger(__name__)
@@ -54,11 +60,6 @@ Obj = dict[str, Any]
 SESSION_COOKIE = "vmferry-session"
 SESSION_TTL = 8 * 3600.0  # s; a console session, like an oc login, ends the working day
 EVENT_PERIOD = 1.0  # s between live updates pushed to a page
-SAMPLE_PERIOD = 1.0  # s between samples of the Metrics tab's history
-HISTORY_SAMPLES = 600  # 10 minutes at SAMPLE_PERIOD
-FINAL = ("Succeeded", "Failed")
-RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
-HOSTNAME_LABEL = "kubernetes.io/hostname"  # every Node carries it (handler/node_agent.py)
 STATIC_PACKAGE = "controller"
 STATIC_DIR = "console_static"
 STATIC_FILES = {
@@ -199,166 +200,12 @@ class ConsoleApi:
         await self.call("Delete", api_pb2.DeleteRequest(ref=ref))
 
 
-# -- what the pages show ----------------------------------------------------------------------
-
-
-def _elapsed(vmim: Obj, now: float) -> float:
-    """Seconds from the VMIM's creation to its end (or now, while it runs)."""
-    status = vmim.get("status") or {}
-    try:
-        start = parse_time(vmim["metadata"]["creationTimestamp"]).timestamp()
-    except (KeyError, ValueError):
-        return 0.0
-    end = now
-    if status.get("phase") in FINAL:
-        stamps = [
-            p.get("phaseTransitionTimestamp")
-            for p in status.get("phaseTransitionTimestamps") or []
-            if p.get("phase") == status.get("phase")
-        ]
-        if stamps and stamps[-1]:
-            with contextlib.suppress(ValueError):
-                end = parse_time(stamps[-1]).timestamp()
-    return max(0.0, end - start)
-
-
-def migration_row(vmim: Obj, vmis: dict[tuple[str, str], Obj], now: float) -> Obj:
-    """One row of the Migrations tab."""
-    meta = vmim["metadata"]
-    status = vmim.get("status") or {}
-    ms = dict(status.get("migrationState") or {})
-    vmi_name = (vmim.get("spec") or {}).get("vmiName", "")
-    vmi = vmis.get((meta["namespace"], vmi_name))
-    vmi_ms = ((vmi or {}).get("status") or {}).get("migrationState") or {}
-    if vmi_ms.get("migrationUid") == meta.get("uid"):  # the VMI has the freshest figures
-        ms = {**ms, **vmi_ms}
-    transfer = ms.get("transfer") or {}
-    return {
-        "namespace": meta["namespace"],
-        "name": meta["name"],
-        "vmi": vmi_name,
-        "phase": status.get("phase") or "",
-        "source": ms.get("sourceNode", ""),
-        "target": ms.get("targetNode", ""),
-        "mode": ms.get("mode", ""),
-        "total": transfer.get("dataTotalBytes", 0),
-        "processed": transfer.get("dataProcessedBytes", 0),
-        "remaining": transfer.get("dataRemainingBytes", 0),
-        "transferRate": transfer.get("transferRateBytes", 0),
-        "dirtyRate": transfer.get("dirtyRateBytes", 0),
-        "rounds": transfer.get("rounds", 0),
-        "downtimeMs": transfer.get("downtimeMilliseconds"),
-        "elapsed": round(_elapsed(vmim, now), 1),
-        "created": meta.get("creationTimestamp", ""),
-        "deleting": bool(meta.get("deletionTimestamp")),
-        "failureReason": ms.get("failureReason", ""),
-        "abortStatus": ms.get("abortStatus", ""),
-    }
-
-
-def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
-    """The Virtual machines tab: each VM (and each VMI without a VM) with node and phase."""
-    by_key = {(v["metadata"]["namespace"], v["metadata"]["name"]): v for v in vmis}
-    active: dict[tuple[str, str], str] = {}
-    for m in vmims:
-        if (m.get("status") or {}).get("phase") not in FINAL and not m["metadata"].get(
-            "deletionTimestamp"
-        ):
-            active[(m["metadata"]["namespace"], (m.get("spec") or {}).get("vmiName", ""))] = m[
-                "metadata"
-            ]["name"]
-    rows = []
-    keys = [(v["metadata"]["namespace"], v["metadata"]["name"]) for v in vms]
-    keys += [k for k in by_key if k not in set(keys)]
-    for ns, name in sorted(keys):
-        vmi = by_key.get((ns, name))
-        status = (vmi or {}).get("status") or {}
-        conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-        rows.append(
-            {
-                "namespace": ns,
-                "name": name,
-                "phase": status.get("phase") or ("Stopped" if vmi is None else "Pending"),
-                "node": status.get("nodeName", ""),
-                "migratable": conds.get("LiveMigratable") == "True",
-                "migration": active.get((ns, name), ""),
-            }
-        )
-    return rows
-
-
-def node_rows(nodes: list[Obj]) -> list[Obj]:
-    rows = []
-    for n in nodes:
-        conds = {
-            c.get("type"): c.get("status") for c in (n.get("status") or {}).get("conditions") or []
-        }
-        rows.append(
-            {
-                "name": n["metadata"]["name"],
-                "hostname": (n["metadata"].get("labels") or {}).get(
-                    HOSTNAME_LABEL, n["metadata"]["name"]
-                ),
-                "ready": conds.get("Ready") == "True",
-                "schedulable": not (n.get("spec") or {}).get("unschedulable"),
-            }
-        )
-    return sorted(rows, key=lambda r: r["name"])
-
-
 @dataclass
 class Session:
     credential: Credential
     user: str
     groups: list[str]
     expires: float
-
-
-class MetricsHistory:
-    """The Metrics tab's data: a ring of samples taken from the controller's caches."""
-
-    def __init__(self, vmims: Informer, vmis: Informer, clock: Callable[[], float] = time.time):
-        self.vmims = vmims
-        self.vmis = vmis
-        self.clock = clock
-        self.samples: deque[Obj] = deque(maxlen=HISTORY_SAMPLES)
-
-    def sample(self) -> Obj:
-        now = self.clock()
-        counts = {"pending": 0, "scheduling": 0, "running": 0, "succeeded": 0, "failed": 0}
-        migrations: dict[str, Obj] = {}
-        vmis = {
-            (v["metadata"]["namespace"], v["metadata"]["name"]): v for v in self.vmis.cache.values()
-        }
-        for vmim in self.vmims.cache.values():
-            phase = (vmim.get("status") or {}).get("phase") or ""
-            if phase in ("", "Pending"):
-                counts["pending"] += 1
-            elif phase == "Scheduling":
-                counts["scheduling"] += 1
-            elif phase in RUNNING_PHASES:
-                counts["running"] += 1
-            elif phase == "Succeeded":
-                counts["succeeded"] += 1
-            elif phase == "Failed":
-                counts["failed"] += 1
-            if phase == "Running":
-                row = migration_row(vmim, vmis, now)
-                migrations[f"{row['namespace']}/{row['name']}"] = {
-                    "vmi": row["vmi"],
-                    "processed": row["processed"],
-                    "remaining": row["remaining"],
-                    "transferRate": row["transferRate"],
-                    "dirtyRate": row["dirtyRate"],
-                }
-        sample = {"t": round(now, 3), **counts, "migrations": migrations}
-        self.samples.append(sample)
-        return sample
-
-    async def run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_PERIOD)
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -534,7 +381,7 @@ class Console:
             m["metadata"]["name"]
             for m in vmims
             if (m.get("spec") or {}).get("vmiName") == vm
-            and (m.get("status") or {}).get("phase") not in FINAL
+            and not MigrationPhase.of(m).final
             and not m["metadata"].get("deletionTimestamp")
         ]
         if not active:

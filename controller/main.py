@@ -27,7 +27,7 @@ from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
 from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
-from controller.rbac import bootstrap_rbac
+from controller.rbac_builtin import bootstrap_rbac
 from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController

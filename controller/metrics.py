@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from vmferry.conditions import parse_time
 from vmferry.informer import Informer, Key
+from vmferry.migration_state import PROGRESS_PHASES, MigrationPhase, MigrationState, raw
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -59,7 +60,7 @@ PHASE_TRANSITION_BUCKETS = (
     1800,
     3600,
 )
-RUNNING_PHASES = ("Scheduled", "PreparingTarget", "TargetReady", "Running")
+RUNNING_PHASES = PROGRESS_PHASES  # KubeVirt counts them all as "running"
 NONE = "<none>"  # KubeVirt's label value when the VMIM of a migrationUid is unknown
 
 
@@ -100,20 +101,20 @@ def migration_stats(vmims: Iterable[Obj]) -> Iterator[Metric]:
         labels=["vmi", "vmim", "namespace"],
     )
     for vmim in vmims:
-        phase = (vmim.get("status") or {}).get("phase") or ""
+        phase = MigrationPhase.of(vmim)
         meta = vmim["metadata"]
         labels = [(vmim.get("spec") or {}).get("vmiName", ""), meta["name"], meta["namespace"]]
-        if phase == "Pending":
+        if phase == MigrationPhase.PENDING:
             counts["pending"] += 1
-        elif phase == "Scheduling":
+        elif phase == MigrationPhase.SCHEDULING:
             counts["scheduling"] += 1
-        elif phase == "":
+        elif phase == MigrationPhase.UNSET:
             counts["unset"] += 1
         elif phase in RUNNING_PHASES:
             counts["running"] += 1
-        elif phase == "Succeeded":
+        elif phase == MigrationPhase.SUCCEEDED:
             succeeded.add_metric(labels, 1)
-        elif phase == "Failed":
+        elif phase == MigrationPhase.FAILED:
             failed.add_metric(labels, 1)
     helps = {
         "pending": "Number of current pending migrations.",
@@ -122,9 +123,9 @@ def migration_stats(vmims: Iterable[Obj]) -> Iterator[Metric]:
         "unset": "Number of current unset migrations. These are pending items the "
         "virt-controller hasn't processed yet from the queue.",
     }
-    for phase, count in counts.items():
+    for group, count in counts.items():
         yield GaugeMetricFamily(
-            f"kubevirt_vmi_migrations_in_{phase}_phase", helps[phase], value=count
+            f"kubevirt_vmi_migrations_in_{group}_phase", helps[group], value=count
         )
     yield succeeded
     yield failed
@@ -150,22 +151,22 @@ def migration_times(vmis: Iterable[Obj], vmims: Iterable[Obj]) -> Iterator[Metri
     )
     for vmi in vmis:
         status = vmi.get("status") or {}
-        ms = status.get("migrationState")
-        if not ms:
+        if not raw(vmi):
             continue
+        ms = MigrationState.of(vmi)
         meta = vmi["metadata"]
-        migration = names.get((meta.get("namespace"), ms.get("migrationUid")), NONE)
+        migration = names.get((meta.get("namespace"), ms.migration_uid), NONE)
         labels = [status.get("nodeName", ""), meta.get("namespace", ""), meta["name"], migration]
-        started = _seconds(ms.get("startTimestamp"))
+        started = _seconds(ms.start_timestamp)
         if started is not None:
             start.add_metric(labels, int(started))
-        ended = _seconds(ms.get("endTimestamp"))
+        ended = _seconds(ms.end_timestamp)
         if ended is not None:
             outcome = ""
-            if ms.get("completed"):
-                outcome = "failed" if ms.get("failed") else "succeeded"
-            elif ms.get("failed"):
+            if ms.failed:
                 outcome = "failed"
+            elif ms.completed:
+                outcome = "succeeded"
             end.add_metric([*labels, outcome], int(ended))
     yield start
     yield end

@@ -1,20 +1,25 @@
 """VirtualMachineInstanceMigration reconciler: admission to hand-off to the final phase.
 
-Phases (KubeVirt's): "" → Pending → Scheduling → Scheduled → PreparingTarget →
-TargetReady → Running → Succeeded | Failed. One pass advances at most one phase and
-records it in ``status.phaseTransitionTimestamps``; the handlers drive the data path
-and report in ``vmi.status.migrationState``, which this reconciler mirrors into the VMIM.
+Phases (``MigrationPhase``, KubeVirt's): "" → Pending → Scheduling → Scheduled →
+PreparingTarget → TargetReady → Running → Succeeded | Failed. One pass advances at most
+one phase and records it in ``status.phaseTransitionTimestamps``; the handlers drive the
+data path and report in ``vmi.status.migrationState``, which this reconciler mirrors
+into the VMIM. Who writes which field of that record: ``FIELD_OWNERS`` in
+``vmferry.migration_state``; this reconciler writes the hand-off (Scheduling →
+Scheduled), ``abortRequested`` (cancel), and the outcome only while the source has not
+started.
 
-Who writes what in ``vmi.status.migrationState``:
-  controller     migrationUid, sourceNode, targetNode, token, migrationConfiguration
-                 (the hand-off, at Scheduling → Scheduled); abortRequested (cancel);
-                 failed/failureReason only while the source has not started.
-  target handler targetNodeDomainDetected, targetNodeAddress/Port,
-                 targetNodeDomainReadyTimestamp; VMI nodeName after resuming.
-  source handler startTimestamp (with a resourceVersion precondition, so it cannot
-                 start a migration the controller just failed), mode, transfer,
-                 switchover (the arbiter), completed/failed/failureReason, abortStatus,
-                 endTimestamp.
+The hand-off, in order (a pass may stop after any step; the next one resumes):
+
+1. the stream token's Secret (``controller.migration_token``): created, or the existing
+   one of this migration reused;
+2. the hand-off in the VMI (``migrationUid`` = this VMIM's uid), with the VMI's
+   resourceVersion as precondition;
+3. the VMIM's phase Scheduled. A pass that finds the VMI already carrying its own
+   ``migrationUid`` does only this step: the hand-off is never written twice.
+
+The token never appears in the VMI or the VMIM; the Secret is deleted before the VMIM's
+final phase is written, so a finished migration leaves none behind.
 
 Cancel = delete the VMIM (it carries a finalizer). Before the source starts, the
 controller fails the hand-off and the target cleans up; while running it sets
@@ -26,45 +31,71 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import secrets
 import time
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from controller import policy, scheduler
-from controller.objects import set_phase, write_status
+from controller import migration_queue, migration_token, policy, scheduler
+from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
-from vmferry import conditions, kinds, schema
+from vmferry import conditions, kinds
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
+from vmferry.migration_state import (
+    FINAL_PHASES,
+    LIVE_MIGRATION_DEFAULTS,
+    PROGRESS_PHASES,
+    AbortStatus,
+    ConfigKey,
+    Field,
+    MigrationPhase,
+    MigrationState,
+    raw,
+)
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 FINALIZER = "kubevirt.io/migrationJobFinalize"
-EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"  # value: the node being drained
+MIGRATION_METHOD = "LiveMigration"  # vmi.status.migrationMethod once handed off
 KEEP_FINISHED = 5  # finished VMIMs kept per VMI; older ones are garbage-collected
-ACTIVE_PHASES = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
 TARGET_PREPARE_TIMEOUT = 60.0  # s from hand-off; a target handler that never answers fails it
 RECHECK_INTERVAL = 2.0  # s; timeouts are evaluated at least this often
+# The target prepares; the source has not started (the next phase is Running).
+TARGET_PHASES = (
+    MigrationPhase.SCHEDULED,
+    MigrationPhase.PREPARING_TARGET,
+    MigrationPhase.TARGET_READY,
+)
+_FIELDS = frozenset(Field)
 
 
-def queue_order(vmim: Obj) -> tuple[int, str, str]:
-    """Sort key of the Pending queue: evacuations first, then oldest first."""
-    annotations = vmim["metadata"].get("annotations") or {}
-    priority = 0 if EVACUATION_ANNOTATION in annotations else 1
-    return priority, vmim["metadata"].get("creationTimestamp", ""), vmim["metadata"]["name"]
+def mirror_of(ms: Obj) -> Obj:
+    """The VMIM's copy of a VMI's migration state: the contract's fields only (a key that
+    is not a ``Field`` — a pre-Secret token, say — never reaches the VMIM)."""
+    return {key: copy.deepcopy(value) for key, value in ms.items() if key in _FIELDS}
 
 
 class MigrationController:
+    """Reconciles every VMIM; ``clock`` (seconds since the epoch) times the timeouts and
+    stamps the phases, so tests can move time."""
+
     def __init__(
-        self, store: Store, vmims: Informer, vmis: Informer, nodes: Informer, hco: Informer
+        self,
+        store: Store,
+        vmims: Informer,
+        vmis: Informer,
+        nodes: Informer,
+        hco: Informer,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.vmims = vmims
         self.vmis = vmis
         self.nodes = nodes
         self.hco = hco
+        self.clock = clock
         self.queue = WorkQueue()
         vmims.add_handler(self._on_vmim)
         vmis.add_handler(self._on_vmi)
@@ -74,7 +105,7 @@ class MigrationController:
 
     def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
         self.queue.add(key)
-        if new is None or (new.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if new is None or MigrationPhase.of(new).final:
             self._requeue_pending()  # a slot may have freed
 
     def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:
@@ -85,13 +116,18 @@ class MigrationController:
 
     def _requeue_pending(self) -> None:
         for key, vmim in self.vmims.cache.items():
-            if (vmim.get("status") or {}).get("phase") in ("", None, "Pending"):
+            if MigrationPhase.of(vmim) in (MigrationPhase.UNSET, MigrationPhase.PENDING):
                 self.queue.add(key)
 
     def _requeue_active(self) -> None:
         for key, vmim in self.vmims.cache.items():
-            if (vmim.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            if not MigrationPhase.of(vmim).final:
                 self.queue.add(key)
+
+    def _requeue_later(self, vmim: Obj) -> None:
+        self.queue.add_after(
+            (vmim["metadata"]["namespace"], vmim["metadata"]["name"]), RECHECK_INTERVAL
+        )
 
     async def run(self) -> None:
         await self.queue.run(self.reconcile, "migration-controller")
@@ -100,7 +136,7 @@ class MigrationController:
 
     def cluster_config(self) -> Obj:
         hco = self.hco.get(kinds.SYSTEM_NAMESPACE, kinds.HYPERCONVERGED_NAME) or {}
-        config = dict(schema.LIVE_MIGRATION_DEFAULTS)
+        config = dict(LIVE_MIGRATION_DEFAULTS)
         config.update(((hco.get("spec") or {}).get("liveMigrationConfig")) or {})
         return config
 
@@ -113,14 +149,14 @@ class MigrationController:
         except NotFound:
             return
         status = vmim.setdefault("status", {})
-        phase = status.get("phase", "")
+        phase = MigrationPhase.of(vmim)
         deleting = bool(vmim["metadata"].get("deletionTimestamp"))
 
-        if phase in ("Succeeded", "Failed"):
+        if phase.final:
             if deleting:
                 await self._remove_finalizer(vmim)
             return
-        if phase == "":
+        if phase == MigrationPhase.UNSET:
             if deleting:
                 await self._remove_finalizer(vmim)
                 return
@@ -128,114 +164,68 @@ class MigrationController:
                 vmim["metadata"].setdefault("finalizers", []).append(FINALIZER)
                 vmim = await self.store.update(vmim)
                 status = vmim.setdefault("status", {})
-            set_phase(status, "Pending")
+            set_phase(status, MigrationPhase.PENDING, self.clock)
             await write_status(self.store, vmim)
             return
 
         vmi = await self._get_vmi(ns, vmim["spec"]["vmiName"])
-        uid = vmim["metadata"]["uid"]
         if vmi is None:
             await self._finish(
                 vmim,
-                "Failed",
+                MigrationPhase.FAILED,
                 f'VirtualMachineInstance "{vmim["spec"]["vmiName"]}" no longer exists',
             )
             return
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
-        ours = ms.get("migrationUid") == uid
+        ms = MigrationState.of(vmi)
+        ours = ms.migration_uid == vmim["metadata"]["uid"]
 
         # Ordered failure and completion checks first.
-        if ours and ms.get("completed") and vmi["status"].get("nodeName") == ms.get("targetNode"):
-            await self._finish(vmim, "Succeeded", "", ms)
+        if ours and ms.completed and vmi["status"].get("nodeName") == ms.target_node:
+            await self._finish(vmim, MigrationPhase.SUCCEEDED, "", raw(vmi))
             return
-        if ours and ms.get("failed"):
-            await self._finish(vmim, "Failed", ms.get("failureReason") or "migration failed", ms)
+        if ours and ms.failed:
+            reason = ms.failure_reason or "migration failed"
+            await self._finish(vmim, MigrationPhase.FAILED, reason, raw(vmi))
             return
         if deleting:
             await self._cancel(vmim, vmi, ours)
             return
 
-        if phase == "Pending":
-            await self._admit(vmim, vmi)
-        elif phase == "Scheduling":
-            await self._schedule(vmim, vmi)
-        elif phase in ("Scheduled", "PreparingTarget", "TargetReady") and ours:
+        if phase == MigrationPhase.PENDING:
+            await self._admit(vmim)
+        elif phase == MigrationPhase.SCHEDULING:
+            if ours:  # a pass wrote the hand-off and stopped before the VMIM's phase
+                await self._scheduled(vmim, raw(vmi))
+            else:
+                await self._schedule(vmim, vmi)
+        elif ours and phase in TARGET_PHASES:
             await self._follow_target(vmim, vmi, ms)
-        elif phase == "Running" and ours:
-            await self._mirror(vmim, ms)
+        elif ours and phase == MigrationPhase.RUNNING:
+            await self._mirror(vmim, raw(vmi))
         elif not ours:
             await self._finish(
-                vmim, "Failed", "the VMI's migration state belongs to another migration"
+                vmim,
+                MigrationPhase.FAILED,
+                "the VMI's migration state belongs to another migration",
             )
 
     # -- phase steps ----------------------------------------------------------------------
 
-    async def _admit(self, vmim: Obj, vmi: Obj) -> None:
-        """Pending -> Scheduling within the parallel limits, in priority order.
-
-        The queue is every Pending VMIM ordered by (priority, creation time, name):
-        evacuations (node drain) before user requests. Walking it while simulating
-        admissions, this VMIM starts only if it would get one of the free slots; a
-        candidate whose source node is at ``parallelOutboundMigrationsPerNode`` is
-        skipped (it waits) without blocking the ones behind it. Counts come from the
-        store, not the informer cache, so two passes in a row never both take the
-        last slot.
-        """
-        config = self.cluster_config()
+    async def _admit(self, vmim: Obj) -> None:
+        """Pending -> Scheduling within the parallel limits, in priority order
+        (``controller.migration_queue``)."""
         all_vmims, _ = await self.store.list("VirtualMachineInstanceMigration")
         vmis, _ = await self.store.list("VirtualMachineInstance")
-        node_of = {
-            (v["metadata"]["namespace"], v["metadata"]["name"]): (v.get("status") or {}).get(
-                "nodeName"
-            )
-            for v in vmis
-        }
-
-        def source(m: Obj) -> str | None:
-            return node_of.get((m["metadata"]["namespace"], m["spec"]["vmiName"]))
-
-        active = [m for m in all_vmims if (m.get("status") or {}).get("phase") in ACTIVE_PHASES]
-        outbound = Counter(source(m) for m in active)
-        free = int(config["parallelMigrationsPerCluster"]) - len(active)
-        per_node = int(config["parallelOutboundMigrationsPerNode"])
-        queue = sorted(
-            (
-                m
-                for m in all_vmims
-                if (m.get("status") or {}).get("phase") == "Pending"
-                and not m["metadata"].get("deletionTimestamp")
-            ),
-            key=queue_order,
-        )
-        uid = vmim["metadata"]["uid"]
-        for candidate in queue:
-            if free <= 0:
-                break
-            src = source(candidate)
-            if outbound[src] >= per_node:
-                if candidate["metadata"]["uid"] == uid:
-                    log.info(
-                        "vmim %s: waiting: %d migrations already leave node %s",
-                        vmim["metadata"]["name"],
-                        outbound[src],
-                        src,
-                    )
-                    return
-                continue
-            if candidate["metadata"]["uid"] == uid:
-                set_phase(vmim["status"], "Scheduling")
-                await write_status(self.store, vmim)
-                return
-            free -= 1
-            outbound[src] += 1
-        log.info(
-            "vmim %s: waiting in the queue (%d running, limit %s)",
-            vmim["metadata"]["name"],
-            len(active),
-            config["parallelMigrationsPerCluster"],
-        )
+        decision = migration_queue.admit(vmim, all_vmims, vmis, self.cluster_config())
+        if not decision.start:
+            log.info("vmim %s: waiting: %s", vmim["metadata"]["name"], decision.reason)
+            return
+        set_phase(vmim["status"], MigrationPhase.SCHEDULING, self.clock)
+        await write_status(self.store, vmim)
 
     async def _schedule(self, vmim: Obj, vmi: Obj) -> None:
+        """Scheduling -> Scheduled: place the target, then the hand-off in its three
+        steps (module docstring)."""
         config = self.cluster_config()
         status = vmim["status"]
         source = (vmi.get("status") or {}).get("nodeName", "")
@@ -251,19 +241,17 @@ class MigrationController:
             source_cpu_model=scheduler.node_cpu_model(source_node) if source_node else None,
         )
         if placement.node is None:
-            waited = self._seconds_in_phase(vmim, "Scheduling")
-            timeout = float(config["unschedulableTimeoutSeconds"])
+            waited = self._seconds_in_phase(vmim, MigrationPhase.SCHEDULING)
+            timeout = float(config[ConfigKey.UNSCHEDULABLE_TIMEOUT_S])
             message = f"no node can receive the VMI: {placement.message()}"
             if waited >= timeout:
-                await self._finish(vmim, "Failed", f"{message} (waited {waited:.0f}s)")
+                await self._finish(vmim, MigrationPhase.FAILED, f"{message} (waited {waited:.0f}s)")
                 return
             if conditions.set_condition(
                 status, "TargetSchedulable", False, "Unschedulable", message
             ):
                 await write_status(self.store, vmim)
-            self.queue.add_after(
-                (vmim["metadata"]["namespace"], vmim["metadata"]["name"]), RECHECK_INTERVAL
-            )
+            self._requeue_later(vmim)
             return
         policies, _ = await self.store.list("MigrationPolicy")
         try:
@@ -276,125 +264,138 @@ class MigrationController:
             vmi["metadata"].get("labels") or {},
             namespace["metadata"].get("labels") or {},
         )
-        handoff = {
-            "migrationUid": vmim["metadata"]["uid"],
-            "sourceNode": source,
-            "targetNode": placement.node,
-            "token": secrets.token_urlsafe(24),
-            "migrationConfiguration": configuration,
+        uid = vmim["metadata"]["uid"]
+        await migration_token.ensure_token_secret(self.store, uid, source, placement.node)
+        handoff: Obj = {
+            Field.MIGRATION_UID: uid,
+            Field.SOURCE_NODE: source,
+            Field.TARGET_NODE: placement.node,
+            Field.MIGRATION_CONFIGURATION: configuration,
         }
         if policy_name:
-            handoff["migrationPolicyName"] = policy_name
+            handoff[Field.MIGRATION_POLICY_NAME] = policy_name
         vmi_status = vmi.setdefault("status", {})
         vmi_status["migrationState"] = handoff
-        vmi_status["migrationMethod"] = "LiveMigration"
+        vmi_status["migrationMethod"] = MIGRATION_METHOD
         await write_status(self.store, vmi)  # resourceVersion precondition: no stale hand-off
         log.info("vmim %s: hand-off %s -> %s", vmim["metadata"]["name"], source, placement.node)
+        await self._scheduled(vmim, handoff)
+
+    async def _scheduled(self, vmim: Obj, ms: Obj) -> None:
+        """Record the hand-off ``ms`` (already in the VMI) on the VMIM: phase Scheduled."""
+        status = vmim["status"]
         conditions.set_condition(status, "TargetSchedulable", True, "Scheduled", "")
-        set_phase(status, "Scheduled")
-        status["migrationState"] = self._public(handoff)
+        set_phase(status, MigrationPhase.SCHEDULED, self.clock)
+        status["migrationState"] = mirror_of(ms)
         await write_status(self.store, vmim)
 
-    async def _follow_target(self, vmim: Obj, vmi: Obj, ms: Obj) -> None:
+    async def _follow_target(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> None:
+        """Scheduled -> PreparingTarget -> TargetReady -> Running, as the handlers report;
+        fails a hand-off whose target is not Ready or does not prepare in time."""
         status = vmim["status"]
         before = copy.deepcopy(status)
-        phase = status["phase"]
-        target = self.nodes.get("", ms.get("targetNode", ""))
+        phase = MigrationPhase.of(vmim)
+        target = self.nodes.get("", ms.target_node)
         if target is None or not conditions.is_true(target, "Ready"):
-            await self._fail_before_start(
-                vmim, vmi, f"target node {ms.get('targetNode')} is not ready"
-            )
+            await self._fail_before_start(vmim, vmi, f"target node {ms.target_node} is not ready")
             return
-        if self._seconds_in_phase(vmim, "Scheduled") > TARGET_PREPARE_TIMEOUT and not ms.get(
-            "startTimestamp"
-        ):
+        waited = self._seconds_in_phase(vmim, MigrationPhase.SCHEDULED)
+        if waited > TARGET_PREPARE_TIMEOUT and not ms.start_timestamp:
             await self._fail_before_start(
                 vmim,
                 vmi,
-                f"target node {ms.get('targetNode')} did not prepare within {TARGET_PREPARE_TIMEOUT:.0f}s",
+                f"target node {ms.target_node} did not prepare within "
+                f"{TARGET_PREPARE_TIMEOUT:.0f}s",
             )
             return
-        if phase == "Scheduled" and ms.get("targetNodeDomainDetected"):
-            set_phase(status, "PreparingTarget")
-        elif phase == "PreparingTarget" and ms.get("targetNodeAddress"):
-            set_phase(status, "TargetReady")
-        elif phase == "TargetReady" and ms.get("startTimestamp"):
-            set_phase(status, "Running")
+        if phase == MigrationPhase.SCHEDULED and ms.target_domain_detected:
+            set_phase(status, MigrationPhase.PREPARING_TARGET, self.clock)
+        elif phase == MigrationPhase.PREPARING_TARGET and ms.target_address:
+            set_phase(status, MigrationPhase.TARGET_READY, self.clock)
+        elif phase == MigrationPhase.TARGET_READY and ms.start_timestamp:
+            set_phase(status, MigrationPhase.RUNNING, self.clock)
         else:
-            self.queue.add_after(
-                (vmim["metadata"]["namespace"], vmim["metadata"]["name"]), RECHECK_INTERVAL
-            )
-        status["migrationState"] = self._public(ms)
+            self._requeue_later(vmim)
+        status["migrationState"] = mirror_of(raw(vmi))
         if status != before:
             await write_status(self.store, vmim)
 
     async def _mirror(self, vmim: Obj, ms: Obj) -> None:
-        public = self._public(ms)
-        if vmim["status"].get("migrationState") != public:
-            vmim["status"]["migrationState"] = public
+        mirror = mirror_of(ms)
+        if vmim["status"].get("migrationState") != mirror:
+            vmim["status"]["migrationState"] = mirror
             await write_status(self.store, vmim)
 
     async def _cancel(self, vmim: Obj, vmi: Obj, ours: bool) -> None:
         """Deletion of a VMIM that has not finished: abort it where it stands."""
         name = vmim["metadata"]["name"]
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
         if not ours:
-            await self._finish(vmim, "Failed", "canceled before hand-off", abort_status="Succeeded")
-            return
-        if not ms.get("startTimestamp"):
-            await self._fail_before_start(
-                vmim, vmi, "canceled by the user", abort_status="Succeeded"
+            await self._finish(
+                vmim,
+                MigrationPhase.FAILED,
+                "canceled before hand-off",
+                abort_status=AbortStatus.SUCCEEDED,
             )
             return
-        if not ms.get("abortRequested"):
+        ms = raw(vmi)
+        if not ms.get(Field.START_TIMESTAMP):
+            await self._fail_before_start(
+                vmim, vmi, "canceled by the user", abort_status=AbortStatus.SUCCEEDED
+            )
+            return
+        if not ms.get(Field.ABORT_REQUESTED):
             log.info("vmim %s: cancel requested while running: asking the source to abort", name)
-            ms["abortRequested"] = True
-            ms["abortStatus"] = "Aborting"
+            ms[Field.ABORT_REQUESTED] = True
+            ms[Field.ABORT_STATUS] = AbortStatus.ABORTING
             await write_status(self.store, vmi)
-        if vmim["status"].get("migrationState") != self._public(ms):
-            vmim["status"]["migrationState"] = self._public(ms)
-            await write_status(self.store, vmim)
+        await self._mirror(vmim, ms)
 
     async def _fail_before_start(
-        self, vmim: Obj, vmi: Obj, reason: str, abort_status: str | None = None
+        self, vmim: Obj, vmi: Obj, reason: str, abort_status: AbortStatus | None = None
     ) -> None:
-        """Fail a hand-off the source has not started; the write races the source's start."""
-        ms = vmi["status"]["migrationState"]
-        if ms.get("startTimestamp"):
+        """Fail a hand-off the source has not started; the write races the source's start
+        (a Conflict re-queues: the next pass sees whether the source won)."""
+        ms = raw(vmi)
+        if ms.get(Field.START_TIMESTAMP):
             return  # the source started: it owns failure from now on
-        ms.update(failed=True, failureReason=reason, endTimestamp=conditions.now_rfc3339())
+        ms[Field.FAILED] = True
+        ms[Field.FAILURE_REASON] = reason
+        ms[Field.END_TIMESTAMP] = rfc3339(self.clock())
         if abort_status:
-            ms["abortStatus"] = abort_status
+            ms[Field.ABORT_STATUS] = abort_status
         try:
             await write_status(self.store, vmi)
         except Conflict:
             self.queue.add((vmim["metadata"]["namespace"], vmim["metadata"]["name"]))
             return
-        await self._finish(vmim, "Failed", reason, ms, abort_status=abort_status)
+        await self._finish(vmim, MigrationPhase.FAILED, reason, ms, abort_status=abort_status)
 
     async def _finish(
         self,
         vmim: Obj,
-        phase: str,
+        phase: MigrationPhase,
         reason: str,
         ms: Obj | None = None,
-        abort_status: str | None = None,
+        abort_status: AbortStatus | None = None,
     ) -> None:
+        """Write the final ``phase``, the stream token's Secret deleted first (so a
+        finished VMIM never leaves one behind), then collect old finished VMIMs."""
+        await migration_token.delete_token_secret(self.store, vmim["metadata"]["uid"])
         status = vmim["status"]
         if ms is not None:
-            status["migrationState"] = self._public(ms)
+            status["migrationState"] = mirror_of(ms)
         if abort_status:
-            status.setdefault("migrationState", {})["abortStatus"] = abort_status
+            status.setdefault("migrationState", {})[Field.ABORT_STATUS] = abort_status
         if reason:
-            status.setdefault("migrationState", {})["failureReason"] = reason
-            if phase == "Failed":
-                status["migrationState"]["failed"] = True
-        if phase == "Succeeded":
+            status.setdefault("migrationState", {})[Field.FAILURE_REASON] = reason
+            if phase == MigrationPhase.FAILED:
+                status["migrationState"][Field.FAILED] = True
+        if phase == MigrationPhase.SUCCEEDED:
             # A fast migration can finish between two passes: record the phases it went
             # through, in order, at the time this controller observed them.
-            for skipped in ("Scheduled", "PreparingTarget", "TargetReady", "Running"):
-                set_phase(status, skipped)
-        set_phase(status, phase)
+            for skipped in PROGRESS_PHASES:
+                set_phase(status, skipped, self.clock)
+        set_phase(status, phase, self.clock)
         log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
         vmim = await write_status(self.store, vmim)
         if vmim["metadata"].get("deletionTimestamp"):
@@ -402,15 +403,20 @@ class MigrationController:
         await self._collect_garbage(vmim)
 
     async def _collect_garbage(self, vmim: Obj) -> None:
-        """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest."""
+        """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest.
+        Then delete the token Secrets no unfinished migration owns (one whose VMIM was
+        removed without passing here, or survived a crash)."""
         ns, vmi_name = vmim["metadata"]["namespace"], vmim["spec"]["vmiName"]
-        items, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
+        everywhere, _ = await self.store.list("VirtualMachineInstanceMigration")
+        unfinished = {m["metadata"]["uid"] for m in everywhere if not MigrationPhase.of(m).final}
+        await migration_token.delete_orphans(self.store, unfinished)
+        items = [m for m in everywhere if m["metadata"]["namespace"] == ns]
         finished = sorted(
             (
                 m
                 for m in items
                 if m["spec"].get("vmiName") == vmi_name
-                and (m.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                and MigrationPhase.of(m) in FINAL_PHASES
                 and not m["metadata"].get("deletionTimestamp")
             ),
             key=lambda m: (
@@ -449,17 +455,10 @@ class MigrationController:
         except NotFound:
             return None
 
-    @staticmethod
-    def _public(ms: Obj) -> Obj:
-        """The VMI's migration state minus the per-migration secret."""
-        public = copy.deepcopy(ms)
-        public.pop("token", None)
-        return public
-
-    @staticmethod
-    def _seconds_in_phase(vmim: Obj, phase: str) -> float:
+    def _seconds_in_phase(self, vmim: Obj, phase: MigrationPhase) -> float:
+        """Seconds since the VMIM entered ``phase`` by this controller's clock (0 if never)."""
         for stamp in (vmim.get("status") or {}).get("phaseTransitionTimestamps", []):
             if stamp.get("phase") == phase:
                 started = conditions.parse_time(stamp["phaseTransitionTimestamp"]).timestamp()
-                return max(0.0, time.time() - started)
+                return max(0.0, self.clock() - started)
         return 0.0

@@ -13,29 +13,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vmferry import schema
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS, ConfigKey
 
 Obj = dict[str, Any]
 
 # Fields a MigrationPolicy may override; everything else comes from the cluster config.
 POLICY_FIELDS = (
-    "allowAutoConverge",
-    "bandwidthPerMigration",
-    "completionTimeoutPerGiB",
-    "allowPostCopy",
+    ConfigKey.ALLOW_AUTO_CONVERGE,
+    ConfigKey.BANDWIDTH_PER_MIGRATION,
+    ConfigKey.COMPLETION_TIMEOUT_PER_GIB,
+    ConfigKey.ALLOW_POST_COPY,
 )
 # What the hand-off carries to the handlers.
 HANDOFF_FIELDS = (
-    "bandwidthPerMigration",
-    "completionTimeoutPerGiB",
-    "progressTimeout",
-    "allowAutoConverge",
-    "allowPostCopy",
-    "downtimeBudgetMilliseconds",
-    "parallelStreams",
-    "network",
-    "postCopyRecoveryWindowSeconds",
-    "compression",
+    ConfigKey.BANDWIDTH_PER_MIGRATION,
+    ConfigKey.COMPLETION_TIMEOUT_PER_GIB,
+    ConfigKey.PROGRESS_TIMEOUT,
+    ConfigKey.ALLOW_AUTO_CONVERGE,
+    ConfigKey.ALLOW_POST_COPY,
+    ConfigKey.DOWNTIME_BUDGET_MS,
+    ConfigKey.PARALLEL_STREAMS,
+    ConfigKey.NETWORK,
+    ConfigKey.POST_COPY_RECOVERY_WINDOW_S,
+    ConfigKey.COMPRESSION,
 )
 
 
@@ -78,7 +78,7 @@ def effective_config(
     ns_labels: Mapping[str, str],
 ) -> tuple[Obj, str | None]:
     """(configuration for the hand-off, name of the policy applied or None)."""
-    config: Obj = dict(schema.LIVE_MIGRATION_DEFAULTS)
+    config: Obj = dict(LIVE_MIGRATION_DEFAULTS)
     config.update(cluster or {})
     policy = select_policy(policies, vmi_labels, ns_labels)
     if policy is not None:
@@ -86,5 +86,5 @@ def effective_config(
         for field in POLICY_FIELDS:
             if field in spec:
                 config[field] = spec[field]
-    handoff = {k: config[k] for k in HANDOFF_FIELDS if config.get(k) is not None}
+    handoff: Obj = {k: config[k] for k in HANDOFF_FIELDS if config.get(k) is not None}
     return handoff, policy["metadata"]["name"] if policy else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry import conditions
+from vmferry.migration_state import VMI_FINAL_PHASES, MigrationState
 from vmferry.quantity import parse_quantity
 from vmferry.schema import memory_bytes
 
@@ -35,11 +36,10 @@ def node_cpu_model(node: Obj) -> str:
 
 
 def is_active_migration_target(vmi: Obj, node_name: str) -> bool:
-    ms = (vmi.get("status") or {}).get("migrationState") or {}
+    ms = MigrationState.of(vmi)
     return (
-        ms.get("targetNode") == node_name
-        and not ms.get("completed")
-        and not ms.get("failed")
+        ms.target_node == node_name
+        and not ms.ended
         and (vmi.get("status") or {}).get("nodeName") != node_name
     )
 
@@ -48,7 +48,7 @@ def memory_in_use(node_name: str, vmis: Iterable[Obj]) -> int:
     total = 0
     for vmi in vmis:
         status = vmi.get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed"):
+        if status.get("phase") in VMI_FINAL_PHASES:
             continue
         if status.get("nodeName") == node_name or is_active_migration_target(vmi, node_name):
             total += memory_bytes(vmi.get("spec") or {})

@@ -17,6 +17,7 @@ from controller.store import Store
 from vmferry import conditions, kinds
 from vmferry.errors import AlreadyExists, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
+from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState, VMIPhase
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -46,16 +47,15 @@ class VMController:
         """The VMI's migration ended with it, but its VMIM does not say so yet: replacing
         the VMI now would lose the failure reason (the migration controller reads it from
         the VMI). The VMIM's own update re-queues the VM."""
-        ms = (vmi.get("status") or {}).get("migrationState") or {}
-        ended = ms.get("failed") or ms.get("completed")  # the outcome the VMIM will copy
-        if self.vmims is None or not ms.get("migrationUid") or not ended:
+        ms = MigrationState.of(vmi)  # ended: the outcome the VMIM will copy
+        if self.vmims is None or not ms.migration_uid or not ms.ended:
             return False
         ns = vmi["metadata"]["namespace"]
         for vmim in self.vmims.items():
-            if vmim["metadata"].get("uid") == ms["migrationUid"] and (
+            if vmim["metadata"].get("uid") == ms.migration_uid and (
                 vmim["metadata"].get("namespace") == ns
             ):
-                return (vmim.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                return not MigrationPhase.of(vmim).final
         return False
 
     async def run(self) -> None:
@@ -78,7 +78,7 @@ class VMController:
             "deletionTimestamp"
         )
         phase = ((vmi or {}).get("status") or {}).get("phase", "")
-        if vmi is not None and phase in ("Succeeded", "Failed") and strategy == "Always":
+        if vmi is not None and phase in VMI_FINAL_PHASES and strategy == "Always":
             if self._migration_unrecorded(vmi):
                 log.info(
                     "vm %s/%s: VMI ended (%s); replacing it once its migration "
@@ -179,18 +179,14 @@ class VMController:
         status = copy.deepcopy(vm.get("status") or {})
         vmi_status = (vmi or {}).get("status") or {}
         phase = vmi_status.get("phase", "")
-        migrating = bool(
-            (vmi_status.get("migrationState") or {}).get("migrationUid")
-            and not (vmi_status.get("migrationState") or {}).get("completed")
-            and not (vmi_status.get("migrationState") or {}).get("failed")
-        )
+        migrating = MigrationState.of(vmi or {}).active
         if vmi is None:
             printable = "Stopped"
         elif vmi["metadata"].get("deletionTimestamp"):
             printable = "Stopping"
-        elif phase == "Running":
+        elif phase == VMIPhase.RUNNING:
             printable = "Migrating" if migrating else "Running"
-        elif phase in ("Succeeded", "Failed"):
+        elif phase in VMI_FINAL_PHASES:
             printable = "Stopped"
         else:
             printable = "Starting"

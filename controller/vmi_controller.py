@@ -17,6 +17,7 @@ from controller.store import Store
 from vmferry import conditions
 from vmferry.errors import NotFound
 from vmferry.informer import Informer, Key, WorkQueue
+from vmferry.migration_state import VMIPhase
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -44,14 +45,14 @@ class VMIController:
         status = vmi.setdefault("status", {})
         if vmi["metadata"].get("deletionTimestamp") or status.get("nodeName"):
             return
-        if status.get("phase") not in (None, "", "Pending"):
+        if status.get("phase") not in (None, VMIPhase.UNSET, VMIPhase.PENDING):
             return
         all_vmis, _ = await self.store.list("VirtualMachineInstance")
         nodes, _ = await self.store.list("Node")
         placement = scheduler.place(vmi, nodes, all_vmis)
         if placement.node is None:
-            changed = status.get("phase") != "Pending"
-            set_phase(status, "Pending")
+            changed = status.get("phase") != VMIPhase.PENDING
+            set_phase(status, VMIPhase.PENDING)
             changed |= conditions.set_condition(
                 status,
                 "PodScheduled",
@@ -64,10 +65,10 @@ class VMIController:
                 await write_status(self.store, vmi)
             self.queue.add_after(key, UNSCHEDULABLE_RETRY)
             return
-        if status.get("phase") != "Pending":
-            set_phase(status, "Pending")
+        if status.get("phase") != VMIPhase.PENDING:
+            set_phase(status, VMIPhase.PENDING)
         status["nodeName"] = placement.node
-        set_phase(status, "Scheduled")
+        set_phase(status, VMIPhase.SCHEDULED)
         conditions.set_condition(status, "PodScheduled", True, "Scheduled", "")
         log.info("vmi %s/%s: scheduled to %s", ns, name, placement.node)
         await write_status(self.store, vmi)

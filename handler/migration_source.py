@@ -41,7 +41,13 @@ import numpy.typing as npt
 from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import GuestError, VMHandle
-from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
+from handler.migration.handoff import (
+    Aborted,
+    HandoffRecord,
+    MigrationFailed,
+    first_leaf,
+    read_token,
+)
 from vmferry import conditions, pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
@@ -230,7 +236,6 @@ class SourceMigration:
         self.name = vmi["metadata"]["name"]
         ms = vmi["status"]["migrationState"]
         self.uid: str = ms["migrationUid"]
-        self.token: str = ms.get("token", "")
         self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
         self.target_node: str = ms["targetNode"]
         self.record = HandoffRecord(api, self.ns, self.name, self.uid)
@@ -368,7 +373,7 @@ class SourceMigration:
                             hello=pb.Hello(
                                 protocol_version=stream.PROTOCOL_VERSION,
                                 migration_uid=self.uid,
-                                token=self.token,
+                                token=await read_token(self.api, self.uid),
                                 channel_id=cid,
                                 channel_count=count,
                                 memory_bytes=spec.memory_bytes,

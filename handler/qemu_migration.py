@@ -40,7 +40,13 @@ import grpc
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
+from handler.migration.handoff import (
+    Aborted,
+    HandoffRecord,
+    MigrationFailed,
+    first_leaf,
+    read_token,
+)
 from handler.migration.tunnel import (
     DATA_FRAME_BYTES,
     MAX_CHANNELS,
@@ -233,7 +239,6 @@ class QemuSourceMigration:
         ms = vmi["status"]["migrationState"]
         self.uid: str = ms["migrationUid"]
         self.record = HandoffRecord(api, self.ns, self.name, self.uid)
-        self.token: str = ms.get("token", "")
         self.target_address = f"{ms['targetNodeAddress']}:{ms['targetNodePort']}"
         self.config: Obj = ms.get("migrationConfiguration") or {}
         self.plan = QemuPlan.from_config(self.config)
@@ -403,7 +408,7 @@ class QemuSourceMigration:
                         open=pb.Open(
                             protocol_version=TUNNEL_PROTOCOL_VERSION,
                             migration_uid=self.uid,
-                            token=self.token,
+                            token=await read_token(self.api, self.uid),
                             channel_id=cid,
                             channel_count=self.plan.channel_count,
                             memory_bytes=self.handle.qspec.memory_bytes,

@@ -19,6 +19,7 @@ from pathlib import Path
 from vmferry.conditions import parse_time
 from vmferry.config import CONFIG_ENV
 from vmferry.lab import LAB_ENV
+from vmferry.migration_state import MigrationPhase, MigrationState, VMIPhase
 
 ROOT = Path(__file__).resolve().parent.parent
 VM_MANIFEST = ROOT / "deploy" / "examples" / "vm-memvm.yaml"
@@ -51,8 +52,8 @@ def get_json(*args: str) -> dict:
 
 def summary(vmim: dict, vmi: dict) -> str:
     status = vmim["status"]
-    ms = vmi["status"]["migrationState"]
-    t = ms.get("transfer") or {}
+    ms = MigrationState.of(vmi)
+    t = ms.transfer
     stamps = status["phaseTransitionTimestamps"]
     start = parse_time(stamps[0]["phaseTransitionTimestamp"])
     lines = ["", "=" * 64, "Live migration summary", "=" * 64]
@@ -60,7 +61,7 @@ def summary(vmim: dict, vmi: dict) -> str:
         f"VM            {vmi['metadata']['name']} ({t.get('dataTotalBytes', 0) >> 20} MiB, guest writing memory)"
     )
     lines.append(
-        f"moved         {ms['sourceNode']} -> {ms['targetNode']} (migration network {ms.get('targetNodeAddress')})"
+        f"moved         {ms.source_node} -> {ms.target_node} (migration network {ms.target_address})"
     )
     lines.append(f"result        {status['phase']}")
     lines.append(
@@ -110,7 +111,7 @@ def main() -> None:
             str(VM_MANIFEST.relative_to(ROOT)) if Path.cwd() == ROOT else str(VM_MANIFEST),
         )
         deadline = time.monotonic() + 60
-        while get_json("vmi", "busy-vm").get("status", {}).get("phase") != "Running":
+        while get_json("vmi", "busy-vm").get("status", {}).get("phase") != VMIPhase.RUNNING:
             if time.monotonic() > deadline:
                 raise SystemExit("demo: the VM did not start within 60 s")
             time.sleep(0.3)
@@ -122,7 +123,7 @@ def main() -> None:
         run("get", "vmim", "-o", "wide")
         run("get", "vmi", "-o", "wide")
         print(summary(get_json("vmim", name), get_json("vmi", "busy-vm")))
-        if get_json("vmim", name)["status"]["phase"] != "Succeeded":
+        if MigrationPhase.of(get_json("vmim", name)) != MigrationPhase.SUCCEEDED:
             raise SystemExit("demo: the migration did not succeed")
     finally:
         run("lab", "down")

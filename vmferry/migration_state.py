@@ -94,6 +94,10 @@ class VMIPhase(StrEnum):
     UNKNOWN = "Unknown"
 
 
+# A VMI in one of these has stopped for good (its VM, if any, makes a new one).
+VMI_FINAL_PHASES = frozenset({VMIPhase.SUCCEEDED, VMIPhase.FAILED})
+
+
 class Switchover(StrEnum):
     """The arbiter's decision (``migrationState.switchover``): written once, with the
     VMI's resourceVersion as a precondition, by whichever side decides first."""

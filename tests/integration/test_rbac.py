@@ -26,6 +26,7 @@ from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, Forbidden, Unauthorized
+from vmferry.migration_state import TOKEN_SECRET_KEY, TOKEN_SECRET_NAMESPACE, token_secret_name
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "rbac"
 NS = "ns1"
@@ -434,3 +435,94 @@ def test_audit_log_records_every_decision(cluster: LabHarness) -> None:
         "allowed",
         "reason",
     }
+
+
+@pytest.mark.timeout(180)
+def test_stream_token_is_readable_only_by_the_migrations_two_nodes(cluster: LabHarness) -> None:
+    """Issue 16: a user with only ``view`` on a namespace cannot read any migration's
+    stream token (not in the VMI, not in the VMIM, not as a Secret); of the nodes, only
+    the source and the target may get the token's Secret, which goes when it ends."""
+    lab = cluster
+    lab.cli("create", "rolebinding", "vic-view", "--clusterrole=view", "--user=vic", "-n", NS)
+    vic = user_config(lab, "vic")
+    alice = user_config(lab, "alice")  # ns1's admin
+    lab.cli(
+        "apply",
+        "-n",
+        NS,
+        "-f",
+        "-",
+        input=vm_manifest("token-vm", memory="128Mi", dirty_rate="1Mi", hot_set="4Mi"),
+    )
+    lab.wait_for(
+        "token-vm running",
+        lambda: (
+            ((lab.try_get("vmi", "token-vm", NS) or {}).get("status") or {}).get("phase")
+            == "Running"
+        ),
+        timeout=60,
+    )
+    lab.set_live_migration_config(bandwidthPerMigration="8Mi")  # ~16 s: time to look
+    try:
+        out = lab.cli("migrate", "token-vm", "-n", NS).stdout
+        name = out.split("(")[1].split(")")[0]
+
+        def running() -> dict[str, Any] | None:
+            vmim = lab.get("vmim", name, NS)
+            ms = (vmim.get("status") or {}).get("migrationState") or {}
+            return vmim if ms.get("startTimestamp") and not ms.get("completed") else None
+
+        vmim = lab.wait_for("the migration running", running, timeout=60, interval=0.2)
+        secret_name = token_secret_name(vmim["metadata"]["uid"])
+        secret = lab.get("secret", secret_name, TOKEN_SECRET_NAMESPACE)  # a cluster admin may
+        token = base64.b64decode(secret["data"][TOKEN_SECRET_KEY]).decode()
+        assert len(token) >= 32
+
+        # The viewer: the VMI and the VMIM carry no token; no Secret is readable.
+        vmi_json = lab.cli("get", "vmi", "token-vm", "-n", NS, "-o", "json", "--config", str(vic))
+        state = json.loads(vmi_json.stdout)["status"]["migrationState"]
+        assert state["migrationUid"] == vmim["metadata"]["uid"] and "token" not in state
+        vmims_json = lab.cli("get", "vmim", "-n", NS, "-o", "json", "--config", str(vic)).stdout
+        for text in (vmi_json.stdout, vmims_json):
+            assert token not in text
+        for who, args in (
+            (vic, ("get", "secret", "-n", TOKEN_SECRET_NAMESPACE)),
+            (vic, ("get", "secret", secret_name, "-n", TOKEN_SECRET_NAMESPACE)),
+            (vic, ("get", "secret", "-n", NS)),
+            (alice, ("get", "secret", secret_name, "-n", TOKEN_SECRET_NAMESPACE)),
+        ):
+            denied = lab.cli(*args, "-o", "json", "--config", str(who), check=False)
+            assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied
+            assert token not in denied.stdout + denied.stderr
+
+        # The nodes: the source and the target read it, a third node does not.
+        state = lab.get("vmi", "token-vm", NS)["status"]["migrationState"]
+        involved = [state["sourceNode"], state["targetNode"]]
+        [bystander] = [n for n in lab.lab.node_names() if n not in involved]
+
+        def read(node: str) -> Any:
+            return call(
+                node_config(lab, node),
+                lambda api: api.get("Secret", TOKEN_SECRET_NAMESPACE, secret_name),
+            )
+
+        for node in involved:
+            assert read(node)["data"][TOKEN_SECRET_KEY] == secret["data"][TOKEN_SECRET_KEY]
+        with pytest.raises(Forbidden, match="neither the source nor the target"):
+            read(bystander)
+        with pytest.raises(Forbidden, match="nodes may not read secrets"):
+            call(node_config(lab, involved[0]), lambda api: api.list("Secret", None))
+
+        final = lab.wait_for(
+            "the migration to finish",
+            lambda: (
+                (m := lab.get("vmim", name, NS))["status"]["phase"] in ("Succeeded", "Failed") and m
+            ),
+            timeout=120,
+            interval=0.3,
+        )
+        assert final["status"]["phase"] == "Succeeded"
+        assert lab.try_get("secret", secret_name, TOKEN_SECRET_NAMESPACE) is None
+    finally:
+        lab.set_live_migration_config(bandwidthPerMigration="0")
+        lab.cli("delete", "vm", "token-vm", "-n", NS, check=False)

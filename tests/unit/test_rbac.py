@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from controller import rbac
+from controller import migration_token, rbac, rbac_builtin
+from controller.api import NodeAuthorizer
 from controller.authn import TokenSigner
-from vmferry import kinds, schema
+from vmferry import kinds, pki, schema
 from vmferry.errors import Invalid, Unauthorized
+from vmferry.migration_state import TOKEN_MIGRATION_LABEL, TOKEN_SECRET_NAMESPACE, token_secret_name
 
 Obj = dict[str, Any]
 G = rbac.RBAC_GROUP
@@ -51,7 +53,7 @@ def role(name: str, *rules: Obj, labels: dict[str, str] | None = None) -> Obj:
 
 def builtins_aggregated() -> list[Obj]:
     """The built-in roles with aggregation applied until nothing changes."""
-    roles = {r["metadata"]["name"]: copy.deepcopy(r) for r in rbac.BUILTIN_CLUSTER_ROLES}
+    roles = {r["metadata"]["name"]: copy.deepcopy(r) for r in rbac_builtin.BUILTIN_CLUSTER_ROLES}
     for _ in range(4):
         for r in roles.values():
             if r.get("aggregationRule"):
@@ -110,7 +112,7 @@ def test_cluster_binding_group_and_masters() -> None:
     policy = rbac.Policy.of(
         [
             *builtins_aggregated(),
-            *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS,
+            *rbac_builtin.BUILTIN_CLUSTER_ROLE_BINDINGS,
             binding("kvmigrate", "kubevirt.io:migrate", group("migrators")),
         ]
     )
@@ -147,7 +149,7 @@ def test_admin_does_not_include_migrate_until_aggregated() -> None:
     assert not policy.authorize(req("dana", "create", VMIM, "ns1")).allowed
     # 12.1.4: label kubevirt.io:migrate aggregate-to-admin=true
     for r in roles:
-        if r["metadata"]["name"] == rbac.MIGRATE_ROLE:
+        if r["metadata"]["name"] == rbac_builtin.MIGRATE_ROLE:
             r["metadata"]["labels"][rbac.AGGREGATE_LABEL.format("admin")] = "true"
     for r in roles:
         if r.get("aggregationRule"):
@@ -195,7 +197,7 @@ def test_escalation_binding_needs_the_permissions_or_bind() -> None:
     )
     # ... but not kubevirt.io:migrate, nor cluster-admin, nor anything cluster-wide.
     problem = rbac.escalation_problem(
-        policy, "dana", (), binding("m", rbac.MIGRATE_ROLE, user("dana"), ns="ns1")
+        policy, "dana", (), binding("m", rbac_builtin.MIGRATE_ROLE, user("dana"), ns="ns1")
     )
     assert (
         problem
@@ -217,13 +219,13 @@ def test_escalation_binding_needs_the_permissions_or_bind() -> None:
             "apiGroups": [G],
             "resources": ["clusterroles"],
             "verbs": ["bind"],
-            "resourceNames": [rbac.MIGRATE_ROLE],
+            "resourceNames": [rbac_builtin.MIGRATE_ROLE],
         },
     )
     policy = rbac.Policy.of([*roles, ns_admin, binder, binding("b", "binder", user("dana"))])
     assert (
         rbac.escalation_problem(
-            policy, "dana", (), binding("m", rbac.MIGRATE_ROLE, user("dana"), ns="ns1")
+            policy, "dana", (), binding("m", rbac_builtin.MIGRATE_ROLE, user("dana"), ns="ns1")
         )
         is None
     )
@@ -245,7 +247,7 @@ def test_escalation_roles_need_the_rules_or_escalate() -> None:
     }
     problem = rbac.escalation_problem(policy, "erin", (), aggregated)
     assert problem and "aggregationRule" in problem
-    root = rbac.Policy.of([*roles, *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS])
+    root = rbac.Policy.of([*roles, *rbac_builtin.BUILTIN_CLUSTER_ROLE_BINDINGS])
     assert rbac.escalation_problem(root, "admin", (rbac.MASTERS_GROUP,), big) is None
     assert rbac.escalation_problem(root, "admin", (rbac.MASTERS_GROUP,), aggregated) is None
 
@@ -261,27 +263,29 @@ def test_wildcards_are_covered_only_by_wildcards() -> None:
 
 def test_reconcile_builtin_keeps_administrator_changes() -> None:
     expected = next(
-        r for r in rbac.BUILTIN_CLUSTER_ROLES if r["metadata"]["name"] == rbac.MIGRATE_ROLE
+        r
+        for r in rbac_builtin.BUILTIN_CLUSTER_ROLES
+        if r["metadata"]["name"] == rbac_builtin.MIGRATE_ROLE
     )
     existing = {**expected, "metadata": {**expected["metadata"], "uid": "u1"}}
     existing["metadata"]["labels"] = {
         **expected["metadata"]["labels"],
         rbac.AGGREGATE_LABEL.format("admin"): "true",
     }
-    assert rbac.reconcile_builtin(existing, expected) is None
+    assert rbac_builtin.reconcile_builtin(existing, expected) is None
     stripped = {**existing, "rules": existing["rules"][:1]}
-    updated = rbac.reconcile_builtin(stripped, expected)
+    updated = rbac_builtin.reconcile_builtin(stripped, expected)
     assert updated is not None and len(updated["rules"]) == 2
     assert updated["metadata"]["labels"][rbac.AGGREGATE_LABEL.format("admin")] == "true"
     pinned = {
         **stripped,
         "metadata": {**stripped["metadata"], "annotations": {rbac.AUTOUPDATE_ANNOTATION: "false"}},
     }
-    assert rbac.reconcile_builtin(pinned, expected) is None
+    assert rbac_builtin.reconcile_builtin(pinned, expected) is None
 
 
 def test_builtins_validate_and_rbac_names_allow_colons() -> None:
-    for obj in [*rbac.BUILTIN_CLUSTER_ROLES, *rbac.BUILTIN_CLUSTER_ROLE_BINDINGS]:
+    for obj in [*rbac_builtin.BUILTIN_CLUSTER_ROLES, *rbac_builtin.BUILTIN_CLUSTER_ROLE_BINDINGS]:
         schema.validate(obj)
     with pytest.raises(Invalid, match=r"metadata\.name"):
         schema.validate(role("a/b"))
@@ -378,3 +382,58 @@ def test_cli_builds_bindings_like_kubectl() -> None:
         rbac_cmd.build_object(args("rolebinding", "x"), "d")
     sa = rbac_cmd.build_object(args("sa", "mtv"), "tools")
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["namespace"] == "tools"
+
+
+def test_view_and_edit_grant_no_secrets_outside_their_namespace() -> None:
+    """The migration token Secret lives in the system namespace: a namespace's viewer
+    reads no Secret at all, and its admin none outside that namespace."""
+    roles = builtins_aggregated()
+    policy = rbac.Policy.of(
+        [
+            *roles,
+            binding("v", "view", user("vera"), ns="ns1"),
+            binding("a", "admin", user("adam"), ns="ns1"),
+        ]
+    )
+    secret_name = token_secret_name("some-uid")
+    for verb in ("get", "list", "watch"):
+        assert not policy.authorize(req("vera", verb, "Secret", "ns1")).allowed
+        assert not policy.authorize(
+            req("vera", verb, "Secret", TOKEN_SECRET_NAMESPACE, secret_name)
+        ).allowed
+        assert not policy.authorize(
+            req("adam", verb, "Secret", TOKEN_SECRET_NAMESPACE, secret_name)
+        ).allowed
+    assert policy.authorize(req("adam", "get", "Secret", "ns1")).allowed  # their own
+    assert policy.authorize(req("vera", "get", "VirtualMachineInstance", "ns1")).allowed
+
+
+def node_identity(name: str) -> pki.Identity:
+    return pki.Identity(f"{pki.NODE_USER_PREFIX}{name}", (pki.NODES_GROUP,))
+
+
+def test_node_authorizer_lets_only_the_two_nodes_get_a_token_secret() -> None:
+    authz = NodeAuthorizer()
+    secret = migration_token.token_secret("uid-1", "node1", "node2", "t0k3n")
+    name = secret["metadata"]["name"]
+
+    def decide(node: str, verb: str, current: Obj | None, secret_name: str = name) -> bool:
+        who = node_identity(node)
+        request = rbac.request_for(
+            who.user, who.groups, verb, kinds.by_kind("Secret"), TOKEN_SECRET_NAMESPACE, secret_name
+        )
+        return authz.check(who, request, current).allowed
+
+    assert decide("node1", "get", secret) and decide("node2", "get", secret)
+    assert not decide("node3", "get", secret)
+    assert not decide("node1", "list", None, "") and not decide("node1", "watch", None, "")
+    assert decide("node3", "get", None)  # gone (migration ended): the get says NotFound
+    # A Secret that is not a migration token, even labelled so, stays closed.
+    other = copy.deepcopy(secret)
+    other["metadata"]["name"] = "cluster-credentials"
+    assert not decide("node1", "get", other, "cluster-credentials")
+    forged = copy.deepcopy(secret)
+    forged["metadata"]["labels"][TOKEN_MIGRATION_LABEL] = "uid-2"  # names another Secret
+    assert not decide("node1", "get", forged)
+    for verb in ("update", "patch", "delete", "create"):
+        assert not decide("node1", verb, secret)

@@ -21,6 +21,7 @@ from vmferry.cli.common import Obj, error, run_with_client
 from vmferry.cli.progress import MultiMigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
+from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState
 from vmferry.quantity import format_quantity, parse_quantity
 
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
@@ -74,7 +75,7 @@ def _active_migration(vmims: list[Obj], vmi: Obj) -> Obj | None:
         if (
             m["metadata"]["namespace"] == vmi["metadata"]["namespace"]
             and m["spec"].get("vmiName") == vmi["metadata"]["name"]
-            and (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and not MigrationPhase.of(m).final
         ):
             return m
     return None
@@ -89,7 +90,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             v
             for v in (await api.list("VirtualMachineInstance"))[0]
             if (v.get("status") or {}).get("nodeName") == node
-            and (v.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and (v.get("status") or {}).get("phase") not in VMI_FINAL_PHASES
         ]
         blockers = [b for v in vmis if (b := _blocker(v))]
         if blockers and not args.force:
@@ -150,15 +151,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
                                 m
                                 for m in vmims
                                 if m["spec"].get("vmiName") == vmi["metadata"]["name"]
-                                and (m.get("status") or {}).get("phase") == "Failed"
+                                and MigrationPhase.of(m) == MigrationPhase.FAILED
                             ]
                             reason = (
-                                (failed[-1]["status"].get("migrationState") or {}).get(
-                                    "failureReason"
-                                )
-                                if failed
-                                else "unknown"
-                            )
+                                MigrationState.of(failed[-1]).failure_reason if failed else ""
+                            ) or "unknown"
                             return error(
                                 f"could not evacuate {vmi['metadata']['namespace']}/"
                                 f"{vmi['metadata']['name']} after {EVACUATION_ATTEMPTS} attempts: {reason}"
@@ -204,7 +201,7 @@ def capacity_report(nodes: list[Obj], vmis: list[Obj], parallel_drains: int) -> 
             schema.memory_bytes(v.get("spec") or {})
             for v in vmis
             if (v.get("status") or {}).get("nodeName") == name
-            and (v.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and (v.get("status") or {}).get("phase") not in VMI_FINAL_PHASES
         )
         highest = max(highest, used)
         usable = conditions.is_true(node, "Ready") and not (node.get("spec") or {}).get(

@@ -13,8 +13,7 @@ from vmferry.cli.progress import MigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, NotFound
-
-FINAL = ("Succeeded", "Failed")
+from vmferry.migration_state import MigrationPhase, MigrationState
 
 
 def _selector(text: str | None) -> dict[str, str]:
@@ -35,7 +34,7 @@ async def wait_for_migration(
     """Follow a VMIM until it is final; returns it. TimeoutError after ``timeout`` s."""
     vmim = await api.get("VirtualMachineInstanceMigration", ns, name)
     async with asyncio.timeout(timeout):
-        while (vmim.get("status") or {}).get("phase") not in FINAL:
+        while not MigrationPhase.of(vmim).final:
             if progress:
                 progress.update(vmim)
             try:
@@ -49,7 +48,7 @@ async def wait_for_migration(
                     vmim = obj
                     if progress:
                         progress.update(vmim)
-                    if (vmim.get("status") or {}).get("phase") in FINAL or etype == "DELETED":
+                    if MigrationPhase.of(vmim).final or etype == "DELETED":
                         return vmim
             except ApiError:
                 await asyncio.sleep(0.5)  # the controller restarts: reread and watch again
@@ -90,14 +89,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             progress.close()
             return error(f"migration {name} did not finish within {args.timeout:.0f}s")
         progress.close()
-        status = final.get("status") or {}
-        ms = status.get("migrationState") or {}
-        if status.get("phase") == "Succeeded":
-            print(f"Migration {name} succeeded: {ms.get('sourceNode')} -> {ms.get('targetNode')}")
+        ms = MigrationState.of(final)
+        if MigrationPhase.of(final) == MigrationPhase.SUCCEEDED:
+            print(f"Migration {name} succeeded: {ms.source_node} -> {ms.target_node}")
             return 0
-        print(
-            f"Migration {name} failed: {ms.get('failureReason', 'unknown reason')}", file=sys.stderr
-        )
+        print(f"Migration {name} failed: {ms.failure_reason or 'unknown reason'}", file=sys.stderr)
         return 1
 
     return run_with_client(args, run)
@@ -111,7 +107,7 @@ def cmd_migrate_cancel(args: argparse.Namespace) -> int:
             v
             for v in vmims
             if v["spec"].get("vmiName") == args.vm
-            and (v.get("status") or {}).get("phase") not in FINAL
+            and not MigrationPhase.of(v).final
             and not v["metadata"].get("deletionTimestamp")
         ]
         if not active:

@@ -25,6 +25,7 @@ import yaml
 
 from vmferry import jsonpath
 from vmferry.kinds import Kind
+from vmferry.migration_state import Field
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -347,7 +348,7 @@ def _first_number(mapping: Any, *keys: str) -> float | None:
 
 
 def _migration_progress(obj: Obj, now: datetime) -> str:
-    transfer = _get(obj, "status", "migrationState", "transfer")
+    transfer = _get(obj, "status", "migrationState", Field.TRANSFER)
     if not isinstance(transfer, dict):
         return ""
     processed = _first_number(transfer, "processed", "processedBytes", "dataProcessedBytes")
@@ -433,8 +434,8 @@ _COLUMNS: dict[str, list[_Column]] = {
         _NAME,
         _Column("PHASE", _path("status", "phase")),
         _Column("VMI", _path("spec", "vmiName")),
-        _Column("SOURCE", _path("status", "migrationState", "sourceNode"), wide=True),
-        _Column("TARGET", _path("status", "migrationState", "targetNode"), wide=True),
+        _Column("SOURCE", _path("status", "migrationState", Field.SOURCE_NODE), wide=True),
+        _Column("TARGET", _path("status", "migrationState", Field.TARGET_NODE), wide=True),
         _Column("PROGRESS", _migration_progress, wide=True),
     ],
     "Secret": [_NAME, _Column("TYPE", _path("type")), _Column("DATA", _data_count), _AGE],

@@ -18,10 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from vmferry.migration_state import Field, MigrationPhase, MigrationState, raw
+
 Obj = dict[str, Any]
 BAR_WIDTH = 28
 PLAIN_PERIOD = 1.0  # s between plain lines of a migration whose phase did not change
-FINAL = ("Succeeded", "Failed")
+
+
+def _phase(vmim: Obj) -> MigrationPhase:
+    """The VMIM's phase; Pending until the controller has recorded one."""
+    return MigrationPhase.of(vmim) or MigrationPhase.PENDING
 
 
 def _mib(n: float) -> str:
@@ -58,26 +64,25 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 def migration_line(vmim: Obj, elapsed: float, estimated_rate: float = 0.0) -> str:
     """One progress line for a VMIM (phase, bar, bytes, rate, round, ETA, elapsed)."""
-    status = vmim.get("status") or {}
-    phase = status.get("phase") or "Pending"
-    ms = status.get("migrationState") or {}
-    t = ms.get("transfer") or {}
+    phase = _phase(vmim)
+    ms = MigrationState.of(vmim)
+    t = ms.transfer
     total = float(t.get("dataTotalBytes") or 0)
     done = float(t.get("dataProcessedBytes") or 0)
     remaining = float(t.get("dataRemainingBytes") or 0)
     rate = float(t.get("transferRateBytes") or 0) or estimated_rate
     parts = [f"{phase:<15}"]
     if total:
-        parts.append(bar(1.0 if phase == "Succeeded" else done / total))
+        parts.append(bar(1.0 if phase == MigrationPhase.SUCCEEDED else done / total))
         parts.append(f"{_mib(done)} sent")
         if rate:
             parts.append(f"{rate / 2**20:.0f} MiB/s")
         if t.get("rounds"):
             parts.append(f"round {t['rounds']}")
-        if remaining and rate and phase == "Running":
+        if remaining and rate and phase == MigrationPhase.RUNNING:
             parts.append(f"ETA {remaining / rate:.1f}s")
-    if phase == "Failed" and ms.get("failureReason"):
-        parts.append(str(ms["failureReason"]))
+    if phase == MigrationPhase.FAILED and ms.failure_reason:
+        parts.append(ms.failure_reason)
     parts.append(f"{elapsed:.1f}s")
     return "  ".join(parts)
 
@@ -103,13 +108,13 @@ class MigrationProgress:
 
     def line(self, vmim: Obj) -> str:
         now = self.clock()
-        t = ((vmim.get("status") or {}).get("migrationState") or {}).get("transfer") or {}
+        t = raw(vmim).get(Field.TRANSFER) or {}
         rate = self._rate.observe(now, float(t.get("dataProcessedBytes") or 0))
         return migration_line(vmim, now - self.started, rate)
 
     def update(self, vmim: Obj) -> None:
         line = self.line(vmim)
-        phase = (vmim.get("status") or {}).get("phase") or "Pending"
+        phase = _phase(vmim)
         if self.tty:
             if line != self.last_line:
                 self.out.write("\r\033[K" + line)
@@ -159,9 +164,9 @@ class MultiMigrationProgress:
         self._drawn = 0  # lines of the block currently on the terminal
 
     def summary(self) -> str:
-        phases = [(v.get("status") or {}).get("phase") or "Pending" for v in self.vmims.values()]
-        done = sum(p == "Succeeded" for p in phases)
-        failed = sum(p == "Failed" for p in phases)
+        phases = [_phase(v) for v in self.vmims.values()]
+        done = sum(p == MigrationPhase.SUCCEEDED for p in phases)
+        failed = sum(p == MigrationPhase.FAILED for p in phases)
         text = f"{self.title}: {done}/{len(phases)} succeeded"
         if failed:
             text += f", {failed} failed"
@@ -172,7 +177,7 @@ class MultiMigrationProgress:
         width = max((len(k.split("/", 1)[1]) for k in self.vmims), default=0)
         out = []
         for key, vmim in self.vmims.items():
-            t = ((vmim.get("status") or {}).get("migrationState") or {}).get("transfer") or {}
+            t = raw(vmim).get(Field.TRANSFER) or {}
             rate = self._rates[key].observe(now, float(t.get("dataProcessedBytes") or 0))
             line = migration_line(vmim, now - self._first_seen[key], rate)
             out.append(f"{key.split('/', 1)[1]:<{width}}  {line}")
@@ -204,7 +209,7 @@ class MultiMigrationProgress:
 
     def _print_plain(self, key: str) -> None:
         now = self.clock()
-        phase = (self.vmims[key].get("status") or {}).get("phase") or "Pending"
+        phase = _phase(self.vmims[key])
         last = self._plain.get(key)
         if last is not None and last[0] == phase and now - last[1] < PLAIN_PERIOD:
             return
