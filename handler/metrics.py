@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from handler.migration_source import Stats
+    from handler.migration.stats import Stats
     from handler.vm_manager import VMManager
 
 Obj = dict[str, Any]
@@ -62,7 +62,7 @@ LABELS = ["namespace", "name", "node"]
 class _Tracked:
     vmi: Obj
     stats: Stats
-    migration: Any  # the SourceMigration while it runs (for ``committed``), else None
+    migration: Any  # the source engine while it runs (for ``committed``), else None
     ended_at: float | None = None
 
 

@@ -30,9 +30,11 @@ from typing import Any
 from handler.drivers.base import Driver, GuestSpec, VMHandle
 from handler.drivers.qemu import QemuDriver, QemuHandle
 from handler.migration.handoff import HandoffRecord
-from handler.migration_source import SourceMigration, Stats
+from handler.migration.memvm_source import MemvmSourceMigration
+from handler.migration.qemu_source import QemuSourceMigration
+from handler.migration.source import SourceEngine
+from handler.migration.stats import Stats
 from handler.migration_target import IncomingMigration, MigrationService
-from handler.qemu_migration import QemuSourceMigration
 from vmferry import conditions, pki, schema
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -108,9 +110,7 @@ class VMManager:
         self.state_dir = state_dir
         self.handles: dict[str, VMHandle] = {}  # VMI uid -> the guest running here
         self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
-        self.sources: dict[
-            str, tuple[SourceMigration | QemuSourceMigration, asyncio.Task[None]]
-        ] = {}
+        self.sources: dict[str, tuple[SourceEngine, asyncio.Task[None]]] = {}
         self.progress: dict[str, tuple[Obj, Stats]] = {}  # migration uid -> last progress
         self.queue = WorkQueue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -305,7 +305,7 @@ class VMManager:
             return
         if not ms.get("targetNodeAddress") or not ms.get("targetNodePort"):
             return  # the target is still preparing
-        migration: SourceMigration | QemuSourceMigration
+        migration: SourceEngine
         if isinstance(handle, QemuHandle) and self.qemu is not None:
             migration = QemuSourceMigration(
                 self.api,
@@ -317,7 +317,7 @@ class VMManager:
                 on_progress=self._on_progress,
             )
         else:
-            migration = SourceMigration(
+            migration = MemvmSourceMigration(
                 self.api,
                 self.node,
                 copy.deepcopy(vmi),
@@ -328,7 +328,7 @@ class VMManager:
         task = asyncio.create_task(self._run_source(migration))
         self.sources[mig_uid] = (migration, task)
 
-    async def _run_source(self, migration: SourceMigration | QemuSourceMigration) -> None:
+    async def _run_source(self, migration: SourceEngine) -> None:
         key = (migration.ns, migration.name)
         try:
             await migration.run()

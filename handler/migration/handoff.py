@@ -11,12 +11,15 @@ source resumes only once Aborted is (or nothing was committed).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from typing import Any
 
 from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.migration_state import TOKEN_SECRET_KEY, TOKEN_SECRET_NAMESPACE, token_secret_name
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -37,6 +40,31 @@ def first_leaf(e: BaseException) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
+
+
+async def read_token(api: ApiClient, migration_uid: str) -> str:
+    """The migration's stream token, from its Secret (``token_secret_name``): readable by
+    the two nodes of the migration only. MigrationFailed when it is missing or malformed;
+    other API errors propagate."""
+    name = token_secret_name(migration_uid)
+    try:
+        secret = await api.get("Secret", TOKEN_SECRET_NAMESPACE, name)
+    except NotFound:
+        raise MigrationFailed(
+            f"the migration's stream token (Secret {TOKEN_SECRET_NAMESPACE}/{name}) does not "
+            "exist; the controller creates it with the hand-off"
+        ) from None
+    encoded = (secret.get("data") or {}).get(TOKEN_SECRET_KEY) or ""
+    try:
+        token = base64.b64decode(encoded, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        token = ""
+    if not token:
+        raise MigrationFailed(
+            f"the Secret {TOKEN_SECRET_NAMESPACE}/{name} holds no valid stream token "
+            f"under data.{TOKEN_SECRET_KEY}"
+        )
+    return token
 
 
 class HandoffRecord:
