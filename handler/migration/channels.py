@@ -139,7 +139,7 @@ async def open_channels(
                 mine = pb.Hello()
                 mine.CopyFrom(hello)
                 mine.channel_id = cid
-                await ch.write(pb.SourceFrame(hello=mine))
+                await ch.call.write(pb.SourceFrame(hello=mine).SerializeToString())
                 first = await ch.call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("frame") != "hello_ack":
                     raise MigrationFailed(f"target did not accept migration channel {cid}")
