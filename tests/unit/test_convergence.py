@@ -4,9 +4,9 @@ clock reading (no guest, no network)."""
 from __future__ import annotations
 
 import pytest
-from handler.migration.convergence import Next, Round, TimeoutWatch, Verdict
 
 from handler.migration import convergence
+from handler.migration.convergence import Next, Round, TimeoutWatch, Verdict
 from tests.support.fake_api import FakeClock
 from vmferry.migration_state import MigrationConfig
 

@@ -148,7 +148,9 @@ def in_lab(tmp_path: Path, body: Callable[[Lab], Awaitable[None]]) -> None:
 
 async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: float) -> None:
     """Move the fake clock by ``seconds`` once ``ready()`` holds (polled in real time)."""
-    while not ready():
+    while True:
+        if ready():
+            break
         await asyncio.sleep(0.01)
     clock.advance(seconds)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from handler.migration.sender import DirtyMeter
 from handler.migration.stats import MIN_AVERAGE_SECONDS, RateWindow, Stats
-
 from tests.support.fake_api import FakeClock
 from tests.support.fake_guest import FakeGuest, MiB
 
