@@ -1,10 +1,9 @@
 """The memvm source's streams to the target: one ``Channel`` per Transfer stream.
 
-A channel owns its gRPC call and a reader task (``read_loop``, run in the migration's
-TaskGroup) that routes the target's frames: credits to the flow-control counter, round
-acknowledgements and control frames to their queues, post-copy page requests to
-``requests``. When the stream ends the reader records why (``error``) and wakes every
-waiter, who then raises it: nobody waits on a dead stream.
+A channel (a TargetStream, target_stream.py) owns its gRPC call and a reader task
+(``read_loop``, run in the migration's TaskGroup) that routes the target's frames. When
+the stream ends the reader records why (``error``) and wakes every waiter, who then
+raises it: nobody waits on a dead stream.
 
 ``open_channels`` makes the connections (one TCP/TLS connection per stream) and does the
 Hello/HelloAck exchange on each.
@@ -20,6 +19,7 @@ import grpc
 from handler import stream
 from handler.migration.handoff import MigrationFailed
 from handler.migration.source import rpc_problem
+from handler.migration.target_stream import TargetStream
 from vmferry import grpc_options, pki
 from vmferry.rpc import migration_pb2 as pb
 
@@ -29,65 +29,46 @@ CONNECT_TIMEOUT = 10.0  # s to reach the target and get HelloAck on every channe
 LAST_ROUND = 2**32 - 1  # the acknowledgement a dead channel's waiters receive
 
 
-class Channel:
-    """One Transfer stream; its reader task routes the target's frames."""
+class Channel(TargetStream):
+    """One Transfer stream; its reader task (``read_loop``) routes the target's frames:
+    credits to the flow-control counter, acknowledgements and control frames to their
+    queues, post-copy page requests to ``requests``."""
+
+    what = "migration channel"
 
     def __init__(self, channel_id: int, call: grpc.aio.StreamStreamCall) -> None:
-        self.id = channel_id
-        self.call = call
+        super().__init__(channel_id, call)
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.acks: asyncio.Queue[pb.RoundAck] = asyncio.Queue()
         self.control: asyncio.Queue[pb.TargetFrame] = asyncio.Queue()
         self.requests: asyncio.Queue[bytes] = asyncio.Queue()  # post-copy page faults
-        self.write_lock = asyncio.Lock()  # post-copy: demand and background share channel 0
-        self.error: BaseException | None = None
 
     async def read_loop(self) -> None:
-        try:
-            while True:
-                frame = await self.call.read()
-                if frame is grpc.aio.EOF:
-                    raise MigrationFailed(f"target closed migration channel {self.id}")
-                kind = frame.WhichOneof("frame")
-                if kind == "credit":
-                    self.credit += frame.credit.bytes
-                    self.credit_changed.set()
-                elif kind == "round_ack":
-                    self.acks.put_nowait(frame.round_ack)
-                elif kind == "page_request":
-                    self.requests.put_nowait(frame.page_request.indices)
-                else:
-                    self.control.put_nowait(frame)
-        except grpc.aio.AioRpcError as e:
-            self.error = MigrationFailed(
-                f"migration channel {self.id} to the target failed: {rpc_problem(e)}"
-            )
-        except MigrationFailed as e:
-            self.error = e
-        finally:
-            # Wake every waiter; they check self.error.
-            self.credit_changed.set()
-            self.acks.put_nowait(pb.RoundAck(round=LAST_ROUND))
-            self.control.put_nowait(pb.TargetFrame())
-            self.requests.put_nowait(b"")
+        await self.read_frames(self._route)
 
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def _route(self, frame: pb.TargetFrame) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "credit":
+            self.credit += frame.credit.bytes
+            self.credit_changed.set()
+        elif kind == "round_ack":
+            self.acks.put_nowait(frame.round_ack)
+        elif kind == "page_request":
+            self.requests.put_nowait(frame.page_request.indices)
+        else:
+            self.control.put_nowait(frame)
+
+    def _on_end(self) -> None:
+        self.credit_changed.set()
+        self.acks.put_nowait(pb.RoundAck(round=LAST_ROUND))
+        self.control.put_nowait(pb.TargetFrame())
+        self.requests.put_nowait(b"")
 
     async def write(self, frame: pb.SourceFrame | bytes) -> None:
-        """Send a frame (or one build_batch serialized already)."""
-        self.check()
-        data = frame if isinstance(frame, bytes) else frame.SerializeToString()
-        try:
-            async with self.write_lock:
-                await self.call.write(data)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            self.check()
-            raise MigrationFailed(
-                f"migration channel {self.id}: write failed: {rpc_problem(e)}"
-            ) from None
+        """Send a frame (or one build_batch serialized already). Post-copy: demand and
+        background pages share channel 0 (write_lock)."""
+        await self._write(frame if isinstance(frame, bytes) else frame.SerializeToString())
 
     async def wait_credit(self, needed: int) -> None:
         while self.credit < needed:

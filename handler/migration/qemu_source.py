@@ -7,7 +7,7 @@ shared skeleton of source.py:
  1. (source.py) ``startTimestamp``, the token. Set QEMU's capabilities and parameters
     from the effective migration configuration (qemu_plan.py), listen on a local unix
     socket and ``migrate`` QEMU to it. Each connection QEMU opens becomes one Tunnel
-    stream (``TunnelChannel``) to the target handler.
+    stream (``TunnelChannel``, qemu_channel.py) to the target handler.
  2. Monitor ``query-migrate`` (progress, dirty rate, remaining → VMI status and metrics)
     and enforce ``progressTimeout`` / ``completionTimeoutPerGiB`` (convergence.py's
     TimeoutWatch; with ``allowPostCopy``: switch to post-copy instead of failing) and
@@ -35,17 +35,12 @@ import grpc
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.migration import tunnel
 from handler.migration.convergence import TimeoutWatch, Verdict
 from handler.migration.handoff import MigrationFailed
+from handler.migration.qemu_channel import TunnelChannel
 from handler.migration.qemu_plan import QemuPlan
 from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
-from handler.migration.tunnel import (
-    DATA_FRAME_BYTES,
-    PAGE_SIZE,
-    REPAIR_FRAME_PAGES,
-    TUNNEL_PROTOCOL_VERSION,
-    VERIFY_MODES,
-)
 from vmferry import grpc_options, pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import MigrationMode
@@ -69,84 +64,6 @@ QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
 VERIFY_OFF = "off"
 VERIFY_DETECT = "detect"
-
-
-class TunnelChannel:
-    """One QEMU connection on the source, tunnelled through one gRPC stream."""
-
-    def __init__(self, channel_id: int, call: grpc.aio.StreamStreamCall) -> None:
-        self.id = channel_id
-        self.call = call
-        self.control: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue()
-        self.sent = 0
-        self.received = 0
-        self.upstream_done = asyncio.Event()  # QEMU closed its side; DataEnd sent
-        self.error: BaseException | None = None
-        self._write_lock = asyncio.Lock()
-
-    async def write(self, frame: pb.TunnelSourceFrame) -> None:
-        if self.error is not None:
-            raise self.error
-        try:
-            async with self._write_lock:
-                await self.call.write(frame)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            raise MigrationFailed(
-                f"tunnel channel {self.id} to the target failed: {rpc_problem(e)}"
-            ) from None
-
-    async def upstream(self, reader: asyncio.StreamReader) -> None:
-        """QEMU → target."""
-        while True:
-            data = await reader.read(DATA_FRAME_BYTES)
-            if not data:
-                break
-            await self.write(pb.TunnelSourceFrame(data=pb.Data(data=data)))
-            self.sent += len(data)
-        await self.write(pb.TunnelSourceFrame(data_end=pb.DataEnd()))
-        self.upstream_done.set()
-
-    async def downstream(self, writer: asyncio.StreamWriter) -> None:
-        """Target → QEMU (the return path); other frames go to ``control``."""
-        try:
-            while True:
-                frame = await self.call.read()
-                if frame is grpc.aio.EOF:
-                    raise MigrationFailed(f"the target closed tunnel channel {self.id}")
-                kind = frame.WhichOneof("frame")
-                if kind == "data":
-                    self.received += len(frame.data.data)
-                    if not writer.is_closing():
-                        writer.write(frame.data.data)
-                        with contextlib.suppress(ConnectionError):
-                            await writer.drain()
-                elif kind == "data_end":
-                    if writer.can_write_eof() and not writer.is_closing():
-                        with contextlib.suppress(OSError):
-                            writer.write_eof()
-                elif kind == "failure":
-                    raise MigrationFailed(f"the target failed: {frame.failure.reason}")
-                else:
-                    self.control.put_nowait(frame)
-        except grpc.aio.AioRpcError as e:
-            self.error = MigrationFailed(
-                f"lost the target on tunnel channel {self.id}: {rpc_problem(e)}"
-            )
-        except MigrationFailed as e:
-            self.error = e
-        finally:
-            self.control.put_nowait(None)
-
-    async def next_control(self, timeout: float, what: str) -> pb.TunnelTargetFrame:
-        try:
-            async with asyncio.timeout(timeout):
-                frame = await self.control.get()
-        except TimeoutError:
-            raise MigrationFailed(f"the target sent no {what} within {timeout:.0f}s") from None
-        if frame is None:
-            self.control.put_nowait(None)
-            raise self.error or MigrationFailed(f"tunnel channel {self.id} closed")
-        return frame
 
 
 class QemuSourceMigration(SourceEngine):
@@ -297,14 +214,14 @@ class QemuSourceMigration(SourceEngine):
 
     def _open_frame(self, cid: int) -> pb.Open:
         return pb.Open(
-            protocol_version=TUNNEL_PROTOCOL_VERSION,
+            protocol_version=tunnel.TUNNEL_PROTOCOL_VERSION,
             migration_uid=self.uid,
             token=self.token,
             channel_id=cid,
             channel_count=self.plan.channel_count,
             memory_bytes=self.qemu.qspec.memory_bytes,
-            page_size=PAGE_SIZE,
-            verify=VERIFY_MODES[self.verify],
+            page_size=tunnel.PAGE_SIZE,
+            verify=tunnel.VERIFY_MODES[self.verify],
             postcopy=self.plan.postcopy,
         )
 
@@ -377,7 +294,7 @@ class QemuSourceMigration(SourceEngine):
         ram = info.get("ram") or {}
         if not ram:
             return
-        page = int(ram.get("page-size", PAGE_SIZE)) or PAGE_SIZE
+        page = int(ram.get("page-size", tunnel.PAGE_SIZE)) or tunnel.PAGE_SIZE
         self.stats.total_bytes = int(ram.get("total", self.stats.total_bytes))
         self.stats.processed_bytes = int(ram.get("transferred", 0))
         self.stats.remaining_bytes = int(ram.get("remaining", 0))
@@ -453,7 +370,7 @@ class QemuSourceMigration(SourceEngine):
     async def _verify(
         self, ch0: TunnelChannel, digest_task: asyncio.Future[qemu_verify.PageDigests]
     ) -> None:
-        pages = self.qemu.qspec.memory_bytes // PAGE_SIZE
+        pages = self.qemu.qspec.memory_bytes // tunnel.PAGE_SIZE
         chunks: list[bytes] = []
         received = 0
         while True:
@@ -487,8 +404,8 @@ class QemuSourceMigration(SourceEngine):
             )
         diff = comparison.differing
         ram = self.qemu.ram()
-        for start in range(0, diff.size, REPAIR_FRAME_PAGES):
-            idx = diff[start : start + REPAIR_FRAME_PAGES]
+        for start in range(0, diff.size, tunnel.REPAIR_FRAME_PAGES):
+            idx = diff[start : start + tunnel.REPAIR_FRAME_PAGES]
             payload = await asyncio.to_thread(qemu_verify.gather_pages, ram, idx)
             await ch0.write(
                 pb.TunnelSourceFrame(
