@@ -5,9 +5,13 @@
 ``as_status()`` is what goes into ``migrationState.transfer``.
 
 Rates are live from the first batch, as libvirt's job info is: ``RateWindow`` measures
-the memory transfer rate over the last ``RATE_WINDOW_SECONDS`` of batches (a round-long
-average read 0 for the whole first round: a 512 MiB guest capped at 24 MiB/s showed 0 in
-19 scrapes), and the average wire rate is published only once it spans
+the transfer rate over the last ``RATE_WINDOW_SECONDS`` of batches (a round-long average
+read 0 for the whole first round: a 512 MiB guest capped at 24 MiB/s showed 0 in 19
+scrapes). Like libvirt's memory bandwidth (QEMU's ``mbps``, which the QEMU engine
+reports), it counts bytes on the wire: zero pages travel as indices, and counting the
+memory they cover read 833 MiB/s under a 16 MiB/s cap. (Convergence estimates with its
+own per-round memory rate, convergence.round_transfer_rate.) The average wire rate is
+published only once it spans
 ``MIN_AVERAGE_SECONDS`` (over the first two batches it read 1.9e11 B/s under a 1 MiB/s
 cap: the first batch leaves before pacing has anything to wait for).
 """
@@ -21,6 +25,10 @@ from typing import Any
 Obj = dict[str, Any]
 
 RATE_WINDOW_SECONDS = 1.0  # s of recent batches the live transfer rate averages over
+# The shortest interval a rate is taken over: every channel's first batch leaves at once
+# (pacing sleeps after a write), and two 4 MiB batches a few microseconds apart read
+# 124 MiB/s under a 16 MiB/s cap.
+MIN_RATE_SECONDS = 0.5
 MIN_AVERAGE_SECONDS = 1.0  # s of sending before averageWireRateBytes means something
 
 
@@ -28,12 +36,15 @@ class RateWindow:
     """Bytes per second over a sliding window of samples (``add(now, n)``).
 
     The rate is the bytes of every sample but the oldest one in the window, over the time
-    from the oldest to the newest: each sample's bytes left during the interval that ends
-    at it. One sample alone gives no rate (0); a window with no sample younger than
-    ``window`` s reads 0 too (a stalled stream has no transfer rate)."""
+    from the oldest to the newest (at least ``min_span``): each sample's bytes left during
+    the interval that ends at it. One sample alone gives no rate (0); a window with no
+    sample younger than ``window`` s reads 0 too (a stalled stream has no transfer rate)."""
 
-    def __init__(self, window: float = RATE_WINDOW_SECONDS) -> None:
+    def __init__(
+        self, window: float = RATE_WINDOW_SECONDS, min_span: float = MIN_RATE_SECONDS
+    ) -> None:
         self.window = window
+        self.min_span = min_span
         self._samples: deque[tuple[float, int]] = deque()
         self._bytes = 0  # sum over _samples
 
@@ -54,9 +65,7 @@ class RateWindow:
         samples = self._samples
         if len(samples) < 2 or samples[-1][0] < now - self.window:
             return 0.0
-        span = samples[-1][0] - samples[0][0]
-        if span <= 0:
-            return 0.0
+        span = max(samples[-1][0] - samples[0][0], self.min_span)
         return (self._bytes - samples[0][1]) / span
 
 
@@ -71,7 +80,7 @@ class Stats:
     wire_bytes: int = 0
     rounds: int = 0
     dirty_rate: float = 0.0  # bytes/s the guest dirties (live within a round, see DirtyMeter)
-    transfer_rate: float = 0.0  # bytes/s of guest memory sent, live (see RateWindow)
+    transfer_rate: float = 0.0  # bytes/s on the wire, live (see RateWindow)
     downtime_parts: dict[str, float] = field(default_factory=dict)
     guest_downtime_ms: float | None = None
     first_byte_at: float = 0.0  # the engine's clock at the first and the latest batch sent
@@ -83,7 +92,7 @@ class Stats:
     digest: str = ""
     target_digest: str = ""
     digest_verified: bool = False
-    memory_rate: RateWindow = field(default_factory=RateWindow, repr=False, compare=False)
+    wire_rate: RateWindow = field(default_factory=RateWindow, repr=False, compare=False)
 
     def record_batch(self, now: float, wire_bytes: int, memory_bytes: int) -> None:
         """One batch sent: ``wire_bytes`` on the network covering ``memory_bytes`` of guest
@@ -93,8 +102,8 @@ class Stats:
         self.remaining_bytes = max(0, self.remaining_bytes - memory_bytes)
         self.first_byte_at = self.first_byte_at or now
         self.last_byte_at = now
-        self.memory_rate.add(now, memory_bytes)
-        self.transfer_rate = self.memory_rate.rate(now)
+        self.wire_rate.add(now, wire_bytes)
+        self.transfer_rate = self.wire_rate.rate(now)
 
     @property
     def average_wire_rate(self) -> float | None:

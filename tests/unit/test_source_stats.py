@@ -19,10 +19,14 @@ def test_the_rate_window_is_live_from_the_second_sample_and_forgets_a_stall() ->
     window = RateWindow(1.0)
     window.add(clock(), MiB)
     assert window.rate(clock()) == 0  # one sample: no interval yet
-    for _ in range(10):  # 1 MiB every 0.25 s: 4 MiB/s
+    window.add(clock(), MiB)  # a second channel's first batch, at the same moment
+    assert window.rate(clock()) == 2 * MiB  # over MIN_RATE_SECONDS (0.5), not over 0 s
+    window = RateWindow(1.0)
+    window.add(clock(), MiB)
+    for n in range(10):  # 1 MiB every 0.25 s: 4 MiB/s, once half a second has passed
         clock.advance(0.25)
         window.add(clock(), MiB)
-        assert window.rate(clock()) == pytest.approx(4 * MiB)
+        assert window.rate(clock()) == pytest.approx(2 * MiB if n == 0 else 4 * MiB)
     clock.advance(1.5)  # nothing sent for longer than the window
     assert window.rate(clock()) == 0
 
@@ -36,13 +40,13 @@ def test_stats_record_batches_and_publish_the_average_only_when_it_means_somethi
     stats.record_batch(clock(), MiB // 1024, MiB // 1024)
     status = stats.as_status()
     assert "averageWireRateBytes" not in status  # 1 MiB over 1 ms would read 1 GiB/s
-    for _ in range(4):
+    for _ in range(4):  # zero pages: each batch covers more memory than it puts on the wire
         clock.advance(0.5)
-        stats.record_batch(clock(), MiB // 2, MiB // 2)
+        stats.record_batch(clock(), MiB // 2, 8 * MiB)
     status = stats.as_status()
     assert stats.last_byte_at - stats.first_byte_at >= MIN_AVERAGE_SECONDS
     assert status["averageWireRateBytes"] == int(stats.wire_bytes / 2.001)
-    assert status["transferRateBytes"] == pytest.approx(MiB, rel=0.01)  # live: 1 MiB/s
+    assert status["transferRateBytes"] == pytest.approx(MiB, rel=0.01)  # the wire's 1 MiB/s
     assert status["dataRemainingBytes"] == 64 * MiB - stats.processed_bytes
 
 
