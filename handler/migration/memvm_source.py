@@ -43,7 +43,7 @@ from handler.migration.convergence import Next, Round, TimeoutWatch, Verdict
 from handler.migration.handoff import MigrationFailed
 from handler.migration.postcopy_source import PostCopy
 from handler.migration.sender import DirtyMeter, RoundSender
-from handler.migration.source import Clock, ProgressCallback, SourceEngine
+from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import Compression, MigrationMode
@@ -199,7 +199,7 @@ class MemvmSourceMigration(SourceEngine):
                 # A round's progress is written when it ends, but the short rounds that
                 # lead to the switchover keep the usual pace (a write every ~20 ms loaded
                 # the controller and both handlers just before the pause).
-                self._report(force=result.seconds >= 0.5)
+                self._report(force=result.seconds >= PROGRESS_PERIOD)
                 self._log_round(measured, rate)
                 self._check_abort()
                 if decision is Next.SWITCH_OVER:
