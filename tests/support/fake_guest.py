@@ -145,3 +145,28 @@ class FakeGuest:
 
     def close(self) -> None:
         return None
+
+    # -- post-copy (a target: PostCopyHandle) --
+
+    def prepare_postcopy(self, missing: PageIndices) -> None:
+        self._present = np.ones(self.spec.page_count, dtype=np.uint8)
+        self._present[missing] = 0
+
+    def present(self) -> npt.NDArray[np.uint8]:
+        return self._present
+
+    def mark_present(self, indices: PageIndices) -> None:
+        self._present[indices] = 1
+
+    def requested_pages(self) -> PageIndices:
+        return np.empty(0, dtype=np.int64)  # this guest never faults
+
+    def missing_pages(self) -> PageIndices:
+        return np.flatnonzero(self._present == 0).astype(np.int64)
+
+    async def resume_postcopy(self, device_state: bytes) -> None:
+        self.calls.append("resume_postcopy")
+        self.state = "running"
+
+    async def finish_postcopy(self) -> GuestStatus:
+        return await self.status()

@@ -35,6 +35,7 @@ from vmferry.migration_state import (
     TOKEN_SECRET_KEY,
     TOKEN_SECRET_NAMESPACE,
     AbortStatus,
+    MigrationMode,
     MigrationState,
     Switchover,
     token_secret_name,
@@ -115,7 +116,10 @@ async def make_lab(tmp_path: Path) -> AsyncIterator[Lab]:
 
     async def on_commit(inc: IncomingMigration) -> None:
         target.commits += 1
-        await inc.handle.resume(inc.device_state)
+        if inc.postcopy:
+            await incoming.resume_postcopy(inc.device_state or b"")
+        else:
+            await inc.handle.resume(inc.device_state)
 
     async def on_abort(inc: IncomingMigration, reason: str) -> None:
         target.aborts.append(reason)
@@ -295,6 +299,34 @@ def test_completion_timeout_per_gib_fails_without_postcopy(tmp_path: Path) -> No
         assert state.failed
         assert "completionTimeoutPerGiB 512 x 0.00 GiB = 1 sec" in state.failure_reason
         assert lab.source.state == "running"
+
+    in_lab(tmp_path, body)
+
+
+def test_completion_timeout_switches_to_post_copy_when_allowed(tmp_path: Path) -> None:
+    async def body(lab: Lab) -> None:
+        clock = FakeClock()
+        lab.source.hot = np.arange(lab.source.page_count, dtype=np.int64)
+        engine = await lab.engine(
+            {
+                "downtimeBudgetMilliseconds": 0,
+                "completionTimeoutPerGiB": 512,  # 2 MiB: 1 s
+                "allowPostCopy": True,
+            },
+            clock=clock,
+        )
+        mover = asyncio.create_task(advance_when(clock, lambda: lab.source.harvests >= 2, 1.5))
+        await asyncio.wait_for(engine.run(), 30)
+        await mover
+        state = await lab.state()
+        assert state.completed and not state.failed, state.failure_reason
+        assert state.mode is MigrationMode.POST_COPY
+        assert state.switchover is Switchover.COMMITTED
+        assert lab.target.guest.calls[0] == "resume_postcopy"
+        assert lab.target.guest.missing_pages().size == 0
+        # every page arrived: the target's memory is the paused source's
+        assert bytes(lab.target.guest.ram()) == bytes(lab.source.ram())
+        assert state.transfer["postCopyFaults"] == 0 and lab.source.destroyed
 
     in_lab(tmp_path, body)
 
