@@ -398,4 +398,4 @@ class MemvmSourceMigration(SourceEngine):
             await super()._fail_committed(reason)
 
     def _describe_start(self) -> str:
-        return f"{super()._describe_start()} ({self.config.parallel_streams} stream(s))"
+        return f"memvm, {self.config.parallel_streams} stream(s)"

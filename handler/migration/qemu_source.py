@@ -103,10 +103,7 @@ class QemuSourceMigration(SourceEngine):
         return self.qemu.qspec.memory_bytes
 
     def _describe_start(self) -> str:
-        return (
-            f"{super()._describe_start()} (verify {self.verify}, "
-            f"{self.plan.channel_count} channel(s))"
-        )
+        return f"qemu, verify {self.verify}, {self.plan.channel_count} channel(s)"
 
     async def _migrate(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -184,7 +184,8 @@ class SourceEngine(abc.ABC):
         """Close what the attempt opened; safe to run twice."""
 
     def _describe_start(self) -> str:
-        return f"{self.ns}/{self.name} to {self.target_address}"
+        """The driver's details for the start line of the log."""
+        return self.driver_name
 
     # -- the skeleton -----------------------------------------------------------------------
 
@@ -210,9 +211,14 @@ class SourceEngine(abc.ABC):
         started = await self.record.mark_started(
             {Field.MODE: self.mode, Field.TRANSFER: self._transfer_status()}
         )
-        if started:
+        if started:  # bench/lab_runs.py reads "starting to" (the handler's start)
             log.info(
-                "migration %s: %s starting: %s", self.uid, self.driver_name, self._describe_start()
+                "migration %s: %s/%s starting to %s (%s)",
+                self.uid,
+                self.ns,
+                self.name,
+                self.target_address,
+                self._describe_start(),
             )
         return started
 
