@@ -1,7 +1,10 @@
 """The handler's Prometheus metrics: progress of the migrations this node sends.
 
 KubeVirt's virt-handler reports the libvirt job info of each migrating VMI; we report
-the source migration's ``Stats`` (``VMManager.progress``, updated on every batch).
+the source migration's ``Stats`` (handler/migration/stats.py, via
+``VMManager.progress``, updated on every batch). Its rates are live from the first
+batches, as libvirt's are: the transfer rate over the last second on the wire, the
+memvm dirty rate from the dirty log sampled while a round runs.
 Names, types and labels from kubevirt/kubevirt
 ``pkg/monitoring/metrics/virt-handler/migrationdomainstats/migrationstats_collector.go``
 (labels ``namespace, name, node``; ``name`` is the VMI):
@@ -46,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from handler.migration_source import Stats
+    from handler.migration.stats import Stats
     from handler.vm_manager import VMManager
 
 Obj = dict[str, Any]
@@ -62,7 +65,7 @@ LABELS = ["namespace", "name", "node"]
 class _Tracked:
     vmi: Obj
     stats: Stats
-    migration: Any  # the SourceMigration while it runs (for ``committed``), else None
+    migration: Any  # the source engine while it runs (for ``committed``), else None
     ended_at: float | None = None
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from handler.drivers.base import Drivers, VMHandle
-from handler.drivers.engine import SourceEngine, Stats
 from handler.migration.handoff import HandoffRecord
 from handler.migration.incoming import IncomingRegistry
+from handler.migration.source import SourceEngine
+from handler.migration.stats import Stats
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from vmferry import conditions, pki
 from vmferry.client import ApiClient

@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from handler.migration.source import ProgressCallback, SourceEngine
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
 

@@ -73,7 +73,7 @@ from vmferry import schema
 from vmferry.quantity import parse_quantity
 
 if TYPE_CHECKING:
-    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from handler.migration.source import ProgressCallback, SourceEngine
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
 
@@ -240,7 +240,7 @@ class MemVMDriver:
         on_progress: ProgressCallback,
     ) -> SourceEngine:
         """The memvm engine: this handler copies the guest's memory, round by round."""
-        from handler.migration_source import SourceMigration as MemvmSourceMigration
+        from handler.migration.memvm_source import MemvmSourceMigration
 
         guest = dirty_log(handle, "a memvm migration")
         return MemvmSourceMigration(api, node, vmi, guest, tls, on_progress=on_progress)

@@ -57,7 +57,7 @@ from vmferry import schema
 
 if TYPE_CHECKING:
     from handler.drivers.base import Driver
-    from handler.drivers.engine import ProgressCallback, SourceEngine
+    from handler.migration.source import ProgressCallback, SourceEngine
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
 
@@ -148,7 +148,7 @@ class QemuDriver:
         on_progress: ProgressCallback,
     ) -> SourceEngine:
         """QEMU migrates the guest itself; the engine tunnels its stream and verifies."""
-        from handler.qemu_migration import QemuSourceMigration
+        from handler.migration.qemu_source import QemuSourceMigration
 
         if not isinstance(handle, QemuHandle):
             raise DriverError(f"a QEMU migration of {handle.driver_name} guest {handle.vm_id}")

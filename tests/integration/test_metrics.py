@@ -184,3 +184,53 @@ def test_get_vmim_watch_prints_each_phase_as_it_happens(lab: LabHarness) -> None
     assert {"Scheduling", "Running", "Succeeded"} <= set(phases), phases
     assert phases.index("Running") < phases.index("Succeeded")
     lab.cli("delete", "vm", "watched")
+
+
+@pytest.mark.timeout(90)
+def test_rates_are_live_within_two_seconds_of_a_capped_migration_start(lab: LabHarness) -> None:
+    """The transfer and dirty rates of the first round show up while it runs (they read
+    0 for the whole first round when they were measured only at a round's end)."""
+    lab.apply(vm_manifest("capped", memory="128Mi", dirty_rate="4Mi", hot_set="16Mi"))
+    vmi = lab.wait_vmi_running("capped")
+    source = vmi["status"]["nodeName"]
+    vm = {"namespace": "default", "name": "capped", "node": source}
+    cap = 16 << 20
+    lab.set_live_migration_config(bandwidthPerMigration="16Mi")  # round 0 alone: several s
+    try:
+        out = lab.cli("migrate", "capped")
+        vmim = out.stdout.split("(")[1].split(")")[0]
+        lab.wait_for(
+            "the source to start sending",
+            lambda: (value(lab.scrape(source), "vmferry_migration_wire_bytes", **vm) or 0) > 0,
+            timeout=20,
+            interval=0.05,
+        )
+        first = lab.wait_for(
+            "a live transfer rate",
+            lambda: (
+                (s := lab.scrape(source))
+                and (value(s, "kubevirt_vmi_migration_memory_transfer_rate_bytes", **vm) or 0) > 0
+                and s
+            ),
+            timeout=2,
+            interval=0.1,
+        )
+        assert value(first, "vmferry_migration_rounds", **vm) == 0, "still the first round"
+        rate = value(first, "kubevirt_vmi_migration_memory_transfer_rate_bytes", **vm) or 0
+        assert rate <= 2 * cap, f"{rate / 2**20:.1f} MiB/s under a 16 MiB/s cap"
+        dirty = lab.wait_for(
+            "a live dirty rate in the first round",
+            lambda: (
+                (s := lab.scrape(source))
+                and (value(s, "kubevirt_vmi_migration_dirty_memory_rate_bytes", **vm) or 0) > 0
+                and s
+            ),
+            timeout=3,
+            interval=0.1,
+        )
+        assert value(dirty, "vmferry_migration_rounds", **vm) == 0, "still the first round"
+        final = lab.wait_vmim_final(vmim, timeout=60)
+    finally:
+        lab.set_live_migration_config(bandwidthPerMigration="0")
+    assert final["status"]["phase"] == "Succeeded"
+    lab.cli("delete", "vm", "capped")

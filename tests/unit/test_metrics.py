@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from controller.metrics import ControllerMetrics, transition_seconds_from_creation
 from handler.metrics import FINISHED_RETENTION, HandlerMetrics
-from handler.migration_source import Stats
+from handler.migration.stats import Stats
 from vmferry import httpserve
 from vmferry.informer import Informer
 

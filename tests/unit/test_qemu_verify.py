@@ -7,7 +7,8 @@ import pytest
 
 from handler import qemu_verify as qv
 from handler.drivers.qemu import QemuSpec, last_heartbeat
-from handler.qemu_migration import QemuPlan
+from handler.migration.qemu_plan import QemuPlan
+from vmferry.migration_state import MigrationConfig
 
 PAGES = 2048  # 8 MiB
 
@@ -95,12 +96,14 @@ def test_repair_checks_bounds_and_sizes_before_writing() -> None:
 
 def test_plan_maps_the_migration_configuration_onto_qemu() -> None:
     plan = QemuPlan.from_config(
-        {
-            "bandwidthPerMigration": "64Mi",
-            "downtimeBudgetMilliseconds": 150,
-            "allowAutoConverge": True,
-            "parallelStreams": 3,
-        }
+        MigrationConfig.from_dict(
+            {
+                "bandwidthPerMigration": "64Mi",
+                "downtimeBudgetMilliseconds": 150,
+                "allowAutoConverge": True,
+                "parallelStreams": 3,
+            }
+        )
     )
     assert plan.parameters() == {
         "max-bandwidth": 64 << 20,
@@ -111,7 +114,9 @@ def test_plan_maps_the_migration_configuration_onto_qemu() -> None:
     assert caps == {"auto-converge": True, "postcopy-ram": False, "multifd": True}
     assert plan.channel_count == 4
     # post-copy excludes multifd; 0 bandwidth means unlimited (QEMU's default is 128 MiB/s)
-    post = QemuPlan.from_config({"allowPostCopy": True, "parallelStreams": 4})
+    post = QemuPlan.from_config(
+        MigrationConfig.from_dict({"allowPostCopy": True, "parallelStreams": 4})
+    )
     assert post.multifd_channels == 0 and post.postcopy and post.channel_count == 1
     assert post.parameters()["max-bandwidth"] > 1 << 30
 

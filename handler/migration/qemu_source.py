@@ -1,0 +1,436 @@
+"""The sending side of one QEMU live migration, through vmferry's mTLS tunnel.
+
+QEMU migrates its guest itself; vmferry carries the byte stream and decides the
+hand-off (the sequence is in the header of ``proto/vmferry/rpc/tunnel.proto``). On the
+shared skeleton of source.py:
+
+ 1. (source.py) ``startTimestamp``, the token. Set QEMU's capabilities and parameters
+    from the effective migration configuration (qemu_plan.py), listen on a local unix
+    socket and ``migrate`` QEMU to it. Each connection QEMU opens becomes one Tunnel
+    stream (``TunnelChannel``, qemu_channel.py) to the target handler.
+ 2. Monitor ``query-migrate`` (progress, dirty rate, remaining → VMI status and metrics)
+    and enforce ``progressTimeout`` / ``completionTimeoutPerGiB`` (convergence.py's
+    TimeoutWatch; with ``allowPostCopy``: switch to post-copy instead of failing) and
+    cancel (``abortRequested`` → ``migrate_cancel``). Any failure here leaves QEMU running.
+ 3. QEMU ``completed``: the source guest is paused (``postmigrate``). Verified
+    switchover: both handlers compute per-page digests of their RAM file in parallel
+    (handler/qemu_verify.py), the target sends its digests, the source compares;
+    ``repair`` re-sends the differing pages, ``detect`` fails the migration, ``off``
+    skips the comparison. The target confirms with Verified.
+ 4. The arbiter: ``switchover: Committed``. Only then Commit; the target resumes
+    (``cont``); the source QEMU is destroyed. A failure before the record resumes the
+    guest on the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from handler import qemu_verify
+from handler.drivers.base import GuestError
+from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.migration import tunnel
+from handler.migration.convergence import TimeoutWatch, Verdict
+from handler.migration.handoff import MigrationFailed
+from handler.migration.qemu_channel import TunnelChannel
+from handler.migration.qemu_plan import QemuPlan
+from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
+from vmferry import grpc_options, pki
+from vmferry.client import ApiClient
+from vmferry.migration_state import MigrationMode
+from vmferry.rpc import tunnel_pb2 as pb
+from vmferry.rpc import tunnel_pb2_grpc
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+CONNECT_TIMEOUT = 10.0
+ACCEPT_TIMEOUT = 20.0  # s for QEMU to open all its connections once migrate started
+POLL_PERIOD = 0.2  # s between query-migrate polls
+COMPLETE_TIMEOUT = 60.0  # s for the target QEMU to finish loading after the source completed
+VERIFY_TIMEOUT = 120.0
+RESUMED_TIMEOUT = 30.0
+# QEMU's query-migrate statuses (QEMU's strings, not vmferry's)
+QEMU_ACTIVE = "active"
+QEMU_POSTCOPY_ACTIVE = "postcopy-active"
+QEMU_COMPLETED = "completed"
+QEMU_ENDED = ("failed", "cancelled")
+QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
+VERIFY_OFF = "off"
+VERIFY_DETECT = "detect"
+
+
+class QemuSourceMigration(SourceEngine):
+    """The sending side of one QEMU migration."""
+
+    driver_name = "qemu"
+
+    def __init__(
+        self,
+        api: ApiClient,
+        node_name: str,
+        vmi: Obj,
+        handle: QemuHandle,
+        tls: pki.TlsFiles | None,
+        driver: QemuDriver,
+        *,
+        on_progress: ProgressCallback | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.qemu = handle
+        super().__init__(api, node_name, vmi, handle, tls, on_progress=on_progress, clock=clock)
+        self.driver = driver
+        self.plan = QemuPlan.from_config(self.config)
+        self.verify = handle.qspec.verify
+        self.repaired_pages = 0
+        self.completed_in_qemu = False  # source paused in postmigrate
+        self._channels: list[TunnelChannel] = []
+        self._grpc: grpc.aio.Channel | None = None
+        self._server: asyncio.Server | None = None
+        self._sock = driver.sock_path(f"{handle.vm_id}.{self.uid[:8]}", "mig")
+        self._channels_ready = asyncio.Event()
+        self._accept_error: BaseException | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def _memory_bytes(self) -> int:
+        return self.qemu.qspec.memory_bytes
+
+    def _describe_start(self) -> str:
+        return f"qemu, verify {self.verify}, {self.plan.channel_count} channel(s)"
+
+    async def _migrate(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self._start()
+            await self._monitor()
+            await self._switchover()
+            # End every tunnel stream (multifd channels idle after QEMU finished),
+            # so the TaskGroup's pumps return.
+            self._close_streams()
+
+    def _close_streams(self) -> None:
+        for ch in self._channels:
+            ch.call.cancel()
+        for w in self._writers:
+            w.close()
+
+    async def _cleanup(self) -> None:
+        self._close_streams()
+        if self._server is not None:
+            self._server.close()
+        self._sock.unlink(missing_ok=True)
+        if self._grpc is not None:
+            await self._grpc.close()
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _transfer_status(self) -> Obj:
+        out = self.stats.as_status()
+        out["verifyMode"] = self.verify
+        out["repairedPages"] = self.repaired_pages
+        return out
+
+    def _refresh_stats(self) -> None:
+        self.stats.wire_bytes = sum(ch.sent + ch.received for ch in self._channels)
+
+    # -- start: tunnel + QEMU -------------------------------------------------------------
+
+    async def _start(self) -> None:
+        options = grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)
+        if self.tls is None:
+            self._grpc = grpc.aio.insecure_channel(self.target_address, options=options)
+        else:
+            self._grpc = grpc.aio.secure_channel(
+                self.target_address, pki.channel_credentials(self.tls), options=options
+            )
+        self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sock.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self._sock))
+        h = self.qemu
+        await h.qmp("migrate-set-capabilities", {"capabilities": self.plan.capabilities()})
+        await h.qmp("migrate-set-parameters", self.plan.parameters())
+        await h.qmp("migrate", {"uri": f"unix:{self._sock}"})
+        self.stats.first_byte_at = self.clock()
+        try:
+            async with asyncio.timeout(ACCEPT_TIMEOUT):
+                while not self._channels_ready.is_set():
+                    if self._accept_error is not None:
+                        raise self._accept_error
+                    status = (await h.qmp("query-migrate")).get("status")
+                    if status in QEMU_ENDED:
+                        raise MigrationFailed(f"QEMU's migration {status} before it connected")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(POLL_PERIOD):
+                            await self._channels_ready.wait()
+        except TimeoutError:
+            raise MigrationFailed(
+                f"QEMU opened {len(self._channels)} of {self.plan.channel_count} migration "
+                f"connections within {ACCEPT_TIMEOUT:.0f}s"
+            ) from None
+        if self._accept_error is not None:
+            raise self._accept_error
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One QEMU connection: open its Tunnel stream and pump both ways."""
+        cid = len(self._channels)
+        self._writers.append(writer)
+        if cid >= self.plan.channel_count or self._grpc is None or self._tg is None:
+            writer.close()
+            return
+        stub = tunnel_pb2_grpc.TunnelStub(self._grpc)
+        ch = TunnelChannel(cid, stub.Migrate())
+        self._channels.append(ch)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await ch.write(pb.TunnelSourceFrame(open=self._open_frame(cid)))
+                first = await ch.call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
+                raise MigrationFailed(f"the target did not open tunnel channel {cid}")
+        except (grpc.aio.AioRpcError, TimeoutError, MigrationFailed) as e:
+            if isinstance(e, grpc.aio.AioRpcError):
+                e = MigrationFailed(
+                    f"cannot open the tunnel to {self.target_address}: {rpc_problem(e)}"
+                )
+            elif isinstance(e, TimeoutError):
+                e = MigrationFailed(f"the target {self.target_address} did not answer")
+            self._accept_error = e
+            self._channels_ready.set()
+            writer.close()
+            return
+        self._tg.create_task(ch.downstream(writer))
+        self._tg.create_task(self._pump_up(ch, reader))
+        if len(self._channels) == self.plan.channel_count:
+            self._channels_ready.set()
+
+    def _open_frame(self, cid: int) -> pb.Open:
+        return pb.Open(
+            protocol_version=tunnel.TUNNEL_PROTOCOL_VERSION,
+            migration_uid=self.uid,
+            token=self.token,
+            channel_id=cid,
+            channel_count=self.plan.channel_count,
+            memory_bytes=self.qemu.qspec.memory_bytes,
+            page_size=tunnel.PAGE_SIZE,
+            verify=tunnel.VERIFY_MODES[self.verify],
+            postcopy=self.plan.postcopy,
+        )
+
+    async def _pump_up(self, ch: TunnelChannel, reader: asyncio.StreamReader) -> None:
+        try:
+            await ch.upstream(reader)
+        except MigrationFailed as e:
+            if not self.completed_in_qemu:
+                ch.error = ch.error or e
+                log.info("migration %s: %s", self.uid, e)
+
+    # -- monitor --------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Poll query-migrate until QEMU completed; enforce timeouts and cancel."""
+        h = self.qemu
+        watch = TimeoutWatch(
+            self.config, self._memory_bytes(), self.clock(), allow_postcopy=self.plan.postcopy
+        )
+        while True:
+            info = await h.qmp("query-migrate")
+            status = info.get("status", "")
+            self._absorb(info)
+            self._report()
+            if status == QEMU_COMPLETED:
+                self.completed_in_qemu = True
+                self.stats.last_byte_at = self.clock()
+                if "downtime" in info:
+                    self.stats.downtime_parts["qemu_stop_copy"] = info["downtime"] / 1000
+                return
+            if status in QEMU_ENDED:
+                for ch in self._channels:
+                    if ch.error is not None:
+                        raise ch.error
+                raise MigrationFailed(
+                    f"QEMU's migration {status}: {info.get('error-desc', 'no detail')}"
+                )
+            for ch in self._channels:
+                if ch.error is not None:
+                    await self._cancel_qemu()
+                    raise ch.error
+            if self.abort_requested.is_set() and self.mode is MigrationMode.POST_COPY:
+                log.warning("migration %s: cancel refused: in post-copy", self.uid)
+            elif self.abort_requested.is_set():
+                await self._cancel_qemu()
+                self._check_abort()
+            if self.mode is MigrationMode.PRE_COPY:
+                await self._check_timeouts(watch, status)
+            await asyncio.sleep(POLL_PERIOD)
+
+    async def _check_timeouts(self, watch: TimeoutWatch, status: str) -> None:
+        now = self.clock()
+        remaining = self.stats.remaining_bytes
+        moving = status in (QEMU_ACTIVE, QEMU_POSTCOPY_ACTIVE)
+        verdict = watch.check(now, remaining, counts=moving)
+        if verdict is Verdict.POST_COPY and status == QEMU_ACTIVE:
+            log.info("migration %s: completion timeout: switching to post-copy", self.uid)
+            await self.qemu.qmp("migrate-start-postcopy")
+            self.mode = MigrationMode.POST_COPY
+            self._report(force=True)
+        elif verdict is not Verdict.CONTINUE:
+            await self._cancel_qemu()
+            failing = Verdict.TOO_LONG if verdict is Verdict.POST_COPY else verdict
+            raise MigrationFailed(watch.message(failing, now, remaining))
+
+    def _absorb(self, info: Obj) -> None:
+        """query-migrate's RAM figures into Stats (QEMU's own rates: ``mbps`` is live;
+        ``dirty-pages-rate`` is measured at each dirty sync, so it reads 0 during the
+        first pass, as libvirt reports it)."""
+        ram = info.get("ram") or {}
+        if not ram:
+            return
+        page = int(ram.get("page-size", tunnel.PAGE_SIZE)) or tunnel.PAGE_SIZE
+        self.stats.total_bytes = int(ram.get("total", self.stats.total_bytes))
+        self.stats.processed_bytes = int(ram.get("transferred", 0))
+        self.stats.remaining_bytes = int(ram.get("remaining", 0))
+        self.stats.rounds = int(ram.get("dirty-sync-count", 0))
+        self.stats.dirty_rate = float(ram.get("dirty-pages-rate", 0)) * page
+        self.stats.transfer_rate = float(ram.get("mbps", 0)) * 1e6 / 8
+        self.stats.last_byte_at = self.clock()
+
+    async def _cancel_qemu(self) -> None:
+        """migrate_cancel; QEMU goes back to running the guest here."""
+        with contextlib.suppress(GuestError):
+            await self.qemu.qmp("migrate_cancel")
+            for _ in range(100):
+                status = (await self.qemu.qmp("query-migrate")).get("status")
+                if status in (*QEMU_ENDED, QEMU_COMPLETED, None):
+                    break
+                await asyncio.sleep(0.05)
+
+    # -- switchover -----------------------------------------------------------------------
+
+    async def _switchover(self) -> None:
+        parts = self.stats.downtime_parts
+        t0 = self.clock()
+        ch0 = self._channels[0]
+        digest_task: asyncio.Future[qemu_verify.PageDigests] | None = None
+        if self.verify != VERIFY_OFF:  # both sides hash at once: start ours right away
+            digest_task = asyncio.ensure_future(qemu_verify.page_digests_async(self.qemu.ram()))
+        try:
+            for ch in self._channels:  # every byte QEMU wrote is on its way
+                async with asyncio.timeout(COMPLETE_TIMEOUT):
+                    await ch.upstream_done.wait()
+            await ch0.write(
+                pb.TunnelSourceFrame(
+                    completed=pb.Completed(
+                        qemu_downtime_ms=int(parts.get("qemu_stop_copy", 0) * 1000),
+                        last_console_unix_ns=self.qemu.console_mtime_ns(),
+                    )
+                )
+            )
+            t1 = self.clock()
+            parts["drain"] = t1 - t0
+            if digest_task is not None:
+                await self._verify(ch0, digest_task)
+            frame = await ch0.next_control(VERIFY_TIMEOUT, "Verified")
+            if frame.WhichOneof("frame") != "verified":
+                raise MigrationFailed(f"expected Verified, got {frame.WhichOneof('frame')}")
+            parts["verify"] = self.clock() - t1
+            if not frame.verified.match:
+                raise MigrationFailed(
+                    f"the target's memory is not verified: {frame.verified.detail}"
+                )
+            self.stats.digest_verified = self.verify != VERIFY_OFF
+        finally:
+            if digest_task is not None and not digest_task.done():
+                digest_task.cancel()
+        t2 = self.clock()
+        await self._commit()
+        await ch0.write(pb.TunnelSourceFrame(commit=pb.Commit()))
+        with contextlib.suppress(MigrationFailed):
+            frame = await ch0.next_control(RESUMED_TIMEOUT, "Resumed")
+            if frame.WhichOneof("frame") == "resumed":
+                parts["resume"] = self.clock() - t2
+                if frame.resumed.guest_gap_ms > 0:
+                    self.stats.guest_downtime_ms = frame.resumed.guest_gap_ms
+        await self.handle.destroy()
+        self._report()
+        await self._record_success()
+        self._log_success(
+            f", {self.repaired_pages} page(s) repaired, guest-seen gap "
+            f"{self.stats.guest_downtime_ms} ms"
+        )
+
+    async def _verify(
+        self, ch0: TunnelChannel, digest_task: asyncio.Future[qemu_verify.PageDigests]
+    ) -> None:
+        pages = self.qemu.qspec.memory_bytes // tunnel.PAGE_SIZE
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            frame = await ch0.next_control(VERIFY_TIMEOUT, "page digests")
+            if frame.WhichOneof("frame") != "digests":
+                raise MigrationFailed(f"expected Digests, got {frame.WhichOneof('frame')}")
+            if frame.digests.first_page != received:
+                raise MigrationFailed("the target's digests arrived out of order")
+            chunks.append(frame.digests.digests)
+            received += len(frame.digests.digests) // qemu_verify.DIGEST_BYTES
+            if frame.digests.last:
+                break
+        try:
+            target = qemu_verify.digests_from_bytes(b"".join(chunks), pages)
+        except ValueError as e:
+            raise MigrationFailed(f"bad page digests from the target: {e}") from None
+        source = await digest_task
+        comparison = qemu_verify.compare(source, target)
+        self.stats.digest = f"{pages} page digests"
+        self.stats.target_digest = "match" if comparison.match else comparison.describe()
+        if comparison.match:
+            log.info("migration %s: verified: all %d pages match", self.uid, pages)
+        else:
+            log.warning(
+                "migration %s: memory mismatch at switchover: %s", self.uid, comparison.describe()
+            )
+        if not comparison.match and self.verify == VERIFY_DETECT:
+            raise MigrationFailed(
+                f"memory mismatch at switchover (verify: detect): {comparison.describe()} "
+                "between the paused source and the target; the guest resumes on the source"
+            )
+        diff = comparison.differing
+        ram = self.qemu.ram()
+        for start in range(0, diff.size, tunnel.REPAIR_FRAME_PAGES):
+            idx = diff[start : start + tunnel.REPAIR_FRAME_PAGES]
+            payload = await asyncio.to_thread(qemu_verify.gather_pages, ram, idx)
+            await ch0.write(
+                pb.TunnelSourceFrame(
+                    repair=pb.Repair(indices=idx.astype("<u4").tobytes(), payload=payload)
+                )
+            )
+        await ch0.write(
+            pb.TunnelSourceFrame(
+                repair_end=pb.RepairEnd(
+                    pages=int(diff.size), digests=qemu_verify.digests_to_bytes(source[diff])
+                )
+            )
+        )
+        self.repaired_pages = int(diff.size)
+
+    # -- failure (the rest is SourceEngine._fail) ------------------------------------------
+
+    async def _abort_target(self, reason: str) -> None:
+        frame = pb.TunnelSourceFrame(abort=pb.Abort(reason=reason))
+        await self._abort_streams([ch.call for ch in self._channels], frame)
+
+    async def _stop_transfer(self) -> None:
+        with contextlib.suppress(GuestError):
+            if (await self.qemu.qmp("query-migrate")).get("status") in QEMU_MOVING:
+                await self._cancel_qemu()
+
+    def _arbiter_decides(self) -> bool:
+        return self.completed_in_qemu or self.mode is MigrationMode.POST_COPY
+
+    def _guest_may_be_paused(self) -> bool:
+        return True  # QEMU pauses the guest itself (completion, post-copy)

@@ -1,0 +1,284 @@
+"""Moving pages: rounds across the channels, batches, flow control, pacing, and the
+dirty log measured while a round runs.
+
+Ownership: a ``RoundSender`` belongs to one memvm source migration and runs on its event
+loop. It reads guest RAM through the handle's mapping (``stream.page_view``) and writes
+only to the channels; every batch sent is accounted in the migration's ``Stats``
+(``Stats.record_batch``: the live transfer rate). ``DirtyMeter`` is the only harvester
+of the guest's dirty log while the migration runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.ma  # np.unique imports it on first use (~15 ms here): not in a downtime
+import numpy.typing as npt
+
+from handler import stream
+from handler.digest import ChunkDigest
+from handler.drivers.base import DirtyLogHandle
+from handler.migration.channels import Channel
+from handler.migration.handoff import MigrationFailed
+from handler.migration.stats import Stats
+from vmferry.rpc import migration_pb2 as pb
+
+PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
+MIN_DIRTY_SAMPLE_SECONDS = 0.1  # a dirty rate over less time than this is noise
+
+Clock = Callable[[], float]
+
+
+class DirtyMeter:
+    """The guest's dirty log, harvested as often as wanted without losing a page: what
+    ``sample()`` harvests accumulates until ``take()`` returns it (with what is dirty by
+    then). Sampling during a round makes the dirty rate live -- distinct pages dirtied
+    since the round began, per second -- where a harvest only at the round's end left it 0
+    for the whole of round 0. ``on_harvest`` sees every harvest (the digest's invalidate:
+    harvested pages will be sent again, and re-hashed)."""
+
+    def __init__(
+        self, handle: DirtyLogHandle, clock: Clock, on_harvest: Callable[[stream.IndexArray], None]
+    ) -> None:
+        self.handle = handle
+        self.clock = clock
+        self.on_harvest = on_harvest
+        self.page_size = handle.spec.page_size
+        self._dirty = np.zeros(handle.spec.page_count, dtype=np.bool_)
+        self._count = 0
+        self.since = clock()
+
+    def restart(self) -> None:
+        """Measure from now (the pages accumulated so far stay)."""
+        self.since = self.clock()
+        self._count = int(np.count_nonzero(self._dirty))
+
+    def sample(self) -> float | None:
+        """Harvest now; the dirty rate since restart()/take(), or None when that is too
+        short a time to say."""
+        indices = self.handle.harvest_dirty()
+        if indices.size:
+            self.on_harvest(indices)
+            fresh = indices[~self._dirty[indices]]
+            self._dirty[fresh] = True
+            self._count += len(fresh)
+        elapsed = self.clock() - self.since
+        if elapsed < MIN_DIRTY_SAMPLE_SECONDS:
+            return None
+        return self._count * self.page_size / elapsed
+
+    def take(self) -> stream.IndexArray:
+        """Every page dirtied since the last take() (ascending); starts a new measure."""
+        self.sample()
+        indices = np.flatnonzero(self._dirty).astype(np.int64)
+        self._dirty[indices] = False
+        self._count = 0
+        self.since = self.clock()
+        return indices
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    wire_bytes: int
+    seconds: float
+    unsent: stream.IndexArray  # pages a stopped round did not send
+
+
+class RoundSender:
+    """Sends rounds of pages across ``channels`` (replaced on a post-copy reconnect).
+
+    ``in_downtime``: the guest is paused and runs nowhere: no compression (its CPU time
+    is downtime, and the link rarely limits that round) and no pacing (the stop-and-copy
+    round runs flat out, as QEMU's completion stage does). ``check_abort`` raises when a
+    cancel must end the round; ``report`` runs after every batch."""
+
+    def __init__(
+        self,
+        handle: DirtyLogHandle,
+        stats: Stats,
+        *,
+        compress: bool,
+        bandwidth: int,
+        clock: Clock,
+        check_abort: Callable[[], None],
+        report: Callable[[], None],
+    ) -> None:
+        self.handle = handle
+        self.stats = stats
+        self.compress = compress
+        self.bandwidth = bandwidth
+        self.clock = clock
+        self.check_abort = check_abort
+        self.report = report
+        self.channels: list[Channel] = []
+        self.in_downtime = False
+        self._pace_next = 0.0  # clock() before which the paced stream may not send
+        self._compressing = True  # the last batch sent compressed (see send_batch)
+
+    def pages(self) -> npt.NDArray[np.uint8]:
+        return stream.page_view(self.handle.ram(), self.handle.spec.page_size)
+
+    async def send_round(
+        self,
+        indices: stream.IndexArray,
+        round_no: int,
+        final: bool,
+        *,
+        stop: asyncio.Event | None = None,
+        sent_mask: npt.NDArray[np.bool_] | None = None,
+        wait_acks: bool = True,
+    ) -> RoundResult:
+        """Send ``indices`` across the channels and wait until every channel's batches
+        are in the target's RAM (``wait_acks=False``: only until they are written; the
+        caller collects the acknowledgements with round_acks).
+
+        ``stop`` (the switch to post-copy) ends the round at the next batch boundary:
+        the pages not sent yet are returned. ``sent_mask`` (post-copy) skips pages
+        already sent and marks the ones sent now."""
+        pages = self.pages()
+        compress = self.compress and not self.in_downtime
+        limit = 0 if self.in_downtime else self.bandwidth
+        parts = stream.split_by_channel(indices, len(self.channels))
+        started = self.clock()
+        sent = [0]
+        unsent: list[stream.IndexArray] = []
+
+        async def send_part(ch: Channel, part: stream.IndexArray) -> None:
+            # A batch carries up to BATCH_PAGES non-zero pages; where memory is mostly
+            # zero pages it covers a longer span (doubling up to MAX_SPAN), so zeros cost
+            # neither copies nor per-batch round trips.
+            offset, span = 0, stream.BATCH_PAGES
+            while offset < len(part):
+                self.check_abort()
+                if stop is not None and stop.is_set():
+                    unsent.append(part[offset:])
+                    break
+                if sent_mask is not None:  # post-copy: fixed spans, each page once
+                    chunk = part[offset : offset + stream.BATCH_PAGES]
+                    offset += len(chunk)
+                    chunk = chunk[~sent_mask[chunk]]
+                    sent_mask[chunk] = True
+                    if chunk.size:
+                        await self.send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                    continue
+                chunk = part[offset : offset + span]
+                batch = await self.send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                offset += batch.pages
+                sparse = batch.nonzero < stream.BATCH_PAGES // 2
+                span = min(2 * span, stream.MAX_SPAN) if sparse else stream.BATCH_PAGES
+            await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=final)))
+
+        async with asyncio.TaskGroup() as tg:
+            for ch, part in zip(self.channels, parts, strict=True):
+                tg.create_task(send_part(ch, part))
+        if wait_acks:
+            await self.round_acks(round_no)
+        left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
+        return RoundResult(sent[0], self.clock() - started, left)
+
+    async def round_acks(self, round_no: int) -> None:
+        """Every channel acknowledged ``round_no``: its batches are in the target's RAM."""
+        for ch in self.channels:
+            ack = await ch.acks.get()
+            ch.check()
+            if ack.round != round_no:
+                raise MigrationFailed(
+                    f"channel {ch.id}: acknowledged round {ack.round}, expected {round_no}"
+                )
+
+    async def send_batch(
+        self,
+        ch: Channel,
+        pages: npt.NDArray[np.uint8],
+        chunk: stream.IndexArray,
+        round_no: int,
+        compress: bool,
+        limit: int,
+        sent: list[int],
+    ) -> stream.Batch:
+        """Gather, flow-control, send and pace one batch (it may cover only a prefix of
+        ``chunk``: Batch.pages). A small batch is gathered on the event loop unless the
+        last batch compressed: zstd over up to 1 MiB would hold the loop for milliseconds
+        (a sample that does not compress costs ~0.1 ms)."""
+        page_size = pages.shape[1]
+        if len(chunk) <= stream.INLINE_BATCH_PAGES and not (compress and self._compressing):
+            batch = stream.build_batch(pages, chunk, round_no, compress=compress)
+        else:
+            batch = await asyncio.to_thread(
+                stream.build_batch, pages, chunk, round_no, compress=compress
+            )
+        if compress and batch.nonzero:
+            self._compressing = batch.payload_bytes < batch.nonzero * page_size
+        await self.put_batch(ch, batch, page_size, limit, sent)
+        return batch
+
+    async def put_batch(
+        self, ch: Channel, batch: stream.Batch, page_size: int, limit: int, sent: list[int]
+    ) -> None:
+        """Flow-control, send and pace one gathered batch; account for it in the stats."""
+        await ch.wait_credit(batch.payload_bytes)
+        ch.credit -= batch.payload_bytes
+        await ch.write(batch.frame)
+        sent[0] += batch.wire_bytes
+        now = self.clock()
+        # guest memory covered, zero pages included
+        self.stats.record_batch(now, batch.wire_bytes, batch.pages * page_size)
+        if limit > 0:  # bandwidthPerMigration paces the migration's whole stream
+            self._pace_next = max(self._pace_next, now - PACING_BURST) + batch.wire_bytes / limit
+            if self._pace_next > now:
+                await asyncio.sleep(self._pace_next - now)
+        self.report()
+
+    async def send_final(
+        self,
+        final: stream.IndexArray,
+        round_no: int,
+        rehash: stream.IndexArray,
+        digest: ChunkDigest,
+    ) -> str:
+        """The stop-and-copy round, acknowledgements not awaited; returns the digest of
+        RAM, made by a worker that hashes the ``rehash`` pages while the round travels
+        (the memory is still). A small round -- what a converging guest dirtied during
+        one short round, the usual case -- is gathered for every channel at once, then
+        written: on the event loop up to INLINE_BATCH_PAGES a channel (the loop has
+        nothing else to do while the guest is paused), else by one worker call (a worker
+        per channel for a few hundred pages took longer handing the GIL and the two cores
+        around than the gathering itself). A large one goes batch by batch like any
+        round."""
+        page_size = self.handle.spec.page_size
+        pages = self.pages()
+        parts = stream.split_by_channel(final, len(self.channels))
+
+        def gather() -> list[stream.Batch | None]:
+            return [
+                stream.build_batch(pages, p, round_no, compress=False) if p.size else None
+                for p in parts
+            ]
+
+        async def put(ch: Channel, batch: stream.Batch | None) -> None:
+            if batch is not None:
+                await self.put_batch(ch, batch, page_size, 0, sent)
+            await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=True)))
+
+        largest = max(len(p) for p in parts)
+        if largest <= stream.INLINE_BATCH_PAGES:
+            batches: list[stream.Batch | None] | None = gather()
+        elif largest <= stream.BATCH_PAGES:
+            batches = await asyncio.to_thread(gather)
+        else:
+            batches = None
+        digest_made = asyncio.ensure_future(digest.hash_pages_and_digest_async(rehash))
+        sent = [0]
+        try:
+            if batches is None:
+                await self.send_round(final, round_no, final=True, wait_acks=False)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for ch, batch in zip(self.channels, batches, strict=True):
+                        tg.create_task(put(ch, batch))
+        finally:
+            made = await digest_made
+        return made

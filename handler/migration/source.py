@@ -1,0 +1,339 @@
+"""What every driver's source engine shares: one migration attempt's skeleton.
+
+A ``SourceEngine`` is made by the VM manager when the hand-off names this node as the
+source and the target has published its endpoint; ``run()`` drives the attempt to its end
+and writes the outcome into ``vmi.status.migrationState`` (see FIELD_OWNERS):
+
+ 1. ``startTimestamp`` with a resourceVersion precondition (a migration the controller
+    just failed or canceled never starts); the stream token from the migration's Secret;
+ 2. the driver's ``_migrate()`` (memvm_source.py, qemu_source.py), which ends with
+    ``_finish_success()`` or raises;
+ 3. whatever it raised becomes one sentence a person can read (``failure_reason``; the
+    technical detail goes to the log), then ``_fail``: abort the target, settle the guest
+    (the arbiter decides whether it resumes here), record ``failed``;
+ 4. ``_cleanup()`` in ``finally`` (safe to run twice).
+
+Cancellation (handler shutdown) propagates without a status write: a restarted handler
+settles the migration through the arbiter.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import grpc
+
+from handler.drivers.base import GuestError, VMHandle
+from handler.migration.handoff import (
+    Aborted,
+    HandoffRecord,
+    MigrationFailed,
+    first_leaf,
+    read_token,
+)
+from handler.migration.stats import Stats
+from vmferry import conditions, pki
+from vmferry.client import ApiClient
+from vmferry.errors import ApiError
+from vmferry.migration_state import (
+    AbortStatus,
+    Field,
+    MigrationConfig,
+    MigrationMode,
+    MigrationState,
+    Switchover,
+    raw,
+)
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+Clock = Callable[[], float]
+ProgressCallback = Callable[[Obj, Stats], None]
+
+PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
+ABORT_FRAME_TIMEOUT = 1.0  # s to tell each channel's target stream why we stop
+CANCELED = "migration canceled by the user"
+
+
+def rpc_problem(error: BaseException) -> str:
+    """A gRPC failure in words (``UNAVAILABLE: Connection refused``), never the object's
+    repr; the full object goes to the debug log."""
+    log.debug("gRPC failure: %r", error)
+    if isinstance(error, grpc.aio.AioRpcError):
+        details = (error.details() or "").strip().splitlines()
+        return f"{error.code().name}: {details[0] if details else 'no detail'}"
+    if isinstance(error, asyncio.InvalidStateError):
+        return "the stream was already closed"
+    return type(error).__name__
+
+
+def failure_reason(error: BaseException, uid: str) -> str:
+    """The failureReason for what ended a migration: one readable sentence."""
+    if isinstance(error, MigrationFailed):
+        return str(error)
+    if isinstance(error, GuestError):
+        return f"the guest on the source refused a request: {error}"
+    if isinstance(error, ApiError):
+        return f"the API failed during migration: {error}"
+    if isinstance(error, grpc.aio.AioRpcError | asyncio.InvalidStateError):
+        return f"lost the target: {rpc_problem(error)}"
+    if isinstance(error, TimeoutError):
+        return "the target stopped answering (timeout)"
+    log.error("migration %s: internal error", uid, exc_info=error)
+    return (
+        f"internal error in the source handler ({type(error).__name__}); "
+        "the handler's log has the details"
+    )
+
+
+class SourceEngine(abc.ABC):
+    """The sending side of one migration attempt (one object per attempt)."""
+
+    driver_name: ClassVar[str]
+
+    def __init__(
+        self,
+        api: ApiClient,
+        node_name: str,
+        vmi: Obj,
+        handle: VMHandle,
+        tls: pki.TlsFiles | None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.api = api
+        self.node = node_name
+        self.vmi = vmi
+        self.handle = handle
+        self.tls = tls
+        self.clock = clock
+        self.on_progress = on_progress
+        self.ns: str = vmi["metadata"]["namespace"]
+        self.name: str = vmi["metadata"]["name"]
+        ms = raw(vmi)
+        state = MigrationState.from_dict(ms)
+        self.uid = state.migration_uid
+        self.target_node = state.target_node
+        self.target_address = state.target_endpoint
+        self.config = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION))
+        self.record = HandoffRecord(api, self.ns, self.name, self.uid)
+        self.token = ""  # read from the migration's Secret in run()
+        self.abort_requested = asyncio.Event()
+        self.stats = Stats(total_bytes=self._memory_bytes())
+        self.mode = MigrationMode.PRE_COPY
+        self.committed = False  # the arbiter recorded Committed: the target owns the VM
+        self._last_report = 0.0
+        self._publisher: asyncio.Task[None] | None = None
+
+    # -- what a driver supplies -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _memory_bytes(self) -> int:
+        """The guest's memory size."""
+
+    @abc.abstractmethod
+    async def _migrate(self) -> None:
+        """Steps 2.. of the driver's migration, ending with _finish_success(); raises on
+        failure (MigrationFailed and its Aborted carry the failureReason)."""
+
+    @abc.abstractmethod
+    async def _abort_target(self, reason: str) -> None:
+        """Tell the target (every open stream) that the migration stops, and close."""
+
+    def _arbiter_decides(self) -> bool:
+        """The guest is paused for the hand-off (or may run on the target): a failure
+        must claim Aborted before it resumes the guest here."""
+        return False
+
+    def _guest_may_be_paused(self) -> bool:
+        """A failure must check whether the guest needs resuming here."""
+        return self._arbiter_decides()
+
+    async def _stop_transfer(self) -> None:
+        """A failure before the hand-off: stop whatever still moves the guest's memory
+        (default: nothing runs on its own once the engine stops sending)."""
+        return None
+
+    async def _fail_committed(self, reason: str) -> None:
+        """A failure after the arbiter recorded Committed. Default: the target owns the
+        VM and the migration stands; nothing to record here."""
+        log.info("migration %s: %s (after the hand-off; the VM is the target's)", self.uid, reason)
+
+    def _transfer_status(self) -> Obj:
+        """The ``transfer`` field (a driver may add to Stats.as_status())."""
+        return self.stats.as_status()
+
+    def _refresh_stats(self) -> None:
+        """Bring Stats up to date before it is reported (default: it is, batch by batch)."""
+        return None
+
+    def _holding_progress(self) -> bool:
+        """Progress writes wait (the switchover's downtime: every watcher would process
+        them while the guest is paused)."""
+        return False
+
+    @abc.abstractmethod
+    async def _cleanup(self) -> None:
+        """Close what the attempt opened; safe to run twice."""
+
+    def _describe_start(self) -> str:
+        """The driver's details for the start line of the log."""
+        return self.driver_name
+
+    # -- the skeleton -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the migration to its end; the outcome is written into the VMI status."""
+        try:
+            if not await self._mark_started():
+                return
+            self.token = await read_token(self.api, self.uid)
+            await self._migrate()
+        except asyncio.CancelledError:
+            raise  # handler shutdown: a restarted handler settles the migration
+        except BaseException as e:
+            leaf = first_leaf(e)
+            if isinstance(leaf, asyncio.CancelledError):
+                raise
+            await self._fail(failure_reason(leaf, self.uid), aborted=isinstance(leaf, Aborted))
+        finally:
+            await self._cleanup()
+
+    async def _mark_started(self) -> bool:
+        """Record startTimestamp unless the migration was failed/canceled meanwhile."""
+        started = await self.record.mark_started(
+            {Field.MODE: self.mode, Field.TRANSFER: self._transfer_status()}
+        )
+        if started:  # bench/lab_runs.py reads "starting to" (the handler's start)
+            log.info(
+                "migration %s: %s/%s starting to %s (%s)",
+                self.uid,
+                self.ns,
+                self.name,
+                self.target_address,
+                self._describe_start(),
+            )
+        return started
+
+    def _check_abort(self) -> None:
+        """Aborted if the user canceled (``abortRequested``)."""
+        if self.abort_requested.is_set():
+            raise Aborted(CANCELED)
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def _report(self, force: bool = False) -> None:
+        """Local progress (metrics) now; the VMI status at most every PROGRESS_PERIOD s
+        (one write in flight at a time), not while _holding_progress()."""
+        self._refresh_stats()
+        if self.on_progress is not None:
+            self.on_progress(self.vmi, self.stats)
+        if self._holding_progress():
+            return
+        now = self.clock()
+        if (force or now - self._last_report > PROGRESS_PERIOD) and (
+            self._publisher is None or self._publisher.done()
+        ):
+            self._last_report = now
+            self._publisher = asyncio.create_task(self._publish_progress())
+
+    async def _publish_progress(self) -> None:
+        with contextlib.suppress(ApiError):
+            await self.record.patch(
+                {Field.TRANSFER: self._transfer_status(), Field.MODE: self.mode}
+            )
+
+    async def _patch_with_retry(self, fields: Obj, extra_status: Obj | None = None) -> None:
+        """Status that must land (completion/failure), after any progress write in flight
+        (an older progress write must never land after it)."""
+        if self._publisher is not None:
+            with contextlib.suppress(Exception):
+                await self._publisher
+        await self.record.patch_until_written(fields, extra_status)
+
+    async def _commit(self) -> None:
+        """The hand-off: Committed (and the mode) recorded by the arbiter; MigrationFailed
+        if Aborted stands."""
+        await self.record.commit(self.mode)
+        self.committed = True
+
+    async def _record_success(self) -> None:
+        """completed, endTimestamp, mode and the final figures."""
+        self.stats.remaining_bytes = 0
+        await self._patch_with_retry(
+            {
+                Field.COMPLETED: True,
+                Field.END_TIMESTAMP: conditions.now_rfc3339(),
+                Field.MODE: self.mode,
+                Field.TRANSFER: self._transfer_status(),
+            }
+        )
+
+    def _log_success(self, detail: str) -> None:
+        log.info(
+            "migration %s: succeeded: %d rounds, %.1f MiB on the wire, downtime %s%s",
+            self.uid,
+            self.stats.rounds,
+            self.stats.wire_bytes / 2**20,
+            {k: round(v * 1000, 1) for k, v in self.stats.downtime_parts.items()},
+            detail,
+        )
+
+    # -- failure ----------------------------------------------------------------------------
+
+    async def _fail(self, reason: str, aborted: bool = False) -> None:
+        """Settle a failed attempt: the target told, the guest kept (or left to the
+        target when the arbiter says Committed), ``failed`` recorded."""
+        log.warning("migration %s: failed: %s", self.uid, reason)
+        await self._abort_target(reason)
+        if self.committed:
+            await self._fail_committed(reason)
+            return
+        await self._stop_transfer()
+        if self._arbiter_decides() and not await self._claim_abort():
+            # The arbiter says Committed: the target owns the VM now.
+            self.committed = True
+            await self.handle.destroy()
+            await self._record_success()
+            return
+        if self._guest_may_be_paused():
+            try:
+                await self._resume_here()
+            except GuestError as e:
+                log.error("migration %s: cannot resume the guest here: %s", self.uid, e)
+                reason = f"{reason}; the guest could not be resumed on the source: {e}"
+        fields: Obj = {
+            Field.FAILED: True,
+            Field.FAILURE_REASON: reason,
+            Field.END_TIMESTAMP: conditions.now_rfc3339(),
+            Field.TRANSFER: self._transfer_status(),
+        }
+        if aborted or self.abort_requested.is_set():
+            fields[Field.ABORT_STATUS] = AbortStatus.SUCCEEDED
+        await self._patch_with_retry(fields)
+
+    async def _resume_here(self) -> None:
+        """Resume the source guest after a failed switchover (it may not have paused)."""
+        if (await self.handle.status()).state == "running":
+            return
+        await self.handle.resume()
+        log.info("migration %s: guest resumed on the source", self.uid)
+
+    async def _claim_abort(self) -> bool:
+        """Write switchover=Aborted unless Committed is recorded already; True if aborted."""
+        return await self.record.claim(Switchover.ABORTED) == Switchover.ABORTED
+
+    @staticmethod
+    async def _abort_streams(calls: list[grpc.aio.StreamStreamCall], frame: Any) -> None:
+        """Write the Abort ``frame`` on each stream, each within ABORT_FRAME_TIMEOUT,
+        ignoring a stream that is gone already."""
+        for call in calls:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(call.write(frame), ABORT_FRAME_TIMEOUT)

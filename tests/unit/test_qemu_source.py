@@ -1,0 +1,286 @@
+"""The QEMU source engine without QEMU: a fake QEMU that answers QMP from a script and
+opens its migration connections like QEMU does, a stand-in Tunnel service on a local
+gRPC server, the real store behind the API and a fake clock.
+
+Proves that the QEMU engine runs on the shared skeleton: timeouts end pre-copy with
+migrate_cancel and the guest keeps running; a cancel is acknowledged (abortStatus);
+post-copy starts when the completion timeout elapses and it is allowed, and a failure
+then goes through the arbiter before the guest resumes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from handler.drivers.base import GuestStatus
+from handler.migration.qemu_source import QemuSourceMigration
+from handler.migration.source import CANCELED
+from tests.support.fake_api import FakeClock, StoreApi
+from vmferry import grpc_options
+from vmferry.migration_state import (
+    TOKEN_SECRET_KEY,
+    TOKEN_SECRET_NAMESPACE,
+    AbortStatus,
+    MigrationMode,
+    MigrationState,
+    Switchover,
+    token_secret_name,
+)
+from vmferry.rpc import tunnel_pb2 as pb
+from vmferry.rpc import tunnel_pb2_grpc
+
+UID = "qemu-mig-1"
+TOKEN = "tunnel-token"
+MiB = 1 << 20
+Obj = dict[str, Any]
+
+
+@dataclass
+class QSpec:
+    memory_bytes: int = 64 * MiB
+    verify: str = "repair"
+
+
+class FakeQemu:
+    """QMP from a script: ``query-migrate`` reports ``self.migration`` (a status and RAM
+    figures the test sets); ``migrate`` opens the migration connections."""
+
+    def __init__(self) -> None:
+        self.vm_id = "default_vm"
+        self.qspec = QSpec()
+        self.state = "running"
+        self.commands: list[str] = []
+        self.migration: Obj = {"status": "setup"}
+        self.remaining = 32 * MiB
+        self.connections: list[asyncio.StreamWriter] = []
+        self.channels = 1
+
+    async def qmp(self, command: str, arguments: Obj | None = None) -> Any:
+        self.commands.append(command)
+        if command == "migrate":
+            uri = (arguments or {})["uri"].removeprefix("unix:")
+            for _ in range(self.channels):
+                _, writer = await asyncio.open_unix_connection(uri)
+                self.connections.append(writer)
+            self.migration = {"status": "active"}
+        elif command == "migrate_cancel":
+            self.migration = {"status": "cancelled"}
+        elif command == "migrate-start-postcopy":
+            self.migration = {"status": "postcopy-active"}
+            self.state = "paused"  # the guest runs on the target now
+        elif command == "query-migrate":
+            ram = {"total": self.qspec.memory_bytes, "remaining": self.remaining, "mbps": 80.0}
+            return {**self.migration, "ram": ram}
+        return {}
+
+    async def status(self) -> GuestStatus:
+        return GuestStatus(self.state, 0, 0, 0, None, 1)
+
+    async def resume(self, device_state: bytes | None = None) -> None:
+        self.commands.append("cont")
+        self.state = "running"
+
+    async def destroy(self) -> None:
+        self.commands.append("destroy")
+        self.state = "stopped"
+
+
+@dataclass
+class FakeDriver:
+    directory: Path
+
+    def sock_path(self, vm_id: str, suffix: str) -> Path:
+        return self.directory / f"{vm_id}.{suffix}"
+
+
+@dataclass
+class FakeTunnel(tunnel_pb2_grpc.TunnelServicer):
+    """Accepts every channel and records its Open (and any Abort reason)."""
+
+    opened: list[pb.Open] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+    async def Migrate(
+        self, request_iterator: AsyncIterator[pb.TunnelSourceFrame], context: Any
+    ) -> AsyncIterator[pb.TunnelTargetFrame]:
+        frames = aiter(request_iterator)
+        first = await anext(frames)
+        self.opened.append(first.open)
+        yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=first.open.channel_id))
+        async for frame in frames:
+            if frame.WhichOneof("frame") == "abort":
+                self.aborts.append(frame.abort.reason)
+
+
+@dataclass
+class QemuLab:
+    api: StoreApi
+    qemu: FakeQemu
+    tunnel: FakeTunnel
+    port: int
+    tmp: Path
+
+    async def state(self) -> MigrationState:
+        return MigrationState.of(await self.api.get("VirtualMachineInstance", "default", "vm"))
+
+    async def engine(self, config: Obj, clock: Callable[[], float]) -> QemuSourceMigration:
+        vmi = await self.api.get("VirtualMachineInstance", "default", "vm")
+        vmi["status"]["migrationState"] = {
+            "migrationUid": UID,
+            "sourceNode": "node-a",
+            "targetNode": "node-b",
+            "targetNodeAddress": "127.0.0.1",
+            "targetNodePort": self.port,
+            "migrationConfiguration": {"parallelStreams": 1, **config},
+        }
+        vmi = await self.api.update(vmi, subresource="status")
+        return QemuSourceMigration(
+            self.api,  # type: ignore[arg-type]
+            "node-a",
+            vmi,
+            self.qemu,  # type: ignore[arg-type]
+            None,
+            FakeDriver(self.tmp),  # type: ignore[arg-type]
+            clock=clock,
+        )
+
+
+@contextlib.asynccontextmanager
+async def qemu_lab(tmp_path: Path) -> AsyncIterator[QemuLab]:
+    api = await StoreApi.open(tmp_path)
+    await api.create(
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {"namespace": "default", "name": "vm"},
+            "spec": {},
+            "status": {"phase": "Running", "nodeName": "node-a"},
+        }
+    )
+    await api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"namespace": TOKEN_SECRET_NAMESPACE, "name": token_secret_name(UID)},
+            "data": {TOKEN_SECRET_KEY: base64.b64encode(TOKEN.encode()).decode()},
+        }
+    )
+    tunnel = FakeTunnel()
+    server = grpc.aio.server(options=grpc_options.server_options())
+    tunnel_pb2_grpc.add_TunnelServicer_to_server(tunnel, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield QemuLab(api, FakeQemu(), tunnel, port, tmp_path)
+    finally:
+        await server.stop(grace=None)
+        await api.close()
+
+
+def in_lab(tmp_path: Path, body: Callable[[QemuLab], Awaitable[None]]) -> None:
+    async def scenario() -> None:
+        async with qemu_lab(tmp_path) as lab:
+            await body(lab)
+
+    asyncio.run(scenario())
+
+
+async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: float) -> None:
+    while True:
+        if ready():
+            break
+        await asyncio.sleep(0.01)
+    clock.advance(seconds)
+
+
+def test_the_tunnel_opens_with_the_token_from_the_secret_and_the_plan(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        clock = FakeClock()
+        engine = await lab.engine({"progressTimeout": 5}, clock)
+        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 10))
+        await asyncio.wait_for(engine.run(), 20)
+        await mover
+        [opened] = lab.tunnel.opened
+        assert opened.token == TOKEN and opened.migration_uid == UID
+        assert opened.channel_count == 1 and opened.memory_bytes == 64 * MiB
+        assert lab.qemu.commands[:3] == [
+            "migrate-set-capabilities",
+            "migrate-set-parameters",
+            "migrate",
+        ]
+
+    in_lab(tmp_path, body)
+
+
+def test_progress_timeout_cancels_qemu_and_the_guest_keeps_running(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        clock = FakeClock()
+        engine = await lab.engine({"progressTimeout": 5}, clock)
+        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 10))
+        await asyncio.wait_for(engine.run(), 20)
+        await mover
+        state = await lab.state()
+        assert state.failed and state.failure_reason.startswith("Live migration stuck for 10 sec")
+        assert "migrate_cancel" in lab.qemu.commands
+        assert lab.qemu.state == "running" and "cont" not in lab.qemu.commands
+        assert state.switchover is None and state.abort_status is None
+
+    in_lab(tmp_path, body)
+
+
+def test_a_cancel_stops_qemu_and_is_acknowledged(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        engine = await lab.engine({}, FakeClock())
+
+        async def cancel() -> None:
+            await advance_when(FakeClock(), lambda: bool(lab.tunnel.opened), 0)
+            engine.abort_requested.set()
+
+        canceller = asyncio.create_task(cancel())
+        await asyncio.wait_for(engine.run(), 20)
+        await canceller
+        state = await lab.state()
+        assert state.failed and state.failure_reason == CANCELED
+        assert state.abort_status is AbortStatus.SUCCEEDED
+        assert "migrate_cancel" in lab.qemu.commands and lab.qemu.state == "running"
+
+    in_lab(tmp_path, body)
+
+
+def test_post_copy_starts_when_allowed_and_a_failure_then_goes_through_the_arbiter(
+    tmp_path: Path,
+) -> None:
+    async def body(lab: QemuLab) -> None:
+        clock = FakeClock()
+        # 64 MiB at 16 s/GiB: the completion timeout is 1 s.
+        engine = await lab.engine({"completionTimeoutPerGiB": 16, "allowPostCopy": True}, clock)
+        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 2))
+
+        async def fail_in_postcopy() -> None:
+            while True:
+                if engine.mode is MigrationMode.POST_COPY:
+                    break
+                await asyncio.sleep(0.01)
+            lab.qemu.migration = {"status": "failed", "error-desc": "the network went away"}
+
+        breaker = asyncio.create_task(fail_in_postcopy())
+        await asyncio.wait_for(engine.run(), 20)
+        await mover
+        await breaker
+        assert "migrate-start-postcopy" in lab.qemu.commands
+        state = await lab.state()
+        assert state.failed
+        assert state.failure_reason == "QEMU's migration failed: the network went away"
+        # the guest had left for the target: it resumes here only once Aborted stands
+        assert state.switchover is Switchover.ABORTED
+        assert lab.qemu.commands[-1] == "cont" and lab.qemu.state == "running"
+
+    in_lab(tmp_path, body)
