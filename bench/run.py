@@ -50,7 +50,7 @@ from bench.stats import (
     summaries,
     summarize,
 )
-from vmferry.quantity import parse_quantity
+from vmferry.objects.quantity import parse_quantity
 
 Obj = dict[str, Any]
 MiB = 1 << 20

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from controller.store import Store
-from vmferry import conditions
 from vmferry.errors import Forbidden, Invalid, NotFound
+from vmferry.objects import conditions
 
 Obj = dict[str, Any]
 

@@ -40,12 +40,13 @@ from typing import Any, NamedTuple
 import grpc
 
 from controller.api import ApiService
-from vmferry import kinds, pki
+from vmferry import pki
 from vmferry.client import REASON_KEY
-from vmferry.conditions import parse_time
 from vmferry.errors import ApiError, BadRequest, NotFound, Unauthorized, error_from_reason
 from vmferry.httpserve import Request, Response, serve
 from vmferry.informer import Informer
+from vmferry.objects import kinds
+from vmferry.objects.conditions import parse_time
 from vmferry.rpc import api_pb2
 
 log = logging.getLogger(__name__)

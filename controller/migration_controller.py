@@ -34,9 +34,10 @@ from typing import Any
 from controller import policy, scheduler
 from controller.objects import set_phase, write_status
 from controller.store import Store
-from vmferry import conditions, kinds, schema
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
+from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -100,7 +101,7 @@ class MigrationController:
 
     def cluster_config(self) -> Obj:
         hco = self.hco.get(kinds.SYSTEM_NAMESPACE, kinds.HYPERCONVERGED_NAME) or {}
-        config = dict(schema.LIVE_MIGRATION_DEFAULTS)
+        config = dict(LIVE_MIGRATION_DEFAULTS)
         config.update(((hco.get("spec") or {}).get("liveMigrationConfig")) or {})
         return config
 

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from controller.store import Store
-from vmferry import schema
-from vmferry.conditions import set_phase
+from vmferry.objects import schema
+from vmferry.objects.conditions import set_phase
 
 __all__ = ["StoreSource", "memory_of", "set_phase", "write_status"]
-from vmferry.labels import parse_selector
+from vmferry.objects.labels import parse_selector
 
 Obj = dict[str, Any]
 

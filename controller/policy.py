@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vmferry import schema
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
 
 Obj = dict[str, Any]
 
@@ -78,7 +78,7 @@ def effective_config(
     ns_labels: Mapping[str, str],
 ) -> tuple[Obj, str | None]:
     """(configuration for the hand-off, name of the policy applied or None)."""
-    config: Obj = dict(schema.LIVE_MIGRATION_DEFAULTS)
+    config: Obj = dict(LIVE_MIGRATION_DEFAULTS)
     config.update(cluster or {})
     policy = select_policy(policies, vmi_labels, ns_labels)
     if policy is not None:

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.store import Store
-from vmferry import kinds
 from vmferry.errors import Forbidden, NotFound
-from vmferry.labels import Selector
+from vmferry.objects import kinds
+from vmferry.objects.labels import Selector
 
 Obj = dict[str, Any]
 

@@ -31,7 +31,7 @@ from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
-from vmferry.quantity import parse_quantity
+from vmferry.objects.quantity import parse_quantity
 from vmferry.rpc import tunnel_pb2_grpc
 
 log = logging.getLogger("vmferry.handler")

@@ -42,10 +42,11 @@ from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import GuestError, VMHandle
 from handler.migration.handoff import Aborted, HandoffRecord, MigrationFailed, first_leaf
-from vmferry import conditions, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
-from vmferry.quantity import parse_quantity
+from vmferry.objects import conditions
+from vmferry.objects.quantity import parse_quantity
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)

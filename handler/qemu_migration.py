@@ -61,10 +61,11 @@ from handler.migration.tunnel import (
 )
 from handler.migration_source import Stats
 from handler.migration_target import IncomingMigration
-from vmferry import conditions, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
-from vmferry.quantity import parse_quantity
+from vmferry.objects import conditions
+from vmferry.objects.quantity import parse_quantity
 from vmferry.rpc import tunnel_pb2 as pb
 from vmferry.rpc import tunnel_pb2_grpc
 

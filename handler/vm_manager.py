@@ -33,11 +33,12 @@ from handler.migration.handoff import HandoffRecord
 from handler.migration_source import SourceMigration, Stats
 from handler.migration_target import IncomingMigration, MigrationService
 from handler.qemu_migration import QemuSourceMigration
-from vmferry import conditions, pki, schema
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
-from vmferry.quantity import parse_quantity
+from vmferry.objects import conditions, schema
+from vmferry.objects.quantity import parse_quantity
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -55,7 +55,7 @@ from handler.drivers.base import (
     VMHandle,
     unmap,
 )
-from vmferry import schema
+from vmferry.objects import schema
 
 __all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "qemu_binary"]
 

@@ -14,9 +14,9 @@ import asyncio
 import logging
 from typing import Any
 
-from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -10,8 +10,8 @@ import pytest
 
 from controller import rbac
 from controller.authn import TokenSigner
-from vmferry import kinds, schema
 from vmferry.errors import Invalid, Unauthorized
+from vmferry.objects import kinds, schema
 
 Obj = dict[str, Any]
 G = rbac.RBAC_GROUP

@@ -1,4 +1,4 @@
-"""Tests for vmferry.schema: validation, normalization and defaulting of manifests."""
+"""Tests for vmferry.objects.schema: validation, normalization and defaulting of manifests."""
 
 from __future__ import annotations
 
@@ -10,15 +10,10 @@ import pytest
 import yaml
 
 from vmferry.errors import ApiError, BadRequest, Invalid
-from vmferry.kinds import KINDS
-from vmferry.schema import (
-    LIVE_MIGRATION_CONFIG,
-    LIVE_MIGRATION_DEFAULTS,
-    SCHEMAS,
-    apply_defaults,
-    memory_bytes,
-    validate,
-)
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
+from vmferry.objects.kinds import KINDS
+from vmferry.objects.schema import SCHEMAS, apply_defaults, memory_bytes, validate
+from vmferry.objects.schema.kubevirt import LIVE_MIGRATION_CONFIG
 
 # --------------------------------------------------------------------------------------
 # Valid examples of every kind
@@ -52,7 +47,6 @@ MIGRATION_STATE: dict[str, Any] = {
         "network": "migration-network",
         "unschedulableTimeoutSeconds": 300,
     },
-    "token": "s3cr3t",
     "switchover": "Committed",
     "transfer": {
         "dataTotalBytes": 1073741824,
@@ -702,9 +696,9 @@ def test_missing_or_wrong_kind_and_non_object() -> None:
 
 def test_kind_without_schema_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(SCHEMAS, "Namespace")
-    from vmferry import schema
+    from vmferry.objects.schema import registry
 
-    monkeypatch.setattr(schema, "_TOP_LEVEL", {})
+    monkeypatch.setattr(registry, "_TOP_LEVEL", {})
     with pytest.raises(ApiError, match="has no schema"):
         validate(manifest("Namespace"))
 

@@ -7,12 +7,12 @@ import asyncio
 import sys
 from typing import Any
 
-from vmferry import kinds
 from vmferry.cli.common import Obj, error, namespace, run_with_client
 from vmferry.cli.progress import MigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, NotFound
+from vmferry.objects import kinds
 
 FINAL = ("Succeeded", "Failed")
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from vmferry import jsonpath
-from vmferry.kinds import Kind
+from vmferry.objects import jsonpath
+from vmferry.objects.kinds import Kind
 
 __all__ = [
     "OUTPUT_FORMATS",
