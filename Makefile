@@ -75,7 +75,7 @@ test-integration: $(STAMP) test-deps guest-image-optional
 	$(BIN)/pytest -q -m slow tests/integration
 
 demo: $(STAMP)
-	$(BIN)/python -m vmferry.demo
+	$(BIN)/python -m vmferry.lab.demo
 
 # QEMU is the peer the benchmark compares against (Debian's package; installed when root).
 # BENCH_ARGS passes options through, e.g. make bench BENCH_ARGS="--quick --scenario random".

@@ -31,11 +31,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, ClientConfig
 from vmferry.lab import LAB_ENV, Lab
 from vmferry.migration_state import MigrationPhase, MigrationState, VMIPhase
+from vmferry.objects import conditions
 
 Obj = dict[str, Any]
 NAMESPACE = "default"

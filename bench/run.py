@@ -51,7 +51,7 @@ from bench.stats import (
     summarize,
 )
 from vmferry.migration_state import PROGRESS_PHASES, ConfigKey, MigrationPhase
-from vmferry.quantity import parse_quantity
+from vmferry.objects.quantity import parse_quantity
 
 Obj = dict[str, Any]
 MiB = 1 << 20

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from controller.store import Store
-from vmferry import conditions
 from vmferry.errors import Forbidden, Invalid, NotFound
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
+from vmferry.objects import conditions
 
 Obj = dict[str, Any]
 

@@ -33,7 +33,7 @@ from controller.admission import Admission
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner
 from controller.store import Store
-from vmferry import kinds, labels, patch, pki, schema
+from vmferry import pki
 from vmferry.client import REASON_KEY
 from vmferry.errors import (
     ApiError,
@@ -44,6 +44,7 @@ from vmferry.errors import (
     NotFound,
 )
 from vmferry.migration_state import MigrationState
+from vmferry.objects import kinds, labels, patch, schema
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -46,12 +46,13 @@ from controller.console_pages import (
     node_rows,
     vm_rows,
 )
-from vmferry import kinds, pki
+from vmferry import pki
 from vmferry.client import REASON_KEY
 from vmferry.errors import ApiError, BadRequest, NotFound, Unauthorized, error_from_reason
 from vmferry.httpserve import Request, Response, serve
 from vmferry.informer import Informer
 from vmferry.migration_state import MigrationPhase
+from vmferry.objects import kinds
 from vmferry.rpc import api_pb2
 
 log = logging.getLogger(__name__)

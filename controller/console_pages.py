@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from vmferry.conditions import parse_time
 from vmferry.informer import Informer
 from vmferry.migration_state import (
     PROGRESS_PHASES,
@@ -23,6 +22,7 @@ from vmferry.migration_state import (
     VMIPhase,
     raw,
 )
+from vmferry.objects.conditions import parse_time
 
 Obj = dict[str, Any]
 

@@ -32,10 +32,11 @@ from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import grpc_options, httpserve, kinds, logs, pki, schema
+from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
+from vmferry.objects import kinds, schema
 from vmferry.rpc import api_pb2_grpc
 
 log = logging.getLogger("vmferry.controller")

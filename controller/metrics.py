@@ -32,9 +32,9 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from vmferry.conditions import parse_time
 from vmferry.informer import Informer, Key
 from vmferry.migration_state import PROGRESS_PHASES, MigrationPhase, MigrationState, raw
+from vmferry.objects.conditions import parse_time
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

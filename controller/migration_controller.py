@@ -38,7 +38,6 @@ from typing import Any
 from controller import migration_queue, migration_token, policy, scheduler
 from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
-from vmferry import conditions, kinds
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import (
@@ -52,6 +51,7 @@ from vmferry.migration_state import (
     MigrationState,
     raw,
 )
+from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 from controller.objects import write_status
 from controller.store import Store
-from vmferry import conditions
 from vmferry.errors import Conflict, NotFound
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 

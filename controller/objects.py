@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.store import Store
-from vmferry import schema
-from vmferry.labels import parse_selector
+from vmferry.objects import schema
+from vmferry.objects.labels import parse_selector
 
 __all__ = ["StoreSource", "memory_of", "rfc3339", "set_phase", "write_status"]
 

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.store import Store
-from vmferry import kinds
 from vmferry.errors import Forbidden
-from vmferry.labels import Selector
+from vmferry.objects import kinds
+from vmferry.objects.labels import Selector
 
 Obj = dict[str, Any]
 

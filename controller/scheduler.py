@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmferry import conditions
 from vmferry.migration_state import VMI_FINAL_PHASES, MigrationState
-from vmferry.quantity import parse_quantity
-from vmferry.schema import memory_bytes
+from vmferry.objects import conditions
+from vmferry.objects.quantity import parse_quantity
+from vmferry.objects.schema import memory_bytes
 
 Obj = dict[str, Any]
 

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from vmferry.errors import AlreadyExists, BadRequest, Conflict, Gone, Invalid, NotFound, Unavailable
-from vmferry.kinds import BY_KIND
-from vmferry.labels import Selector
+from vmferry.objects.kinds import BY_KIND
+from vmferry.objects.labels import Selector
 
 __all__ = ["EventType", "JsonWatchEvent", "Store", "WatchEvent"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from controller.objects import write_status
 from controller.store import Store
-from vmferry import conditions, kinds
 from vmferry.errors import AlreadyExists, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState, VMIPhase
+from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

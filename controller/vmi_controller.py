@@ -14,10 +14,10 @@ from typing import Any
 from controller import scheduler
 from controller.objects import set_phase, write_status
 from controller.store import Store
-from vmferry import conditions
 from vmferry.errors import NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import VMIPhase
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -34,7 +34,7 @@ from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
-from vmferry.quantity import parse_quantity
+from vmferry.objects.quantity import parse_quantity
 
 log = logging.getLogger("vmferry.handler")
 

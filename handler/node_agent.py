@@ -10,10 +10,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import AlreadyExists, ApiError
-from vmferry.quantity import format_quantity
+from vmferry.objects import conditions
+from vmferry.objects.quantity import format_quantity
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

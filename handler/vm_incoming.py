@@ -29,10 +29,10 @@ from typing import Any
 from handler.drivers.base import Drivers, VMHandle
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.informer import WorkQueue
 from vmferry.migration_state import Field, Switchover, raw
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

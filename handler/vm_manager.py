@@ -32,11 +32,12 @@ from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
-from vmferry import conditions, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import Field, Switchover, VMIPhase, raw
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

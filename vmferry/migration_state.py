@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-from vmferry.kinds import SYSTEM_NAMESPACE
-from vmferry.quantity import parse_quantity
+from vmferry.objects.kinds import SYSTEM_NAMESPACE
+from vmferry.objects.quantity import parse_quantity
 
 Obj = dict[str, Any]
 

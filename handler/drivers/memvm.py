@@ -69,8 +69,8 @@ from handler.drivers.memvm_handle import (
     _create_sparse,
     check_vm_id,
 )
-from vmferry import schema
-from vmferry.quantity import parse_quantity
+from vmferry.objects import schema
+from vmferry.objects.quantity import parse_quantity
 
 if TYPE_CHECKING:
     from handler.migration.source import ProgressCallback, SourceEngine

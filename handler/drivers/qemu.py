@@ -53,7 +53,7 @@ from handler.drivers.qemu_handle import (
     last_heartbeat,
     qemu_binary,
 )
-from vmferry import schema
+from vmferry.objects import schema
 
 if TYPE_CHECKING:
     from handler.drivers.base import Driver

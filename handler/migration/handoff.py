@@ -16,7 +16,6 @@ import binascii
 import logging
 from typing import Any
 
-from vmferry import conditions
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
 from vmferry.migration_state import (
@@ -28,6 +27,7 @@ from vmferry.migration_state import (
     raw,
     token_secret_name,
 )
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

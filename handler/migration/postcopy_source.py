@@ -17,8 +17,8 @@ import numpy as np
 from handler import stream
 from handler.migration.channels import CONNECT_TIMEOUT
 from handler.migration.handoff import MigrationFailed, first_leaf
-from vmferry import conditions
 from vmferry.migration_state import Field, MigrationMode, VMIPhase
+from vmferry.objects import conditions
 from vmferry.rpc import migration_pb2 as pb
 
 if TYPE_CHECKING:

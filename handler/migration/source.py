@@ -38,7 +38,7 @@ from handler.migration.handoff import (
     read_token,
 )
 from handler.migration.stats import Stats
-from vmferry import conditions, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
 from vmferry.migration_state import (
@@ -50,6 +50,7 @@ from vmferry.migration_state import (
     Switchover,
     raw,
 )
+from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
-from vmferry import kinds, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import Forbidden
+from vmferry.objects import kinds
 
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"

@@ -16,7 +16,7 @@ from typing import Any
 
 from controller.store import Store
 from vmferry.errors import ApiError
-from vmferry.patch import apply_json_patch, apply_merge_patch
+from vmferry.objects.patch import apply_json_patch, apply_merge_patch
 
 Obj = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""vmferry.jsonpath against what kubectl prints for the same templates.
+"""vmferry.objects.jsonpath against what kubectl prints for the same templates.
 
 The expected strings are kubectl's output (client-go's util/jsonpath, with
 ``--allow-missing-template-keys=false`` unless a test says otherwise); the first data set
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vmferry.jsonpath import (
+from vmferry.objects.jsonpath import (
     JsonPathError,
     format_value,
     parse,

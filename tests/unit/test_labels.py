@@ -1,17 +1,12 @@
-"""Unit tests for vmferry.labels."""
+"""Unit tests for vmferry.objects.labels."""
 
 from __future__ import annotations
 
 import pytest
 
 from vmferry.errors import BadRequest
-from vmferry.labels import (
-    Requirement,
-    Selector,
-    parse_selector,
-    validate_label_key,
-    validate_label_value,
-)
+from vmferry.objects.labels import Requirement, Selector, parse_selector
+from vmferry.objects.names import validate_label_key, validate_label_value
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -33,7 +33,6 @@ from controller.migration_queue import EVACUATION_ANNOTATION
 from controller.objects import StoreSource
 from controller.store import Store
 from tests.support.fake_api import FakeClock
-from vmferry import kinds
 from vmferry.errors import NotFound, Unavailable
 from vmferry.informer import Informer
 from vmferry.migration_state import (
@@ -49,6 +48,7 @@ from vmferry.migration_state import (
     raw,
     token_secret_name,
 )
+from vmferry.objects import kinds
 
 pytestmark = pytest.mark.timeout(30)
 Obj = dict[str, Any]

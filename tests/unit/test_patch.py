@@ -1,4 +1,4 @@
-"""Unit tests for vmferry.patch (RFC 6902 JSON patch, RFC 7386 merge patch, parsing)."""
+"""Unit tests for vmferry.objects.patch (RFC 6902 JSON patch, RFC 7386 merge patch, parsing)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vmferry.errors import BadRequest, Invalid
-from vmferry.patch import (
+from vmferry.objects.patch import (
     Patch,
     apply_json_patch,
     apply_merge_patch,

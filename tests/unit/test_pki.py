@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmferry import pki
 from vmferry.cli import pki_cmd
+from vmferry.pki.credentials import CertificateReloader
 
 SERVICE = "vmferry.test.Echo"
 METHOD = f"/{SERVICE}/Call"
@@ -347,7 +348,7 @@ def test_server_picks_up_a_renewed_cert_without_restart(pki_dir: Path) -> None:
 
 def test_reloader_waits_for_a_matching_key_and_cert(pki_dir: Path) -> None:
     tls = pki.issue_server(pki_dir, "controller")
-    reloader = pki._CertificateReloader(tls)
+    reloader = CertificateReloader(tls)
     assert reloader() is None  # nothing changed
 
     # Half-way through a renewal: a new key next to the old cert. Keep the old config.

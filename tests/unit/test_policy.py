@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.policy import effective_config, select_policy
-from vmferry.schema import LIVE_MIGRATION_DEFAULTS
+from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
 
 
 def policy(

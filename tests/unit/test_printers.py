@@ -26,8 +26,8 @@ from vmferry.cli.printers import (
     to_yaml,
     validate_output,
 )
-from vmferry.jsonpath import JsonPathError
-from vmferry.kinds import BY_KIND, Kind
+from vmferry.objects.jsonpath import JsonPathError
+from vmferry.objects.kinds import BY_KIND, Kind
 
 NOW = datetime(2025, 1, 10, 12, 0, 0, tzinfo=UTC)
 NS = BY_KIND["Namespace"]

@@ -1,11 +1,11 @@
-"""Unit tests for vmferry.quantity."""
+"""Unit tests for vmferry.objects.quantity."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmferry import quantity
-from vmferry.quantity import format_quantity, parse_quantity
+from vmferry.objects import quantity
+from vmferry.objects.quantity import format_quantity, parse_quantity
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,9 +11,10 @@ import pytest
 from controller import migration_token, rbac, rbac_builtin
 from controller.api import NodeAuthorizer
 from controller.authn import TokenSigner
-from vmferry import kinds, pki, schema
+from vmferry import pki
 from vmferry.errors import Invalid, Unauthorized
 from vmferry.migration_state import TOKEN_MIGRATION_LABEL, TOKEN_SECRET_NAMESPACE, token_secret_name
+from vmferry.objects import kinds, schema
 
 Obj = dict[str, Any]
 G = rbac.RBAC_GROUP

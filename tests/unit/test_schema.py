@@ -1,4 +1,4 @@
-"""Tests for vmferry.schema: validation, normalization and defaulting of manifests."""
+"""Tests for vmferry.objects.schema: validation, normalization and defaulting of manifests."""
 
 from __future__ import annotations
 
@@ -10,15 +10,22 @@ import pytest
 import yaml
 
 from vmferry.errors import ApiError, BadRequest, Invalid
-from vmferry.kinds import KINDS
-from vmferry.schema import (
-    LIVE_MIGRATION_CONFIG,
+from vmferry.migration_state import (
     LIVE_MIGRATION_DEFAULTS,
-    SCHEMAS,
-    apply_defaults,
-    memory_bytes,
-    validate,
+    AbortStatus,
+    Compression,
+    ConfigKey,
+    Field,
+    MigrationMode,
+    MigrationPhase,
+    Switchover,
+    VMIPhase,
 )
+from vmferry.objects.kinds import KINDS
+from vmferry.objects.schema import SCHEMAS, apply_defaults, memory_bytes, validate
+from vmferry.objects.schema.dsl import Str
+from vmferry.objects.schema.kubevirt import LIVE_MIGRATION_CONFIG, VMI_STATUS, VMIM_STATUS
+from vmferry.objects.schema.kubevirt import MIGRATION_STATE as MIGRATION_STATE_SCHEMA
 
 # --------------------------------------------------------------------------------------
 # Valid examples of every kind
@@ -52,7 +59,6 @@ MIGRATION_STATE: dict[str, Any] = {
         "network": "migration-network",
         "unschedulableTimeoutSeconds": 300,
     },
-    "token": "s3cr3t",
     "switchover": "Committed",
     "transfer": {
         "dataTotalBytes": 1073741824,
@@ -702,9 +708,9 @@ def test_missing_or_wrong_kind_and_non_object() -> None:
 
 def test_kind_without_schema_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(SCHEMAS, "Namespace")
-    from vmferry import schema
+    from vmferry.objects.schema import registry
 
-    monkeypatch.setattr(schema, "_TOP_LEVEL", {})
+    monkeypatch.setattr(registry, "_TOP_LEVEL", {})
     with pytest.raises(ApiError, match="has no schema"):
         validate(manifest("Namespace"))
 
@@ -881,6 +887,47 @@ def test_vmim_phases() -> None:
         validate(obj)
     obj["status"]["phase"] = "Migrating"
     assert 'status.phase: unsupported value "Migrating"' in invalid_message(obj)
+
+
+def test_migration_schema_follows_the_contract() -> None:
+    """Fields and enums of the migration schema are the contract's, not a second list."""
+    assert set(MIGRATION_STATE_SCHEMA.fields) == {str(f) for f in Field}
+    assert set(LIVE_MIGRATION_CONFIG.fields) == {str(k) for k in ConfigKey}
+    enums = {
+        (VMIM_STATUS, "phase"): MigrationPhase,
+        (VMI_STATUS, "phase"): VMIPhase,
+        (MIGRATION_STATE_SCHEMA, Field.SWITCHOVER): Switchover,
+        (MIGRATION_STATE_SCHEMA, Field.MODE): MigrationMode,
+        (MIGRATION_STATE_SCHEMA, Field.ABORT_STATUS): AbortStatus,
+        (LIVE_MIGRATION_CONFIG, ConfigKey.COMPRESSION): Compression,
+    }
+    for (schema, field), enum in enums.items():
+        checker = schema.fields[field]
+        assert isinstance(checker, Str)
+        assert checker.enum == tuple(member.value for member in enum), field
+
+
+@pytest.mark.parametrize("phase", list(MigrationPhase))
+def test_every_migration_phase_validates(phase: MigrationPhase) -> None:
+    obj = manifest("VirtualMachineInstanceMigration")
+    obj["status"]["phase"] = phase
+    assert validate(obj)["status"]["phase"] == phase.value
+
+
+def test_migration_state_has_no_token() -> None:
+    """The stream token lives in a Secret; a status that carries one is refused."""
+    obj = manifest("VirtualMachineInstance")
+    obj["status"]["migrationState"]["token"] = "s3cr3t"
+    assert 'status.migrationState.token: unknown field "token"' in invalid_message(obj)
+
+
+def test_unsupported_switchover_names_the_contract_values() -> None:
+    obj = manifest("VirtualMachineInstance")
+    obj["status"]["migrationState"]["switchover"] = "Maybe"
+    assert (
+        'status.migrationState.switchover: unsupported value "Maybe": '
+        'supported values: "Committed", "Aborted"'
+    ) in invalid_message(obj)
 
 
 # --------------------------------------------------------------------------------------

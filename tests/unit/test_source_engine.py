@@ -21,13 +21,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.migration.memvm_target import MigrationService
-from handler.migration.restart_record import RestartRecords
 
 from handler.drivers.base import GuestError
 from handler.migration.handoff import HandoffRecord, read_token
+from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.memvm_source import MemvmSourceMigration
+from handler.migration.memvm_target import MigrationService
+from handler.migration.restart_record import RestartRecords
 from handler.migration.source import CANCELED
 from handler.migration.stats import Stats
 from tests.support.fake_api import FakeClock, StoreApi

@@ -20,7 +20,7 @@ import pytest
 import controller.store as store_module
 from controller.store import Store
 from vmferry.errors import AlreadyExists, BadRequest, Conflict, Gone, Invalid, NotFound, Unavailable
-from vmferry.labels import parse_selector
+from vmferry.objects.labels import parse_selector
 
 pytestmark = pytest.mark.timeout(30)
 

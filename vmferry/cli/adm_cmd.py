@@ -16,13 +16,13 @@ import asyncio
 import sys
 from typing import Any
 
-from vmferry import conditions, kinds, schema
 from vmferry.cli.common import Obj, error, run_with_client
 from vmferry.cli.progress import MultiMigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState
-from vmferry.quantity import format_quantity, parse_quantity
+from vmferry.objects import conditions, kinds, schema
+from vmferry.objects.quantity import format_quantity, parse_quantity
 
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
 MIGRATE_STRATEGIES = ("LiveMigrate", "LiveMigrateIfPossible")

@@ -7,13 +7,13 @@ import asyncio
 import sys
 from typing import Any
 
-from vmferry import kinds
 from vmferry.cli.common import Obj, error, namespace, run_with_client
 from vmferry.cli.progress import MigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, NotFound
 from vmferry.migration_state import MigrationPhase, MigrationState
+from vmferry.objects import kinds
 
 
 def _selector(text: str | None) -> dict[str, str]:

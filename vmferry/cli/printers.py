@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from vmferry import jsonpath
-from vmferry.kinds import Kind
 from vmferry.migration_state import Field
+from vmferry.objects import jsonpath
+from vmferry.objects.kinds import Kind
 
 __all__ = [
     "OUTPUT_FORMATS",

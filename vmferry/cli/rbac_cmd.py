@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from vmferry import kinds
 from vmferry.cli import printers
 from vmferry.cli.common import Obj, error, namespace, run_with_client
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
+from vmferry.objects import kinds
 
 RBAC_GROUP = "rbac.authorization.k8s.io"
 RBAC_API_VERSION = f"{RBAC_GROUP}/v1"

@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from vmferry import kinds, manifests, schema
-from vmferry.cli import printers, rbac_cmd
+from vmferry.cli import manifests, printers, rbac_cmd
 from vmferry.cli.common import Obj, error, namespace, run_with_client, server_error
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import AlreadyExists, ApiError, BadRequest, Conflict, NotFound
-from vmferry.patch import parse_patch
+from vmferry.objects import kinds, schema
+from vmferry.objects.patch import parse_patch
 
 DELETE_WAIT_TIMEOUT = 60.0  # s; like kubectl, delete waits for finalizers to finish
 

@@ -5,7 +5,7 @@ The controller's object API (DESIGN §1).
 
 Objects travel as JSON documents shaped like Kubernetes objects (apiVersion, kind,
 metadata, spec, status): the object model evolves with the schema in
-vmferry/schema.py, not with this file. Errors are gRPC statuses whose trailing
+vmferry/objects/schema/, not with this file. Errors are gRPC statuses whose trailing
 metadata carries "vmferry-reason" (NotFound, Conflict, Invalid, Forbidden, ...).
 Every call is authenticated by the mTLS client certificate (or a bearer token in the
 "authorization" metadata).

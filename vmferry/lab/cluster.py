@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmferry import conditions, pki
+from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, DEFAULT_CONFIG, ClientConfig
 from vmferry.errors import ApiError
+from vmferry.objects import conditions
 
 LAB_ENV = "VMFERRY_LAB_DIR"
 DEFAULT_LAB_DIR = Path.home() / ".vmferry" / "lab"

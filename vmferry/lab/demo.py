@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from vmferry.conditions import parse_time
 from vmferry.config import CONFIG_ENV
 from vmferry.lab import LAB_ENV
 from vmferry.migration_state import MigrationPhase, MigrationState, VMIPhase
+from vmferry.objects.conditions import parse_time
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (vmferry/lab/demo.py)
 VM_MANIFEST = ROOT / "deploy" / "examples" / "vm-memvm.yaml"
 
 

@@ -1,4 +1,4 @@
-"""Kubernetes label selectors and label key/value validation.
+"""Kubernetes label selectors (the label key/value rules are in :mod:`vmferry.objects.names`).
 
 ``parse_selector("app=web,tier in (a,b),!canary")`` returns a ``Selector``: an AND of
 ``Requirement``s. Syntax (as ``kubectl -l``): ``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``,
@@ -9,87 +9,21 @@ equal selector (``==`` is rendered as ``=``, set values are sorted).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from vmferry.errors import BadRequest
+from vmferry.objects.names import validate_label_key, validate_label_value
 
 __all__ = [
     "Operator",
     "Requirement",
     "Selector",
     "parse_selector",
-    "validate_label_key",
-    "validate_label_value",
 ]
 
 Operator = Literal["=", "!=", "in", "notin", "exists", "!"]
-
-_NAME_MAX = 63
-_PREFIX_MAX = 253
-_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
-_NAME_RULES = (
-    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
-    "with an alphanumeric character (e.g. 'MyName', 'my.name' or '123-abc')"
-)
-
-
-def validate_label_key(key: str) -> None:
-    """Check a label key (``[prefix/]name``) against the Kubernetes rules.
-
-    The optional prefix is a lowercase DNS subdomain of at most 253 characters; the name
-    is 1-63 characters of ``[A-Za-z0-9_.-]`` beginning and ending with an alphanumeric.
-    Raises ValueError naming the key and the broken rule.
-    """
-    if not isinstance(key, str):
-        raise ValueError(f"invalid label key {key!r}: must be a string")
-    prefix, slash, name = key.rpartition("/")
-    if slash and "/" in prefix:
-        raise ValueError(
-            f'invalid label key "{key}": a label key is a name with an optional DNS '
-            f"subdomain prefix and one '/' (e.g. 'example.com/my-name')"
-        )
-    if slash:
-        if not prefix:
-            raise ValueError(f'invalid label key "{key}": prefix part must not be empty')
-        if len(prefix) > _PREFIX_MAX:
-            raise ValueError(
-                f'invalid label key "{key}": prefix part must be no more than '
-                f"{_PREFIX_MAX} characters"
-            )
-        if not _DNS_SUBDOMAIN_RE.fullmatch(prefix):
-            raise ValueError(
-                f'invalid label key "{key}": prefix part must be a lowercase DNS subdomain: '
-                f"lowercase alphanumeric characters, '-' or '.', starting and ending with "
-                f"an alphanumeric character (e.g. 'example.com')"
-            )
-    if not name:
-        raise ValueError(f'invalid label key "{key}": name part must not be empty')
-    if len(name) > _NAME_MAX:
-        raise ValueError(
-            f'invalid label key "{key}": name part must be no more than {_NAME_MAX} characters'
-        )
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(f'invalid label key "{key}": name part {_NAME_RULES}')
-
-
-def validate_label_value(value: str) -> None:
-    """Check a label value: empty, or 1-63 characters of ``[A-Za-z0-9_.-]`` beginning and
-    ending with an alphanumeric. Raises ValueError naming the value and the broken rule."""
-    if not isinstance(value, str):
-        raise ValueError(f"invalid label value {value!r}: must be a string")
-    if value == "":
-        return
-    if len(value) > _NAME_MAX:
-        raise ValueError(
-            f'invalid label value "{value}": must be no more than {_NAME_MAX} characters'
-        )
-    if not _NAME_RE.fullmatch(value):
-        raise ValueError(f'invalid label value "{value}": {_NAME_RULES}')
 
 
 @dataclass(frozen=True)

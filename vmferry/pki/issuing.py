@@ -1,67 +1,30 @@
-"""The cluster CA and the TLS credentials of every vmferry identity (DESIGN.md section 4).
+"""The cluster CA and the files of every identity: ``vmferry pki init`` and ``issue``.
 
-One CA per cluster signs short-lived leaf certificates. Everything is EC P-256 with
-SHA-256 signatures, made with the ``cryptography`` package. A PKI directory looks like::
-
-    <pki_dir>/ca.crt  ca.key                (key mode 0600)
-    <pki_dir>/nodes/<name>.crt  .key        CN=system:node:<name>, O=system:nodes
-    <pki_dir>/users/<name>.crt  .key        CN=<name>, O=<group> per group
-    <pki_dir>/servers/<name>.crt  .key      CN=<name> (the controller)
-
-Identities follow Kubernetes: the user is the subject CN, the groups are the subject O
-attributes, and a node is the user ``system:node:<name>`` in the group ``system:nodes``.
-
-Renewal is re-issuing: ``issue_*`` overwrites the identity's files atomically (each file is
-written to a temporary file and renamed into place). A server built with
-:func:`server_credentials` picks up the new files on its next TLS handshake, without a
-restart and without touching established connections. Clients reload by building a new
-channel with :func:`channel_credentials`; existing channels keep their credentials.
+Everything is EC P-256 with SHA-256 signatures. Each file is written atomically (a
+temporary file in the same directory, fsync, rename), so a reader (a server reloading its
+certificate) sees the old or the new content, never a partial file, and a private key is
+never readable by others, not even for a moment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import ipaddress
-import logging
 import os
 import secrets
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = [
-    "NODES_GROUP",
-    "NODE_USER_PREFIX",
-    "Identity",
-    "TlsFiles",
-    "ca_only_channel_credentials",
-    "cert_not_after",
-    "channel_credentials",
-    "identity_from_pem",
-    "init_ca",
-    "issue_node",
-    "issue_server",
-    "issue_user",
-    "load_ca_pem",
-    "peer_identity",
-    "server_credentials",
-]
-
-log = logging.getLogger(__name__)
-
-NODE_USER_PREFIX = "system:node:"
-NODES_GROUP = "system:nodes"
+from vmferry.pki.identity import NODE_USER_PREFIX, NODES_GROUP
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -73,7 +36,6 @@ KEY_MODE = 0o600  # private keys: owner only
 CERT_MODE = 0o644  # certificates are public
 CLOCK_SKEW = timedelta(minutes=5)  # not-before is back-dated so skewed peers accept a fresh cert
 SERIAL_BITS = 159  # RFC 5280: positive, at most 20 octets
-_AUTH_CONTEXT_CERT_KEY = "x509_pem_cert"  # gRPC auth_context key of the verified peer cert
 
 
 @dataclass(frozen=True)
@@ -83,28 +45,6 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a peer is: the certificate subject CN (``user``) and O attributes (``groups``)."""
-
-    user: str
-    groups: tuple[str, ...]
-
-    @property
-    def is_node(self) -> bool:
-        """True for a node identity: user ``system:node:<name>`` in group ``system:nodes``."""
-        return (
-            self.user.startswith(NODE_USER_PREFIX)
-            and len(self.user) > len(NODE_USER_PREFIX)
-            and NODES_GROUP in self.groups
-        )
-
-    @property
-    def node_name(self) -> str | None:
-        """The node name of a node identity, ``None`` for anything else."""
-        return self.user[len(NODE_USER_PREFIX) :] if self.is_node else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,12 +157,12 @@ def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{key_path} is not an EC private key")
-    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+    if public_der(key.public_key()) != public_der(cert.public_key()):
         raise ValueError(f"{key_path} does not belong to {cert_path}")
     return cert, key
 
 
-def _public_der(public_key: Any) -> bytes:
+def public_der(public_key: Any) -> bytes:
     der: bytes = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -491,164 +431,3 @@ def cert_not_after(path: Path) -> datetime:
     """
     cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     return cert.not_valid_after_utc
-
-
-# ---------------------------------------------------------------------------------------
-# Identities
-
-
-def identity_from_pem(cert_pem: bytes) -> Identity:
-    """Return the Identity (subject CN, subject O attributes in order) of a PEM certificate.
-
-    Raises ValueError if ``cert_pem`` is not a certificate or its subject has no CN.
-    """
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns:
-        raise ValueError("certificate subject has no common name (CN)")
-    groups = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return Identity(user=_attr_str(cns[0].value), groups=tuple(_attr_str(g.value) for g in groups))
-
-
-# A certificate's identity is a pure function of its bytes: peer_identity parses each
-# certificate once, not on every request (~50 us a parse).
-_identity_of_peer = functools.lru_cache(maxsize=1024)(identity_from_pem)
-
-
-def _attr_str(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def peer_identity(context: grpc.aio.ServicerContext) -> Identity | None:
-    """Return the Identity of the caller's verified client certificate, or ``None``.
-
-    ``None`` means no certificate identity: a plain-text or server-only-TLS connection, or
-    a certificate gRPC verified but whose subject has no CN. Works with the sync
-    ``grpc.ServicerContext`` as well.
-    """
-    auth = context.auth_context() or {}
-    pems = auth.get(_AUTH_CONTEXT_CERT_KEY) or []
-    if not pems:
-        return None
-    try:
-        return _identity_of_peer(bytes(pems[0]))
-    except ValueError:
-        log.warning("peer certificate without a usable identity", exc_info=True)
-        return None
-
-
-# ---------------------------------------------------------------------------------------
-# gRPC credentials
-
-
-def _read_pair(tls: TlsFiles) -> tuple[bytes, bytes, bytes]:
-    """Read (ca, cert, key) PEMs; ValueError unless they parse and the key matches the cert."""
-    ca_pem, cert_pem, key_pem = tls.ca.read_bytes(), tls.cert.read_bytes(), tls.key.read_bytes()
-    x509.load_pem_x509_certificates(ca_pem)
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if _public_der(key.public_key()) != _public_der(cert.public_key()):
-        raise ValueError(f"{tls.key} does not belong to {tls.cert}")
-    return ca_pem, cert_pem, key_pem
-
-
-_FileStamp = tuple[tuple[int, int, int], ...]
-
-
-class _CertificateReloader:
-    """The certificate-configuration fetcher behind :func:`server_credentials`.
-
-    gRPC calls it (from a core thread) before every new TLS handshake. It stats the CA,
-    cert and key files and, when any of them changed (mtime, size or inode), rebuilds the
-    configuration; otherwise it returns ``None`` ("keep the current one"). A half-renewed
-    pair (key and cert not matching yet) or an unreadable file keeps the current
-    configuration and is retried on the next handshake. ``_lock`` guards ``_stamp``.
-    Established connections are never affected.
-    """
-
-    def __init__(self, tls: TlsFiles) -> None:
-        self._tls = tls
-        self._lock = threading.Lock()
-        self._stamp = self._stat()
-        self._failed_stamp: _FileStamp | None = None
-        self.initial = self._config(*_read_pair(tls))
-        self.reloads = 0  # how many times a new configuration was handed to gRPC
-
-    def _stat(self) -> _FileStamp:
-        stamps = []
-        for path in (self._tls.ca, self._tls.cert, self._tls.key):
-            st = os.stat(path)
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
-
-    @staticmethod
-    def _config(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> Any:
-        return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=ca_pem
-        )
-
-    def __call__(self) -> Any:
-        with self._lock:
-            stamp: _FileStamp | None = None
-            try:
-                stamp = self._stat()  # before reading: a later change is seen next time
-                if stamp == self._stamp:
-                    return None
-                config = self._config(*_read_pair(self._tls))
-            except Exception:
-                if stamp != self._failed_stamp:  # log once per state of the files
-                    self._failed_stamp = stamp
-                    log.warning(
-                        "not reloading TLS files %s, %s (keeping the current ones)",
-                        self._tls.cert,
-                        self._tls.key,
-                        exc_info=True,
-                    )
-                return None
-            self._stamp = stamp
-            self.reloads += 1
-            log.info("reloaded TLS certificate %s", self._tls.cert)
-            return config
-
-
-def server_credentials(
-    tls: TlsFiles, *, require_client_cert: bool = True
-) -> grpc.ServerCredentials:
-    """Return mTLS server credentials: clients must present a cert signed by ``tls.ca``.
-
-    ``require_client_cert=False`` makes server-only TLS (no client certificate is even
-    requested; gRPC Python cannot request one optionally): the controller's listener for
-    bearer-token clients.
-
-    The cert, key and CA files are re-read on the first new connection after any of them
-    changes (renewal), so the server never needs a restart; connections already open keep
-    the credentials they were established with. Raises OSError if a file cannot be read,
-    ValueError if they do not parse or the key does not match the cert.
-    """
-    reloader = _CertificateReloader(tls)
-    return grpc.dynamic_ssl_server_credentials(
-        reloader.initial, reloader, require_client_authentication=require_client_cert
-    )
-
-
-def ca_only_channel_credentials(ca: Path) -> grpc.ChannelCredentials:
-    """TLS channel credentials that trust only ``ca`` and present no certificate (clients
-    that authenticate with a bearer token)."""
-    ca_pem = Path(ca).read_bytes()
-    x509.load_pem_x509_certificates(ca_pem)
-    return grpc.ssl_channel_credentials(root_certificates=ca_pem)
-
-
-def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
-    """Return mTLS channel credentials: trust only ``tls.ca``, present ``tls.cert``/``tls.key``.
-
-    The files are read once. To pick up a renewed certificate, build a new channel with
-    fresh credentials (existing channels keep the old ones). gRPC checks the dialled host
-    against the server's SAN; use the ``grpc.ssl_target_name_override`` channel option when
-    dialling an address the certificate does not name. Raises OSError if a file cannot be
-    read, ValueError if they do not parse or the key does not match the cert.
-    """
-    ca_pem, cert_pem, key_pem = _read_pair(tls)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
-    )

@@ -1,0 +1,28 @@
+"""The local lab: a whole cluster on one machine, for the demo, the tests and the benches.
+
+- ``cluster``: :class:`Lab` brings up a controller and N handlers as real processes on
+  loopback with a fresh cluster CA (``vmferry lab up|down|kill``);
+- ``demo``: ``make demo`` (``python -m vmferry.lab.demo``), a narrated live migration.
+
+Public surface: what this ``__init__`` re-exports.
+"""
+
+from vmferry.lab.cluster import (
+    DEFAULT_LAB_DIR,
+    LAB_ENV,
+    Component,
+    Lab,
+    LabError,
+    default_dir,
+    free_port,
+)
+
+__all__ = [
+    "DEFAULT_LAB_DIR",
+    "LAB_ENV",
+    "Component",
+    "Lab",
+    "LabError",
+    "default_dir",
+    "free_port",
+]

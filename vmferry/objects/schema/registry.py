@@ -1,0 +1,126 @@
+"""Every kind's schema, by ``kind``: :data:`SCHEMAS` of :class:`KindSchema`.
+
+Adding a kind: declare it in :mod:`vmferry.objects.kinds`, write its top-level fields with
+the DSL (:mod:`vmferry.objects.schema.dsl`) in the module of its API group
+(:mod:`~vmferry.objects.schema.core` or :mod:`~vmferry.objects.schema.kubevirt`) and
+register it here; ``tests/unit/test_schema.py`` fails while a kind in ``KINDS`` has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from vmferry.errors import ApiError
+from vmferry.objects.names import (
+    dns1123_label_problem,
+    dns1123_subdomain_problem,
+    rbac_name_problem,
+)
+from vmferry.objects.schema.core import (
+    AGGREGATION_RULE,
+    METADATA,
+    NAMESPACE_SPEC,
+    NAMESPACE_STATUS,
+    NODE_SPEC,
+    NODE_STATUS,
+    OBJECT_REFERENCE,
+    POLICY_RULE,
+    ROLE_REF,
+    SUBJECT,
+)
+from vmferry.objects.schema.dsl import AnyObject, Base64, Bool, List, Map, Obj, Schema, Str
+from vmferry.objects.schema.kubevirt import (
+    HYPERCONVERGED_SPEC,
+    MIGRATION_POLICY_SPEC,
+    VM_SPEC,
+    VM_STATUS,
+    VMI_SPEC,
+    VMI_STATUS,
+    VMIM_SPEC,
+    VMIM_STATUS,
+)
+
+
+@dataclass(frozen=True)
+class KindSchema:
+    """A kind's top-level fields besides ``apiVersion``, ``kind`` and ``metadata``.
+
+    ``required`` lists top-level fields that must be present; ``name_problem`` says why a
+    ``metadata.name`` is not acceptable for the kind (None when it is).
+    """
+
+    fields: Mapping[str, Schema]
+    required: tuple[str, ...] = ()
+    name_problem: Callable[[str], str | None] = dns1123_subdomain_problem
+
+    def top_level(self) -> Obj:
+        return Obj(
+            {"apiVersion": Str(), "kind": Str(), "metadata": METADATA, **self.fields},
+            required=self.required,
+        )
+
+
+SCHEMAS: dict[str, KindSchema] = {
+    "Namespace": KindSchema(
+        {"spec": NAMESPACE_SPEC, "status": NAMESPACE_STATUS},
+        name_problem=dns1123_label_problem,
+    ),
+    "Node": KindSchema({"spec": NODE_SPEC, "status": NODE_STATUS}),
+    "VirtualMachine": KindSchema({"spec": VM_SPEC, "status": VM_STATUS}, required=("spec",)),
+    "VirtualMachineInstance": KindSchema(
+        {"spec": VMI_SPEC, "status": VMI_STATUS}, required=("spec",)
+    ),
+    "VirtualMachineInstanceMigration": KindSchema(
+        {"spec": VMIM_SPEC, "status": VMIM_STATUS}, required=("spec",)
+    ),
+    "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": AnyObject()}),
+    "MigrationPolicy": KindSchema({"spec": MIGRATION_POLICY_SPEC, "status": AnyObject()}),
+    "ServiceAccount": KindSchema(
+        {
+            "secrets": List(OBJECT_REFERENCE),
+            "imagePullSecrets": List(Obj({"name": Str()})),
+            "automountServiceAccountToken": Bool(),
+        }
+    ),
+    "Secret": KindSchema(
+        {
+            "type": Str(),
+            "data": Map(Base64()),
+            "stringData": Map(Str()),
+            "immutable": Bool(),
+        }
+    ),
+    "ConfigMap": KindSchema({"data": Map(Str()), "binaryData": Map(Base64()), "immutable": Bool()}),
+    "ClusterRole": KindSchema(
+        {"rules": List(POLICY_RULE), "aggregationRule": AGGREGATION_RULE},
+        name_problem=rbac_name_problem,
+    ),
+    "Role": KindSchema({"rules": List(POLICY_RULE)}, name_problem=rbac_name_problem),
+    "ClusterRoleBinding": KindSchema(
+        {"subjects": List(SUBJECT), "roleRef": ROLE_REF},
+        required=("roleRef",),
+        name_problem=rbac_name_problem,
+    ),
+    "RoleBinding": KindSchema(
+        {"subjects": List(SUBJECT), "roleRef": ROLE_REF},
+        required=("roleRef",),
+        name_problem=rbac_name_problem,
+    ),
+}
+"""Schema of every kind, by ``kind``. A kind listed in :data:`vmferry.objects.kinds.KINDS` needs one."""
+
+_TOP_LEVEL: dict[str, Obj] = {}
+
+
+def top_level(kind: str) -> Obj:
+    """The whole-object schema of ``kind`` (built once); ApiError when it has none."""
+    schema = _TOP_LEVEL.get(kind)
+    if schema is None:
+        kind_schema = SCHEMAS.get(kind)
+        if kind_schema is None:
+            raise ApiError(
+                f'kind "{kind}" has no schema (add it to vmferry.objects.schema.registry.SCHEMAS)'
+            )
+        schema = _TOP_LEVEL[kind] = kind_schema.top_level()
+    return schema

@@ -1,0 +1,63 @@
+"""The cluster CA and the TLS credentials of every vmferry identity (DESIGN.md section 4).
+
+One CA per cluster signs short-lived leaf certificates. Everything is EC P-256 with
+SHA-256 signatures, made with the ``cryptography`` package. A PKI directory looks like::
+
+    <pki_dir>/ca.crt  ca.key                (key mode 0600)
+    <pki_dir>/nodes/<name>.crt  .key        CN=system:node:<name>, O=system:nodes
+    <pki_dir>/users/<name>.crt  .key        CN=<name>, O=<group> per group
+    <pki_dir>/servers/<name>.crt  .key      CN=<name> (the controller)
+
+Identities follow Kubernetes: the user is the subject CN, the groups are the subject O
+attributes, and a node is the user ``system:node:<name>`` in the group ``system:nodes``.
+
+Renewal is re-issuing: ``issue_*`` overwrites the identity's files atomically (each file is
+written to a temporary file and renamed into place). A server built with
+:func:`server_credentials` picks up the new files on its next TLS handshake, without a
+restart and without touching established connections. Clients reload by building a new
+channel with :func:`channel_credentials`; existing channels keep their credentials.
+"""
+
+from vmferry.pki.credentials import (
+    ca_only_channel_credentials,
+    channel_credentials,
+    server_credentials,
+)
+from vmferry.pki.identity import (
+    NODE_USER_PREFIX,
+    NODES_GROUP,
+    Identity,
+    identity_from_pem,
+    peer_identity,
+)
+from vmferry.pki.issuing import (
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    TlsFiles,
+    cert_not_after,
+    init_ca,
+    issue_node,
+    issue_server,
+    issue_user,
+    load_ca_pem,
+)
+
+__all__ = [
+    "CA_CERT_FILE",
+    "CA_KEY_FILE",
+    "NODES_GROUP",
+    "NODE_USER_PREFIX",
+    "Identity",
+    "TlsFiles",
+    "ca_only_channel_credentials",
+    "cert_not_after",
+    "channel_credentials",
+    "identity_from_pem",
+    "init_ca",
+    "issue_node",
+    "issue_server",
+    "issue_user",
+    "load_ca_pem",
+    "peer_identity",
+    "server_credentials",
+]

@@ -1,0 +1,135 @@
+"""gRPC TLS credentials from an identity's files, and the server's certificate reload.
+
+A server built with :func:`server_credentials` re-reads its files on the first handshake
+after they change (renewal): no restart, and established connections keep theirs.
+Clients reload by building a new channel with :func:`channel_credentials`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from vmferry.pki.issuing import TlsFiles, public_der
+
+log = logging.getLogger(__name__)
+
+
+def _read_pair(tls: TlsFiles) -> tuple[bytes, bytes, bytes]:
+    """Read (ca, cert, key) PEMs; ValueError unless they parse and the key matches the cert."""
+    ca_pem, cert_pem, key_pem = tls.ca.read_bytes(), tls.cert.read_bytes(), tls.key.read_bytes()
+    x509.load_pem_x509_certificates(ca_pem)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if public_der(key.public_key()) != public_der(cert.public_key()):
+        raise ValueError(f"{tls.key} does not belong to {tls.cert}")
+    return ca_pem, cert_pem, key_pem
+
+
+_FileStamp = tuple[tuple[int, int, int], ...]
+
+
+class CertificateReloader:
+    """The certificate-configuration fetcher behind :func:`server_credentials`.
+
+    gRPC calls it (from a core thread) before every new TLS handshake. It stats the CA,
+    cert and key files and, when any of them changed (mtime, size or inode), rebuilds the
+    configuration; otherwise it returns ``None`` ("keep the current one"). A half-renewed
+    pair (key and cert not matching yet) or an unreadable file keeps the current
+    configuration and is retried on the next handshake. ``_lock`` guards ``_stamp``.
+    Established connections are never affected.
+    """
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._failed_stamp: _FileStamp | None = None
+        self.initial = self._config(*_read_pair(tls))
+        self.reloads = 0  # how many times a new configuration was handed to gRPC
+
+    def _stat(self) -> _FileStamp:
+        stamps = []
+        for path in (self._tls.ca, self._tls.cert, self._tls.key):
+            st = os.stat(path)
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    @staticmethod
+    def _config(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(key_pem, cert_pem)], root_certificates=ca_pem
+        )
+
+    def __call__(self) -> Any:
+        with self._lock:
+            stamp: _FileStamp | None = None
+            try:
+                stamp = self._stat()  # before reading: a later change is seen next time
+                if stamp == self._stamp:
+                    return None
+                config = self._config(*_read_pair(self._tls))
+            except Exception:
+                if stamp != self._failed_stamp:  # log once per state of the files
+                    self._failed_stamp = stamp
+                    log.warning(
+                        "not reloading TLS files %s, %s (keeping the current ones)",
+                        self._tls.cert,
+                        self._tls.key,
+                        exc_info=True,
+                    )
+                return None
+            self._stamp = stamp
+            self.reloads += 1
+            log.info("reloaded TLS certificate %s", self._tls.cert)
+            return config
+
+
+def server_credentials(
+    tls: TlsFiles, *, require_client_cert: bool = True
+) -> grpc.ServerCredentials:
+    """Return mTLS server credentials: clients must present a cert signed by ``tls.ca``.
+
+    ``require_client_cert=False`` makes server-only TLS (no client certificate is even
+    requested; gRPC Python cannot request one optionally): the controller's listener for
+    bearer-token clients.
+
+    The cert, key and CA files are re-read on the first new connection after any of them
+    changes (renewal), so the server never needs a restart; connections already open keep
+    the credentials they were established with. Raises OSError if a file cannot be read,
+    ValueError if they do not parse or the key does not match the cert.
+    """
+    reloader = CertificateReloader(tls)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial, reloader, require_client_authentication=require_client_cert
+    )
+
+
+def ca_only_channel_credentials(ca: Path) -> grpc.ChannelCredentials:
+    """TLS channel credentials that trust only ``ca`` and present no certificate (clients
+    that authenticate with a bearer token)."""
+    ca_pem = Path(ca).read_bytes()
+    x509.load_pem_x509_certificates(ca_pem)
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem)
+
+
+def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
+    """Return mTLS channel credentials: trust only ``tls.ca``, present ``tls.cert``/``tls.key``.
+
+    The files are read once. To pick up a renewed certificate, build a new channel with
+    fresh credentials (existing channels keep the old ones). gRPC checks the dialled host
+    against the server's SAN; use the ``grpc.ssl_target_name_override`` channel option when
+    dialling an address the certificate does not name. Raises OSError if a file cannot be
+    read, ValueError if they do not parse or the key does not match the cert.
+    """
+    ca_pem, cert_pem, key_pem = _read_pair(tls)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
