@@ -26,7 +26,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from handler.drivers.base import Drivers, VMHandle
+from handler.drivers.base import Drivers, EngineContext, VMHandle
 from handler.migration.handoff import HandoffRecord
 from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
@@ -266,7 +266,9 @@ class VMManager:
         if not ms.get(Field.TARGET_NODE_ADDRESS) or not ms.get(Field.TARGET_NODE_PORT):
             return  # the target is still preparing
         migration = self.drivers.by_name(handle.driver_name).source_engine(
-            self.api, self.node, copy.deepcopy(vmi), handle, self.tls, on_progress=self._on_progress
+            EngineContext(self.api, self.node, self.tls, self._on_progress),
+            copy.deepcopy(vmi),
+            handle,
         )
         task = asyncio.create_task(self._run_source(migration))
         self.sources[mig_uid] = (migration, task)

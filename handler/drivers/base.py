@@ -59,6 +59,7 @@ __all__ = [
     "Driver",
     "DriverError",
     "Drivers",
+    "EngineContext",
     "GuestError",
     "GuestSpec",
     "GuestStartError",
@@ -345,6 +346,18 @@ def postcopy(handle: VMHandle, what: str) -> PostCopyHandle:
     return handle
 
 
+@dataclass(frozen=True)
+class EngineContext:
+    """What every source engine gets from its handler, whatever the driver: the API
+    client, this node's name, the migration network's client certificate (None: plain
+    text, tests only) and where progress goes (the metrics collector)."""
+
+    api: ApiClient
+    node: str
+    tls: TlsFiles | None
+    on_progress: ProgressCallback
+
+
 @runtime_checkable
 class Driver(Protocol):
     """Runs one kind of guest. ``claims(vmi)`` says whether a VMI's spec asks for this
@@ -370,14 +383,7 @@ class Driver(Protocol):
         ...
 
     def source_engine(
-        self,
-        api: ApiClient,
-        node: str,
-        vmi: dict[str, Any],
-        handle: VMHandle,
-        tls: TlsFiles | None,
-        *,
-        on_progress: ProgressCallback,
+        self, context: EngineContext, vmi: dict[str, Any], handle: VMHandle
     ) -> SourceEngine:
         """The engine that migrates ``handle`` (a guest of this driver) away, for the
         hand-off in ``vmi``."""

@@ -42,6 +42,7 @@ from handler.drivers.base import (
     DirtyLogHandle,
     Driver,
     DriverError,
+    EngineContext,
     GuestError,
     GuestSpec,
     GuestStartError,
@@ -73,9 +74,7 @@ from vmferry.objects import schema
 from vmferry.objects.quantity import parse_quantity
 
 if TYPE_CHECKING:
-    from handler.migration.source import ProgressCallback, SourceEngine
-    from vmferry.client import ApiClient
-    from vmferry.pki import TlsFiles
+    from handler.migration.source import SourceEngine
 
 __all__ = [
     "DEFAULT_RAM_DIR",
@@ -230,20 +229,15 @@ class MemVMDriver:
         return await self.prepare_incoming(vm_id, guest_spec(vmi))
 
     def source_engine(
-        self,
-        api: ApiClient,
-        node: str,
-        vmi: dict[str, Any],
-        handle: VMHandle,
-        tls: TlsFiles | None,
-        *,
-        on_progress: ProgressCallback,
+        self, context: EngineContext, vmi: dict[str, Any], handle: VMHandle
     ) -> SourceEngine:
         """The memvm engine: this handler copies the guest's memory, round by round."""
         from handler.migration.memvm_source import MemvmSourceMigration
 
         guest = dirty_log(handle, "a memvm migration")
-        return MemvmSourceMigration(api, node, vmi, guest, tls, on_progress=on_progress)
+        return MemvmSourceMigration(
+            context.api, context.node, vmi, guest, context.tls, on_progress=context.on_progress
+        )
 
     async def start(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:
         """Boot a fresh guest; returns once it runs (its RAM is filled by then).

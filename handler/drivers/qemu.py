@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from handler.drivers.base import (
     DriverError,
+    EngineContext,
     GuestStartError,
     VMExistsError,
     VMHandle,
@@ -57,9 +58,7 @@ from vmferry.objects import schema
 
 if TYPE_CHECKING:
     from handler.drivers.base import Driver
-    from handler.migration.source import ProgressCallback, SourceEngine
-    from vmferry.client import ApiClient
-    from vmferry.pki import TlsFiles
+    from handler.migration.source import SourceEngine
 
 __all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "last_heartbeat", "qemu_binary"]
 
@@ -138,21 +137,22 @@ class QemuDriver:
         return await self.prepare_incoming(vm_id, self.spec_for(vmi))
 
     def source_engine(
-        self,
-        api: ApiClient,
-        node: str,
-        vmi: dict[str, Any],
-        handle: VMHandle,
-        tls: TlsFiles | None,
-        *,
-        on_progress: ProgressCallback,
+        self, context: EngineContext, vmi: dict[str, Any], handle: VMHandle
     ) -> SourceEngine:
         """QEMU migrates the guest itself; the engine tunnels its stream and verifies."""
         from handler.migration.qemu_source import QemuSourceMigration
 
         if not isinstance(handle, QemuHandle):
             raise DriverError(f"a QEMU migration of {handle.driver_name} guest {handle.vm_id}")
-        return QemuSourceMigration(api, node, vmi, handle, tls, self, on_progress=on_progress)
+        return QemuSourceMigration(
+            context.api,
+            context.node,
+            vmi,
+            handle,
+            context.tls,
+            self,
+            on_progress=context.on_progress,
+        )
 
     async def start(self, vm_id: str, spec: QemuSpec) -> QemuHandle:
         return await self._launch(vm_id, spec, incoming=False)
