@@ -57,7 +57,7 @@ async def _open(tmp_path: Path, api_type: type[StoreApi]) -> StoreApi:
 
 
 async def _vmi(api: StoreApi, name: str, node: str) -> Obj:
-    created = await api.create(
+    await api.create(
         {
             "apiVersion": "kubevirt.io/v1",
             "kind": VMI,
