@@ -94,7 +94,7 @@ async def _run_drain(api: StoreApi, controller: Controller | None) -> tuple[int,
 
     task = asyncio.create_task(control())
     try:
-        code = await adm_cmd.drain(api, "node1", force=False, timeout=10, poll=0.02)
+        code = await adm_cmd.drain(api, "node1", force=False, timeout=10, poll=0.02)  # type: ignore[arg-type]
     finally:
         task.cancel()
     evacuations = [
