@@ -262,7 +262,7 @@ class MemvmSourceMigration(SourceEngine):
         with the time the network was unreachable."""
         assert self._tg is not None  # set by _migrate
         tg = self._tg
-        since = self.disconnected_since = self.clock()
+        since = self.disconnected_since = self.disconnected_since or self.clock()
         watch = self.watch
         log.warning(
             "migration %s: %s; reconnecting (for up to %.0f s)",
@@ -333,6 +333,11 @@ class MemvmSourceMigration(SourceEngine):
                 )
                 self.postcopy_due.set()
                 return
+            if self.disconnected_since is None and any(
+                isinstance(ch.error, StreamLost) for ch in self.channels
+            ):
+                # The network dropped a channel; the sender notices at its next write.
+                self.disconnected_since = now
             if verdict is Verdict.STUCK and self.disconnected_since is not None:
                 raise MigrationFailed(
                     channels.unreachable_reason(

@@ -113,7 +113,9 @@ def rpc_problem(error: BaseException) -> str:
     log.info("gRPC failure: %r", error)
     if isinstance(error, grpc.aio.AioRpcError):
         code = error.code()
-        words = _CODE_WORDS.get(code, "broke off the connection")
+        words = _CODE_WORDS.get(code)
+        if words is None:  # INTERNAL ("Internal error from Core"), UNKNOWN, ...
+            return "the connection to the target broke"
         detail = _first_line(error.details())
         if code in _QUOTED_CODES and detail:
             return f"the target {words}: {detail}"
