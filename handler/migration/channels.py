@@ -148,8 +148,8 @@ def unreachable_reason(target_node: str, seconds: float, progress_timeout: float
     """The failureReason of a pre-copy drop longer than progressTimeout."""
     return (
         f"the migration network to {target_node} was unreachable for {seconds:.0f} s "
-        f"(longer than progressTimeout {progress_timeout:.0f} s); the VM keeps running "
-        "on the source: check the network between the two nodes and migrate again"
+        f"(progressTimeout {progress_timeout:.0f} s); the VM keeps running on the source: "
+        "check the network between the two nodes and migrate again"
     )
 
 
@@ -181,7 +181,8 @@ class Reconnect:
     attempts: int = 0
 
     async def run(self, since: float, uid: str) -> None:
-        """``since``: the clock reading when the drop was noticed."""
+        """``since``: the clock reading since which nothing got through (the last
+        progress, or the drop if it was noticed earlier)."""
         delay = RECONNECT_DELAY
         while True:
             left = self.deadline() - self.clock()

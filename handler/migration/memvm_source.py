@@ -280,7 +280,7 @@ class MemvmSourceMigration(SourceEngine):
             progress_timeout=watch.progress_timeout,
         )
         try:
-            await reconnect.run(since, self.uid)
+            await reconnect.run(min(since, watch.last_progress), self.uid)
         finally:
             self.disconnected_since = None
 
@@ -341,7 +341,9 @@ class MemvmSourceMigration(SourceEngine):
             if verdict is Verdict.STUCK and self.disconnected_since is not None:
                 raise MigrationFailed(
                     channels.unreachable_reason(
-                        self.target_node, now - self.disconnected_since, watch.progress_timeout
+                        self.target_node,
+                        now - min(self.disconnected_since, watch.last_progress),
+                        watch.progress_timeout,
                     )
                 )
             if verdict is not Verdict.CONTINUE:
