@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from handler import stream
 from handler.migration import channels
 from handler.migration.channels import Reconnect, all_lost, unreachable_reason
 from handler.migration.handoff import MigrationFailed
@@ -26,8 +27,9 @@ from handler.migration.target_state import TargetState
 from handler.migration.target_stream import StreamLost, stream_failure
 from tests.support.fake_api import FakeClock
 from tests.support.relay import Relay
-from tests.unit.test_source_engine import Lab, in_lab
+from tests.unit.test_source_engine import TOKEN, UID, Lab, in_lab
 from vmferry.migration_state import Switchover
+from vmferry.rpc import migration_pb2 as pb
 
 # -- engine: the drop ridden out, or failing with the time it lasted --------------------------
 
@@ -319,3 +321,66 @@ def test_the_target_takes_a_reconnect_while_receiving_or_in_postcopy() -> None:
     assert accepts_hello(TargetState.AWAITING_HELLO, resume=False)
     assert accepts_hello(TargetState.VERIFIED, resume=False)
     assert not accepts_hello(TargetState.ABORTED, resume=False)
+
+
+# -- the real Transfer service: a reconnect while receiving replaces the channel's stream ----
+
+
+def _hello(lab: Lab, *, resume: bool) -> bytes:
+    spec = lab.target.guest.spec
+    hello = pb.Hello(
+        protocol_version=stream.PROTOCOL_VERSION,
+        migration_uid=UID,
+        token=TOKEN,
+        channel_id=0,
+        channel_count=1,
+        memory_bytes=spec.memory_bytes,
+        page_size=spec.page_size,
+        resume=resume,
+    )
+    return pb.SourceFrame(hello=hello).SerializeToString()
+
+
+async def _accepted(call: grpc.aio.StreamStreamCall) -> None:
+    first, second = await call.read(), await call.read()
+    assert first.WhichOneof("frame") == "hello_ack"
+    assert second.WhichOneof("frame") == "credit"
+
+
+@pytest.mark.timeout(30)
+def test_the_target_takes_a_reconnect_while_receiving_and_drops_the_old_stream(
+    tmp_path: Path,
+) -> None:
+    round_end = pb.SourceFrame(round_end=pb.RoundEnd(round=0)).SerializeToString()
+
+    async def body(lab: Lab) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{lab.target.port}") as conn:
+            early = stream.open_transfer(conn)
+            await early.write(_hello(lab, resume=True))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await early.read()  # nothing to resume before the first Hello
+            assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+
+            old = stream.open_transfer(conn)
+            await old.write(_hello(lab, resume=False))
+            await _accepted(old)
+            assert lab.target.inc.state is TargetState.RECEIVING
+            again = stream.open_transfer(conn)
+            await again.write(_hello(lab, resume=False))
+            with pytest.raises(grpc.aio.AioRpcError) as twice:
+                await again.read()
+            assert twice.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "already connected" in (twice.value.details() or "")
+
+            new = stream.open_transfer(conn)
+            await new.write(_hello(lab, resume=True))
+            await _accepted(new)
+            await old.write(round_end)  # the replaced stream applies nothing more
+            assert await old.read() is grpc.aio.EOF
+            await new.write(round_end)
+            ack = await new.read()
+            assert ack.WhichOneof("frame") == "round_ack" and ack.round_ack.round == 0
+            assert lab.target.aborts == []
+            new.cancel()
+
+    in_lab(tmp_path, body)
