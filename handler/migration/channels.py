@@ -144,12 +144,13 @@ async def open_channels(
     return channels
 
 
-def unreachable_reason(target_node: str, seconds: float, progress_timeout: float) -> str:
-    """The failureReason of a pre-copy drop longer than progressTimeout."""
+def unreachable_reason(target_node: str, seconds: float, limit: str) -> str:
+    """The failureReason of a pre-copy drop that outlasted ``limit`` (the timeout that
+    ended it: "progressTimeout 150 s")."""
     return (
         f"the migration network to {target_node} was unreachable for {seconds:.0f} s "
-        f"(progressTimeout {progress_timeout:.0f} s); the VM keeps running on the source: "
-        "check the network between the two nodes and migrate again"
+        f"({limit}); the VM keeps running on the source: check the network between the "
+        "two nodes and the target's handler, then migrate again"
     )
 
 
@@ -189,7 +190,9 @@ class Reconnect:
             if left <= 0:
                 raise MigrationFailed(
                     unreachable_reason(
-                        self.target_node, self.clock() - since, self.progress_timeout
+                        self.target_node,
+                        self.clock() - since,
+                        f"progressTimeout {self.progress_timeout:.0f} s",
                     )
                 )
             await self.sleep(min(delay, left))

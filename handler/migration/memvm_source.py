@@ -338,12 +338,19 @@ class MemvmSourceMigration(SourceEngine):
             ):
                 # The network dropped a channel; the sender notices at its next write.
                 self.disconnected_since = now
-            if verdict is Verdict.STUCK and self.disconnected_since is not None:
+            stalled = verdict in (Verdict.STUCK, Verdict.TOO_LONG)
+            if stalled and self.disconnected_since is not None:
+                # Not the guest's doing: the target cannot be reached.
+                limit = (
+                    f"progressTimeout {watch.progress_timeout:.0f} s"
+                    if verdict is Verdict.STUCK
+                    else f"completion timeout {watch.completion_timeout:.0f} s"
+                )
                 raise MigrationFailed(
                     channels.unreachable_reason(
                         self.target_node,
                         now - min(self.disconnected_since, watch.last_progress),
-                        watch.progress_timeout,
+                        limit,
                     )
                 )
             if verdict is not Verdict.CONTINUE:

@@ -173,7 +173,7 @@ def test_reconnect_gives_up_at_the_deadline_with_the_time_it_was_down() -> None:
     with pytest.raises(MigrationFailed) as e:
         asyncio.run(r.run(100.0, "m"))
     assert not isinstance(e.value, StreamLost)
-    assert str(e.value) == unreachable_reason("node-b", 8, 10)
+    assert str(e.value) == unreachable_reason("node-b", 8, "progressTimeout 10 s")
     assert str(e.value).startswith("the migration network to node-b was unreachable for 8 s")
     assert all(t <= 108.0 for t in net.calls)
 
