@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0  # s to reach the target and get HelloAck on every channel
 LAST_ROUND = 2**32 - 1  # the acknowledgement a dead channel's waiters receive
 RECONNECT_DELAY = 0.5  # s before the first reconnect after a drop, doubled each attempt
-RECONNECT_MAX_DELAY = 4.0  # s, the longest wait between two reconnects
+RECONNECT_MAX_DELAY = 2.0  # s, the longest wait between two reconnects
 
 
 class Channel(TargetStream):
