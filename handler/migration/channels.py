@@ -7,19 +7,26 @@ raises it: nobody waits on a dead stream.
 
 ``open_channels`` makes the connections (one TCP/TLS connection per stream) and does the
 Hello/HelloAck exchange on each.
+
+``Reconnect`` rides out a short drop of the migration network in pre-copy: it reopens
+every channel (Hello.resume) with backoff until progress is due again (progressTimeout
+from the last progress), then fails with a sentence that says how long the network to
+the target was unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 
 from handler import stream
 from handler.migration.handoff import MigrationFailed
-from handler.migration.source import rpc_problem
-from handler.migration.target_stream import TargetStream
+from handler.migration.source import is_network_failure, rpc_problem
+from handler.migration.target_stream import StreamLost, TargetStream
 from vmferry import grpc_options, pki
 from vmferry.rpc import migration_pb2 as pb
 
@@ -27,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # s to reach the target and get HelloAck on every channel
 LAST_ROUND = 2**32 - 1  # the acknowledgement a dead channel's waiters receive
+RECONNECT_DELAY = 0.5  # s before the first reconnect after a drop, doubled each attempt
+RECONNECT_MAX_DELAY = 2.0  # s, the longest wait between two reconnects
 
 
 class Channel(TargetStream):
@@ -126,11 +135,83 @@ async def open_channels(
                     raise MigrationFailed(f"target did not accept migration channel {cid}")
                 tg.create_task(ch.read_loop())
     except grpc.aio.AioRpcError as e:
-        raise MigrationFailed(
-            f"cannot open the migration stream to {address}: {rpc_problem(e)}"
-        ) from None
+        kind = StreamLost if is_network_failure(e) else MigrationFailed
+        raise kind(f"cannot open the migration stream to {address}: {rpc_problem(e)}") from None
     except TimeoutError:
-        raise MigrationFailed(
+        raise StreamLost(
             f"the target {address} did not answer within {CONNECT_TIMEOUT:.0f}s"
         ) from None
     return channels
+
+
+def unreachable_reason(target_node: str, seconds: float, limit: str) -> str:
+    """The failureReason of a pre-copy drop that outlasted ``limit`` (the timeout that
+    ended it: "progressTimeout 150 s")."""
+    return (
+        f"the migration network to {target_node} was unreachable for {seconds:.0f} s "
+        f"({limit}); the VM keeps running on the source: check the network between the "
+        "two nodes and the target's handler, then migrate again"
+    )
+
+
+def all_lost(error: BaseException) -> StreamLost | None:
+    """The first StreamLost when every failure in ``error`` (a group, possibly nested) is
+    a lost stream; None when anything else failed too (that one decides)."""
+    if isinstance(error, BaseExceptionGroup):
+        leaves = [all_lost(e) for e in error.exceptions]
+        if any(leaf is None for leaf in leaves):
+            return None
+        return leaves[0]
+    return error if isinstance(error, StreamLost) else None
+
+
+@dataclass
+class Reconnect:
+    """Reopen every channel after a drop in pre-copy, with backoff, until ``deadline()``
+    (the clock reading by which progress must resume: progressTimeout after the last
+    progress). ``reopen`` closes what is left and opens every channel with Hello.resume
+    (StreamLost while the network is still down). ``run`` returns once reconnected, or
+    raises MigrationFailed (unreachable_reason) at the deadline."""
+
+    reopen: Callable[[], Awaitable[None]]
+    deadline: Callable[[], float]
+    clock: Callable[[], float]
+    target_node: str
+    progress_timeout: float
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
+    attempts: int = 0
+
+    async def run(self, since: float, uid: str) -> None:
+        """``since``: the clock reading since which nothing got through (the last
+        progress, or the drop if it was noticed earlier)."""
+        delay = RECONNECT_DELAY
+        while True:
+            left = self.deadline() - self.clock()
+            if left <= 0:
+                raise MigrationFailed(
+                    unreachable_reason(
+                        self.target_node,
+                        self.clock() - since,
+                        f"progressTimeout {self.progress_timeout:.0f} s",
+                    )
+                )
+            await self.sleep(min(delay, left))
+            delay = min(2 * delay, RECONNECT_MAX_DELAY)
+            left = self.deadline() - self.clock()
+            if left <= 0:
+                continue
+            self.attempts += 1
+            try:
+                async with asyncio.timeout(left):
+                    await self.reopen()
+            except (StreamLost, TimeoutError) as e:
+                log.info("migration %s: reconnect %d failed: %s", uid, self.attempts, e)
+                continue
+            log.info(
+                "migration %s: reconnected to %s after %.1f s (%d attempts)",
+                uid,
+                self.target_node,
+                self.clock() - since,
+                self.attempts,
+            )
+            return

@@ -12,7 +12,10 @@ Steps:
     the pages dirtied meanwhile. After each round ``decide_after_round``: another round,
     throttle more (auto-converge), switch over (the remaining dirty memory fits the
     downtime budget at the measured rate), or post-copy. The monitor fails the migration
-    on ``progressTimeout`` / ``completionTimeoutPerGiB`` (or asks for post-copy).
+    on ``progressTimeout`` / ``completionTimeoutPerGiB`` (or asks for post-copy). A
+    channel lost to the network (StreamLost) is ridden out: every channel is reopened
+    (channels.Reconnect, until progressTimeout after the last progress) and the round
+    is sent again; the switchover only starts on a complete set of connected channels.
  3. Switchover, timed in named parts: pause the guest (``pause``), send the last dirty
     pages (``final_pass``) while hashing RAM in threads and sending the device state as
     soon as the guest gives it, send the digest and collect the final acknowledgements
@@ -42,8 +45,9 @@ from handler.migration.channels import Channel
 from handler.migration.convergence import Next, Round, TimeoutWatch, Verdict
 from handler.migration.handoff import MigrationFailed
 from handler.migration.postcopy_source import PostCopy
-from handler.migration.sender import DirtyMeter, RoundSender
+from handler.migration.sender import DirtyMeter, RoundResult, RoundSender
 from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
+from handler.migration.target_stream import StreamLost
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import Compression, MigrationMode
@@ -100,6 +104,9 @@ class MemvmSourceMigration(SourceEngine):
         )
         self.meter: DirtyMeter | None = None
         self.postcopy = PostCopy(self)
+        self.watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, clock())
+        self.disconnected_since: float | None = None  # a pre-copy drop being ridden out
+        self._tg: asyncio.TaskGroup | None = None  # the migration's (channel readers)
 
     @property
     def channels(self) -> list[Channel]:
@@ -116,7 +123,9 @@ class MemvmSourceMigration(SourceEngine):
 
     async def _migrate(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             await self.connect(tg)
+            self.watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, self.clock())
             tg.create_task(self._monitor())
             if await self._precopy():
                 await self._switchover()
@@ -126,7 +135,8 @@ class MemvmSourceMigration(SourceEngine):
                 ch.call.cancel()
 
     async def connect(self, tg: asyncio.TaskGroup, *, resume: bool = False) -> None:
-        """Open (or, ``resume``: reopen in post-copy) every channel to the target."""
+        """Open (or, ``resume``: reopen after a drop, in pre-copy or post-copy) every
+        channel to the target."""
         count = max(1, min(self.config.parallel_streams, stream.MAX_CHANNELS))
         await self._close_connections()
         self.sender.channels = []
@@ -183,9 +193,7 @@ class MemvmSourceMigration(SourceEngine):
         try:
             for round_no in range(convergence.MAX_ROUNDS):
                 meter.restart()
-                result = await self.sender.send_round(
-                    indices, round_no, final=False, stop=self.postcopy_due
-                )
+                result = await self._send_round(indices, round_no)
                 self.stats.rounds = round_no + 1
                 sent_pages = len(indices) - len(result.unsent)
                 indices = meter.take()
@@ -213,6 +221,7 @@ class MemvmSourceMigration(SourceEngine):
                 self._check_abort()
                 if decision is Next.SWITCH_OVER:
                     self.pending = indices
+                    await self.ensure_connected()
                     return True
                 if decision is Next.GIVE_UP:
                     break
@@ -222,6 +231,58 @@ class MemvmSourceMigration(SourceEngine):
         except BaseException:
             await self.unthrottle()
             raise
+
+    async def _send_round(self, indices: stream.IndexArray, round_no: int) -> RoundResult:
+        """One pre-copy round; a drop of the network is ridden out and the whole round
+        sent again (the target's digest is made over what it finally holds: a page it
+        receives twice is harmless)."""
+        while True:
+            try:
+                return await self.sender.send_round(
+                    indices, round_no, final=False, stop=self.postcopy_due
+                )
+            except BaseException as e:
+                lost = channels.all_lost(e)
+                if lost is None:
+                    raise
+            await self._ride_out(lost)
+
+    async def ensure_connected(self) -> None:
+        """Every channel is up (the switchover needs the complete set): a channel the
+        network dropped since the last round is reopened first. The pages of every
+        acknowledged round are in the target's RAM; the rest are pending."""
+        for ch in self.channels:
+            if isinstance(ch.error, StreamLost):
+                await self._ride_out(ch.error)
+                return
+            ch.check()
+
+    async def _ride_out(self, lost: StreamLost) -> None:
+        """Reopen every channel within progressTimeout of the last progress, else fail
+        with the time the network was unreachable."""
+        assert self._tg is not None  # set by _migrate
+        tg = self._tg
+        since = self.disconnected_since = self.disconnected_since or self.clock()
+        watch = self.watch
+        log.warning(
+            "migration %s: %s; reconnecting (for up to %.0f s)",
+            self.uid,
+            lost,
+            watch.last_progress + watch.progress_timeout - since,
+        )
+        for ch in self.channels:
+            ch.call.cancel()
+        reconnect = channels.Reconnect(
+            reopen=lambda: self.connect(tg, resume=True),
+            deadline=lambda: watch.last_progress + watch.progress_timeout,
+            clock=self.clock,
+            target_node=self.target_node,
+            progress_timeout=watch.progress_timeout,
+        )
+        try:
+            await reconnect.run(min(since, watch.last_progress), self.uid)
+        finally:
+            self.disconnected_since = None
 
     def _log_round(self, measured: Round, rate: float) -> None:
         log.info(
@@ -254,7 +315,7 @@ class MemvmSourceMigration(SourceEngine):
         """KubeVirt's migration monitor, every MONITOR_PERIOD s while pre-copy runs (see
         TimeoutWatch); also measures the guest's dirty rate within the running round.
         Ends when the switchover starts, or by asking for post-copy."""
-        watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, self.clock())
+        watch = self.watch
         while not self.switching:
             if self.meter is not None:
                 live = self.meter.sample()
@@ -272,6 +333,26 @@ class MemvmSourceMigration(SourceEngine):
                 )
                 self.postcopy_due.set()
                 return
+            if self.disconnected_since is None and any(
+                isinstance(ch.error, StreamLost) for ch in self.channels
+            ):
+                # The network dropped a channel; the sender notices at its next write.
+                self.disconnected_since = now
+            stalled = verdict in (Verdict.STUCK, Verdict.TOO_LONG)
+            if stalled and self.disconnected_since is not None:
+                # Not the guest's doing: the target cannot be reached.
+                limit = (
+                    f"progressTimeout {watch.progress_timeout:.0f} s"
+                    if verdict is Verdict.STUCK
+                    else f"completion timeout {watch.completion_timeout:.0f} s"
+                )
+                raise MigrationFailed(
+                    channels.unreachable_reason(
+                        self.target_node,
+                        now - min(self.disconnected_since, watch.last_progress),
+                        limit,
+                    )
+                )
             if verdict is not Verdict.CONTINUE:
                 raise MigrationFailed(
                     watch.message(
@@ -295,6 +376,7 @@ class MemvmSourceMigration(SourceEngine):
         # started at its harvest would otherwise compete with the final pass (measured:
         # a 1-2 MiB refresh stretched a 2 MiB final pass from ~3 to 10-20 ms).
         await digest.refresh_async()
+        await self.ensure_connected()
         t0 = self.clock()
         self.paused = True  # set before the call: a failure during pause still resumes
         await self.handle.pause()

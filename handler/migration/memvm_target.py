@@ -35,7 +35,7 @@ import numpy.typing as npt
 from handler import stream
 from handler.digest import ChunkDigest
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.migration.peer import abort
+from handler.migration.peer import abort, accepts_hello, accepts_resume
 from handler.migration.restart_record import RestartRecord, consume_failure
 from handler.migration.target_state import TargetState
 from vmferry.rpc import migration_pb2 as pb
@@ -74,6 +74,8 @@ class MigrationService:
     def __init__(self, incoming: IncomingRegistry) -> None:
         self.incoming = incoming
         self._pollers: set[asyncio.Task[None]] = set()
+        # (migration uid, channel) -> the out queue of that channel's current stream
+        self._current: dict[tuple[str, int], asyncio.Queue[pb.TargetFrame | None]] = {}
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serve Transfer on ``server``."""
@@ -95,9 +97,7 @@ class MigrationService:
             context,
             first,
             "hello",
-            acceptable=lambda inc: (
-                not inc.state.decided or (first.hello.resume and inc.state.guest_runs_here)
-            ),
+            acceptable=lambda inc: accepts_hello(inc.state, first.hello.resume),
             check=self._check_hello,
         )
         inc.channel_count = hello.channel_count
@@ -106,10 +106,20 @@ class MigrationService:
         out: asyncio.Queue[pb.TargetFrame | None] = asyncio.Queue()
         out.put_nowait(pb.TargetFrame(hello_ack=pb.HelloAck(channel_id=channel)))
         out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=stream.CREDIT_WINDOW)))
+        # A reconnect replaces the channel's stream: the one it replaces, if its end has
+        # not been noticed yet, applies nothing more (see _read).
+        key = (inc.migration_uid, channel)
+        self._current[key] = out
         if channel == 0:
             inc.control_out = out
-            if hello.resume:
+            if hello.resume and inc.state.guest_runs_here:
                 self._resume_postcopy_stream(inc, out)
+        if hello.resume and not inc.state.postcopy:
+            log.info(
+                "migration %s: source reconnected channel %d in pre-copy",
+                inc.migration_uid,
+                channel,
+            )
         error: list[BaseException] = []
         reader = asyncio.create_task(self._read(inc, channel, frames, out, error))
         try:
@@ -124,6 +134,8 @@ class MigrationService:
                 await reader
             if channel == 0 and inc.control_out is out:
                 inc.control_out = None
+            if self._current.get(key) is out:
+                del self._current[key]
         if error and isinstance(error[0], stream.ProtocolError):
             log.warning(
                 "migration %s: protocol error on channel %d: %s",
@@ -144,8 +156,11 @@ class MigrationService:
             memory_bytes=inc.handle.spec.memory_bytes,
             page_size=inc.handle.spec.page_size,
         )
-        if hello.resume and not inc.state.guest_runs_here:
-            raise stream.ProtocolError("resume is only possible during post-copy")
+        if hello.resume and not accepts_resume(inc.state):
+            raise stream.ProtocolError(
+                f"a reconnect is only possible while pre-copy receives or during post-copy "
+                f"(state {inc.state})"
+            )
         if inc.channel_count and hello.channel_count != inc.channel_count:
             raise stream.ProtocolError(
                 f"channel_count {hello.channel_count} differs from the first channel's "
@@ -183,8 +198,11 @@ class MigrationService:
         out: asyncio.Queue[pb.TargetFrame | None],
         error: list[BaseException],
     ) -> None:
+        key = (inc.migration_uid, channel)
         try:
             async for raw in frames:
+                if self._current.get(key) is not out:
+                    raise _ChannelClosed  # replaced by a reconnect of the same channel
                 await self._apply(inc, channel, raw, out)
         except (_ChannelClosed, StopAsyncIteration):
             pass

@@ -13,6 +13,11 @@ The memvm Transfer service and the QEMU Tunnel service admit a stream only throu
    (``secrets.compare_digest``; PERMISSION_DENIED);
 4. the service's own rules for the first frame (version, geometry, channels;
    INVALID_ARGUMENT).
+
+A reconnect (memvm ``Hello.resume``) passes the same checks -- the same source node's
+certificate and the same token -- and is taken only where ``accepts_resume`` says: while
+pre-copy receives (a short drop of the migration network, ridden out by the source) or
+while the guest runs here in post-copy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import grpc
 
 from handler import stream
 from handler.migration import tunnel
+from handler.migration.target_state import TargetState
 from vmferry import pki
 
 if TYPE_CHECKING:
@@ -33,6 +39,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def accepts_resume(state: TargetState) -> bool:
+    """A migration in ``state`` takes a reconnecting source's channels: pre-copy
+    receiving (nothing decided, no final round begun) or post-copy with the guest
+    running here."""
+    return state is TargetState.RECEIVING or state.guest_runs_here
+
+
+def accepts_hello(state: TargetState, resume: bool) -> bool:
+    """A migration in ``state`` takes this Hello: a first connection before the
+    decision; a reconnect where ``accepts_resume`` says."""
+    return accepts_resume(state) if resume else not state.decided
 
 
 class Refused(Exception):

@@ -88,7 +88,7 @@ class RoundResult:
 
 
 class RoundSender:
-    """Sends rounds of pages across ``channels`` (replaced on a post-copy reconnect).
+    """Sends rounds of pages across ``channels`` (replaced on a reconnect, pre-copy or post-copy).
 
     ``in_downtime``: the guest is paused and runs nowhere: no compression (its CPU time
     is downtime, and the link rarely limits that round) and no pacing (the stop-and-copy

@@ -62,26 +62,86 @@ ABORT_FRAME_TIMEOUT = 1.0  # s to tell each channel's target stream why we stop
 CANCELED = "migration canceled by the user"
 
 
-def rpc_problem(error: BaseException) -> str:
-    """A gRPC failure in words (``UNAVAILABLE: Connection refused``), never the object's
-    repr; the full object goes to the debug log."""
-    log.debug("gRPC failure: %r", error)
+# What a gRPC status code says happened, in words (the clause after "the target ...").
+_CODE_WORDS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAVAILABLE: "could not be reached over the migration network",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "did not answer in time",
+    grpc.StatusCode.CANCELLED: "closed the connection",
+    grpc.StatusCode.NOT_FOUND: "does not expect this migration (its handler may have restarted)",
+    grpc.StatusCode.PERMISSION_DENIED: "refused this node's identity or the migration's token",
+    grpc.StatusCode.UNAUTHENTICATED: "refused this node's certificate",
+    grpc.StatusCode.INVALID_ARGUMENT: "rejected what this node sent",
+    grpc.StatusCode.FAILED_PRECONDITION: "rejected what this node sent",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ran out of resources",
+    grpc.StatusCode.UNIMPLEMENTED: "does not serve this kind of migration (another version?)",
+}
+# Codes that mean the connection broke, not that the target refused: a pre-copy channel
+# reconnects after these (the rest end the migration).
+NETWORK_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+# The target's own refusals carry a message written for people (peer.py, the state
+# machine): it is quoted after the code's words.
+_QUOTED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
+def is_network_failure(error: BaseException) -> bool:
+    """The error says the connection broke (retrying may help), not that the target
+    refused."""
     if isinstance(error, grpc.aio.AioRpcError):
-        details = (error.details() or "").strip().splitlines()
-        return f"{error.code().name}: {details[0] if details else 'no detail'}"
+        return error.code() in NETWORK_CODES
+    return isinstance(error, asyncio.InvalidStateError | ConnectionError)
+
+
+def rpc_problem(error: BaseException) -> str:
+    """A gRPC failure as a clause a person can read ("the target could not be reached
+    over the migration network"), never the object's repr: the full error goes to the
+    log."""
+    log.info("gRPC failure: %r", error)
+    if isinstance(error, grpc.aio.AioRpcError):
+        code = error.code()
+        words = _CODE_WORDS.get(code)
+        if words is None:  # INTERNAL ("Internal error from Core"), UNKNOWN, ...
+            return "the connection to the target broke"
+        detail = _first_line(error.details())
+        if code in _QUOTED_CODES and detail:
+            return f"the target {words}: {detail}"
+        return f"the target {words}"
     if isinstance(error, asyncio.InvalidStateError):
-        return "the stream was already closed"
-    return type(error).__name__
+        return "the connection to the target was already closed"
+    return "the connection to the target broke"
+
+
+def _first_line(text: str | None) -> str:
+    """The first line of a status message, without anything that looks like a repr."""
+    lines = (text or "").strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return "" if "<" in line or " at 0x" in line else line.rstrip(".")
 
 
 def failure_reason(error: BaseException, uid: str) -> str:
-    """The failureReason for what ended a migration: one readable sentence."""
+    """The failureReason for what ended a migration: one readable sentence (the error
+    itself goes to the log)."""
     if isinstance(error, MigrationFailed):
         return str(error)
+    log.warning("migration %s: ended by %r", uid, error)
     if isinstance(error, GuestError):
-        return f"the guest on the source refused a request: {error}"
+        return f"the guest on the source refused a request: {_first_line(str(error))}"
     if isinstance(error, ApiError):
-        return f"the API failed during migration: {error}"
+        return f"the API server failed during the migration: {_first_line(str(error))}"
     if isinstance(error, grpc.aio.AioRpcError | asyncio.InvalidStateError):
         return f"lost the target: {rpc_problem(error)}"
     if isinstance(error, TimeoutError):

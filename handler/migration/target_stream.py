@@ -17,7 +17,19 @@ from typing import Any, ClassVar
 import grpc
 
 from handler.migration.handoff import MigrationFailed
-from handler.migration.source import rpc_problem
+from handler.migration.source import is_network_failure, rpc_problem
+
+
+class StreamLost(MigrationFailed):
+    """The connection under a stream broke (the network, not a refusal by the target):
+    in pre-copy the source reconnects and goes on (channels.Reconnect)."""
+
+
+def stream_failure(message: str, error: BaseException) -> MigrationFailed:
+    """``message: <what happened>`` as StreamLost when the network broke it, else as
+    MigrationFailed."""
+    kind = StreamLost if is_network_failure(error) else MigrationFailed
+    return kind(f"{message}: {rpc_problem(error)}")
 
 
 class TargetStream:
@@ -44,9 +56,7 @@ class TargetStream:
                 await self.call.write(data)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             self.check()
-            raise MigrationFailed(
-                f"{self.what} {self.id} to the target failed: {rpc_problem(e)}"
-            ) from None
+            raise stream_failure(f"{self.what} {self.id} to the target failed", e) from None
 
     async def read_frames(self, route: Callable[[Any], Awaitable[None] | None]) -> None:
         """The reader task: ``route`` each frame the target sends until the stream ends,
@@ -60,9 +70,7 @@ class TargetStream:
                 if routed is not None:
                     await routed
         except grpc.aio.AioRpcError as e:
-            self.error = MigrationFailed(
-                f"lost the target on {self.what} {self.id}: {rpc_problem(e)}"
-            )
+            self.error = stream_failure(f"lost the target on {self.what} {self.id}", e)
         except MigrationFailed as e:
             self.error = e
         finally:

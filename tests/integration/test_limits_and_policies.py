@@ -325,6 +325,44 @@ def test_drain_moves_every_live_migratable_vm_and_names_blockers(lab: LabHarness
     assert lab.get("vmi", "pinned")["status"]["nodeName"] == "node2"
 
 
+def _evacuations_of(lab: LabHarness, vm: str) -> list[dict[str, Any]]:
+    items = json.loads(lab.cli("get", "vmim", "-o", "json").stdout)["items"]
+    return [
+        m
+        for m in items
+        if m["spec"]["vmiName"] == vm
+        and "kubevirt.io/evacuationMigration" in (m["metadata"].get("annotations") or {})
+    ]
+
+
+@pytest.mark.timeout(180)
+def test_drain_exits_1_when_the_evacuations_fail(lab: LabHarness) -> None:
+    (name,) = place_on(lab, "node2", vm_manifest("stuck-on-2", "128Mi", "1Mi", content="random"))
+    lab.set_live_migration_config(
+        bandwidthPerMigration="8Mi", completionTimeoutPerGiB=16
+    )  # 2 s for 128Mi: every evacuation fails
+    out = lab.cli("adm", "drain", "node2", "--timeout", "150", check=False, timeout=170)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"could not evacuate default/{name} after 3 attempts: " in out.stderr, out.stderr
+    assert "Live migration is not completed after" in out.stderr, out.stderr
+    assert "drained" not in out.stdout
+    assert lab.get("vmi", name)["status"]["nodeName"] == "node2"
+    assert len(_evacuations_of(lab, name)) == 3
+    assert lab.get("no", "node2", namespace="")["spec"]["unschedulable"] is True
+
+
+@pytest.mark.timeout(180)
+def test_drain_does_not_evacuate_a_vm_a_migration_already_moves_off(lab: LabHarness) -> None:
+    (name,) = place_on(lab, "node2", vm_manifest("leaving-2", "64Mi", "1Mi", content="random"))
+    lab.set_live_migration_config(bandwidthPerMigration="16Mi")  # ~4 s
+    moving = migrate(lab, name, "--addedNodeSelector", "vmferry.io/lab-node=1")
+    out = lab.cli("adm", "drain", "node2", "--timeout", "120", timeout=150)
+    assert "drained (1 VMIs live-migrated)" in out.stdout
+    assert lab.wait_vmim_final(moving)["status"]["phase"] == "Succeeded"
+    assert lab.get("vmi", name)["status"]["nodeName"] == "node1"
+    assert _evacuations_of(lab, name) == [], "the VM left node2 without an evacuation"
+
+
 @pytest.mark.timeout(150)
 def test_drain_capacity_reports_the_reference_formula(lab: LabHarness) -> None:
     place_on(lab, "node1", vm_manifest("cap-a", "256Mi", "0"), vm_manifest("cap-b", "256Mi", "0"))

@@ -6,7 +6,10 @@ cluster default is LiveMigrate, as in OpenShift Virtualization) by creating evac
 migrations, which the controller queues ahead of user requests and runs within the
 parallel limits. A VMI that cannot be live-migrated blocks the drain, named in the
 message, unless ``--force`` stops it. The command shows progress and waits until the
-node is empty; a failed evacuation is retried.
+node is empty and every evacuation it created is final; a failed evacuation is retried.
+Before each evacuation the VMI is read again: one a concurrent migration moved off the
+node meanwhile is not evacuated. The exit status is 1 when the last evacuation of a VMI
+failed, even if the node is empty.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vmferry.cli.common import Obj, error, run_with_client
 from vmferry.cli.progress import MultiMigrationProgress
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
+from vmferry.errors import NotFound
 from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState
 from vmferry.objects import conditions, kinds, schema
 from vmferry.objects.quantity import format_quantity, parse_quantity
@@ -81,107 +85,155 @@ def _active_migration(vmims: list[Obj], vmi: Obj) -> Obj | None:
     return None
 
 
+def _last_failure(vmims: list[Obj], namespace: str, vmi_name: str) -> str:
+    failed = [
+        m
+        for m in vmims
+        if m["metadata"]["namespace"] == namespace
+        and m["spec"].get("vmiName") == vmi_name
+        and MigrationPhase.of(m) == MigrationPhase.FAILED
+    ]
+    return (MigrationState.of(failed[-1]).failure_reason if failed else "") or "unknown"
+
+
+async def _still_on(api: ApiClient, vmi: Obj, node: str) -> bool:
+    """Read again, just before an evacuation is created: the VMI still runs on ``node``
+    and no migration of it is under way (a concurrent migration may have moved it off
+    the node since the last look: an evacuation would then move it off a node nobody
+    drains). The migrations are listed before the VMI is read: one that finished in
+    between shows in the VMI's nodeName."""
+    namespace, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+    vmims, _ = await api.list("VirtualMachineInstanceMigration")
+    if _active_migration(vmims, vmi):
+        return False
+    try:
+        fresh = await api.get("VirtualMachineInstance", namespace, name)
+    except NotFound:
+        return False
+    status = fresh.get("status") or {}
+    return (
+        fresh["metadata"].get("uid") == vmi["metadata"].get("uid")
+        and status.get("nodeName") == node
+        and status.get("phase") not in VMI_FINAL_PHASES
+    )
+
+
+async def drain(
+    api: ApiClient, node: str, *, force: bool, timeout: float, poll: float = POLL_INTERVAL
+) -> int:
+    """``vmferry adm drain NODE``; the exit status: 0 once every live-migratable VMI left
+    the node and the last evacuation of each succeeded, 1 otherwise."""
+    await api.get("Node", None, node)
+    print(await _set_unschedulable(api, node, True))
+    vmis = [
+        v
+        for v in (await api.list("VirtualMachineInstance"))[0]
+        if (v.get("status") or {}).get("nodeName") == node
+        and (v.get("status") or {}).get("phase") not in VMI_FINAL_PHASES
+    ]
+    blockers = [b for v in vmis if (b := _blocker(v))]
+    if blockers and not force:
+        print(
+            "error: cannot drain node "
+            + node
+            + ": these VMIs cannot be live-migrated:\n  "
+            + "\n  ".join(blockers)
+            + "\nset evictionStrategy: LiveMigrate (when migratable), stop them, or use --force "
+            "to stop them; the node stays cordoned",
+            file=sys.stderr,
+        )
+        return 1
+    for vmi in vmis:
+        if _blocker(vmi):
+            print(f"stopping {vmi['metadata']['namespace']}/{vmi['metadata']['name']} (--force)")
+            await api.delete(
+                "VirtualMachineInstance", vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+            )
+    movable = [v for v in vmis if not _blocker(v)]
+    drain_started = conditions.now_rfc3339()
+    attempts: dict[str, int] = {}
+    # (namespace, VMI name) -> the name of the last evacuation this drain created for it
+    evacuations: dict[tuple[str, str], str] = {}
+    progress = MultiMigrationProgress(title=f"draining {node}")
+    movable_keys = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in movable}
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                current = {
+                    v["metadata"]["uid"]: v for v in (await api.list("VirtualMachineInstance"))[0]
+                }
+                remaining = [
+                    current[v["metadata"]["uid"]]
+                    for v in movable
+                    if v["metadata"]["uid"] in current
+                    and current[v["metadata"]["uid"]]["status"].get("nodeName") == node
+                ]
+                vmims, _ = await api.list("VirtualMachineInstanceMigration")
+                by_name = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in vmims}
+                for vmim in vmims:  # the migrations moving this node's VMIs
+                    key = (vmim["metadata"]["namespace"], vmim["spec"].get("vmiName"))
+                    tracked = vmim["metadata"]["name"] in progress.names()
+                    if key in movable_keys and (
+                        tracked or vmim["metadata"].get("creationTimestamp", "") >= drain_started
+                    ):
+                        progress.update(vmim)
+                mine = {k: by_name.get((k[0], n)) for k, n in evacuations.items()}
+                running = [m for m in mine.values() if m and not MigrationPhase.of(m).final]
+                if not remaining and not running:
+                    break
+                for vmi in remaining:
+                    if _active_migration(vmims, vmi):
+                        continue
+                    uid = vmi["metadata"]["uid"]
+                    namespace, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+                    if attempts.get(uid, 0) >= EVACUATION_ATTEMPTS:
+                        progress.close()
+                        return error(
+                            f"could not evacuate {namespace}/{name} after "
+                            f"{EVACUATION_ATTEMPTS} attempts: "
+                            f"{_last_failure(vmims, namespace, name)}; the node stays cordoned"
+                        )
+                    if not await _still_on(api, vmi, node):
+                        continue  # moved (or moving) already: looked at again next time
+                    attempts[uid] = attempts.get(uid, 0) + 1
+                    created = await api.create(
+                        {
+                            "apiVersion": kinds.KUBEVIRT,
+                            "kind": "VirtualMachineInstanceMigration",
+                            "metadata": {
+                                "generateName": "kubevirt-evacuation-",
+                                "namespace": namespace,
+                                "annotations": {EVACUATION_ANNOTATION: node},
+                            },
+                            "spec": {"vmiName": name},
+                        }
+                    )
+                    evacuations[(namespace, name)] = created["metadata"]["name"]
+                await asyncio.sleep(poll)
+    except TimeoutError:
+        progress.close()
+        return error(
+            f"drain of {node} did not finish within {timeout:.0f}s; the node stays cordoned"
+        )
+    progress.close()
+    failed = [
+        f"{ns}/{name}: {MigrationState.of(m).failure_reason or 'unknown'}"
+        for (ns, name), m in mine.items()
+        if m is not None and MigrationPhase.of(m) == MigrationPhase.FAILED
+    ]
+    if failed:
+        return error(
+            f"drain of {node}: evacuation failed for "
+            + "; ".join(failed)
+            + "; the node stays cordoned"
+        )
+    print(f"node/{node} drained ({len(movable)} VMIs live-migrated)")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     async def run(api: ApiClient, config: ClientConfig) -> int:
-        node = args.node
-        await api.get("Node", None, node)
-        print(await _set_unschedulable(api, node, True))
-        vmis = [
-            v
-            for v in (await api.list("VirtualMachineInstance"))[0]
-            if (v.get("status") or {}).get("nodeName") == node
-            and (v.get("status") or {}).get("phase") not in VMI_FINAL_PHASES
-        ]
-        blockers = [b for v in vmis if (b := _blocker(v))]
-        if blockers and not args.force:
-            print(
-                "error: cannot drain node "
-                + node
-                + ": these VMIs cannot be live-migrated:\n  "
-                + "\n  ".join(blockers)
-                + "\nset evictionStrategy: LiveMigrate (when migratable), stop them, or use --force "
-                "to stop them; the node stays cordoned",
-                file=sys.stderr,
-            )
-            return 1
-        for vmi in vmis:
-            if _blocker(vmi):
-                print(
-                    f"stopping {vmi['metadata']['namespace']}/{vmi['metadata']['name']} (--force)"
-                )
-                await api.delete(
-                    "VirtualMachineInstance", vmi["metadata"]["namespace"], vmi["metadata"]["name"]
-                )
-        movable = [v for v in vmis if not _blocker(v)]
-        drain_started = conditions.now_rfc3339()
-        attempts: dict[str, int] = {}
-        progress = MultiMigrationProgress(title=f"draining {node}")
-        movable_keys = {(v["metadata"]["namespace"], v["metadata"]["name"]) for v in movable}
-        try:
-            async with asyncio.timeout(args.timeout):
-                while True:
-                    current = {
-                        v["metadata"]["uid"]: v
-                        for v in (await api.list("VirtualMachineInstance"))[0]
-                    }
-                    remaining = [
-                        current[v["metadata"]["uid"]]
-                        for v in movable
-                        if v["metadata"]["uid"] in current
-                        and current[v["metadata"]["uid"]]["status"].get("nodeName") == node
-                    ]
-                    vmims, _ = await api.list("VirtualMachineInstanceMigration")
-                    for vmim in vmims:  # the migrations moving this node's VMIs
-                        key = (vmim["metadata"]["namespace"], vmim["spec"].get("vmiName"))
-                        tracked = vmim["metadata"]["name"] in progress.names()
-                        if key in movable_keys and (
-                            tracked
-                            or vmim["metadata"].get("creationTimestamp", "") >= drain_started
-                        ):
-                            progress.update(vmim)
-                    if not remaining:
-                        break
-                    for vmi in remaining:
-                        if _active_migration(vmims, vmi):
-                            continue
-                        uid = vmi["metadata"]["uid"]
-                        if attempts.get(uid, 0) >= EVACUATION_ATTEMPTS:
-                            progress.close()
-                            failed = [
-                                m
-                                for m in vmims
-                                if m["spec"].get("vmiName") == vmi["metadata"]["name"]
-                                and MigrationPhase.of(m) == MigrationPhase.FAILED
-                            ]
-                            reason = (
-                                MigrationState.of(failed[-1]).failure_reason if failed else ""
-                            ) or "unknown"
-                            return error(
-                                f"could not evacuate {vmi['metadata']['namespace']}/"
-                                f"{vmi['metadata']['name']} after {EVACUATION_ATTEMPTS} attempts: {reason}"
-                            )
-                        attempts[uid] = attempts.get(uid, 0) + 1
-                        await api.create(
-                            {
-                                "apiVersion": kinds.KUBEVIRT,
-                                "kind": "VirtualMachineInstanceMigration",
-                                "metadata": {
-                                    "generateName": "kubevirt-evacuation-",
-                                    "namespace": vmi["metadata"]["namespace"],
-                                    "annotations": {EVACUATION_ANNOTATION: node},
-                                },
-                                "spec": {"vmiName": vmi["metadata"]["name"]},
-                            }
-                        )
-                    await asyncio.sleep(POLL_INTERVAL)
-        except TimeoutError:
-            progress.close()
-            return error(
-                f"drain of {node} did not finish within {args.timeout:.0f}s; the node stays cordoned"
-            )
-        progress.close()
-        print(f"node/{node} drained ({len(movable)} VMIs live-migrated)")
-        return 0
+        return await drain(api, args.node, force=args.force, timeout=args.timeout)
 
     return run_with_client(args, run)
 

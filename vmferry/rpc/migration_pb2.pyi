@@ -48,6 +48,10 @@ Recovery: if the streams break during post-copy neither side destroys anything; 
 source reconnects (Hello.resume = true) and the target answers HelloAck followed by
 PostCopyState (the pages still missing) on channel 0; outstanding requests are
 re-sent. Only after the recovery window does the migration fail.
+A break in pre-copy (the target still Receiving) is ridden out the same way: the
+source reopens every channel with Hello.resume = true (same source node, same token)
+within progressTimeout of its last progress and sends the interrupted round again;
+the switchover starts only once every channel is connected.
 
 Target state machine per migration: AwaitingHello -> Receiving -> Verifying ->
 Verified -> (Committed -> Resumed) | Aborted. A frame that does not fit the
@@ -116,7 +120,7 @@ class Hello(_message.Message):
     memory_bytes: _builtins.int
     page_size: _builtins.int
     resume: _builtins.bool
-    """reconnecting to a migration in post-copy"""
+    """reconnecting: in pre-copy (Receiving) or in post-copy"""
     def __init__(
         self,
         *,
