@@ -9,6 +9,7 @@ sender, digest and record. It runs once pre-copy has not completed within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import numpy as np
 from handler import stream
 from handler.migration.channels import CONNECT_TIMEOUT
 from handler.migration.handoff import MigrationFailed, first_leaf
+from vmferry import failpoints
 from vmferry.migration_state import Field, MigrationMode, VMIPhase
 from vmferry.objects import conditions
 from vmferry.rpc import migration_pb2 as pb
@@ -94,6 +96,22 @@ class PostCopy:
         await self._push(tg, missing)
         await e.finish_success()
 
+    async def resume(self, tg: asyncio.TaskGroup) -> None:
+        """A source handler restarted in post-copy (the engine is ``readopted``): reach
+        the target again within the recovery window, push what it reports missing, and
+        finish the migration as an uninterrupted post-copy does."""
+        e = self.engine
+        window = float(e.config.post_copy_recovery_window_s)
+        log.info(
+            "migration %s: post-copy re-adopted after a restart: reconnecting to %s",
+            e.uid,
+            e.target_node,
+        )
+        missing = await self._reconnect(tg, window)
+        e._report(force=True)
+        await self._push(tg, missing)
+        await e.finish_success()
+
     async def _push(self, tg: asyncio.TaskGroup, missing: stream.IndexArray) -> None:
         """Send ``missing`` (faulted pages first) until the target has every page;
         reconnect after a broken stream and go on from the target's own missing list."""
@@ -134,6 +152,11 @@ class PostCopy:
         try:
             async with asyncio.TaskGroup() as tg:
                 server = tg.create_task(serve_faults())
+                first = missing[~sent_mask[missing]][: stream.BATCH_PAGES]
+                if first.size:  # one batch, then the failpoint; send_round does the rest
+                    batch = await e.sender.send_batch(ch0, pages, first, round_no, False, 0, sent)
+                    sent_mask[first[: batch.pages]] = True
+                    failpoints.hit(failpoints.Step.SOURCE_POSTCOPY)
                 # final=False: faulted pages may still follow on channel 0 until PostCopyEnd
                 await e.sender.send_round(missing, round_no, final=False, sent_mask=sent_mask)
                 ch0.requests.put_nowait(STOP_SERVING)  # let it finish what it has started
@@ -189,15 +212,22 @@ class PostCopy:
         )
 
     async def fail(self, reason: str) -> None:
-        """Post-copy cannot finish: the VM is lost (its memory is split); say so."""
+        """Post-copy cannot finish: the VM is lost (its memory is split); say so, unless
+        the target said so first (its own recovery window ended: the first reason
+        stands)."""
         e = self.engine
         await e.handle.destroy()
+        with contextlib.suppress(Exception):
+            _, ms = await e.record.read()
+            if ms.get(Field.FAILED):
+                log.info("migration %s: already failed: %s", e.uid, ms.get(Field.FAILURE_REASON))
+                return
         await e._patch_with_retry(
             {
                 Field.FAILED: True,
                 Field.FAILURE_REASON: reason,
                 Field.END_TIMESTAMP: conditions.now_rfc3339(),
-                Field.TRANSFER: e.stats.as_status(),
+                Field.TRANSFER: e._transfer_status(),
             },
             extra_status={"phase": VMIPhase.FAILED, "reason": POSTCOPY_FAILED_REASON},
         )
