@@ -33,18 +33,16 @@ from handler.drivers.base import DriverError, Drivers, GuestError, VMHandle, pos
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.memvm_source import MemvmSourceMigration
-from handler.migration.postcopy_source import POSTCOPY_FAILED_REASON
+from handler.migration.postcopy_source import mark_vmi_lost
 from handler.migration.source import ProgressCallback, SourceEngine
 from handler.vm_incoming import active, incoming_id, launcher
 from vmferry import pki
 from vmferry.client import ApiClient
-from vmferry.errors import ApiError, Conflict, NotFound
 from vmferry.migration_state import (
     Field,
     MigrationConfig,
     MigrationMode,
     Switchover,
-    VMIPhase,
 )
 from vmferry.objects import conditions
 
@@ -262,36 +260,3 @@ class PostCopyKeeper:
             ms.get(Field.FAILURE_REASON) or "the VM's memory is gone",
         )
         await mark_vmi_lost(self.api, vmi)
-
-
-async def mark_vmi_lost(api: ApiClient, vmi: Obj) -> None:
-    """The VMI is Failed (reason PostCopyFailed, Ready false): its guest runs nowhere."""
-    meta = vmi["metadata"]
-    while True:
-        try:
-            current = await api.get("VirtualMachineInstance", meta["namespace"], meta["name"])
-            if current["metadata"]["uid"] != meta["uid"]:
-                return
-            status = current.setdefault("status", {})
-            if status.get("phase") == VMIPhase.FAILED and status.get("reason"):
-                return
-            conditions.set_phase(status, VMIPhase.FAILED)
-            status["reason"] = POSTCOPY_FAILED_REASON
-            conditions.set_condition(
-                status,
-                "Ready",
-                False,
-                POSTCOPY_FAILED_REASON,
-                "post-copy could not finish: the VM's memory is lost and it must be started again",
-            )
-            await api.update(current, subresource="status")
-            return
-        except Conflict:
-            continue
-        except NotFound:
-            return
-        except ApiError as e:
-            log.warning(
-                "vmi %s/%s: cannot mark it failed yet (%s)", meta["namespace"], meta["name"], e
-            )
-            await asyncio.sleep(1.0)

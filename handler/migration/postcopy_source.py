@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from handler import stream
 from handler.migration.channels import CONNECT_TIMEOUT
 from handler.migration.handoff import MigrationFailed, first_leaf
 from vmferry import failpoints
+from vmferry.client import ApiClient
+from vmferry.errors import ApiError, Conflict, NotFound
 from vmferry.migration_state import Field, MigrationMode, VMIPhase
 from vmferry.objects import conditions
 from vmferry.rpc import migration_pb2 as pb
@@ -33,6 +35,8 @@ RECONNECT_MAX_DELAY = 5.0
 DONE_TIMEOUT = 60.0  # s for the target's PostCopyDone once every page is sent
 STOP_SERVING = b"stop"  # sentinel on a channel's request queue (never a valid request)
 POSTCOPY_FAILED_REASON = "PostCopyFailed"  # the VMI's status.reason when post-copy fails
+LOST_RETRY = 1.0  # s between attempts to mark the VMI Failed while the API is away
+Obj = dict[str, Any]
 
 
 class PostCopy:
@@ -205,10 +209,11 @@ class PostCopy:
                 last = (str(error).splitlines() or ["timeout"])[0][:200]
             await asyncio.sleep(min(delay, max(0.0, deadline - e.clock())))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        log.warning("migration %s: post-copy recovery gave up; last error: %s", e.uid, last)
         raise MigrationFailed(
-            f"post-copy: the target was unreachable for longer than the recovery window "
-            f"({window:.0f}s, postCopyRecoveryWindowSeconds); last error: {last}. The VM's "
-            "memory was split between the two nodes and it cannot continue"
+            f"post-copy: the target {e.target_node} was unreachable for longer than the "
+            f"recovery window ({window:.0f}s, postCopyRecoveryWindowSeconds); the VM's memory "
+            "was split between the two nodes, so it was stopped and must be started again"
         )
 
     async def fail(self, reason: str) -> None:
@@ -228,6 +233,45 @@ class PostCopy:
                 Field.FAILURE_REASON: reason,
                 Field.END_TIMESTAMP: conditions.now_rfc3339(),
                 Field.TRANSFER: e._transfer_status(),
-            },
-            extra_status={"phase": VMIPhase.FAILED, "reason": POSTCOPY_FAILED_REASON},
+            }
         )
+        await mark_vmi_lost(e.api, e.vmi)
+
+
+async def mark_vmi_lost(api: ApiClient, vmi: Obj) -> None:
+    """The VMI is Failed (reason PostCopyFailed, Ready false): its guest runs nowhere
+    (as KubeVirt fails a VMI whose post-copy migration failed). Retried while the API is
+    away; a VMI that is gone or was replaced ends it."""
+    meta = vmi["metadata"]
+    while True:
+        try:
+            current = await api.get("VirtualMachineInstance", meta["namespace"], meta["name"])
+            if current["metadata"]["uid"] != meta["uid"]:
+                return
+            status = current.setdefault("status", {})
+            if (
+                status.get("phase") == VMIPhase.FAILED
+                and status.get("reason") == POSTCOPY_FAILED_REASON
+                and not conditions.is_true(current, "Ready")
+            ):
+                return
+            conditions.set_phase(status, VMIPhase.FAILED)
+            status["reason"] = POSTCOPY_FAILED_REASON
+            conditions.set_condition(
+                status,
+                "Ready",
+                False,
+                POSTCOPY_FAILED_REASON,
+                "post-copy could not finish: the VM's memory is lost and it must be started again",
+            )
+            await api.update(current, subresource="status")
+            return
+        except Conflict:
+            continue
+        except NotFound:
+            return
+        except ApiError as error:
+            log.warning(
+                "vmi %s/%s: cannot mark it failed yet (%s)", meta["namespace"], meta["name"], error
+            )
+            await asyncio.sleep(LOST_RETRY)

@@ -115,8 +115,7 @@ def wait_post_copy(lab: LabHarness) -> None:
     lab.wait_for(
         "post-copy to start",
         lambda: (
-            (lab.get("vmi", NAME)["status"].get("migrationState") or {}).get("mode")
-            == "PostCopy"
+            (lab.get("vmi", NAME)["status"].get("migrationState") or {}).get("mode") == "PostCopy"
         ),
         timeout=60,
         interval=0.1,
@@ -147,6 +146,7 @@ def assert_moved(lab: LabHarness, vmim_name: str, vmi_uid: str, target: str) -> 
     assert vmim["status"]["phase"] == "Succeeded", ms.get("failureReason")
     assert ms["mode"] == "PostCopy"
     assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == target
+
     def one_guest() -> list[tuple[str, dict[str, Any]]] | None:
         found = lab.guests(vmi_uid)
         return found if len(found) == 1 else None
