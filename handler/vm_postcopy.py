@@ -51,6 +51,7 @@ Obj = dict[str, Any]
 
 LOSS_GRACE = 10.0  # s beyond the recovery window before the target declares the VM lost:
 # the source, when it still lives, gives up first and says why
+COMPLETION_GRACE = 15.0  # s the target waits for the source to record a finished post-copy
 
 
 def in_postcopy(ms: Obj) -> bool:
@@ -103,6 +104,7 @@ class PostCopyKeeper:
         self.spawn = spawn
         self.clock = clock
         self.adopted: dict[str, VMHandle] = {}
+        self.done_since: dict[str, float] = {}  # migration uid -> post-copy done here, when
 
     async def reconcile(self, vmi: Obj, ms: Obj) -> bool:
         """One pass for a VMI. True: this pass is complete (the rest of the VM manager's
@@ -155,6 +157,7 @@ class PostCopyKeeper:
             handle = self.adopted.get(uid)
             waiting = self.orphans.get(incoming_id(vmi, ms)) if mig_uid else None
             if handle is None and waiting is None:
+                await self._complete_if_unrecorded(vmi, ms, uid)
                 return False
             if not active(ms):
                 if ms.get(Field.FAILED):
@@ -188,6 +191,34 @@ class PostCopyKeeper:
             await self._stop_lost(vmi, ms, uid, inc.handle)
             return True
         return False
+
+    async def _complete_if_unrecorded(self, vmi: Obj, ms: Obj, uid: str) -> None:
+        """Every page arrived here (the guest runs without its post-copy bitmaps and no
+        receiver is registered) but the migration is not completed: the source went away
+        between PostCopyDone and its completion write. After COMPLETION_GRACE the target
+        records it, from what is true (the VM runs here with all its memory); a source
+        that comes back finds it completed and destroys its paused guest."""
+        mig_uid = ms.get(Field.MIGRATION_UID, "")
+        handle = self.handles.get(uid)
+        if not active(ms) or handle is None or not handle.is_alive():
+            self.done_since.pop(mig_uid, None)
+            return
+        since = self.done_since.setdefault(mig_uid, self.clock())
+        if self.clock() - since < COMPLETION_GRACE:
+            return
+        log.warning(
+            "migration %s: post-copy finished here but the source never recorded it: "
+            "recording the completion",
+            mig_uid,
+        )
+        record = HandoffRecord(
+            self.api, vmi["metadata"]["namespace"], vmi["metadata"]["name"], mig_uid
+        )
+        await record.patch_until_written(
+            {Field.COMPLETED: True, Field.END_TIMESTAMP: conditions.now_rfc3339()},
+            {"nodeName": self.node, "launcher": launcher(handle)},
+        )
+        self.done_since.pop(mig_uid, None)
 
     async def _readopt(
         self, vmi: Obj, ms: Obj, uid: str, handle: VMHandle | None, waiting: VMHandle | None
@@ -226,6 +257,7 @@ class PostCopyKeeper:
         self.incoming.expect(inc)
         self.handles[uid] = guest
         self.adopted.pop(uid, None)
+        self.done_since.pop(mig_uid, None)
         log.info(
             "migration %s: post-copy guest re-adopted with its receiver; %d pages missing",
             mig_uid,

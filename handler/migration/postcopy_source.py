@@ -39,6 +39,10 @@ LOST_RETRY = 1.0  # s between attempts to mark the VMI Failed while the API is a
 Obj = dict[str, Any]
 
 
+class CompletedElsewhere(Exception):
+    """The target recorded the migration completed while this side reconnected."""
+
+
 class PostCopy:
     def __init__(self, engine: MemvmSourceMigration) -> None:
         self.engine = engine
@@ -111,7 +115,11 @@ class PostCopy:
             e.uid,
             e.target_node,
         )
-        missing = await self._reconnect(tg, window)
+        try:
+            missing = await self._reconnect(tg, window)
+        except CompletedElsewhere:
+            await e.finish_success()
+            return
         e._report(force=True)
         await self._push(tg, missing)
         await e.finish_success()
@@ -129,7 +137,10 @@ class PostCopy:
                 log.warning("migration %s: post-copy stream broken (%s): recovering", e.uid, error)
             e.stats.postcopy_interruptions += 1
             e._report(force=True)
-            missing = await self._reconnect(tg, window)
+            try:
+                missing = await self._reconnect(tg, window)
+            except CompletedElsewhere:
+                return
 
     async def _push_missing(self, missing: stream.IndexArray) -> None:
         e = self.engine
@@ -207,6 +218,8 @@ class PostCopy:
                 return missing
             except (MigrationFailed, TimeoutError, stream.ProtocolError) as error:
                 last = (str(error).splitlines() or ["timeout"])[0][:200]
+            if await self._completed_elsewhere():
+                raise CompletedElsewhere
             await asyncio.sleep(min(delay, max(0.0, deadline - e.clock())))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
         log.warning("migration %s: post-copy recovery gave up; last error: %s", e.uid, last)
@@ -216,6 +229,19 @@ class PostCopy:
             "was split between the two nodes, so it was stopped and must be started again"
         )
 
+    async def _completed_elsewhere(self) -> bool:
+        """The target recorded the completion (every page arrived there while this
+        handler was away: vm_postcopy.py): nothing is left to send."""
+        e = self.engine
+        try:
+            _, ms = await e.record.read()
+        except Exception:  # the API away, or the record replaced: keep trying
+            return False
+        if ms.get(Field.COMPLETED):
+            log.info("migration %s: the target recorded post-copy complete", e.uid)
+            return True
+        return False
+
     async def fail(self, reason: str) -> None:
         """Post-copy cannot finish: the VM is lost (its memory is split); say so, unless
         the target said so first (its own recovery window ended: the first reason
@@ -224,8 +250,8 @@ class PostCopy:
         await e.handle.destroy()
         with contextlib.suppress(Exception):
             _, ms = await e.record.read()
-            if ms.get(Field.FAILED):
-                log.info("migration %s: already failed: %s", e.uid, ms.get(Field.FAILURE_REASON))
+            if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
+                log.info("migration %s: already ended; its record stands", e.uid)
                 return
         await e._patch_with_retry(
             {

@@ -15,6 +15,7 @@ The guest is a bare VMI (no VM): a Failed VMI stays as it ended, for the asserti
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from vmferry.failpoints import ENV, Step
 
 NAME = "pcf"
 MEMORY = "256Mi"
-REPETITIONS = 3
+REPETITIONS = int(os.environ.get("VMFERRY_POSTCOPY_FAULT_RUNS", "3"))  # runs of each scenario
 CONFIG: dict[str, Any] = {
     "allowPostCopy": True,
     "completionTimeoutPerGiB": 4,

@@ -140,3 +140,36 @@ def test_a_restarted_target_is_found_by_the_source_reconnect_and_completes(
         assert state.transfer["postCopyInterruptions"] >= 1
 
     in_lab(tmp_path, body)
+
+
+def test_a_restarted_source_finds_post_copy_completed_by_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def kill() -> None:
+        raise asyncio.CancelledError
+
+    arm(monkeypatch, postcopy_source, failpoints.Step.SOURCE_POSTCOPY, kill)
+
+    async def body(lab: Lab) -> None:
+        task, mover = await to_post_copy(lab)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await mover
+        # Meanwhile every page arrived, the target forgot the migration and recorded it
+        # completed (the source had gone between PostCopyDone and its own write).
+        lab.target.service.incoming.forget(UID)
+        await lab.api.patch(
+            "VirtualMachineInstance",
+            "default",
+            "vm",
+            {"status": {"migrationState": {"completed": True}}},
+            subresource="status",
+        )
+        engine = MemvmSourceMigration(lab.api, "node-a", await lab.vmi(), lab.source, None)  # type: ignore[arg-type]
+        engine.readopt_postcopy()
+        await asyncio.wait_for(engine.run(), 30)
+        state = await lab.state()
+        assert state.completed and not state.failed, state.failure_reason
+        assert lab.source.destroyed
+
+    in_lab(tmp_path, body)

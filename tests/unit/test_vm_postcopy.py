@@ -23,7 +23,7 @@ from handler.migration.restart_record import RestartRecord, RestartRecords
 from handler.migration.source import SourceEngine
 from handler.migration.target_state import TargetState
 from handler.vm_incoming import incoming_id
-from handler.vm_postcopy import LOSS_GRACE, PostCopyKeeper, in_postcopy
+from handler.vm_postcopy import COMPLETION_GRACE, LOSS_GRACE, PostCopyKeeper, in_postcopy
 from tests.support.fake_api import FakeClock, StoreApi
 from tests.support.fake_guest import FakeGuest
 from tests.support.fake_handle import FakeHandle
@@ -335,5 +335,28 @@ def test_restarted_target_stops_an_adopted_guest_of_a_failed_post_copy(tmp_path:
         assert await node.pass_()
         assert guest.destroyed == 1 and not node.handles and not node.keeper.adopted
         assert_lost(await node.vmi())
+
+    run(tmp_path, body)
+
+
+def test_target_records_a_finished_post_copy_the_source_never_recorded(
+    tmp_path: Path,
+) -> None:
+    async def body(api: StoreApi) -> None:
+        vmi = await setup(api)  # nodeName still the source's: nothing was published
+        node = Node(api, tmp_path, TARGET)
+        guest = FakeHandle("g")
+        guest.incoming = False
+        node.handles[vmi["metadata"]["uid"]] = guest  # runs here, every page in
+        assert not await node.pass_()
+        node.clock.advance(COMPLETION_GRACE - 1)
+        assert not await node.pass_()
+        assert not (await node.vmi())["status"]["migrationState"].get(Field.COMPLETED)
+        node.clock.advance(2)
+        assert not await node.pass_()
+        stored = await node.vmi()
+        ms = stored["status"]["migrationState"]
+        assert ms[Field.COMPLETED] and ms[Field.END_TIMESTAMP] and not ms.get(Field.FAILED)
+        assert stored["status"]["nodeName"] == TARGET and guest.destroyed == 0
 
     run(tmp_path, body)
