@@ -122,9 +122,30 @@ class PostCopyKeeper:
 
     async def _source(self, vmi: Obj, ms: Obj, uid: str) -> bool:
         handle = self.handles.get(uid)
-        if handle is None or self.migrating(uid):
+        if self.migrating(uid):
             return False
         mig_uid = ms.get(Field.MIGRATION_UID, "")
+        if handle is None:
+            if not active(ms):
+                return False
+            # Adopted at start-up before any pass: no guest here means the paused source
+            # guest died with the pages the target still lacked.
+            reason = (
+                f"post-copy: the source guest on {self.node} is gone with the pages the "
+                "target still lacked; the VM cannot continue and must be started again"
+            )
+            log.error("migration %s: %s", mig_uid, reason)
+            meta = vmi["metadata"]
+            record = HandoffRecord(self.api, meta["namespace"], meta["name"], mig_uid)
+            await record.patch_until_written(
+                {
+                    Field.FAILED: True,
+                    Field.FAILURE_REASON: reason,
+                    Field.END_TIMESTAMP: conditions.now_rfc3339(),
+                }
+            )
+            await mark_vmi_lost(self.api, vmi)
+            return True
         if active(ms):
             engine = self.drivers.by_name(handle.driver_name).source_engine(
                 self.api, self.node, vmi, handle, self.tls, on_progress=self.on_progress

@@ -360,3 +360,17 @@ def test_target_records_a_finished_post_copy_the_source_never_recorded(
         assert stored["status"]["nodeName"] == TARGET and guest.destroyed == 0
 
     run(tmp_path, body)
+
+
+def test_source_whose_paused_guest_died_declares_the_vm_lost(tmp_path: Path) -> None:
+    async def body(api: StoreApi) -> None:
+        await setup(api, node_name=TARGET)
+        node = Node(api, tmp_path, SOURCE)  # restarted: no guest was adopted
+        assert await node.pass_()
+        stored = await node.vmi()
+        ms = stored["status"]["migrationState"]
+        assert ms[Field.FAILED] and "source guest on node1 is gone" in ms[Field.FAILURE_REASON]
+        assert not ms.get(Field.COMPLETED) and not node.started
+        assert_lost(stored)
+
+    run(tmp_path, body)
