@@ -24,6 +24,7 @@ a guest that runs nowhere).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -148,7 +149,12 @@ class PostCopyKeeper:
             return True
         if active(ms):
             engine = self.drivers.by_name(handle.driver_name).source_engine(
-                self.api, self.node, vmi, handle, self.tls, on_progress=self.on_progress
+                self.api,
+                self.node,
+                copy.deepcopy(vmi),
+                handle,
+                self.tls,
+                on_progress=self.on_progress,
             )
             if not isinstance(engine, MemvmSourceMigration):
                 return False  # only memvm runs post-copy
