@@ -32,6 +32,7 @@ from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
+from handler.vm_postcopy import PostCopyKeeper
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import Conflict, NotFound
@@ -82,6 +83,19 @@ class VMManager:
             endpoint=migration_endpoint,
             spawn=self._spawn,
         )
+        self.postcopy = PostCopyKeeper(
+            api,
+            node_name,
+            drivers,
+            incoming,
+            self.handles,
+            self.target.orphans,
+            tls=tls,
+            on_progress=self._on_progress,
+            start_source=self._start_source,
+            migrating=self._migrating,
+            spawn=self._spawn,
+        )
         vmis.add_handler(self._on_vmi_event)
 
     # -- start-up -------------------------------------------------------------------------
@@ -93,7 +107,10 @@ class VMManager:
             adopted += await driver.adopt_all()
         for handle in adopted:
             try:
-                state = (await handle.status()).state
+                status = await handle.status()
+                state = status.state
+                if status.postcopy and state != "incoming":  # vm_postcopy.py re-adopts it
+                    self.postcopy.adopted[handle.vm_id.split(INCOMING_SUFFIX)[0]] = handle
             except Exception as e:  # one unreachable guest must not stop the handler
                 # Judge by its record (never by its name: a migrated guest keeps the
                 # incoming id it was born with). A guest still waiting for an incoming
@@ -135,6 +152,8 @@ class VMManager:
 
         if here and vmi["metadata"].get("deletionTimestamp"):
             await self._delete(vmi)
+            return
+        if await self.postcopy.reconcile(vmi, ms):  # post-copy across restarts: vm_postcopy.py
             return
         if ms.get(Field.TARGET_NODE) == self.node and not here:
             await self.target.reconcile(vmi, ms)
@@ -270,8 +289,11 @@ class VMManager:
             copy.deepcopy(vmi),
             handle,
         )
-        task = asyncio.create_task(self._run_source(migration))
-        self.sources[mig_uid] = (migration, task)
+        self._start_source(migration)
+
+    def _start_source(self, migration: SourceEngine) -> None:
+        """Run a source engine (a new migration, or one re-adopted in post-copy)."""
+        self.sources[migration.uid] = (migration, asyncio.create_task(self._run_source(migration)))
 
     async def _run_source(self, migration: SourceEngine) -> None:
         key = (migration.ns, migration.name)

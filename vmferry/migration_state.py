@@ -172,9 +172,10 @@ FIELD_OWNERS: dict[Field, frozenset[Owner]] = {
     Field.TRANSFER: frozenset({Owner.SOURCE}),
     Field.SWITCHOVER: frozenset({Owner.SOURCE, Owner.TARGET}),
     Field.COMPLETED: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
-    Field.FAILED: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
-    Field.FAILURE_REASON: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
-    Field.END_TIMESTAMP: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
+    # the target too, once, in post-copy when no source came back within the recovery window
+    Field.FAILED: frozenset({Owner.SOURCE, Owner.CONTROLLER, Owner.TARGET}),
+    Field.FAILURE_REASON: frozenset({Owner.SOURCE, Owner.CONTROLLER, Owner.TARGET}),
+    Field.END_TIMESTAMP: frozenset({Owner.SOURCE, Owner.CONTROLLER, Owner.TARGET}),
     Field.ABORT_STATUS: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
 }
 

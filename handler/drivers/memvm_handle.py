@@ -369,8 +369,22 @@ class MemVMHandle:
     def _bitmap(self, name: str) -> npt.NDArray[np.uint8]:
         mapping = getattr(self, name, None)
         if mapping is None:
+            mapping = self._map_surviving_bitmap(name)
+        if mapping is None:
             raise DriverError(f"VM {self.vm_id}: not in post-copy (no {name[1:-3]} bitmap)")
         return np.frombuffer(mapping, np.uint8)
+
+    def _map_surviving_bitmap(self, name: str) -> mmap.mmap | None:
+        """A guest re-adopted in post-copy (the handler restarted while pages still
+        arrived): its bitmaps are files the guest maps too, and they outlive the handler;
+        map them again as they are (never refilled: what is present stays present)."""
+        present_path, requested_path = self._postcopy_paths
+        path = present_path if name == "_present_mm" else requested_path
+        if self._ram_mm is None or not path.exists():
+            return None
+        mapping = _map(path, self.spec.page_count)
+        setattr(self, name, mapping)
+        return mapping
 
     def present(self) -> npt.NDArray[np.uint8]:
         return self._bitmap("_present_mm")

@@ -66,9 +66,45 @@ class IncomingMigration:
     # The digest of RAM, started once every channel's final round is in: it is made
     # while the source's FinalState (its digest) is on its way.
     final_digest: asyncio.Future[str] | None = None
+    # Post-copy: the request poller runs; since when no source stream is connected
+    # (time.monotonic(); None while one is), for the recovery window (postcopy_keeper).
+    polling: bool = False
+    disconnected_since: float | None = None
     _state: TargetState = TargetState.AWAITING_HELLO
     _pages: npt.NDArray[np.uint8] | None = None
     _digest: ChunkDigest | None = None
+
+    @classmethod
+    def readopted_postcopy(
+        cls,
+        namespace: str,
+        name: str,
+        vmi_uid: str,
+        migration_uid: str,
+        token: str,
+        source_node: str,
+        handle: VMHandle,
+        device_state: bytes,
+        disconnected_since: float,
+    ) -> IncomingMigration:
+        """A post-copy guest found running after a handler restart (the hand-off was
+        committed and the restart record says post-copy): registered again in
+        PostCopyRunning, the state it was in, so the source's reconnect (Hello.resume)
+        finds it. The only entry into the machine that does not start at AwaitingHello:
+        the states before it were walked by the previous incarnation of this handler."""
+        inc = cls(
+            namespace=namespace,
+            name=name,
+            vmi_uid=vmi_uid,
+            migration_uid=migration_uid,
+            token=token,
+            source_node=source_node,
+            handle=handle,
+            device_state=device_state,
+            disconnected_since=disconnected_since,
+        )
+        inc._state = TargetState.POSTCOPY_RUNNING
+        return inc
 
     # -- the state machine ------------------------------------------------------------------
 

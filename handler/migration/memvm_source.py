@@ -50,7 +50,7 @@ from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, S
 from handler.migration.target_stream import StreamLost
 from vmferry import pki
 from vmferry.client import ApiClient
-from vmferry.migration_state import Compression, MigrationMode
+from vmferry.migration_state import Compression, Field, MigrationMode, raw
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 VERIFY_TIMEOUT = 60.0  # s for the target to hash and answer Verified
 RESUMED_TIMEOUT = 30.0  # s; after that the target resumes from the arbiter record anyway
 MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
+# migrationState.transfer figures a re-adopted post-copy engine reports over the recorded
+RESUMED_FIGURES = (
+    "dataRemainingBytes",
+    "postCopyStallMilliseconds",
+    "postCopyFaults",
+    "postCopyInterruptions",
+)
 
 
 class MemvmSourceMigration(SourceEngine):
@@ -107,6 +114,20 @@ class MemvmSourceMigration(SourceEngine):
         self.watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, clock())
         self.disconnected_since: float | None = None  # a pre-copy drop being ridden out
         self._tg: asyncio.TaskGroup | None = None  # the migration's (channel readers)
+        self.readopted = False  # a restarted handler's engine, resuming post-copy
+
+    def readopt_postcopy(self) -> None:
+        """Make this engine the one of a migration found in post-copy after a handler
+        restart: the hand-off was committed (the guest runs on the target), the paused
+        guest here holds the pages the target lacks. ``run()`` then reconnects and pushes
+        them (PostCopy.resume) instead of starting a migration."""
+        self.readopted = True
+        self.paused = self.switching = True
+        self.committed = self.postcopy_active = True
+        self.mode = MigrationMode.POST_COPY
+        before = raw(self.vmi).get(Field.TRANSFER) or {}
+        # The restart counts as an interruption of post-copy.
+        self.stats.postcopy_interruptions = int(before.get("postCopyInterruptions", 0)) + 1
 
     @property
     def channels(self) -> list[Channel]:
@@ -121,7 +142,32 @@ class MemvmSourceMigration(SourceEngine):
 
     # -- the migration ----------------------------------------------------------------------
 
+    async def _mark_started(self) -> bool:
+        if self.readopted:  # started by the previous incarnation of this handler
+            return True
+        return await super()._mark_started()
+
+    def _transfer_status(self) -> dict[str, object]:
+        """A re-adopted engine knows only what it did itself: the figures of pre-copy
+        and of the switch (digests, downtime, rounds) stay as recorded."""
+        now = super()._transfer_status()
+        if not self.readopted:
+            return now
+        before = dict(raw(self.vmi).get(Field.TRANSFER) or {})
+        for key in RESUMED_FIGURES:
+            if key in now:
+                before[key] = now[key]
+        if "wireBytes" in now:
+            before["wireBytes"] = int(before.get("wireBytes", 0)) + int(now["wireBytes"])
+        return before
+
     async def _migrate(self) -> None:
+        if self.readopted:
+            async with asyncio.TaskGroup() as tg:
+                await self.postcopy.resume(tg)
+                for ch in self.channels:
+                    ch.call.cancel()
+            return
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             await self.connect(tg)

@@ -38,6 +38,7 @@ from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.peer import abort, accepts_hello, accepts_resume
 from handler.migration.restart_record import RestartRecord, consume_failure
 from handler.migration.target_state import TargetState
+from vmferry import failpoints
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,11 @@ class MigrationService:
         self._current[key] = out
         if channel == 0:
             inc.control_out = out
+            inc.disconnected_since = None
             if hello.resume and inc.state.guest_runs_here:
                 self._resume_postcopy_stream(inc, out)
+                if not inc.polling:  # re-adopted after a handler restart
+                    self._start_poller(inc)
         if hello.resume and not inc.state.postcopy:
             log.info(
                 "migration %s: source reconnected channel %d in pre-copy",
@@ -134,6 +138,8 @@ class MigrationService:
                 await reader
             if channel == 0 and inc.control_out is out:
                 inc.control_out = None
+                if inc.state.guest_runs_here:  # the recovery window starts
+                    inc.disconnected_since = time.monotonic()
             if self._current.get(key) is out:
                 del self._current[key]
         if error and isinstance(error[0], stream.ProtocolError):
@@ -289,6 +295,8 @@ class MigrationService:
             )
         if inc.postcopy:
             inc.postcopy_handle.mark_present(written)
+            if inc.state.guest_runs_here:
+                failpoints.hit(failpoints.Step.TARGET_POSTCOPY)
         inc.pages_applied += len(written)
         inc.bytes_received += payload_bytes
         out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=payload_bytes)))
@@ -418,8 +426,14 @@ class MigrationService:
 
     def _start_poller(self, inc: IncomingMigration) -> None:
         task = asyncio.create_task(self._poll_requests(inc))
+        inc.polling = True
         self._pollers.add(task)
-        task.add_done_callback(self._pollers.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._pollers.discard(task)
+            inc.polling = False
+
+        task.add_done_callback(done)
 
     async def _poll_requests(self, inc: IncomingMigration) -> None:
         """Forward the guest's page faults to the source, each page once per connection."""

@@ -9,14 +9,18 @@ sender, digest and record. It runs once pre-copy has not completed within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from handler import stream
 from handler.migration.channels import CONNECT_TIMEOUT
 from handler.migration.handoff import MigrationFailed, first_leaf
+from vmferry import failpoints
+from vmferry.client import ApiClient
+from vmferry.errors import ApiError, Conflict, NotFound
 from vmferry.migration_state import Field, MigrationMode, VMIPhase
 from vmferry.objects import conditions
 from vmferry.rpc import migration_pb2 as pb
@@ -31,6 +35,12 @@ RECONNECT_MAX_DELAY = 5.0
 DONE_TIMEOUT = 60.0  # s for the target's PostCopyDone once every page is sent
 STOP_SERVING = b"stop"  # sentinel on a channel's request queue (never a valid request)
 POSTCOPY_FAILED_REASON = "PostCopyFailed"  # the VMI's status.reason when post-copy fails
+LOST_RETRY = 1.0  # s between attempts to mark the VMI Failed while the API is away
+Obj = dict[str, Any]
+
+
+class CompletedElsewhere(Exception):
+    """The target recorded the migration completed while this side reconnected."""
 
 
 class PostCopy:
@@ -94,6 +104,26 @@ class PostCopy:
         await self._push(tg, missing)
         await e.finish_success()
 
+    async def resume(self, tg: asyncio.TaskGroup) -> None:
+        """A source handler restarted in post-copy (the engine is ``readopted``): reach
+        the target again within the recovery window, push what it reports missing, and
+        finish the migration as an uninterrupted post-copy does."""
+        e = self.engine
+        window = float(e.config.post_copy_recovery_window_s)
+        log.info(
+            "migration %s: post-copy re-adopted after a restart: reconnecting to %s",
+            e.uid,
+            e.target_node,
+        )
+        try:
+            missing = await self._reconnect(tg, window)
+        except CompletedElsewhere:
+            await e.finish_success()
+            return
+        e._report(force=True)
+        await self._push(tg, missing)
+        await e.finish_success()
+
     async def _push(self, tg: asyncio.TaskGroup, missing: stream.IndexArray) -> None:
         """Send ``missing`` (faulted pages first) until the target has every page;
         reconnect after a broken stream and go on from the target's own missing list."""
@@ -107,7 +137,10 @@ class PostCopy:
                 log.warning("migration %s: post-copy stream broken (%s): recovering", e.uid, error)
             e.stats.postcopy_interruptions += 1
             e._report(force=True)
-            missing = await self._reconnect(tg, window)
+            try:
+                missing = await self._reconnect(tg, window)
+            except CompletedElsewhere:
+                return
 
     async def _push_missing(self, missing: stream.IndexArray) -> None:
         e = self.engine
@@ -134,6 +167,11 @@ class PostCopy:
         try:
             async with asyncio.TaskGroup() as tg:
                 server = tg.create_task(serve_faults())
+                first = missing[~sent_mask[missing]][: stream.BATCH_PAGES]
+                if first.size:  # one batch, then the failpoint; send_round does the rest
+                    batch = await e.sender.send_batch(ch0, pages, first, round_no, False, 0, sent)
+                    sent_mask[first[: batch.pages]] = True
+                    failpoints.hit(failpoints.Step.SOURCE_POSTCOPY)
                 # final=False: faulted pages may still follow on channel 0 until PostCopyEnd
                 await e.sender.send_round(missing, round_no, final=False, sent_mask=sent_mask)
                 ch0.requests.put_nowait(STOP_SERVING)  # let it finish what it has started
@@ -180,24 +218,86 @@ class PostCopy:
                 return missing
             except (MigrationFailed, TimeoutError, stream.ProtocolError) as error:
                 last = (str(error).splitlines() or ["timeout"])[0][:200]
+            if await self._completed_elsewhere():
+                raise CompletedElsewhere
             await asyncio.sleep(min(delay, max(0.0, deadline - e.clock())))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        log.warning("migration %s: post-copy recovery gave up; last error: %s", e.uid, last)
         raise MigrationFailed(
-            f"post-copy: the target was unreachable for longer than the recovery window "
-            f"({window:.0f}s, postCopyRecoveryWindowSeconds); last error: {last}. The VM's "
-            "memory was split between the two nodes and it cannot continue"
+            f"post-copy: the target {e.target_node} was unreachable for longer than the "
+            f"recovery window ({window:.0f}s, postCopyRecoveryWindowSeconds); the VM's memory "
+            "was split between the two nodes, so it was stopped and must be started again"
         )
 
+    async def _completed_elsewhere(self) -> bool:
+        """The target recorded the completion (every page arrived there while this
+        handler was away: vm_postcopy.py): nothing is left to send."""
+        e = self.engine
+        try:
+            _, ms = await e.record.read()
+        except Exception:  # the API away, or the record replaced: keep trying
+            return False
+        if ms.get(Field.COMPLETED):
+            log.info("migration %s: the target recorded post-copy complete", e.uid)
+            return True
+        return False
+
     async def fail(self, reason: str) -> None:
-        """Post-copy cannot finish: the VM is lost (its memory is split); say so."""
+        """Post-copy cannot finish: the VM is lost (its memory is split); say so, unless
+        the target said so first (its own recovery window ended: the first reason
+        stands)."""
         e = self.engine
         await e.handle.destroy()
+        with contextlib.suppress(Exception):
+            _, ms = await e.record.read()
+            if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
+                log.info("migration %s: already ended; its record stands", e.uid)
+                return
         await e._patch_with_retry(
             {
                 Field.FAILED: True,
                 Field.FAILURE_REASON: reason,
                 Field.END_TIMESTAMP: conditions.now_rfc3339(),
-                Field.TRANSFER: e.stats.as_status(),
-            },
-            extra_status={"phase": VMIPhase.FAILED, "reason": POSTCOPY_FAILED_REASON},
+                Field.TRANSFER: e._transfer_status(),
+            }
         )
+        await mark_vmi_lost(e.api, e.vmi)
+
+
+async def mark_vmi_lost(api: ApiClient, vmi: Obj) -> None:
+    """The VMI is Failed (reason PostCopyFailed, Ready false): its guest runs nowhere
+    (as KubeVirt fails a VMI whose post-copy migration failed). Retried while the API is
+    away; a VMI that is gone or was replaced ends it."""
+    meta = vmi["metadata"]
+    while True:
+        try:
+            current = await api.get("VirtualMachineInstance", meta["namespace"], meta["name"])
+            if current["metadata"]["uid"] != meta["uid"]:
+                return
+            status = current.setdefault("status", {})
+            if (
+                status.get("phase") == VMIPhase.FAILED
+                and status.get("reason") == POSTCOPY_FAILED_REASON
+                and not conditions.is_true(current, "Ready")
+            ):
+                return
+            conditions.set_phase(status, VMIPhase.FAILED)
+            status["reason"] = POSTCOPY_FAILED_REASON
+            conditions.set_condition(
+                status,
+                "Ready",
+                False,
+                POSTCOPY_FAILED_REASON,
+                "post-copy could not finish: the VM's memory is lost and it must be started again",
+            )
+            await api.update(current, subresource="status")
+            return
+        except Conflict:
+            continue
+        except NotFound:
+            return
+        except ApiError as error:
+            log.warning(
+                "vmi %s/%s: cannot mark it failed yet (%s)", meta["namespace"], meta["name"], error
+            )
+            await asyncio.sleep(LOST_RETRY)

@@ -5,7 +5,10 @@ migration, ``<record dir>/<migration uid>.json``, before they report the memory 
 the incoming guest's vm id, its device state (empty for QEMU, whose device state is in
 its own stream) and whether it is a post-copy hand-off. A handler that restarts finds the
 guest (adopted, still waiting) and settles it through the arbiter: Committed and a record
-→ resume from the record; anything else → destroy. Every end of the migration removes it.
+→ resume from the record; anything else → destroy. A post-copy record (``postcopy``)
+instead makes the guest's receiver registered again (handler/vm_postcopy.py): the guest,
+resumed in post-copy if it was still waiting, keeps its present bitmap, and the source's
+reconnect brings the pages it lacks. Every end of the migration removes it.
 """
 
 from __future__ import annotations

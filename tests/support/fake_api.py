@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.store import Store
-from vmferry.errors import ApiError
+from vmferry.errors import ApiError, Conflict
 from vmferry.objects.patch import apply_json_patch, apply_merge_patch
 
 Obj = dict[str, Any]
@@ -79,15 +79,20 @@ class StoreApi:
         resource_version: str = "",
     ) -> Obj:
         self._enter("patch", kind, namespace, name)
-        current = await self.store.get(kind, namespace or "", name)
-        if patch_type == "merge":
-            new = apply_merge_patch(current, copy.deepcopy(patch))
-        else:
-            new = apply_json_patch(current, copy.deepcopy(patch))
-        new["metadata"]["resourceVersion"] = (
-            resource_version or current["metadata"]["resourceVersion"]
-        )
-        return await self.store.update(new, subresource=subresource or None)
+        while True:  # as the API server: a patch without a precondition never conflicts
+            current = await self.store.get(kind, namespace or "", name)
+            if patch_type == "merge":
+                new = apply_merge_patch(current, copy.deepcopy(patch))
+            else:
+                new = apply_json_patch(current, copy.deepcopy(patch))
+            new["metadata"]["resourceVersion"] = (
+                resource_version or current["metadata"]["resourceVersion"]
+            )
+            try:
+                return await self.store.update(new, subresource=subresource or None)
+            except Conflict:
+                if resource_version:
+                    raise
 
     async def delete(
         self,
