@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -33,7 +34,7 @@ from vmferry import failpoints
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
 from vmferry.informer import WorkQueue
-from vmferry.migration_state import Field, Switchover, raw
+from vmferry.migration_state import Field, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ Obj = dict[str, Any]
 
 INCOMING_SUFFIX = ".in-"
 ARBITER_WAIT = 20.0  # s a verified target waits for the source's hand-off before claiming abort
+# s a handed-off VM must be missing here (no guest, no incoming migration, no adopted
+# guest) with its source copy gone before its VMI is failed: many reconcile passes, far
+# longer than a resume takes (the commit path holds no handle for a few ms).
+LOST_AFTER = 6.0
 RESUME_GAP_POLLS = 200  # x 10 ms: how long a resumed guest may take to report its gap
 
 
@@ -94,6 +99,7 @@ class IncomingGuests:
         self.spawn = spawn
         self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
         self._publishing: set[str] = set()  # migration uids whose resume is being published
+        self._missing_since: dict[str, float] = {}  # migration uid -> first seen lost
         incoming.on_commit = self.commit
         incoming.on_abort = self.discard
         incoming.on_postcopy_done = self._postcopy_done
@@ -123,6 +129,7 @@ class IncomingGuests:
                 await self.prepare(vmi, ms)
             elif switchover == Switchover.COMMITTED:
                 await self.publish_if_runs_here(vmi, ms)
+                await self.fail_if_lost(vmi, ms)
             return
         if (
             active(ms)
@@ -286,6 +293,57 @@ class IncomingGuests:
         )
         await self._publish_resumed(
             meta["namespace"], meta["name"], ms.get(Field.MIGRATION_UID, ""), handle
+        )
+
+    async def fail_if_lost(self, vmi: Obj, ms: Obj) -> None:
+        """Status never lies: the hand-off gave the VM to this node, the source completed
+        (its copy is destroyed), and no guest of it is here (its process died while this
+        handler was away): the VM runs nowhere, so its VMI is not Running. It is failed
+        here, on the node that owned it (the migration itself completed; the VMI's VM
+        controller starts it again)."""
+        meta, status = vmi["metadata"], vmi.get("status") or {}
+        mig_uid = ms.get(Field.MIGRATION_UID, "")
+        handle = self.handles.get(meta["uid"])
+        present = (handle is not None and handle.is_alive()) or mig_uid in self._publishing
+        if (
+            present
+            or not ms.get(Field.COMPLETED)
+            or status.get("nodeName") == self.node
+            or status.get("phase") != VMIPhase.RUNNING
+        ):
+            self._missing_since.pop(mig_uid, None)
+            return
+        since = self._missing_since.setdefault(mig_uid, time.monotonic())
+        self.queue.add_after((meta["namespace"], meta["name"]), 1.0)
+        if time.monotonic() - since < LOST_AFTER:
+            return
+        del self._missing_since[mig_uid]
+        message = (
+            f"the guest was lost on {self.node} after the migration handed it over "
+            "(its process is gone)"
+        )
+        log.warning(
+            "correction: vmi %s/%s is Running on %s in its status but no guest of it runs "
+            "anywhere (migration %s handed it to %s): failing the VMI",
+            meta["namespace"],
+            meta["name"],
+            status.get("nodeName"),
+            mig_uid,
+            self.node,
+        )
+        failed = copy.deepcopy(status)
+        conditions.set_phase(failed, VMIPhase.FAILED)
+        conditions.set_condition(failed, "Ready", False, "GuestProcessExited", message)
+        record = HandoffRecord(self.api, meta["namespace"], meta["name"], mig_uid)
+        await record.patch_until_written(
+            {},
+            {
+                "nodeName": self.node,
+                "phase": failed["phase"],
+                "reason": "GuestProcessExited",
+                "conditions": failed["conditions"],
+                "phaseTransitionTimestamps": failed["phaseTransitionTimestamps"],
+            },
         )
 
     # -- publishing the resume ------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from handler import vm_incoming
 from handler.migration import handoff
 from handler.migration.handoff import HandoffRecord
 from handler.migration.restart_record import RestartRecord, RestartRecords
@@ -167,3 +168,24 @@ async def test_a_settle_on_a_stale_cache_keeps_the_engines_reason(
     vm.handles[vmi["metadata"]["uid"]] = FakeHandle("source-guest")
     await vm.reconcile(("default", "vm"))
     assert (await stored(api))["migrationState"][Field.FAILURE_REASON] == reason
+
+
+@pytest.mark.parametrize("guest_here", [True, False])
+@with_api
+async def test_a_handed_off_vm_that_runs_nowhere_is_not_running(
+    api: StoreApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guest_here: bool
+) -> None:
+    """The source completed (its copy is gone) and the target's guest died while its
+    handler was away: the VMI must not stay Running on the source."""
+    monkeypatch.setattr(vm_incoming, "LOST_AFTER", 0.0)
+    ms: Obj = {Field.SWITCHOVER: Switchover.COMMITTED, Field.COMPLETED: True}
+    vmi = await store_vmi(api, ms)
+    vm = await manager(api, tmp_path, TARGET, vmi)
+    if guest_here:
+        guest = FakeHandle("running-here")
+        guest.incoming = False
+        vm.handles[vmi["metadata"]["uid"]] = guest
+    await vm.reconcile(("default", "vm"))
+    status = await stored(api)
+    assert status["nodeName"] == TARGET
+    assert status["phase"] == ("Running" if guest_here else "Failed")
