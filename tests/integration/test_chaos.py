@@ -137,6 +137,8 @@ def run_once(lab: LabHarness, case: Case, vm: str, uid: str) -> None:
     status = final["status"]
     reason = (status.get("migrationState") or {}).get("failureReason")
     assert status["phase"] == case.phase, f"{case.step}: {status['phase']} ({reason})"
+    if case.phase == "Failed":  # one sentence a person can act on, naming the restart
+        assert reason and "restarted during the migration" in reason and "<" not in reason, reason
     settled = lab.wait_for(
         "exactly one guest, on the node the VMI names",
         lambda: the_one_guest(lab, vm, uid),
