@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu guest-image guest-image-optional test-deps
+	install-qemu guest-image guest-image-optional test-deps chaos
 
 all: test
 
@@ -73,6 +73,12 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP) test-deps guest-image-optional
 	$(BIN)/pytest -q -m slow tests/integration
+
+# The fault-injection suite (issue 25): every pre-copy switchover step, 20 times each
+# (`make test` runs it once per step). CHAOS_REPS=n to change the count.
+CHAOS_REPS ?= 20
+chaos: $(STAMP)
+	CHAOS_REPS=$(CHAOS_REPS) $(BIN)/pytest -q -s tests/integration/test_chaos.py
 
 demo: $(STAMP)
 	$(BIN)/python -m vmferry.lab.demo

@@ -33,7 +33,7 @@ from controller.admission import Admission
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner
 from controller.store import Store
-from vmferry import pki
+from vmferry import failpoints, pki
 from vmferry.client import REASON_KEY
 from vmferry.errors import (
     ApiError,
@@ -43,7 +43,8 @@ from vmferry.errors import (
     Invalid,
     NotFound,
 )
-from vmferry.migration_state import MigrationState
+from vmferry.failpoints import Step
+from vmferry.migration_state import MigrationState, Switchover
 from vmferry.objects import kinds, labels, patch, schema
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
@@ -79,6 +80,15 @@ def _involves_node(obj: Obj, node: str) -> bool:
     """The object runs on ``node``, or ``node`` is the source or target of its migration."""
     ms = MigrationState.of(obj)
     return node in ((obj.get("status") or {}).get("nodeName"), ms.source_node, ms.target_node)
+
+
+def _records_commit(before: Obj, after: Obj) -> bool:
+    """This write recorded the hand-off (``switchover: Committed``) in a VMI."""
+    return (
+        after.get("kind") == "VirtualMachineInstance"
+        and MigrationState.of(after).switchover == Switchover.COMMITTED
+        and MigrationState.of(before).switchover != Switchover.COMMITTED
+    )
 
 
 RBAC_KINDS = frozenset({"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
@@ -327,7 +337,10 @@ class ApiService(api_pb2_grpc.ApiServicer):
         if not subresource:
             await self._check_escalation(who, obj)
         await self.admission.admit_update(current, obj, subresource)
-        return await self.store.update(obj, subresource=subresource or None)
+        written = await self.store.update(obj, subresource=subresource or None)
+        if _records_commit(current, written):
+            failpoints.hit(Step.CONTROLLER_COMMITTED)
+        return written
 
     async def Update(
         self, request: api_pb2.UpdateRequest, context: grpc.aio.ServicerContext

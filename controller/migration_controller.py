@@ -47,8 +47,10 @@ from vmferry.migration_state import (
     AbortStatus,
     ConfigKey,
     Field,
+    MigrationMode,
     MigrationPhase,
     MigrationState,
+    Switchover,
     raw,
 )
 from vmferry.objects import conditions, kinds
@@ -61,6 +63,12 @@ MIGRATION_METHOD = "LiveMigration"  # vmi.status.migrationMethod once handed off
 KEEP_FINISHED = 5  # finished VMIMs kept per VMI; older ones are garbage-collected
 TARGET_PREPARE_TIMEOUT = 60.0  # s from hand-off; a target handler that never answers fails it
 RECHECK_INTERVAL = 2.0  # s; timeouts are evaluated at least this often
+# s a migration may stay handed off (switchover Committed, the guest running on the target
+# and the VMI naming it) without its completion before this controller records it: the
+# source records it itself within RESUMED_TIMEOUT (30 s, its wait for the target's
+# Resumed frame) unless it died; past this grace nobody else will (a source handler that
+# never comes back), and the VMIM would hold its parallel-migration slot forever.
+HANDOFF_COMPLETION_GRACE = 40.0
 # The target prepares; the source has not started (the next phase is Running).
 TARGET_PHASES = (
     MigrationPhase.SCHEDULED,
@@ -97,6 +105,9 @@ class MigrationController:
         self.hco = hco
         self.clock = clock
         self.queue = WorkQueue()
+        # VMIM uid -> when this controller first saw it handed off with no completion
+        # (in memory: a controller restart only restarts the grace).
+        self._handed_off_since: dict[str, float] = {}
         vmims.add_handler(self._on_vmim)
         vmis.add_handler(self._on_vmi)
         nodes.add_handler(lambda key, old, new: self._requeue_active())
@@ -201,7 +212,8 @@ class MigrationController:
         elif ours and phase in TARGET_PHASES:
             await self._follow_target(vmim, vmi, ms)
         elif ours and phase == MigrationPhase.RUNNING:
-            await self._mirror(vmim, raw(vmi))
+            if not await self._complete_handed_off(vmim, vmi, ms):
+                await self._mirror(vmim, raw(vmi))
         elif not ours:
             await self._finish(
                 vmim,
@@ -319,6 +331,45 @@ class MigrationController:
         status["migrationState"] = mirror_of(raw(vmi))
         if status != before:
             await write_status(self.store, vmim)
+
+    async def _complete_handed_off(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> bool:
+        """The monitor's part of finishing a migration after the decision: a pre-copy
+        hand-off whose guest runs on the target (it published its ready timestamp and the
+        VMI names it) but whose completion nobody recorded within
+        HANDOFF_COMPLETION_GRACE (the source handler died after the hand-off) is
+        completed here; the next pass finishes the VMIM Succeeded. True if it wrote."""
+        uid = vmim["metadata"]["uid"]
+        handed_off = (
+            ms.switchover == Switchover.COMMITTED
+            and not ms.ended
+            and ms.mode != MigrationMode.POST_COPY
+            and bool(raw(vmi).get(Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP))
+            and (vmi.get("status") or {}).get("nodeName") == ms.target_node
+        )
+        if not handed_off:
+            self._handed_off_since.pop(uid, None)
+            return False
+        since = self._handed_off_since.setdefault(uid, self.clock())
+        if self.clock() - since < HANDOFF_COMPLETION_GRACE:
+            self._requeue_later(vmim)
+            return False
+        log.warning(
+            "correction: vmim %s: the VM runs on %s since the hand-off but no handler recorded "
+            "the completion within %.0fs: recording it",
+            vmim["metadata"]["name"],
+            ms.target_node,
+            HANDOFF_COMPLETION_GRACE,
+        )
+        record = raw(vmi)
+        record[Field.COMPLETED] = True
+        record[Field.END_TIMESTAMP] = rfc3339(self.clock())
+        try:
+            await write_status(self.store, vmi)
+        except Conflict:
+            self.queue.add((vmim["metadata"]["namespace"], vmim["metadata"]["name"]))
+            return True
+        self._handed_off_since.pop(uid, None)
+        return True
 
     async def _mirror(self, vmim: Obj, ms: Obj) -> None:
         mirror = mirror_of(ms)

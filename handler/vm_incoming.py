@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -29,9 +30,11 @@ from typing import Any
 from handler.drivers.base import Drivers, VMHandle
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
+from vmferry import failpoints
 from vmferry.client import ApiClient
+from vmferry.failpoints import Step
 from vmferry.informer import WorkQueue
-from vmferry.migration_state import Field, Switchover, raw
+from vmferry.migration_state import Field, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,10 @@ Obj = dict[str, Any]
 
 INCOMING_SUFFIX = ".in-"
 ARBITER_WAIT = 20.0  # s a verified target waits for the source's hand-off before claiming abort
+# s a handed-off VM must be missing here (no guest, no incoming migration, no adopted
+# guest) with its source copy gone before its VMI is failed: many reconcile passes, far
+# longer than a resume takes (the commit path holds no handle for a few ms).
+LOST_AFTER = 6.0
 RESUME_GAP_POLLS = 200  # x 10 ms: how long a resumed guest may take to report its gap
 
 
@@ -91,6 +98,8 @@ class IncomingGuests:
         self.endpoint = endpoint
         self.spawn = spawn
         self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
+        self._publishing: set[str] = set()  # migration uids whose resume is being published
+        self._missing_since: dict[str, float] = {}  # migration uid -> first seen lost
         incoming.on_commit = self.commit
         incoming.on_abort = self.discard
         incoming.on_postcopy_done = self._postcopy_done
@@ -118,7 +127,19 @@ class IncomingGuests:
                 return
             if active(ms) and not ms.get(Field.TARGET_NODE_ADDRESS) and switchover is None:
                 await self.prepare(vmi, ms)
+            elif switchover == Switchover.COMMITTED:
+                await self.publish_if_runs_here(vmi, ms)
+                await self.fail_if_lost(vmi, ms)
             return
+        if (
+            active(ms)
+            and not ms.get(Field.TARGET_NODE_ADDRESS)
+            and switchover is None
+            and inc.decision is None
+        ):
+            # The address write failed (the API was away) after the guest was registered:
+            # publish it now, or the source never starts.
+            await self._publish_address(inc)
         if inc.state.guest_runs_here and ms.get(Field.FAILED):
             # Post-copy could not finish (the source gave up): the VM is lost; the VMI's
             # Failed phase lets its VM controller start it again.
@@ -152,13 +173,21 @@ class IncomingGuests:
             handle=handle,
         )
         self.incoming.expect(inc)
+        await self._publish_address(inc)
+
+    async def _publish_address(self, inc: IncomingMigration) -> None:
+        """``targetNodeAddress``/``targetNodePort``: the source starts on them. Retried
+        while the API is away (a restarting controller delays the migration)."""
+        record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
         address, port = self.endpoint
-        await record.patch({Field.TARGET_NODE_ADDRESS: address, Field.TARGET_NODE_PORT: port})
+        await record.patch_until_written(
+            {Field.TARGET_NODE_ADDRESS: address, Field.TARGET_NODE_PORT: port}
+        )
         log.info(
             "migration %s: target prepared for %s/%s, listening on %s:%d",
-            uid,
-            meta["namespace"],
-            meta["name"],
+            inc.migration_uid,
+            inc.namespace,
+            inc.name,
             address,
             port,
         )
@@ -171,6 +200,7 @@ class IncomingGuests:
         of concurrent callers exactly one resumes."""
         if not inc.decide(Switchover.COMMITTED):
             return
+        failpoints.hit(Step.TARGET_COMMITTED)
         if inc.postcopy:
             # The guest runs here from now on; its missing pages keep arriving, so the
             # incoming record stays registered (reconnects) until post-copy is done.
@@ -182,13 +212,15 @@ class IncomingGuests:
             await asyncio.to_thread(self.incoming.records.remove, inc.migration_uid)
         inc.resumed()
         self.handles[inc.vmi_uid] = inc.handle
+        failpoints.hit(Step.TARGET_RESUMED)
         log.info(
             "migration %s: guest resumed here%s",
             inc.migration_uid,
             " (post-copy: pages still arriving)" if inc.postcopy else "",
         )
         self.spawn(
-            self._publish_resumed(inc), f"migration {inc.migration_uid}: publishing the resume"
+            self._publish_resumed(inc.namespace, inc.name, inc.migration_uid, inc.handle),
+            f"migration {inc.migration_uid}: publishing the resume",
         )
 
     async def discard(self, inc: IncomingMigration, reason: str) -> None:
@@ -216,28 +248,127 @@ class IncomingGuests:
             await handle.resume(record.device_state)
             self.handles[vmi["metadata"]["uid"]] = handle
             log.info("migration %s: incoming guest resumed from its restart record", uid)
-        else:
-            await handle.destroy()
-            log.info("migration %s: incoming guest destroyed (not handed off)", uid)
+            await asyncio.to_thread(self.incoming.records.remove, uid)
+            # Like the normal resume: the VMI names this node from now on.
+            self.spawn(
+                self._publish_resumed(
+                    vmi["metadata"]["namespace"], vmi["metadata"]["name"], uid, handle
+                ),
+                f"migration {uid}: publishing the resume",
+            )
+            return
+        await handle.destroy()
+        log.info("migration %s: incoming guest destroyed (not handed off)", uid)
         await asyncio.to_thread(self.incoming.records.remove, uid)
+
+    async def publish_if_runs_here(self, vmi: Obj, ms: Obj) -> None:
+        """The audit's target half: the hand-off was committed to this node and the guest
+        runs here, but the VMI still names another node (this handler died between the
+        resume and its publication). Publish what is true."""
+        meta = vmi["metadata"]
+        handle = self.handles.get(meta["uid"])
+        mig_uid = ms.get(Field.MIGRATION_UID, "")
+        if handle is None or not handle.is_alive() or mig_uid in self._publishing:
+            return
+        if (vmi.get("status") or {}).get("nodeName") == self.node:
+            return
+        # The cache may lag a publication that just landed: judge by the API.
+        vmi = await self.api.get("VirtualMachineInstance", meta["namespace"], meta["name"])
+        fresh = raw(vmi)
+        if (
+            (vmi.get("status") or {}).get("nodeName") == self.node
+            or fresh.get(Field.MIGRATION_UID) != mig_uid
+            or fresh.get(Field.SWITCHOVER) != Switchover.COMMITTED
+        ):
+            return
+        log.warning(
+            "correction: vmi %s/%s runs on %s (migration %s committed) but its status names "
+            "%s: publishing nodeName %s",
+            meta["namespace"],
+            meta["name"],
+            self.node,
+            ms.get(Field.MIGRATION_UID),
+            (vmi.get("status") or {}).get("nodeName"),
+            self.node,
+        )
+        await self._publish_resumed(
+            meta["namespace"], meta["name"], ms.get(Field.MIGRATION_UID, ""), handle
+        )
+
+    async def fail_if_lost(self, vmi: Obj, ms: Obj) -> None:
+        """Status never lies: the hand-off gave the VM to this node, the source completed
+        (its copy is destroyed), and no guest of it is here (its process died while this
+        handler was away): the VM runs nowhere, so its VMI is not Running. It is failed
+        here, on the node that owned it (the migration itself completed; the VMI's VM
+        controller starts it again)."""
+        meta, status = vmi["metadata"], vmi.get("status") or {}
+        mig_uid = ms.get(Field.MIGRATION_UID, "")
+        handle = self.handles.get(meta["uid"])
+        present = (handle is not None and handle.is_alive()) or mig_uid in self._publishing
+        if (
+            present
+            or not ms.get(Field.COMPLETED)
+            or status.get("nodeName") == self.node
+            or status.get("phase") != VMIPhase.RUNNING
+        ):
+            self._missing_since.pop(mig_uid, None)
+            return
+        since = self._missing_since.setdefault(mig_uid, time.monotonic())
+        self.queue.add_after((meta["namespace"], meta["name"]), 1.0)
+        if time.monotonic() - since < LOST_AFTER:
+            return
+        del self._missing_since[mig_uid]
+        message = (
+            f"the guest was lost on {self.node} after the migration handed it over "
+            "(its process is gone)"
+        )
+        log.warning(
+            "correction: vmi %s/%s is Running on %s in its status but no guest of it runs "
+            "anywhere (migration %s handed it to %s): failing the VMI",
+            meta["namespace"],
+            meta["name"],
+            status.get("nodeName"),
+            mig_uid,
+            self.node,
+        )
+        failed = copy.deepcopy(status)
+        conditions.set_phase(failed, VMIPhase.FAILED)
+        conditions.set_condition(failed, "Ready", False, "GuestProcessExited", message)
+        record = HandoffRecord(self.api, meta["namespace"], meta["name"], mig_uid)
+        await record.patch_until_written(
+            {},
+            {
+                "nodeName": self.node,
+                "phase": failed["phase"],
+                "reason": "GuestProcessExited",
+                "conditions": failed["conditions"],
+                "phaseTransitionTimestamps": failed["phaseTransitionTimestamps"],
+            },
+        )
 
     # -- publishing the resume ------------------------------------------------------------
 
-    async def _publish_resumed(self, inc: IncomingMigration) -> None:
+    async def _publish_resumed(
+        self, namespace: str, name: str, migration_uid: str, handle: VMHandle
+    ) -> None:
         """Record that the VM runs here (nodeName first), then the gap the guest saw."""
-        record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
-        await record.patch_until_written(
-            {Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: conditions.now_rfc3339()},
-            {"nodeName": self.node, "launcher": launcher(inc.handle)},
-        )
-        status = await inc.handle.status()
+        record = HandoffRecord(self.api, namespace, name, migration_uid)
+        self._publishing.add(migration_uid)
+        try:
+            await record.patch_until_written(
+                {Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: conditions.now_rfc3339()},
+                {"nodeName": self.node, "launcher": launcher(handle)},
+            )
+        finally:
+            self._publishing.discard(migration_uid)
+        status = await handle.status()
         for _ in range(RESUME_GAP_POLLS):  # the gap is known at the guest's first tick
             if status.resume_gap_ms is not None:
                 break
             await asyncio.sleep(0.01)
-            status = await inc.handle.status()
+            status = await handle.status()
         gap = status.resume_gap_ms
-        log.info("migration %s: the guest saw a %s ms gap", inc.migration_uid, gap)
+        log.info("migration %s: the guest saw a %s ms gap", migration_uid, gap)
         if gap is not None:
             await record.patch_until_written(
                 {Field.TRANSFER: {"guestDowntimeMilliseconds": round(gap, 3)}},

@@ -37,7 +37,7 @@ from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
-from vmferry.migration_state import Field, Switchover, VMIPhase, raw
+from vmferry.migration_state import Field, MigrationMode, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,14 @@ class VMManager:
             if handle is not None:
                 await handle.destroy()
                 self.handles.pop(vmi["metadata"]["uid"], None)
-            await record.patch(
+            log.warning(
+                "correction: migration %s of vmi %s/%s was handed off before this handler "
+                "restarted: recording its completion",
+                ms.get(Field.MIGRATION_UID),
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+            )
+            await record.patch_until_written(
                 {Field.COMPLETED: True, Field.END_TIMESTAMP: conditions.now_rfc3339()}
             )
             return
@@ -331,24 +338,48 @@ class VMManager:
         if handle is not None:
             with contextlib.suppress(Exception):
                 await handle.resume()
-        await record.patch(
+        # Only if nothing was recorded: the cache may lag the engine's own failure (its
+        # reason is the real one) or completion, and the first outcome stands.
+        await record.fail(
             {
                 Field.FAILED: True,
-                Field.FAILURE_REASON: "the source handler restarted during the migration",
+                Field.FAILURE_REASON: (
+                    f"the source handler on {self.node} restarted during the migration; "
+                    "the VM stays on the source: migrate it again"
+                ),
                 Field.END_TIMESTAMP: conditions.now_rfc3339(),
             }
         )
 
     async def _drop_stale_source_guest(self, vmi: Obj, ms: Obj) -> None:
-        """A guest of a VMI that now runs elsewhere (handed off while we were away)."""
+        """A guest of a VMI that now runs elsewhere (handed off while we were away); and
+        the completion of that hand-off, if this handler died before writing it."""
         if self._migrating(vmi["metadata"]["uid"]):
             return  # post-copy: the paused source still serves the pages the target lacks
         handle = self.handles.get(vmi["metadata"]["uid"])
-        if (
-            handle is not None
-            and ms.get(Field.SWITCHOVER) == Switchover.COMMITTED
+        committed_from_here = (
+            ms.get(Field.SWITCHOVER) == Switchover.COMMITTED
             and ms.get(Field.SOURCE_NODE) == self.node
+        )
+        if (
+            committed_from_here
+            and active(ms)
+            and ms.get(Field.MODE) != MigrationMode.POST_COPY
+            and ms.get(Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP)
+            and vmi["status"].get("nodeName") == ms.get(Field.TARGET_NODE)
         ):
+            log.warning(
+                "correction: migration %s of vmi %s/%s was handed off and the VM runs on %s, "
+                "but its completion was never recorded: recording it",
+                ms.get(Field.MIGRATION_UID),
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+                ms.get(Field.TARGET_NODE),
+            )
+            await self._record(vmi).patch_until_written(
+                {Field.COMPLETED: True, Field.END_TIMESTAMP: conditions.now_rfc3339()}
+            )
+        if handle is not None and committed_from_here:
             log.info(
                 "vmi %s/%s runs on %s now: destroying the old guest here",
                 vmi["metadata"]["namespace"],

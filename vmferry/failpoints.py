@@ -32,7 +32,7 @@ class Step(StrEnum):
     SOURCE_FINAL_SENT = "source-final-sent"  # final pages + FinalState sent, no Verified yet
     SOURCE_VERIFIED = "source-verified"  # Verified received, the decision not yet recorded
     SOURCE_COMMITTED = "source-committed"  # Committed recorded by the arbiter, Commit unsent
-    SOURCE_DESTROYED = "source-destroyed"  # the source guest destroyed, completion unrecorded
+    SOURCE_DESTROYED = "source-destroyed"  # completion recorded, the source guest destroyed
     # target handler
     TARGET_COMMITTED = "target-committed"  # the decision taken here, the guest not resumed
     TARGET_RESUMED = "target-resumed"  # the guest resumed here, nodeName not yet published

@@ -154,7 +154,10 @@ class Owner(Enum):
 
 # Who writes which field. ``completed``/``failed``/``failureReason``/``endTimestamp`` have
 # two owners in time: the controller only until the source recorded ``startTimestamp``
-# (a hand-off nobody started), the source from then on. ``switchover`` is written by the
+# (a hand-off nobody started), the source from then on; after a pre-copy hand-off whose
+# guest runs on the target (``targetNodeDomainReadyTimestamp`` set, ``nodeName`` = the
+# target) the controller also records ``completed``/``endTimestamp`` when the source has
+# not within ``HANDOFF_COMPLETION_GRACE`` (it died). ``switchover`` is written by the
 # side that decides first (the source commits; either side may record Aborted).
 FIELD_OWNERS: dict[Field, frozenset[Owner]] = {
     Field.MIGRATION_UID: frozenset({Owner.CONTROLLER}),

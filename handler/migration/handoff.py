@@ -103,19 +103,26 @@ class HandoffRecord:
 
     async def mark_started(self, fields: Obj) -> bool:
         """Record startTimestamp (plus ``fields``) unless the migration ended or started
-        meanwhile; the precondition makes a cancel racing the start lose or win cleanly."""
+        meanwhile; the precondition makes a cancel racing the start lose or win cleanly.
+        Retried while the API is away: a controller restart delays a migration, never
+        fails it. A deleted VMI: not started."""
         while True:
-            vmi, ms = await self.read()
-            if ms.get(Field.FAILED) or ms.get(Field.COMPLETED) or ms.get(Field.START_TIMESTAMP):
-                log.info("migration %s: not starting (already ended or started)", self.uid)
-                return False
-            ms[Field.START_TIMESTAMP] = conditions.now_rfc3339()
-            ms.update(fields)
             try:
+                vmi, ms = await self.read()
+                if ms.get(Field.FAILED) or ms.get(Field.COMPLETED) or ms.get(Field.START_TIMESTAMP):
+                    log.info("migration %s: not starting (already ended or started)", self.uid)
+                    return False
+                ms[Field.START_TIMESTAMP] = conditions.now_rfc3339()
+                ms.update(fields)
                 self._seen(await self.api.update(vmi, subresource="status"))
                 return True
             except Conflict:
                 continue
+            except NotFound:
+                return False
+            except ApiError as e:
+                log.warning("migration %s: cannot record the start yet (%s); retrying", self.uid, e)
+                await asyncio.sleep(RETRY)
 
     async def patch(self, fields: Obj, extra_status: Obj | None = None) -> None:
         """Merge ``fields`` into migrationState (and ``extra_status`` into status)."""
@@ -131,7 +138,11 @@ class HandoffRecord:
 
     async def patch_until_written(self, fields: Obj, extra_status: Obj | None = None) -> None:
         """patch() for what must land (completion, failure): retried while the API is
-        away; a deleted VMI ends it."""
+        away; a deleted VMI ends it. A failure (``fields`` with ``failed``) goes through
+        :meth:`fail`: it never replaces a recorded outcome."""
+        if fields.get(Field.FAILED):
+            await self.fail(fields, extra_status)
+            return
         while True:
             try:
                 await self.patch(fields, extra_status)
@@ -140,6 +151,40 @@ class HandoffRecord:
                 return
             except ApiError as e:
                 log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
+                await asyncio.sleep(RETRY)
+
+    async def fail(self, fields: Obj, extra_status: Obj | None = None) -> bool:
+        """Record a failure (``fields``: failed, failureReason, …) unless the migration
+        already ended: the first real reason stands, a later write never replaces it
+        nor a completion. The resourceVersion precondition closes the race of two
+        writers. Retried while the API is away; False if an outcome stood already (or
+        the VMI is gone or belongs to another migration)."""
+        while True:
+            try:
+                vmi = await self.api.get("VirtualMachineInstance", self.ns, self.name)
+                ms = raw(vmi)
+                if ms.get(Field.MIGRATION_UID) != self.uid:
+                    return False
+                if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
+                    log.info(
+                        "migration %s: not recording failure %r: the outcome is recorded "
+                        "already (%s)",
+                        self.uid,
+                        fields.get(Field.FAILURE_REASON),
+                        ms.get(Field.FAILURE_REASON) or "completed",
+                    )
+                    return False
+                status = vmi.setdefault("status", {})
+                status.update(extra_status or {})
+                status["migrationState"] = {**ms, **fields}
+                self._seen(await self.api.update(vmi, subresource="status"))
+                return True
+            except Conflict:
+                continue
+            except NotFound:
+                return False
+            except ApiError as e:
+                log.warning("migration %s: failure write failed (%s); retrying", self.uid, e)
                 await asyncio.sleep(RETRY)
 
     async def claim(self, decision: Switchover, extra: Obj | None = None) -> Switchover:

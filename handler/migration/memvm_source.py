@@ -48,8 +48,9 @@ from handler.migration.postcopy_source import PostCopy
 from handler.migration.sender import DirtyMeter, RoundResult, RoundSender
 from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
 from handler.migration.target_stream import StreamLost
-from vmferry import pki
+from vmferry import failpoints, pki
 from vmferry.client import ApiClient
+from vmferry.failpoints import Step
 from vmferry.migration_state import Compression, Field, MigrationMode, raw
 from vmferry.rpc import migration_pb2 as pb
 
@@ -426,6 +427,7 @@ class MemvmSourceMigration(SourceEngine):
         t0 = self.clock()
         self.paused = True  # set before the call: a failure during pause still resumes
         await self.handle.pause()
+        failpoints.hit(Step.SOURCE_PAUSED)
         t1 = self.clock()
         parts["pause"] = t1 - t0
         # The pages written since the last harvest, hashed and the digest made while the
@@ -461,6 +463,7 @@ class MemvmSourceMigration(SourceEngine):
             if not state_sent.done():
                 state_sent.cancel()
         await ch0.write(pb.SourceFrame(final_state=pb.FinalState(digest=self.stats.digest)))
+        failpoints.hit(Step.SOURCE_FINAL_SENT)
         await self.sender.round_acks(self.stats.rounds - 1)
         await self.verify_and_commit(ch0, t2, MigrationMode.PRE_COPY)
         await self.finish_success()
@@ -491,7 +494,9 @@ class MemvmSourceMigration(SourceEngine):
             )
         self.stats.digest_verified = True
         self.mode = mode
+        failpoints.hit(Step.SOURCE_VERIFIED)
         await self._commit()
+        failpoints.hit(Step.SOURCE_COMMITTED)
         self.postcopy_active = mode is MigrationMode.POST_COPY
         await ch0.write(pb.SourceFrame(commit=pb.Commit()))
         # The target resumes on Commit or on the arbiter record, whichever comes first: a
@@ -508,6 +513,7 @@ class MemvmSourceMigration(SourceEngine):
         if self.chunk_digest is not None:
             self.chunk_digest.release()
         await self.handle.destroy()
+        failpoints.hit(Step.SOURCE_DESTROYED)
         self._log_success("")
 
     # -- failure (the rest is SourceEngine._fail) --------------------------------------------

@@ -24,6 +24,7 @@ from controller import migration_token
 from controller.main import bootstrap
 from controller.migration_controller import (
     FINALIZER,
+    HANDOFF_COMPLETION_GRACE,
     KEEP_FINISHED,
     TARGET_PREPARE_TIMEOUT,
     MigrationController,
@@ -44,6 +45,7 @@ from vmferry.migration_state import (
     Field,
     MigrationMode,
     MigrationPhase,
+    Switchover,
     VMIPhase,
     raw,
     token_secret_name,
@@ -476,6 +478,44 @@ def test_completion_is_mirrored_then_finishes(tmp_path: Path) -> None:
         assert raw(vmim)[Field.COMPLETED] is True
         assert_no_token_in(vmim)
         assert await c.token_secrets() == []
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("runs_on_target", [True, False])
+def test_a_hand_off_nobody_completes_is_completed_after_the_grace(
+    tmp_path: Path, runs_on_target: bool
+) -> None:
+    """The source handler died after the hand-off: the guest runs on the target, which
+    published it; past HANDOFF_COMPLETION_GRACE the monitor records the completion and
+    the VMIM succeeds. A guest not (yet) on the target is left alone."""
+
+    async def test(c: Cluster) -> None:
+        await c.add_vmim("m", "vm")
+        await c.to_phase("m", MigrationPhase.RUNNING)
+        target = raw(await c.vmi("vm"))[Field.TARGET_NODE]
+        await c.handler_writes("vm", **{Field.SWITCHOVER: Switchover.COMMITTED})
+        if runs_on_target:
+            await c.handler_writes(
+                "vm", **{Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: "2026-01-01T00:00:01Z"}
+            )
+            vmi = await c.vmi("vm")
+            vmi["status"]["nodeName"] = target
+            await c.store.update(vmi, subresource="status")
+        await c.reconcile("m")
+        c.clock.advance(HANDOFF_COMPLETION_GRACE - 1)
+        await c.reconcile("m")
+        assert await c.phase("m") == MigrationPhase.RUNNING
+        assert not raw(await c.vmi("vm")).get(Field.COMPLETED)
+        c.clock.advance(2)
+        await c.reconcile("m")
+        await c.reconcile("m")
+        if runs_on_target:
+            assert raw(await c.vmi("vm"))[Field.COMPLETED] is True
+            assert await c.phase("m") == MigrationPhase.SUCCEEDED
+        else:
+            assert not raw(await c.vmi("vm")).get(Field.COMPLETED)
+            assert await c.phase("m") == MigrationPhase.RUNNING
 
     run(test, tmp_path)
 
