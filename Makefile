@@ -74,11 +74,14 @@ test-unit: $(STAMP)
 test-integration: $(STAMP) test-deps guest-image-optional
 	$(BIN)/pytest -q -m slow tests/integration
 
-# The fault-injection suite (issue 25): every pre-copy switchover step, 20 times each
-# (`make test` runs it once per step). CHAOS_REPS=n to change the count.
+# The fault-injection suites (issue 25): every pre-copy switchover step, post-copy with a
+# handler killed or the network cut past the recovery window, and a short network drop in
+# pre-copy, 20 times each (`make test` runs each once). CHAOS_REPS=n to change the count.
 CHAOS_REPS ?= 20
+CHAOS_SUITES := tests/integration/test_chaos.py tests/integration/test_postcopy_faults.py \
+	tests/integration/test_network_faults.py
 chaos: $(STAMP)
-	CHAOS_REPS=$(CHAOS_REPS) $(BIN)/pytest -q -s tests/integration/test_chaos.py
+	CHAOS_REPS=$(CHAOS_REPS) $(BIN)/pytest -q -s $(CHAOS_SUITES)
 
 demo: $(STAMP)
 	$(BIN)/python -m vmferry.lab.demo

@@ -322,8 +322,8 @@ class VMManager:
                 await handle.destroy()
                 self.handles.pop(vmi["metadata"]["uid"], None)
             log.warning(
-                "correction: migration %s of vmi %s/%s was handed off before this handler "
-                "restarted: recording its completion",
+                "correction: migration %s of vmi %s/%s was handed off but no running "
+                "source engine recorded its completion: recording it",
                 ms.get(Field.MIGRATION_UID),
                 vmi["metadata"]["namespace"],
                 vmi["metadata"]["name"],

@@ -124,17 +124,39 @@ class HandoffRecord:
                 log.warning("migration %s: cannot record the start yet (%s); retrying", self.uid, e)
                 await asyncio.sleep(RETRY)
 
-    async def patch(self, fields: Obj, extra_status: Obj | None = None) -> None:
-        """Merge ``fields`` into migrationState (and ``extra_status`` into status)."""
-        self._seen(
-            await self.api.patch(
-                "VirtualMachineInstance",
-                self.ns,
-                self.name,
-                {"status": {**(extra_status or {}), "migrationState": fields}},
-                subresource="status",
-            )
-        )
+    async def patch(self, fields: Obj, extra_status: Obj | None = None) -> bool:
+        """Merge ``fields`` into migrationState (and ``extra_status`` into status) while
+        the record is still this migration's: the patch carries the resourceVersion of a
+        copy whose migrationUid was checked, so a late write of an ended migration (a
+        stale informer copy, a retry after a restart) never lands in the state of the
+        next migration of the same VMI; a stale copy costs a Conflict and one read.
+        Returns False, writing nothing, when another migration's state is there."""
+        vmi = self._latest
+        while True:
+            if vmi is None:
+                vmi = self._seen(await self.api.get("VirtualMachineInstance", self.ns, self.name))
+            if raw(vmi).get(Field.MIGRATION_UID) != self.uid:
+                log.info(
+                    "migration %s: not writing %s: the VMI's migration state is another "
+                    "migration's now",
+                    self.uid,
+                    ", ".join(sorted(fields)),
+                )
+                return False
+            try:
+                self._seen(
+                    await self.api.patch(
+                        "VirtualMachineInstance",
+                        self.ns,
+                        self.name,
+                        {"status": {**(extra_status or {}), "migrationState": fields}},
+                        subresource="status",
+                        resource_version=str(vmi["metadata"]["resourceVersion"]),
+                    )
+                )
+                return True
+            except Conflict:
+                vmi = None
 
     async def patch_until_written(self, fields: Obj, extra_status: Obj | None = None) -> None:
         """patch() for what must land (completion, failure): retried while the API is
@@ -145,7 +167,7 @@ class HandoffRecord:
             return
         while True:
             try:
-                await self.patch(fields, extra_status)
+                await self.patch(fields, extra_status)  # False: another migration's now
                 return
             except NotFound:
                 return

@@ -8,6 +8,7 @@ VM keeps running on the source, once."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from tests.support.lab import LabHarness, vm_manifest
 from tests.support.relay import Relay
 
 VM = "netfault"
+REPETITIONS = int(os.environ.get("CHAOS_REPS", "1"))  # runs of the 5 s cut; make chaos: 20
 CAP = "16Mi"  # 128 MiB of random memory: round 0 takes ~8 s, the cut lands inside it
 BASE: dict[str, Any] = {
     "bandwidthPerMigration": CAP,
@@ -95,7 +97,7 @@ def running_guests(lab: LabHarness, vmi: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("attempt", range(REPETITIONS))
 def test_a_5s_cut_in_precopy_is_ridden_out(
     lab: LabHarness, relay: Relay, vm: dict[str, Any], attempt: int
 ) -> None:

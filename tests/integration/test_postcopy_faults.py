@@ -31,7 +31,7 @@ from vmferry.failpoints import ENV, Step
 
 NAME = "pcf"
 MEMORY = "256Mi"
-REPETITIONS = int(os.environ.get("VMFERRY_POSTCOPY_FAULT_RUNS", "3"))  # runs of each scenario
+REPETITIONS = int(os.environ.get("CHAOS_REPS", "1"))  # runs of each scenario; make chaos: 20
 CONFIG: dict[str, Any] = {
     "allowPostCopy": True,
     "completionTimeoutPerGiB": 4,

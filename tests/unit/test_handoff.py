@@ -157,3 +157,47 @@ def test_read_token(tmp_path: Path) -> None:
         assert await read_token(api, MIG) == "abc-123"  # type: ignore[arg-type]
 
     run(tmp_path, test)
+
+
+def test_a_late_write_of_an_ended_migration_never_lands_in_the_next_ones_state(
+    tmp_path: Path,
+) -> None:
+    """Seen in the chaos suite: a correction written from a stale copy marked the next
+    migration of the same VMI completed before it started."""
+
+    async def test(api: StoreApi) -> None:
+        old = record(api)
+        assert await old.patch({Field.MODE: "PreCopy"})  # caches a copy of MIG's record
+        await api.patch(
+            "VirtualMachineInstance",
+            "default",
+            "vm",
+            {"status": {"migrationState": {Field.MIGRATION_UID: "mig-2"}}},
+            subresource="status",
+        )
+        assert not await old.patch({Field.COMPLETED: True})
+        await old.patch_until_written({Field.COMPLETED: True, Field.END_TIMESTAMP: "now"})
+        ms = await stored_ms(api)
+        assert ms[Field.MIGRATION_UID] == "mig-2"
+        assert Field.COMPLETED not in ms and Field.END_TIMESTAMP not in ms
+
+    run(tmp_path, test)
+
+
+def test_a_patch_from_a_stale_copy_rereads_and_lands(tmp_path: Path) -> None:
+    async def test(api: StoreApi) -> None:
+        mine = record(api)
+        assert await mine.patch({Field.MODE: "PreCopy"})
+        # another writer (the target) changes the VMI: the cached copy is stale now
+        await api.patch(
+            "VirtualMachineInstance",
+            "default",
+            "vm",
+            {"status": {"nodeName": "node2"}},
+            subresource="status",
+        )
+        assert await mine.patch({Field.COMPLETED: True})
+        ms = await stored_ms(api)
+        assert ms[Field.COMPLETED] is True and ms[Field.MODE] == "PreCopy"
+
+    run(tmp_path, test)
