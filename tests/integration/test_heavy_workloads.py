@@ -4,7 +4,6 @@ survives a cut migration network."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
-from tests.support.relay import Relay
+from tests.support.relay import Relay, migration_relay
 
 MEMORY = 128 << 20
 CAP = "16Mi"  # the guest dirties 32 MiB/s: twice the cap
@@ -30,28 +29,8 @@ BASE: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def relay(lab: LabHarness) -> Iterator[Relay]:
     """node3's migration traffic goes through a relay the tests can cut."""
-    conf = lab.lab.dir / "nodes" / "node3" / "handler.toml"
-    text = conf.read_text()
-    address = re.search(r'migration_address = "([^"]+)"', text)
-    port = re.search(r"migration_port = (\d+)", text)
-    assert address and port
-    r = Relay("127.0.2.3", address.group(1), int(port.group(1))).start()
-    conf.write_text(
-        text.replace("[labels]", f'migration_advertise = "127.0.2.3:{r.port}"\n[labels]')
-    )
-    lab.cli("lab", "kill", "node3", "--signal", "TERM")
-    lab.wait_for("node3 to stop", lambda: lab.lab.pid("node3") is None, timeout=15)
-    lab.cli("lab", "start", "node3")
-    lab.wait_for(
-        "node3 to advertise the relay",
-        lambda: (
-            lab.get("no", "node3", "")["status"]["migrationEndpoint"]["address"] == "127.0.2.3"
-            or None
-        ),
-        timeout=30,
-    )
-    yield r
-    r.stop()
+    with migration_relay(lab) as r:
+        yield r
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
-from tests.support.relay import Relay
+from tests.support.relay import Relay, migration_relay
 from vmferry.failpoints import ENV, Step
 
 NAME = "pcf"
@@ -60,26 +59,8 @@ def vmi_manifest() -> str:
 @pytest.fixture(scope="module")
 def relay(lab: LabHarness) -> Iterator[Relay]:
     """node3's migration traffic goes through a relay the tests can cut."""
-    conf = lab.lab.dir / "nodes" / "node3" / "handler.toml"
-    text = conf.read_text()
-    address = re.search(r'migration_address = "([^"]+)"', text)
-    port = re.search(r"migration_port = (\d+)", text)
-    assert address and port
-    r = Relay("127.0.2.3", address.group(1), int(port.group(1))).start()
-    conf.write_text(
-        text.replace("[labels]", f'migration_advertise = "127.0.2.3:{r.port}"\n[labels]')
-    )
-    restart(lab, "node3")
-    lab.wait_for(
-        "node3 to advertise the relay",
-        lambda: (
-            lab.get("no", "node3", "")["status"]["migrationEndpoint"]["address"] == "127.0.2.3"
-            or None
-        ),
-        timeout=30,
-    )
-    yield r
-    r.stop()
+    with migration_relay(lab) as r:
+        yield r
 
 
 def restart(lab: LabHarness, node: str, failpoint: Step | None = None) -> None:

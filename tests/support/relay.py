@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.lab import LabHarness
 
 
 class Relay:
@@ -83,3 +89,32 @@ class Relay:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+@contextlib.contextmanager
+def migration_relay(
+    lab: LabHarness, node: str = "node3", listen: str = "127.0.2.3"
+) -> Iterator[Relay]:
+    """Route ``node``'s incoming migration traffic through a Relay the test can cut: the
+    handler is restarted advertising the relay's address as its migration endpoint."""
+    conf = lab.lab.dir / "nodes" / node / "handler.toml"
+    text = conf.read_text()
+    address = re.search(r'migration_address = "([^"]+)"', text)
+    port = re.search(r"migration_port = (\d+)", text)
+    assert address and port
+    relay = Relay(listen, address.group(1), int(port.group(1))).start()
+    conf.write_text(
+        text.replace("[labels]", f'migration_advertise = "{listen}:{relay.port}"\n[labels]')
+    )
+    lab.cli("lab", "kill", node, "--signal", "TERM")
+    lab.wait_for(f"{node} to stop", lambda: lab.lab.pid(node) is None, timeout=15)
+    lab.cli("lab", "start", node)
+    lab.wait_for(
+        f"{node} to advertise the relay",
+        lambda: lab.get("no", node, "")["status"]["migrationEndpoint"]["address"] == listen or None,
+        timeout=30,
+    )
+    try:
+        yield relay
+    finally:
+        relay.stop()
