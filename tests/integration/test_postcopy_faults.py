@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
 from tests.support.relay import Relay, migration_relay
-from vmferry.failpoints import ENV, Step
+from vmferry.failpoints import Step
 
 NAME = "pcf"
 MEMORY = "256Mi"
@@ -64,10 +64,9 @@ def relay(lab: LabHarness) -> Iterator[Relay]:
 
 
 def restart(lab: LabHarness, node: str, failpoint: Step | None = None) -> None:
-    """Stop ``node``'s handler (its guests stay) and start it, armed with ``failpoint``."""
-    lab.cli("lab", "kill", node, "--signal", "TERM")
-    lab.wait_for(f"{node} to stop", lambda: lab.lab.pid(node) is None, timeout=15)
-    lab.cli("lab", "start", node, extra_env={ENV: failpoint.value} if failpoint else None)
+    """Stop ``node``'s handler (its guests stay) and start it, armed with ``failpoint``
+    (an unarmed handler serves again before this returns)."""
+    lab.restart(node, failpoint.value if failpoint else "", signal="TERM", ready=failpoint is None)
 
 
 @pytest.fixture

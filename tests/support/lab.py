@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vmferry.config import CONFIG_ENV
+from vmferry.failpoints import ENV as FAILPOINTS_ENV
 from vmferry.lab import LAB_ENV, Lab
 
 T = TypeVar("T")
@@ -140,6 +141,50 @@ class LabHarness:
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
+
+    # -- daemons ------------------------------------------------------------------------------
+
+    def restart(
+        self, component: str, failpoint: str = "", *, signal: str = "KILL", ready: bool = True
+    ) -> None:
+        """Stop ``component`` (``signal``; guests stay) if it runs, start it (with
+        ``failpoint`` armed, if given) and, with ``ready``, wait until it serves again: the
+        controller answers, or the node's handler posted Ready after this start (a node
+        restarted moments after a kill may still show its old Ready, or the NotReady the
+        controller wrote meanwhile)."""
+        if self.lab.pid(component) is not None:
+            self.cli("lab", "kill", component, "--signal", signal)
+            self.wait_for(f"{component} to stop", lambda: self.lab.pid(component) is None, 15)
+        started = time.time()
+        self.cli("lab", "start", component, extra_env={FAILPOINTS_ENV: failpoint})
+        if not ready:
+            return
+        if component == "controller":
+            node = self.lab.node_names()[0]
+            self.wait_for(
+                "the controller to answer",
+                lambda: self.cli("get", "node", node, check=False).returncode == 0,
+                30,
+            )
+            return
+
+        def posted_ready() -> bool:
+            node = self.try_get("node", component)
+            for c in ((node or {}).get("status") or {}).get("conditions") or []:
+                if c["type"] == "Ready" and c["status"] == "True":
+                    beat = c.get("lastHeartbeatTime") or ""
+                    return beat >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            return False
+
+        self.wait_for(f"{component} to post Ready", posted_ready, 30)
+
+    def log_tails(self, lines: int = 40) -> str:
+        """The last ``lines`` of every daemon's log: for a failure message."""
+        parts = []
+        for log in sorted(self.lab.log_dir.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log.name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     # -- waiting ------------------------------------------------------------------------------
 
