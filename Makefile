@@ -7,16 +7,30 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu guest-image guest-image-optional test-deps chaos
+	install-qemu guest-image guest-image-optional test-deps chaos lock
 
 all: test
 
-# Install into a local virtual environment; re-run only when pyproject changes.
-$(STAMP): pyproject.toml
+# Install into a local virtual environment from the lock file (exact versions, hashes
+# checked), then vmferry itself without touching its dependencies; re-run only when the
+# lock or pyproject changes.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject's ranges (keeps current pins unless they no
+# longer fit; `make lock LOCK_ARGS=--upgrade` moves to the newest), with pip-tools in a
+# throw-away virtual environment of its own.
+LOCK_ARGS ?=
+lock:
+	@test -x build/lock-venv/bin/pip-compile || \
+	  { $(PY) -m venv build/lock-venv && build/lock-venv/bin/pip install --quiet pip-tools; }
+	build/lock-venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --extra dev \
+	  --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+	  -o requirements.lock pyproject.toml
 
 # What the tests need beyond Python: the system Chromium (console browser tests) and QEMU
 # (driver `qemu`). Installed with apt-get as root, only when missing; otherwise those
