@@ -92,14 +92,16 @@ def _ipv4(path: str, value: Any) -> ipaddress.IPv4Address:
         raise NadError(path, f"{value!r} is not an IPv4 address") from None
 
 
-def _cidr(path: str, value: Any) -> ipaddress.IPv4Network:
+def _cidr(path: str, value: Any, *, for_nodes: bool = True) -> ipaddress.IPv4Network:
+    """A CIDR; ``for_nodes``: one that leaves addresses for nodes (a range, not an
+    exclusion, which may be a single address)."""
     if not isinstance(value, str):
         raise NadError(path, f"expected a CIDR string such as 198.51.100.0/24, got {value!r}")
     try:
         net = ipaddress.IPv4Network(value, strict=False)
     except ValueError:
         raise NadError(path, f"{value!r} is not an IPv4 CIDR (e.g. 198.51.100.0/24)") from None
-    if net.prefixlen > 30:
+    if for_nodes and net.prefixlen > 30:
         raise NadError(path, f"{value!r} holds no addresses for nodes (prefix longer than /30)")
     return net
 
@@ -159,7 +161,9 @@ def parse_nad_config(config: Any, main_addresses: Iterable[str] = ()) -> NadConf
     exclude_raw = ipam.get("exclude", [])
     if not isinstance(exclude_raw, list):
         raise NadError("ipam.exclude", "expected a list of CIDRs")
-    exclude = tuple(_cidr(f"ipam.exclude[{i}]", v) for i, v in enumerate(exclude_raw))
+    exclude = tuple(
+        _cidr(f"ipam.exclude[{i}]", v, for_nodes=False) for i, v in enumerate(exclude_raw)
+    )
     for address in main_addresses:
         try:
             ip = ipaddress.ip_address(address)
@@ -280,7 +284,9 @@ def not_ready_reason(network: str, node: str, status: NodeNetworkStatus | None) 
     when it can: one sentence naming the node, the network and what is missing."""
     key = nad_key(network)
     if status is None or status.network != key:
-        return f"node {node} is not on migration network {key} yet (no address assigned there)"
+        return (
+            f"node {node} is not on migration network {key} yet (its handler has not reported it)"
+        )
     if not status.ready:
         return f"node {node} cannot use migration network {key}: {status.message}"
     return None
