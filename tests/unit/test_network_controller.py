@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from controller import scheduler
+from controller import rbac, scheduler
 from controller.admission import Admission
+from controller.api import NodeAuthorizer
 from controller.main import bootstrap
 from controller.network_controller import (
     HCO_KEY,
@@ -31,6 +32,7 @@ from controller.network_controller import (
 from controller.objects import StoreSource, rfc3339
 from controller.store import Store
 from tests.unit.test_migration_controller import NS, Cluster
+from vmferry import pki
 from vmferry.errors import Invalid
 from vmferry.informer import Informer, WorkQueue
 from vmferry.migration_network import (
@@ -499,3 +501,21 @@ def test_placement_names_nodes_off_the_network() -> None:
     assert placement.node is None
     assert placement.message() == f"node2: not on migration network {KEY} (node node2 has no eth1)"
     assert kinds.by_kind(NAD_KIND).namespaced
+
+
+def test_a_node_reads_nads_but_never_writes_them_nor_other_nodes() -> None:
+    who = pki.Identity(f"{pki.NODE_USER_PREFIX}node1", (pki.NODES_GROUP,))
+    nad_kind = kinds.by_kind(NAD_KIND)
+
+    def allowed(verb: str, kind: kinds.Kind, ns: str, name: str) -> bool:
+        request = rbac.request_for(who.user, who.groups, verb, kind, ns, name)
+        return NodeAuthorizer().check(who, request, None).allowed
+
+    for verb in ("get", "list", "watch"):
+        assert allowed(verb, nad_kind, NAD_NAMESPACE, NET)
+    for verb in ("create", "update", "patch", "delete"):
+        assert not allowed(verb, nad_kind, NAD_NAMESPACE, NET)
+    node_kind = kinds.by_kind("Node")
+    assert allowed("patch", node_kind, "", "node1")
+    for verb in ("update", "patch"):  # another node's annotations: no
+        assert not allowed(verb, node_kind, "", "node2")
