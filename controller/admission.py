@@ -2,15 +2,20 @@
 
 Mirrors KubeVirt's admission webhooks for what vmferry serves today: a migration may
 only be created for a VirtualMachineInstance that exists, runs, is live-migratable and
-is not already migrating; a migration's spec never changes after creation.
+is not already migrating; a migration's spec never changes after creation. A
+NetworkAttachmentDefinition's ``spec.config`` must be one vmferry can use
+(:func:`vmferry.migration_network.parse_nad_config`, with the registered Nodes' main
+addresses, which its range must not overlap), on create and on update.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from controller.network_controller import main_addresses
 from controller.store import Store
 from vmferry.errors import Forbidden, Invalid, NotFound
+from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
 from vmferry.objects import conditions
 
@@ -28,8 +33,12 @@ class Admission:
     async def admit_create(self, obj: Obj) -> None:
         if obj["kind"] == "VirtualMachineInstanceMigration":
             await self._admit_migration(obj)
+        elif obj["kind"] == NAD_KIND:
+            await self._admit_nad(obj)
 
     async def admit_update(self, current: Obj, new: Obj, subresource: str) -> None:
+        if new["kind"] == NAD_KIND and subresource != "status":
+            await self._admit_nad(new)
         if (
             new["kind"] == "VirtualMachineInstanceMigration"
             and subresource != "status"
@@ -43,6 +52,13 @@ class Admission:
     async def admit_delete(self, current: Obj) -> None:
         if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):
             await self._refuse_cancel_in_postcopy(current)
+
+    async def _admit_nad(self, nad: Obj) -> None:
+        nodes, _ = await self.store.list("Node")
+        try:
+            parse_nad_config((nad.get("spec") or {}).get("config"), main_addresses(nodes))
+        except NadError as e:
+            raise Invalid(f'{NAD_KIND} "{nad["metadata"].get("name", "")}": {e}') from None
 
     async def _refuse_cancel_in_postcopy(self, vmim: Obj) -> None:
         """Cancelling a post-copy migration would lose the VM: the guest already runs on

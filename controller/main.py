@@ -25,6 +25,7 @@ from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
 from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
+from controller.network_controller import NetworkController
 from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
 from controller.rbac_builtin import bootstrap_rbac
@@ -36,6 +37,7 @@ from vmferry import grpc_options, httpserve, logs, pki
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
+from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE
 from vmferry.objects import kinds, schema
 from vmferry.rpc import api_pb2_grpc
 
@@ -178,6 +180,7 @@ async def _serve_started(
     vmims = Informer(source, "VirtualMachineInstanceMigration")
     nodes = Informer(source, "Node")
     hcos = Informer(source, "HyperConverged")
+    nads = Informer(source, NAD_KIND, namespace=NAD_NAMESPACE)
     metrics = ControllerMetrics(vmims, vmis)
     http_servers: list[asyncio.Server] = []
     try:  # the HTTP servers started so far stop with the daemon, however it ends
@@ -202,13 +205,15 @@ async def _serve_started(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(inf.run()) for inf in (vms, vmis, vmims, nodes, hcos)]
-            for inf in (vms, vmis, vmims, nodes, hcos):
+            informers = (vms, vmis, vmims, nodes, hcos, nads)
+            tasks = [tg.create_task(inf.run()) for inf in informers]
+            for inf in informers:
                 await inf.synced.wait()
             tasks += [
                 tg.create_task(VMController(store, vms, vmis, vmims).run()),
                 tg.create_task(VMIController(store, vmis, nodes).run()),
                 tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
+                tg.create_task(NetworkController(store, hcos, nads, nodes).run()),
                 tg.create_task(
                     NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
                 ),

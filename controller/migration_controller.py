@@ -36,10 +36,17 @@ from collections.abc import Callable
 from typing import Any
 
 from controller import migration_queue, migration_token, policy, scheduler
+from controller.network_controller import (
+    REASON_NODES_NOT_READY,
+    NetworkUnusable,
+    load_nad,
+    node_problem,
+)
 from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
+from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE, nad_key, not_ready_reason
 from vmferry.migration_state import (
     FINAL_PHASES,
     LIVE_MIGRATION_DEFAULTS,
@@ -237,21 +244,46 @@ class MigrationController:
 
     async def _schedule(self, vmim: Obj, vmi: Obj) -> None:
         """Scheduling -> Scheduled: place the target, then the hand-off in its three
-        steps (module docstring)."""
+        steps (module docstring). A migration over a migration network fails here when
+        its NAD is missing or invalid, or the source or every target that would fit
+        cannot serve on it (``controller.network_controller``): never a fallback."""
         config = self.cluster_config()
         status = vmim["status"]
         source = (vmi.get("status") or {}).get("nodeName", "")
         nodes, _ = await self.store.list("Node")
         vmis, _ = await self.store.list("VirtualMachineInstance")
         source_node = next((n for n in nodes if n["metadata"]["name"] == source), None)
-        placement = scheduler.place(
-            vmi,
-            nodes,
-            vmis,
-            exclude=source,
-            added_selector=vmim["spec"].get("addedNodeSelector") or {},
-            source_cpu_model=scheduler.node_cpu_model(source_node) if source_node else None,
-        )
+        configuration, policy_name = await self._effective_config(config, vmi)
+        network = str(configuration.get(ConfigKey.NETWORK) or "")
+        network_problem: Callable[[Obj], str | None] | None = None
+        if network:
+            try:
+                network_problem = await self._network_filter(network, nodes, source_node, source)
+            except NetworkUnusable as e:
+                await self._finish(vmim, MigrationPhase.FAILED, e.message)
+                return
+
+        def placement_for(problem: Callable[[Obj], str | None] | None) -> scheduler.Placement:
+            return scheduler.place(
+                vmi,
+                nodes,
+                vmis,
+                exclude=source,
+                added_selector=vmim["spec"].get("addedNodeSelector") or {},
+                source_cpu_model=scheduler.node_cpu_model(source_node) if source_node else None,
+                network=nad_key(network) if network else "",
+                network_problem=problem,
+            )
+
+        placement = placement_for(network_problem)
+        if placement.node is None and network_problem is not None:
+            # A node would fit but for the migration network: that is the failure.
+            chosen = placement_for(None).node
+            if chosen is not None:
+                node = next(n for n in nodes if n["metadata"]["name"] == chosen)
+                reason = network_problem(node) or f"target node {chosen} is not on {network}"
+                await self._finish(vmim, MigrationPhase.FAILED, reason)
+                return
         if placement.node is None:
             waited = self._seconds_in_phase(vmim, MigrationPhase.SCHEDULING)
             timeout = float(config[ConfigKey.UNSCHEDULABLE_TIMEOUT_S])
@@ -265,17 +297,6 @@ class MigrationController:
                 await write_status(self.store, vmim)
             self._requeue_later(vmim)
             return
-        policies, _ = await self.store.list("MigrationPolicy")
-        try:
-            namespace = await self.store.get("Namespace", "", vmi["metadata"]["namespace"])
-        except NotFound:
-            namespace = {"metadata": {}}
-        configuration, policy_name = policy.effective_config(
-            config,
-            policies,
-            vmi["metadata"].get("labels") or {},
-            namespace["metadata"].get("labels") or {},
-        )
         uid = vmim["metadata"]["uid"]
         await migration_token.ensure_token_secret(self.store, uid, source, placement.node)
         handoff: Obj = {
@@ -292,6 +313,39 @@ class MigrationController:
         await write_status(self.store, vmi)  # resourceVersion precondition: no stale hand-off
         log.info("vmim %s: hand-off %s -> %s", vmim["metadata"]["name"], source, placement.node)
         await self._scheduled(vmim, handoff)
+
+    async def _effective_config(self, cluster: Obj, vmi: Obj) -> tuple[Obj, str | None]:
+        """The migration's configuration: the cluster's overlaid by the winning policy."""
+        policies, _ = await self.store.list("MigrationPolicy")
+        try:
+            namespace = await self.store.get("Namespace", "", vmi["metadata"]["namespace"])
+        except NotFound:
+            namespace = {"metadata": {}}
+        return policy.effective_config(
+            cluster,
+            policies,
+            vmi["metadata"].get("labels") or {},
+            namespace["metadata"].get("labels") or {},
+        )
+
+    async def _network_filter(
+        self, network: str, nodes: list[Obj], source_node: Obj | None, source: str
+    ) -> Callable[[Obj], str | None]:
+        """Why a target cannot serve a migration over ``network`` (a NAD's name), as a
+        placement filter. Raises NetworkUnusable when the NAD is missing or invalid, or
+        the source cannot use the network: the migration fails at once."""
+        try:
+            nad_obj: Obj | None = await self.store.get(NAD_KIND, NAD_NAMESPACE, network)
+        except NotFound:
+            nad_obj = None
+        nad = load_nad(network, nad_obj, nodes)
+        if source_node is None:
+            problem = not_ready_reason(network, source, None)
+        else:
+            problem = node_problem(network, nad, source_node)
+        if problem:
+            raise NetworkUnusable(REASON_NODES_NOT_READY, problem)
+        return lambda node: node_problem(network, nad, node)
 
     async def _scheduled(self, vmim: Obj, ms: Obj) -> None:
         """Record the hand-off ``ms`` (already in the VMI) on the VMIM: phase Scheduled."""

@@ -3,14 +3,15 @@
 A node fits when it is Ready, schedulable, matches every label of the VMI's
 ``nodeSelector`` (plus a migration's ``addedNodeSelector``: logical AND), has a CPU
 model the VMI can run on (``host-model`` needs the same model as its current node) and
-has enough memory left. Memory in use counts the VMIs that run on the node and those
+has enough memory left; a migration over a migration network also needs a target that
+serves on it. Memory in use counts the VMIs that run on the node and those
 migrating to it. Among fitting nodes the one with the most free memory wins (ties: by
 name), which spreads VMs like the default Kubernetes scheduler's least-allocated score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +73,13 @@ def place(
     exclude: str | None = None,
     added_selector: Mapping[str, str] | None = None,
     source_cpu_model: str | None = None,
+    network: str = "",
+    network_problem: Callable[[Obj], str | None] | None = None,
 ) -> Placement:
-    """Pick a node for ``vmi``; ``Placement.reasons`` name why each other node did not fit."""
+    """Pick a node for ``vmi``; ``Placement.reasons`` name why each other node did not fit.
+
+    ``network_problem`` (a migration over the migration network ``network``, its NAD's
+    ``namespace/name``) says why a node cannot serve it, or None when it can."""
     spec = vmi.get("spec") or {}
     need = memory_bytes(spec)
     selector = dict(spec.get("nodeSelector") or {})
@@ -109,6 +115,10 @@ def place(
         free = node_memory(node) - memory_in_use(name, vmi_list)
         if free < need:
             reasons.append(f"{name}: insufficient memory ({free} bytes free, {need} needed)")
+            continue
+        problem = network_problem(node) if network_problem is not None else None
+        if problem:
+            reasons.append(f"{name}: not on migration network {network} ({problem})")
             continue
         if best is None or free > best[0]:
             best = (free, name)

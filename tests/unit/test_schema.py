@@ -275,6 +275,16 @@ VALID: dict[str, dict[str, Any]] = {
             "allowPostCopy": False,
         },
     },
+    "NetworkAttachmentDefinition": {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": "migration-network", "namespace": "openshift-cnv"},
+        "spec": {
+            "config": '{"cniVersion": "0.3.1", "name": "migration-bridge", "type": "macvlan", '
+            '"master": "eth1", "mode": "bridge", '
+            '"ipam": {"type": "whereabouts", "range": "198.51.100.0/24"}}'
+        },
+    },
     "ServiceAccount": {
         "apiVersion": "v1",
         "kind": "ServiceAccount",

@@ -37,6 +37,10 @@ class Kind:
 
 KUBEVIRT = "kubevirt.io/v1"
 RBAC = "rbac.authorization.k8s.io/v1"
+# Multus' kind (reference 12.5.2). vmferry.migration_network names it too (NAD_KIND,
+# NAD_API_VERSION; it imports this module, so it cannot be imported here); a unit test
+# keeps the two equal.
+CNI = "k8s.cni.cncf.io/v1"
 
 KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "v1", "namespaces", False, ("ns",)),
@@ -52,6 +56,13 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind("HyperConverged", "hco.kubevirt.io/v1beta1", "hyperconvergeds", True, ("hco",)),
     Kind("MigrationPolicy", "migrations.kubevirt.io/v1alpha1", "migrationpolicies", False),
+    Kind(
+        "NetworkAttachmentDefinition",
+        CNI,
+        "network-attachment-definitions",
+        True,
+        ("net-attach-def",),
+    ),
     Kind("ServiceAccount", "v1", "serviceaccounts", True, ("sa",)),
     Kind("Secret", "v1", "secrets", True),
     Kind("ConfigMap", "v1", "configmaps", True, ("cm",)),

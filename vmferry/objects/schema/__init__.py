@@ -24,6 +24,8 @@ The modules, one concern each:
 - ``core``: metadata, conditions, Namespace, Node and the RBAC shapes;
 - ``kubevirt``: the VMI, VM, migration, HyperConverged and MigrationPolicy schemas, whose
   enums and keys come from :mod:`vmferry.migration_state`;
+- ``cni``: the NetworkAttachmentDefinition (its ``spec.config`` is read by
+  :mod:`vmferry.migration_network`);
 - ``registry``: ``SCHEMAS``, every kind's schema (adding a kind starts there);
 - ``validation``: :func:`validate` and the identity checks (apiVersion, names, namespace);
 - ``defaults``: :func:`apply_defaults`, :func:`fill_defaults`, :func:`memory_bytes`.

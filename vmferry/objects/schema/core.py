@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmferry.migration_network import STATUS_FIELD
 from vmferry.objects.schema.dsl import (
     Annotations,
     Bool,
@@ -119,6 +120,17 @@ NODE_STATUS = Obj(
             }
         ),
         "migrationEndpoint": _ENDPOINT,
+        # where the handler serves migrations on the configured migration network, or
+        # why it cannot (vmferry.migration_network.NodeNetworkStatus)
+        STATUS_FIELD: Obj(
+            {
+                "network": Str(),
+                "interface": Str(),
+                "address": Str(),
+                "ready": Bool(),
+                "message": Str(),
+            }
+        ),
         "daemonEndpoints": Obj({"handlerEndpoint": _ENDPOINT}),
         "allocatedMemory": Quantity(),
         "vmiCount": Int(min=0),

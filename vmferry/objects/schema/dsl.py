@@ -5,7 +5,8 @@ its field path, and returns the value's normalized copy (see :mod:`vmferry.objec
 for what normalization means). The nodes: :class:`Obj` (fixed fields, required fields,
 cross-field :data:`Rule` s), :class:`Map`, :class:`List`, :class:`Str`, :class:`Int`,
 :class:`Number`, :class:`Bool`, :class:`Quantity`, :class:`Timestamp`, :class:`Labels`,
-:class:`Annotations`, :class:`Base64`, :class:`AnyObject` and :class:`Anything`.
+:class:`Annotations`, :class:`Base64`, :class:`Name`, :class:`AnyObject` and
+:class:`Anything`.
 
 Messages name the path and the expected type the way ``kubectl`` does, and a little
 more clearly: ``spec.domain.cpu.cores: expected integer, got string "two"``. The message
@@ -28,7 +29,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from vmferry.objects.names import validate_label_key, validate_label_value
+from vmferry.objects.names import (
+    dns1123_subdomain_problem,
+    validate_label_key,
+    validate_label_value,
+)
 from vmferry.objects.quantity import parse_quantity
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "Labels",
     "List",
     "Map",
+    "Name",
     "Number",
     "Obj",
     "Quantity",
@@ -511,6 +517,20 @@ class Base64(Str):
             errors.add(path, expected_type("base64 string", value))
         elif len(value) % 4 or not _BASE64.fullmatch(value):
             errors.add(path, f"invalid base64 data {quote(value, 20)}: encode it (base64 -w0)")
+        return value
+
+
+class Name(Str):
+    """A reference to another object by name: empty (unset) or a DNS-1123 subdomain, the
+    rule of object names (:func:`~vmferry.objects.names.dns1123_subdomain_problem`)."""
+
+    def check(self, value: object, path: str, errors: Errors) -> object:
+        if not isinstance(value, str):
+            errors.add(path, expected_type("string", value))
+        elif value:
+            problem = dns1123_subdomain_problem(value)
+            if problem:
+                errors.add(path, f"invalid value {quote(value)}: {problem}")
         return value
 
 

@@ -36,6 +36,7 @@ from vmferry.objects.schema.dsl import (
     Labels,
     List,
     Map,
+    Name,
     Number,
     Obj,
     Quantity,
@@ -57,7 +58,7 @@ _MIGRATION_TUNABLES: dict[str, Schema] = {
     ConfigKey.PROGRESS_TIMEOUT: Int(min=1),
     ConfigKey.ALLOW_AUTO_CONVERGE: Bool(),
     ConfigKey.ALLOW_POST_COPY: Bool(),
-    ConfigKey.NETWORK: Str(),
+    ConfigKey.NETWORK: Name(),  # a NetworkAttachmentDefinition (vmferry.migration_network)
     ConfigKey.DOWNTIME_BUDGET_MS: Int(min=1),
     ConfigKey.PARALLEL_STREAMS: Int(min=1, max=16),
     ConfigKey.UNSCHEDULABLE_TIMEOUT_S: Int(min=1),

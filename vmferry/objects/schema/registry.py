@@ -2,7 +2,8 @@
 
 Adding a kind: declare it in :mod:`vmferry.objects.kinds`, write its top-level fields with
 the DSL (:mod:`vmferry.objects.schema.dsl`) in the module of its API group
-(:mod:`~vmferry.objects.schema.core` or :mod:`~vmferry.objects.schema.kubevirt`) and
+(:mod:`~vmferry.objects.schema.core`, :mod:`~vmferry.objects.schema.kubevirt` or
+:mod:`~vmferry.objects.schema.cni`) and
 register it here; ``tests/unit/test_schema.py`` fails while a kind in ``KINDS`` has none.
 """
 
@@ -17,6 +18,7 @@ from vmferry.objects.names import (
     dns1123_subdomain_problem,
     rbac_name_problem,
 )
+from vmferry.objects.schema.cni import NAD_SPEC
 from vmferry.objects.schema.core import (
     AGGREGATION_RULE,
     METADATA,
@@ -76,6 +78,7 @@ SCHEMAS: dict[str, KindSchema] = {
     ),
     "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": AnyObject()}),
     "MigrationPolicy": KindSchema({"spec": MIGRATION_POLICY_SPEC, "status": AnyObject()}),
+    "NetworkAttachmentDefinition": KindSchema({"spec": NAD_SPEC}, required=("spec",)),
     "ServiceAccount": KindSchema(
         {
             "secrets": List(OBJECT_REFERENCE),
