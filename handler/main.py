@@ -60,6 +60,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_listen": str,
     "qemu_binary": str,
     "qemu_image_dir": str,
+    "configure_migration_network": bool,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
@@ -76,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "qemu_binary": "qemu-system-x86_64",
     # default kernel/initrd of qemu VMIs that name none (`make guest-image` builds it here)
     "qemu_image_dir": str(Path(__file__).resolve().parent.parent / "build" / "guest"),
+    # the migration network's address (whereabouts) is added to the NIC by the handler;
+    # false: never change the network stack (a lab whose handlers share the host's)
+    "configure_migration_network": True,
 }
 
 
@@ -200,7 +204,6 @@ async def serve(config: dict[str, Any]) -> None:
         await server.start(config["migration_address"])
     except ListenError as e:
         raise ConfigError(str(e)) from None
-    log.info("node %s: migration service on %s:%d", node, config["migration_address"], port)
     endpoint = MigrationEndpoint(
         config["migration_address"], port, advertise=advertised_endpoint(config)
     )
@@ -228,6 +231,7 @@ async def serve(config: dict[str, Any]) -> None:
             server,
             main_address=config["migration_address"],
             on_change=agent.heartbeat,
+            configure=bool(config["configure_migration_network"]),
         )
         vmis = Informer(api, "VirtualMachineInstance")
         manager = VMManager(

@@ -58,9 +58,11 @@ def _not_ready(a: NetworkAssignment, message: str) -> NodeNetworkStatus:
 
 
 async def bring_up(
-    a: NetworkAssignment, ip: iproute.IpRunner = iproute.run_ip
+    a: NetworkAssignment, ip: iproute.IpRunner = iproute.run_ip, *, configure: bool = True
 ) -> NodeNetworkStatus:
-    """Configure (or find) this node's address on the assigned network; never raises."""
+    """Configure (or find) this node's address on the assigned network; never raises.
+    ``configure=False`` never changes the network stack: an assigned address must be on
+    the NIC already (a handler sharing its host's network stack in a test lab)."""
     try:
         network = ipaddress.IPv4Network(a.range, strict=False)
         wanted = ipaddress.IPv4Interface(a.address) if a.address else None
@@ -80,6 +82,13 @@ async def bring_up(
             return _not_ready(a, f"network interface {a.interface} has no address in {network}")
         return NodeNetworkStatus(a.network, a.interface, str(own[0]), ready=True)
     if not (link.up and wanted in link.addresses):
+        if not configure:
+            return _not_ready(
+                a,
+                f"{wanted} is not on network interface {a.interface} (or it is down) and "
+                "this handler does not configure addresses (configure_migration_network "
+                "= false)",
+            )
         try:
             await ip(["addr", "replace", str(wanted), "dev", a.interface])
             await ip(["link", "set", a.interface, "up"])
@@ -246,6 +255,7 @@ class NetworkAgent:
         main_address: str,
         on_change: Callable[[], Awaitable[None]],
         ip: iproute.IpRunner = iproute.run_ip,
+        configure: bool = True,
         recheck: float = RECHECK_SECONDS,
     ) -> None:
         self.node = node
@@ -255,6 +265,7 @@ class NetworkAgent:
         self.main_address = main_address  # the configured migration_address
         self.on_change = on_change
         self.ip = ip
+        self.configure = configure  # False: never run ip addr/link changes (bring_up)
         self.recheck = recheck
         self.added: set[tuple[str, str]] = set()  # (interface, address/prefix) added here
         self._wake = asyncio.Event()
@@ -285,7 +296,11 @@ class NetworkAgent:
 
     async def apply(self, assignment: NetworkAssignment | None) -> None:
         """One pass: the assignment up, the server on its address, the endpoint current."""
-        status = await bring_up(assignment, self.ip) if assignment is not None else None
+        status = (
+            await bring_up(assignment, self.ip, configure=self.configure)
+            if assignment is not None
+            else None
+        )
         if assignment is not None and assignment.address and status is not None and status.ready:
             self.added.add((assignment.interface, assignment.address))
         address = status.address if status is not None and status.ready else self.main_address

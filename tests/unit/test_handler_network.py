@@ -145,6 +145,16 @@ def test_whereabouts_address_is_configured_and_confirmed() -> None:
     assert asyncio.run(bring_up(WHEREABOUTS, ip)).ready and ip.changes() == []
 
 
+@pytest.mark.timeout(10)
+def test_a_handler_told_not_to_configure_never_changes_the_network_stack() -> None:
+    ip = FakeIp(eth1=[])
+    status = asyncio.run(bring_up(WHEREABOUTS, ip, configure=False))
+    assert not status.ready and "configure_migration_network = false" in status.message
+    assert ip.changes() == []
+    ip.links["eth1"] = {"up": True, "addrs": [ipaddress.IPv4Interface("198.51.100.11/24")]}
+    assert asyncio.run(bring_up(WHEREABOUTS, ip, configure=False)).ready
+
+
 @pytest.mark.parametrize(
     ("assignment", "links", "refuse", "message"),
     [
