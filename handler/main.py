@@ -3,8 +3,9 @@
 It registers its Node and heartbeats, runs the guests scheduled to it (driver
 ``memvm``), serves the migration Transfer service on its migration-network address (the
 configured ``migration_address``, or its address on the dedicated migration network the
-controller assigns it: migration_network.py) and drives outgoing migrations. Guests run in their own sessions: stopping or restarting
-the handler never stops them, and a restarted handler re-adopts them.
+controller assigns it: migration_network.py) and drives outgoing migrations. Guests run
+in their own sessions: stopping or restarting the handler never stops them, and a
+restarted handler re-adopts them.
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ async def serve(config: dict[str, Any]) -> None:
             service.register(grpc_server)
 
     port = int(config["migration_port"])
+    endpoint = MigrationEndpoint(
+        config["migration_address"], port, advertise=advertised_endpoint(config)
+    )
     server = MigrationServer(
         register,
         port,
@@ -204,9 +208,6 @@ async def serve(config: dict[str, Any]) -> None:
         await server.start(config["migration_address"])
     except ListenError as e:
         raise ConfigError(str(e)) from None
-    endpoint = MigrationEndpoint(
-        config["migration_address"], port, advertise=advertised_endpoint(config)
-    )
     metrics_server = None
     manager: VMManager | None = None
     try:  # from here a failure (a port taken, say) stops what started: never a hang
