@@ -4,9 +4,9 @@ When a hand-off names this node as the target, ``prepare`` checks that this node
 migrations on the migration network the hand-off names (if any: never a silent fallback
 to another network), starts an incoming guest on the VMI's driver, registers an
 ``IncomingMigration`` (with the stream token read from the migration's Secret) and
-publishes ``targetNodeAddress``/``targetNodePort`` (the shared MigrationEndpoint's). From then on
-the migration's state (``target_state``) moves with the frames; the decision is taken
-only in :meth:`IncomingGuests.commit` and :meth:`IncomingGuests.discard`, each of which
+publishes ``targetNodeAddress``/``targetNodePort`` (the shared MigrationEndpoint's).
+From then on the migration's state (``target_state``) moves with the frames; the
+decision is taken only in :meth:`IncomingGuests.commit` and :meth:`IncomingGuests.discard`, each of which
 goes through ``IncomingMigration.decide`` before its first await, so exactly one resume
 (or one discard) runs whichever path brings the decision:
 
