@@ -6,9 +6,10 @@ to another network), starts an incoming guest on the VMI's driver, registers an
 ``IncomingMigration`` (with the stream token read from the migration's Secret) and
 publishes ``targetNodeAddress``/``targetNodePort`` (the shared MigrationEndpoint's).
 From then on the migration's state (``target_state``) moves with the frames; the
-decision is taken only in :meth:`IncomingGuests.commit` and :meth:`IncomingGuests.discard`, each of which
-goes through ``IncomingMigration.decide`` before its first await, so exactly one resume
-(or one discard) runs whichever path brings the decision:
+decision is taken only in :meth:`IncomingGuests.commit` and
+:meth:`IncomingGuests.discard`, each of which goes through ``IncomingMigration.decide``
+before its first await, so exactly one resume (or one discard) runs whichever path
+brings the decision:
 
 - the Commit frame (the services' ``on_commit``);
 - the VMI watch event carrying ``switchover: Committed`` (``VMManager._on_vmi_event``);
