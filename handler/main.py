@@ -1,9 +1,11 @@
 """``vmferry-handler``: the per-node daemon (virt-handler + virt-launcher + migration proxy).
 
 It registers its Node and heartbeats, runs the guests scheduled to it (driver
-``memvm``), serves the migration Transfer service on its migration-network address and
-drives outgoing migrations. Guests run in their own sessions: stopping or restarting
-the handler never stops them, and a restarted handler re-adopts them.
+``memvm``), serves the migration Transfer service on its migration-network address (the
+configured ``migration_address``, or its address on the dedicated migration network the
+controller assigns it: migration_network.py) and drives outgoing migrations. Guests run
+in their own sessions: stopping or restarting the handler never stops them, and a
+restarted handler re-adopts them.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from handler import allocator
 from handler.drivers.base import Drivers
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
+from handler.endpoint import MigrationEndpoint
 from handler.metrics import HandlerMetrics
 from handler.migration.incoming import IncomingRegistry
 from handler.migration.memvm_target import MigrationService
 from handler.migration.qemu_target import TunnelService
 from handler.migration.restart_record import RestartRecords
+from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.vm_manager import VMManager
-from vmferry import grpc_options, httpserve, logs, pki
+from vmferry import httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.informer import Informer
@@ -59,6 +61,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_listen": str,
     "qemu_binary": str,
     "qemu_image_dir": str,
+    "configure_migration_network": bool,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
@@ -75,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
     "qemu_binary": "qemu-system-x86_64",
     # default kernel/initrd of qemu VMIs that name none (`make guest-image` builds it here)
     "qemu_image_dir": str(Path(__file__).resolve().parent.parent / "build" / "guest"),
+    # the migration network's address (whereabouts) is added to the NIC by the handler;
+    # false: never change the network stack (a lab whose handlers share the host's)
+    "configure_migration_network": True,
 }
 
 
@@ -142,11 +148,13 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     return config
 
 
-def advertised_endpoint(config: dict[str, Any], port: int) -> tuple[str, int]:
-    """Where sources reach this node's migration service (published in the hand-off)."""
+def advertised_endpoint(config: dict[str, Any]) -> tuple[str, int] | None:
+    """``migration_advertise``: where sources reach this node's migration service when it
+    is not where it listens (NAT, a relay); it then overrides the published endpoint
+    whatever address the service listens on. None when not configured."""
     advertise = config.get("migration_advertise")
     if not advertise:
-        return config["migration_address"], port
+        return None
     host, sep, port_text = advertise.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ConfigError(f"migration_advertise {advertise!r}: expected HOST:PORT")
@@ -178,19 +186,28 @@ async def serve(config: dict[str, Any]) -> None:
         binary=config["qemu_binary"],
         image_dir=Path(config["qemu_image_dir"]),
     )
-    server = grpc.aio.server(options=grpc_options.server_options())
-    MigrationService(incoming).register(server)  # memvm guests' migrations
-    TunnelService(incoming, qemu).register(server)  # QEMU guests' migrations
-    listen = f"{config['migration_address']}:{config['migration_port']}"
-    port = (
-        server.add_insecure_port(listen)
-        if tls is None
-        else server.add_secure_port(listen, pki.server_credentials(tls))
+    # One instance of each target service, served by every listener (migration_network
+    # moves the listener to the migration network's address and back).
+    services = (MigrationService(incoming), TunnelService(incoming, qemu))  # memvm, QEMU
+
+    def register(grpc_server: Any) -> None:
+        for service in services:
+            service.register(grpc_server)
+
+    port = int(config["migration_port"])
+    endpoint = MigrationEndpoint(
+        config["migration_address"], port, advertise=advertised_endpoint(config)
     )
-    if port == 0:
-        raise ConfigError(f"cannot listen on {listen} for migrations")
-    await server.start()
-    log.info("node %s: migration service on %s", node, listen)
+    server = MigrationServer(
+        register,
+        port,
+        None if tls is None else lambda: pki.server_credentials(tls),
+        pending=lambda: tuple(incoming.registry),
+    )
+    try:
+        await server.start(config["migration_address"])
+    except ListenError as e:
+        raise ConfigError(str(e)) from None
     metrics_server = None
     manager: VMManager | None = None
     try:  # from here a failure (a port taken, say) stops what started: never a hang
@@ -203,10 +220,19 @@ async def serve(config: dict[str, Any]) -> None:
                 cpu_model=config.get("cpu_model") or host_cpu_model(),
                 cpus=os.cpu_count() or 1,
                 main_address=config["main_address"],
-                migration_address=advertised_endpoint(config, port)[0],
-                migration_port=advertised_endpoint(config, port)[1],
             ),
+            endpoint,
             heartbeat_seconds=float(config["heartbeat_seconds"]),
+        )
+        nodes = Informer(api, "Node")
+        network = NetworkAgent(
+            node,
+            nodes,
+            endpoint,
+            server,
+            main_address=config["migration_address"],
+            on_change=agent.heartbeat,
+            configure=bool(config["configure_migration_network"]),
         )
         vmis = Informer(api, "VirtualMachineInstance")
         manager = VMManager(
@@ -216,7 +242,7 @@ async def serve(config: dict[str, Any]) -> None:
             vmis,
             incoming,
             tls=tls,
-            migration_endpoint=advertised_endpoint(config, port),
+            migration_endpoint=endpoint,
             state_dir=runtime_dir,
         )
         await manager.adopt()
@@ -234,6 +260,8 @@ async def serve(config: dict[str, Any]) -> None:
             await agent.register()
             tasks = [
                 tg.create_task(agent.run()),
+                tg.create_task(nodes.run()),
+                tg.create_task(network.run()),
                 tg.create_task(vmis.run()),
                 tg.create_task(manager.run()),
                 tg.create_task(metrics.run()),
@@ -249,7 +277,7 @@ async def serve(config: dict[str, Any]) -> None:
         await driver.close()
         if metrics_server is not None:
             metrics_server.close()
-        await server.stop(grace=1)
+        await server.close(grace=1)
         await api.close()
 
 

@@ -1,4 +1,9 @@
-"""Registers this node's ``Node`` object and keeps it Ready with heartbeats."""
+"""Registers this node's ``Node`` object and keeps it Ready with heartbeats.
+
+The migration endpoint (address, port and the migration network's state) is read from
+the shared :class:`MigrationEndpoint` at every heartbeat: ``status.migrationEndpoint``,
+the ``MigrationIP`` address, ``status.migrationNetwork`` and the ``MigrationNetworkReady``
+condition (only while a migration network is assigned)."""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from handler.endpoint import MigrationEndpoint
 from vmferry.client import ApiClient
 from vmferry.errors import AlreadyExists, ApiError
+from vmferry.migration_network import MIGRATION_IP, NODE_CONDITION, STATUS_FIELD
 from vmferry.objects import conditions
 from vmferry.objects.quantity import format_quantity
 
@@ -29,8 +36,6 @@ class NodeInfo:
     cpu_model: str
     cpus: int
     main_address: str
-    migration_address: str
-    migration_port: int
 
 
 def host_cpu_model() -> str:
@@ -54,20 +59,33 @@ def host_memory_bytes() -> int:
 
 
 class NodeAgent:
-    def __init__(self, api: ApiClient, info: NodeInfo, *, heartbeat_seconds: float) -> None:
+    def __init__(
+        self,
+        api: ApiClient,
+        info: NodeInfo,
+        endpoint: MigrationEndpoint,
+        *,
+        heartbeat_seconds: float,
+    ) -> None:
         self.api = api
         self.info = info
+        self.endpoint = endpoint
         self.interval = heartbeat_seconds
+        # the migration network's condition, kept so its lastTransitionTime moves only
+        # when it flips
+        self._network_condition: Obj = {}
+        self._lock = asyncio.Lock()  # one status write at a time: the newest lands last
 
     def _status(self) -> Obj:
         i = self.info
         memory = format_quantity(i.memory_bytes)
+        address, port = self.endpoint.published()
         status: Obj = {
             "capacity": {"memory": memory, "cpu": str(i.cpus)},
             "allocatable": {"memory": memory, "cpu": str(i.cpus)},
             "addresses": [
                 {"type": "InternalIP", "address": i.main_address},
-                {"type": "Migration", "address": i.migration_address},
+                {"type": MIGRATION_IP, "address": address},
                 {"type": "Hostname", "address": socket.gethostname()},
             ],
             "nodeInfo": {
@@ -78,8 +96,10 @@ class NodeAgent:
                 "operatingSystem": "linux",
                 "architecture": platform.machine(),
             },
-            "migrationEndpoint": {"address": i.migration_address, "port": i.migration_port},
+            "migrationEndpoint": {"address": address, "port": port},
         }
+        if self.endpoint.settled:  # a merge patch: None removes it (no network assigned)
+            status[STATUS_FIELD] = None
         conditions.set_condition(
             status,
             "Ready",
@@ -88,6 +108,24 @@ class NodeAgent:
             "vmferry-handler is posting ready status",
             lastHeartbeatTime=conditions.now_rfc3339(),
         )
+        network = self.endpoint.network
+        if network is not None:
+            status[STATUS_FIELD] = network.as_dict()
+            conditions.set_condition(
+                self._network_condition,
+                NODE_CONDITION,
+                network.ready,
+                "InterfaceReady" if network.ready else "InterfaceNotReady",
+                (
+                    f"serving migrations on {network.address} ({network.interface}) of "
+                    f"{network.network}"
+                    if network.ready
+                    else network.message
+                ),
+            )
+            status["conditions"].extend(self._network_condition["conditions"])
+        else:
+            self._network_condition = {}
         return status
 
     async def register(self) -> None:
@@ -127,9 +165,10 @@ class NodeAgent:
         }
 
     async def heartbeat(self) -> None:
-        await self.api.patch(
-            "Node", None, self.info.name, {"status": self._status()}, subresource="status"
-        )
+        async with self._lock:
+            await self.api.patch(
+                "Node", None, self.info.name, {"status": self._status()}, subresource="status"
+            )
 
     async def run(self) -> None:
         while True:

@@ -1,12 +1,15 @@
 """The VM manager's target half: incoming guests, from the hand-off to resume or discard.
 
-When a hand-off names this node as the target, ``prepare`` starts an incoming guest on the
-VMI's driver, registers an ``IncomingMigration`` (with the stream token read from the
-migration's Secret) and publishes ``targetNodeAddress``/``targetNodePort``. From then on
-the migration's state (``target_state``) moves with the frames; the decision is taken
-only in :meth:`IncomingGuests.commit` and :meth:`IncomingGuests.discard`, each of which
-goes through ``IncomingMigration.decide`` before its first await, so exactly one resume
-(or one discard) runs whichever path brings the decision:
+When a hand-off names this node as the target, ``prepare`` checks that this node serves
+migrations on the migration network the hand-off names (if any: never a silent fallback
+to another network), starts an incoming guest on the VMI's driver, registers an
+``IncomingMigration`` (with the stream token read from the migration's Secret) and
+publishes ``targetNodeAddress``/``targetNodePort`` (the shared MigrationEndpoint's).
+From then on the migration's state (``target_state``) moves with the frames; the
+decision is taken only in :meth:`IncomingGuests.commit` and
+:meth:`IncomingGuests.discard`, each of which goes through ``IncomingMigration.decide``
+before its first await, so exactly one resume (or one discard) runs whichever path
+brings the decision:
 
 - the Commit frame (the services' ``on_commit``);
 - the VMI watch event carrying ``switchover: Committed`` (``VMManager._on_vmi_event``);
@@ -28,13 +31,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from handler.drivers.base import Drivers, VMHandle
+from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from vmferry import failpoints
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
 from vmferry.informer import WorkQueue
-from vmferry.migration_state import Field, Switchover, VMIPhase, raw
+from vmferry.migration_network import not_ready_reason
+from vmferry.migration_state import Field, MigrationConfig, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ class IncomingGuests:
         queue: WorkQueue,
         handles: dict[str, VMHandle],
         *,
-        endpoint: tuple[str, int],
+        endpoint: MigrationEndpoint,
         spawn: Callable[[Coroutine[Any, Any, None], str], None],
     ) -> None:
         self.api = api
@@ -159,6 +164,19 @@ class IncomingGuests:
         meta = vmi["metadata"]
         uid = ms[Field.MIGRATION_UID]
         record = HandoffRecord(self.api, meta["namespace"], meta["name"], uid)
+        network = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION)).network
+        if network:
+            reason = not_ready_reason(network, self.node, self.endpoint.network)
+            if reason is not None:
+                log.warning("migration %s: refused as its target: %s", uid, reason)
+                await record.fail(
+                    {
+                        Field.FAILED: True,
+                        Field.FAILURE_REASON: reason,
+                        Field.END_TIMESTAMP: conditions.now_rfc3339(),
+                    }
+                )
+                return
         token = await read_token(self.api, uid)
         await record.patch({Field.TARGET_NODE_DOMAIN_DETECTED: True})
         driver = self.drivers.for_vmi(vmi)
@@ -179,7 +197,7 @@ class IncomingGuests:
         """``targetNodeAddress``/``targetNodePort``: the source starts on them. Retried
         while the API is away (a restarting controller delays the migration)."""
         record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
-        address, port = self.endpoint
+        address, port = self.endpoint.published()
         await record.patch_until_written(
             {Field.TARGET_NODE_ADDRESS: address, Field.TARGET_NODE_PORT: port}
         )

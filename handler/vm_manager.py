@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from handler.drivers.base import Drivers, EngineContext, VMHandle
+from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import HandoffRecord
 from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
@@ -58,7 +59,7 @@ class VMManager:
         incoming: IncomingRegistry,
         *,
         tls: pki.TlsFiles | None,
-        migration_endpoint: tuple[str, int],
+        migration_endpoint: MigrationEndpoint,
         state_dir: Path,
     ) -> None:
         self.api = api

@@ -253,6 +253,7 @@ class PostCopy:
             if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
                 log.info("migration %s: already ended; its record stands", e.uid)
                 return
+        await e._sample_network()
         await e._patch_with_retry(
             {
                 Field.FAILED: True,

@@ -38,6 +38,7 @@ from handler.migration.handoff import (
     read_token,
 )
 from handler.migration.stats import Stats
+from handler.net_counters import NetworkMeter
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
@@ -183,6 +184,7 @@ class SourceEngine(abc.ABC):
         self.uid = state.migration_uid
         self.target_node = state.target_node
         self.target_address = state.target_endpoint
+        self.target_host = state.target_address
         self.config = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION))
         self.record = HandoffRecord(api, self.ns, self.name, self.uid)
         self.token = ""  # read from the migration's Secret in run()
@@ -192,6 +194,8 @@ class SourceEngine(abc.ABC):
         self.committed = False  # the arbiter recorded Committed: the target owns the VM
         self._last_report = 0.0
         self._publisher: asyncio.Task[None] | None = None
+        # which interfaces carried the migration (transfer.networkInterface/networkBytes)
+        self.network = NetworkMeter()
 
     # -- what a driver supplies -------------------------------------------------------------
 
@@ -256,6 +260,7 @@ class SourceEngine(abc.ABC):
             if not await self._mark_started():
                 return
             self.token = await read_token(self.api, self.uid)
+            await self.network.start(self.target_host)
             await self._migrate()
         except asyncio.CancelledError:
             raise  # handler shutdown: a restarted handler settles the migration
@@ -305,7 +310,12 @@ class SourceEngine(abc.ABC):
             self._last_report = now
             self._publisher = asyncio.create_task(self._publish_progress())
 
+    async def _sample_network(self) -> None:
+        """Bring the interfaces' byte counts (Stats.network) up to date."""
+        self.stats.network = await self.network.sample()
+
     async def _publish_progress(self) -> None:
+        await self._sample_network()
         with contextlib.suppress(ApiError):
             await self.record.patch(
                 {Field.TRANSFER: self._transfer_status(), Field.MODE: self.mode}
@@ -328,6 +338,7 @@ class SourceEngine(abc.ABC):
     async def _record_success(self) -> None:
         """completed, endTimestamp, mode and the final figures."""
         self.stats.remaining_bytes = 0
+        await self._sample_network()
         await self._patch_with_retry(
             {
                 Field.COMPLETED: True,
@@ -370,6 +381,7 @@ class SourceEngine(abc.ABC):
             except GuestError as e:
                 log.error("migration %s: cannot resume the guest here: %s", self.uid, e)
                 reason = f"{reason}; the guest could not be resumed on the source: {e}"
+        await self._sample_network()
         fields: Obj = {
             Field.FAILED: True,
             Field.FAILURE_REASON: reason,

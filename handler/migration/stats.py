@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from handler.net_counters import NetworkFigures
+
 Obj = dict[str, Any]
 
 RATE_WINDOW_SECONDS = 1.0  # s of recent batches the live transfer rate averages over
@@ -92,6 +94,7 @@ class Stats:
     digest: str = ""
     target_digest: str = ""
     digest_verified: bool = False
+    network: NetworkFigures | None = None  # the interfaces' counters (net_counters.py)
     wire_rate: RateWindow = field(default_factory=RateWindow, repr=False, compare=False)
 
     def record_batch(self, now: float, wire_bytes: int, memory_bytes: int) -> None:
@@ -146,4 +149,6 @@ class Stats:
             out["digest"] = self.digest
             out["targetDigest"] = self.target_digest
             out["digestVerified"] = self.digest_verified
+        if self.network is not None:
+            out.update(self.network.as_status())
         return out

@@ -26,6 +26,7 @@ from vmferry.cli.printers import (
     to_yaml,
     validate_output,
 )
+from vmferry.migration_network import MIGRATION_IP
 from vmferry.objects.jsonpath import JsonPathError
 from vmferry.objects.kinds import BY_KIND, Kind
 
@@ -148,7 +149,7 @@ def node(name: str, *, ready: str | None = "True", unschedulable: bool = False) 
             "nodeInfo": {"handlerVersion": "0.1.0", "cpuModel": "Skylake-Client"},
             "addresses": [
                 {"type": "InternalIP", "address": "10.0.0.1"},
-                {"type": "Migration", "address": "192.168.10.1"},
+                {"type": MIGRATION_IP, "address": "192.168.10.1"},
             ],
             "capacity": {"memory": "16Gi"},
         },

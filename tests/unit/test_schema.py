@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vmferry.errors import ApiError, BadRequest, Invalid
+from vmferry.migration_network import MIGRATION_IP
 from vmferry.migration_state import (
     LIVE_MIGRATION_DEFAULTS,
     AbortStatus,
@@ -146,7 +147,7 @@ VALID: dict[str, dict[str, Any]] = {
             "allocatable": {"memory": "60Gi", "cpu": "15500m"},
             "addresses": [
                 {"type": "InternalIP", "address": "192.168.1.10"},
-                {"type": "Migration", "address": "10.10.0.1"},
+                {"type": MIGRATION_IP, "address": "10.10.0.1"},
             ],
             "conditions": [
                 {

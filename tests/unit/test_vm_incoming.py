@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from handler.drivers.base import Drivers
+from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import MigrationFailed
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.restart_record import RestartRecord, RestartRecords
@@ -27,9 +28,11 @@ from handler.vm_manager import VMManager
 from tests.support.fake_api import StoreApi
 from tests.support.fake_handle import FakeHandle
 from vmferry.informer import WorkQueue
+from vmferry.migration_network import NodeNetworkStatus, nad_key, not_ready_reason
 from vmferry.migration_state import (
     TOKEN_SECRET_KEY,
     TOKEN_SECRET_NAMESPACE,
+    ConfigKey,
     Field,
     Switchover,
     token_secret_name,
@@ -98,6 +101,7 @@ class Target:
         self.registry = IncomingRegistry(records, require_peer_identity=False)
         self.handles: dict[str, Any] = {}
         self.spawned: list[asyncio.Task[None]] = []
+        self.endpoint = MigrationEndpoint("10.0.0.2", 7444)
         self.guests = IncomingGuests(
             api,  # type: ignore[arg-type]
             TARGET,
@@ -105,7 +109,7 @@ class Target:
             self.registry,
             WorkQueue(),
             self.handles,
-            endpoint=("10.0.0.2", 7444),
+            endpoint=self.endpoint,
             spawn=self.spawn,
         )
 
@@ -298,6 +302,64 @@ async def test_prepare_reads_the_token_from_the_secret(api: StoreApi, tmp_path: 
     assert ms[Field.TARGET_NODE_ADDRESS] == "10.0.0.2" and ms[Field.TARGET_NODE_PORT] == 7444
 
 
+async def store_token(api: StoreApi) -> None:
+    await api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"namespace": TOKEN_SECRET_NAMESPACE, "name": token_secret_name(MIG)},
+            "data": {TOKEN_SECRET_KEY: base64.b64encode(b"s3cret").decode()},
+        }
+    )
+
+
+NAD = "migration-net"
+ON_NAD: Obj = {Field.MIGRATION_CONFIGURATION: {ConfigKey.NETWORK: NAD}}
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        None,  # no migration network assigned here
+        NodeNetworkStatus(nad_key("other"), "eth1", "198.51.100.12", ready=True),
+        NodeNetworkStatus(
+            nad_key(NAD), "eth1", "", ready=False, message="no network interface eth1 on this node"
+        ),
+    ],
+)
+@pytest.mark.timeout(30)
+@with_api
+async def test_prepare_refuses_a_migration_over_a_network_this_node_does_not_serve(
+    api: StoreApi, tmp_path: Path, network: NodeNetworkStatus | None
+) -> None:
+    target = Target(api, RestartRecords(tmp_path / "incoming"))
+    target.endpoint.network = network
+    await store_token(api)
+    vmi = await store_vmi(api, ON_NAD)
+    await target.guests.reconcile(vmi, vmi["status"]["migrationState"])
+    assert target.driver.prepared == [] and target.registry.get(MIG) is None
+    ms = (await api.get("VirtualMachineInstance", "default", "vm"))["status"]["migrationState"]
+    assert ms[Field.FAILED] is True and Field.TARGET_NODE_ADDRESS not in ms
+    assert ms[Field.FAILURE_REASON] == not_ready_reason(NAD, TARGET, network)
+    assert TARGET in ms[Field.FAILURE_REASON] and nad_key(NAD) in ms[Field.FAILURE_REASON]
+
+
+@pytest.mark.timeout(30)
+@with_api
+async def test_prepare_on_the_migration_network_publishes_its_address(
+    api: StoreApi, tmp_path: Path
+) -> None:
+    target = Target(api, RestartRecords(tmp_path / "incoming"))
+    target.endpoint.address = "198.51.100.12"  # what the network agent moved it to
+    target.endpoint.network = NodeNetworkStatus(nad_key(NAD), "eth1", "198.51.100.12", ready=True)
+    await store_token(api)
+    vmi = await store_vmi(api, ON_NAD)
+    await target.guests.reconcile(vmi, vmi["status"]["migrationState"])
+    assert target.registry.get(MIG) is not None
+    ms = (await api.get("VirtualMachineInstance", "default", "vm"))["status"]["migrationState"]
+    assert ms[Field.TARGET_NODE_ADDRESS] == "198.51.100.12" and not ms.get(Field.FAILED)
+
+
 @with_api
 async def test_prepare_without_the_secret_fails_clearly_and_prepares_nothing(
     api: StoreApi, tmp_path: Path
@@ -322,7 +384,7 @@ async def manager(api: StoreApi, tmp_path: Path, node: str, vmi: Obj) -> VMManag
         informer,  # type: ignore[arg-type]
         IncomingRegistry(RestartRecords(tmp_path / "incoming"), require_peer_identity=False),
         tls=None,
-        migration_endpoint=("10.0.0.2", 7444),
+        migration_endpoint=MigrationEndpoint("10.0.0.2", 7444),
         state_dir=tmp_path,
     )
 

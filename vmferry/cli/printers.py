@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from vmferry.migration_network import MIGRATION_IP
 from vmferry.migration_state import Field
 from vmferry.objects import jsonpath
 from vmferry.objects.kinds import Kind
@@ -410,7 +411,7 @@ _COLUMNS: dict[str, list[_Column]] = {
         _AGE,
         _Column("VERSION", _path("status", "nodeInfo", "handlerVersion")),
         _Column("INTERNAL-IP", _node_address("InternalIP"), wide=True),
-        _Column("MIGRATION-IP", _node_address("Migration"), wide=True),
+        _Column("MIGRATION-IP", _node_address(MIGRATION_IP), wide=True),
         _Column("CPU-MODEL", _node_cpu_model, wide=True),
         _Column("MEMORY", _node_memory, wide=True),
     ],
