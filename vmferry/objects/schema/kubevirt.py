@@ -104,6 +104,11 @@ MIGRATION_TRANSFER = Obj(
         "postCopyStallMilliseconds": _NON_NEGATIVE,
         "postCopyFaults": _NON_NEGATIVE,
         "postCopyInterruptions": _NON_NEGATIVE,
+        # which network carried it (handler/net_counters.py): the NIC the migration
+        # connections left by, and every non-loopback NIC's bytes over networkSeconds
+        "networkInterface": Str(),
+        "networkBytes": Map(_NON_NEGATIVE),
+        "networkSeconds": _NON_NEGATIVE,
     }
 )
 
