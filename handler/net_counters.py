@@ -114,18 +114,26 @@ class NetworkMeter:
         self._start: dict[str, int] | None = None
         self._started_at = 0.0
         self.figures: NetworkFigures | None = None
+        self._starting: asyncio.Task[None] | None = None
+
+    def begin(self, target_address: str) -> None:
+        """``start`` in the background: the migration does not wait for the route lookup
+        (a subprocess); ``sample`` does."""
+        self._starting = asyncio.create_task(self.start(target_address))
 
     async def start(self, target_address: str) -> None:
+        self._started_at = self.clock()
+        self._start = await asyncio.to_thread(read_counters, self.root)
         try:
             self.interface = await local_interface(target_address, self.ip)
         except (iproute.IpError, OSError, ValueError) as e:
             log.warning("cannot tell which interface reaches %s: %s", target_address, e)
-        self._start = await asyncio.to_thread(read_counters, self.root)
-        self._started_at = self.clock()
         self.figures = NetworkFigures(self.interface, {}, 0.0)
 
     async def sample(self) -> NetworkFigures | None:
         """The figures since ``start`` (None before it)."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
         if self._start is None:
             return None
         now = await asyncio.to_thread(read_counters, self.root)

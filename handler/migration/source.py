@@ -260,7 +260,7 @@ class SourceEngine(abc.ABC):
             if not await self._mark_started():
                 return
             self.token = await read_token(self.api, self.uid)
-            await self.network.start(self.target_host)
+            self.network.begin(self.target_host)
             await self._migrate()
         except asyncio.CancelledError:
             raise  # handler shutdown: a restarted handler settles the migration

@@ -201,11 +201,27 @@ async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: flo
     clock.advance(seconds)
 
 
+def monitoring(lab: QemuLab) -> Callable[[], bool]:
+    """True once the engine's monitor polls QEMU: the tunnel is open and query-migrate
+    came twice more since (the monitor's clock baseline is taken before its first poll;
+    advancing the clock earlier would move the baseline, not the time stuck)."""
+    seen: list[int] = []
+
+    def ready() -> bool:
+        if not lab.tunnel.opened:
+            return False
+        polls = lab.qemu.commands.count("query-migrate")
+        seen.append(polls)
+        return polls >= seen[0] + 2
+
+    return ready
+
+
 def test_the_tunnel_opens_with_the_token_from_the_secret_and_the_plan(tmp_path: Path) -> None:
     async def body(lab: QemuLab) -> None:
         clock = FakeClock()
         engine = await lab.engine({"progressTimeout": 5}, clock)
-        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 10))
+        mover = asyncio.create_task(advance_when(clock, monitoring(lab), 10))
         await asyncio.wait_for(engine.run(), 20)
         await mover
         [opened] = lab.tunnel.opened
@@ -224,7 +240,7 @@ def test_progress_timeout_cancels_qemu_and_the_guest_keeps_running(tmp_path: Pat
     async def body(lab: QemuLab) -> None:
         clock = FakeClock()
         engine = await lab.engine({"progressTimeout": 5}, clock)
-        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 10))
+        mover = asyncio.create_task(advance_when(clock, monitoring(lab), 10))
         await asyncio.wait_for(engine.run(), 20)
         await mover
         state = await lab.state()
@@ -262,7 +278,7 @@ def test_post_copy_starts_when_allowed_and_a_failure_then_goes_through_the_arbit
         clock = FakeClock()
         # 64 MiB at 16 s/GiB: the completion timeout is 1 s.
         engine = await lab.engine({"completionTimeoutPerGiB": 16, "allowPostCopy": True}, clock)
-        mover = asyncio.create_task(advance_when(clock, lambda: bool(lab.tunnel.opened), 2))
+        mover = asyncio.create_task(advance_when(clock, monitoring(lab), 2))
 
         async def fail_in_postcopy() -> None:
             while True:
