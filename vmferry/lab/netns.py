@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -302,3 +303,16 @@ def pids_in(ns: str) -> list[int]:
 def delete(ns: str) -> None:
     """Remove namespace ``ns`` (its links and bridges go with it once no process is inside)."""
     _ip("netns", "delete", ns)
+
+
+def nic_bytes(ns: str) -> dict[str, int]:
+    """{nic: rx_bytes + tx_bytes} of every NIC but ``lo`` in namespace ``ns`` (now)."""
+    proc = _run(["ip", "-n", ns, "-s", "-j", "link", "show"])
+    if proc.returncode != 0:
+        raise NetnsError(f"cannot read the NIC counters of {ns}: {proc.stderr.strip()}")
+    counts = {}
+    for link in json.loads(proc.stdout):
+        if link.get("ifname") != "lo" and "stats64" in link:
+            stats = link["stats64"]
+            counts[link["ifname"]] = int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+    return counts
