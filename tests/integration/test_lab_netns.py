@@ -231,6 +231,17 @@ def ip_json_tc(ns: str, dev: str) -> list[dict[str, Any]]:
     return result
 
 
+@pytest.mark.timeout(60)
+def test_a_restarted_handler_comes_back_in_its_namespace(netlab: LabHarness) -> None:
+    old = netlab.lab.pid("node2")
+    netlab.restart("node2")
+    pid = netlab.lab.pid("node2")
+    assert pid is not None and pid != old
+    identify = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+    assert identify.stdout.strip() == netlab.lab.netns_of("node2")
+    assert "handler.main" in Path(f"/proc/{pid}/cmdline").read_text()
+
+
 @pytest.mark.timeout(180)
 def test_vm_migrates_between_namespaces(netlab: LabHarness) -> None:
     netlab.apply(

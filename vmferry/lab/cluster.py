@@ -389,9 +389,9 @@ class Lab:
             )
         topology = None
         if netns_mode:
-            self._remove_namespaces()  # a previous lab's leftovers in this directory
             reason = netns.unsupported_reason()
             if reason is None:
+                self._remove_namespaces()  # a previous lab's leftovers in this directory
                 try:
                     topology = netns.Topology(
                         self.netns_prefix, tuple(f"node{i}" for i in range(1, nodes + 1))
