@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import random
@@ -162,11 +161,7 @@ class Lab:
         return [*netns.exec_prefix(ns), *argv] if ns else list(argv)
 
     def ram_dir(self, node: str) -> Path:
-        return (
-            Path("/dev/shm/vmferry-lab")
-            / hashlib.sha1(str(self.dir).encode()).hexdigest()[:12]
-            / node
-        )
+        return Path("/dev/shm/vmferry-lab") / netns.dir_hash(self.dir)[:12] / node
 
     def runtime_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node / "runtime"

@@ -98,9 +98,14 @@ def parse_link(option: str, text: str) -> LinkSpec:
     return LinkSpec(rate_bits, delay_us)
 
 
+def dir_hash(lab_dir: Path) -> str:
+    """The hex hash naming what a lab keeps outside its directory (namespaces, RAM files)."""
+    return hashlib.sha1(str(Path(lab_dir).resolve()).encode()).hexdigest()
+
+
 def prefix_for(lab_dir: Path) -> str:
     """``vmf<h>``: the namespace prefix of the lab in ``lab_dir``."""
-    return "vmf" + hashlib.sha1(str(Path(lab_dir).resolve()).encode()).hexdigest()[:6]
+    return "vmf" + dir_hash(lab_dir)[:6]
 
 
 @dataclass(frozen=True)
