@@ -386,13 +386,16 @@ class Lab:
         if netns_mode:
             reason = netns.unsupported_reason()
             if reason is None:
-                self._remove_namespaces()  # a previous lab's leftovers in this directory
                 try:
                     topology = netns.Topology(
                         self.netns_prefix, tuple(f"node{i}" for i in range(1, nodes + 1))
                     )
+                except ValueError as e:
+                    raise LabError(str(e)) from None
+                self._remove_namespaces()  # a previous lab's leftovers in this directory
+                try:
                     netns.build(topology)
-                except (netns.NetnsError, ValueError) as e:
+                except netns.NetnsError as e:
                     reason = str(e)
                     self._remove_namespaces()
                     topology = None
