@@ -7,11 +7,14 @@ Needs root and network namespaces; skips and says why otherwise."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import ipaddress
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -22,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
-from vmferry.lab import netns
+from vmferry.lab import free_port, gateway, netns
 
 
 def _netns_unavailable() -> str | None:
@@ -139,6 +142,58 @@ def test_down_cleans_up_a_half_built_lab(tmp_path: Path) -> None:
             orphan.kill()
         for ns in netns.namespaces(prefix):
             subprocess.run(["ip", "netns", "delete", ns])
+
+
+@pytest.mark.timeout(60)
+def test_gateway_forwards_between_namespaces_with_half_close(tmp_path: Path) -> None:
+    """The gateway's listener in a lab namespace forwards to the host: 8 MiB up, then the
+    client's half-close reaches the server, whose answer still comes back."""
+    lab_ns = f"{netns.prefix_for(tmp_path)}-lab"
+    subprocess.run(["ip", "netns", "add", lab_ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", lab_ns, "link", "set", "lo", "up"], check=True)
+        asyncio.run(_half_close_round_trip(lab_ns))
+    finally:
+        subprocess.run(["ip", "netns", "delete", lab_ns])
+
+
+async def _half_close_round_trip(lab_ns: str) -> None:
+    payload = os.urandom(8 << 20)
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # to EOF: the client's half-close came through
+        writer.write(hashlib.sha256(data).hexdigest().encode())
+        await writer.drain()
+        writer.close()
+
+    host = await asyncio.start_server(server, "127.0.0.1", 0)
+    host_port = host.sockets[0].getsockname()[1]
+    gw = gateway.Gateway(lab_ns)
+    try:
+        lab_port = free_port("127.0.0.1")
+        await gw.listen(("127.0.0.1", lab_port), ("127.0.0.1", host_port), listen_in_lab=True)
+        client = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(('127.0.0.1',{lab_port}))\n"
+            "s.sendall(sys.stdin.buffer.read()); s.shutdown(socket.SHUT_WR)\n"
+            "out=b''\n"
+            "while (b:=s.recv(65536)): out+=b\n"
+            "print(out.decode())\n"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *netns.exec_prefix(lab_ns),
+            sys.executable,
+            "-c",
+            client,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(payload), 30)
+        assert proc.returncode == 0
+        assert out.decode().strip() == hashlib.sha256(payload).hexdigest()
+    finally:
+        await gw.close()
+        host.close()
 
 
 @pytest.fixture(scope="module")
