@@ -34,6 +34,7 @@ from typing import Any
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, ClientConfig
 from vmferry.lab import LAB_ENV, Lab
+from vmferry.lab.netns import parse_link
 from vmferry.migration_state import MigrationPhase, MigrationState, VMIPhase
 from vmferry.objects import conditions
 
@@ -158,7 +159,10 @@ def cpu_seconds(pid: int | None) -> float | None:
 class LabBench:
     """One lab for the whole bench invocation: 2 nodes, so a VM migrates back and forth."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, netns_link: str | None = None) -> None:
+        """``netns_link``: a netns lab whose main and migration links both have this
+        shape (``RATE[,DELAY]``), so a migration sees it whichever network it takes."""
+        self.netns_link = netns_link
         self.lab = Lab(root / "lab")
         self.config: ClientConfig | None = None
         self.env = dict(os.environ)
@@ -168,7 +172,18 @@ class LabBench:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def up(self) -> None:
-        self.config = self.lab.up(nodes=2, memory="16Gi", set_default=False)
+        if self.netns_link is None:
+            self.config = self.lab.up(nodes=2, memory="16Gi", set_default=False)
+            return
+        spec = parse_link("netns link", self.netns_link)
+        self.config = self.lab.up(
+            nodes=2,
+            memory="16Gi",
+            set_default=False,
+            netns_mode=True,
+            main_link=spec,
+            migration_link=spec,
+        )
 
     def down(self) -> None:
         self.lab.down()

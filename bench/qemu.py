@@ -108,12 +108,26 @@ class Qmp:
             await self.writer.wait_closed()
 
 
-def make_tls_dirs(root: Path) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class Placement:
+    """Where the two QEMU processes run: argv prefixes (e.g. ``ip netns exec NS``) and the
+    address the target listens on (the default: both on this host's loopback)."""
+
+    source_prefix: tuple[str, ...] = ()
+    target_prefix: tuple[str, ...] = ()
+    target_host: str = "127.0.0.1"
+
+
+LOOPBACK = Placement()
+
+
+def make_tls_dirs(root: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
     """QEMU's x509 directories (server, client) with certificates issued by a fresh
-    project CA: ``ca-cert.pem``, ``server-cert.pem``/``-key.pem``, ``client-cert.pem``/``-key.pem``."""
+    project CA (naming ``ips``): ``ca-cert.pem``, ``server-cert.pem``/``-key.pem``,
+    ``client-cert.pem``/``-key.pem``."""
     pki_dir = root / "pki"
     pki.init_ca(pki_dir, "vmferry-bench")
-    tls = pki.issue_node(pki_dir, "bench-qemu", ips=["127.0.0.1"], dns=["localhost"])
+    tls = pki.issue_node(pki_dir, "bench-qemu", ips=list(ips), dns=["localhost"])
     server, client = root / "tls-server", root / "tls-client"
     for d, role in ((server, "server"), (client, "client")):
         d.mkdir(parents=True, exist_ok=True)
@@ -182,6 +196,7 @@ async def migrate_once(
     mode: QemuMode,
     workdir: Path,
     tls_dirs: tuple[Path, Path] | None,
+    placement: Placement = LOOPBACK,
 ) -> dict[str, Any]:
     """One QEMU migration of the pre-filled ``source_ram``; returns its measurements."""
     target_ram = workdir / "target.ram"
@@ -195,8 +210,14 @@ async def migrate_once(
         server_tls = tls_dirs[0] if (tls_dirs and mode.tls) else None
         client_tls = tls_dirs[1] if (tls_dirs and mode.tls) else None
         for argv in (
-            _argv(source_ram, memory_bytes, sockets[0], client_tls, "client"),
-            _argv(target_ram, memory_bytes, sockets[1], server_tls, "server"),
+            [
+                *placement.source_prefix,
+                *_argv(source_ram, memory_bytes, sockets[0], client_tls, "client"),
+            ],
+            [
+                *placement.target_prefix,
+                *_argv(target_ram, memory_bytes, sockets[1], server_tls, "server"),
+            ],
         ):
             procs.append(_launch(argv, workdir / "qemu.log"))
         src = await Qmp.connect(sockets[0])
@@ -218,10 +239,11 @@ async def migrate_once(
                 p.pop("max-bandwidth", None)
                 p.pop("downtime-limit", None)
             await qmp.execute("migrate-set-parameters", **p)
-        port = free_port("127.0.0.1")
-        await dst.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        port = free_port("127.0.0.1")  # free here; in a node's own namespace as good as free
+        uri = f"tcp:{placement.target_host}:{port}"
+        await dst.execute("migrate-incoming", uri=uri)
         started = time.monotonic()
-        await src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        await src.execute("migrate", uri=uri)
         deadline = started + TIMEOUT
         src_info = await _poll_completed(src, deadline)
         await _poll_completed(dst, deadline)
@@ -254,7 +276,14 @@ async def migrate_once(
 class QemuPeer:
     """One pre-filled source RAM file (in /dev/shm) migrated by QEMU in several modes."""
 
-    def __init__(self, memory_bytes: int, content: str, touched_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        memory_bytes: int,
+        content: str,
+        touched_bytes: int = 0,
+        placement: Placement = LOOPBACK,
+    ) -> None:
+        self.placement = placement
         self.memory_bytes = memory_bytes
         self.content = content
         self.touched_bytes = touched_bytes
@@ -266,7 +295,9 @@ class QemuPeer:
     async def prepare(self) -> None:
         from bench.content import fill_ram_file
 
-        self.tls_dirs = make_tls_dirs(self.workdir)
+        self.tls_dirs = make_tls_dirs(
+            self.workdir, tuple(dict.fromkeys(["127.0.0.1", self.placement.target_host]))
+        )
         await asyncio.to_thread(
             fill_ram_file, self.source_ram, self.memory_bytes, self.content, self.touched_bytes
         )
@@ -274,7 +305,12 @@ class QemuPeer:
     async def migrate(self, mode: QemuMode) -> dict[str, Any]:
         try:
             return await migrate_once(
-                self.source_ram, self.memory_bytes, mode, self.workdir, self.tls_dirs
+                self.source_ram,
+                self.memory_bytes,
+                mode,
+                self.workdir,
+                self.tls_dirs,
+                self.placement,
             )
         except (RuntimeError, TimeoutError, OSError) as e:
             return {"error": str(e)}

@@ -10,6 +10,9 @@ each QEMU peer, so both see the same machine noise:
   sched   scheduling overhead: `vmferry migrate` returning -> first byte on the wire, and
           Succeeded on the handler -> Succeeded on the VMIM
   grpc    the bare gRPC mTLS ceiling (1 stream, N streams on one connection, N connections)
+  netns   (--netns; root) 1 GiB random memory between two nodes with their own network
+          stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
+          link (bench/netns_runs.py)
 
 Ours: memory bytes / migrationSeconds, where migrationSeconds is the source handler's span
 from its "starting" log line to its "succeeded" line (rounds, switchover with digest
@@ -18,7 +21,7 @@ the target reporting ``completed``. Ratios are throughput ratios: ours / theirs,
 ours is faster.
 
   python -m bench.run [--quick] [--scenario NAME ...] [--output FILE] [--no-qemu]
-                      [--no-profile] [--runs N]
+                      [--no-profile] [--runs N] [--netns]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import grpc_baseline, qemu
+from bench import grpc_baseline, netns_runs, qemu
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -58,6 +61,7 @@ MiB = 1 << 20
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched"]
+NETNS = "netns"  # not in the default set: it needs root and network namespaces
 
 OUR_KEYS = [
     "throughput",
@@ -536,6 +540,8 @@ def table(results: Obj) -> str:
             lines.append("    inclusive (without interpreter/event-loop/pool frames):")
             for e in p.get("inclusive", [])[:15]:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
+    if results.get(NETNS):
+        lines += netns_runs.table_lines(results[NETNS])
     return "\n".join(lines)
 
 
@@ -564,7 +570,9 @@ def phase_deltas(records: list[Obj]) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> Obj:
-    selected = args.scenario or SCENARIO_NAMES
+    selected = args.scenario or ([] if args.netns else SCENARIO_NAMES)
+    if args.netns and NETNS not in selected:
+        selected = [*selected, NETNS]
     results: Obj = {
         "machine": machine_info(),
         "code": source_info(),
@@ -576,7 +584,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
     streams = args.streams
     if "grpc" in selected:
         results["grpc"] = await run_grpc(args.quick, streams, args.runs, root / "grpc")
-    lab_scenarios = [s for s in selected if s != "grpc"]
+    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS)]
     if lab_scenarios:
         bench = LabBench(root)
         log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")
@@ -604,6 +612,11 @@ async def main_async(args: argparse.Namespace) -> Obj:
         finally:
             log("lab: stopping")
             await asyncio.to_thread(bench.down)
+    if NETNS in selected:
+        with_qemu = not args.no_qemu and qemu.available()
+        results["netns"] = await netns_runs.run_netns(
+            args.quick, args.runs, with_qemu, root / NETNS, log
+        )
     results["machine"]["loadavgEnd"] = os.getloadavg()
     compute_ratios(results)
     return results
@@ -615,8 +628,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--scenario",
         action="append",
-        choices=SCENARIO_NAMES,
-        help="run only this scenario (repeatable); default: all",
+        choices=[*SCENARIO_NAMES, NETNS],
+        help="run only this scenario (repeatable); default: all but netns",
+    )
+    p.add_argument(
+        "--netns",
+        action="store_true",
+        help="the netns scenario (alone unless --scenario adds others): shaped links between "
+        "node namespaces, needs root",
     )
     p.add_argument(
         "--output",

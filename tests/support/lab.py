@@ -99,8 +99,25 @@ class LabHarness:
             )
         return proc
 
-    def up(self, nodes: int = 3, memory: str = "4Gi") -> None:
-        self.cli("lab", "up", "--nodes", str(nodes), "--memory", memory, timeout=120)
+    def up(
+        self,
+        nodes: int = 3,
+        memory: str = "4Gi",
+        *,
+        netns: bool = False,
+        migration_link: str | None = None,
+        main_link: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """``vmferry lab up``; with ``netns``, nodes in their own network namespaces
+        (``migration_link``/``main_link``: ``RATE[,DELAY]``)."""
+        args = ["lab", "up", "--nodes", str(nodes), "--memory", memory]
+        if netns:
+            args.append("--netns")
+        if migration_link:
+            args += ["--migration-link", migration_link]
+        if main_link:
+            args += ["--main-link", main_link]
+        return self.cli(*args, timeout=120)
 
     def down(self) -> None:
         self.cli("lab", "down", check=False, timeout=60)

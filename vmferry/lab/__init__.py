@@ -7,6 +7,7 @@
 Public surface: what this ``__init__`` re-exports.
 """
 
+from vmferry.lab import netns
 from vmferry.lab.cluster import (
     DEFAULT_LAB_DIR,
     LAB_ENV,
@@ -25,4 +26,5 @@ __all__ = [
     "LabError",
     "default_dir",
     "free_port",
+    "netns",
 ]

@@ -1,18 +1,27 @@
-"""A local lab: a controller and N handlers as real processes on loopback, with their
-own certificates (a fresh cluster CA), data, runtime and RAM directories.
+"""A local lab: a controller and N handlers as real processes, with their own
+certificates (a fresh cluster CA), data, runtime and RAM directories.
 
-Node ``nodeI`` has its main address on 127.0.0.1 and its migration address on
-127.0.1.I (a separate loopback address stands for the dedicated migration network),
-and a certificate whose SANs name both. Processes run in their own sessions, write
-logs to ``<dir>/logs`` and pidfiles to ``<dir>/run``; ``down`` stops them and every
-guest they started.
+Loopback mode (the default): node ``nodeI`` has its main address on 127.0.0.1 and its
+migration address on 127.0.1.I (a separate loopback address stands for the dedicated
+migration network), and a certificate whose SANs name both.
+
+Netns mode (``up(netns=True)``, see :mod:`vmferry.lab.netns`): each handler and its
+guests run in the node's own network namespace with ``eth0`` (main, 192.0.2.(10+I)) and
+``eth1`` (migration); the controller stays on the host's 127.0.0.1 and the lab's
+gateway process (:mod:`vmferry.lab.gateway`) carries the handlers' API connections from
+192.0.2.1 to it. Without root or netns support the lab falls back to loopback mode and
+says why (``Lab.warnings``).
+
+Processes run in their own sessions, write logs to ``<dir>/logs`` and pidfiles to
+``<dir>/run``; ``down`` stops them and every guest they started, and removes the lab's
+namespaces (found from the directory's name alone, so a half-built lab goes too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import hashlib
 import json
 import os
 import random
@@ -24,17 +33,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, DEFAULT_CONFIG, ClientConfig
 from vmferry.errors import ApiError
+from vmferry.lab import netns
 from vmferry.objects import conditions
 
 LAB_ENV = "VMFERRY_LAB_DIR"
 DEFAULT_LAB_DIR = Path.home() / ".vmferry" / "lab"
 READY_TIMEOUT = 60.0  # s for the controller and every node to come up
 STOP_TIMEOUT = 10.0  # s between SIGTERM and SIGKILL
+GATEWAY = "gateway"  # the netns lab's forwarding process (a component like the others)
+GATEWAY_TIMEOUT = 15.0  # s for the gateway to listen
+NETNS_MIGRATION_PORT = 7444  # every node has its own network stack: one port for all
 
 
 class LabError(Exception):
@@ -111,6 +125,7 @@ class Lab:
         self.pki_dir = self.dir / "pki"
         self.run_dir = self.dir / "run"
         self.log_dir = self.dir / "logs"
+        self.warnings: list[str] = []  # what up() could not do as asked (netns fallback...)
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -118,18 +133,35 @@ class Lab:
     def client_config_path(self) -> Path:
         return self.dir / "client.yaml"
 
-    def node_names(self) -> list[str]:
+    def info(self) -> dict[str, Any]:
+        """lab.json ({} when there is none)."""
         try:
-            return list(json.loads((self.dir / "lab.json").read_text())["nodes"])
-        except (OSError, ValueError, KeyError):
-            return []
+            info: dict[str, Any] = json.loads((self.dir / "lab.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return info
+
+    def node_names(self) -> list[str]:
+        return list(self.info().get("nodes") or [])
+
+    @property
+    def netns_prefix(self) -> str:
+        """``vmf<h>``: the prefix of every namespace this lab makes (from its directory)."""
+        return netns.prefix_for(self.dir)
+
+    def netns_of(self, node: str) -> str | None:
+        """The network namespace ``node`` runs in; None in loopback mode."""
+        name: str | None = ((self.info().get("netns") or {}).get("nodes") or {}).get(node)
+        return name
+
+    def netns_exec(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` prefixed to run in ``node``'s network namespace (unchanged in loopback
+        mode)."""
+        ns = self.netns_of(node)
+        return [*netns.exec_prefix(ns), *argv] if ns else list(argv)
 
     def ram_dir(self, node: str) -> Path:
-        return (
-            Path("/dev/shm/vmferry-lab")
-            / hashlib.sha1(str(self.dir).encode()).hexdigest()[:12]
-            / node
-        )
+        return Path("/dev/shm/vmferry-lab") / netns.dir_hash(self.dir)[:12] / node
 
     def runtime_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node / "runtime"
@@ -141,25 +173,43 @@ class Lab:
             return None
         return pid if _alive(pid) else None
 
+    def components(self) -> list[str]:
+        """Every process of this lab, in start order."""
+        gateway = [GATEWAY] if self.info().get("netns") else []
+        return ["controller", *gateway, *self.node_names()]
+
     def _component(self, name: str) -> Component:
         py = sys.executable
         if name == "controller":
             return Component(
                 name, [py, "-m", "controller.main", "--config", str(self.dir / "controller.toml")]
             )
-        if name not in self.node_names():
+        if name not in self.components():
+            raise LabError(f"no component {name!r} in this lab ({', '.join(self.components())})")
+        if name == GATEWAY:
+            return Component(name, [py, "-m", "vmferry.lab.gateway", "--dir", str(self.dir)])
+        argv = [
+            py,
+            "-m",
+            "handler.main",
+            "--config",
+            str(self.dir / "nodes" / name / "handler.toml"),
+        ]
+        ns = self.netns_of(name)
+        if ns is not None and not (netns.NETNS_RUN_DIR / ns).exists():
             raise LabError(
-                f"no component {name!r} in this lab (controller, {', '.join(self.node_names())})"
+                f"{name}'s network namespace {ns} does not exist: run 'vmferry lab down' and "
+                "'vmferry lab up --netns' again"
             )
-        return Component(
-            name,
-            [py, "-m", "handler.main", "--config", str(self.dir / "nodes" / name / "handler.toml")],
-        )
+        return Component(name, self.netns_exec(name, argv))
 
     # -- up ---------------------------------------------------------------------------------
 
-    def write(self, nodes: int, memory: str) -> ClientConfig:
-        """Create the CA, certificates and configuration files of a fresh lab."""
+    def write(
+        self, nodes: int, memory: str, topology: netns.Topology | None = None
+    ) -> ClientConfig:
+        """Create the CA, certificates and configuration files of a fresh lab (netns mode
+        with ``topology``)."""
         if nodes < 1:
             raise LabError("a lab needs at least one node (two to migrate)")
         if self.dir.exists():
@@ -167,8 +217,10 @@ class Lab:
         for d in (self.pki_dir, self.run_dir, self.log_dir):
             d.mkdir(parents=True)
         pki.init_ca(self.pki_dir, "vmferry-lab")
+        # In netns mode the handlers dial the API at the gateway's 192.0.2.1 and verify it.
+        api_ips = ["127.0.0.1", netns.GATEWAY_ADDRESS] if topology else ["127.0.0.1"]
         server = pki.issue_server(
-            self.pki_dir, "vmferry-controller", ips=["127.0.0.1"], dns=["localhost"]
+            self.pki_dir, "vmferry-controller", ips=api_ips, dns=["localhost"]
         )
         admin = pki.issue_user(self.pki_dir, "admin", groups=["system:masters"])
         api_port = free_port("127.0.0.1")
@@ -185,40 +237,51 @@ class Lab:
             f'console_listen = "127.0.0.1:{console_port}"\n'
         )
         names = [f"node{i}" for i in range(1, nodes + 1)]
+        if topology is not None and list(topology.nodes) != names:
+            raise LabError(f"netns topology nodes {topology.nodes} differ from {names}")
+        api_server = f"{netns.GATEWAY_ADDRESS}:{api_port}" if topology else f"127.0.0.1:{api_port}"
         for i, name in enumerate(names, start=1):
-            migration_ip = f"127.0.1.{i}"
-            tls = pki.issue_node(
-                self.pki_dir, name, ips=["127.0.0.1", migration_ip], dns=["localhost"]
-            )
+            # The host's 127.0.0.1 serves each node's metrics (the gateway forwards them in
+            # netns mode), so the port is chosen there in both modes.
+            metrics_ports[name] = free_port("127.0.0.1")
+            if topology is None:
+                main_ip, migration_ip = "127.0.0.1", f"127.0.1.{i}"
+                migration_port = free_port(migration_ip)
+                metrics_listen = f"127.0.0.1:{metrics_ports[name]}"
+                ips = ["127.0.0.1", migration_ip]
+            else:  # the main network until a NAD gives eth1 an address
+                main_ip = migration_ip = topology.main_address(name)
+                migration_port = NETNS_MIGRATION_PORT
+                metrics_listen = f"{main_ip}:{metrics_ports[name]}"
+                ips = [main_ip, "127.0.0.1"]
+            tls = pki.issue_node(self.pki_dir, name, ips=ips, dns=["localhost"])
             node_dir = self.dir / "nodes" / name
             node_dir.mkdir(parents=True)
-            metrics_ports[name] = free_port("127.0.0.1")
             (node_dir / "handler.toml").write_text(
                 f'node_name = "{name}"\n'
-                f'api_server = "127.0.0.1:{api_port}"\n'
+                f'api_server = "{api_server}"\n'
                 f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
-                'main_address = "127.0.0.1"\n'
+                f'main_address = "{main_ip}"\n'
                 f'migration_address = "{migration_ip}"\n'
-                f"migration_port = {free_port(migration_ip)}\n"
+                f"migration_port = {migration_port}\n"
                 f'runtime_dir = "{self.runtime_dir(name)}"\n'
                 f'ram_dir = "{self.ram_dir(name)}"\n'
                 f'memory = "{memory}"\n'
                 'cpu_model = "vmferry-lab-cpu"\n'
                 "heartbeat_seconds = 1\n"
-                f'metrics_listen = "127.0.0.1:{metrics_ports[name]}"\n'
+                f'metrics_listen = "{metrics_listen}"\n'
                 f'[labels]\n"vmferry.io/lab-node" = "{i}"\n'
             )
-        (self.dir / "lab.json").write_text(
-            json.dumps(
-                {
-                    "nodes": names,
-                    "apiPort": api_port,
-                    "consolePort": console_port,
-                    "metricsPorts": metrics_ports,
-                    "tokenPort": token_port,
-                }
-            )
-        )
+        info: dict[str, Any] = {
+            "nodes": names,
+            "apiPort": api_port,
+            "consolePort": console_port,
+            "metricsPorts": metrics_ports,
+            "tokenPort": token_port,
+        }
+        if topology is not None:
+            info["netns"] = topology.as_dict()
+        (self.dir / "lab.json").write_text(json.dumps(info))
         config = ClientConfig(server=f"127.0.0.1:{api_port}", tls=admin)
         self.client_config_path.write_text(config.to_yaml(relative_to=self.dir))
         return config
@@ -228,6 +291,8 @@ class Lab:
         if self.pid(component):
             raise LabError(f"{component} is already running (pid {self.pid(component)})")
         comp = self._component(component)
+        if component == GATEWAY:
+            (self.run_dir / netns.GATEWAY_READY_FILE).unlink(missing_ok=True)
         log = open(self.log_dir / f"{component}.log", "ab")
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -241,8 +306,25 @@ class Lab:
             cwd=str(self.dir),
         )
         log.close()
+        # `ip netns exec` execs the handler: proc.pid is the handler's own pid.
         (self.run_dir / f"{component}.pid").write_text(str(proc.pid))
+        if component == GATEWAY:
+            self._wait_gateway(proc.pid)
         return proc.pid
+
+    def _wait_gateway(self, pid: int) -> None:
+        deadline = time.monotonic() + GATEWAY_TIMEOUT
+        while not (self.run_dir / netns.GATEWAY_READY_FILE).exists():
+            log_file = self.log_dir / f"{GATEWAY}.log"
+            if not _alive(pid):
+                raise LabError(
+                    f"the gateway exited during start-up:\n{log_file.read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"the gateway did not listen within {GATEWAY_TIMEOUT:.0f}s; see {log_file}"
+                )
+            time.sleep(0.05)
 
     def kill(self, component: str, sig: int = signal.SIGKILL) -> int:
         pid = self.pid(component)
@@ -272,20 +354,81 @@ class Lab:
                     raise LabError(
                         f"the lab did not come up within {timeout:.0f}s ({waiting}); see {self.log_dir}"
                     )
-                for comp in ["controller", *sorted(names)]:
+                for comp in self.components():
                     if self.pid(comp) is None:
                         tail = (self.log_dir / f"{comp}.log").read_text()[-2000:]
                         raise LabError(f"{comp} exited during start-up; its log ends with:\n{tail}")
                 await asyncio.sleep(0.2)
 
-    def up(self, nodes: int = 3, memory: str = "4Gi", *, set_default: bool = True) -> ClientConfig:
-        """Write a fresh lab, start everything and wait until every node is Ready."""
-        if any(self.pid(c) for c in ["controller", *self.node_names()]):
+    def up(
+        self,
+        nodes: int = 3,
+        memory: str = "4Gi",
+        *,
+        set_default: bool = True,
+        netns_mode: bool = False,
+        main_link: netns.LinkSpec | None = None,
+        migration_link: netns.LinkSpec | None = None,
+    ) -> ClientConfig:
+        """Write a fresh lab, start everything and wait until every node is Ready.
+
+        ``netns_mode``: nodes in their own network namespaces, links shaped as given; when
+        this machine cannot, the lab comes up in loopback mode and ``self.warnings`` says
+        why."""
+        self.warnings = []
+        if any(self.pid(c) for c in self.components()):
             raise LabError(f"a lab is already running in {self.dir}: run 'vmferry lab down' first")
-        config = self.write(nodes, memory)
-        self.start("controller")
-        for name in self.node_names():
-            self.start(name)
+        if (main_link or migration_link) and not netns_mode:
+            raise LabError(
+                "--main-link and --migration-link shape the netns lab's links: add --netns"
+            )
+        topology = None
+        if netns_mode:
+            reason = netns.unsupported_reason()
+            if reason is None:
+                try:
+                    topology = netns.Topology(
+                        self.netns_prefix, tuple(f"node{i}" for i in range(1, nodes + 1))
+                    )
+                except ValueError as e:
+                    raise LabError(str(e)) from None
+                self._remove_namespaces()  # a previous lab's leftovers in this directory
+                try:
+                    netns.build(topology)
+                except netns.NetnsError as e:
+                    reason = str(e)
+                    self._remove_namespaces()
+                    topology = None
+            if reason is not None:
+                self.warnings.append(
+                    f"cannot build the netns lab ({reason}): falling back to loopback mode"
+                    + (", links NOT shaped" if main_link or migration_link else "")
+                )
+            else:
+                assert topology is not None
+                try:
+                    for nic, spec in (
+                        (netns.MAIN_NIC, main_link),
+                        (netns.MIGRATION_NIC, migration_link),
+                    ):
+                        if spec is not None:
+                            self.warnings += netns.shape(topology, nic, spec)
+                except netns.NetnsError as e:
+                    self._remove_namespaces()
+                    raise LabError(str(e)) from None
+        config = self.write(nodes, memory, topology)
+        if topology is not None:
+            links = {
+                name: spec.as_dict()
+                for name, spec in (("main", main_link), ("migration", migration_link))
+                if spec is not None
+            }
+            info = self.info()
+            info["netns"]["links"] = links
+            info["netns"]["delayApplied"] = netns.delay_supported(self.warnings)
+            (self.dir / "lab.json").write_text(json.dumps(info))
+        for comp in self.components():
+            self.start(comp)
         asyncio.run(self.wait_ready(config))
         if set_default:
             target = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
@@ -310,10 +453,31 @@ class Lab:
                     pids.append(pid)
         return pids
 
+    def _pidfile_components(self) -> list[str]:
+        """Components with a pidfile: also those of a lab whose lab.json is gone."""
+        return sorted(p.stem for p in self.run_dir.glob("*.pid")) if self.run_dir.is_dir() else []
+
+    def _remove_namespaces(self) -> list[str]:
+        """Kill what still runs inside this lab's namespaces, then delete them."""
+        removed = []
+        for ns in netns.namespaces(self.netns_prefix):
+            for pid in netns.pids_in(ns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                netns.delete(ns)
+            except netns.NetnsError:
+                continue
+            removed.append(f"namespace {ns}")
+        return removed
+
     def down(self) -> list[str]:
-        """Stop every process of the lab (guests included) and remove its RAM files."""
+        """Stop every process of the lab (guests included), remove its RAM files and its
+        network namespaces (with their links and bridges)."""
         stopped = []
-        components = [*self.node_names(), "controller"]
+        nodes = self.node_names()
+        ordered = [*nodes, GATEWAY, "controller"]
+        components = ordered + [c for c in self._pidfile_components() if c not in ordered]
         for comp in components:
             pid = self.pid(comp)
             if pid:
@@ -329,6 +493,8 @@ class Lab:
         for pid in self.guest_pids():
             os.kill(pid, signal.SIGKILL)
             stopped.append(f"guest {pid}")
-        for name in self.node_names():
+        for name in nodes:
             shutil.rmtree(self.ram_dir(name), ignore_errors=True)
+        if netns.unsupported_reason() is None:
+            stopped += self._remove_namespaces()
         return stopped
