@@ -270,6 +270,9 @@ class Lab:
                 'cpu_model = "vmferry-lab-cpu"\n'
                 "heartbeat_seconds = 1\n"
                 f'metrics_listen = "{metrics_listen}"\n'
+                # Loopback handlers share the host's network stack: a migration network
+                # (NAD) must never make them add addresses to the host's NICs.
+                f"configure_migration_network = {'true' if topology else 'false'}\n"
                 f'[labels]\n"vmferry.io/lab-node" = "{i}"\n'
             )
         info: dict[str, Any] = {
