@@ -160,6 +160,16 @@ def test_a_huge_label_value_is_echoed_cut_and_the_reason_kept() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_huge_unknown_field_name_is_cut_in_the_path_and_the_message() -> None:
+    obj = configmap("c")
+    obj["x" * 100_000] = 1
+    message = refusal(obj)
+    assert "… (99936 more characters)" in message  # the path: 64 characters kept
+    assert message.endswith("… (99920 more characters)")  # the echoed name: 80 kept
+    assert len(message) < 400
+
+
+@pytest.mark.timeout(10)
 def test_many_problems_are_listed_up_to_a_count() -> None:
     bad = {f"bad key {i}": "v" for i in range(100)}
     message = refusal(configmap("c", labels=bad))

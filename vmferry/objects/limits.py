@@ -181,6 +181,7 @@ def _path(parts: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            part = shorten(part, 64)
             out += f".{part}" if out else part
         else:
             out += f"[{shorten(part, 64)}]"

@@ -190,7 +190,7 @@ class Obj(Schema):
             if not isinstance(key, str):
                 errors.add(path, f"field names must be strings, got {describe(key)}")
                 continue
-            item_path = field_path(path, key)
+            item_path = field_path(path, limits.shorten(key, 64))
             schema = self.fields.get(key)
             if schema is None:
                 errors.add(item_path, _unknown_field(key, self.fields))
