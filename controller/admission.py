@@ -2,7 +2,7 @@
 
 Mirrors KubeVirt's admission webhooks for what vmferry serves today: a migration may
 only be created for a VirtualMachineInstance that exists, runs, is live-migratable and
-is not already migrating; a migration's spec never changes after creation. A
+is not already migrating; neither a migration's nor a VMI's spec changes after creation. A
 NetworkAttachmentDefinition's ``spec.config`` must be one vmferry can use
 (:func:`vmferry.migration_network.parse_nad_config`, with the registered Nodes' main
 addresses, which its range must not overlap), on create and on update.
@@ -17,13 +17,64 @@ from controller.store import Store
 from vmferry.errors import Forbidden, Invalid, NotFound
 from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
-from vmferry.objects import conditions
+from vmferry.objects import conditions, schema
+from vmferry.objects.limits import shorten
 
 Obj = dict[str, Any]
 
 
 def is_final(vmim: Obj) -> bool:
     return MigrationPhase.of(vmim).final
+
+
+def first_difference(before: object, after: object, path: str) -> str | None:
+    """The path of the first field that differs between ``before`` and ``after``."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in [*before, *(k for k in after if k not in before)]:
+            found = first_difference(before.get(key), after.get(key), f"{path}.{shorten(key, 64)}")
+            if found:
+                return found
+        return None
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for index, (a, b) in enumerate(zip(before, after, strict=True)):
+            found = first_difference(a, b, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if before == after else path
+
+
+def _refuse_vmi_spec_change(current: Obj, new: Obj) -> None:
+    """As KubeVirt's VMI update admitter: a VMI's spec is what its guest was started
+    with (a migration target builds the same guest from it), so it never changes; labels
+    and annotations (metadata) and status may. vmferry has no hot-plug fields."""
+    # Defaulted as ``new`` was: a VMI the VM controller created holds only its template's spec.
+    before = schema.apply_defaults(current).get("spec")
+    field = first_difference(before, new.get("spec"), "spec")
+    if field is None:
+        return
+    meta = current["metadata"]
+    owner = next(
+        (
+            ref.get("name")
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == "VirtualMachine"
+        ),
+        None,
+    )
+    if owner:
+        ns = meta["namespace"]
+        instead = (
+            f"edit the VirtualMachine (vmferry edit vm {owner} -n {ns}) and restart it "
+            f"(vmferry delete vmi {meta['name']} -n {ns}: the VM starts a new one from its "
+            "template), or migrate"
+        )
+    else:
+        instead = "delete the VMI and create it again with the new spec"
+    raise Invalid(
+        f'VirtualMachineInstance "{meta["name"]}": {field}: a VirtualMachineInstance\'s spec '
+        f"cannot change once created; {instead}"
+    )
 
 
 class Admission:
@@ -48,6 +99,8 @@ class Admission:
                 f'VirtualMachineInstanceMigration "{current["metadata"]["name"]}": spec: '
                 "field is immutable: create a new migration instead"
             )
+        if new["kind"] == "VirtualMachineInstance" and subresource != "status":
+            _refuse_vmi_spec_change(current, new)
 
     async def admit_delete(self, current: Obj) -> None:
         if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):

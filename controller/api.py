@@ -45,7 +45,7 @@ from vmferry.errors import (
 )
 from vmferry.failpoints import Step
 from vmferry.migration_state import MigrationState, Switchover
-from vmferry.objects import kinds, labels, patch, schema
+from vmferry.objects import kinds, labels, limits, patch, schema
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ STATUS_STRIPPED_ON_CREATE = {
 
 
 def _load(data: bytes, what: str) -> Obj:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    obj = limits.loads_json(data, what)
     if not isinstance(obj, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return obj
@@ -185,7 +182,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             who = await self.authenticator.authenticate(context)
             return await fn(who)
         except ApiError as e:
-            await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
+            message = limits.fit_message(e.message)
+            await context.abort(e.grpc_code, message, trailing_metadata=((REASON_KEY, e.reason),))
 
     async def decide(
         self, who: pki.Identity, request: rbac.Request, current: Obj | None = None
@@ -360,10 +358,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
-            try:
-                body = json.loads(request.patch_json)
-            except ValueError as e:
-                raise BadRequest(f"patch is not valid JSON: {e}") from None
+            body = limits.loads_json(request.patch_json, "patch")
             if request.type == api_pb2.PATCH_TYPE_JSON:
                 if not isinstance(body, list):
                     raise BadRequest("a json patch must be a list of operations")
@@ -471,7 +466,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 trailing_metadata=((REASON_KEY, "BadRequest"),),
             )
         except ApiError as e:
-            await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
+            message = limits.fit_message(e.message)
+            await context.abort(e.grpc_code, message, trailing_metadata=((REASON_KEY, e.reason),))
 
     async def WhoAmI(
         self, request: api_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext

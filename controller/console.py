@@ -52,7 +52,7 @@ from vmferry.errors import ApiError, BadRequest, NotFound, Unauthorized, error_f
 from vmferry.httpserve import Request, Response, serve
 from vmferry.informer import Informer
 from vmferry.migration_state import MigrationPhase
-from vmferry.objects import kinds
+from vmferry.objects import kinds, limits
 from vmferry.rpc import api_pb2
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,9 @@ class Console:
 
     async def _login(self, req: Request) -> Response:
         try:
-            token = str(json.loads(req.body or b"{}").get("token", "")).strip()
+            token = str(
+                limits.loads_json(req.body or b"{}", "request body").get("token", "")
+            ).strip()
         except (ValueError, AttributeError):
             raise BadRequest('send {"token": "..."}') from None
         if not token:
@@ -452,7 +454,7 @@ class Console:
             return _json({"period": SAMPLE_PERIOD, "samples": list(self.history.samples)})
         if req.method == "POST" and req.path in ("/api/migrate", "/api/cancel"):
             try:
-                body = json.loads(req.body or b"{}")
+                body = limits.loads_json(req.body or b"{}", "request body")
                 namespace = str(body.get("namespace") or "default")
                 vm = str(body["vm"])
                 node = str(body.get("node") or "")

@@ -131,7 +131,7 @@ async def serve(config: dict[str, Any]) -> None:
     store = await Store.open(data_dir / "state.db")
     try:
         await bootstrap(store)
-        server = grpc.aio.server(options=grpc_options.server_options())
+        server = grpc.aio.server(options=grpc_options.api_server_options())
         signer = TokenSigner(load_signing_key(data_dir))
         audit = AuditLog(Path(config.get("audit_log") or data_dir / "audit.log"))
         api = ApiService(

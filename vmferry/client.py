@@ -17,11 +17,12 @@ import grpc
 
 from vmferry import grpc_options, pki
 from vmferry.config import ClientConfig
-from vmferry.errors import ApiError, Unavailable, error_from_reason
+from vmferry.errors import ApiError, RequestEntityTooLarge, Unavailable, error_from_reason
+from vmferry.objects.limits import MAX_REQUEST_BYTES
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
 REASON_KEY = "vmferry-reason"
-_CHANNEL_OPTIONS = grpc_options.channel_options(grpc_options.API_KEEPALIVE_MS)
+_CHANNEL_OPTIONS = grpc_options.api_channel_options()
 PATCH_TYPES = {"json": api_pb2.PATCH_TYPE_JSON, "merge": api_pb2.PATCH_TYPE_MERGE}
 
 
@@ -32,6 +33,12 @@ def translate_rpc_error(e: grpc.aio.AioRpcError) -> ApiError:
             return error_from_reason(str(value), e.details() or "")
     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"the controller is unavailable: {e.details()}")
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
+        # gRPC's own refusal of a message over the server's (or our) receive limit.
+        return RequestEntityTooLarge(
+            f"the request is larger than the maximum request body size of {MAX_REQUEST_BYTES} "
+            f"bytes (3 MiB) ({e.details()})"
+        )
     if e.code() == grpc.StatusCode.CANCELLED:
         return Unavailable(f"the call was cancelled: {e.details()}")
     return ApiError(f"{e.code().name}: {e.details()}")

@@ -35,6 +35,12 @@ class Invalid(ApiError):
     reason, code, grpc_code = "Invalid", 422, grpc.StatusCode.INVALID_ARGUMENT
 
 
+class RequestEntityTooLarge(ApiError):
+    """The request body is larger than the API receives (``limits.MAX_REQUEST_BYTES``)."""
+
+    reason, code, grpc_code = "RequestEntityTooLarge", 413, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unauthorized(ApiError):
     reason, code, grpc_code = "Unauthorized", 401, grpc.StatusCode.UNAUTHENTICATED
 
@@ -73,6 +79,7 @@ ERRORS_BY_REASON: dict[str, type[ApiError]] = {
         ApiError,
         BadRequest,
         Invalid,
+        RequestEntityTooLarge,
         Unauthorized,
         Forbidden,
         NotFound,

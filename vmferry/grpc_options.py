@@ -7,6 +7,8 @@ calls fail. So the server's floor is below every client's keepalive time here.
 
 from __future__ import annotations
 
+from vmferry.objects.limits import MAX_REQUEST_BYTES
+
 MAX_MESSAGE_BYTES = 64 << 20  # a page batch (4 MiB) plus headroom; API lists of many objects
 SERVER_MIN_PING_INTERVAL_MS = 4_000  # below both keepalive times below
 API_KEEPALIVE_MS = 10_000  # CLI / handlers -> controller: detects a dead controller in ~15 s
@@ -24,6 +26,26 @@ def server_options() -> Options:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
     ]
+
+
+def api_server_options() -> Options:
+    """Options of the controller's API server: a request body is at most
+    ``limits.MAX_REQUEST_BYTES`` (gRPC refuses a larger one before it is parsed; the client
+    names the limit). Replies are not capped: a list of many objects (each at most
+    ``limits.MAX_OBJECT_BYTES``) must never fail for its size (see :func:`api_channel_options`)."""
+    options = dict(server_options())
+    options["grpc.max_receive_message_length"] = MAX_REQUEST_BYTES
+    options["grpc.max_send_message_length"] = -1
+    return list(options.items())
+
+
+def api_channel_options() -> Options:
+    """Options of an API client's channel (CLI, handlers, lab): it receives replies of any
+    size (up to protobuf's 2 GiB), so listing many large objects never fails with
+    RESOURCE_EXHAUSTED; it sends what the server then refuses with a clear error."""
+    options = dict(channel_options(API_KEEPALIVE_MS))
+    options["grpc.max_receive_message_length"] = -1
+    return list(options.items())
 
 
 def channel_options(keepalive_ms: int) -> Options:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from vmferry.errors import BadRequest
+from vmferry.objects import limits
 from vmferry.objects.kinds import SYSTEM_NAMESPACE
 
 Obj = dict[str, Any]
@@ -124,6 +126,10 @@ def parse_nad_config(config: Any, main_addresses: Iterable[str] = ()) -> NadConf
     the main network")."""
     if not isinstance(config, str):
         raise NadError("", "expected the CNI configuration as a JSON string")
+    try:
+        limits.check_json_depth(config, "JSON")
+    except BadRequest as e:
+        raise NadError("", str(e)) from None
     try:
         cfg = json.loads(config)
     except json.JSONDecodeError as e:

@@ -237,3 +237,9 @@ def test_node_status_round_trips_and_readiness_reasons() -> None:
         "node node2 cannot use migration network openshift-cnv/mig: "
         "no network interface eth1 on this node"
     )
+
+
+def test_a_config_nested_too_deep_is_refused_without_recursing() -> None:
+    with pytest.raises(NadError) as info:
+        parse_nad_config("[" * 200_000 + "]" * 200_000)
+    assert "nesting deeper than 100 levels" in str(info.value)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from vmferry.errors import BadRequest
+from vmferry.objects import limits
 
 Obj = dict[str, Any]
 
@@ -19,9 +20,9 @@ def parse_documents(text: str, source: str) -> list[Obj]:
     stripped = text.lstrip()
     try:
         if stripped.startswith(("{", "[")):
-            docs: list[Any] = [json.loads(text)]
+            docs: list[Any] = [limits.loads_json(text, source)]
         else:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = [d for d in yaml.load_all(text, Loader=limits.YamlLoader) if d is not None]
     except (ValueError, yaml.YAMLError) as e:
         raise BadRequest(f"error parsing {source}: {e}") from None
     objects: list[Obj] = []

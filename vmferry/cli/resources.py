@@ -22,7 +22,7 @@ from vmferry.cli.common import Obj, error, namespace, run_with_client, server_er
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import AlreadyExists, ApiError, BadRequest, Conflict, NotFound
-from vmferry.objects import kinds, schema
+from vmferry.objects import kinds, limits, schema
 from vmferry.objects.patch import parse_patch
 
 DELETE_WAIT_TIMEOUT = 60.0  # s; like kubectl, delete waits for finalizers to finish
@@ -356,7 +356,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 print("Edit cancelled, no changes made.")
                 return 0
             try:
-                edited = yaml.safe_load(edited_text)
+                edited = yaml.load(edited_text, Loader=limits.YamlLoader)
                 if not isinstance(edited, dict):
                     raise BadRequest("the edited document is not an object")
                 edited = json.loads(json.dumps(edited, default=str))

@@ -11,7 +11,9 @@ the CLI and the console all use them. One module per concept:
 - ``labels``: label selectors (``app=web,tier in (a,b)``);
 - ``conditions``: status conditions, phases and their timestamps;
 - ``patch``: JSON patch and merge patch;
-- ``jsonpath``: kubectl's JSONPath templates (``-o jsonpath=...``).
+- ``jsonpath``: kubectl's JSONPath templates (``-o jsonpath=...``);
+- ``limits``: the API's request limits (object and body size, nesting depth, label
+  count, quantities, Unicode) and error messages cut to fit.
 
 Import the module you need (``from vmferry.objects import schema, quantity``); this
 ``__init__`` imports nothing, so the migration contract (:mod:`vmferry.migration_state`)

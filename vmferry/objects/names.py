@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 
+from vmferry.objects.limits import echo
+
 __all__ = [
     "DNS1123_LABEL",
     "DNS1123_LABEL_MAX",
@@ -95,31 +97,31 @@ def validate_label_key(key: str) -> None:
     prefix, slash, name = key.rpartition("/")
     if slash and "/" in prefix:
         raise ValueError(
-            f'invalid label key "{key}": a label key is a name with an optional DNS '
+            f"invalid label key {echo(key)}: a label key is a name with an optional DNS "
             f"subdomain prefix and one '/' (e.g. 'example.com/my-name')"
         )
     if slash:
         if not prefix:
-            raise ValueError(f'invalid label key "{key}": prefix part must not be empty')
+            raise ValueError(f"invalid label key {echo(key)}: prefix part must not be empty")
         if len(prefix) > DNS1123_SUBDOMAIN_MAX:
             raise ValueError(
-                f'invalid label key "{key}": prefix part must be no more than '
+                f"invalid label key {echo(key)}: prefix part must be no more than "
                 f"{DNS1123_SUBDOMAIN_MAX} characters"
             )
         if not DNS1123_SUBDOMAIN.fullmatch(prefix):
             raise ValueError(
-                f'invalid label key "{key}": prefix part must be a lowercase DNS subdomain: '
+                f"invalid label key {echo(key)}: prefix part must be a lowercase DNS subdomain: "
                 f"lowercase alphanumeric characters, '-' or '.', starting and ending with "
                 f"an alphanumeric character (e.g. 'example.com')"
             )
     if not name:
-        raise ValueError(f'invalid label key "{key}": name part must not be empty')
+        raise ValueError(f"invalid label key {echo(key)}: name part must not be empty")
     if len(name) > LABEL_NAME_MAX:
         raise ValueError(
-            f'invalid label key "{key}": name part must be no more than {LABEL_NAME_MAX} characters'
+            f"invalid label key {echo(key)}: name part must be no more than {LABEL_NAME_MAX} characters"
         )
     if not _LABEL_NAME.fullmatch(name):
-        raise ValueError(f'invalid label key "{key}": name part {_LABEL_NAME_RULES}')
+        raise ValueError(f"invalid label key {echo(key)}: name part {_LABEL_NAME_RULES}")
 
 
 def validate_label_value(value: str) -> None:
@@ -131,7 +133,7 @@ def validate_label_value(value: str) -> None:
         return
     if len(value) > LABEL_NAME_MAX:
         raise ValueError(
-            f'invalid label value "{value}": must be no more than {LABEL_NAME_MAX} characters'
+            f"invalid label value {echo(value)}: must be no more than {LABEL_NAME_MAX} characters"
         )
     if not _LABEL_NAME.fullmatch(value):
-        raise ValueError(f'invalid label value "{value}": {_LABEL_NAME_RULES}')
+        raise ValueError(f"invalid label value {echo(value)}: {_LABEL_NAME_RULES}")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from vmferry.errors import BadRequest, Invalid
+from vmferry.objects import limits
 
 __all__ = [
     "Patch",
@@ -295,8 +296,9 @@ def apply_merge_patch(doc: dict[str, Any], patch: dict[str, Any]) -> dict[str, A
 # --- patch text ---------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that leaves timestamps as strings (JSON has no datetime type)."""
+class _Loader(limits.YamlLoader):
+    """SafeLoader that leaves timestamps as strings (JSON has no datetime type) and
+    refuses nesting deeper than ``limits.MAX_DEPTH``."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -355,6 +357,7 @@ def parse_patch(kind: str, text: str) -> Patch:
         raise BadRequest(f'unknown patch type "{kind}" (use json, merge or strategic)')
     if not text or not text.strip():
         raise BadRequest("the patch is empty")
+    limits.check_json_depth(text, "the patch")
     try:
         body = json.loads(text)
     except ValueError:

@@ -29,12 +29,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from vmferry.objects import limits
 from vmferry.objects.names import (
     dns1123_subdomain_problem,
     validate_label_key,
     validate_label_value,
 )
-from vmferry.objects.quantity import parse_quantity
+from vmferry.objects.quantity import format_quantity, parse_quantity
 
 __all__ = [
     "Annotations",
@@ -59,6 +60,7 @@ __all__ = [
     "expected_type",
     "field_path",
     "nested",
+    "quantity_max_message",
     "quote",
     "show",
 ]
@@ -92,13 +94,11 @@ def _key_path(path: str, key: str) -> str:
     """Path of a map entry: ``a.b.key``, or ``a.b[kubevirt.io/env]`` for non-identifier keys."""
     if _IDENTIFIER.fullmatch(key):
         return field_path(path, key)
-    return f"{path}[{key}]"
+    return f"{path}[{limits.shorten(key, 64)}]"
 
 
 def quote(text: str, limit: int = 80) -> str:
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return json.dumps(text)
+    return limits.echo(text, limit)
 
 
 def describe(value: object) -> str:
@@ -196,7 +196,7 @@ class Obj(Schema):
             if not isinstance(key, str):
                 errors.add(path, f"field names must be strings, got {describe(key)}")
                 continue
-            item_path = field_path(path, key)
+            item_path = field_path(path, limits.shorten(key, 64))
             schema = self.fields.get(key)
             if schema is None:
                 errors.add(item_path, _unknown_field(key, self.fields))
@@ -318,8 +318,9 @@ class Quantity(Schema):
 
     type_name = "quantity"
 
-    def __init__(self, *, positive: bool = False) -> None:
+    def __init__(self, *, positive: bool = False, max: int | None = None) -> None:
         self.positive = positive
+        self.max = max
 
     def check(self, value: object, path: str, errors: Errors) -> object:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -332,7 +333,13 @@ class Quantity(Schema):
             return value
         if self.positive and amount <= 0:
             errors.add(path, f"must be greater than zero, got {show(value)}")
+        elif self.max is not None and amount > self.max:
+            errors.add(path, quantity_max_message(self.max, value))
         return value
+
+
+def quantity_max_message(maximum: int, value: object) -> str:
+    return f"must be at most {format_quantity(maximum)} (the limit), got {show(value)}"
 
 
 def _parse_quantity(value: str | int | float, path: str, errors: Errors) -> int | None:
@@ -402,6 +409,9 @@ class Labels(Schema):
         if not isinstance(value, Mapping):
             errors.add(path, expected_type("object", value))
             return value
+        if len(value) > limits.MAX_LABELS:
+            errors.add(path, f"{len(value)} labels, more than the {limits.MAX_LABELS} allowed")
+            return value
         out: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
@@ -424,7 +434,7 @@ class Labels(Schema):
         return out
 
 
-ANNOTATIONS_TOTAL_LIMIT = 256 * 1024  # bytes; Kubernetes' TotalAnnotationSizeLimitB
+ANNOTATIONS_TOTAL_LIMIT = limits.MAX_ANNOTATIONS_BYTES
 
 
 class Annotations(Schema):

@@ -24,6 +24,7 @@ from vmferry.migration_state import (
     Switchover,
     VMIPhase,
 )
+from vmferry.objects import limits
 from vmferry.objects.quantity import parse_quantity
 from vmferry.objects.schema.core import CONDITIONS, PHASE_TRANSITION_TIMESTAMPS, PORT
 from vmferry.objects.schema.dsl import (
@@ -45,6 +46,7 @@ from vmferry.objects.schema.dsl import (
     Timestamp,
     field_path,
     nested,
+    quantity_max_message,
     show,
 )
 
@@ -158,6 +160,14 @@ def _rule_vmi_memory(spec: dict[str, Any], path: str, errors: Errors) -> None:
             field_path(path, "domain.memory.guest"),
             f"required (or set {field_path(path, 'domain.resources.requests.memory')})",
         )
+    for section in ("requests", "limits"):
+        value = nested(spec, "domain", "resources", section, "memory")
+        amount = _quiet_quantity(value)
+        if amount is not None and amount > limits.MAX_MEMORY_BYTES:
+            errors.add(
+                field_path(path, f"domain.resources.{section}.memory"),
+                quantity_max_message(limits.MAX_MEMORY_BYTES, value),
+            )
 
 
 def _rule_vmi_one_driver(spec: dict[str, Any], path: str, errors: Errors) -> None:
@@ -190,13 +200,13 @@ VMI_SPEC = Obj(
             {
                 "cpu": Obj(
                     {
-                        "cores": Int(min=1),
-                        "sockets": Int(min=1),
-                        "threads": Int(min=1),
+                        "cores": Int(min=1, max=limits.MAX_CPUS),
+                        "sockets": Int(min=1, max=limits.MAX_CPUS),
+                        "threads": Int(min=1, max=limits.MAX_CPUS),
                         "model": Str(nonempty=True),
                     }
                 ),
-                "memory": Obj({"guest": Quantity(positive=True)}),
+                "memory": Obj({"guest": Quantity(positive=True, max=limits.MAX_MEMORY_BYTES)}),
                 "resources": Obj({"requests": Map(Quantity()), "limits": Map(Quantity())}),
                 "devices": AnyObject(),
                 "machine": Obj({"type": Str()}),
@@ -232,7 +242,7 @@ VMI_SPEC = Obj(
                 "initrd": Str(),
                 "cmdline": Str(),
                 "accelerator": Str(enum=("kvm", "tcg")),
-                "vcpus": Int(min=1),
+                "vcpus": Int(min=1, max=limits.MAX_CPUS),
                 "verify": Str(enum=("off", "detect", "repair")),
                 "extraArgs": List(Str()),
             }

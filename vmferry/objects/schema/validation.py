@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vmferry.errors import Invalid
+from vmferry.objects import limits
 from vmferry.objects.kinds import by_kind
 from vmferry.objects.names import dns1123_label_problem
 from vmferry.objects.schema.dsl import Errors, expected_type, quote
@@ -42,6 +43,7 @@ def validate(obj: object, *, server_managed: bool = False) -> dict[str, Any]:
         raise Invalid(f"kind: {expected_type('string', kind)}")
     kind_info = by_kind(kind)
     schema = top_level(kind)
+    limits.check_object(obj, _subject(kind, obj))  # depth, Unicode, size: before the rest
 
     errors = Errors()
     out = schema.check(obj, "", errors)
@@ -66,6 +68,9 @@ def validate(obj: object, *, server_managed: bool = False) -> dict[str, Any]:
         # Identity problems (apiVersion, kind, metadata) first, then the body in order.
         head = ("apiVersion", "kind", "metadata")
         lines = sorted(errors.lines, key=lambda line: not line.startswith(head))
+        if len(lines) > limits.MAX_PROBLEMS:
+            more = len(lines) - limits.MAX_PROBLEMS
+            lines = [*lines[: limits.MAX_PROBLEMS], f"and {more} more problems"]
         raise Invalid(f"{_subject(kind, obj)}: " + "; ".join(lines))
     return out
 
