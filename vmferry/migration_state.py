@@ -144,12 +144,19 @@ class Field(StrEnum):
     FAILED = "failed"
     FAILURE_REASON = "failureReason"
     ABORT_STATUS = "abortStatus"
+    # decentralized (cross-cluster) migrations only, see vmferry.decentralized
+    MIGRATION_ID = "migrationID"
+    PEER_CLUSTER = "peerCluster"
+    ROLE = "role"
 
 
 class Owner(Enum):
     CONTROLLER = "controller"
     SOURCE = "source handler"
     TARGET = "target handler"
+    # decentralized migrations: the sync controller writes the hand-off of its cluster's
+    # half, and mirrors there what the other cluster's owner wrote (vmferry.decentralized)
+    SYNC = "sync controller"
 
 
 # Who writes which field. ``completed``/``failed``/``failureReason``/``endTimestamp`` have
@@ -159,6 +166,27 @@ class Owner(Enum):
 # target) the controller also records ``completed``/``endTimestamp`` when the source has
 # not within ``HANDOFF_COMPLETION_GRACE`` (it died). ``switchover`` is written by the
 # side that decides first (the source commits; either side may record Aborted).
+_SYNC_MIRRORS = frozenset(
+    {
+        Field.MIGRATION_UID,
+        Field.SOURCE_NODE,
+        Field.TARGET_NODE,
+        Field.MIGRATION_CONFIGURATION,
+        Field.ABORT_REQUESTED,
+        Field.TARGET_NODE_ADDRESS,
+        Field.TARGET_NODE_PORT,
+        Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP,
+        Field.SWITCHOVER,
+        Field.COMPLETED,
+        Field.FAILED,
+        Field.FAILURE_REASON,
+        Field.END_TIMESTAMP,
+        Field.MIGRATION_ID,
+        Field.PEER_CLUSTER,
+        Field.ROLE,
+    }
+)
+
 FIELD_OWNERS: dict[Field, frozenset[Owner]] = {
     Field.MIGRATION_UID: frozenset({Owner.CONTROLLER}),
     Field.SOURCE_NODE: frozenset({Owner.CONTROLLER}),
@@ -180,7 +208,12 @@ FIELD_OWNERS: dict[Field, frozenset[Owner]] = {
     Field.FAILURE_REASON: frozenset({Owner.SOURCE, Owner.CONTROLLER, Owner.TARGET}),
     Field.END_TIMESTAMP: frozenset({Owner.SOURCE, Owner.CONTROLLER, Owner.TARGET}),
     Field.ABORT_STATUS: frozenset({Owner.SOURCE, Owner.CONTROLLER}),
+    Field.MIGRATION_ID: frozenset(),
+    Field.PEER_CLUSTER: frozenset(),
+    Field.ROLE: frozenset(),
 }
+for _field in _SYNC_MIRRORS:
+    FIELD_OWNERS[_field] = FIELD_OWNERS[_field] | {Owner.SYNC}
 
 
 @dataclass(frozen=True)

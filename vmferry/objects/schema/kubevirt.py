@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from vmferry.decentralized import Role
 from vmferry.migration_state import (
     AbortStatus,
     Compression,
@@ -130,6 +131,9 @@ MIGRATION_STATE = Obj(
         Field.ABORT_REQUESTED: Bool(),
         Field.ABORT_STATUS: Str(enum=AbortStatus),
         Field.FAILURE_REASON: Str(),
+        Field.MIGRATION_ID: Str(),
+        Field.PEER_CLUSTER: Str(),
+        Field.ROLE: Str(enum=Role),
         Field.MODE: Str(enum=MigrationMode),
         Field.MIGRATION_POLICY_NAME: Str(),
         Field.MIGRATION_CONFIGURATION: MIGRATION_CONFIGURATION,
