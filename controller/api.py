@@ -2,18 +2,20 @@
 then the store.
 
 Every request is authenticated (``controller.authn``: the mTLS client certificate, or a
-service-account bearer token) and authorized before anything else happens:
+service-account bearer token) and authorized before anything is stored:
 
 - node identities (``system:node:<name>``) by the node authorizer: they may read
-  everything but Secrets (except, with ``get``, the stream-token Secret of a migration
-  whose source or target they are), and write only their own Node and the VMIs/VMIMs
-  that involve their node;
+  everything but Secrets (except, with ``get``, the stream-token Secret of a migration in
+  flight whose source or target they are), and write only their own Node and the
+  VMIs/VMIMs bound to them now (``node_binding``);
 - everyone else by RBAC (``controller.rbac``), reading the RBAC objects from the store,
   so a binding is in force as soon as its create returns. Writing a role or a binding
-  also passes the escalation check.
+  also passes the escalation check; writing a service-account token Secret also needs
+  ``create`` on ``serviceaccounts/token`` of its account.
 
-Every decision, allowed or denied, is appended to the audit log (``controller.audit``);
-a denial names the permission that was missing, as Kubernetes does.
+Every request is written once to the audit log (``controller.audit``) with its final
+decision and the stage that made it (authentication, validation, rbac, escalation,
+admission); a denial names the permission that was missing, as Kubernetes does.
 """
 
 from __future__ import annotations
@@ -340,15 +342,21 @@ class ApiService(api_pb2_grpc.ApiServicer):
     ) -> Any:
         trail = _Trail(peer=str(context.peer() or ""), verb=verb)
         reset = _TRAIL.set(trail)
+        audited = False
         try:
             who = await self._authenticate(context, trail)
             return await fn(who)
         except ApiError as e:
             if trail.request is None:  # refused before the authorizer: a malformed request
                 trail.refuse("validation", e.message)
+            # Before the abort: it sends the status, and a client that reads the log next
+            # must find the entry there.
+            self._audit(trail)
+            audited = True
             await context.abort(e.grpc_code, e.message, trailing_metadata=((REASON_KEY, e.reason),))
         finally:
-            self._audit(trail)
+            if not audited:  # an answer (sent after this returns) or an unexpected error
+                self._audit(trail)
             _TRAIL.reset(reset)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, trail: _Trail) -> pki.Identity:
