@@ -431,6 +431,20 @@ class ApiService(api_pb2_grpc.ApiServicer):
             with _stage("escalation"):
                 await rbac.check_escalation(self.store, who.user, who.groups, obj)
 
+    async def _current(
+        self, who: pki.Identity, verb: str, kind: kinds.Kind, ns: str, name: str, sub: str = ""
+    ) -> Obj:
+        """The stored object a write acts on. When it does not exist, RBAC decides first
+        (as Kubernetes authorizes before it looks): a caller without the right learns
+        Forbidden, not whether the object exists. The node authorizer judges the stored
+        object, so a node learns NotFound."""
+        try:
+            return await self.store.get(kind.kind, ns, name)
+        except NotFound:
+            if not who.is_node:
+                await self._authorize(who, verb, kind, ns, name, None, sub)
+            raise
+
     async def _authorize_token_mint(self, who: pki.Identity, obj: Obj) -> None:
         """Writing a service-account token Secret mints a token for that account (the
         token controller fills it in): it needs ``create`` on ``serviceaccounts/token``
@@ -590,7 +604,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         name = meta.get("name", "")
         if not name:
             raise Invalid(f"{kind.kind}: metadata.name: required for {verb}")
-        current = await self.store.get(kind.kind, ns, name)
+        current = await self._current(who, verb, kind, ns, name, subresource)
         await self._authorize(who, verb, kind, ns, name, current, subresource, new=obj)
         if not subresource:
             await self._authorize_token_mint(who, obj)
@@ -634,13 +648,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             else:
                 raise BadRequest("patch type must be json or merge")
             for attempt in range(PATCH_RETRIES):
-                current = await self.store.get(kind.kind, ns, request.ref.name)
+                current = await self._current(who, "patch", kind, ns, request.ref.name)
                 rv = current["metadata"]["resourceVersion"]
-                if request.resource_version and request.resource_version != rv:
-                    raise Conflict(
-                        f'{kind.resource} "{request.ref.name}": the object has been modified; '
-                        "please apply your changes to the latest version and try again"
-                    )
                 if request.type == api_pb2.PATCH_TYPE_JSON:
                     patched = patch.apply_json_patch(current, body)
                 else:
@@ -650,7 +659,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 for key in ("name", "namespace", "uid"):
                     if patched["metadata"].get(key) != current["metadata"].get(key):
                         raise Invalid(f"{kind.kind}: metadata.{key}: field is immutable")
-                patched["metadata"]["resourceVersion"] = rv
+                # A stale precondition fails in the store's write, after the authorizer.
+                patched["metadata"]["resourceVersion"] = request.resource_version or rv
                 try:
                     obj = await self._write(who, patched, request.subresource, "patch")
                     return api_pb2.ObjectReply(object_json=_dump(obj))
@@ -670,7 +680,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
             _note(who, "delete", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
-            current = await self.store.get(kind.kind, ns, request.ref.name)
+            current = await self._current(who, "delete", kind, ns, request.ref.name)
             await self._authorize(who, "delete", kind, ns, request.ref.name, current)
             with _stage("admission"):
                 await self.admission.admit_delete(current)

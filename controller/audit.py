@@ -7,12 +7,16 @@ Fields: ``time`` (RFC 3339, UTC, microseconds), ``user``, ``groups``, ``verb``,
 
 ``stage`` is the stage that decided (``STAGES``, in the order a request meets them):
 ``authentication`` (no, a bad, a rejected or a revoked credential: ``user`` is empty),
-``validation`` (the request or object is malformed or invalid), ``rbac`` (the
+``validation`` (the request or object is malformed or invalid, or a node's write names
+an object that does not exist: any other caller is authorized first), ``rbac`` (the
 authorizer: RBAC, or the node authorizer for node identities), ``escalation`` (writing a
 role or binding that would grant more than the writer holds) and ``admission``. A denied
 request names the stage that refused it; an allowed one the last stage it passed. Each
 request is logged once, with its final decision: an RBAC grant later refused by the
-escalation check is logged ``allowed: false, stage: escalation``.
+escalation check is logged ``allowed: false, stage: escalation``. A request allowed
+through every stage that then fails in the store (a stale resourceVersion: Conflict; a
+missing object) stays ``allowed: true``: that is its outcome, not a decision.
+
 The file is ``<data_dir>/audit.log`` unless the controller's ``audit_log`` setting
 (``--audit-log``) names another; lines are appended and flushed one by one, so ``tail -f``
 and a crash both see whole lines.

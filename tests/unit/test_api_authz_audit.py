@@ -273,10 +273,30 @@ async def _test_each_request_is_audited_once_with_the_stage_that_decided(env: En
         await env.api.Create(api_pb2.CreateRequest(object_json=b"[1]"), ADMIN)
     with pytest.raises(Refused):
         await env.create(ADMIN, {"kind": "Gadget", "metadata": {"name": "g", "namespace": NS}})
-    # rbac: a user with no binding
+    # rbac: a user with no binding; on a missing object too (Forbidden, not NotFound)
     with pytest.raises(Refused):
         await env.get(user("mallory"), "VirtualMachineInstance", NS, "vm-a")
+    with pytest.raises(Refused) as refused:
+        await env.patch(user("mallory"), "VirtualMachineInstance", NS, "ghost", {"a": 1})
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    # a stale resourceVersion: allowed by every stage, then the store's Conflict
+    with pytest.raises(Refused) as refused:
+        await env.api.Patch(
+            api_pb2.PatchRequest(
+                ref=api_pb2.ObjectRef(kind="VirtualMachineInstance", namespace=NS, name="vm-a"),
+                patch_json=b'{"status":{"phase":"Failed"}}',
+                type=api_pb2.PATCH_TYPE_MERGE,
+                subresource="status",
+                resource_version="1",
+            ),
+            node("node2"),
+        )
+    assert refused.value.code == grpc.StatusCode.ABORTED, refused.value
     entries = env.entries()
+    stale = [e for e in entries if e["user"] == "system:node:node2"]
+    assert len(stale) == 1 and stale[0]["allowed"] and stale[0]["stage"] == "admission"
+    ghost = [e for e in entries if e["name"] == "ghost"]
+    assert len(ghost) == 1 and not ghost[0]["allowed"] and ghost[0]["stage"] == "rbac"
     by = {(e["verb"], e["name"] or e["resource"]): e for e in entries}
     assert by[("patch", "mig")]["stage"] == "admission"
     assert by[("patch", "mig")]["allowed"] is False
