@@ -2,28 +2,32 @@
 then the store.
 
 Every request is authenticated (``controller.authn``: the mTLS client certificate, or a
-service-account bearer token) and authorized before anything else happens:
+service-account bearer token) and authorized before anything is stored:
 
 - node identities (``system:node:<name>``) by the node authorizer: they may read
-  everything but Secrets (except, with ``get``, the stream-token Secret of a migration
-  whose source or target they are), and write only their own Node and the VMIs/VMIMs
-  that involve their node;
+  everything but Secrets (except, with ``get``, the stream-token Secret of a migration in
+  flight whose source or target they are), and write only their own Node and the
+  VMIs/VMIMs bound to them now (``node_binding``);
 - everyone else by RBAC (``controller.rbac``), reading the RBAC objects from the store,
   so a binding is in force as soon as its create returns. Writing a role or a binding
-  also passes the escalation check.
+  also passes the escalation check; writing a service-account token Secret also needs
+  ``create`` on ``serviceaccounts/token`` of its account.
 
-Every decision, allowed or denied, is appended to the audit log (``controller.audit``);
-a denial names the permission that was missing, as Kubernetes does.
+Every request is written once to the audit log (``controller.audit``) with its final
+decision and the stage that made it (authentication, validation, rbac, escalation,
+admission); a denial names the permission that was missing, as Kubernetes does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -31,7 +35,12 @@ import grpc
 from controller import migration_token, rbac
 from controller.admission import Admission
 from controller.audit import AuditLog
-from controller.authn import Authenticator, TokenSigner
+from controller.authn import (
+    SA_NAME_ANNOTATION,
+    SERVICE_ACCOUNT_TOKEN_TYPE,
+    Authenticator,
+    TokenSigner,
+)
 from controller.store import Store
 from vmferry import failpoints, pki
 from vmferry.client import REASON_KEY
@@ -44,7 +53,15 @@ from vmferry.errors import (
     NotFound,
 )
 from vmferry.failpoints import Step
-from vmferry.migration_state import MigrationState, Switchover
+from vmferry.migration_network import ASSIGNMENT_ANNOTATION
+from vmferry.migration_state import (
+    TOKEN_MIGRATION_LABEL,
+    VMI_FINAL_PHASES,
+    MigrationMode,
+    MigrationPhase,
+    MigrationState,
+    Switchover,
+)
 from vmferry.objects import kinds, labels, limits, patch, schema
 from vmferry.rpc import api_pb2, api_pb2_grpc
 
@@ -73,10 +90,42 @@ def _dump(obj: Obj) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _involves_node(obj: Obj, node: str) -> bool:
-    """The object runs on ``node``, or ``node`` is the source or target of its migration."""
+def node_binding(obj: Obj, node: str) -> str | None:
+    """Why ``node`` may write the VMI or VMIM ``obj`` as it is stored now, or None.
+
+    A node is bound to a VMI that runs on it (``status.nodeName``) or that a committed
+    hand-off gave it (``switchover: Committed``, it is the target: it owns the VM even
+    before it published ``nodeName``, and after a failure recorded once the target ran
+    it). It is bound to a VMI or VMIM while a migration names it as the source or the
+    target and has not ended (neither ``completed`` nor ``failed``): the source writes
+    its final completion then, the target publishes ``nodeName`` before the record says
+    completed. One more window: a post-copy migration that failed leaves the VM's memory
+    split, and its source marks the VMI lost (``status.phase: Failed``) until the VMI's
+    phase is final. Nothing else: a node that once ran or migrated a VMI has no business
+    with it after the migration ended (Kubernetes' NodeRestriction)."""
+    status = obj.get("status") or {}
     ms = MigrationState.of(obj)
-    return node in ((obj.get("status") or {}).get("nodeName"), ms.source_node, ms.target_node)
+    is_vmi = obj.get("kind") == "VirtualMachineInstance"
+    if is_vmi and status.get("nodeName") == node:
+        return f"the VMI runs on node {node}"
+    if is_vmi and ms.switchover == Switchover.COMMITTED and ms.target_node == node:
+        return f"migration {ms.migration_uid} handed the VMI off to node {node}"
+    if not ms.migration_uid or node not in (ms.source_node, ms.target_node):
+        return None
+    if migration_in_flight(obj):
+        return f"node {node} is the source or target of migration {ms.migration_uid} in flight"
+    if (
+        is_vmi
+        and ms.failed
+        and ms.mode == MigrationMode.POST_COPY
+        and ms.source_node == node
+        and status.get("phase") not in VMI_FINAL_PHASES
+    ):
+        return (
+            f"post-copy migration {ms.migration_uid} failed and node {node}, its source, "
+            "marks the VMI lost"
+        )
+    return None
 
 
 def _records_commit(before: Obj, after: Obj) -> bool:
@@ -97,60 +146,167 @@ MIGRATION_HINT = (
 
 
 class NodeAuthorizer:
-    """The node authorizer: what a handler's certificate may do.
+    """The node authorizer: what a handler's certificate may do, by the current binding.
 
     A node reads every kind but Secrets; of those it may ``get`` only the stream-token
-    Secret of a migration whose source or target it is (``controller.migration_token``;
-    ``current`` is that Secret, None when it does not exist). It writes only its own Node
-    and the VMIs/VMIMs whose status names it (running there, or the source or target of
-    their migration).
-    """
+    Secret of a migration in flight whose source or target it is
+    (``controller.migration_token``; ``current`` is that Secret, None when it does not
+    exist; ``migration`` the object holding that migration's state: its VMI while the
+    VMI's record is this migration's, else its VMIM, None when neither exists). It writes
+    only its own Node (not the controller's ``vmferry.io/migration-network`` annotation)
+    and the VMIs/VMIMs it is bound to now (``node_binding``), judged by the object as
+    stored (``current``), never by what the node sends."""
 
-    def check(self, who: pki.Identity, request: rbac.Request, current: Obj | None) -> rbac.Decision:
+    def check(
+        self,
+        who: pki.Identity,
+        request: rbac.Request,
+        current: Obj | None,
+        new: Obj | None = None,
+        migration: Obj | None = None,
+    ) -> rbac.Decision:
         node = who.node_name or ""
         kind = request.resource
         if request.verb in ("get", "list", "watch"):
             if kind == "secrets":
-                return self._check_secret_read(node, request, current)
+                return self._check_secret_read(node, request, current, migration)
             return rbac.Decision(True, "Node: nodes may read")
-        if (
-            kind == "nodes"
-            and request.name == node
-            and request.verb in ("create", "update", "patch")
-        ):
+        if kind == "nodes" and request.verb in ("create", "update", "patch"):
+            if request.name != node:
+                return rbac.Decision(
+                    False, f"{request.describe()}: a node may only change its own Node"
+                )
+            was = _annotation(current, ASSIGNMENT_ANNOTATION)
+            if _annotation(new, ASSIGNMENT_ANNOTATION) != was:
+                return rbac.Decision(
+                    False,
+                    f"{request.describe()}: metadata.annotations[{ASSIGNMENT_ANNOTATION}] is "
+                    "written by the controller (the migration network assignment); a node "
+                    "may not set or change it",
+                )
             return rbac.Decision(True, "Node: a node may change its own Node")
         if kind in ("virtualmachineinstances", "virtualmachineinstancemigrations") and (
             request.verb in ("update", "patch")
         ):
-            if current is not None and _involves_node(current, node):
-                return rbac.Decision(True, f"Node: the object involves node {node}")
+            why = node_binding(current, node) if current is not None else None
+            if why is not None:
+                return rbac.Decision(True, f"Node: {why}")
+            return rbac.Decision(
+                False,
+                f"{request.describe()}: a node may only change the virtual machines running "
+                "on it and those of a migration in flight whose source or target it is",
+            )
         return rbac.Decision(
             False,
             f"{request.describe()}: a node may only change its own Node and the virtual "
-            "machines running on or migrating to/from it",
+            "machines running on it or of a migration in flight from or to it",
         )
 
     @staticmethod
-    def _check_secret_read(node: str, request: rbac.Request, current: Obj | None) -> rbac.Decision:
+    def _check_secret_read(
+        node: str, request: rbac.Request, current: Obj | None, migration: Obj | None
+    ) -> rbac.Decision:
         if request.verb == "get" and migration_token.is_token_secret_name(
             request.namespace, request.name
         ):
             if current is None:  # the migration ended: let the get answer NotFound
                 return rbac.Decision(True, "Node: a migration token Secret that does not exist")
-            if migration_token.may_node_read(current, node):
+            if not migration_token.may_node_read(current, node):
                 return rbac.Decision(
-                    True, f"Node: the stream token of a migration that involves node {node}"
+                    False,
+                    f"{request.describe()}: node {node} is neither the source nor the target "
+                    "of this migration",
+                )
+            if migration is None or not migration_in_flight(migration):
+                return rbac.Decision(
+                    False,
+                    f"{request.describe()}: the migration of this stream token has ended",
                 )
             return rbac.Decision(
-                False,
-                f"{request.describe()}: node {node} is neither the source nor the target of "
-                "this migration",
+                True, f"Node: the stream token of a migration in flight that involves node {node}"
             )
         return rbac.Decision(
             False,
             f"{request.describe()}: nodes may not read secrets (only, with get, the stream "
-            "token of a migration that involves them)",
+            "token of a migration in flight that involves them)",
         )
+
+
+def _annotation(obj: Obj | None, key: str) -> Any:
+    return (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(key)
+
+
+def migration_in_flight(obj: Obj) -> bool:
+    """The migration whose state ``obj`` (a VMI, or a VMIM) holds has not ended."""
+    if obj.get("kind") == "VirtualMachineInstanceMigration" and MigrationPhase.of(obj).final:
+        return False
+    return not MigrationState.of(obj).ended
+
+
+@dataclass
+class _Trail:
+    """One request's way through the stages, for its single audit entry."""
+
+    peer: str
+    verb: str
+    who: pki.Identity | None = None
+    hint: rbac.Request | None = None  # what is known before the authorizer ran
+    request: rbac.Request | None = None  # what the authorizer decided on
+    allowed: bool = True
+    reason: str = ""
+    stage: str = "validation"
+    decided: bool = False  # a stage refused: the entry is final
+
+    def refuse(self, stage: str, reason: str) -> None:
+        if not self.decided:
+            self.allowed, self.reason, self.stage, self.decided = False, reason, stage, True
+
+    def entry(self) -> rbac.Request:
+        if self.request is not None:
+            return self.request
+        if self.hint is not None:
+            return self.hint
+        user, groups = (self.who.user, self.who.groups) if self.who else ("", ())
+        return rbac.Request(user, tuple(groups), self.verb, "", "")
+
+
+_TRAIL: contextvars.ContextVar[_Trail | None] = contextvars.ContextVar("audit_trail", default=None)
+
+
+@contextlib.contextmanager
+def _stage(stage: str) -> Iterator[None]:
+    """Run one stage of the request: an ApiError raised in it is that stage's refusal."""
+    trail = _TRAIL.get()
+    try:
+        yield
+    except ApiError as e:
+        if trail is not None:
+            trail.refuse(stage, e.message)
+        raise
+    if trail is not None and not trail.decided:
+        trail.stage = stage
+
+
+def _note(who: pki.Identity, verb: str, kind: str, namespace: str, name: str) -> None:
+    """What the request is about, for its audit entry, before the authorizer runs."""
+    trail = _TRAIL.get()
+    if trail is None:
+        return
+    try:
+        k = kinds.by_kind(kind)
+        trail.hint = rbac.request_for(who.user, who.groups, verb, k, namespace, name)
+    except ApiError:
+        trail.hint = rbac.Request(
+            who.user, tuple(who.groups), verb, "", kind.lower(), "", namespace, name
+        )
+
+
+def _note_object(who: pki.Identity, verb: str, raw: Obj) -> None:
+    """``_note`` for a request that carries an object (before it is validated)."""
+    meta = raw.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("name") or meta.get("generateName") or ""
+    _note(who, verb, str(raw.get("kind", "")), str(meta.get("namespace", "")), str(name))
 
 
 class ApiService(api_pb2_grpc.ApiServicer):
@@ -176,25 +332,70 @@ class ApiService(api_pb2_grpc.ApiServicer):
     # -- plumbing -----------------------------------------------------------------------
 
     async def _guard(
-        self, context: grpc.aio.ServicerContext, fn: Callable[[pki.Identity], Awaitable[Any]]
+        self,
+        context: grpc.aio.ServicerContext,
+        verb: str,
+        fn: Callable[[pki.Identity], Awaitable[Any]],
     ) -> Any:
+        trail = _Trail(peer=str(context.peer() or ""), verb=verb)
+        reset = _TRAIL.set(trail)
+        audited = False
         try:
-            who = await self.authenticator.authenticate(context)
+            who = await self._authenticate(context, trail)
             return await fn(who)
         except ApiError as e:
+            if trail.request is None:  # refused before the authorizer: a malformed request
+                trail.refuse("validation", e.message)
+            # Before the abort: it sends the status, and a client that reads the log next
+            # must find the entry there.
+            self._audit(trail)
+            audited = True
             message = limits.fit_message(e.message)
             await context.abort(e.grpc_code, message, trailing_metadata=((REASON_KEY, e.reason),))
+        finally:
+            if not audited:  # an answer (sent after this returns) or an unexpected error
+                self._audit(trail)
+            _TRAIL.reset(reset)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, trail: _Trail) -> pki.Identity:
+        try:
+            who = await self.authenticator.authenticate(context)
+        except ApiError as e:
+            trail.refuse("authentication", e.message)
+            raise
+        trail.who = who
+        return who
+
+    def _audit(self, trail: _Trail) -> None:
+        """The request's one audit entry: its final decision and the stage that made it."""
+        self.audit.record(
+            trail.entry(), trail.allowed, trail.reason, stage=trail.stage, peer=trail.peer
+        )
 
     async def decide(
-        self, who: pki.Identity, request: rbac.Request, current: Obj | None = None
+        self,
+        who: pki.Identity,
+        request: rbac.Request,
+        current: Obj | None = None,
+        new: Obj | None = None,
+        migration: Obj | None = None,
     ) -> rbac.Decision:
-        """Decide one request (node authorizer or RBAC) and write it to the audit log."""
+        """Decide one request (node authorizer or RBAC), noted for the request's audit
+        entry: its first decision names the request; a later one (a second permission the
+        same request needs) refuses it when denied."""
         if who.is_node:
-            decision = self.node_authz.check(who, request, current)
+            decision = self.node_authz.check(who, request, current, new, migration)
         else:
             policy = await rbac.load_policy(self.store, request.namespace)
             decision = policy.authorize(request)
-        self.audit.record(request, decision.allowed, decision.reason)
+        trail = _TRAIL.get()
+        if trail is not None:
+            if trail.request is None:
+                trail.request, trail.reason = request, decision.reason
+            if not trail.decided:
+                trail.stage = "rbac"
+            if not decision.allowed:
+                trail.refuse("rbac", decision.reason)
         return decision
 
     async def _authorize(
@@ -206,10 +407,12 @@ class ApiService(api_pb2_grpc.ApiServicer):
         name: str,
         current: Obj | None = None,
         subresource: str = "",
+        new: Obj | None = None,
+        migration: Obj | None = None,
     ) -> None:
         """Raise Forbidden, Kubernetes-style, unless ``who`` may ``verb`` this object."""
         request = rbac.request_for(who.user, who.groups, verb, kind, ns, name, subresource)
-        decision = await self.decide(who, request, current)
+        decision = await self.decide(who, request, current, new, migration)
         if not decision.allowed:
             target = f'{kind.resource} "{name}"' if name else kind.resource
             hint = ""
@@ -223,7 +426,63 @@ class ApiService(api_pb2_grpc.ApiServicer):
 
     async def _check_escalation(self, who: pki.Identity, obj: Obj) -> None:
         if obj.get("kind") in RBAC_KINDS:
-            await rbac.check_escalation(self.store, who.user, who.groups, obj)
+            with _stage("escalation"):
+                await rbac.check_escalation(self.store, who.user, who.groups, obj)
+
+    async def _current(
+        self, who: pki.Identity, verb: str, kind: kinds.Kind, ns: str, name: str, sub: str = ""
+    ) -> Obj:
+        """The stored object a write acts on. When it does not exist, RBAC decides first
+        (as Kubernetes authorizes before it looks): a caller without the right learns
+        Forbidden, not whether the object exists. The node authorizer judges the stored
+        object, so a node learns NotFound."""
+        try:
+            return await self.store.get(kind.kind, ns, name)
+        except NotFound:
+            if not who.is_node:
+                await self._authorize(who, verb, kind, ns, name, None, sub)
+            raise
+
+    async def _authorize_token_mint(self, who: pki.Identity, obj: Obj) -> None:
+        """Writing a service-account token Secret mints a token for that account (the
+        token controller fills it in): it needs ``create`` on ``serviceaccounts/token``
+        of the account, as Kubernetes' TokenRequest does."""
+        if obj.get("kind") != "Secret" or obj.get("type") != SERVICE_ACCOUNT_TOKEN_TYPE:
+            return
+        account = str((obj["metadata"].get("annotations") or {}).get(SA_NAME_ANNOTATION) or "")
+        await self._authorize(
+            who,
+            "create",
+            kinds.by_kind("ServiceAccount"),
+            obj["metadata"].get("namespace", ""),
+            account,
+            subresource="token",
+        )
+
+    async def _token_migration(self, secret: Obj | None) -> Obj | None:
+        """The object holding the state of the migration whose stream token ``secret`` is:
+        its VMI while the VMI's record is this migration's, else its VMIM; None when the
+        migration no longer exists."""
+        uid = ((secret or {}).get("metadata", {}).get("labels") or {}).get(
+            TOKEN_MIGRATION_LABEL, ""
+        )
+        if not uid:
+            return None
+        vmims, _ = await self.store.list("VirtualMachineInstanceMigration")
+        vmim = next((m for m in vmims if m["metadata"].get("uid") == uid), None)
+        if vmim is None:
+            return None
+        if not migration_in_flight(vmim):
+            return vmim  # the VMIM ended: so did the migration
+        with contextlib.suppress(NotFound):
+            vmi = await self.store.get(
+                "VirtualMachineInstance",
+                vmim["metadata"]["namespace"],
+                str((vmim.get("spec") or {}).get("vmiName", "")),
+            )
+            if MigrationState.of(vmi).migration_uid == uid:
+                return vmi  # the record itself, ahead of the VMIM's mirror
+        return vmim
 
     @staticmethod
     def _scope(kind: kinds.Kind, namespace: str) -> str:
@@ -259,12 +518,15 @@ class ApiService(api_pb2_grpc.ApiServicer):
         self, request: api_pb2.CreateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ObjectReply:
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
-            kind, obj = self._prepare(_load(request.object_json, "object"))
+            raw = _load(request.object_json, "object")
+            _note_object(who, "create", raw)
+            kind, obj = self._prepare(raw)
             meta = obj["metadata"]
             ns = self._scope(kind, meta.get("namespace", ""))
             await self._authorize(
-                who, "create", kind, ns, meta.get("name", meta.get("generateName", ""))
+                who, "create", kind, ns, meta.get("name", meta.get("generateName", "")), new=obj
             )
+            await self._authorize_token_mint(who, obj)
             await self._ensure_namespace(kind, ns)
             await self._check_escalation(who, obj)
             if kind.kind in STATUS_STRIPPED_ON_CREATE:
@@ -277,36 +539,46 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 "generation",
             ):
                 meta.pop(key, None)
-            await self.admission.admit_create(obj)
+            with _stage("admission"):
+                await self.admission.admit_create(obj)
             if request.dry_run:
                 return api_pb2.ObjectReply(object_json=_dump(obj))
             created = await self.store.create(obj)
             return api_pb2.ObjectReply(object_json=_dump(created))
 
-        result: api_pb2.ObjectReply = await self._guard(context, run)
+        result: api_pb2.ObjectReply = await self._guard(context, "create", run)
         return result
 
     async def Get(
         self, request: api_pb2.GetRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ObjectReply:
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            _note(who, "get", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
             current: Obj | None = None
+            migration: Obj | None = None
             if who.is_node and kind.kind == "Secret":  # the node authorizer reads its labels
                 with contextlib.suppress(NotFound):
                     current = await self.store.get(kind.kind, ns, request.ref.name)
-            await self._authorize(who, "get", kind, ns, request.ref.name, current)
+                if current is not None and migration_token.is_token_secret_name(
+                    ns, request.ref.name
+                ):
+                    migration = await self._token_migration(current)
+            await self._authorize(
+                who, "get", kind, ns, request.ref.name, current, migration=migration
+            )
             obj = current or await self.store.get(kind.kind, ns, request.ref.name)
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
-        result: api_pb2.ObjectReply = await self._guard(context, run)
+        result: api_pb2.ObjectReply = await self._guard(context, "get", run)
         return result
 
     async def List(
         self, request: api_pb2.ListRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ListReply:
         async def run(who: pki.Identity) -> api_pb2.ListReply:
+            _note(who, "list", request.kind, request.namespace, "")
             kind = kinds.by_kind(request.kind)
             ns = request.namespace if kind.namespaced else ""
             if request.namespace and not kind.namespaced:
@@ -318,7 +590,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
             items, rv = await self.store.list(kind.kind, ns or None, selector)
             return api_pb2.ListReply(items_json=[_dump(o) for o in items], resource_version=str(rv))
 
-        result: api_pb2.ListReply = await self._guard(context, run)
+        result: api_pb2.ListReply = await self._guard(context, "list", run)
         return result
 
     async def _write(self, who: pki.Identity, obj: Obj, subresource: str, verb: str) -> Obj:
@@ -330,11 +602,13 @@ class ApiService(api_pb2_grpc.ApiServicer):
         name = meta.get("name", "")
         if not name:
             raise Invalid(f"{kind.kind}: metadata.name: required for {verb}")
-        current = await self.store.get(kind.kind, ns, name)
-        await self._authorize(who, verb, kind, ns, name, current, subresource)
+        current = await self._current(who, verb, kind, ns, name, subresource)
+        await self._authorize(who, verb, kind, ns, name, current, subresource, new=obj)
         if not subresource:
+            await self._authorize_token_mint(who, obj)
             await self._check_escalation(who, obj)
-        await self.admission.admit_update(current, obj, subresource)
+        with _stage("admission"):
+            await self.admission.admit_update(current, obj, subresource)
         written = await self.store.update(obj, subresource=subresource or None)
         if _records_commit(current, written):
             failpoints.hit(Step.CONTROLLER_COMMITTED)
@@ -344,18 +618,19 @@ class ApiService(api_pb2_grpc.ApiServicer):
         self, request: api_pb2.UpdateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ObjectReply:
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
-            obj = await self._write(
-                who, _load(request.object_json, "object"), request.subresource, "update"
-            )
+            raw = _load(request.object_json, "object")
+            _note_object(who, "update", raw)
+            obj = await self._write(who, raw, request.subresource, "update")
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
-        result: api_pb2.ObjectReply = await self._guard(context, run)
+        result: api_pb2.ObjectReply = await self._guard(context, "update", run)
         return result
 
     async def Patch(
         self, request: api_pb2.PatchRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ObjectReply:
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            _note(who, "patch", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
             body = limits.loads_json(request.patch_json, "patch")
@@ -368,13 +643,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             else:
                 raise BadRequest("patch type must be json or merge")
             for attempt in range(PATCH_RETRIES):
-                current = await self.store.get(kind.kind, ns, request.ref.name)
+                current = await self._current(who, "patch", kind, ns, request.ref.name)
                 rv = current["metadata"]["resourceVersion"]
-                if request.resource_version and request.resource_version != rv:
-                    raise Conflict(
-                        f'{kind.resource} "{request.ref.name}": the object has been modified; '
-                        "please apply your changes to the latest version and try again"
-                    )
                 if request.type == api_pb2.PATCH_TYPE_JSON:
                     patched = patch.apply_json_patch(current, body)
                 else:
@@ -384,7 +654,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 for key in ("name", "namespace", "uid"):
                     if patched["metadata"].get(key) != current["metadata"].get(key):
                         raise Invalid(f"{kind.kind}: metadata.{key}: field is immutable")
-                patched["metadata"]["resourceVersion"] = rv
+                # A stale precondition fails in the store's write, after the authorizer.
+                patched["metadata"]["resourceVersion"] = request.resource_version or rv
                 try:
                     obj = await self._write(who, patched, request.subresource, "patch")
                     return api_pb2.ObjectReply(object_json=_dump(obj))
@@ -394,18 +665,20 @@ class ApiService(api_pb2_grpc.ApiServicer):
                     await asyncio.sleep(0.01 * attempt)
             raise AssertionError("unreachable")
 
-        result: api_pb2.ObjectReply = await self._guard(context, run)
+        result: api_pb2.ObjectReply = await self._guard(context, "patch", run)
         return result
 
     async def Delete(
         self, request: api_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ObjectReply:
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
+            _note(who, "delete", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
             ns = self._scope(kind, request.ref.namespace)
-            current = await self.store.get(kind.kind, ns, request.ref.name)
+            current = await self._current(who, "delete", kind, ns, request.ref.name)
             await self._authorize(who, "delete", kind, ns, request.ref.name, current)
-            await self.admission.admit_delete(current)
+            with _stage("admission"):
+                await self.admission.admit_delete(current)
             obj = await self.store.delete(
                 kind.kind,
                 ns,
@@ -415,14 +688,19 @@ class ApiService(api_pb2_grpc.ApiServicer):
             )
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
-        result: api_pb2.ObjectReply = await self._guard(context, run)
+        result: api_pb2.ObjectReply = await self._guard(context, "delete", run)
         return result
 
     async def Watch(
         self, request: api_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.WatchEvent]:
+        # Audited once decided, not when the stream ends (a watch lasts for hours).
+        pending = _Trail(peer=str(context.peer() or ""), verb="watch")
+        trail: _Trail | None = pending
+        _TRAIL.set(pending)
         try:
-            who = await self.authenticator.authenticate(context)
+            who = await self._authenticate(context, pending)
+            _note(who, "watch", request.kind or "*", request.namespace, "")
             kind = kinds.by_kind(request.kind) if request.kind else None
             ns = request.namespace if (kind is None or kind.namespaced) else ""
             selector = (
@@ -442,6 +720,9 @@ class ApiService(api_pb2_grpc.ApiServicer):
                         "(name a kind to watch)"
                     )
             since = int(request.resource_version or 0) or await self.store.current_rv()
+            self._audit(pending)
+            trail = None
+            _TRAIL.set(None)
             if request.send_initial_bookmark:
                 yield api_pb2.WatchEvent(
                     type="BOOKMARK",
@@ -460,12 +741,19 @@ class ApiService(api_pb2_grpc.ApiServicer):
                     resource_version=str(event.resource_version),
                 )
         except ValueError:
+            if trail is not None:
+                trail.refuse("validation", "resourceVersion must be a number")
+                self._audit(trail)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "resourceVersion must be a number",
                 trailing_metadata=((REASON_KEY, "BadRequest"),),
             )
         except ApiError as e:
+            if trail is not None:
+                if trail.request is None:
+                    trail.refuse("validation", e.message)
+                self._audit(trail)
             message = limits.fit_message(e.message)
             await context.abort(e.grpc_code, message, trailing_metadata=((REASON_KEY, e.reason),))
 
@@ -475,5 +763,5 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.WhoAmIReply:
             return api_pb2.WhoAmIReply(user=who.user, groups=list(who.groups))
 
-        result: api_pb2.WhoAmIReply = await self._guard(context, run)
+        result: api_pb2.WhoAmIReply = await self._guard(context, "whoami", run)
         return result

@@ -12,7 +12,12 @@ aggregates it into ``admin`` (12.1.4).
 
 Secrets: a RoleBinding grants only inside its namespace, so a namespace's ``admin`` or
 ``edit`` reads that namespace's Secrets and no others; ``view`` reads none at all, as in
-Kubernetes. A migration's stream token lives in a Secret of the system namespace
+Kubernetes. Service-account tokens: writing a Secret of type
+``kubernetes.io/service-account-token`` mints a token for the account it names, so the
+API also requires ``create`` on ``serviceaccounts/token`` of that account (as Kubernetes'
+TokenRequest); ``edit`` (hence ``admin``) holds it, as in Kubernetes' bootstrap policy
+(``system:aggregate-to-edit``), so a namespace editor can act as any service account of
+the namespace; a custom role with ``create secrets`` alone cannot mint. A migration's stream token lives in a Secret of the system namespace
 (``controller.migration_token``): only cluster administrators and the migration's two
 nodes (the node authorizer, ``controller.api``) read it.
 """
@@ -93,7 +98,11 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
     ),
     _cluster_role(
         "system:aggregate-to-edit",
-        [_rule([""], ["configmaps", "serviceaccounts", "secrets"], ALL_VERBS)],
+        [
+            _rule([""], ["configmaps", "serviceaccounts", "secrets"], ALL_VERBS),
+            # As Kubernetes' bootstrap policy: edit may request a service account's token.
+            _rule([""], ["serviceaccounts/token"], ["create"]),
+        ],
         labels=_aggregate_to("edit"),
     ),
     _cluster_role(

@@ -6,6 +6,11 @@ field, ``switchover``: ``Committed`` (the target owns the VM) or ``Aborted`` (th
 keeps it). It is written with the VMI's resourceVersion as a precondition, so exactly
 one decision is ever recorded: the target resumes only once Committed is recorded, the
 source resumes only once Aborted is (or nothing was committed).
+
+The node authorizer lets a node write the record only while the migration is in flight
+(or the VMI runs on it, or the hand-off gave it the VM: ``controller.api.node_binding``).
+A write refused (Forbidden) means the migration ended meanwhile and this node has no
+business with the VMI any more: the write is dropped, never retried.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 from typing import Any
 
 from vmferry.client import ApiClient
-from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.errors import ApiError, Conflict, Forbidden, NotFound
 from vmferry.migration_state import (
     TOKEN_SECRET_KEY,
     TOKEN_SECRET_NAMESPACE,
@@ -118,7 +123,7 @@ class HandoffRecord:
                 return True
             except Conflict:
                 continue
-            except NotFound:
+            except (NotFound, Forbidden):
                 return False
             except ApiError as e:
                 log.warning("migration %s: cannot record the start yet (%s); retrying", self.uid, e)
@@ -171,6 +176,11 @@ class HandoffRecord:
                 return
             except NotFound:
                 return
+            except Forbidden as e:
+                log.warning(
+                    "migration %s: not writing %s: %s", self.uid, ", ".join(sorted(fields)), e
+                )
+                return
             except ApiError as e:
                 log.warning("migration %s: status write failed (%s); retrying", self.uid, e)
                 await asyncio.sleep(RETRY)
@@ -205,6 +215,9 @@ class HandoffRecord:
                 continue
             except NotFound:
                 return False
+            except Forbidden as e:
+                log.warning("migration %s: not recording the failure: %s", self.uid, e)
+                return False
             except ApiError as e:
                 log.warning("migration %s: failure write failed (%s); retrying", self.uid, e)
                 await asyncio.sleep(RETRY)
@@ -234,6 +247,9 @@ class HandoffRecord:
             except Conflict:
                 continue
             except NotFound:
+                return Switchover.ABORTED
+            except Forbidden as e:  # the migration ended uncommitted (a commit binds the target)
+                log.warning("migration %s: cannot record %s: %s", self.uid, decision, e)
                 return Switchover.ABORTED
             except ApiError as e:
                 log.warning(

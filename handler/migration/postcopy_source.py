@@ -20,7 +20,7 @@ from handler.migration.channels import CONNECT_TIMEOUT
 from handler.migration.handoff import MigrationFailed, first_leaf
 from vmferry import failpoints
 from vmferry.client import ApiClient
-from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.errors import ApiError, Conflict, Forbidden, NotFound
 from vmferry.migration_state import Field, MigrationMode, VMIPhase
 from vmferry.objects import conditions
 from vmferry.rpc import migration_pb2 as pb
@@ -296,6 +296,11 @@ async def mark_vmi_lost(api: ApiClient, vmi: Obj) -> None:
         except Conflict:
             continue
         except NotFound:
+            return
+        except Forbidden as error:  # no longer bound to this node: its node marks it
+            log.warning(
+                "vmi %s/%s: not marking it failed: %s", meta["namespace"], meta["name"], error
+            )
             return
         except ApiError as error:
             log.warning(

@@ -526,3 +526,148 @@ def test_stream_token_is_readable_only_by_the_migrations_two_nodes(cluster: LabH
     finally:
         lab.set_live_migration_config(bandwidthPerMigration="0")
         lab.cli("delete", "vm", "token-vm", "-n", NS, check=False)
+
+
+@pytest.mark.timeout(240)
+def test_a_node_cannot_touch_a_vmi_it_migrated_away(cluster: LabHarness) -> None:
+    """Issue 26, item 1, as probed: after the VM moved node A -> node B and the migration
+    completed, node A's certificate can no longer patch the VMI's labels, its
+    ``spec.domain.memory`` nor ``status.phase``; node B, where it runs, still may."""
+    lab = cluster
+    lab.cli("apply", "-n", NS, "-f", "-", input=vm_manifest("moved-vm", memory="64Mi"))
+    try:
+        vmi = lab.wait_for(
+            "moved-vm running",
+            lambda: (
+                v
+                if ((v := lab.try_get("vmi", "moved-vm", NS) or {}).get("status") or {}).get(
+                    "phase"
+                )
+                == "Running"
+                else None
+            ),
+            timeout=60,
+        )
+        source = vmi["status"]["nodeName"]
+        out = lab.cli("migrate", "moved-vm", "-n", NS, "--wait", timeout=150)
+        assert "succeeded" in out.stdout, out.stdout + out.stderr
+        moved = lab.get("vmi", "moved-vm", NS)
+        target = moved["status"]["nodeName"]
+        assert target != source and moved["status"]["migrationState"]["completed"]
+        old = node_config(lab, source)
+        for patch, extra in (
+            ('{"metadata":{"labels":{"owned-by":"old-node"}}}', ()),
+            ('{"spec":{"domain":{"memory":{"guest":"128Mi"}}}}', ()),
+            ('{"status":{"phase":"Failed"}}', ("--subresource", "status")),
+        ):
+            denied = lab.cli(
+                "patch",
+                "vmi",
+                "moved-vm",
+                "-n",
+                NS,
+                "--type",
+                "merge",
+                "-p",
+                patch,
+                *extra,
+                "--config",
+                str(old),
+                check=False,
+            )
+            assert denied.returncode == 1, denied
+            assert f'User "system:node:{source}" cannot patch' in denied.stderr, denied.stderr
+        after = lab.get("vmi", "moved-vm", NS)
+        assert after["metadata"]["uid"] == vmi["metadata"]["uid"]
+        assert after["status"]["phase"] == "Running"
+        assert "owned-by" not in (after["metadata"].get("labels") or {})
+        assert after["spec"]["domain"]["memory"] == moved["spec"]["domain"]["memory"]
+        lab.cli(
+            "patch",
+            "vmi",
+            "moved-vm",
+            "-n",
+            NS,
+            "--type",
+            "merge",
+            "-p",
+            '{"metadata":{"labels":{"checked-by":"its-node"}}}',
+            "--config",
+            str(node_config(lab, target)),
+        )
+    finally:
+        lab.cli("delete", "vm", "moved-vm", "-n", NS, check=False)
+
+
+@pytest.mark.timeout(60)
+def test_audit_log_records_final_decisions_and_authentication_failures(
+    cluster: LabHarness,
+) -> None:
+    """Issue 26, item 5: a refused escalation is logged denied at the escalation stage (not
+    allowed by RBAC), and rejected or revoked bearer tokens are logged with the reason
+    and the caller's address."""
+    lab = cluster
+    alice = user_config(lab, "alice")  # ns1's admin
+    out = lab.cli(
+        "create",
+        "-n",
+        NS,
+        "rolebinding",
+        "esc3",
+        "--clusterrole=cluster-admin",
+        "--user=alice",
+        "--config",
+        str(alice),
+        check=False,
+    )
+    assert out.returncode == 1 and "not currently held" in out.stderr
+    lab.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": "audit-bot", "namespace": NS},
+            }
+        )
+    )
+    lab.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "kubernetes.io/service-account-token",
+                "metadata": {
+                    "name": "audit-bot-token",
+                    "namespace": NS,
+                    "annotations": {"kubernetes.io/service-account.name": "audit-bot"},
+                },
+            }
+        )
+    )
+    encoded = lab.wait_for(
+        "the bot's token",
+        lambda: (lab.try_get("secret", "audit-bot-token", NS) or {}).get("data", {}).get("token"),
+        timeout=15,
+    )
+    revoked = token_config(lab, base64.b64decode(encoded).decode(), "audit-bot")
+    lab.cli("delete", "secret", "audit-bot-token", "-n", NS)
+    with pytest.raises(Unauthorized, match="deleted"):
+        call(revoked, lambda api: api.whoami())
+    with pytest.raises(Unauthorized):
+        call(token_config(lab, "not-a-token", "junk"), lambda api: api.whoami())
+
+    entries = audit_entries(lab)
+    esc3 = [e for e in entries if e["name"] == "esc3" and e["user"] == "alice"]
+    assert len(esc3) == 1, esc3
+    assert esc3[0]["allowed"] is False and esc3[0]["stage"] == "escalation", esc3
+    assert "not currently held" in esc3[0]["reason"]
+    failures = [e for e in entries if e["stage"] == "authentication"]
+    assert any(
+        'secret "ns1/audit-bot-token" holding it was deleted' in e["reason"] for e in failures
+    )
+    assert any("not a service-account token" in e["reason"] for e in failures)
+    assert all(not e["allowed"] and e["peer"].startswith("ipv4:127.0.0.1:") for e in failures)
+    assert all(
+        e["stage"] in ("authentication", "validation", "rbac", "escalation", "admission")
+        for e in entries
+    )

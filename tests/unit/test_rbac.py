@@ -418,12 +418,23 @@ def test_node_authorizer_lets_only_the_two_nodes_get_a_token_secret() -> None:
     secret = migration_token.token_secret("uid-1", "node1", "node2", "t0k3n")
     name = secret["metadata"]["name"]
 
-    def decide(node: str, verb: str, current: Obj | None, secret_name: str = name) -> bool:
+    in_flight = {
+        "kind": "VirtualMachineInstance",
+        "status": {"migrationState": {"migrationUid": "uid-1", "sourceNode": "node1"}},
+    }
+
+    def decide(
+        node: str,
+        verb: str,
+        current: Obj | None,
+        secret_name: str = name,
+        migration: Obj = in_flight,
+    ) -> bool:
         who = node_identity(node)
         request = rbac.request_for(
             who.user, who.groups, verb, kinds.by_kind("Secret"), TOKEN_SECRET_NAMESPACE, secret_name
         )
-        return authz.check(who, request, current).allowed
+        return authz.check(who, request, current, migration=migration).allowed
 
     assert decide("node1", "get", secret) and decide("node2", "get", secret)
     assert not decide("node3", "get", secret)
