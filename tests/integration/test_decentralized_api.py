@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -105,12 +106,22 @@ def test_gate_receiver_and_pods_through_the_cli(small_lab: LabHarness) -> None:
     assert not vmi["status"].get("nodeName")
     assert "WaitingForSync" in lab.cli("get", "vmi", "dst").stdout
 
-    # the daemons as pods
-    table = lab.cli("get", "pod", "-n", CNV).stdout
+    # the daemons as pods (12.4.1's verification: `get -n openshift-cnv pod | grep
+    # virt-synchronization`), with a sync controller's Lease written as one renews it
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "virt-synchronization-controller-t1", "namespace": CNV},
+        "spec": {"holderIdentity": "t1", "leaseDurationSeconds": 60, "renewTime": now},
+    }
+    lab.apply(json.dumps(lease))
+    table = lab.cli("get", "-n", CNV, "pod").stdout
     lines = table.splitlines()
     assert lines[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert any(name.startswith("virt-controller-") for name in rows)
+    assert rows["virt-synchronization-controller-t1"][1:4] == ["1/1", "Running", "0"]
     nodes = json.loads(lab.cli("get", "nodes", "-o", "json").stdout)["items"]
     for node in nodes:
         row = rows[f"virt-handler-{node['metadata']['name']}"]

@@ -17,13 +17,14 @@ import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from controller import pods, rbac
+from controller import pods, rbac, scheduler
 from controller.admission import Admission, is_decentralized
 from controller.api import ApiService
 from controller.main import bootstrap
@@ -34,6 +35,7 @@ from controller.store import Store
 from controller.vm_controller import WAITING_FOR_RECEIVER, VMController
 from controller.vmi_controller import VMIController
 from vmferry import grpc_options, pki
+from vmferry.cli import printers
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.decentralized import (
@@ -533,3 +535,43 @@ def test_through_the_api_gates_pods_and_the_sync_controller_role(tmp_path: Path)
                     await c.close()
 
     asyncio.run(main())
+
+
+# -- printers and placement ------------------------------------------------------------------
+
+
+def test_pod_rows_print_as_kubectl_does() -> None:
+    now = 1_800_000_000.0
+    rows = pods.synthesize(
+        [node("node1"), node("node2", "False")], [lease("a", now)], host="h", started=now, now=now
+    )
+    moment = datetime.fromtimestamp(now + 300, UTC)
+    table = printers.print_objects(rows, kinds.resolve("pod"), None, now=moment)
+    lines = [line.split() for line in table.splitlines()]
+    assert lines[0] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    assert ["virt-controller-h", "1/1", "Running", "0", "5m"] in lines
+    assert ["virt-handler-node2", "0/1", "NotReady", "0"] == lines[3][:4]
+    assert ["virt-synchronization-controller-a", "1/1", "Running", "0", "6m"] in lines
+    wide = printers.print_objects(rows, kinds.resolve("pod"), "wide", now=moment)
+    assert wide.splitlines()[0].split()[-2:] == ["IP", "NODE"]
+    assert "10.0.0.1" in wide and "node1" in wide
+
+
+def test_decentralized_phases_print() -> None:
+    obj = vmim("r", **receive()) | {"status": {"phase": "WaitingForSync"}}
+    table = printers.print_objects([obj], kinds.resolve("vmim"), None)
+    assert table.splitlines()[1].split()[:3] == ["r", "WaitingForSync", "v"]
+    obj["status"]["phase"] = "Synchronizing"
+    assert "Synchronizing" in printers.print_objects([obj], kinds.resolve("vmim"), None)
+
+
+def test_a_waiting_vmi_counts_on_its_target_only_once_named() -> None:
+    small = node("node1")
+    small["status"]["allocatable"] = {"memory": "100Mi"}
+    waiting = vmi("w", VMIPhase.WAITING_FOR_SYNC)
+    assert scheduler.memory_in_use("node1", [waiting]) == 0
+    assert scheduler.place(vmi("new", VMIPhase.PENDING), [small], [waiting]).node == "node1"
+    waiting["status"]["migrationState"] = {"migrationUid": "u", "targetNode": "node1"}
+    assert scheduler.memory_in_use("node1", [waiting]) == 64 << 20
+    placed = scheduler.place(vmi("new", VMIPhase.PENDING), [small], [waiting])
+    assert placed.node is None and "insufficient memory" in placed.message()
