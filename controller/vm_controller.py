@@ -11,6 +11,9 @@ scheduled: the migration places it) and the VM shows ``WaitingForReceiver``. Onc
 VMI is Running (the target handler resumed the guest) the VM takes the run strategy of
 its ``kubevirt.io/restore-run-strategy`` annotation (``Always`` without one) and loses
 the annotation; a VMI that Failed first leaves the VM ``Failed`` (no retry, as KubeVirt).
+On the sending side, a VMI that ended because its guest moved to the peer cluster
+(``migrationState.role: sender``, switchover Committed) is never replaced: the guest runs
+there now (the sync controller halts this VM).
 """
 
 from __future__ import annotations
@@ -24,10 +27,19 @@ from controller.store import Store
 from vmferry.decentralized import (
     RESTORE_RUN_STRATEGY_ANNOTATION,
     RUN_STRATEGY_WAIT_AS_RECEIVER,
+    Role,
 )
 from vmferry.errors import AlreadyExists, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
-from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState, VMIPhase
+from vmferry.migration_state import (
+    VMI_FINAL_PHASES,
+    Field,
+    MigrationPhase,
+    MigrationState,
+    Switchover,
+    VMIPhase,
+    raw,
+)
 from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
@@ -74,6 +86,14 @@ class VMController:
                 return not MigrationPhase.of(vmim).final
         return False
 
+    @staticmethod
+    def _moved_to_peer(vmi: Obj) -> bool:
+        """The VMI's guest left for the peer cluster (module docstring)."""
+        ms = MigrationState.of(vmi)
+        return raw(vmi).get(Field.ROLE) == Role.SENDER and (
+            ms.switchover == Switchover.COMMITTED or ms.completed
+        )
+
     async def run(self) -> None:
         await self.queue.run(self.reconcile, "vm-controller")
 
@@ -105,6 +125,15 @@ class VMController:
             strategy = vm["spec"]["runStrategy"]
             receiving = False
         if vmi is not None and phase in VMI_FINAL_PHASES and strategy == "Always":
+            if self._moved_to_peer(vmi):
+                log.info(
+                    "vm %s/%s: its guest moved to cluster %s: not restarting it here",
+                    ns,
+                    name,
+                    raw(vmi).get(Field.PEER_CLUSTER, "?"),
+                )
+                await self._update_status(vm, vmi)
+                return
             if self._migration_unrecorded(vmi):
                 log.info(
                     "vm %s/%s: VMI ended (%s); replacing it once its migration "

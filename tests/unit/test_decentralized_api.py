@@ -575,3 +575,29 @@ def test_a_waiting_vmi_counts_on_its_target_only_once_named() -> None:
     assert scheduler.memory_in_use("node1", [waiting]) == 64 << 20
     placed = scheduler.place(vmi("new", VMIPhase.PENDING), [small], [waiting])
     assert placed.node is None and "insufficient memory" in placed.message()
+
+
+def test_a_sent_vm_is_not_restarted_on_its_source(tmp_path: Path) -> None:
+    async def body(store: Store) -> None:
+        ctl = VMController(
+            store, informer(store, "VirtualMachine"), informer(store, "VirtualMachineInstance")
+        )
+        await store.create(vm())
+        await ctl.reconcile((NS, "v"))
+        sent = await store.get("VirtualMachineInstance", NS, "v")
+        sent["status"] = {
+            "phase": VMIPhase.SUCCEEDED,
+            "migrationState": {
+                "migrationUid": "u",
+                "switchover": "Committed",
+                "role": "sender",
+                "peerCluster": "cluster2",
+            },
+        }
+        await store.update(sent, subresource="status")
+        await ctl.reconcile((NS, "v"))
+        kept = await store.get("VirtualMachineInstance", NS, "v")
+        assert kept["metadata"]["uid"] == sent["metadata"]["uid"]
+        assert not kept["metadata"].get("deletionTimestamp")
+
+    with_store(tmp_path, body)
