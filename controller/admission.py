@@ -6,6 +6,12 @@ is not already migrating; neither a migration's nor a VMI's spec changes after c
 NetworkAttachmentDefinition's ``spec.config`` must be one vmferry can use
 (:func:`vmferry.migration_network.parse_nad_config`, with the registered Nodes' main
 addresses, which its range must not overlap), on create and on update.
+
+A decentralized (cross-cluster) migration (``spec.sendTo`` or ``spec.receive``,
+:mod:`vmferry.decentralized`) needs the HyperConverged feature gate
+``decentralizedLiveMigration``; its ``migrationID`` is not reused by another unfinished
+migration of the same side; the receiving side's VMI waits (phase ``WaitingForSync``) or
+is about to (its VirtualMachine has ``runStrategy: WaitAsReceiver``).
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from typing import Any
 
 from controller.network_controller import main_addresses
 from controller.store import Store
+from vmferry.decentralized import (
+    RUN_STRATEGY_WAIT_AS_RECEIVER,
+    gate_enabled,
+    gate_off_message,
+)
 from vmferry.errors import Forbidden, Invalid, NotFound
 from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
-from vmferry.objects import conditions, schema
+from vmferry.objects import conditions, kinds, schema
 from vmferry.objects.limits import shorten
 
 Obj = dict[str, Any]
@@ -25,6 +36,24 @@ Obj = dict[str, Any]
 
 def is_final(vmim: Obj) -> bool:
     return MigrationPhase.of(vmim).final
+
+
+SEND_TO = "sendTo"  # spec of the sending side of a decentralized migration
+RECEIVE = "receive"  # spec of the receiving side
+
+
+def decentralized_side(vmim: Obj) -> str:
+    """``sendTo`` or ``receive`` for a decentralized migration's VMIM; "" otherwise."""
+    spec = vmim.get("spec") or {}
+    for side in (SEND_TO, RECEIVE):
+        if spec.get(side) is not None:
+            return side
+    return ""
+
+
+def is_decentralized(vmim: Obj) -> bool:
+    """The sync controller owns this VMIM (the migration controller leaves it alone)."""
+    return bool(decentralized_side(vmim))
 
 
 def first_difference(before: object, after: object, path: str) -> str | None:
@@ -134,18 +163,73 @@ class Admission:
                 f"{ms.source_node}; aborting now would lose the VM. Wait for it to complete."
             )
 
+    async def _admit_decentralized(self, vmim: Obj, side: str, prefix: str) -> None:
+        try:
+            hco = await self.store.get(
+                "HyperConverged", kinds.SYSTEM_NAMESPACE, kinds.HYPERCONVERGED_NAME
+            )
+        except NotFound:
+            hco = {}
+        if not gate_enabled(hco):
+            raise Invalid(f"{prefix}: spec.{side}: {gate_off_message()}")
+        migration_id = vmim["spec"][side]["migrationID"]
+        others, _ = await self.store.list("VirtualMachineInstanceMigration")
+        for other in others:
+            if (
+                decentralized_side(other) == side
+                and other["spec"][side].get("migrationID") == migration_id
+                and not is_final(other)
+            ):
+                meta = other["metadata"]
+                raise Invalid(
+                    f"{prefix}: spec.{side}.migrationID: {migration_id!r} is already used by "
+                    f'the unfinished migration "{meta["namespace"]}/{meta["name"]}": '
+                    "give each migration its own migrationID"
+                )
+
+    async def _admit_receiver_without_vmi(self, ns: str, vmi_name: str, prefix: str) -> None:
+        """A receiving migration may come before its VMI: the VM controller creates the VMI
+        of a VM that waits as a receiver."""
+        try:
+            vm = await self.store.get("VirtualMachine", ns, vmi_name)
+        except NotFound:
+            vm = None
+        if vm is None or (vm.get("spec") or {}).get("runStrategy") != RUN_STRATEGY_WAIT_AS_RECEIVER:
+            raise Invalid(
+                f'{prefix}: spec.vmiName: VirtualMachineInstance "{vmi_name}" does not exist '
+                f'in namespace "{ns}" and no VirtualMachine of that name has runStrategy '
+                f"{RUN_STRATEGY_WAIT_AS_RECEIVER}: create the receiving VM first"
+            )
+
     async def _admit_migration(self, vmim: Obj) -> None:
         ns = vmim["metadata"]["namespace"]
         vmi_name = vmim["spec"]["vmiName"]
         prefix = f'VirtualMachineInstanceMigration for "{ns}/{vmi_name}"'
+        side = decentralized_side(vmim)
+        if side:
+            await self._admit_decentralized(vmim, side, prefix)
         try:
             vmi = await self.store.get("VirtualMachineInstance", ns, vmi_name)
         except NotFound:
+            if side == RECEIVE:
+                await self._admit_receiver_without_vmi(ns, vmi_name, prefix)
+                await self._refuse_in_flight(ns, vmi_name, prefix)
+                return
             raise Invalid(
                 f'{prefix}: spec.vmiName: VirtualMachineInstance "{vmi_name}" does not exist '
                 f'in namespace "{ns}"'
             ) from None
         status = vmi.get("status") or {}
+        if side == RECEIVE:
+            if status.get("phase") != VMIPhase.WAITING_FOR_SYNC:
+                raise Invalid(
+                    f"{prefix}: spec.receive: the VMI must be waiting to receive a migration "
+                    f"(phase {VMIPhase.WAITING_FOR_SYNC}, its VirtualMachine's runStrategy "
+                    f"{RUN_STRATEGY_WAIT_AS_RECEIVER}); it is "
+                    f"{status.get('phase') or VMIPhase.PENDING}"
+                )
+            await self._refuse_in_flight(ns, vmi_name, prefix)
+            return
         if status.get("phase") != VMIPhase.RUNNING:
             raise Invalid(
                 f"{prefix}: cannot migrate: the VMI is not running "
@@ -157,6 +241,9 @@ class Admission:
                 f"{prefix}: cannot migrate: the VMI is not live-migratable: "
                 f"{migratable.get('message') or migratable.get('reason')}"
             )
+        await self._refuse_in_flight(ns, vmi_name, prefix)
+
+    async def _refuse_in_flight(self, ns: str, vmi_name: str, prefix: str) -> None:
         others, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
         for other in others:
             if other["spec"].get("vmiName") == vmi_name and not is_final(other):

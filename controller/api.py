@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from controller import migration_token, rbac
+from controller import migration_token, pods, rbac
 from controller.admission import Admission
 from controller.audit import AuditLog
 from controller.authn import (
@@ -328,6 +328,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         )
         self.audit = audit or AuditLog(None)
         self.node_authz = NodeAuthorizer()
+        self.pods = pods.PodView(store)  # Pods are views of the daemons, never stored
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -506,6 +507,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise Invalid(f"{kind.kind}: metadata: expected an object")
+        pods.refuse_write(kind, "create or update", str(meta.get("name") or ""))
         if kind.namespaced:
             meta.setdefault("namespace", "default")
         obj = schema.validate(obj)  # a normalized copy: defaulted in place
@@ -568,6 +570,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             await self._authorize(
                 who, "get", kind, ns, request.ref.name, current, migration=migration
             )
+            if kind.kind == pods.POD_KIND:
+                current = await self.pods.get(ns, request.ref.name)
             obj = current or await self.store.get(kind.kind, ns, request.ref.name)
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
@@ -588,6 +592,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             )
             await self._authorize(who, "list", kind, ns, "")
             items, rv = await self.store.list(kind.kind, ns or None, selector)
+            if kind.kind == pods.POD_KIND:
+                items = await self.pods.list(ns or None, selector)
             return api_pb2.ListReply(items_json=[_dump(o) for o in items], resource_version=str(rv))
 
         result: api_pb2.ListReply = await self._guard(context, "list", run)
@@ -632,6 +638,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
             _note(who, "patch", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
+            pods.refuse_write(kind, "patch", request.ref.name)
             ns = self._scope(kind, request.ref.namespace)
             body = limits.loads_json(request.patch_json, "patch")
             if request.type == api_pb2.PATCH_TYPE_JSON:
@@ -674,6 +681,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
             _note(who, "delete", request.ref.kind, request.ref.namespace, request.ref.name)
             kind = kinds.by_kind(request.ref.kind)
+            pods.refuse_write(kind, "delete", request.ref.name)
             ns = self._scope(kind, request.ref.namespace)
             current = await self._current(who, "delete", kind, ns, request.ref.name)
             await self._authorize(who, "delete", kind, ns, request.ref.name, current)

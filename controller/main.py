@@ -120,8 +120,15 @@ async def bootstrap(store: Store) -> None:
             "spec": {},
         }
     )
-    with contextlib.suppress(AlreadyExists):
+    try:
         await store.create(hco)
+    except AlreadyExists:  # a store from before: fill in what defaulting added since
+        existing = await store.get(
+            "HyperConverged", kinds.SYSTEM_NAMESPACE, hco["metadata"]["name"]
+        )
+        upgraded = schema.apply_defaults(existing)
+        if upgraded != existing:
+            await store.update(upgraded)
     await bootstrap_rbac(store)
 
 

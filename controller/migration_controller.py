@@ -24,6 +24,11 @@ final phase is written, so a finished migration leaves none behind.
 Cancel = delete the VMIM (it carries a finalizer). Before the source starts, the
 controller fails the hand-off and the target cleans up; while running it sets
 ``abortRequested`` and the source aborts, leaving the VM on its source.
+
+A decentralized (cross-cluster) migration's VMIM (``spec.sendTo``/``spec.receive``) is
+the sync controller's (``vmferry.decentralized``): this reconciler never writes it. It
+still holds a parallel-migration slot while in an active phase
+(``controller.migration_queue`` counts every VMIM).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from controller import migration_queue, migration_token, policy, scheduler
+from controller.admission import is_decentralized
 from controller.network_controller import (
     REASON_NODES_NOT_READY,
     NetworkUnusable,
@@ -166,6 +172,8 @@ class MigrationController:
             vmim = await self.store.get("VirtualMachineInstanceMigration", ns, name)
         except NotFound:
             return
+        if is_decentralized(vmim):
+            return  # the sync controller owns it (module docstring)
         status = vmim.setdefault("status", {})
         phase = MigrationPhase.of(vmim)
         deleting = bool(vmim["metadata"].get("deletionTimestamp"))

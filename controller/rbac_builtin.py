@@ -20,6 +20,13 @@ TokenRequest); ``edit`` (hence ``admin``) holds it, as in Kubernetes' bootstrap 
 the namespace; a custom role with ``create secrets`` alone cannot mint. A migration's stream token lives in a Secret of the system namespace
 (``controller.migration_token``): only cluster administrators and the migration's two
 nodes (the node authorizer, ``controller.api``) read it.
+
+Pods (``controller.pods``, read-only views of the daemons) are read with ``view``, as in
+Kubernetes. ``vmferry:sync-controller`` is what a sync controller (user
+``system:vmferry:sync-controller``, :data:`vmferry.decentralized.SYNC_IDENTITY`) does in
+its cluster: read everything a decentralized migration involves; write VMs, VMIs and
+VMIMs (and their status), the stream-token Secrets, its Lease and the HyperConverged
+status (``synchronizationAddresses``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ from controller.rbac import (
     uncovered,
 )
 from controller.store import Store
+from vmferry.decentralized import SYNC_IDENTITY
 from vmferry.errors import NotFound
+from vmferry.migration_network import NAD_KIND
+from vmferry.objects import kinds
 
 Obj = dict[str, Any]
 
@@ -82,6 +92,19 @@ VMS = ["virtualmachines", "virtualmachineinstances"]
 VMIMS = ["virtualmachineinstancemigrations"]
 
 MIGRATE_ROLE = "kubevirt.io:migrate"
+SYNC_CONTROLLER_ROLE = "vmferry:sync-controller"
+
+
+def _resource_of(kind: str) -> tuple[str, str]:
+    """(API group, plural) of a kind."""
+    k = kinds.by_kind(kind)
+    return k.group, k.plural
+
+
+_HCO_GROUP, _HCOS = _resource_of("HyperConverged")
+_LEASE_GROUP, _LEASES = _resource_of("Lease")
+_NAD_GROUP, _NADS = _resource_of(NAD_KIND)
+_SYNC_WRITES = ["create", "update", "patch", "delete"]
 
 BUILTIN_CLUSTER_ROLES: list[Obj] = [
     _cluster_role("cluster-admin", [_rule(["*"], ["*"], ["*"])]),
@@ -110,6 +133,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
         [
             _rule([""], ["configmaps", "serviceaccounts"], READ_VERBS),
             _rule([""], ["namespaces"], READ_VERBS),
+            _rule([""], ["pods"], READ_VERBS),
         ],
         labels=_aggregate_to("view"),
     ),
@@ -140,6 +164,22 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
             _rule(["subresources.kubevirt.io"], ["virtualmachines/migrate"], ["update"]),
         ],
     ),
+    _cluster_role(
+        SYNC_CONTROLLER_ROLE,
+        [
+            _rule(
+                [KUBEVIRT_GROUP],
+                [*VMS, *VMIMS, *(f"{r}/status" for r in (*VMS, *VMIMS))],
+                [*READ_VERBS, *_SYNC_WRITES],
+            ),
+            _rule([""], ["nodes", "namespaces", "configmaps", "pods"], READ_VERBS),
+            _rule([""], ["secrets"], [*READ_VERBS, *_SYNC_WRITES]),
+            _rule([_LEASE_GROUP], [_LEASES], [*READ_VERBS, *_SYNC_WRITES]),
+            _rule([_HCO_GROUP], [_HCOS], READ_VERBS),
+            _rule([_HCO_GROUP], [f"{_HCOS}/status"], ["get", "update", "patch"]),
+            _rule([_NAD_GROUP], [_NADS], READ_VERBS),
+        ],
+    ),
 ]
 
 BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
@@ -153,7 +193,18 @@ BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
         },
         "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": "cluster-admin"},
         "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": MASTERS_GROUP}],
-    }
+    },
+    {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": SYNC_CONTROLLER_ROLE,
+            "labels": {BOOTSTRAP_LABEL: "rbac-defaults"},
+            "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": SYNC_CONTROLLER_ROLE},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": SYNC_IDENTITY}],
+    },
 ]
 
 

@@ -5,7 +5,8 @@ A node fits when it is Ready, schedulable, matches every label of the VMI's
 model the VMI can run on (``host-model`` needs the same model as its current node) and
 has enough memory left; a migration over a migration network also needs a target that
 serves on it. Memory in use counts the VMIs that run on the node and those
-migrating to it. Among fitting nodes the one with the most free memory wins (ties: by
+migrating to it (a receiving VMI waiting in ``WaitingForSync`` has no node: it counts
+on its target only once its migration names one). Among fitting nodes the one with the most free memory wins (ties: by
 name), which spreads VMs like the default Kubernetes scheduler's least-allocated score.
 """
 

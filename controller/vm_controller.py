@@ -4,6 +4,16 @@
 ``spec.template`` (labels included, so migration policies can select it), owned by the
 VM. A VMI that ended (Succeeded/Failed) is replaced. ``Halted``: the VMI is deleted.
 ``status.printableStatus``/``ready`` mirror the VMI.
+
+``WaitAsReceiver`` (the receiving copy of a VM in a decentralized migration,
+:mod:`vmferry.decentralized`): its VMI is created in phase ``WaitingForSync`` (never
+scheduled: the migration places it) and the VM shows ``WaitingForReceiver``. Once the
+VMI is Running (the target handler resumed the guest) the VM takes the run strategy of
+its ``kubevirt.io/restore-run-strategy`` annotation (``Always`` without one) and loses
+the annotation; a VMI that Failed first leaves the VM ``Failed`` (no retry, as KubeVirt).
+On the sending side, a VMI that ended because its guest moved to the peer cluster
+(``migrationState.role: sender``, switchover Committed) is never replaced: the guest runs
+there now (the sync controller halts this VM).
 """
 
 from __future__ import annotations
@@ -12,15 +22,33 @@ import copy
 import logging
 from typing import Any
 
-from controller.objects import write_status
+from controller.objects import set_phase, write_status
 from controller.store import Store
+from vmferry.decentralized import (
+    RESTORE_RUN_STRATEGY_ANNOTATION,
+    RUN_STRATEGY_WAIT_AS_RECEIVER,
+    Role,
+)
 from vmferry.errors import AlreadyExists, Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
-from vmferry.migration_state import VMI_FINAL_PHASES, MigrationPhase, MigrationState, VMIPhase
+from vmferry.migration_state import (
+    VMI_FINAL_PHASES,
+    Field,
+    MigrationPhase,
+    MigrationState,
+    Switchover,
+    VMIPhase,
+    raw,
+)
 from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+
+# What a receiving VM becomes once migrated when it has no restore annotation.
+DEFAULT_RESTORED_RUN_STRATEGY = "Always"
+# KubeVirt's printableStatus of a VM waiting as the receiver of a migration.
+WAITING_FOR_RECEIVER = "WaitingForReceiver"
 
 
 class VMController:
@@ -58,6 +86,14 @@ class VMController:
                 return not MigrationPhase.of(vmim).final
         return False
 
+    @staticmethod
+    def _moved_to_peer(vmi: Obj) -> bool:
+        """The VMI's guest left for the peer cluster (module docstring)."""
+        ms = MigrationState.of(vmi)
+        return raw(vmi).get(Field.ROLE) == Role.SENDER and (
+            ms.switchover == Switchover.COMMITTED or ms.completed
+        )
+
     async def run(self) -> None:
         await self.queue.run(self.reconcile, "vm-controller")
 
@@ -74,11 +110,30 @@ class VMController:
         except NotFound:
             vmi = None
         strategy = vm["spec"].get("runStrategy", "Halted")
-        want_running = strategy in ("Always", "RerunOnFailure") and not vm["metadata"].get(
-            "deletionTimestamp"
-        )
+        receiving = strategy == RUN_STRATEGY_WAIT_AS_RECEIVER
+        want_running = strategy in (
+            "Always",
+            "RerunOnFailure",
+            RUN_STRATEGY_WAIT_AS_RECEIVER,
+        ) and not vm["metadata"].get("deletionTimestamp")
         phase = ((vmi or {}).get("status") or {}).get("phase", "")
+        if receiving and vmi is not None and phase == VMIPhase.RUNNING:
+            restored = await self._restore_run_strategy(vm)
+            if restored is None:
+                return  # conflict: re-queued
+            vm = restored
+            strategy = vm["spec"]["runStrategy"]
+            receiving = False
         if vmi is not None and phase in VMI_FINAL_PHASES and strategy == "Always":
+            if self._moved_to_peer(vmi):
+                log.info(
+                    "vm %s/%s: its guest moved to cluster %s: not restarting it here",
+                    ns,
+                    name,
+                    raw(vmi).get(Field.PEER_CLUSTER, "?"),
+                )
+                await self._update_status(vm, vmi)
+                return
             if self._migration_unrecorded(vmi):
                 log.info(
                     "vm %s/%s: VMI ended (%s); replacing it once its migration "
@@ -93,7 +148,7 @@ class VMController:
             await self._delete(vmi)
             vmi = None
         if want_running and vmi is None:
-            vmi = await self._create_vmi(vm)
+            vmi = await self._create_vmi(vm, waiting=receiving)
         elif vmi is not None and want_running:
             await self._propagate_labels(vm, vmi)
         elif not want_running and vmi is not None and not vmi["metadata"].get("deletionTimestamp"):
@@ -120,6 +175,28 @@ class VMController:
         except (Conflict, NotFound):
             self.queue.add((vm["metadata"]["namespace"], vm["metadata"]["name"]))
 
+    async def _restore_run_strategy(self, vm: Obj) -> Obj | None:
+        """The receiving VM's guest runs: it becomes an ordinary VM (module docstring).
+        None when the write conflicted (the VM is re-queued)."""
+        meta = vm["metadata"]
+        annotations = dict(meta.get("annotations") or {})
+        strategy = annotations.pop(RESTORE_RUN_STRATEGY_ANNOTATION, DEFAULT_RESTORED_RUN_STRATEGY)
+        updated = copy.deepcopy(vm)
+        updated["metadata"]["annotations"] = annotations
+        updated["spec"]["runStrategy"] = strategy
+        try:
+            written = await self.store.update(updated)
+        except (Conflict, NotFound):
+            self.queue.add((meta["namespace"], meta["name"]))
+            return None
+        log.info(
+            "vm %s/%s: received (its VMI runs): runStrategy %s restored",
+            meta["namespace"],
+            meta["name"],
+            strategy,
+        )
+        return written
+
     async def _collect_orphan(self, ns: str, name: str) -> None:
         """Garbage collection: the VMI of a deleted VM goes with it (background deletion)."""
         try:
@@ -132,7 +209,9 @@ class VMController:
                 log.info("vm %s/%s deleted: deleting its VMI", ns, name)
                 await self._delete(vmi)
 
-    async def _create_vmi(self, vm: Obj) -> Obj | None:
+    async def _create_vmi(self, vm: Obj, *, waiting: bool = False) -> Obj | None:
+        """Create the VM's VMI from its template; ``waiting``: a receiving VMI, created
+        in phase WaitingForSync so that nothing schedules it."""
         meta = vm["metadata"]
         template = vm["spec"].get("template") or {}
         tmeta = template.get("metadata") or {}
@@ -157,9 +236,18 @@ class VMController:
             },
             "spec": copy.deepcopy(template.get("spec") or {}),
         }
+        if waiting:
+            status: Obj = {}
+            set_phase(status, VMIPhase.WAITING_FOR_SYNC)
+            vmi["status"] = status
         try:
             created = await self.store.create(vmi)
-            log.info("vm %s/%s: created its VMI", meta["namespace"], meta["name"])
+            log.info(
+                "vm %s/%s: created its VMI%s",
+                meta["namespace"],
+                meta["name"],
+                " (waiting to receive a migration)" if waiting else "",
+            )
             return created
         except AlreadyExists:
             return None
@@ -180,7 +268,12 @@ class VMController:
         vmi_status = (vmi or {}).get("status") or {}
         phase = vmi_status.get("phase", "")
         migrating = MigrationState.of(vmi or {}).active
-        if vmi is None:
+        receiving = vm["spec"].get("runStrategy") == RUN_STRATEGY_WAIT_AS_RECEIVER
+        if receiving and phase == VMIPhase.FAILED:
+            printable = "Failed"  # the migration failed: the copy stays, no retry
+        elif receiving and vmi is not None and not vmi["metadata"].get("deletionTimestamp"):
+            printable = WAITING_FOR_RECEIVER
+        elif vmi is None:
             printable = "Stopped"
         elif vmi["metadata"].get("deletionTimestamp"):
             printable = "Stopping"

@@ -4,6 +4,10 @@ Phase "" → Pending (recorded) → Scheduled with ``status.nodeName`` once a no
 (``controller.scheduler.place``); the node's handler then starts the guest and moves
 the VMI to Running. While no node fits, the VMI stays Pending with a
 ``PodScheduled=False/Unschedulable`` condition naming why, and placement is retried.
+
+A VMI in phase ``WaitingForSync`` (the receiving VMI of a decentralized migration) is
+never placed here: the receiving sync controller chooses its target node, and the
+target handler makes it Running there.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class VMIController:
         status = vmi.setdefault("status", {})
         if vmi["metadata"].get("deletionTimestamp") or status.get("nodeName"):
             return
+        if status.get("phase") == VMIPhase.WAITING_FOR_SYNC:
+            return  # a receiving VMI: its migration places it (module docstring)
         if status.get("phase") not in (None, VMIPhase.UNSET, VMIPhase.PENDING):
             return
         all_vmis, _ = await self.store.list("VirtualMachineInstance")

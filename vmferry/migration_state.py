@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
+from vmferry.decentralized import VMI_PHASE_WAITING_FOR_SYNC
 from vmferry.objects.kinds import SYSTEM_NAMESPACE
 from vmferry.objects.quantity import parse_quantity
 
@@ -92,6 +93,9 @@ class VMIPhase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     UNKNOWN = "Unknown"
+    # the receiving VMI of a decentralized migration (runStrategy WaitAsReceiver): created,
+    # never scheduled, no guest, until its migration resumes the guest on a target
+    WAITING_FOR_SYNC = VMI_PHASE_WAITING_FOR_SYNC
 
 
 # A VMI in one of these has stopped for good (its VM, if any, makes a new one).

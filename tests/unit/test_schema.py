@@ -308,6 +308,28 @@ VALID: dict[str, dict[str, Any]] = {
         "metadata": {"name": "kube-root-ca.crt", "namespace": "tools"},
         "data": {"ca.crt": "-----BEGIN CERTIFICATE-----"},
     },
+    "Lease": {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": "virt-synchronization-controller-a1",
+            "namespace": "openshift-cnv",
+            "annotations": {"vmferry.io/sync-address": "10.0.0.1:9443"},
+        },
+        "spec": {
+            "holderIdentity": "a1",
+            "leaseDurationSeconds": 15,
+            "acquireTime": "2026-12-04T22:00:00.123456Z",
+            "renewTime": "2026-12-04T22:05:00.654321Z",
+        },
+    },
+    "Pod": {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "virt-handler-node1", "namespace": "openshift-cnv"},
+        "spec": {"nodeName": "node1", "containers": [{"name": "virt-handler"}]},
+        "status": {"phase": "Running"},
+    },
     "ClusterRole": {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
@@ -703,8 +725,8 @@ def test_missing_api_version() -> None:
 
 def test_unknown_kind_is_a_bad_request() -> None:
     obj = manifest("Namespace")
-    obj["kind"] = "Pod"
-    with pytest.raises(BadRequest, match='no kind "Pod"'):
+    obj["kind"] = "Deployment"
+    with pytest.raises(BadRequest, match='no kind "Deployment"'):
         validate(obj)
 
 

@@ -391,6 +391,35 @@ def _binding_subjects(subject_kind: str) -> Callable[[Obj, datetime], str]:
     return value
 
 
+def _container_statuses(obj: Obj) -> list[Obj]:
+    statuses = _get(obj, "status", "containerStatuses")
+    return [s for s in statuses if isinstance(s, dict)] if isinstance(statuses, list) else []
+
+
+def _pod_ready(obj: Obj, now: datetime) -> str:
+    containers = _get(obj, "spec", "containers")
+    total = len(containers) if isinstance(containers, list) else 0
+    ready = sum(1 for s in _container_statuses(obj) if s.get("ready") is True)
+    return f"{ready}/{total}"
+
+
+def _pod_status(obj: Obj, now: datetime) -> str:
+    """As kubectl: the reason when there is one (NotReady, Evicted, ...), else the phase."""
+    return _text(_get(obj, "status", "reason") or _get(obj, "status", "phase"))
+
+
+def _pod_restarts(obj: Obj, now: datetime) -> str:
+    counts = [s.get("restartCount") for s in _container_statuses(obj)]
+    return str(sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool)))
+
+
+def _or_none(*path: str) -> Callable[[Obj, datetime], str]:
+    def value(obj: Obj, now: datetime) -> str:
+        return _text(_get(obj, *path)) or "<none>"
+
+    return value
+
+
 _NAME = _Column("NAME", _name)
 _AGE = _Column("AGE", _age)
 _BINDING_COLUMNS = [
@@ -439,6 +468,16 @@ _COLUMNS: dict[str, list[_Column]] = {
         _Column("TARGET", _path("status", "migrationState", Field.TARGET_NODE), wide=True),
         _Column("PROGRESS", _migration_progress, wide=True),
     ],
+    "Pod": [
+        _NAME,
+        _Column("READY", _pod_ready),
+        _Column("STATUS", _pod_status),
+        _Column("RESTARTS", _pod_restarts),
+        _AGE,
+        _Column("IP", _or_none("status", "podIP"), wide=True),
+        _Column("NODE", _or_none("spec", "nodeName"), wide=True),
+    ],
+    "Lease": [_NAME, _Column("HOLDER", _path("spec", "holderIdentity")), _AGE],
     "Secret": [_NAME, _Column("TYPE", _path("type")), _Column("DATA", _data_count), _AGE],
     "ConfigMap": [_NAME, _Column("DATA", _data_count), _AGE],
     "ServiceAccount": [_NAME, _Column("SECRETS", _service_account_secrets), _AGE],

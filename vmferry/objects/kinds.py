@@ -41,6 +41,7 @@ RBAC = "rbac.authorization.k8s.io/v1"
 # NAD_API_VERSION; it imports this module, so it cannot be imported here); a unit test
 # keeps the two equal.
 CNI = "k8s.cni.cncf.io/v1"
+COORDINATION = "coordination.k8s.io/v1"
 
 KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "v1", "namespaces", False, ("ns",)),
@@ -70,6 +71,10 @@ KINDS: tuple[Kind, ...] = (
     Kind("ClusterRoleBinding", RBAC, "clusterrolebindings", False),
     Kind("Role", RBAC, "roles", True),
     Kind("RoleBinding", RBAC, "rolebindings", True),
+    # A daemon's heartbeat (a sync controller's, vmferry.decentralized.SYNC_LEASE_PREFIX).
+    Kind("Lease", COORDINATION, "leases", True),
+    # Read-only views of the running daemons (controller/pods.py); never stored.
+    Kind("Pod", "v1", "pods", True, ("po",)),
 )
 
 BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}

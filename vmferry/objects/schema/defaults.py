@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vmferry.decentralized import FEATURE_GATES
 from vmferry.errors import Invalid
 from vmferry.migration_state import LIVE_MIGRATION_DEFAULTS
 from vmferry.objects.quantity import parse_quantity
@@ -53,10 +54,15 @@ def _default_vmi(obj: dict[str, Any]) -> None:
 
 
 def _default_hyperconverged(obj: dict[str, Any]) -> None:
-    config = _child(_child(obj, "spec"), "liveMigrationConfig")
+    spec = _child(obj, "spec")
+    config = _child(spec, "liveMigrationConfig")
     for key, value in LIVE_MIGRATION_DEFAULTS.items():
         if config.get(key) is None:
             config[key] = value
+    gates = _child(spec, "featureGates")
+    for gate, enabled in FEATURE_GATES.items():
+        if gates.get(gate) is None:
+            gates[gate] = enabled
 
 
 def _default_secret(obj: dict[str, Any]) -> None:
@@ -83,7 +89,9 @@ def apply_defaults(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Return a deep copy of a validated manifest with the server's defaults filled in.
 
     - HyperConverged: every missing ``spec.liveMigrationConfig`` field from
-      :data:`LIVE_MIGRATION_DEFAULTS`.
+      :data:`LIVE_MIGRATION_DEFAULTS`; every missing ``spec.featureGates`` gate from
+      :data:`vmferry.decentralized.FEATURE_GATES` (so a JSON-patch ``replace`` of a gate
+      finds it).
     - VirtualMachineInstance: ``spec.domain.cpu.model`` = ``host-model``;
       ``spec.domain.memory.guest`` from ``spec.domain.resources.requests.memory``.
       ``evictionStrategy`` stays unset (the cluster default applies).

@@ -169,7 +169,8 @@ Rules run even when a field of ``obj`` had an error, so they must check types be
 
 
 class Obj(Schema):
-    """A mapping with a fixed set of fields; any other field is an error."""
+    """A mapping with a fixed set of fields; any other field is an error, unless
+    ``open`` (a status other components extend): then it is kept unchecked."""
 
     type_name = "object"
 
@@ -179,6 +180,7 @@ class Obj(Schema):
         *,
         required: Sequence[str] = (),
         rules: Sequence[Rule] = (),
+        open: bool = False,
     ) -> None:
         unknown = set(required) - set(fields)
         if unknown:
@@ -186,6 +188,7 @@ class Obj(Schema):
         self.fields = dict(fields)
         self.required = tuple(required)
         self.rules = tuple(rules)
+        self.open = open
 
     def check(self, value: object, path: str, errors: Errors) -> object:
         if not isinstance(value, Mapping):
@@ -199,7 +202,10 @@ class Obj(Schema):
             item_path = field_path(path, limits.shorten(key, 64))
             schema = self.fields.get(key)
             if schema is None:
-                errors.add(item_path, _unknown_field(key, self.fields))
+                if self.open:
+                    out[key] = copy.deepcopy(item)
+                else:
+                    errors.add(item_path, _unknown_field(key, self.fields))
                 continue
             if item is None:
                 if schema.nullable:

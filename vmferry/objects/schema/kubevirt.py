@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vmferry.decentralized import Role
+from vmferry.decentralized import (
+    FEATURE_GATES,
+    RESTORE_RUN_STRATEGY_ANNOTATION,
+    RUN_STRATEGY_WAIT_AS_RECEIVER,
+    SYNC_ADDRESSES_FIELD,
+    Role,
+)
 from vmferry.migration_state import (
     AbortStatus,
     Compression,
@@ -282,7 +288,19 @@ def _rule_vm_run_strategy(spec: dict[str, Any], path: str, errors: Errors) -> No
         )
 
 
-RUN_STRATEGIES = ("Always", "Halted", "Manual", "RerunOnFailure", "Once")
+# WaitAsReceiver: the receiving copy of a VM in a decentralized (cross-cluster) migration;
+# its VMI waits (phase WaitingForSync) and, once the migration resumed its guest, the VM
+# controller restores the strategy named by RESTORE_RUN_STRATEGY_ANNOTATION.
+RUN_STRATEGIES = (
+    "Always",
+    "Halted",
+    "Manual",
+    "RerunOnFailure",
+    "Once",
+    RUN_STRATEGY_WAIT_AS_RECEIVER,
+)
+# What a receiving VM may be restored to (its annotation's value): any other strategy.
+RESTORABLE_RUN_STRATEGIES = tuple(s for s in RUN_STRATEGIES if s != RUN_STRATEGY_WAIT_AS_RECEIVER)
 
 VM_SPEC = Obj(
     {
@@ -306,6 +324,23 @@ VM_SPEC = Obj(
     required=("template",),
     rules=(_rule_vm_run_strategy,),
 )
+
+
+def rule_vm_restore_annotation(vm: dict[str, Any], path: str, errors: Errors) -> None:
+    """A whole VM: ``kubevirt.io/restore-run-strategy``, when set, names a run strategy
+    other than WaitAsReceiver (it is what the receiving VM becomes once its guest runs)."""
+    annotations = nested(vm, "metadata", "annotations")
+    if not isinstance(annotations, Mapping) or RESTORE_RUN_STRATEGY_ANNOTATION not in annotations:
+        return
+    value = annotations[RESTORE_RUN_STRATEGY_ANNOTATION]
+    if value not in RESTORABLE_RUN_STRATEGIES:
+        supported = ", ".join(f'"{s}"' for s in RESTORABLE_RUN_STRATEGIES)
+        errors.add(
+            f"metadata.annotations[{RESTORE_RUN_STRATEGY_ANNOTATION}]",
+            f"invalid value {show(value)}: the run strategy the receiving VM is restored to "
+            f"once migrated; supported values: {supported}",
+        )
+
 
 VM_STATUS = Obj(
     {
@@ -340,20 +375,49 @@ VMIM_SPEC = Obj(
     rules=(_rule_vmim_one_side,),
 )
 
+# "host:port" (IPv6 hosts in brackets): where a cluster's sync controllers listen.
+SYNC_ADDRESS = Str(pattern=r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+SYNC_ADDRESSES = List(SYNC_ADDRESS)
+
 VMIM_STATUS = Obj(
     {
         "phase": Str(enum=MigrationPhase),
+        SYNC_ADDRESSES_FIELD: SYNC_ADDRESSES,
         "phaseTransitionTimestamps": PHASE_TRANSITION_TIMESTAMPS,
         "migrationState": MIGRATION_STATE,
         "conditions": CONDITIONS,
     }
 )
 
+
+def _rule_known_feature_gates(spec: dict[str, Any], path: str, errors: Errors) -> None:
+    gates = spec.get("featureGates")
+    if not isinstance(gates, Mapping):
+        return
+    known = ", ".join(FEATURE_GATES)
+    for gate in gates:
+        if isinstance(gate, str) and gate not in FEATURE_GATES:
+            errors.add(
+                field_path(path, f"featureGates.{limits.shorten(gate, 64)}"),
+                f"unknown feature gate {show(gate)}; known gates: {known}",
+            )
+
+
 HYPERCONVERGED_SPEC = Obj(
     {
         "liveMigrationConfig": LIVE_MIGRATION_CONFIG,
         "featureGates": Map(Bool()),
-    }
+    },
+    rules=(_rule_known_feature_gates,),
+)
+
+# Open: the HyperConverged's status is extended by each component; these are checked.
+HYPERCONVERGED_STATUS = Obj(
+    {
+        "conditions": CONDITIONS,
+        SYNC_ADDRESSES_FIELD: SYNC_ADDRESSES,
+    },
+    open=True,
 )
 
 MIGRATION_POLICY_SPEC = Obj(

@@ -9,7 +9,7 @@ register it here; ``tests/unit/test_schema.py`` fails while a kind in ``KINDS`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vmferry.errors import ApiError
@@ -31,9 +31,22 @@ from vmferry.objects.schema.core import (
     ROLE_REF,
     SUBJECT,
 )
-from vmferry.objects.schema.dsl import AnyObject, Base64, Bool, List, Map, Obj, Schema, Str
+from vmferry.objects.schema.dsl import (
+    AnyObject,
+    Base64,
+    Bool,
+    Int,
+    List,
+    Map,
+    Obj,
+    Rule,
+    Schema,
+    Str,
+    Timestamp,
+)
 from vmferry.objects.schema.kubevirt import (
     HYPERCONVERGED_SPEC,
+    HYPERCONVERGED_STATUS,
     MIGRATION_POLICY_SPEC,
     VM_SPEC,
     VM_STATUS,
@@ -41,6 +54,7 @@ from vmferry.objects.schema.kubevirt import (
     VMI_STATUS,
     VMIM_SPEC,
     VMIM_STATUS,
+    rule_vm_restore_annotation,
 )
 
 
@@ -49,18 +63,33 @@ class KindSchema:
     """A kind's top-level fields besides ``apiVersion``, ``kind`` and ``metadata``.
 
     ``required`` lists top-level fields that must be present; ``name_problem`` says why a
-    ``metadata.name`` is not acceptable for the kind (None when it is).
+    ``metadata.name`` is not acceptable for the kind (None when it is); ``rules`` check
+    the whole object (fields that depend on metadata).
     """
 
     fields: Mapping[str, Schema]
     required: tuple[str, ...] = ()
     name_problem: Callable[[str], str | None] = dns1123_subdomain_problem
+    rules: Sequence[Rule] = ()
 
     def top_level(self) -> Obj:
         return Obj(
             {"apiVersion": Str(), "kind": Str(), "metadata": METADATA, **self.fields},
             required=self.required,
+            rules=self.rules,
         )
+
+
+# coordination.k8s.io/v1 Lease (times are MicroTime: RFC 3339 with microseconds).
+LEASE_SPEC = Obj(
+    {
+        "holderIdentity": Str(),
+        "leaseDurationSeconds": Int(min=1),
+        "acquireTime": Timestamp(),
+        "renewTime": Timestamp(),
+        "leaseTransitions": Int(min=0),
+    }
+)
 
 
 SCHEMAS: dict[str, KindSchema] = {
@@ -69,14 +98,18 @@ SCHEMAS: dict[str, KindSchema] = {
         name_problem=dns1123_label_problem,
     ),
     "Node": KindSchema({"spec": NODE_SPEC, "status": NODE_STATUS}),
-    "VirtualMachine": KindSchema({"spec": VM_SPEC, "status": VM_STATUS}, required=("spec",)),
+    "VirtualMachine": KindSchema(
+        {"spec": VM_SPEC, "status": VM_STATUS},
+        required=("spec",),
+        rules=(rule_vm_restore_annotation,),
+    ),
     "VirtualMachineInstance": KindSchema(
         {"spec": VMI_SPEC, "status": VMI_STATUS}, required=("spec",)
     ),
     "VirtualMachineInstanceMigration": KindSchema(
         {"spec": VMIM_SPEC, "status": VMIM_STATUS}, required=("spec",)
     ),
-    "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": AnyObject()}),
+    "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": HYPERCONVERGED_STATUS}),
     "MigrationPolicy": KindSchema({"spec": MIGRATION_POLICY_SPEC, "status": AnyObject()}),
     "NetworkAttachmentDefinition": KindSchema({"spec": NAD_SPEC}, required=("spec",)),
     "ServiceAccount": KindSchema(
@@ -110,6 +143,9 @@ SCHEMAS: dict[str, KindSchema] = {
         required=("roleRef",),
         name_problem=rbac_name_problem,
     ),
+    "Lease": KindSchema({"spec": LEASE_SPEC}),
+    # Never stored: the API synthesizes them (controller/pods.py) and refuses writes.
+    "Pod": KindSchema({"spec": AnyObject(), "status": AnyObject()}),
 }
 """Schema of every kind, by ``kind``. A kind listed in :data:`vmferry.objects.kinds.KINDS` needs one."""
 
