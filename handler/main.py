@@ -5,7 +5,8 @@ It registers its Node and heartbeats, runs the guests scheduled to it (driver
 configured ``migration_address``, or its address on the dedicated migration network the
 controller assigns it: migration_network.py) and drives outgoing migrations. Guests run
 in their own sessions: stopping or restarting the handler never stops them, and a
-restarted handler re-adopts them.
+restarted handler re-adopts them. Cross-cluster migrations trust the peer clusters
+registered in the ConfigMap vmferry-peer-clusters (their CAs; handler/peers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +277,7 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(network.run()),
                 tg.create_task(vmis.run()),
                 tg.create_task(configmaps.run()),
-                tg.create_task(manager.run()),
+                tg.create_task(run_after(configmaps.synced, manager.run())),
                 tg.create_task(metrics.run()),
             ]
             await stop.wait()
@@ -291,6 +293,13 @@ async def serve(config: dict[str, Any]) -> None:
             metrics_server.close()
         await server.close(grace=1)
         await api.close()
+
+
+async def run_after(ready: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """``work`` once ``ready`` is set: the VM manager starts once the peer registry is
+    listed (a cross-cluster hand-off is never judged on a registry not read yet)."""
+    await ready.wait()
+    await work
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,6 +78,15 @@ def not_registered(name: str) -> str:
     return f"peer cluster {name} is not registered in {REGISTRY_NAME}"
 
 
+def no_postcopy(migration_uid: str, peer: str) -> str:
+    """The target's refusal of post-copy in a cross-cluster migration (its guest would
+    run here before the sending cluster's record decided)."""
+    return (
+        f"post-copy is not offered across clusters (migration {migration_uid} comes from "
+        f"peer cluster {peer})"
+    )
+
+
 # -- the registry ------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ a local node of the same name. The source never offers post-copy across clusters
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -15,14 +16,19 @@ from typing import Any
 
 import pytest
 
+from handler import stream
 from handler.drivers.base import GuestSpec
+from handler.migration.incoming import IncomingRegistry
+from handler.migration.memvm_target import MigrationService
 from handler.migration.restart_record import RestartRecord, RestartRecords
 from handler.migration.source import SourceEngine
 from handler.migration.target_state import TargetState
+from handler.migration.tunnel import PAGE_SIZE, TUNNEL_PROTOCOL_VERSION, ProtocolError
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import ARBITER_WAIT, incoming_id
 from tests.support.fake_api import StoreApi
 from tests.support.fake_handle import FakeHandle
+from tests.unit.test_target_services import Tunnel
 from tests.unit.test_vm_incoming import MIG, Target, manager, store_token, with_api
 from vmferry.decentralized import VMI_PHASE_WAITING_FOR_SYNC, Role
 from vmferry.migration_state import (
@@ -31,6 +37,8 @@ from vmferry.migration_state import (
     Switchover,
     VMIPhase,
 )
+from vmferry.rpc import migration_pb2 as pb_memvm
+from vmferry.rpc import tunnel_pb2 as pb_tunnel
 
 Obj = dict[str, Any]
 S = TargetState
@@ -310,3 +318,34 @@ def test_the_source_ignores_allow_post_copy_across_clusters(half: Obj, post_copy
     engine = Engine(None, "node1", vmi, handle, None)  # type: ignore[arg-type]
     assert engine.config.allow_post_copy is post_copy
     assert engine.peer_cluster == half.get(Field.PEER_CLUSTER, "")
+
+
+# -- the target: no post-copy across clusters either ------------------------------------
+
+
+def test_the_targets_refuse_post_copy_across_clusters(tmp_path: Path) -> None:
+    tunnel = Tunnel(tmp_path)
+    tunnel.inc.peer_cluster = "cluster1"
+    qemu_open = pb_tunnel.Open(
+        protocol_version=TUNNEL_PROTOCOL_VERSION,
+        migration_uid=tunnel.inc.migration_uid,
+        token="right-token",
+        channel_id=0,
+        channel_count=1,
+        memory_bytes=tunnel.handle.qspec.memory_bytes,
+        page_size=PAGE_SIZE,
+        verify=pb_tunnel.VERIFY_MODE_OFF,
+        postcopy=True,
+    )
+    with pytest.raises(ProtocolError, match="post-copy is not offered across clusters"):
+        tunnel.service._check_open(tunnel.inc, qemu_open)
+
+    async def memvm() -> None:
+        registry = IncomingRegistry(RestartRecords(tmp_path / "m"), require_peer_identity=False)
+        inc = Target(None, RestartRecords(tmp_path / "t")).register(S.RECEIVING, "uid-1")  # type: ignore[arg-type]
+        inc.peer_cluster = "cluster1"
+        with pytest.raises(stream.ProtocolError, match="comes from peer cluster cluster1"):
+            await MigrationService(registry)._start_postcopy(inc, pb_memvm.PostCopyStart())
+        assert inc.state is S.RECEIVING
+
+    asyncio.run(memvm())
