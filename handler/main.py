@@ -5,7 +5,8 @@ It registers its Node and heartbeats, runs the guests scheduled to it (driver
 configured ``migration_address``, or its address on the dedicated migration network the
 controller assigns it: migration_network.py) and drives outgoing migrations. Guests run
 in their own sessions: stopping or restarting the handler never stops them, and a
-restarted handler re-adopts them.
+restarted handler re-adopts them. Cross-cluster migrations trust the peer clusters
+registered in the ConfigMap vmferry-peer-clusters (their CAs; handler/peers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,12 @@ from handler.migration.qemu_target import TunnelService
 from handler.migration.restart_record import RestartRecords
 from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
+from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
 from vmferry import httpserve, logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
+from vmferry.decentralized import PEERS_NAMESPACE
 from vmferry.informer import Informer
 from vmferry.objects.quantity import parse_quantity
 
@@ -176,9 +180,15 @@ async def serve(config: dict[str, Any]) -> None:
     api = ApiClient(client_config, timeout=10.0)
     driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
     driver.warm_up()  # a guest (a migration target above all) starts without a Python start-up
+    # The registered peer clusters (cross-cluster migrations: their CAs), kept current
+    # from the ConfigMap by an informer; and this node's trust for migrations.
+    peers = PeerRegistry()
+    trust = None if tls is None else MigrationTrust(tls, peers)
     # Expected incoming migrations, shared by both target services and the VM manager.
     incoming = IncomingRegistry(
-        RestartRecords(runtime_dir / "incoming"), require_peer_identity=tls is not None
+        RestartRecords(runtime_dir / "incoming"),
+        require_peer_identity=tls is not None,
+        trust=trust,
     )
     qemu = QemuDriver(
         runtime_dir / "qemu",
@@ -201,7 +211,7 @@ async def serve(config: dict[str, Any]) -> None:
     server = MigrationServer(
         register,
         port,
-        None if tls is None else lambda: pki.server_credentials(tls),
+        None if trust is None else trust.server_credentials,
         pending=lambda: tuple(incoming.registry),
     )
     try:
@@ -235,6 +245,8 @@ async def serve(config: dict[str, Any]) -> None:
             configure=bool(config["configure_migration_network"]),
         )
         vmis = Informer(api, "VirtualMachineInstance")
+        configmaps = Informer(api, "ConfigMap", namespace=PEERS_NAMESPACE)
+        configmaps.add_handler(peers.on_configmap)
         manager = VMManager(
             api,
             node,
@@ -244,6 +256,7 @@ async def serve(config: dict[str, Any]) -> None:
             tls=tls,
             migration_endpoint=endpoint,
             state_dir=runtime_dir,
+            peers=peers,
         )
         await manager.adopt()
         metrics = HandlerMetrics(manager, node)
@@ -263,7 +276,8 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(nodes.run()),
                 tg.create_task(network.run()),
                 tg.create_task(vmis.run()),
-                tg.create_task(manager.run()),
+                tg.create_task(configmaps.run()),
+                tg.create_task(run_after(configmaps.synced, manager.run())),
                 tg.create_task(metrics.run()),
             ]
             await stop.wait()
@@ -279,6 +293,13 @@ async def serve(config: dict[str, Any]) -> None:
             metrics_server.close()
         await server.close(grace=1)
         await api.close()
+
+
+async def run_after(ready: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """``work`` once ``ready`` is set: the VM manager starts once the peer registry is
+    listed (a cross-cluster hand-off is never judged on a registry not read yet)."""
+    await ready.wait()
+    await work
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,14 @@ brings the decision:
 A verified target that hears nothing claims Aborted after ``ARBITER_WAIT``. After a
 handler restart an adopted incoming guest is settled: Committed and a restart record →
 resume from the record; anything else → destroy.
+
+Across clusters (the hand-off names a ``peerCluster``; this node holds the receiving
+half) the arbiter is the *sending* cluster's record (vmferry.decentralized): the target
+never claims a decision nor writes ``switchover``. It resumes on the Commit frame or on
+``switchover: Committed`` mirrored into its VMI by its sync controller, discards on a
+mirrored Aborted or failure, and otherwise keeps the guest paused, however long it waits
+(also after a restart, when the guest's device state arrived). Its resume also moves the
+receiving VMI, which waited in ``WaitingForSync``, to Running.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ from handler.drivers.base import Drivers, VMHandle
 from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
+from handler.peers import PeerRegistry, is_receiver, not_registered, peer_cluster
 from vmferry import failpoints
 from vmferry.client import ApiClient
+from vmferry.errors import ApiError, NotFound
 from vmferry.failpoints import Step
 from vmferry.informer import WorkQueue
 from vmferry.migration_network import not_ready_reason
@@ -93,6 +103,7 @@ class IncomingGuests:
         *,
         endpoint: MigrationEndpoint,
         spawn: Callable[[Coroutine[Any, Any, None], str], None],
+        peers: PeerRegistry | None = None,
     ) -> None:
         self.api = api
         self.node = node
@@ -102,6 +113,8 @@ class IncomingGuests:
         self.handles = handles
         self.endpoint = endpoint
         self.spawn = spawn
+        self.peers = peers  # None: no peer checks here (a handler without TLS, tests)
+        self._waiting_logged: set[str] = set()  # cross-cluster migrations told to wait
         self.orphans: dict[str, VMHandle] = {}  # vm_id -> adopted guest we do not place yet
         self._publishing: set[str] = set()  # migration uids whose resume is being published
         self._missing_since: dict[str, float] = {}  # migration uid -> first seen lost
@@ -155,28 +168,47 @@ class IncomingGuests:
             await self.commit(inc)  # the Commit frame was lost; the arbiter decided
         elif inc.verified and inc.decision is None and switchover is None:
             self.queue.add_after((vmi["metadata"]["namespace"], vmi["metadata"]["name"]), 1.0)
-            if time.monotonic() - inc.verified_at > ARBITER_WAIT:
+            if inc.peer_cluster:
+                self._wait_for_peer(inc)  # never a claim: the sending cluster decides
+            elif time.monotonic() - inc.verified_at > ARBITER_WAIT:
                 record = HandoffRecord(self.api, inc.namespace, inc.name, inc.migration_uid)
                 if await record.claim(Switchover.ABORTED) == Switchover.ABORTED:
                     await self.discard(inc, "the source never recorded the hand-off")
+
+    def _wait_for_peer(self, inc: IncomingMigration) -> None:
+        """A verified cross-cluster guest without a decision stays paused (logged once)."""
+        if inc.migration_uid in self._waiting_logged:
+            return
+        self._waiting_logged.add(inc.migration_uid)
+        log.info(
+            "migration %s: memory verified; waiting for the decision of peer cluster %s "
+            "(the Commit frame, or the switchover its sync controller mirrors): the guest "
+            "stays paused here until then",
+            inc.migration_uid,
+            inc.peer_cluster,
+        )
 
     async def prepare(self, vmi: Obj, ms: Obj) -> None:
         meta = vmi["metadata"]
         uid = ms[Field.MIGRATION_UID]
         record = HandoffRecord(self.api, meta["namespace"], meta["name"], uid)
         network = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION)).network
-        if network:
+        peer = peer_cluster(ms)
+        reason = None
+        if peer and self.peers is not None and self.peers.get(peer) is None:
+            reason = not_registered(peer)
+        elif network:
             reason = not_ready_reason(network, self.node, self.endpoint.network)
-            if reason is not None:
-                log.warning("migration %s: refused as its target: %s", uid, reason)
-                await record.fail(
-                    {
-                        Field.FAILED: True,
-                        Field.FAILURE_REASON: reason,
-                        Field.END_TIMESTAMP: conditions.now_rfc3339(),
-                    }
-                )
-                return
+        if reason is not None:
+            log.warning("migration %s: refused as its target: %s", uid, reason)
+            await record.fail(
+                {
+                    Field.FAILED: True,
+                    Field.FAILURE_REASON: reason,
+                    Field.END_TIMESTAMP: conditions.now_rfc3339(),
+                }
+            )
+            return
         token = await read_token(self.api, uid)
         await record.patch({Field.TARGET_NODE_DOMAIN_DETECTED: True})
         driver = self.drivers.for_vmi(vmi)
@@ -189,6 +221,7 @@ class IncomingGuests:
             token=token,
             source_node=ms[Field.SOURCE_NODE],
             handle=handle,
+            peer_cluster=peer,
         )
         self.incoming.expect(inc)
         await self._publish_address(inc)
@@ -236,8 +269,15 @@ class IncomingGuests:
             inc.migration_uid,
             " (post-copy: pages still arriving)" if inc.postcopy else "",
         )
+        self._waiting_logged.discard(inc.migration_uid)
         self.spawn(
-            self._publish_resumed(inc.namespace, inc.name, inc.migration_uid, inc.handle),
+            self._publish_resumed(
+                inc.namespace,
+                inc.name,
+                inc.migration_uid,
+                inc.handle,
+                receiver=bool(inc.peer_cluster),  # the target of a cross-cluster hand-off
+            ),
             f"migration {inc.migration_uid}: publishing the resume",
         )
 
@@ -246,6 +286,7 @@ class IncomingGuests:
         if not inc.decide(Switchover.ABORTED):
             return
         self.incoming.forget(inc.migration_uid)
+        self._waiting_logged.discard(inc.migration_uid)
         await inc.handle.destroy()
         if inc.record_written is not None:  # the device state came: a record was written
             with contextlib.suppress(Exception):
@@ -262,6 +303,26 @@ class IncomingGuests:
         the hand-off was committed, else destroy it."""
         uid = ms[Field.MIGRATION_UID]
         record = await asyncio.to_thread(self.incoming.records.read, uid)
+        if (
+            peer_cluster(ms)
+            and record is not None
+            and ms.get(Field.SWITCHOVER) is None
+            and not ms.get(Field.FAILED)
+        ):
+            # Across clusters the source may commit a guest whose device state is here
+            # (the sending cluster decides): it stays paused until the decision is known.
+            self.orphans[handle.vm_id] = handle
+            self.queue.add_after((vmi["metadata"]["namespace"], vmi["metadata"]["name"]), 1.0)
+            if uid not in self._waiting_logged:
+                self._waiting_logged.add(uid)
+                log.info(
+                    "migration %s: incoming guest adopted after a restart; waiting for the "
+                    "decision of peer cluster %s: the guest stays paused until then",
+                    uid,
+                    peer_cluster(ms),
+                )
+            return
+        self._waiting_logged.discard(uid)
         if ms.get(Field.SWITCHOVER) == Switchover.COMMITTED and record is not None:
             await handle.resume(record.device_state)
             self.handles[vmi["metadata"]["uid"]] = handle
@@ -270,7 +331,11 @@ class IncomingGuests:
             # Like the normal resume: the VMI names this node from now on.
             self.spawn(
                 self._publish_resumed(
-                    vmi["metadata"]["namespace"], vmi["metadata"]["name"], uid, handle
+                    vmi["metadata"]["namespace"],
+                    vmi["metadata"]["name"],
+                    uid,
+                    handle,
+                    receiver=is_receiver(ms),
                 ),
                 f"migration {uid}: publishing the resume",
             )
@@ -310,7 +375,11 @@ class IncomingGuests:
             self.node,
         )
         await self._publish_resumed(
-            meta["namespace"], meta["name"], ms.get(Field.MIGRATION_UID, ""), handle
+            meta["namespace"],
+            meta["name"],
+            ms.get(Field.MIGRATION_UID, ""),
+            handle,
+            receiver=is_receiver(ms),
         )
 
     async def fail_if_lost(self, vmi: Obj, ms: Obj) -> None:
@@ -367,15 +436,25 @@ class IncomingGuests:
     # -- publishing the resume ------------------------------------------------------------
 
     async def _publish_resumed(
-        self, namespace: str, name: str, migration_uid: str, handle: VMHandle
+        self,
+        namespace: str,
+        name: str,
+        migration_uid: str,
+        handle: VMHandle,
+        *,
+        receiver: bool = False,
     ) -> None:
-        """Record that the VM runs here (nodeName first), then the gap the guest saw."""
+        """Record that the VM runs here (nodeName first), then the gap the guest saw.
+        ``receiver``: the receiving VMI of a cross-cluster migration, which waited in
+        WaitingForSync, becomes Running here too."""
         record = HandoffRecord(self.api, namespace, name, migration_uid)
         self._publishing.add(migration_uid)
         try:
+            extra: Obj = {"nodeName": self.node, "launcher": launcher(handle)}
+            if receiver:
+                extra.update(await self._running_status(namespace, name))
             await record.patch_until_written(
-                {Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: conditions.now_rfc3339()},
-                {"nodeName": self.node, "launcher": launcher(handle)},
+                {Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP: conditions.now_rfc3339()}, extra
             )
         finally:
             self._publishing.discard(migration_uid)
@@ -392,6 +471,27 @@ class IncomingGuests:
                 {Field.TRANSFER: {"guestDowntimeMilliseconds": round(gap, 3)}},
                 {"guest": {"resumeGapMilliseconds": round(gap, 3)}},
             )
+
+    async def _running_status(self, namespace: str, name: str) -> Obj:
+        """The status fields that make a receiving VMI Running (its phase, the phase's
+        transition time, Ready)."""
+        while True:
+            try:
+                vmi = await self.api.get("VirtualMachineInstance", namespace, name)
+                break
+            except NotFound:
+                return {}
+            except ApiError as e:
+                log.warning("vmi %s/%s: cannot read it yet (%s); retrying", namespace, name, e)
+                await asyncio.sleep(1.0)
+        status = copy.deepcopy(vmi.get("status") or {})
+        conditions.set_phase(status, VMIPhase.RUNNING)
+        conditions.set_condition(status, "Ready", True, "GuestRunning", "")
+        return {
+            "phase": status["phase"],
+            "phaseTransitionTimestamps": status["phaseTransitionTimestamps"],
+            "conditions": status["conditions"],
+        }
 
 
 def launcher(handle: VMHandle) -> Obj:

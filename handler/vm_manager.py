@@ -32,6 +32,7 @@ from handler.migration.handoff import HandoffRecord
 from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
+from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from handler.vm_postcopy import PostCopyKeeper
 from vmferry import pki
@@ -61,6 +62,7 @@ class VMManager:
         tls: pki.TlsFiles | None,
         migration_endpoint: MigrationEndpoint,
         state_dir: Path,
+        peers: PeerRegistry | None = None,
     ) -> None:
         self.api = api
         self.node = node_name
@@ -68,6 +70,7 @@ class VMManager:
         self.vmis = vmis
         self.incoming = incoming
         self.tls = tls
+        self.peers = peers  # registered peer clusters (cross-cluster sources dial their CA)
         self.state_dir = state_dir
         self.handles: dict[str, VMHandle] = {}  # VMI uid -> the guest running here
         self.sources: dict[str, tuple[SourceEngine, asyncio.Task[None]]] = {}
@@ -83,6 +86,7 @@ class VMManager:
             self.handles,
             endpoint=migration_endpoint,
             spawn=self._spawn,
+            peers=peers,
         )
         self.postcopy = PostCopyKeeper(
             api,
@@ -156,12 +160,14 @@ class VMManager:
             return
         if await self.postcopy.reconcile(vmi, ms):  # post-copy across restarts: vm_postcopy.py
             return
-        if ms.get(Field.TARGET_NODE) == self.node and not here:
+        # A cross-cluster hand-off names the other cluster's node as its other end: that
+        # end is never this node, whatever its name (peers.holds_source/holds_target).
+        if holds_target(ms, self.node) and not here:
             await self.target.reconcile(vmi, ms)
         if not here:
             await self._drop_stale_source_guest(vmi, ms)
             return
-        if ms.get(Field.SOURCE_NODE) == self.node:
+        if holds_source(ms, self.node):
             await self._reconcile_source(vmi, ms)
         phase = status.get("phase")
         handle = self.handles.get(uid)
@@ -170,7 +176,7 @@ class VMManager:
         elif phase == VMIPhase.RUNNING and (handle is None or not handle.is_alive()):
             if self._migrating(uid) or ms.get(Field.SWITCHOVER) == Switchover.COMMITTED:
                 return  # handed off (or handing off): the target flips nodeName
-            if ms.get(Field.SOURCE_NODE) == self.node and active(ms):
+            if holds_source(ms, self.node) and active(ms):
                 return
             await self._guest_lost(vmi, handle)
 
@@ -286,7 +292,7 @@ class VMManager:
         if not ms.get(Field.TARGET_NODE_ADDRESS) or not ms.get(Field.TARGET_NODE_PORT):
             return  # the target is still preparing
         migration = self.drivers.by_name(handle.driver_name).source_engine(
-            EngineContext(self.api, self.node, self.tls, self._on_progress),
+            EngineContext(self.api, self.node, self.tls, self._on_progress, self.peers),
             copy.deepcopy(vmi),
             handle,
         )
@@ -358,9 +364,8 @@ class VMManager:
         if self._migrating(vmi["metadata"]["uid"]):
             return  # post-copy: the paused source still serves the pages the target lacks
         handle = self.handles.get(vmi["metadata"]["uid"])
-        committed_from_here = (
-            ms.get(Field.SWITCHOVER) == Switchover.COMMITTED
-            and ms.get(Field.SOURCE_NODE) == self.node
+        committed_from_here = ms.get(Field.SWITCHOVER) == Switchover.COMMITTED and holds_source(
+            ms, self.node
         )
         if (
             committed_from_here

@@ -43,6 +43,7 @@ from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.memvm_source import MemvmSourceMigration
 from handler.migration.postcopy_source import mark_vmi_lost
 from handler.migration.source import ProgressCallback, SourceEngine
+from handler.peers import holds_source, holds_target
 from handler.vm_incoming import active, incoming_id, launcher
 from vmferry import pki
 from vmferry.client import ApiClient
@@ -120,9 +121,9 @@ class PostCopyKeeper:
         uid = vmi["metadata"]["uid"]
         if not in_postcopy(ms):
             return False
-        if ms.get(Field.TARGET_NODE) == self.node:
+        if holds_target(ms, self.node):
             return await self._target(vmi, ms, uid)
-        if ms.get(Field.SOURCE_NODE) == self.node:
+        if holds_source(ms, self.node):
             return await self._source(vmi, ms, uid)
         return False
 

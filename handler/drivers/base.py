@@ -49,6 +49,7 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     from handler.migration.source import ProgressCallback, SourceEngine
+    from handler.peers import PeerRegistry
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
 
@@ -350,12 +351,14 @@ def postcopy(handle: VMHandle, what: str) -> PostCopyHandle:
 class EngineContext:
     """What every source engine gets from its handler, whatever the driver: the API
     client, this node's name, the migration network's client certificate (None: plain
-    text, tests only) and where progress goes (the metrics collector)."""
+    text, tests only), where progress goes (the metrics collector) and the registered
+    peer clusters (a cross-cluster hand-off's target is trusted through its CA only)."""
 
     api: ApiClient
     node: str
     tls: TlsFiles | None
     on_progress: ProgressCallback
+    peers: PeerRegistry | None = None
 
 
 @runtime_checkable

@@ -236,7 +236,13 @@ class MemVMDriver:
 
         guest = dirty_log(handle, "a memvm migration")
         return MemvmSourceMigration(
-            context.api, context.node, vmi, guest, context.tls, on_progress=context.on_progress
+            context.api,
+            context.node,
+            vmi,
+            guest,
+            context.tls,
+            on_progress=context.on_progress,
+            peers=context.peers,
         )
 
     async def start(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:

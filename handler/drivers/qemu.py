@@ -152,6 +152,7 @@ class QemuDriver:
             context.tls,
             self,
             on_progress=context.on_progress,
+            peers=context.peers,
         )
 
     async def start(self, vm_id: str, spec: QemuSpec) -> QemuHandle:

@@ -27,7 +27,7 @@ from handler import stream
 from handler.migration.handoff import MigrationFailed
 from handler.migration.source import is_network_failure, rpc_problem
 from handler.migration.target_stream import StreamLost, TargetStream
-from vmferry import grpc_options, pki
+from vmferry import grpc_options
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -93,25 +93,35 @@ class Channel(TargetStream):
         return frame
 
 
-def connect(
-    address: str, target_node: str, tls: pki.TlsFiles | None, count: int
-) -> list[grpc.aio.Channel]:
-    """``count`` connections to the target. One TCP/TLS connection per stream (a local
-    subchannel pool keeps gRPC from sharing one): streams multiplexed on one HTTP/2
-    connection measured well below separate connections here. With TLS the target must
-    prove it is the hand-off's target node: its certificate must name the node (the
+def dial(
+    address: str,
+    target_node: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, int | str]],
+) -> grpc.aio.Channel:
+    """One connection to a hand-off's target, for both drivers. ``credentials`` come from
+    ``peers.dial_credentials`` (which CA the source trusts: this cluster's, or only the
+    peer cluster's across clusters; None: plain text, tests only). With TLS the target
+    must prove it is the hand-off's target node: its certificate must name the node (the
     address may be a relay or an advertised address)."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(
+        address, credentials, options=[*options, ("grpc.ssl_target_name_override", target_node)]
+    )
+
+
+def connect(
+    address: str, target_node: str, credentials: grpc.ChannelCredentials | None, count: int
+) -> list[grpc.aio.Channel]:
+    """``count`` connections to the target (``dial``). One TCP/TLS connection per stream
+    (a local subchannel pool keeps gRPC from sharing one): streams multiplexed on one
+    HTTP/2 connection measured well below separate connections here."""
     options: list[tuple[str, int | str]] = [
         *grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS),
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    if tls is None:
-        return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
-    options.append(("grpc.ssl_target_name_override", target_node))
-    return [
-        grpc.aio.secure_channel(address, pki.channel_credentials(tls), options=options)
-        for _ in range(count)
-    ]
+    return [dial(address, target_node, credentials, options) for _ in range(count)]
 
 
 async def open_channels(

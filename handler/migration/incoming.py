@@ -34,6 +34,7 @@ from handler.migration.target_state import (
     TargetState,
     check,
 )
+from handler.peers import MigrationTrust
 from vmferry.migration_state import Switchover
 from vmferry.rpc import migration_pb2 as pb
 
@@ -49,6 +50,9 @@ class IncomingMigration:
     token: str
     source_node: str
     handle: VMHandle
+    # cross-cluster: the sending cluster (a registered peer), whose CA must have issued
+    # the source's certificate; "" in-cluster
+    peer_cluster: str = ""
     channel_count: int = 0
     connected: set[int] = field(default_factory=set)
     final_channels: set[int] = field(default_factory=set)
@@ -215,10 +219,18 @@ class IncomingRegistry:
     arrived: decide and resume), ``on_abort`` (the source aborted, or its stream broke
     the protocol: discard), ``on_postcopy_done`` (every page is in)."""
 
-    def __init__(self, records: RestartRecords, *, require_peer_identity: bool = True) -> None:
+    def __init__(
+        self,
+        records: RestartRecords,
+        *,
+        require_peer_identity: bool = True,
+        trust: MigrationTrust | None = None,
+    ) -> None:
         self.registry: dict[str, IncomingMigration] = {}
         self.records = records
-        self.gate = PeerGate(self.registry, require_peer_identity=require_peer_identity)
+        self.gate = PeerGate(
+            self.registry, require_peer_identity=require_peer_identity, trust=trust
+        )
         self.on_commit: Callback = _nothing
         self.on_abort: AbortCallback = _nothing
         self.on_postcopy_done: Callback = _nothing

@@ -48,6 +48,7 @@ from handler.migration.postcopy_source import PostCopy
 from handler.migration.sender import DirtyMeter, RoundResult, RoundSender
 from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
 from handler.migration.target_stream import StreamLost
+from handler.peers import PeerRegistry
 from vmferry import failpoints, pki
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
@@ -82,6 +83,7 @@ class MemvmSourceMigration(SourceEngine):
         *,
         on_progress: ProgressCallback | None = None,
         clock: Clock = time.monotonic,
+        peers: PeerRegistry | None = None,
     ) -> None:
         super().__init__(
             api,
@@ -91,6 +93,7 @@ class MemvmSourceMigration(SourceEngine):
             tls,
             on_progress=on_progress,
             clock=clock,
+            peers=peers,
         )
         self.paused = False  # set before pause(): a failure during pause still resumes
         self.switching = False  # the switchover began: the monitor stops
@@ -187,7 +190,9 @@ class MemvmSourceMigration(SourceEngine):
         count = max(1, min(self.config.parallel_streams, stream.MAX_CHANNELS))
         await self._close_connections()
         self.sender.channels = []
-        self.connections = channels.connect(self.target_address, self.target_node, self.tls, count)
+        self.connections = channels.connect(
+            self.target_address, self.target_node, self.dial_credentials(), count
+        )
         spec = self.handle.spec
         hello = pb.Hello(
             protocol_version=stream.PROTOCOL_VERSION,

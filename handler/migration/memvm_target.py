@@ -38,6 +38,7 @@ from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.peer import abort, accepts_hello, accepts_resume
 from handler.migration.restart_record import RestartRecord, consume_failure
 from handler.migration.target_state import TargetState
+from handler.peers import no_postcopy
 from vmferry import failpoints
 from vmferry.rpc import migration_pb2 as pb
 
@@ -344,6 +345,8 @@ class MigrationService:
     ) -> pb.TargetFrame:
         """The source paused and lacks convergence: verify what is here, mark the rest
         missing; the guest will resume here before it has all its memory."""
+        if inc.peer_cluster:
+            raise stream.ProtocolError(no_postcopy(inc.migration_uid, inc.peer_cluster))
         if inc.device_state is not None:
             raise stream.ProtocolError("PostCopyStart after the switchover began")
         handle = inc.postcopy_handle

@@ -7,8 +7,10 @@ The memvm Transfer service and the QEMU Tunnel service admit a stream only throu
 1. it names a migration registered here (the hand-off names this node as
    the target) that accepts a stream now (NOT_FOUND otherwise: nothing is revealed about
    other migrations);
-2. the peer's client certificate names the hand-off's source node (PERMISSION_DENIED;
-   skipped only when the handler runs without TLS, in tests);
+2. the peer's client certificate was issued by the right CA (``peers.MigrationTrust.
+   issuer_refusal``: this cluster's own CA in-cluster; the registered CA of the hand-off's
+   ``peerCluster`` across clusters) and names the hand-off's source node
+   (PERMISSION_DENIED; skipped only when the handler runs without TLS, in tests);
 3. the stream token equals the migration's, compared in constant time
    (``secrets.compare_digest``; PERMISSION_DENIED);
 4. the service's own rules for the first frame (version, geometry, channels;
@@ -32,7 +34,9 @@ import grpc
 from handler import stream
 from handler.migration import tunnel
 from handler.migration.target_state import TargetState
+from handler.peers import MigrationTrust
 from vmferry import pki
+from vmferry.pki.identity import _AUTH_CONTEXT_CERT_KEY
 
 if TYPE_CHECKING:
     from handler.migration.incoming import IncomingMigration
@@ -66,10 +70,17 @@ class PeerGate:
     """The admission checks over the shared registry of expected migrations."""
 
     def __init__(
-        self, registry: Mapping[str, IncomingMigration], *, require_peer_identity: bool
+        self,
+        registry: Mapping[str, IncomingMigration],
+        *,
+        require_peer_identity: bool,
+        trust: MigrationTrust | None = None,
     ) -> None:
         self.registry = registry
         self.require_peer_identity = require_peer_identity
+        # Which CA must have issued a stream's certificate (None: whatever the TLS
+        # handshake accepted, which then trusts this cluster's CA only).
+        self.trust = trust
 
     def check(
         self,
@@ -79,31 +90,52 @@ class PeerGate:
         *,
         acceptable: Callable[[IncomingMigration], bool],
         what: str = "migration",
+        cert_pem: bytes | None = None,
     ) -> IncomingMigration:
         """The registered migration the stream is for; Refused when it may not stream.
         ``acceptable`` says whether the migration takes a stream in its current state
-        (and of this kind); ``what`` names the kind in the NOT_FOUND message."""
+        (and of this kind); ``what`` names the kind in the NOT_FOUND message;
+        ``cert_pem`` is the peer's verified certificate (``peer`` its identity)."""
         inc = self.registry.get(migration_uid)
         if inc is None or not acceptable(inc):
             raise Refused(
                 grpc.StatusCode.NOT_FOUND,
                 f"no {what} {migration_uid!r} is expected on this node",
             )
-        if self.require_peer_identity and (peer is None or peer.node_name != inc.source_node):
-            who = peer.user if peer else "an unauthenticated peer"
-            log.warning(
-                "migration %s: refused stream from %s (expected node %s)",
-                inc.migration_uid,
-                who,
-                inc.source_node,
-            )
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{who} is not the source node {inc.source_node} of migration {inc.migration_uid}",
-            )
+        if self.require_peer_identity:
+            refusal = self._peer_refusal(peer, cert_pem, inc)
+            if refusal is not None:
+                log.warning(
+                    "migration %s: refused stream from %s: %s",
+                    inc.migration_uid,
+                    peer.user if peer else "an unauthenticated peer",
+                    refusal,
+                )
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, refusal)
         if not secrets.compare_digest(token.encode(), inc.token.encode()):
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "wrong migration token")
         return inc
+
+    def _peer_refusal(
+        self, peer: pki.Identity | None, cert_pem: bytes | None, inc: IncomingMigration
+    ) -> str | None:
+        """Why this peer may not stream ``inc`` (None: it may): the CA that issued its
+        certificate, then its CN."""
+        if self.trust is not None:
+            refusal = self.trust.issuer_refusal(cert_pem, inc.migration_uid, inc.peer_cluster)
+            if refusal is not None:
+                return refusal
+        elif inc.peer_cluster:
+            return (
+                f"migration {inc.migration_uid} comes from peer cluster {inc.peer_cluster}, "
+                "but this node has no peer trust configured"
+            )
+        if peer is None or peer.node_name != inc.source_node:
+            who = f"CN {peer.user}" if peer else "an unauthenticated peer"
+            return (
+                f"{who} is not the source node {inc.source_node} of migration {inc.migration_uid}"
+            )
+        return None
 
     async def admit(
         self,
@@ -135,6 +167,7 @@ class PeerGate:
                 hello.token,
                 acceptable=acceptable,
                 what=what,
+                cert_pem=peer_certificate(context),
             )
         except Refused as e:
             await abort(context, e.code, str(e))
@@ -142,6 +175,12 @@ class PeerGate:
             return inc, check(inc, hello)
         except (stream.ProtocolError, tunnel.ProtocolError) as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The PEM of the caller's verified client certificate (None without one)."""
+    pems = (context.auth_context() or {}).get(_AUTH_CONTEXT_CERT_KEY) or []
+    return bytes(pems[0]) if pems else None
 
 
 async def abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:

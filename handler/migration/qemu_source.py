@@ -35,12 +35,13 @@ import grpc
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.migration import tunnel
+from handler.migration import channels, tunnel
 from handler.migration.convergence import TimeoutWatch, Verdict
 from handler.migration.handoff import MigrationFailed
 from handler.migration.qemu_channel import TunnelChannel
 from handler.migration.qemu_plan import QemuPlan
 from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
+from handler.peers import PeerRegistry
 from vmferry import grpc_options, pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import MigrationMode
@@ -82,9 +83,12 @@ class QemuSourceMigration(SourceEngine):
         *,
         on_progress: ProgressCallback | None = None,
         clock: Clock = time.monotonic,
+        peers: PeerRegistry | None = None,
     ) -> None:
         self.qemu = handle
-        super().__init__(api, node_name, vmi, handle, tls, on_progress=on_progress, clock=clock)
+        super().__init__(
+            api, node_name, vmi, handle, tls, on_progress=on_progress, clock=clock, peers=peers
+        )
         self.driver = driver
         self.plan = QemuPlan.from_config(self.config)
         self.verify = handle.qspec.verify
@@ -143,13 +147,12 @@ class QemuSourceMigration(SourceEngine):
     # -- start: tunnel + QEMU -------------------------------------------------------------
 
     async def _start(self) -> None:
-        options = grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)
-        if self.tls is None:
-            self._grpc = grpc.aio.insecure_channel(self.target_address, options=options)
-        else:
-            self._grpc = grpc.aio.secure_channel(
-                self.target_address, pki.channel_credentials(self.tls), options=options
-            )
+        self._grpc = channels.dial(
+            self.target_address,
+            self.target_node,
+            self.dial_credentials(),
+            list(grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)),
+        )
         self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sock.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._accept, path=str(self._sock))

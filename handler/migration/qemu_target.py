@@ -45,6 +45,7 @@ from handler.migration.tunnel import (
     VERIFY_MODES,
     ProtocolError,
 )
+from handler.peers import no_postcopy
 from vmferry.rpc import tunnel_pb2 as pb
 from vmferry.rpc import tunnel_pb2_grpc
 
@@ -146,6 +147,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 f"tunnel protocol version {hello.protocol_version} is not supported "
                 f"(this handler speaks {TUNNEL_PROTOCOL_VERSION})"
             )
+        if hello.postcopy and inc.peer_cluster:
+            raise ProtocolError(no_postcopy(inc.migration_uid, inc.peer_cluster))
         if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
             raise ProtocolError("Open.verify is unspecified or unknown")
         if not 1 <= hello.channel_count <= MAX_CHANNELS:

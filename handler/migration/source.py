@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from handler.migration.handoff import (
 )
 from handler.migration.stats import Stats
 from handler.net_counters import NetworkMeter
+from handler.peers import PeerRegistry, dial_credentials, peer_cluster
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
@@ -169,6 +171,7 @@ class SourceEngine(abc.ABC):
         *,
         on_progress: ProgressCallback | None = None,
         clock: Clock = time.monotonic,
+        peers: PeerRegistry | None = None,
     ) -> None:
         self.api = api
         self.node = node_name
@@ -186,6 +189,12 @@ class SourceEngine(abc.ABC):
         self.target_address = state.target_endpoint
         self.target_host = state.target_address
         self.config = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION))
+        # Cross-cluster: the target is a node of this peer cluster (trusted through its
+        # registered CA only); post-copy is never offered across clusters.
+        self.peers = peers
+        self.peer_cluster = peer_cluster(ms)
+        if self.peer_cluster and self.config.allow_post_copy:
+            self.config = dataclasses.replace(self.config, allow_post_copy=False)
         self.record = HandoffRecord(api, self.ns, self.name, self.uid)
         self.token = ""  # read from the migration's Secret in run()
         self.abort_requested = asyncio.Event()
@@ -196,6 +205,11 @@ class SourceEngine(abc.ABC):
         self._publisher: asyncio.Task[None] | None = None
         # which interfaces carried the migration (transfer.networkInterface/networkBytes)
         self.network = NetworkMeter()
+
+    def dial_credentials(self) -> grpc.ChannelCredentials | None:
+        """How this attempt dials the target (peers.dial_credentials: the hand-off's
+        trust); MigrationFailed when its peer cluster is not registered."""
+        return dial_credentials(self.tls, self.peers, self.peer_cluster)
 
     # -- what a driver supplies -------------------------------------------------------------
 
