@@ -331,7 +331,7 @@ class CrossCluster:
         await self.receiver.reconcile((NS, RECEIVER_VMIM))
         await self.source_handler()
         await self.target_handler()
-        ms = raw(await self.vmi(self.c2))
+        ms = raw(await self.get(self.c2, "VirtualMachineInstance") or {})
         switchover = str(ms.get(Field.SWITCHOVER) or "")
         if not self.switchovers or self.switchovers[-1] != switchover:
             self.switchovers.append(switchover)
