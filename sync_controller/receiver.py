@@ -506,7 +506,7 @@ class ReceiverReconciler:
             current = record.get(field)
             if current in (None, "", False):
                 changes[field] = value
-            elif current != value:
+            elif current != value and field != Field.FAILURE_REASON:
                 log.error(
                     "migration %s: the sending cluster says %s=%r but the receiving VMI has "
                     "%r: keeping the recorded value (a decision is never contradicted)",
@@ -619,7 +619,8 @@ class ReceiverReconciler:
         ours = bool(handed) and record.get(Field.MIGRATION_UID) == handed
         if handed:
             await migration_token.delete_token_secret(as_store(self.api), handed)
-        if vmi is not None:
+        waiting = (vmi or {}).get("status", {}).get("phase") == VMI_PHASE_WAITING_FOR_SYNC
+        if vmi is not None and (ours or waiting):  # never a VMI that is not receiving this
             status = vmi.setdefault("status", {})
             if status.get("phase") not in VMI_FINAL_PHASES:
                 conditions.set_phase(status, VMIPhase.FAILED)

@@ -597,6 +597,9 @@ class SenderReconciler:
                     return
         await migration_token.delete_token_secret(as_store(self.api), uid)
         self._tokens.pop(uid, None)
+        if MigrationPhase.of(vmim) == MigrationPhase.SYNCHRONIZING:
+            # the hand-off was written but the pass stopped before the VMIM said so
+            advance(SENDER_TRANSITIONS, vmim["status"], MigrationPhase.SCHEDULED, self.clock)
         await self._publish(vmim, None, phase=str(MigrationPhase.SUCCEEDED), token="")
         await finish(
             self.api, SENDER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=record

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from sync_controller.common import SENDER_TRANSITIONS, PhaseError, advance
+from sync_controller.sender import SenderReconciler
 from tests.support.fake_peer import (
     CONNECT_URL,
     MIGRATION_ID,
@@ -365,3 +366,53 @@ async def _test_run_with_informers_moves_the_vm(pair: CrossCluster) -> None:
                 await task
     assert (await pair.vm(pair.c1))["spec"]["runStrategy"] == "Halted"
     assert (await pair.vmi(pair.c2))["status"]["phase"] == VMIPhase.RUNNING
+
+
+def test_the_handoff_is_written_once_when_the_vmim_write_fails(tmp_path: Path) -> None:
+    async def test(pair: CrossCluster) -> None:
+        for _ in range(20):  # until the receiver's target listens (relayed)
+            await pair.receiver.reconcile((NS, "receive-busy"))
+            await pair.target_handler()
+            peer = pair.link1.latest(MIGRATION_ID)
+            if peer is not None and peer.target_address:
+                break
+            await pair.sender.reconcile((NS, SENDER_VMIM))
+        assert await pair.sending_phase() == MigrationPhase.SYNCHRONIZING
+        original = pair.sender._scheduled
+
+        async def lost(vmim: Obj, handoff: Obj) -> None:
+            raise RuntimeError("the controller went away")
+
+        pair.sender._scheduled = lost  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await pair.sender.reconcile((NS, SENDER_VMIM))
+        pair.sender._scheduled = original  # type: ignore[method-assign]
+        first = raw(await pair.vmi(pair.c1))
+        assert first[Field.MIGRATION_UID] and await pair.sending_phase() == "Synchronizing"
+        writes = len(pair.c1.writes("VirtualMachineInstance"))
+        await pair.sender.reconcile((NS, SENDER_VMIM))
+        assert await pair.sending_phase() == MigrationPhase.SCHEDULED
+        assert len(pair.c1.writes("VirtualMachineInstance")) == writes  # not written again
+        assert raw(await pair.vmi(pair.c1)) == first
+        await pair.pump()
+        assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
+
+    with_pair(tmp_path, test)
+
+
+def test_a_restarted_sender_relays_the_same_token(tmp_path: Path) -> None:
+    async def test(pair: CrossCluster) -> None:
+        pair.target_prepares = False
+        await pair.pump()
+        token = pair.link1.published[MIGRATION_ID].token
+        assert token
+        pair.link1.on_peer_update = lambda state: None
+        pair.sender = SenderReconciler(
+            pair.c1, pair.link1, pair.clock1, cluster_name="cluster1", source=None
+        )
+        pair.target_prepares = True
+        await pair.pump()
+        assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
+        assert {s.token for s in pair.link1.history if s.token} == {token}
+
+    with_pair(tmp_path, test)
