@@ -207,10 +207,10 @@ async def finish(
     reason: str = "",
     ms: Obj | None = None,
     abort_status: AbortStatus | None = None,
-) -> None:
+) -> bool:
     """Write a VMIM's final ``phase`` (mirror of ``ms``, the reason in
     ``migrationState.failureReason`` as the migration controller does), then let a
-    deleted one go."""
+    deleted one go (True: it went)."""
     status = vmim.setdefault("status", {})
     if ms is not None:
         status["migrationState"] = mirror_of(ms)
@@ -225,6 +225,8 @@ async def finish(
     vmim = await api.update(vmim, subresource="status")
     if vmim["metadata"].get("deletionTimestamp"):
         await remove_finalizer(api, vmim)
+        return True
+    return False
 
 
 async def write_status(api: Api, obj: Obj) -> Obj | None:

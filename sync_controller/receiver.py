@@ -142,6 +142,9 @@ class ReceiverReconciler:
         self.vmis = Informer(feed, VMI)
         self.queue = WorkQueue()
         self._forgotten: set[str] = set()
+        # migration ID -> uid of a VMIM that went (deleted) before the peer's half was
+        # final: forgotten on the link when it is
+        self._gone: dict[str, str] = {}
         self._cancelling: set[str] = set()  # VMIM uids this side asked the sender to cancel
         self.vmims.add_handler(self._on_vmim)
         self.vmis.add_handler(self._on_vmi)
@@ -164,6 +167,9 @@ class ReceiverReconciler:
                 self.queue.add((ns, vmim["metadata"]["name"]))
 
     def _on_peer(self, state: SyncState) -> None:
+        if state.migration_id in self._gone and peer_final(state):
+            self.link.forget(state.migration_id)
+            self._forgotten.add(self._gone.pop(state.migration_id))
         for key, vmim in self.vmims.cache.items():
             if receive(vmim).get("migrationID") == state.migration_id:
                 self.queue.add(key)
@@ -357,6 +363,14 @@ class ReceiverReconciler:
         if not peer_cluster:
             self._later(vmim)
             return
+        if peer_cluster == self.cluster_name:
+            await self._fail(
+                vmim,
+                vmi,
+                f"the sender of migration {mid} is this cluster ({self.cluster_name}): a "
+                "decentralized migration moves a VM from another cluster",
+            )
+            return
         configuration, policy_name = await effective_config(self.api, vmi)
         network = str(configuration.get(ConfigKey.NETWORK) or "")
         nodes, _ = await self.api.list("Node")
@@ -417,12 +431,13 @@ class ReceiverReconciler:
             self._again(vmim)
             return
         log.info(
-            "vmim %s: receiving %s/%s from %s/%s on %s",
+            "vmim %s: receiving %s/%s from %s/%s on %s/%s",
             vmim["metadata"]["name"],
             vmi["metadata"]["namespace"],
             vmi["metadata"]["name"],
             peer_cluster,
             peer.source_node,
+            self.cluster_name,
             placement.node,
         )
         await self._scheduled(vmim, handoff)
@@ -638,7 +653,7 @@ class ReceiverReconciler:
             if ours and record.get(Field.FAILURE_REASON)
             else reason,
         )
-        await finish(
+        if await finish(
             self.api,
             RECEIVER_TRANSITIONS,
             vmim,
@@ -647,7 +662,8 @@ class ReceiverReconciler:
             reason=reason,
             ms=record if ours else None,
             abort_status=abort_status,
-        )
+        ):
+            self._went(vmim)
 
     async def _succeed(self, vmim: Obj, vmi: Obj) -> None:
         """The guest runs here: the VMI Running, the VM's runStrategy restored, the
@@ -663,9 +679,10 @@ class ReceiverReconciler:
         await self._restore_vm(vmim, vmi)
         await migration_token.delete_token_secret(as_store(self.api), raw(vmi)[Field.MIGRATION_UID])
         self._publish(vmim, vmi, phase=str(MigrationPhase.SUCCEEDED), target_resumed=True)
-        await finish(
+        if await finish(
             self.api, RECEIVER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=raw(vmi)
-        )
+        ):
+            self._went(vmim)
 
     async def _restore_vm(self, vmim: Obj, vmi: Obj) -> None:
         ns = vmim["metadata"]["namespace"]
@@ -714,6 +731,19 @@ class ReceiverReconciler:
                 self._later(vmim, FINAL_RELAY_SECONDS - age + 1)
         if vmim["metadata"].get("deletionTimestamp"):
             await remove_finalizer(self.api, vmim)
+            self._went(vmim)
+
+    def _went(self, vmim: Obj) -> None:
+        """The VMIM was deleted: forget its link state once the peer's half is final."""
+        uid = vmim["metadata"]["uid"]
+        mid = receive(vmim)["migrationID"]
+        if uid in self._forgotten:
+            return
+        if peer_final(self._peer(vmim)):
+            self.link.forget(mid)
+            self._forgotten.add(uid)
+        else:
+            self._gone[mid] = uid
 
     async def _get_vmi(self, ns: str, name: str) -> Obj | None:
         try:

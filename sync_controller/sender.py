@@ -132,7 +132,10 @@ class SenderReconciler:
         self.vmis = Informer(feed, VMI)
         self.queue = WorkQueue()
         self._tokens: dict[str, str] = {}  # VMIM uid -> its stream token (relayed)
-        self._forgotten: set[str] = set()  # VMIM uids whose link state was dropped
+        self._forgotten: set[str] = set()
+        # migration ID -> uid of a VMIM that went (deleted) before the peer's half was
+        # final: forgotten on the link when it is
+        self._gone: dict[str, str] = {}  # VMIM uids whose link state was dropped
         self.vmims.add_handler(self._on_vmim)
         self.vmis.add_handler(self._on_vmi)
         subscribe(link, Role.RECEIVER, self._on_peer)
@@ -154,6 +157,9 @@ class SenderReconciler:
                 self.queue.add((ns, vmim["metadata"]["name"]))
 
     def _on_peer(self, state: SyncState) -> None:
+        if state.migration_id in self._gone and peer_final(state):
+            self.link.forget(state.migration_id)
+            self._forgotten.add(self._gone.pop(state.migration_id))
         for key, vmim in self.vmims.cache.items():
             if send_to(vmim).get("migrationID") == state.migration_id:
                 self.queue.add(key)
@@ -344,6 +350,7 @@ class SenderReconciler:
                 self._later(vmim, FINAL_RELAY_SECONDS - age + 1)
         if vmim["metadata"].get("deletionTimestamp"):
             await remove_finalizer(self.api, vmim)
+            self._went(vmim)
 
     # -- phase steps ----------------------------------------------------------------------
 
@@ -388,6 +395,15 @@ class SenderReconciler:
         if not peer_cluster:
             self._later(vmim)
             return
+        if peer_cluster == self.cluster_name:
+            await self._fail(
+                vmim,
+                vmi,
+                f"connectURL {url} leads to this cluster ({self.cluster_name}): a "
+                "decentralized migration moves a VM to another cluster",
+                None,
+            )
+            return
         configuration, policy_name = await effective_config(self.api, vmi)
         handoff: Obj = {
             Field.MIGRATION_UID: uid,
@@ -409,8 +425,9 @@ class SenderReconciler:
             self._again(vmim)
             return
         log.info(
-            "vmim %s: hand-off %s -> %s/%s (%s:%s)",
+            "vmim %s: hand-off %s/%s -> %s/%s (%s:%s)",
             name,
+            self.cluster_name,
             source,
             peer_cluster,
             peer.target_node,
@@ -552,7 +569,7 @@ class SenderReconciler:
             failure_reason=(record or {}).get(Field.FAILURE_REASON) or reason,
             token="",
         )
-        await finish(
+        if await finish(
             self.api,
             SENDER_TRANSITIONS,
             vmim,
@@ -561,7 +578,8 @@ class SenderReconciler:
             reason=reason,
             ms=record,
             abort_status=abort_status,
-        )
+        ):
+            self._went(vmim)
 
     async def _succeed(self, vmim: Obj, vmi: Obj | None) -> None:
         """The source recorded the completion (after the Committed decision): halt the
@@ -601,9 +619,10 @@ class SenderReconciler:
             # the hand-off was written but the pass stopped before the VMIM said so
             advance(SENDER_TRANSITIONS, vmim["status"], MigrationPhase.SCHEDULED, self.clock)
         await self._publish(vmim, None, phase=str(MigrationPhase.SUCCEEDED), token="")
-        await finish(
+        if await finish(
             self.api, SENDER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=record
-        )
+        ):
+            self._went(vmim)
 
     async def _halt_vm(self, vmim: Obj, vmi: Obj | None, where: str) -> None:
         ns = vmim["metadata"]["namespace"]
@@ -626,6 +645,18 @@ class SenderReconciler:
         log.info("vm %s/%s: migrated to %s: runStrategy Halted", ns, name, where)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _went(self, vmim: Obj) -> None:
+        """The VMIM was deleted: forget its link state once the peer's half is final."""
+        uid = vmim["metadata"]["uid"]
+        mid = send_to(vmim)["migrationID"]
+        if uid in self._forgotten:
+            return
+        if peer_final(self._peer(vmim)):
+            self.link.forget(mid)
+            self._forgotten.add(uid)
+        else:
+            self._gone[mid] = uid
 
     async def _get_vmi(self, ns: str, name: str) -> Obj | None:
         try:

@@ -230,6 +230,8 @@ async def _test_cancel_on_the_sending_side_before_the_handoff(pair: CrossCluster
     assert vmi1["status"]["phase"] == VMIPhase.RUNNING
     assert not raw(vmi1)  # no hand-off was ever written on the source
     assert pair.discarded
+    # both ended: the link forgets the migration on both sides (the sending VMIM is gone)
+    assert MIGRATION_ID in pair.link1.forgotten and MIGRATION_ID in pair.link2.forgotten
 
 
 def test_cancel_on_the_sending_side_while_running(tmp_path: Path) -> None:
@@ -414,5 +416,20 @@ def test_a_restarted_sender_relays_the_same_token(tmp_path: Path) -> None:
         await pair.pump()
         assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
         assert {s.token for s in pair.link1.history if s.token} == {token}
+
+    with_pair(tmp_path, test)
+
+
+def test_a_connect_url_leading_to_this_cluster_fails(tmp_path: Path) -> None:
+    async def test(pair: CrossCluster) -> None:
+        pair.link2.cluster_name = "cluster1"  # the peer's CA is registered under our name
+        await pair.pump()
+        sending = await pair.sending()
+        assert MigrationPhase.of(sending or {}) == MigrationPhase.FAILED
+        assert raw(sending or {})[Field.FAILURE_REASON] == (
+            f"connectURL {CONNECT_URL} leads to this cluster (cluster1): a decentralized "
+            "migration moves a VM to another cluster"
+        )
+        assert (await pair.vmi(pair.c1))["status"]["phase"] == VMIPhase.RUNNING
 
     with_pair(tmp_path, test)
