@@ -292,6 +292,15 @@ class ReceiverReconciler:
         """Nothing of this migration is in the receiving VMI yet (no target prepares):
         this side may fail on its own."""
         vmi_name = vmim["spec"]["vmiName"]
+        if (
+            vmi is not None
+            and MigrationPhase.of(vmim) == MigrationPhase.SCHEDULING
+            and self._ours_unrecorded(vmim, vmi)
+        ):
+            # a pass wrote the hand-off and stopped before the VMIM (the link may be down
+            # now: the VMI's record says whose it is); the next pass goes on from there
+            await self._scheduled(vmim, raw(vmi))
+            return
         if self._handed_uid(vmim):  # the VMIM says handed off, the VMI does not: replaced
             await self._fail(vmim, vmi, f'VirtualMachineInstance "{vmi_name}" was replaced')
             return
@@ -320,14 +329,6 @@ class ReceiverReconciler:
             self._later(vmim)
             return
         vmi_phase = (vmi.get("status") or {}).get("phase", "")
-        if (
-            peer is not None
-            and peer.migration_uid
-            and raw(vmi).get(Field.MIGRATION_UID) == peer.migration_uid
-        ):
-            # a pass wrote the hand-off and stopped before the VMIM
-            await self._scheduled(vmim, raw(vmi))
-            return
         if vmi_phase != VMI_PHASE_WAITING_FOR_SYNC:
             await self._fail(
                 vmim,
@@ -347,6 +348,18 @@ class ReceiverReconciler:
             return
         if phase == MigrationPhase.SCHEDULING and peer is not None and known:
             await self._schedule(vmim, vmi, peer)
+
+    @staticmethod
+    def _ours_unrecorded(vmim: Obj, vmi: Obj) -> bool:
+        """The receiving VMI carries an unfinished hand-off of this VMIM's migration ID
+        that the VMIM does not record yet."""
+        record = raw(vmi)
+        return (
+            bool(record.get(Field.MIGRATION_UID))
+            and record.get(Field.MIGRATION_ID) == receive(vmim)["migrationID"]
+            and record.get(Field.ROLE) == Role.RECEIVER
+            and not MigrationState.from_dict(record).ended
+        )
 
     async def _schedule(self, vmim: Obj, vmi: Obj, peer: SyncState) -> None:
         """Scheduling -> Scheduled: place a target here, the token Secret, the hand-off."""

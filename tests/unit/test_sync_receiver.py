@@ -333,3 +333,35 @@ def test_the_receiver_phase_machine() -> None:
     advance(RECEIVER_TRANSITIONS, status, MigrationPhase.FAILED, lambda: 0.0)
     with pytest.raises(PhaseError):
         advance(RECEIVER_TRANSITIONS, status, MigrationPhase.SUCCEEDED, lambda: 0.0)
+
+
+def test_a_lost_vmim_write_after_the_handoff_resumes_without_the_link(tmp_path: Path) -> None:
+    async def test(pair: CrossCluster) -> None:
+        original = pair.receiver._scheduled
+
+        async def lost(vmim: Obj, handoff: Obj) -> None:
+            raise RuntimeError("the controller went away")
+
+        pair.receiver._scheduled = lost  # type: ignore[method-assign]
+        for _ in range(10):
+            await pair.sender.reconcile((NS, "send-busy"))
+            try:
+                await pair.receiver.reconcile((NS, RECEIVER_VMIM))
+            except RuntimeError:
+                break
+        pair.receiver._scheduled = original  # type: ignore[method-assign]
+        assert await pair.receiving_phase() == MigrationPhase.SCHEDULING
+        handoff = raw(await pair.vmi(pair.c2))
+        assert handoff[Field.MIGRATION_UID]
+        pair.link1.set_up(False)
+        await pair.target_handler()  # the handler takes the VMI: phase Scheduled
+        assert (await pair.vmi(pair.c2))["status"]["phase"] == VMIPhase.SCHEDULED
+        await pair.receiver.reconcile((NS, RECEIVER_VMIM))
+        assert await pair.receiving_phase() == MigrationPhase.SCHEDULED
+        assert raw(await pair.vmi(pair.c2))[Field.MIGRATION_UID] == handoff[Field.MIGRATION_UID]
+        pair.link1.set_up(True)
+        await pair.pump()
+        assert await pair.receiving_phase() == MigrationPhase.SUCCEEDED
+        assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
+
+    with_pair(tmp_path, test)
