@@ -50,6 +50,7 @@ from vmferry.migration_state import (
     raw,
     token_secret_name,
 )
+from vmferry.objects import schema
 
 pytestmark = pytest.mark.timeout(60)
 Obj = dict[str, Any]
@@ -170,6 +171,9 @@ async def _test_happy_path_both_sides_succeed(pair: CrossCluster) -> None:
         assert ms[Field.COMPLETED] is True
         assert not ms.get(Field.FAILED)
     assert pair.switchovers == ["", "Committed"]  # mirrored once
+    # everything written passes the API's validation (the store in these tests does not)
+    for obj in (vmi1, sending, receiving, vmi2):
+        schema.validate(obj, server_managed=True)
     assert await secret(pair.c1, uid) is None and await secret(pair.c2, uid) is None
     assert not pair.discarded
     # the receiver learned the resume; both sides forgot the migration once both ended
