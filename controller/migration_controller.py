@@ -522,6 +522,17 @@ class MigrationController:
         ns, vmi_name = vmim["metadata"]["namespace"], vmim["spec"]["vmiName"]
         everywhere, _ = await self.store.list("VirtualMachineInstanceMigration")
         unfinished = {m["metadata"]["uid"] for m in everywhere if not MigrationPhase.of(m).final}
+        # A receiving (cross-cluster) VMIM's token Secret is named by the sending VMIM's uid.
+        unfinished |= {
+            uid
+            for m in everywhere
+            if not MigrationPhase.of(m).final
+            and (
+                uid := ((m.get("status") or {}).get("migrationState") or {}).get(
+                    Field.MIGRATION_UID
+                )
+            )
+        }
         await migration_token.delete_orphans(self.store, unfinished)
         items = [m for m in everywhere if m["metadata"]["namespace"] == ns]
         finished = sorted(

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Collection
+from datetime import UTC, datetime
 from typing import Any
 
 from controller.store import Store
@@ -103,19 +104,34 @@ async def delete_orphans(store: Store, unfinished_uids: Collection[str]) -> list
     """Delete every token Secret whose migration is not among ``unfinished_uids`` (the
     uids of the VMIMs not yet Succeeded or Failed, read before this call: a Secret is only
     created for one of those, by the migration reconciler, whose passes run one at a time,
-    so none appears between that read and this one). Returns the uids deleted."""
+    so none appears between that read and this one -- except a cross-cluster migration's,
+    which a sync controller writes: a Secret younger than ORPHAN_MIN_AGE is kept). Returns
+    the uids deleted."""
     items, _ = await store.list("Secret", TOKEN_SECRET_NAMESPACE)
     deleted = []
+    now = datetime.now(UTC)
     for secret in items:
         uid = (secret["metadata"].get("labels") or {}).get(TOKEN_MIGRATION_LABEL, "")
+        created = _parse_time(secret["metadata"].get("creationTimestamp"))
         if (
             uid
             and uid not in unfinished_uids
+            and (created is None or (now - created).total_seconds() >= ORPHAN_MIN_AGE)
             and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"])
         ):
             await delete_token_secret(store, uid)
             deleted.append(uid)
     return deleted
+
+
+ORPHAN_MIN_AGE = 60.0  # s: a token Secret this young is never an orphan (see delete_orphans)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        return datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def is_token_secret_name(namespace: str, name: str) -> bool:
