@@ -32,7 +32,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from controller.forklift.cluster import ClusterApi, feature_off_message, live_migration_feature
@@ -50,6 +49,7 @@ from vmferry.errors import AlreadyExists, ApiError, Conflict, Forbidden, NotFoun
 from vmferry.informer import Key
 from vmferry.migration_state import Field, MigrationPhase
 from vmferry.objects import kinds, schema
+from vmferry.objects.schema.forklift import MIGRATION_FINAL_PHASES, MigrationRunPhase, VMPhase
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -62,19 +62,6 @@ FOLLOW_SECONDS = 1.0  # how often a running Migration reads the VMIMs of both cl
 VMIM = "VirtualMachineInstanceMigration"
 
 
-class VMPhase(StrEnum):
-    PENDING = "Pending"
-    RECEIVING = "Receiving"  # the receiving VM and VMIM exist on the destination
-    MIGRATING = "Migrating"  # the sending VMIM exists here
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    CANCELED = "Canceled"
-
-    @property
-    def final(self) -> bool:
-        return self in (VMPhase.SUCCEEDED, VMPhase.FAILED, VMPhase.CANCELED)
-
-
 VM_TRANSITIONS: dict[VMPhase, frozenset[VMPhase]] = {
     VMPhase.PENDING: frozenset({VMPhase.RECEIVING, VMPhase.FAILED, VMPhase.CANCELED}),
     VMPhase.RECEIVING: frozenset({VMPhase.MIGRATING, VMPhase.FAILED, VMPhase.CANCELED}),
@@ -83,16 +70,6 @@ VM_TRANSITIONS: dict[VMPhase, frozenset[VMPhase]] = {
     VMPhase.FAILED: frozenset(),
     VMPhase.CANCELED: frozenset(),
 }
-
-
-class MigrationRunPhase(StrEnum):
-    """``Migration.status.phase``."""
-
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    CANCELED = "Canceled"
 
 
 def migration_id(plan: Mapping[str, Any], migration: Mapping[str, Any], vm: PlanVM) -> str:
@@ -203,11 +180,7 @@ class MigrationReconciler:
             await self._cancel(migration)
             return None
         status = migration.get("status") or {}
-        if status.get("phase") in (
-            MigrationRunPhase.SUCCEEDED,
-            MigrationRunPhase.FAILED,
-            MigrationRunPhase.CANCELED,
-        ):
+        if status.get("phase") in MIGRATION_FINAL_PHASES:
             if FINALIZER in (meta.get("finalizers") or []):
                 await self._drop_finalizer(migration)
             return None

@@ -15,12 +15,7 @@ import pytest
 import yaml
 
 from controller.forklift.cluster import ClusterApi
-from controller.forklift.migration import (
-    FINALIZER,
-    MigrationReconciler,
-    MigrationRunPhase,
-    VMPhase,
-)
+from controller.forklift.migration import FINALIZER, MigrationReconciler
 from controller.forklift.plan import PlanReconciler
 from controller.forklift.provider import ProviderAccess, ProviderReconciler, TokenConnector
 from controller.main import bootstrap
@@ -43,7 +38,7 @@ from vmferry.decentralized import (
 from vmferry.errors import NotFound
 from vmferry.migration_state import Field, MigrationPhase
 from vmferry.objects import conditions, kinds
-from vmferry.objects.schema.forklift import FEATURE_OCP_LIVE_MIGRATION
+from vmferry.objects.schema.forklift import FEATURE_OCP_LIVE_MIGRATION, MigrationRunPhase, VMPhase
 
 Obj = dict[str, Any]
 MTV = kinds.MTV_NAMESPACE

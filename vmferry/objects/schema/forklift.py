@@ -176,13 +176,42 @@ PLAN_STATUS = Obj({"conditions": CONDITIONS})
 
 # -- Migration ----------------------------------------------------------------------------------
 
+
+class MigrationRunPhase(StrEnum):
+    """``Migration.status.phase``."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+
+MIGRATION_FINAL_PHASES = frozenset(
+    {MigrationRunPhase.SUCCEEDED, MigrationRunPhase.FAILED, MigrationRunPhase.CANCELED}
+)
+
+
+class VMPhase(StrEnum):
+    PENDING = "Pending"
+    RECEIVING = "Receiving"  # the receiving VM and VMIM exist on the destination
+    MIGRATING = "Migrating"  # the sending VMIM exists here
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in (VMPhase.SUCCEEDED, VMPhase.FAILED, VMPhase.CANCELED)
+
+
 MIGRATION_SPEC = Obj({"plan": OBJECT_REF}, required=("plan",))
 
 VM_STATUS = Obj(
     {
         "name": Str(),
         "namespace": Str(),
-        "phase": Str(),
+        "phase": Str(enum=VMPhase),
         "reason": Str(),
         "migrationID": Str(),
         "sourceMigration": Str(),  # the sending VMIM's name (this cluster)
@@ -194,7 +223,7 @@ VM_STATUS = Obj(
 
 MIGRATION_STATUS = Obj(
     {
-        "phase": Str(),
+        "phase": Str(enum=MigrationRunPhase),
         "reason": Str(),
         "started": Timestamp(),
         "completed": Timestamp(),

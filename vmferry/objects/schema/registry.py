@@ -94,7 +94,9 @@ SCHEMAS: dict[str, KindSchema] = {
     ),
     "Provider": KindSchema({"spec": PROVIDER_SPEC, "status": PROVIDER_STATUS}, required=("spec",)),
     "Plan": KindSchema({"spec": PLAN_SPEC, "status": PLAN_STATUS}, required=("spec",)),
-    "Migration": KindSchema({"spec": MIGRATION_SPEC, "status": MIGRATION_STATUS}, required=("spec",)),
+    "Migration": KindSchema(
+        {"spec": MIGRATION_SPEC, "status": MIGRATION_STATUS}, required=("spec",)
+    ),
     "ServiceAccount": KindSchema(
         {
             "secrets": List(OBJECT_REFERENCE),
