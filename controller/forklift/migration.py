@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.forklift.cluster import ClusterApi, feature_off_message, live_migration_feature
-from controller.forklift.plan import PlanError, PlanVM, ResolvedPlan, plan_vms, resolve_plan
+from controller.forklift.plan import (
+    PlanError,
+    PlanPending,
+    PlanVM,
+    ResolvedPlan,
+    plan_vms,
+    resolve_plan,
+)
 from controller.forklift.provider import Connector, ProviderError, provider_access
 from controller.objects import rfc3339
 from vmferry.decentralized import (
@@ -58,7 +65,8 @@ FINALIZER = "forklift.konveyor.io/migration"
 MIGRATION_LABEL = "forklift.konveyor.io/migration"  # the Migration's uid
 PLAN_LABEL = "forklift.konveyor.io/plan"  # the Plan's uid
 MIGRATION_ID_ANNOTATION = "forklift.konveyor.io/migration-id"
-FOLLOW_SECONDS = 1.0  # how often a running Migration reads the VMIMs of both clusters
+FOLLOW_SECONDS = 1.0
+PENDING_RETRY_SECONDS = 1.0  # a Migration waiting for its providers' first check  # how often a running Migration reads the VMIMs of both clusters
 VMIM = "VirtualMachineInstanceMigration"
 
 
@@ -191,7 +199,7 @@ class MigrationReconciler:
         try:
             resolved, destination = await self._start(migration)
         except (PlanError, ProviderError, VMFailure) as e:
-            self._fail_all(migration, str(e), await self._declared_vms(migration))
+            await self._cannot_go_on(migration, e)
         else:
             await self._run_vms(migration, resolved, destination)
         status = migration.setdefault("status", {})
@@ -214,7 +222,7 @@ class MigrationReconciler:
             await self._check_gates(resolved, destination)
             status["started"] = rfc3339(self.clock())
             status["phase"] = MigrationRunPhase.RUNNING
-            status["reason"] = ""
+        status["reason"] = ""
         return resolved, destination
 
     async def _check_gates(self, resolved: ResolvedPlan, destination: ClusterApi) -> None:
@@ -267,6 +275,19 @@ class MigrationReconciler:
             raise
         except ApiError as e:
             raise _refused(where, e) from None
+
+    async def _cannot_go_on(self, migration: Obj, e: Exception) -> None:
+        """Before the start: a plan waiting for its providers' first check stays Pending,
+        anything else fails every VM. Once started, the VMIMs run on without the
+        orchestrator: it says why it cannot follow them and looks again (a provider whose
+        token was revoked, say)."""
+        status = migration.setdefault("status", {})
+        if status.get("started"):
+            status["reason"] = f"cannot follow the migration: {e}"
+        elif isinstance(e, PlanPending):
+            status.update(phase=MigrationRunPhase.PENDING, reason=f"waiting: {e}")
+        else:
+            self._fail_all(migration, str(e), await self._declared_vms(migration))
 
     async def _plan_of(self, migration: Obj) -> Obj:
         ref = migration["spec"]["plan"]

@@ -31,6 +31,10 @@ class PlanError(Exception):
     """A plan cannot run; the message says which rule failed."""
 
 
+class PlanPending(PlanError):
+    """A plan cannot run *yet*: a provider has not been checked since it changed."""
+
+
 @dataclass(frozen=True)
 class PlanVM:
     namespace: str
@@ -68,6 +72,9 @@ async def _provider(home: ClusterApi, plan: Mapping[str, Any], role: str) -> Obj
         raise PlanError(
             f'the {role} provider "{ns}/{ref.get("name", "")}" does not exist'
         ) from None
+    generation = provider["metadata"].get("generation", 0)
+    if (provider.get("status") or {}).get("observedGeneration") != generation:
+        raise PlanPending(f'the {role} provider "{ns}/{ref.get("name", "")}" is being checked')
     ready, why = provider_ready(provider)
     if not ready:
         raise PlanError(f'the {role} provider "{ns}/{ref.get("name", "")}" is not {READY}: {why}')

@@ -4,7 +4,9 @@ work queue each, and the reconcilers they drive (:func:`run_forklift`)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from controller.forklift.cluster import LocalApi
 from controller.forklift.migration import MigrationReconciler
@@ -14,10 +16,15 @@ from controller.objects import StoreSource
 from controller.store import Store
 from vmferry.informer import Informer, Key, WorkQueue
 
+Obj = dict[str, Any]
 PROVIDER_CA_DIR = "forklift-provider-cas"  # under the controller's data_dir
 
 
-def _requeueing(queue: WorkQueue, reconcile):  # type: ignore[no-untyped-def]
+def _requeueing(
+    queue: WorkQueue, reconcile: Callable[[Key], Awaitable[float | None]]
+) -> Callable[[Key], Awaitable[None]]:
+    """A reconcile that says when to look again, as a work queue's reconcile."""
+
     async def run(key: Key) -> None:
         again = await reconcile(key)
         if again is not None:
@@ -39,19 +46,28 @@ async def run_forklift(store: Store, data_dir: Path) -> None:
     plans.add_handler(lambda key, old, new: plan_queue.add(key))
     migrations.add_handler(lambda key, old, new: migration_queue.add(key))
 
-    def providers_changed(key: Key, old: object, new: object) -> None:
+    def providers_changed(key: Key, old: Obj | None, new: Obj | None) -> None:
         for plan_key in list(plans.cache):  # a plan's readiness follows its providers'
             plan_queue.add(plan_key)
 
     providers.add_handler(providers_changed)
+    secrets = Informer(source, "Secret")
+
+    def secret_changed(key: Key, old: Obj | None, new: Obj | None) -> None:
+        for provider_key, provider in list(providers.cache.items()):  # its token or CA
+            ref = (provider.get("spec") or {}).get("secret") or {}
+            if (ref.get("namespace") or provider_key[0], ref.get("name")) == key:
+                provider_queue.add(provider_key)
+
+    secrets.add_handler(secret_changed)
     provider_reconciler = ProviderReconciler(home, connector)
     plan_reconciler = PlanReconciler(home)
     migration_reconciler = MigrationReconciler(home, connector)
     try:
         async with asyncio.TaskGroup() as tg:
-            for informer in (providers, plans, migrations):
+            for informer in (providers, plans, migrations, secrets):
                 tg.create_task(informer.run())
-            for informer in (providers, plans, migrations):
+            for informer in (providers, plans, migrations, secrets):
                 await informer.synced.wait()
             tg.create_task(
                 provider_queue.run(

@@ -478,3 +478,44 @@ def test_the_mtv_cluster_role_is_enough(tmp_path: Path) -> None:
     vm = migration["status"]["vms"][0]
     assert "forbidden" not in vm["reason"], vm["reason"]
     assert "forbidden" not in migration["status"].get("reason", "")
+
+
+@pytest.mark.timeout(30)
+def test_a_migration_waits_for_its_providers_first_check(tmp_path: Path) -> None:
+    async def test(lab: Lab) -> None:
+        c2 = await lab.home.get("Provider", MTV, "cluster2")
+        c2["spec"]["url"] = f"https://{C2_SERVER}/"  # edited: not checked since
+        await lab.home.update(c2)
+        migration = await lab.reconcile()
+        assert migration["status"]["phase"] == MigrationRunPhase.PENDING
+        assert "waiting: the destination provider" in migration["status"]["reason"]
+        assert "is being checked" in migration["status"]["reason"]
+        await ProviderReconciler(lab.home, lab.reconciler.connector).reconcile((MTV, "cluster2"))
+        migration = await lab.reconcile()
+        assert migration["status"]["phase"] == MigrationRunPhase.RUNNING
+        assert (await lab.vm_status())["phase"] == VMPhase.RECEIVING
+
+    run(tmp_path, test)
+
+
+@pytest.mark.timeout(30)
+def test_a_provider_that_breaks_after_the_start_does_not_fail_the_running_vm(
+    tmp_path: Path,
+) -> None:
+    async def test(lab: Lab) -> None:
+        await lab.reconcile()
+        secret = await lab.home.get("Secret", MTV, "c2")
+        await lab.home.delete("Secret", MTV, "c2")
+        migration = await lab.reconcile()
+        assert migration["status"]["phase"] == MigrationRunPhase.RUNNING
+        assert (
+            'cannot follow the migration: secret "openshift-mtv/c2"'
+            in (migration["status"]["reason"])
+        )
+        assert (await lab.vm_status())["phase"] == VMPhase.RECEIVING
+        del secret["metadata"]["resourceVersion"], secret["metadata"]["uid"]
+        await lab.home.create(secret)
+        migration = await lab.reconcile()
+        assert migration["status"]["reason"] == ""
+
+    run(tmp_path, test)
