@@ -5,6 +5,7 @@ Secret's rules (12.6.1, 12.6.1.1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from controller.forklift.provider import (
     READY,
+    RETRY_SECONDS,
     ProviderReason,
     ProviderReconciler,
     TokenConnector,
@@ -26,6 +28,7 @@ from tests.support.forklift_clusters import (
     token_cluster,
 )
 from vmferry import pki
+from vmferry.errors import NotFound
 from vmferry.objects import conditions
 
 NS = "openshift-mtv"
@@ -140,3 +143,49 @@ def test_server_of_provider_urls() -> None:
     assert server_of("127.0.0.1:7444") == "127.0.0.1:7444"
     with pytest.raises(Exception, match="is not https://HOST:PORT"):
         server_of("https://api.cluster2/path")
+
+
+@pytest.mark.timeout(30)
+def test_the_controller_loop_checks_providers_and_rechecks_when_the_secret_changes(
+    tmp_path: Path,
+) -> None:
+    """run_forklift over a real store: informers, queues, the token connector."""
+    from controller.forklift.run import run_forklift
+    from controller.main import bootstrap
+
+    async def condition(store: Store, name: str, status: str) -> dict[str, str]:
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(NotFound):
+                    cond = conditions.get(await store.get("Provider", NS, name), READY)
+                    if cond is not None and cond["status"] == status:
+                        return cond
+                await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        store = await Store.open(tmp_path / "c1.db")
+        await bootstrap(store)
+        loop = asyncio.create_task(run_forklift(store, tmp_path / "data"))
+        try:
+            async with token_cluster(tmp_path, "cluster2") as c2:
+                token = await service_account_token(
+                    c2.store, c2.signer, "mtv", "mtv-provider", mtv_role=True
+                )
+                await store.create(provider("host", NS))
+                await store.create(provider("cluster2", NS, c2.url, "c2"))  # no Secret yet
+                cond = await condition(store, "cluster2", "False")
+                assert cond["reason"] == ProviderReason.SECRET_MISSING
+                await store.create(provider_secret("c2", NS, token, c2.ca_pem))
+                started = asyncio.get_running_loop().time()
+                cond = await condition(store, "cluster2", "True")
+                # the Secret's creation re-checked it, not the retry RETRY_SECONDS later
+                assert asyncio.get_running_loop().time() - started < RETRY_SECONDS / 2
+                assert "system:serviceaccount:mtv:mtv-provider" in cond["message"]
+                assert (await condition(store, "host", "True"))["reason"] == ProviderReason.HOST
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+            await store.close()
+
+    asyncio.run(main())

@@ -264,6 +264,13 @@ def test_migrate_to_cluster_creates_host_plan_migration_and_waits(
         try:
             code = await migrate_cmd.migrate_to_cluster(api, "busy-vm", "default", "cluster2")
             assert code == 1
+            assert 'virtualmachine "busy-vm" not found in default' in capsys.readouterr().err
+            await api.create(
+                {"apiVersion": kinds.KUBEVIRT, "kind": "VirtualMachine",
+                 "metadata": {"name": "busy-vm", "namespace": "default"}, "spec": {}}
+            )  # fmt: skip
+            code = await migrate_cmd.migrate_to_cluster(api, "busy-vm", "default", "cluster2")
+            assert code == 1
             assert 'no provider "cluster2" in openshift-mtv' in capsys.readouterr().err
             await api.create(FORKLIFT_VALID["Provider"])
             code = await migrate_cmd.migrate_to_cluster(api, "busy-vm", "default", "cluster2")

@@ -146,6 +146,13 @@ async def migrate_to_cluster(
 ) -> int:
     """``migrate VM --to-cluster PROVIDER``: the Plan and its Migration (see the module)."""
     try:
+        await api.get("VirtualMachine", namespace, vm)
+    except NotFound:
+        return error(
+            f'virtualmachine "{vm}" not found in {namespace}: --to-cluster moves a VM '
+            "(with its VirtualMachine) to another cluster"
+        )
+    try:
         destination = await api.get("Provider", kinds.MTV_NAMESPACE, provider)
     except NotFound:
         return error(
