@@ -65,8 +65,7 @@ FINALIZER = "forklift.konveyor.io/migration"
 MIGRATION_LABEL = "forklift.konveyor.io/migration"  # the Migration's uid
 PLAN_LABEL = "forklift.konveyor.io/plan"  # the Plan's uid
 MIGRATION_ID_ANNOTATION = "forklift.konveyor.io/migration-id"
-FOLLOW_SECONDS = 1.0
-PENDING_RETRY_SECONDS = 1.0  # a Migration waiting for its providers' first check  # how often a running Migration reads the VMIMs of both clusters
+FOLLOW_SECONDS = 1.0  # how often a running Migration reads the VMIMs of both clusters
 VMIM = "VirtualMachineInstanceMigration"
 
 
@@ -90,6 +89,10 @@ def migration_id(plan: Mapping[str, Any], migration: Mapping[str, Any], vm: Plan
 
 class VMFailure(Exception):
     """This VM's migration cannot go on: the message says why."""
+
+
+class VMCanceled(VMFailure):
+    """One of the VM's VMIMs was deleted: that cancels the migration (both sides)."""
 
 
 @dataclass
@@ -207,7 +210,7 @@ class MigrationReconciler:
             await self.home.update(
                 schema.validate(migration, server_managed=True), subresource="status"
             )
-        if status.get("phase") in (MigrationRunPhase.SUCCEEDED, MigrationRunPhase.FAILED):
+        if status.get("phase") in MIGRATION_FINAL_PHASES:
             return 0.0  # drop the finalizer on the next pass
         return FOLLOW_SECONDS
 
@@ -338,19 +341,28 @@ class MigrationReconciler:
                 continue
             try:
                 await self._step(migration, resolved, destination, record)
+            except VMCanceled as e:
+                record.move(VMPhase.CANCELED, str(e))
             except VMFailure as e:
                 record.move(VMPhase.FAILED, str(e))
             if record.phase.final and not record.completed:
                 record.completed = rfc3339(self.clock())
         status["vms"] = [r.as_dict() for r in records]
         if all(r.phase.final for r in records):
-            failed = [r for r in records if r.phase != VMPhase.SUCCEEDED]
-            status["phase"] = MigrationRunPhase.FAILED if failed else MigrationRunPhase.SUCCEEDED
-            status["reason"] = (
-                f"{len(failed)} of {len(records)} VM(s) failed: {failed[0].name}: {failed[0].reason}"
-                if failed
-                else f"{len(records)} VM(s) migrated"
-            )
+            failed = [r for r in records if r.phase == VMPhase.FAILED]
+            canceled = [r for r in records if r.phase == VMPhase.CANCELED]
+            if failed:
+                status["phase"] = MigrationRunPhase.FAILED
+                status["reason"] = (
+                    f"{len(failed)} of {len(records)} VM(s) failed: {failed[0].name}: "
+                    f"{failed[0].reason}"
+                )
+            elif canceled:
+                status["phase"] = MigrationRunPhase.CANCELED
+                status["reason"] = f"{len(canceled)} of {len(records)} VM(s) canceled"
+            else:
+                status["phase"] = MigrationRunPhase.SUCCEEDED
+                status["reason"] = f"{len(records)} VM(s) migrated"
             status["completed"] = rfc3339(self.clock())
 
     def _labels(self, migration: Obj, resolved: ResolvedPlan) -> dict[str, str]:
@@ -453,7 +465,7 @@ class MigrationReconciler:
         try:
             return await api.get(VMIM, ns, name)
         except NotFound:
-            raise VMFailure(
+            raise VMCanceled(
                 f'{where}: the migration "{ns}/{name}" was deleted (canceled); the VM stays '
                 "on the source"
             ) from None

@@ -216,14 +216,16 @@ async def tls_probe(server: str, ca_pem: bytes, *, timeout: float = CONNECT_TIME
 
 class TokenConnector:
     """The controller's connector: ``vmferry.client.ApiClient`` with the provider's token
-    over TLS trusting only its CA (written under ``ca_dir``, one file per CA). Clients are
-    kept per (server, token, CA) and closed by :meth:`close`."""
+    over TLS trusting only its CA (written under ``ca_dir``, one file per CA). One client is
+    kept per provider (replaced when its url, token or CA changes), closed by :meth:`close`."""
 
     def __init__(self, local: ClusterApi, ca_dir: Path, *, timeout: float = CONNECT_TIMEOUT):
         self.local = local
         self.ca_dir = ca_dir
         self.timeout = timeout
-        self._clients: dict[tuple[str, str, bytes], ApiClient] = {}
+        # per provider (namespace/name): what its client was made with, and the client
+        self._clients: dict[str, tuple[tuple[str, str, bytes], ApiClient]] = {}
+        self._lock = asyncio.Lock()
 
     async def _ca_file(self, ca_pem: bytes) -> Path:
         path = self.ca_dir / f"{hashlib.sha256(ca_pem).hexdigest()[:24]}.crt"
@@ -239,13 +241,18 @@ class TokenConnector:
         return path
 
     async def _client(self, access: ProviderAccess) -> ApiClient:
-        key = (access.server, access.token, access.ca_pem)
-        client = self._clients.get(key)
-        if client is None:
+        wanted = (access.server, access.token, access.ca_pem)
+        async with self._lock:  # the provider and migration reconcilers share clients
+            cached = self._clients.get(access.name)
+            if cached is not None and cached[0] == wanted:
+                return cached[1]
+            if cached is not None:
+                await cached[1].close()  # the provider's url, token or CA changed
             tls = TlsFiles(ca=await self._ca_file(access.ca_pem), cert=Path(), key=Path())
             config = ClientConfig(server=access.server, tls=tls, token=access.token)
-            client = self._clients[key] = ApiClient(config, timeout=self.timeout)
-        return client
+            client = ApiClient(config, timeout=self.timeout)
+            self._clients[access.name] = (wanted, client)
+            return client
 
     async def check(self, access: ProviderAccess) -> str:
         if access.local:
@@ -273,7 +280,7 @@ class TokenConnector:
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
-        for client in clients.values():
+        for _, client in clients.values():
             await client.close()
 
 

@@ -321,7 +321,7 @@ def test_cancel_before_the_sender_exists_deletes_the_receiving_vmim(tmp_path: Pa
 
 
 @pytest.mark.timeout(30)
-def test_a_deleted_sending_vmim_fails_the_vm(tmp_path: Path) -> None:
+def test_a_deleted_sending_vmim_cancels_the_vm(tmp_path: Path) -> None:
     async def test(lab: Lab) -> None:
         await lab.reconcile()
         vm = await lab.vm_status()
@@ -331,10 +331,11 @@ def test_a_deleted_sending_vmim_fails_the_vm(tmp_path: Path) -> None:
         await lab.reconcile()
         vm = await lab.vm_status()
         await lab.home.delete(VMIM, "default", vm["sourceMigration"])
-        await lab.reconcile()
+        migration = await lab.reconcile()
         vm = await lab.vm_status()
-        assert vm["phase"] == VMPhase.FAILED
-        assert "was deleted (canceled)" in vm["reason"]
+        assert vm["phase"] == VMPhase.CANCELED
+        assert "was deleted (canceled); the VM stays on the source" in vm["reason"]
+        assert migration["status"]["phase"] == MigrationRunPhase.CANCELED
 
     run(tmp_path, test)
 
