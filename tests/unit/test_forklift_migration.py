@@ -520,3 +520,62 @@ def test_a_provider_that_breaks_after_the_start_does_not_fail_the_running_vm(
         assert migration["status"]["reason"] == ""
 
     run(tmp_path, test)
+
+
+@pytest.mark.timeout(30)
+def test_at_home_the_controller_writes_through_validation_and_admission(tmp_path: Path) -> None:
+    """The controller's home API (LocalApi): the finalizer, the statuses and the sending
+    VMIM pass the schema and the admission the API server runs."""
+    from controller.forklift.cluster import LocalApi
+
+    async def test(lab: Lab) -> None:
+        home = LocalApi(lab.home.store)
+        reconciler = MigrationReconciler(home, lab.reconciler.connector, lab.clock)
+        await reconciler.reconcile((MTV, "m1"))
+        vm = await lab.vm_status()
+        assert vm["phase"] == VMPhase.RECEIVING
+        await lab.set_vmim(
+            lab.dest, "moved", vm["destinationMigration"], **{SYNC_ADDRESSES_FIELD: [SYNC_ADDRESS]}
+        )
+        # an unfinished migration of the VM at home: admission refuses the sending VMIM
+        await lab.home.create(
+            {
+                "apiVersion": kinds.KUBEVIRT,
+                "kind": VMIM,
+                "metadata": {"name": "in-flight", "namespace": "default"},
+                "spec": {"vmiName": "vm1"},
+                "status": {"phase": MigrationPhase.RUNNING},
+            }
+        )
+        await reconciler.reconcile((MTV, "m1"))
+        vm = await lab.vm_status()
+        assert vm["phase"] == VMPhase.FAILED
+        assert (
+            'this cluster refused: VirtualMachineInstanceMigration for "default/vm1"'
+            in (vm["reason"])
+        )
+        assert "in-flight migration detected" in vm["reason"]
+
+    run(tmp_path, test)
+
+
+@pytest.mark.timeout(30)
+def test_at_home_the_sending_vmim_passes_admission(tmp_path: Path) -> None:
+    from controller.forklift.cluster import LocalApi
+
+    async def test(lab: Lab) -> None:
+        reconciler = MigrationReconciler(
+            LocalApi(lab.home.store), lab.reconciler.connector, lab.clock
+        )
+        await reconciler.reconcile((MTV, "m1"))
+        vm = await lab.vm_status()
+        await lab.set_vmim(
+            lab.dest, "moved", vm["destinationMigration"], **{SYNC_ADDRESSES_FIELD: [SYNC_ADDRESS]}
+        )
+        await reconciler.reconcile((MTV, "m1"))
+        vm = await lab.vm_status()
+        assert vm["phase"] == VMPhase.MIGRATING, vm
+        sending = await lab.home.get(VMIM, "default", vm["sourceMigration"])
+        assert sending["spec"]["sendTo"]["connectURL"] == SYNC_ADDRESS
+
+    run(tmp_path, test)
