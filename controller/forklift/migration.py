@@ -54,7 +54,7 @@ from vmferry.decentralized import (
 )
 from vmferry.errors import AlreadyExists, ApiError, Conflict, Forbidden, NotFound, Unavailable
 from vmferry.informer import Key
-from vmferry.migration_state import Field, MigrationPhase
+from vmferry.migration_state import Field, MigrationPhase, VMIPhase
 from vmferry.objects import kinds, schema
 from vmferry.objects.schema.forklift import MIGRATION_FINAL_PHASES, MigrationRunPhase, VMPhase
 
@@ -398,7 +398,7 @@ class MigrationReconciler:
             vmi = await self.home.get("VirtualMachineInstance", record.namespace, record.name)
         except NotFound:
             vmi = {}
-        if (vmi.get("status") or {}).get("phase") != "Running":
+        if (vmi.get("status") or {}).get("phase") != VMIPhase.RUNNING:
             raise VMFailure(
                 f'VM "{record.namespace}/{record.name}" is not running: a live migration '
                 "moves a running VM (start it first)"
