@@ -23,6 +23,8 @@ from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
+from controller.forklift.cluster import bootstrap_forklift
+from controller.forklift.run import run_forklift
 from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
 from controller.network_controller import NetworkController
@@ -130,6 +132,7 @@ async def bootstrap(store: Store) -> None:
         if upgraded != existing:
             await store.update(upgraded)
     await bootstrap_rbac(store)
+    await bootstrap_forklift(store)  # openshift-mtv and ForkliftController/forklift-controller
 
 
 async def serve(config: dict[str, Any]) -> None:
@@ -225,6 +228,7 @@ async def _serve_started(
                     NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
                 ),
                 tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
+                tg.create_task(run_forklift(store, Path(config["data_dir"]))),
             ]
             if console is not None:
                 tasks.append(tg.create_task(console.run()))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.unit.test_forklift_schema import FORKLIFT_VALID
 from vmferry.errors import ApiError, BadRequest, Invalid
 from vmferry.migration_network import MIGRATION_IP
 from vmferry.migration_state import (
@@ -386,6 +387,8 @@ VALID: dict[str, dict[str, Any]] = {
         ],
     },
 }
+
+VALID.update(FORKLIFT_VALID)  # the MTV kinds' examples live with their tests
 
 
 def manifest(kind: str) -> dict[str, Any]:

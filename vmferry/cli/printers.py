@@ -27,6 +27,7 @@ from vmferry.migration_network import MIGRATION_IP
 from vmferry.migration_state import Field
 from vmferry.objects import jsonpath
 from vmferry.objects.kinds import Kind
+from vmferry.objects.schema.forklift import VMPhase
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -420,6 +421,17 @@ def _or_none(*path: str) -> Callable[[Obj, datetime], str]:
     return value
 
 
+def _plan_vms(obj: Obj, now: datetime) -> str:
+    return str(len(_get(obj, "spec", "vms") or []))
+
+
+def _migration_vms(phase: str) -> Callable[[Obj, datetime], str]:
+    def value(obj: Obj, now: datetime) -> str:
+        return str(sum(1 for vm in _get(obj, "status", "vms") or [] if vm.get("phase") == phase))
+
+    return value
+
+
 _NAME = _Column("NAME", _name)
 _AGE = _Column("AGE", _age)
 _BINDING_COLUMNS = [
@@ -478,6 +490,32 @@ _COLUMNS: dict[str, list[_Column]] = {
         _Column("NODE", _or_none("spec", "nodeName"), wide=True),
     ],
     "Lease": [_NAME, _Column("HOLDER", _path("spec", "holderIdentity")), _AGE],
+    # The MTV kinds (controller/forklift/), as `oc get providers,plans,migrations` shows them
+    "Provider": [
+        _NAME,
+        _Column("TYPE", _path("spec", "type")),
+        _Column("STATUS", _path("status", "phase")),
+        _Column("READY", _condition_column("Ready")),
+        _Column("URL", _path("spec", "url")),
+        _AGE,
+    ],
+    "Plan": [
+        _NAME,
+        _Column("READY", _condition_column("Ready")),
+        _Column("SOURCE", _path("spec", "provider", "source", "name")),
+        _Column("TARGET", _path("spec", "provider", "destination", "name")),
+        _Column("VMS", _plan_vms),
+        _AGE,
+    ],
+    "Migration": [
+        _NAME,
+        _Column("PLAN", _path("spec", "plan", "name")),
+        _Column("PHASE", _path("status", "phase")),
+        _Column("SUCCEEDED", _migration_vms(VMPhase.SUCCEEDED)),
+        _Column("FAILED", _migration_vms(VMPhase.FAILED)),
+        _AGE,
+        _Column("REASON", _path("status", "reason"), wide=True),
+    ],
     "Secret": [_NAME, _Column("TYPE", _path("type")), _Column("DATA", _data_count), _AGE],
     "ConfigMap": [_NAME, _Column("DATA", _data_count), _AGE],
     "ServiceAccount": [_NAME, _Column("SECRETS", _service_account_secrets), _AGE],

@@ -42,6 +42,9 @@ RBAC = "rbac.authorization.k8s.io/v1"
 # keeps the two equal.
 CNI = "k8s.cni.cncf.io/v1"
 COORDINATION = "coordination.k8s.io/v1"
+# The Migration Toolkit for Virtualization's kinds (reference 12.4.2 and 12.6):
+# the orchestrator of cross-cluster live migrations (controller/forklift/).
+FORKLIFT = "forklift.konveyor.io/v1beta1"
 
 KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "v1", "namespaces", False, ("ns",)),
@@ -64,6 +67,10 @@ KINDS: tuple[Kind, ...] = (
         True,
         ("net-attach-def",),
     ),
+    Kind("ForkliftController", FORKLIFT, "forkliftcontrollers", True),
+    Kind("Provider", FORKLIFT, "providers", True),
+    Kind("Plan", FORKLIFT, "plans", True),
+    Kind("Migration", FORKLIFT, "migrations", True),
     Kind("ServiceAccount", "v1", "serviceaccounts", True, ("sa",)),
     Kind("Secret", "v1", "secrets", True),
     Kind("ConfigMap", "v1", "configmaps", True, ("cm",)),
@@ -109,3 +116,5 @@ def by_kind(kind: str) -> Kind:
 
 SYSTEM_NAMESPACE = "openshift-cnv"
 HYPERCONVERGED_NAME = "kubevirt-hyperconverged"
+MTV_NAMESPACE = "openshift-mtv"  # the ForkliftController singleton's namespace (12.4.2)
+FORKLIFT_CONTROLLER_NAME = "forklift-controller"

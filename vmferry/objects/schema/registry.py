@@ -2,8 +2,8 @@
 
 Adding a kind: declare it in :mod:`vmferry.objects.kinds`, write its top-level fields with
 the DSL (:mod:`vmferry.objects.schema.dsl`) in the module of its API group
-(:mod:`~vmferry.objects.schema.core`, :mod:`~vmferry.objects.schema.kubevirt` or
-:mod:`~vmferry.objects.schema.cni`) and
+(:mod:`~vmferry.objects.schema.core`, :mod:`~vmferry.objects.schema.kubevirt`,
+:mod:`~vmferry.objects.schema.cni` or :mod:`~vmferry.objects.schema.forklift`) and
 register it here; ``tests/unit/test_schema.py`` fails while a kind in ``KINDS`` has none.
 """
 
@@ -43,6 +43,16 @@ from vmferry.objects.schema.dsl import (
     Schema,
     Str,
     Timestamp,
+)
+from vmferry.objects.schema.forklift import (
+    FORKLIFT_CONTROLLER_SPEC,
+    FORKLIFT_CONTROLLER_STATUS,
+    MIGRATION_SPEC,
+    MIGRATION_STATUS,
+    PLAN_SPEC,
+    PLAN_STATUS,
+    PROVIDER_SPEC,
+    PROVIDER_STATUS,
 )
 from vmferry.objects.schema.kubevirt import (
     HYPERCONVERGED_SPEC,
@@ -112,6 +122,14 @@ SCHEMAS: dict[str, KindSchema] = {
     "HyperConverged": KindSchema({"spec": HYPERCONVERGED_SPEC, "status": HYPERCONVERGED_STATUS}),
     "MigrationPolicy": KindSchema({"spec": MIGRATION_POLICY_SPEC, "status": AnyObject()}),
     "NetworkAttachmentDefinition": KindSchema({"spec": NAD_SPEC}, required=("spec",)),
+    "ForkliftController": KindSchema(
+        {"spec": FORKLIFT_CONTROLLER_SPEC, "status": FORKLIFT_CONTROLLER_STATUS}
+    ),
+    "Provider": KindSchema({"spec": PROVIDER_SPEC, "status": PROVIDER_STATUS}, required=("spec",)),
+    "Plan": KindSchema({"spec": PLAN_SPEC, "status": PLAN_STATUS}, required=("spec",)),
+    "Migration": KindSchema(
+        {"spec": MIGRATION_SPEC, "status": MIGRATION_STATUS}, required=("spec",)
+    ),
     "ServiceAccount": KindSchema(
         {
             "secrets": List(OBJECT_REFERENCE),
