@@ -533,7 +533,8 @@ class MigrationController:
                 )
             )
         }
-        await migration_token.delete_orphans(self.store, unfinished)
+        ended = {m["metadata"]["uid"] for m in everywhere if MigrationPhase.of(m).final}
+        await migration_token.delete_orphans(self.store, unfinished, ended)
         items = [m for m in everywhere if m["metadata"]["namespace"] == ns]
         finished = sorted(
             (

@@ -100,13 +100,16 @@ async def delete_token_secret(store: Store, migration_uid: str) -> None:
         log.info("migration %s: stream token deleted", migration_uid)
 
 
-async def delete_orphans(store: Store, unfinished_uids: Collection[str]) -> list[str]:
+async def delete_orphans(
+    store: Store, unfinished_uids: Collection[str], finished_uids: Collection[str] = ()
+) -> list[str]:
     """Delete every token Secret whose migration is not among ``unfinished_uids`` (the
     uids of the VMIMs not yet Succeeded or Failed, read before this call: a Secret is only
     created for one of those, by the migration reconciler, whose passes run one at a time,
     so none appears between that read and this one -- except a cross-cluster migration's,
-    which a sync controller writes: a Secret younger than ORPHAN_MIN_AGE is kept). Returns
-    the uids deleted."""
+    which a sync controller writes: a Secret of no known VMIM that is younger than
+    ORPHAN_MIN_AGE is kept; one of a VMIM in ``finished_uids`` goes at once). Returns the
+    uids deleted."""
     items, _ = await store.list("Secret", TOKEN_SECRET_NAMESPACE)
     deleted = []
     now = datetime.now(UTC)
@@ -116,7 +119,11 @@ async def delete_orphans(store: Store, unfinished_uids: Collection[str]) -> list
         if (
             uid
             and uid not in unfinished_uids
-            and (created is None or (now - created).total_seconds() >= ORPHAN_MIN_AGE)
+            and (
+                uid in finished_uids
+                or created is None
+                or (now - created).total_seconds() >= ORPHAN_MIN_AGE
+            )
             and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"])
         ):
             await delete_token_secret(store, uid)
