@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from vmferry.config import CONFIG_ENV
 from vmferry.failpoints import ENV as FAILPOINTS_ENV
 from vmferry.lab import LAB_ENV, Lab
+from vmferry.lab.multi import MultiLab
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -276,3 +277,42 @@ class LabHarness:
                 if field.startswith("tick="):
                     ticks.append(int(field[5:]))
         return ticks
+
+
+class MultiLabHarness(LabHarness):
+    """Several clusters (``vmferry lab up --clusters N``): the CLI in one cluster with
+    ``--context``, each cluster's :class:`Lab` (its pids, logs, nodes' runtime)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.multi = MultiLab(self.lab.dir)
+
+    def up_clusters(
+        self, clusters: int = 2, nodes: int = 2, memory: str = "4Gi", *, netns: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        args = ["lab", "up", "--clusters", str(clusters), "--nodes", str(nodes)]
+        args += ["--memory", memory] + (["--netns"] if netns else [])
+        return self.cli(*args, timeout=180)
+
+    def cluster(self, name: str) -> Lab:
+        return self.multi.lab(name)
+
+    def in_cluster(
+        self, cluster: str, *args: str, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``vmferry --context CLUSTER ARGS...``."""
+        return self.cli("--context", cluster, *args, **kwargs)
+
+    def get_in(self, cluster: str, kind: str, name: str, namespace: str = "default") -> Obj:
+        out: Obj = json.loads(
+            self.in_cluster(cluster, "get", kind, name, "-n", namespace, "-o", "json").stdout
+        )
+        return out
+
+    def log_tails(self, lines: int = 40) -> str:
+        parts = []
+        for cluster in self.multi.clusters():
+            for log in sorted(self.cluster(cluster).log_dir.glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {cluster}/{log.name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
