@@ -202,17 +202,22 @@ async def run_xcluster(quick: bool, runs: int | None, root: Path, log: Any) -> O
         return {**result, "unavailable": f"the two-cluster lab did not come up: {e}"}
     inside: list[Obj] = []
     across: list[Obj] = []
+    configs = {c.name: c.config for c in made}
+    b1, b2 = (_bench_for(multi, c, root) for c in (SENDER, RECEIVER))
+    b1.config, b2.config = configs[SENDER], configs[RECEIVER]
+    reason: str | None = None  # why the cross-cluster half cannot run (the rest still does)
+    connect_url = ""
     try:
-        if not multi.lab(RECEIVER).info().get("sync"):
-            raise Unavailable("the lab has no sync controllers (sync_controller.main missing)")
-        configs = {c.name: c.config for c in made}
-        b1, b2 = (_bench_for(multi, c, root) for c in (SENDER, RECEIVER))
-        b1.config, b2.config = configs[SENDER], configs[RECEIVER]
-        async with b1.api() as api1, b2.api() as api2:
-            await _enable_gate(api1, SENDER)
-            await _enable_gate(api2, RECEIVER)
-            connect_url = await _sync_address(api2, multi)
-        result["connectURL"] = connect_url
+        try:
+            if not multi.lab(RECEIVER).info().get("sync"):
+                raise Unavailable("the lab has no sync controllers (sync_controller.main missing)")
+            async with b1.api() as api1, b2.api() as api2:
+                await _enable_gate(api1, SENDER)
+                await _enable_gate(api2, RECEIVER)
+                connect_url = await _sync_address(api2, multi)
+            result["connectURL"] = connect_url
+        except Unavailable as e:
+            reason = str(e)
         for i in range(n):
             name = f"xvm-{i + 1}"
             await b1.create_vm(vm_manifest(name, memory, "random", dirty_rate="50Mi"))
@@ -222,18 +227,23 @@ async def run_xcluster(quick: bool, runs: int | None, root: Path, log: Any) -> O
                 rec = await b1.migrate(name)
                 inside.append(rec)
                 log(f"  inside #{i + 1}: {_line(rec)}")
-                rec = await migrate_across(b1, b2, name, f"bench-{name}", connect_url)
-                across.append(rec)
-                log(f"  across #{i + 1}: {_line(rec)}")
+                if reason is None:
+                    try:
+                        rec = await migrate_across(b1, b2, name, f"bench-{name}", connect_url)
+                    except Unavailable as e:
+                        reason = str(e)
+                    else:
+                        across.append(rec)
+                        log(f"  across #{i + 1}: {_line(rec)}")
             finally:
                 await _delete(b2, name)
                 await _delete(b1, name)
-    except Unavailable as e:
-        log(f"xcluster: cross-cluster unavailable: {e}")
-        result["unavailable"] = str(e)
     finally:
         log("xcluster: stopping the two clusters")
         await asyncio.to_thread(multi.down)
+    if reason is not None:
+        log(f"xcluster: cross-cluster unavailable: {reason}")
+        result["unavailable"] = reason
     result["inside"] = _side(inside)
     result["across"] = _side(across)
     if across:

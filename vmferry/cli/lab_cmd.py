@@ -39,6 +39,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     if args.clusters != 1:
         return _up_multi(args, main_link, migration_link)
+    if isinstance(existing, MultiLab):  # a stopped two-cluster lab: its namespaces go too
+        existing.down()
     lab = Lab(existing.dir)
     try:
         config = lab.up(
