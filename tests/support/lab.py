@@ -4,6 +4,7 @@ the handlers keep."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ from typing import Any, TypeVar
 from vmferry.config import CONFIG_ENV
 from vmferry.failpoints import ENV as FAILPOINTS_ENV
 from vmferry.lab import LAB_ENV, Lab
-from vmferry.lab.multi import MultiLab
+from vmferry.lab.cluster import SYNC
+from vmferry.lab.multi import MultiLab, split_component
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -308,6 +310,44 @@ class MultiLabHarness(LabHarness):
             self.in_cluster(cluster, "get", kind, name, "-n", namespace, "-o", "json").stdout
         )
         return out
+
+    def restart(
+        self, component: str, failpoint: str = "", *, signal: str = "KILL", ready: bool = True
+    ) -> None:
+        """As :meth:`LabHarness.restart`, for a qualified component (``cluster2/node1``,
+        ``cluster1/sync``, ``cluster1/controller``); a sync controller is ready when it
+        listens again."""
+        cluster, name = split_component(component)
+        lab = self.cluster(cluster)
+        if lab.pid(name) is not None:
+            self.cli("lab", "kill", component, "--signal", signal)
+            self.wait_for(f"{component} to stop", lambda: lab.pid(name) is None, 15)
+        started = time.time()
+        self.cli("lab", "start", component, extra_env={FAILPOINTS_ENV: failpoint})
+        if not ready:
+            return
+        if name == SYNC:
+            self.wait_for(f"{component} to listen", lambda: asyncio.run(lab.sync_listening()), 30)
+            return
+        if name == "controller":
+            node = lab.node_names()[0]
+            self.wait_for(
+                f"{component} to answer",
+                lambda: self.in_cluster(cluster, "get", "node", node, check=False).returncode == 0,
+                30,
+            )
+            return
+
+        def posted_ready() -> bool:
+            proc = self.in_cluster(cluster, "get", "node", name, "-o", "json", check=False)
+            node = json.loads(proc.stdout) if proc.returncode == 0 else {}
+            for c in (node.get("status") or {}).get("conditions") or []:
+                if c["type"] == "Ready" and c["status"] == "True":
+                    beat = c.get("lastHeartbeatTime") or ""
+                    return beat >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            return False
+
+        self.wait_for(f"{component} to post Ready", posted_ready, 30)
 
     def log_tails(self, lines: int = 40) -> str:
         parts = []

@@ -430,8 +430,11 @@ class Lab:
                     nodes, _ = await api.list("Node")
                     ready = {n["metadata"]["name"] for n in nodes if conditions.is_true(n, "Ready")}
                     if names <= ready:
-                        return
-                    waiting = f"nodes not Ready yet: {', '.join(sorted(names - ready))}"
+                        if await self.sync_listening():
+                            return
+                        waiting = "the sync controller does not listen yet"
+                    else:
+                        waiting = f"nodes not Ready yet: {', '.join(sorted(names - ready))}"
                 except ApiError as e:
                     waiting = f"controller not answering: {e}"
                 if time.monotonic() > deadline:
@@ -443,6 +446,21 @@ class Lab:
                         tail = (self.log_dir / f"{comp}.log").read_text()[-2000:]
                         raise LabError(f"{comp} exited during start-up; its log ends with:\n{tail}")
                 await asyncio.sleep(0.2)
+
+    async def sync_listening(self) -> bool:
+        """The sync controller accepts connections on its address (True without one)."""
+        sync = self.info().get("sync")
+        if not sync:
+            return True
+        host, _, port = str(sync["listen"]).rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     def _topology(self, nodes: int) -> netns.Topology:
         names = tuple(f"node{i}" for i in range(1, nodes + 1))
