@@ -10,6 +10,10 @@ each QEMU peer, so both see the same machine noise:
   sched   scheduling overhead: `vmferry migrate` returning -> first byte on the wire, and
           Succeeded on the handler -> Succeeded on the VMIM
   grpc    the bare gRPC mTLS ceiling (1 stream, N streams on one connection, N connections)
+  xcluster the same busy VM migrated inside cluster1 and to cluster2 (a two-cluster lab):
+          throughput and guest-seen downtime of both, and whether the cross-cluster
+          figures are within 10% (bench/xcluster_runs.py; "cross-cluster unavailable:
+          <reason>" when it cannot run)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import grpc_baseline, netns_runs, qemu
+from bench import grpc_baseline, netns_runs, qemu, xcluster_runs
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -60,7 +64,8 @@ Obj = dict[str, Any]
 MiB = 1 << 20
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 REPO = Path(__file__).resolve().parent.parent
-SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched"]
+XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
+SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
 
 OUR_KEYS = [
@@ -540,6 +545,8 @@ def table(results: Obj) -> str:
             lines.append("    inclusive (without interpreter/event-loop/pool frames):")
             for e in p.get("inclusive", [])[:15]:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
+    if results.get(XCLUSTER):
+        lines += xcluster_runs.table_lines(results[XCLUSTER])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
     return "\n".join(lines)
@@ -584,7 +591,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
     streams = args.streams
     if "grpc" in selected:
         results["grpc"] = await run_grpc(args.quick, streams, args.runs, root / "grpc")
-    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS)]
+    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER)]
     if lab_scenarios:
         bench = LabBench(root)
         log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")
@@ -612,6 +619,10 @@ async def main_async(args: argparse.Namespace) -> Obj:
         finally:
             log("lab: stopping")
             await asyncio.to_thread(bench.down)
+    if XCLUSTER in selected:
+        results[XCLUSTER] = await xcluster_runs.run_xcluster(
+            args.quick, args.runs, root / XCLUSTER, log
+        )
     if NETNS in selected:
         with_qemu = not args.no_qemu and qemu.available()
         results["netns"] = await netns_runs.run_netns(

@@ -4,6 +4,7 @@ the handlers keep."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 from vmferry.config import CONFIG_ENV
 from vmferry.failpoints import ENV as FAILPOINTS_ENV
 from vmferry.lab import LAB_ENV, Lab
+from vmferry.lab.cluster import SYNC
+from vmferry.lab.multi import MultiLab, split_component
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -276,3 +279,80 @@ class LabHarness:
                 if field.startswith("tick="):
                     ticks.append(int(field[5:]))
         return ticks
+
+
+class MultiLabHarness(LabHarness):
+    """Several clusters (``vmferry lab up --clusters N``): the CLI in one cluster with
+    ``--context``, each cluster's :class:`Lab` (its pids, logs, nodes' runtime)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.multi = MultiLab(self.lab.dir)
+
+    def up_clusters(
+        self, clusters: int = 2, nodes: int = 2, memory: str = "4Gi", *, netns: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        args = ["lab", "up", "--clusters", str(clusters), "--nodes", str(nodes)]
+        args += ["--memory", memory] + (["--netns"] if netns else [])
+        return self.cli(*args, timeout=180)
+
+    def cluster(self, name: str) -> Lab:
+        return self.multi.lab(name)
+
+    def in_cluster(
+        self, cluster: str, *args: str, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``vmferry --context CLUSTER ARGS...``."""
+        return self.cli("--context", cluster, *args, **kwargs)
+
+    def get_in(self, cluster: str, kind: str, name: str, namespace: str = "default") -> Obj:
+        out: Obj = json.loads(
+            self.in_cluster(cluster, "get", kind, name, "-n", namespace, "-o", "json").stdout
+        )
+        return out
+
+    def restart(
+        self, component: str, failpoint: str = "", *, signal: str = "KILL", ready: bool = True
+    ) -> None:
+        """As :meth:`LabHarness.restart`, for a qualified component (``cluster2/node1``,
+        ``cluster1/sync``, ``cluster1/controller``); a sync controller is ready when it
+        listens again."""
+        cluster, name = split_component(component)
+        lab = self.cluster(cluster)
+        if lab.pid(name) is not None:
+            self.cli("lab", "kill", component, "--signal", signal)
+            self.wait_for(f"{component} to stop", lambda: lab.pid(name) is None, 15)
+        started = time.time()
+        self.cli("lab", "start", component, extra_env={FAILPOINTS_ENV: failpoint})
+        if not ready:
+            return
+        if name == SYNC:
+            self.wait_for(f"{component} to listen", lambda: asyncio.run(lab.sync_listening()), 30)
+            return
+        if name == "controller":
+            node = lab.node_names()[0]
+            self.wait_for(
+                f"{component} to answer",
+                lambda: self.in_cluster(cluster, "get", "node", node, check=False).returncode == 0,
+                30,
+            )
+            return
+
+        def posted_ready() -> bool:
+            proc = self.in_cluster(cluster, "get", "node", name, "-o", "json", check=False)
+            node = json.loads(proc.stdout) if proc.returncode == 0 else {}
+            for c in (node.get("status") or {}).get("conditions") or []:
+                if c["type"] == "Ready" and c["status"] == "True":
+                    beat = c.get("lastHeartbeatTime") or ""
+                    return beat >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            return False
+
+        self.wait_for(f"{component} to post Ready", posted_ready, 30)
+
+    def log_tails(self, lines: int = 40) -> str:
+        parts = []
+        for cluster in self.multi.clusters():
+            for log in sorted(self.cluster(cluster).log_dir.glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {cluster}/{log.name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)

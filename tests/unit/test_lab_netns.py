@@ -74,6 +74,7 @@ def test_names_derive_from_the_lab_directory(tmp_path: Path) -> None:
         "nodes": {n: f"{prefix}-{n}" for n in topo.nodes},
         "main": "192.0.2.0/24",
         "migration": "198.51.100.0/24",
+        "migrationBridgeNs": f"{prefix}-lab",
         "gateway": "192.0.2.1",
         "addresses": {"node1": "192.0.2.11", "node2": "192.0.2.12", "node3": "192.0.2.13"},
     }

@@ -19,6 +19,7 @@ import asyncio
 import sys
 from typing import Any
 
+from vmferry.cli import peer_cmd
 from vmferry.cli.common import Obj, error, run_with_client
 from vmferry.cli.progress import MultiMigrationProgress
 from vmferry.client import ApiClient
@@ -296,8 +297,11 @@ def cmd_drain_capacity(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    adm = sub.add_parser("adm", help="node administration: cordon, uncordon, drain, drain-capacity")
+    adm = sub.add_parser(
+        "adm", help="administration: cordon, uncordon, drain, drain-capacity, peer clusters"
+    )
     asub = adm.add_subparsers(dest="adm_command", required=True)
+    peer_cmd.add_parser(asub, common)
     p = asub.add_parser("cordon", parents=[common], help="mark a node unschedulable")
     p.add_argument("node")
     p.set_defaults(func=cmd_cordon)

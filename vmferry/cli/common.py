@@ -16,8 +16,15 @@ from vmferry.errors import ApiError
 Obj = dict[str, Any]
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """``--config``, if given (else the default locations apply)."""
+    return Path(args.config) if getattr(args, "config", None) else None
+
+
 def client_config(args: argparse.Namespace) -> ClientConfig:
-    return ClientConfig.load(Path(args.config) if getattr(args, "config", None) else None)
+    """The connection to use: ``--config`` (or the default file), ``--context`` (or the
+    file's current context)."""
+    return ClientConfig.load(config_path(args), getattr(args, "context", None))
 
 
 def namespace(args: argparse.Namespace, config: ClientConfig) -> str:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.lab import Lab, LabError
+from vmferry.lab.multi import MultiLab, open_lab, running_anywhere
 from vmferry.lab.netns import LinkSpec, parse_link
 
 
-def _lab(args: argparse.Namespace) -> Lab:
-    return Lab(Path(args.dir) if args.dir else None)
+def _lab(args: argparse.Namespace) -> Lab | MultiLab:
+    """The lab in --dir: one cluster, or several (components named CLUSTER/COMPONENT)."""
+    return open_lab(Path(args.dir) if args.dir else None)
 
 
 def _link(option: str, text: str | None) -> LinkSpec | None:
@@ -21,13 +23,25 @@ def _link(option: str, text: str | None) -> LinkSpec | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = _lab(args)
     try:
         main_link = _link("--main-link", args.main_link)
         migration_link = _link("--migration-link", args.migration_link)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    existing = _lab(args)
+    if running := running_anywhere(existing):
+        print(
+            f"error: a lab is already running in {existing.dir} ({', '.join(running)}): run "
+            "'vmferry lab down' first",
+            file=sys.stderr,
+        )
+        return 1
+    if args.clusters != 1:
+        return _up_multi(args, main_link, migration_link)
+    if isinstance(existing, MultiLab):  # a stopped two-cluster lab: its namespaces go too
+        existing.down()
+    lab = Lab(existing.dir)
     try:
         config = lab.up(
             args.nodes,
@@ -47,13 +61,61 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         f"lab is up in {lab.dir}: controller on {config.server}, nodes {', '.join(lab.node_names())}"
     )
-    if namespaces := {n: lab.netns_of(n) for n in lab.node_names() if lab.netns_of(n)}:
-        print(
-            "network namespaces: "
-            + ", ".join(f"{n} in {ns}" for n, ns in namespaces.items())
-            + " (eth0 main 192.0.2.0/24, eth1 migration)"
-        )
+    _print_namespaces(lab, "")
     print(f"client configuration: {lab.client_config_path}")
+    return 0
+
+
+def _print_namespaces(lab: Lab, label: str) -> None:
+    if namespaces := {n: lab.netns_of(n) for n in lab.node_names() if lab.netns_of(n)}:
+        main = (lab.info().get("netns") or {}).get("main", "")
+        print(
+            f"{label}network namespaces: "
+            + ", ".join(f"{n} in {ns}" for n, ns in namespaces.items())
+            + f" (eth0 main {main}, eth1 migration)"
+        )
+
+
+def _up_multi(
+    args: argparse.Namespace, main_link: LinkSpec | None, migration_link: LinkSpec | None
+) -> int:
+    multi = MultiLab(_lab(args).dir)
+    try:
+        made = multi.up(
+            args.clusters,
+            args.nodes,
+            args.memory,
+            set_default=not args.no_set_default,
+            netns_mode=args.netns,
+            main_link=main_link,
+            migration_link=migration_link,
+        )
+    except LabError as e:
+        for warning in multi.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for warning in multi.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"lab is up in {multi.dir}: {len(made)} clusters")
+    for c in made:
+        sync = (c.lab.info().get("sync") or {}).get("advertise")
+        peers = ", ".join(n.name for n in made if n.name != c.name)
+        print(
+            f"{c.name}: controller on {c.config.server}"
+            + (f", sync controller on {sync}" if sync else ", no sync controller")
+            + f", nodes {', '.join(c.lab.node_names())}; peers: {peers}"
+        )
+        _print_namespaces(c.lab, f"{c.name}: ")
+    if bridge := multi.migration_bridge():
+        print(
+            f"shared migration network: {bridge['bridge']} in {bridge['namespace']} "
+            "(NAD lab-migration-network in each cluster, disjoint ranges of 198.51.100.0/24)"
+        )
+    print(
+        f"client configuration: {multi.client_config_path} (contexts "
+        f"{', '.join(c.name for c in made)}; current {made[0].name})"
+    )
     return 0
 
 
@@ -69,9 +131,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     lab = _lab(args)
+    width = max((len(c) for c in lab.components()), default=0) + 2
     for comp in lab.components():
         pid = lab.pid(comp)
-        print(f"{comp:<12} {'running, pid ' + str(pid) if pid else 'stopped'}")
+        print(f"{comp:<{max(12, width)}} {'running, pid ' + str(pid) if pid else 'stopped'}")
     return 0
 
 
@@ -105,7 +168,15 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--dir", help="lab directory (default $VMFERRY_LAB_DIR or ~/.vmferry/lab)")
 
     p = lsub.add_parser("up", parents=[d], help="start a controller and N handlers")
-    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--nodes", type=int, default=3, help="nodes per cluster (default 3)")
+    p.add_argument(
+        "--clusters",
+        type=int,
+        default=1,
+        help="2: two clusters (cluster1, cluster2) with their own CAs, controllers, sync "
+        "controllers and handlers, each the other's peer; client contexts cluster1 and "
+        "cluster2; components named CLUSTER/COMPONENT (default 1)",
+    )
     p.add_argument("--memory", default="4Gi", help="memory each node offers (default 4Gi)")
     p.add_argument(
         "--netns",
@@ -132,7 +203,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_down)
     p = lsub.add_parser("status", parents=[d], help="which lab processes run")
     p.set_defaults(func=cmd_status)
-    p = lsub.add_parser("start", parents=[d], help="start one component (controller or a node)")
+    p = lsub.add_parser(
+        "start",
+        parents=[d],
+        help="start one component (controller, sync or a node; CLUSTER/COMPONENT in a "
+        "multi-cluster lab)",
+    )
     p.add_argument("component")
     p.set_defaults(func=cmd_start)
     p = lsub.add_parser("kill", parents=[d], help="signal one component (default SIGKILL)")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmferry.cli import adm_cmd, console_cmd, lab_cmd, migrate_cmd, pki_cmd, resources
+from vmferry.cli import (
+    adm_cmd,
+    config_cmd,
+    console_cmd,
+    lab_cmd,
+    migrate_cmd,
+    pki_cmd,
+    resources,
+)
 from vmferry.cli.common import error, run_with_client
 from vmferry.errors import ApiError
 
@@ -24,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmferry",
         description="Live-migrate running virtual machines between nodes (KubeVirt semantics).",
     )
+    context_help = "the client configuration's context to use (default: its current-context)"
+    # Global: before the verb (`vmferry --context cluster2 get vmi`) or after it; the
+    # verb's copy only sets the value when given (SUPPRESS), not to overwrite the global one.
+    parser.add_argument("--context", metavar="NAME", help=context_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", help="client configuration (default $VMFERRY_CONFIG or ~/.vmferry/config.yaml)"
     )
+    common.add_argument("--context", metavar="NAME", default=argparse.SUPPRESS, help=context_help)
     common.add_argument(
         "-n", "--namespace", help="namespace (default: the config's, else 'default')"
     )
@@ -37,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("whoami", parents=[common], help="show who the API thinks you are")
     p.set_defaults(func=cmd_whoami)
     adm_cmd.add_parser(sub, common)
+    config_cmd.add_parser(sub)
     pki_cmd.add_parser(sub)
     lab_cmd.add_parser(sub)
     console_cmd.add_parser(sub, common)

@@ -2,6 +2,9 @@
 
 - ``cluster``: :class:`Lab` brings up a controller and N handlers as real processes on
   loopback with a fresh cluster CA (``vmferry lab up|down|kill``);
+- ``multi``: :class:`~vmferry.lab.multi.MultiLab`, several clusters (``vmferry lab up
+  --clusters 2``): one ``Lab`` per cluster in a subdirectory, each the other's peer,
+  client contexts, components named ``<cluster>/<component>``;
 - ``demo``: ``make demo`` (``python -m vmferry.lab.demo``), a narrated live migration.
 
 Public surface: what this ``__init__`` re-exports.

@@ -12,6 +12,12 @@ gateway process (:mod:`vmferry.lab.gateway`) carries the handlers' API connectio
 192.0.2.1 to it. Without root or netns support the lab falls back to loopback mode and
 says why (``Lab.warnings``).
 
+One cluster of several (``ClusterSpec``, given by :mod:`vmferry.lab.multi`): the lab also
+runs that cluster's sync controller (component ``sync``, ``sync.toml``, on the host's
+127.0.0.1 next to its controller in both modes), its loopback migration addresses are
+127.0.<index>.I, and in netns mode its main network and migration bridge are the
+spec's.
+
 Processes run in their own sessions, write logs to ``<dir>/logs`` and pidfiles to
 ``<dir>/run``; ``down`` stops them and every guest they started, and removes the lab's
 namespaces (found from the directory's name alone, so a half-built lab goes too).
@@ -22,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
+import ipaddress
 import json
 import os
 import random
@@ -31,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +57,10 @@ STOP_TIMEOUT = 10.0  # s between SIGTERM and SIGKILL
 GATEWAY = "gateway"  # the netns lab's forwarding process (a component like the others)
 GATEWAY_TIMEOUT = 15.0  # s for the gateway to listen
 NETNS_MIGRATION_PORT = 7444  # every node has its own network stack: one port for all
+CONTROLLER = "controller"
+SYNC = "sync"  # a cluster's sync controller (only in a cluster of a multi-cluster lab)
+SYNC_MODULE = "sync_controller.main"
+SYNC_CERT_NAME = "sync-controller"  # its certificate's file name in the cluster's PKI
 
 
 class LabError(Exception):
@@ -119,9 +131,31 @@ class Component:
     argv: list[str]
 
 
+def sync_unavailable_reason() -> str | None:
+    """Why this checkout cannot run a sync controller (None: it can)."""
+    try:
+        found = importlib.util.find_spec(SYNC_MODULE) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"the module {SYNC_MODULE} is not installed"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One cluster of a multi-cluster lab (:mod:`vmferry.lab.multi`)."""
+
+    name: str  # the cluster's name: its sync controller's cluster_name, its context
+    index: int  # 1-based; loopback migration addresses are 127.0.<index>.I
+    sync: bool = True  # run a sync controller
+    main_network: ipaddress.IPv4Network = netns.MAIN_NETWORK  # netns mode
+    migration_ns: str = ""  # netns mode: the namespace whose br-mig eth1 joins ("" = own)
+    extra: dict[str, Any] = field(default_factory=dict)  # more keys of lab.json's "cluster"
+
+
 class Lab:
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, cluster: ClusterSpec | None = None) -> None:
         self.dir = (directory or default_dir()).resolve()
+        self.cluster = cluster  # None: a lab of its own (no sync controller)
         self.pki_dir = self.dir / "pki"
         self.run_dir = self.dir / "run"
         self.log_dir = self.dir / "logs"
@@ -173,14 +207,20 @@ class Lab:
             return None
         return pid if _alive(pid) else None
 
+    @property
+    def sync_config_path(self) -> Path:
+        return self.dir / "sync.toml"
+
     def components(self) -> list[str]:
         """Every process of this lab, in start order."""
-        gateway = [GATEWAY] if self.info().get("netns") else []
-        return ["controller", *gateway, *self.node_names()]
+        info = self.info()
+        gateway = [GATEWAY] if info.get("netns") else []
+        sync = [SYNC] if info.get("sync") else []
+        return [CONTROLLER, *gateway, *sync, *self.node_names()]
 
     def _component(self, name: str) -> Component:
         py = sys.executable
-        if name == "controller":
+        if name == CONTROLLER:
             return Component(
                 name, [py, "-m", "controller.main", "--config", str(self.dir / "controller.toml")]
             )
@@ -188,6 +228,8 @@ class Lab:
             raise LabError(f"no component {name!r} in this lab ({', '.join(self.components())})")
         if name == GATEWAY:
             return Component(name, [py, "-m", "vmferry.lab.gateway", "--dir", str(self.dir)])
+        if name == SYNC:
+            return Component(name, [py, "-m", SYNC_MODULE, "--config", str(self.sync_config_path)])
         argv = [
             py,
             "-m",
@@ -216,9 +258,12 @@ class Lab:
             shutil.rmtree(self.dir)
         for d in (self.pki_dir, self.run_dir, self.log_dir):
             d.mkdir(parents=True)
-        pki.init_ca(self.pki_dir, "vmferry-lab")
+        # CN=vmferry-lab-ca; a cluster of a multi-cluster lab: vmferry-lab-<cluster>-ca.
+        pki.init_ca(
+            self.pki_dir, f"vmferry-lab-{self.cluster.name}" if self.cluster else "vmferry-lab"
+        )
         # In netns mode the handlers dial the API at the gateway's 192.0.2.1 and verify it.
-        api_ips = ["127.0.0.1", netns.GATEWAY_ADDRESS] if topology else ["127.0.0.1"]
+        api_ips = ["127.0.0.1", topology.gateway] if topology else ["127.0.0.1"]
         server = pki.issue_server(
             self.pki_dir, "vmferry-controller", ips=api_ips, dns=["localhost"]
         )
@@ -239,13 +284,14 @@ class Lab:
         names = [f"node{i}" for i in range(1, nodes + 1)]
         if topology is not None and list(topology.nodes) != names:
             raise LabError(f"netns topology nodes {topology.nodes} differ from {names}")
-        api_server = f"{netns.GATEWAY_ADDRESS}:{api_port}" if topology else f"127.0.0.1:{api_port}"
+        api_server = f"{topology.gateway}:{api_port}" if topology else f"127.0.0.1:{api_port}"
+        migration_net = self.cluster.index if self.cluster else 1  # 127.0.<this>.I
         for i, name in enumerate(names, start=1):
             # The host's 127.0.0.1 serves each node's metrics (the gateway forwards them in
             # netns mode), so the port is chosen there in both modes.
             metrics_ports[name] = free_port("127.0.0.1")
             if topology is None:
-                main_ip, migration_ip = "127.0.0.1", f"127.0.1.{i}"
+                main_ip, migration_ip = "127.0.0.1", f"127.0.{migration_net}.{i}"
                 migration_port = free_port(migration_ip)
                 metrics_listen = f"127.0.0.1:{metrics_ports[name]}"
                 ips = ["127.0.0.1", migration_ip]
@@ -284,10 +330,45 @@ class Lab:
         }
         if topology is not None:
             info["netns"] = topology.as_dict()
+        if self.cluster is not None:
+            info["cluster"] = {"name": self.cluster.name, **self.cluster.extra}
+            if self.cluster.sync:
+                info["sync"] = self._write_sync(api_port)
         (self.dir / "lab.json").write_text(json.dumps(info))
         config = ClientConfig(server=f"127.0.0.1:{api_port}", tls=admin)
         self.client_config_path.write_text(config.to_yaml(relative_to=self.dir))
         return config
+
+    def _write_sync(self, api_port: int) -> dict[str, Any]:
+        """The sync controller's certificate and sync.toml; returns lab.json's "sync".
+
+        It runs on the host's 127.0.0.1 in both modes, next to its controller (in netns
+        mode too: the clusters' main networks are apart, the host's loopback joins the two
+        control planes, as the peer clusters' API endpoints are reachable in a real
+        deployment); the peer dials ``advertise``."""
+        assert self.cluster is not None
+        port = free_port("127.0.0.1")
+        address = f"127.0.0.1:{port}"
+        issue_sync = getattr(pki, "issue_sync", None)
+        if issue_sync is not None:
+            tls = issue_sync(self.pki_dir, SYNC_CERT_NAME, ips=["127.0.0.1"], dns=["localhost"])
+        else:  # until vmferry.pki has the sync controller's identity
+            self.warnings.append(
+                "vmferry.pki has no issue_sync: the sync controller got a server "
+                "certificate (issue_server) as a stand-in"
+            )
+            tls = pki.issue_server(
+                self.pki_dir, SYNC_CERT_NAME, ips=["127.0.0.1"], dns=["localhost"]
+            )
+        self.sync_config_path.write_text(
+            f'cluster_name = "{self.cluster.name}"\n'
+            f'api_server = "127.0.0.1:{api_port}"\n'
+            f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+            f'listen = "{address}"\n'
+            f'advertise = "{address}"\n'
+            'log_level = "info"\n'
+        )
+        return {"clusterName": self.cluster.name, "listen": address, "advertise": address}
 
     def start(self, component: str) -> int:
         """Start one component as a detached process; returns its pid."""
@@ -349,8 +430,11 @@ class Lab:
                     nodes, _ = await api.list("Node")
                     ready = {n["metadata"]["name"] for n in nodes if conditions.is_true(n, "Ready")}
                     if names <= ready:
-                        return
-                    waiting = f"nodes not Ready yet: {', '.join(sorted(names - ready))}"
+                        if await self.sync_listening():
+                            return
+                        waiting = "the sync controller does not listen yet"
+                    else:
+                        waiting = f"nodes not Ready yet: {', '.join(sorted(names - ready))}"
                 except ApiError as e:
                     waiting = f"controller not answering: {e}"
                 if time.monotonic() > deadline:
@@ -362,6 +446,33 @@ class Lab:
                         tail = (self.log_dir / f"{comp}.log").read_text()[-2000:]
                         raise LabError(f"{comp} exited during start-up; its log ends with:\n{tail}")
                 await asyncio.sleep(0.2)
+
+    async def sync_listening(self) -> bool:
+        """The sync controller accepts connections on its address (True without one)."""
+        sync = self.info().get("sync")
+        if not sync:
+            return True
+        host, _, port = str(sync["listen"]).rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    def _topology(self, nodes: int) -> netns.Topology:
+        names = tuple(f"node{i}" for i in range(1, nodes + 1))
+        if self.cluster is None:
+            return netns.Topology(self.netns_prefix, names)
+        return netns.Topology(
+            self.netns_prefix,
+            names,
+            main_network=self.cluster.main_network,
+            migration_ns=self.cluster.migration_ns,
+            peer_tag=f"c{self.cluster.index}" if self.cluster.migration_ns else "",
+        )
 
     def up(
         self,
@@ -390,9 +501,7 @@ class Lab:
             reason = netns.unsupported_reason()
             if reason is None:
                 try:
-                    topology = netns.Topology(
-                        self.netns_prefix, tuple(f"node{i}" for i in range(1, nodes + 1))
-                    )
+                    topology = self._topology(nodes)
                 except ValueError as e:
                     raise LabError(str(e)) from None
                 self._remove_namespaces()  # a previous lab's leftovers in this directory
@@ -479,7 +588,7 @@ class Lab:
         network namespaces (with their links and bridges)."""
         stopped = []
         nodes = self.node_names()
-        ordered = [*nodes, GATEWAY, "controller"]
+        ordered = [*nodes, SYNC, GATEWAY, CONTROLLER]
         components = ordered + [c for c in self._pidfile_components() if c not in ordered]
         for comp in components:
             pid = self.pid(comp)

@@ -10,6 +10,12 @@ Layout (``h`` = 6 hex chars of the lab directory's hash, so two labs never colli
   on br-mig without an address (the migration network: a NAD's IPAM gives it one), ``lo``.
   The bridge side of each pair is ``vI-main`` / ``vI-mig`` in the lab namespace.
 
+Two clusters (``vmferry lab up --clusters 2 --netns``, :mod:`vmferry.lab.multi`): each has
+its own namespaces and main network (cluster1 192.0.2.0/24, cluster2 203.0.113.0/24, each
+with its own gateway at .1), but ONE migration network: cluster2 builds no br-mig of its
+own, its nodes' ``eth1`` join cluster1's br-mig (``Topology.migration_ns``), the bridge
+side named ``c2vI-mig`` there.
+
 Every link and address lives inside a namespace the lab made (RFC 5737 ranges only);
 nothing is created in the root namespace, nothing is routed out. Deleting the namespaces
 removes every link and bridge with them.
@@ -36,7 +42,9 @@ from pathlib import Path
 
 MAIN_NETWORK = ipaddress.IPv4Network("192.0.2.0/24")  # RFC 5737 TEST-NET-1
 MIGRATION_NETWORK = ipaddress.IPv4Network("198.51.100.0/24")  # RFC 5737 TEST-NET-2
-GATEWAY_ADDRESS = "192.0.2.1"  # br-main in the lab namespace
+# A second cluster's main network (RFC 5737 TEST-NET-3): see vmferry.lab.multi.
+SECOND_MAIN_NETWORK = ipaddress.IPv4Network("203.0.113.0/24")
+GATEWAY_ADDRESS = "192.0.2.1"  # br-main in the lab namespace (the first host of the main network)
 NODE_ADDRESS_BASE = 10  # nodeI's main address is 192.0.2.(10 + I)
 MAX_NODES = 200
 MAIN_BRIDGE = "br-main"
@@ -114,6 +122,11 @@ class Topology:
 
     prefix: str
     nodes: tuple[str, ...]
+    main_network: ipaddress.IPv4Network = MAIN_NETWORK
+    # The namespace whose br-mig the nodes' eth1 join ("" = this lab's own); a second
+    # cluster of a multi-cluster lab joins the first one's.
+    migration_ns: str = ""
+    peer_tag: str = ""  # prefix of the bridge-side link names ("c2": c2v1-mig)
 
     def __post_init__(self) -> None:
         if len(self.nodes) > MAX_NODES:
@@ -123,6 +136,15 @@ class Topology:
     def lab_ns(self) -> str:
         return f"{self.prefix}-lab"
 
+    @property
+    def gateway(self) -> str:
+        """br-main's address in the lab namespace: the main network's first host."""
+        return str(self.main_network.network_address + 1)
+
+    def bridge_ns(self, nic: str) -> str:
+        """The namespace holding the bridge ``nic`` is attached to."""
+        return self.migration_ns if nic == MIGRATION_NIC and self.migration_ns else self.lab_ns
+
     def node_ns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
 
@@ -130,20 +152,21 @@ class Topology:
         return self.nodes.index(node) + 1
 
     def main_address(self, node: str) -> str:
-        return str(MAIN_NETWORK.network_address + NODE_ADDRESS_BASE + self.index(node))
+        return str(self.main_network.network_address + NODE_ADDRESS_BASE + self.index(node))
 
     def peer(self, node: str, nic: str) -> str:
-        """The bridge-side end (in the lab namespace) of ``node``'s ``nic``."""
-        return f"v{self.index(node)}-{'main' if nic == MAIN_NIC else 'mig'}"
+        """The bridge-side end (in :meth:`bridge_ns`) of ``node``'s ``nic``."""
+        return f"{self.peer_tag}v{self.index(node)}-{'main' if nic == MAIN_NIC else 'mig'}"
 
     def as_dict(self) -> dict[str, object]:
         """The ``netns`` block of lab.json."""
         return {
             "lab": self.lab_ns,
             "nodes": {n: self.node_ns(n) for n in self.nodes},
-            "main": str(MAIN_NETWORK),
+            "main": str(self.main_network),
             "migration": str(MIGRATION_NETWORK),
-            "gateway": GATEWAY_ADDRESS,
+            "migrationBridgeNs": self.bridge_ns(MIGRATION_NIC),
+            "gateway": self.gateway,
             "addresses": {n: self.main_address(n) for n in self.nodes},
         }
 
@@ -198,13 +221,15 @@ def build(topo: Topology) -> None:
     """Create the namespaces, bridges and links of ``topo``; NetnsError on the first
     failure (the caller tears down what was made)."""
     lab = topo.lab_ns
+    bridges = [MAIN_BRIDGE] if topo.migration_ns else [MAIN_BRIDGE, MIGRATION_BRIDGE]
     _ip("netns", "add", lab)
     _disable_ipv6(lab)
     _ip("-n", lab, "link", "set", "lo", "up")
-    for bridge in (MAIN_BRIDGE, MIGRATION_BRIDGE):
+    for bridge in bridges:
         _ip("-n", lab, "link", "add", bridge, "type", "bridge")
-    _ip("-n", lab, "addr", "add", f"{GATEWAY_ADDRESS}/{MAIN_NETWORK.prefixlen}", "dev", MAIN_BRIDGE)
-    for bridge in (MAIN_BRIDGE, MIGRATION_BRIDGE):
+    prefixlen = topo.main_network.prefixlen
+    _ip("-n", lab, "addr", "add", f"{topo.gateway}/{prefixlen}", "dev", MAIN_BRIDGE)
+    for bridge in bridges:
         _ip("-n", lab, "link", "set", bridge, "up")
     for node in topo.nodes:
         ns = topo.node_ns(node)
@@ -212,19 +237,11 @@ def build(topo: Topology) -> None:
         _disable_ipv6(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
         for nic, bridge in ((MAIN_NIC, MAIN_BRIDGE), (MIGRATION_NIC, MIGRATION_BRIDGE)):
-            peer = topo.peer(node, nic)
-            # Both ends are born inside namespaces: the peer in the lab's, the NIC in the node's.
-            _ip("-n", lab, "link", "add", peer, "type", "veth", "peer", "name", nic, "netns", ns)
-            _ip("-n", lab, "link", "set", peer, "master", bridge, "up")
-        _ip(
-            "-n",
-            ns,
-            "addr",
-            "add",
-            f"{topo.main_address(node)}/{MAIN_NETWORK.prefixlen}",
-            "dev",
-            MAIN_NIC,
-        )
+            peer, where = topo.peer(node, nic), topo.bridge_ns(nic)
+            # Both ends are born inside namespaces: the peer in the bridge's, the NIC in the node's.
+            _ip("-n", where, "link", "add", peer, "type", "veth", "peer", "name", nic, "netns", ns)
+            _ip("-n", where, "link", "set", peer, "master", bridge, "up")
+        _ip("-n", ns, "addr", "add", f"{topo.main_address(node)}/{prefixlen}", "dev", MAIN_NIC)
         for nic in (MAIN_NIC, MIGRATION_NIC):
             _ip("-n", ns, "link", "set", nic, "up")
 
@@ -264,7 +281,7 @@ def shape(topo: Topology, nic: str, spec: LinkSpec) -> list[str]:
     for node in topo.nodes:
         for ns, dev, delay in (
             (topo.node_ns(node), nic, True),
-            (topo.lab_ns, topo.peer(node, nic), False),
+            (topo.bridge_ns(nic), topo.peer(node, nic), False),
         ):
             proc = _qdisc(ns, dev, _netem_args(spec, delay)) if use_netem else None
             if proc is None or proc.returncode != 0:
