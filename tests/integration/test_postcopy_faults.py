@@ -64,9 +64,9 @@ def relay(lab: LabHarness) -> Iterator[Relay]:
 
 
 def restart(lab: LabHarness, node: str, failpoint: Step | None = None) -> None:
-    """Stop ``node``'s handler (its guests stay) and start it, armed with ``failpoint``
-    (an unarmed handler serves again before this returns)."""
-    lab.restart(node, failpoint.value if failpoint else "", signal="TERM", ready=failpoint is None)
+    """Stop ``node``'s handler (its guests stay) and start it, armed with ``failpoint``; it
+    serves again before this returns."""
+    lab.restart(node, failpoint.value if failpoint else "", signal="TERM")
 
 
 @pytest.fixture
