@@ -107,7 +107,10 @@ def fresh_addresses(leases: list[Obj], now: float) -> list[str]:
 
 
 def _kind_not_served(e: ApiError) -> bool:
-    return isinstance(e, BadRequest) and "resource type" in str(e)
+    """The API does not know the kind (the Lease kind is newer than some controllers)."""
+    return isinstance(e, BadRequest) and (
+        "resource type" in str(e) or f'no kind "{LEASE_KIND}"' in str(e)
+    )
 
 
 class SyncAnnouncer:
@@ -127,6 +130,7 @@ class SyncAnnouncer:
         self.clock = clock  # wall clock: lease times are timestamps
         self.name = lease_name(sync_id)
         self._said: set[str] = set()  # problems logged once until they go away
+        self._held = False  # the lease was written (a clean stop deletes it)
 
     def _once(self, key: str, message: str, *args: object) -> None:
         if key not in self._said:
@@ -190,6 +194,7 @@ class SyncAnnouncer:
             return False
         self._clear("kind")
         self._clear("renew")
+        self._held = True
         return True
 
     async def publish_addresses(self) -> list[str] | None:
@@ -242,6 +247,8 @@ class SyncAnnouncer:
 
     async def _withdraw(self) -> None:
         """A clean stop: delete the lease and publish the addresses without this one."""
+        if not self._held:
+            return
         try:
             await asyncio.wait_for(self.api.delete(LEASE_KIND, SYSTEM_NAMESPACE, self.name), 5)
             await asyncio.wait_for(self.publish_addresses(), 5)

@@ -39,14 +39,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from sync_controller.peer import PeerError
+from sync_controller.peer import PeerError, PeerLink
 from vmferry import grpc_options
 from vmferry.decentralized import (
     PEERS_CONFIGMAP,
@@ -302,7 +302,16 @@ class SyncLink:
         self._clients: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._streams: set[_Stream] = set()
         self._server: grpc.aio.Server | None = None
+        self._views: dict[Role, RoleView] = {}
         self.port = 0
+
+    def view(self, role: Role) -> RoleView:
+        """The link as the reconciler of ``role`` sees it (a PeerLink of its own): its
+        ``on_peer_update`` gets only the peer halves of migrations where this cluster holds
+        ``role`` (so the sending and receiving reconcilers each set their own callback)."""
+        if role not in self._views:
+            self._views[role] = RoleView(self, role)
+        return self._views[role]
 
     # -- PeerLink ------------------------------------------------------------------------
 
@@ -469,10 +478,14 @@ class SyncLink:
         self._errors.pop(mid, None)
         if self._theirs.get(mid) != state:
             self._theirs[mid] = state
-            try:
-                self.on_peer_update(state)
-            except Exception:
-                log.exception("on_peer_update failed for migrationID %s", mid)
+            listeners = [self.on_peer_update] + [
+                view.on_peer_update for role, view in self._views.items() if role != state.role
+            ]
+            for listener in listeners:
+                try:
+                    listener(state)
+                except Exception:
+                    log.exception("on_peer_update failed for migrationID %s", mid)
 
     def _bind(self, mid: str, peer: str) -> None:
         self._peer_of[mid] = peer
@@ -580,12 +593,14 @@ class SyncLink:
         addr = context.peer()
         stream: _Stream | None = None
         try:
+            # The hello is read first, also from a peer about to be refused: the refusal
+            # then reaches the client as the status of its first read, never as a failed
+            # write that would hide the reason.
+            read = _reader(context.read)
+            first = await asyncio.wait_for(read(), SILENCE_SECONDS)
             peer = "" if self._tls is None else self._authenticate(context)
             describe = f"peer cluster {peer} ({addr})" if peer else f"peer at {addr}"
-            read = _reader(context.read)
-            hello_name = self._check_hello(
-                await asyncio.wait_for(read(), SILENCE_SECONDS), describe
-            )
+            hello_name = self._check_hello(first, describe)
             if not peer:
                 peer = hello_name  # plaintext (tests): the hello is all there is
                 describe = f"peer cluster {peer} ({addr})"
@@ -615,9 +630,9 @@ class SyncLink:
     async def _dial_loop(self, mid: str, url: str) -> None:
         backoff = BACKOFF_MIN_SECONDS
         while True:
-            connected = False
+            established = asyncio.Event()
             try:
-                await self._dial_once(mid, url)
+                await self._dial_once(mid, url, established)
             except (PeerError, Refused) as e:
                 self._set_error(mid, str(e))
             except grpc.aio.AioRpcError as e:
@@ -625,9 +640,7 @@ class SyncLink:
             except Exception as e:  # never let the loop die: say what happened
                 log.exception("sync stream to %s for migrationID %s", url, mid)
                 self._set_error(mid, f"sync stream to {url} failed: {e}")
-            else:
-                connected = True
-            if connected or mid in self._theirs:
+            if established.is_set():  # it worked: the first retry is quick
                 backoff = BACKOFF_MIN_SECONDS
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
@@ -637,7 +650,7 @@ class SyncLink:
             log.warning("migrationID %s: %s", mid, message)
         self._errors[mid] = message
 
-    async def _dial_once(self, mid: str, url: str) -> None:
+    async def _dial_once(self, mid: str, url: str, established: asyncio.Event) -> None:
         host, port = _split_host_port(url)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         options = dict(grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS))
@@ -674,6 +687,7 @@ class SyncLink:
                     peer, describe = hello_name, f"peer cluster {hello_name} at {url}"
                 stream = _Stream(peer=peer, describe=describe, client_for=mid, migrations={mid})
                 self._bind(mid, peer)  # connected: the migrationID is this peer's now
+                established.set()
                 await self._exchange(stream, read, call.write)
             except TimeoutError:
                 call.cancel()
@@ -818,9 +832,41 @@ def _rpc_error(url: str, e: grpc.aio.AioRpcError) -> str:
     return f"sync stream to {url} failed: {code.name}: {e.details()}"
 
 
+class RoleView:
+    """:meth:`SyncLink.view`: a PeerLink sharing one SyncLink, with its own callback."""
+
+    def __init__(self, link: SyncLink, role: Role) -> None:
+        self.role = role
+        self.on_peer_update: Callable[[SyncState], None] = lambda state: None
+        self._link = link
+
+    def connect(self, migration_id: str, connect_url: str) -> None:
+        self._link.connect(migration_id, connect_url)
+
+    def publish(self, state: SyncState) -> None:
+        self._link.publish(state)
+
+    def latest(self, migration_id: str) -> SyncState | None:
+        return self._link.latest(migration_id)
+
+    def peer_cluster(self, migration_id: str) -> str | None:
+        return self._link.peer_cluster(migration_id)
+
+    def connection_error(self, migration_id: str) -> str | None:
+        return self._link.connection_error(migration_id)
+
+    def forget(self, migration_id: str) -> None:
+        self._link.forget(migration_id)
+
+
 class _Servicer(sync_pb2_grpc.SyncServicer):
     def __init__(self, link: SyncLink) -> None:
         self._link = link
 
     async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await self._link.serve_stream(context)
+
+
+if TYPE_CHECKING:  # both are PeerLinks (mypy checks it here)
+    _LINK: PeerLink = SyncLink("", None, PeerCAs())
+    _VIEW: PeerLink = SyncLink("", None, PeerCAs()).view(Role.SENDER)

@@ -29,7 +29,7 @@ from sync_controller.peer import PeerError
 from vmferry import logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
-from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE
+from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
 from vmferry.informer import Informer, Key
 
 log = logging.getLogger("vmferry.sync")
@@ -52,10 +52,11 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "insecure_plaintext": False,
 }
-# The reconcilers (written against sync_controller.peer.PeerLink): module, class.
+# The reconcilers (written against sync_controller.peer.PeerLink): module, class, the
+# half of a migration they hold.
 RECONCILERS = (
-    ("sync_controller.sender", "SenderReconciler"),
-    ("sync_controller.receiver", "ReceiverReconciler"),
+    ("sync_controller.sender", "SenderReconciler", Role.SENDER),
+    ("sync_controller.receiver", "ReceiverReconciler", Role.RECEIVER),
 )
 
 
@@ -107,9 +108,10 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
 
 
 def load_reconcilers(api: Any, link: SyncLink) -> list[Any]:
-    """The sending and receiving reconcilers, when their modules are there."""
+    """The sending and receiving reconcilers, when their modules are there; each gets its
+    own view of the link (its own ``on_peer_update``)."""
     reconcilers = []
-    for module_name, class_name in RECONCILERS:
+    for module_name, class_name, role in RECONCILERS:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as e:
@@ -120,7 +122,7 @@ def load_reconcilers(api: Any, link: SyncLink) -> list[Any]:
                 e,
             )
             continue
-        reconcilers.append(cls(api, link, time.monotonic))
+        reconcilers.append(cls(api, link.view(role), time.monotonic))
     return reconcilers
 
 

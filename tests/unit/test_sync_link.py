@@ -253,12 +253,20 @@ def test_no_peer_registered_refuses_with_the_rule(
     run(scenario)
 
 
+@dataclass
+class Ended:
+    """How a raw stream ended: its status."""
+
+    code: grpc.StatusCode
+    details: str
+
+
 async def raw_exchange(
     port: int,
     tls: pki.TlsFiles,
     ca_pem: bytes,
     frames: list[sync_pb2.SyncFrame],
-) -> tuple[list[sync_pb2.SyncFrame], grpc.aio.AioRpcError | None]:
+) -> tuple[list[sync_pb2.SyncFrame], Ended]:
     """Dial a SyncLink's server with ``tls`` (trusting ``ca_pem``), send ``frames``; the
     frames that came back and the status the stream ended with."""
     creds = grpc.ssl_channel_credentials(
@@ -273,12 +281,13 @@ async def raw_exchange(
             for frame in frames:
                 await call.write(frame)
             while True:
-                frame = await asyncio.wait_for(call.read(), 10)
-                if frame is grpc.aio.EOF:
-                    return got, None
-                got.append(frame)
-        except grpc.aio.AioRpcError as e:
-            return got, e
+                reply = await asyncio.wait_for(call.read(), 10)
+                if reply is grpc.aio.EOF:
+                    break
+                got.append(reply)
+        except grpc.aio.AioRpcError:
+            pass  # the server ended the stream (maybe while we wrote): its status below
+        return got, Ended(await call.code(), await call.details() or "")
 
 
 def hello(name: str) -> sync_pb2.SyncFrame:
@@ -300,12 +309,10 @@ def test_a_certificate_of_a_registered_ca_but_not_a_sync_controller_is_refused(
         b = SyncLink(c2.name, c2.tls, PeerCAs({c1.name: c1.ca_pem}))
         port = await b.start()
         try:
-            _, err = await raw_exchange(
-                port, node, c2.tls.ca.read_bytes(), [hello(c1.name), state_frame(sender_state())]
-            )
-            assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "CN='system:node:node1'" in (err.details() or "")
-            assert "only a sync controller" in (err.details() or "")
+            _, err = await raw_exchange(port, node, c2.tls.ca.read_bytes(), [hello(c1.name)])
+            assert err.code == grpc.StatusCode.PERMISSION_DENIED, err
+            assert "CN='system:node:node1'" in err.details
+            assert "only a sync controller" in err.details
             assert b.latest("m1") is None
         finally:
             await b.close()
@@ -404,10 +411,9 @@ def test_a_malformed_frame_closes_the_stream_with_the_reason(
         port = await b.start()
         try:
             _, err = await raw_exchange(port, c1.tls, c2.tls.ca.read_bytes(), frames)
-            assert err is not None, "the stream was not closed"
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
-            assert "malformed sync frame" in (err.details() or "")
-            assert message in (err.details() or ""), err.details()
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert "malformed sync frame" in err.details
+            assert message in err.details, err.details
         finally:
             await b.close()
 
@@ -431,8 +437,8 @@ def test_a_peer_that_claims_our_half_is_refused(
                 c2.tls.ca.read_bytes(),
                 [hello(c1.name), state_frame(receiver_state())],
             )
-            assert err is not None and err.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "also holds the receiver half" in (err.details() or "")
+            assert err.code == grpc.StatusCode.FAILED_PRECONDITION, err
+            assert "also holds the receiver half" in err.details
         finally:
             await b.close()
 
@@ -465,3 +471,58 @@ def test_bad_peer_entries_are_left_out(clusters: tuple[Cluster, Cluster, Cluster
     peers = PeerCAs({"good": c1.ca_pem, "junk": "not a pem", "leaf": leaf})
     assert peers.names() == ["good"]
     assert link_mod.PeerCAs().bundle() == b""
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_each_reconciler_view_hears_only_its_migrations(
+    clusters: tuple[Cluster, Cluster, Cluster],
+) -> None:
+    c1, c2, _ = clusters
+
+    async def scenario() -> None:
+        a = SyncLink(c1.name, c1.tls, PeerCAs({c2.name: c2.ca_pem}))
+        b = SyncLink(c2.name, c2.tls, PeerCAs({c1.name: c1.ca_pem}))
+        heard: dict[str, list[str]] = {"a-sender": [], "a-receiver": [], "b-receiver": []}
+        a.view(Role.SENDER).on_peer_update = lambda s: heard["a-sender"].append(s.migration_id)
+        a.view(Role.RECEIVER).on_peer_update = lambda s: heard["a-receiver"].append(s.migration_id)
+        b.view(Role.RECEIVER).on_peer_update = lambda s: heard["b-receiver"].append(s.migration_id)
+        port = await b.start()
+        try:
+            sender = a.view(Role.SENDER)
+            sender.publish(sender_state())
+            sender.connect("m1", f"127.0.0.1:{port}")
+            await eventually(lambda: b.latest("m1") is not None, "sender -> receiver")
+            b.view(Role.RECEIVER).publish(receiver_state())
+            await eventually(lambda: sender.latest("m1") is not None, "receiver -> sender")
+            assert heard == {"a-sender": ["m1"], "a-receiver": [], "b-receiver": ["m1"]}
+            assert sender.peer_cluster("m1") == c2.name
+        finally:
+            await a.close()
+            await b.close()
+
+    run(scenario)
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_sending_side_with_a_node_certificate_learns_why_it_is_refused(
+    clusters: tuple[Cluster, Cluster, Cluster],
+) -> None:
+    c1, c2, _ = clusters
+    node = pki.issue_node(c1.pki_dir, "node1", ips=["127.0.0.1"])
+
+    async def scenario() -> None:
+        a = SyncLink(c1.name, node, PeerCAs({c2.name: c2.ca_pem}))
+        b = SyncLink(c2.name, c2.tls, PeerCAs({c1.name: c1.ca_pem}))
+        port = await b.start()
+        try:
+            a.publish(sender_state())
+            a.connect("m1", f"127.0.0.1:{port}")
+            await eventually(lambda: a.connection_error("m1") is not None, "a refusal")
+            error = a.connection_error("m1") or ""
+            assert "refused the stream" in error and "only a sync controller" in error, error
+            assert b.latest("m1") is None
+        finally:
+            await a.close()
+            await b.close()
+
+    run(scenario)
