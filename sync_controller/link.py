@@ -321,6 +321,13 @@ class SyncLink:
             return
         if current is not None:
             current[1].cancel()
+        elif len(self._clients) >= MAX_MIGRATIONS:
+            self._set_error(
+                migration_id,
+                f"not connecting to {connect_url}: {MAX_MIGRATIONS} migrations are "
+                "synchronized already",
+            )
+            return
         task = asyncio.get_running_loop().create_task(
             self._dial_loop(migration_id, connect_url), name=f"sync-dial-{migration_id}"
         )

@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         )
     config["listen"] = _host_port("listen", config["listen"])
     config["advertise"] = _host_port("advertise", config.get("advertise") or config["listen"])
+    if config["advertise"].rpartition(":")[0].strip("[]") in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"advertise {config['advertise']!r}: peers cannot dial an unspecified address; "
+            "set advertise (HOST:PORT peers reach this sync controller at) when listen is "
+            "0.0.0.0"
+        )
     if not config.get("id"):
         config["id"] = default_id(config["cluster_name"], config["advertise"])
     return config

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from sync_controller import main as sync_main
 from sync_controller.lease import SyncAnnouncer, default_id, fresh_addresses, lease_name
-from sync_controller.link import PeerCAs
+from sync_controller.link import PeerCAs, SyncLink
 from tests.support.fake_api import FakeClock, StoreApi
 from vmferry import pki
 from vmferry.config import ConfigError
@@ -20,6 +21,7 @@ from vmferry.decentralized import (
     SYNC_ADDRESS_ANNOTATION,
     SYNC_ADDRESSES_FIELD,
     SYNC_LEASE_PREFIX,
+    Role,
 )
 from vmferry.errors import BadRequest
 from vmferry.informer import Informer
@@ -186,6 +188,9 @@ def test_config(tmp_path: Path) -> None:
     path.write_text('insecure_plaintext = true\nlisten = "127.0.0.1:9"\n')
     with pytest.raises(ConfigError, match="cluster_name is required"):
         sync_main.parse_args(["--config", str(path)])
+    path.write_text('cluster_name = "c"\ninsecure_plaintext = true\nlisten = "0.0.0.0:7445"\n')
+    with pytest.raises(ConfigError, match="peers cannot dial an unspecified address"):
+        sync_main.parse_args(["--config", str(path)])
     path.write_text('cluster_name = "c"\ninsecure_plaintext = true\nlisten = "nope"\n')
     with pytest.raises(ConfigError, match="listen 'nope': expected HOST:PORT"):
         sync_main.parse_args(["--config", str(path)])
@@ -195,3 +200,30 @@ def test_the_deploy_example_is_a_valid_configuration() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "sync-controller.toml"
     config = sync_main.parse_args(["--config", str(example)])
     assert config["cluster_name"] and config["advertise"]
+
+
+def test_missing_reconcilers_are_reported_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    made: list[tuple[object, object, object]] = []
+
+    class Fake:
+        def __init__(self, api: object, link: object, clock: object) -> None:
+            made.append((api, link, clock))
+
+    fake_module = type(sys)("fake_reconciler_module")
+    fake_module.Fake = Fake  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_reconciler_module", fake_module)
+    monkeypatch.setattr(
+        sync_main,
+        "RECONCILERS",
+        (
+            ("sync_controller.no_such_module", "SenderReconciler", Role.SENDER),
+            ("fake_reconciler_module", "Fake", Role.RECEIVER),
+        ),
+    )
+    link = SyncLink("cluster1", None, PeerCAs())
+    reconcilers = sync_main.load_reconcilers("api", link)
+    assert [type(r) for r in reconcilers] == [Fake]
+    assert made[0][1] is link.view(Role.RECEIVER)
+    assert "decentralized migrations are not reconciled" in caplog.text
