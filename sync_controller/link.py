@@ -45,6 +45,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
+from google.protobuf.message import DecodeError
 
 from sync_controller.peer import PeerError, PeerLink
 from vmferry import grpc_options
@@ -817,7 +818,10 @@ def _reader(
     """A read of a gRPC stream returning None at its end (instead of grpc.aio.EOF)."""
 
     async def next_frame() -> sync_pb2.SyncFrame | None:
-        frame = await read()
+        try:
+            frame = await read()
+        except DecodeError as e:
+            raise _malformed(f"not a SyncFrame ({e})") from None
         if frame is grpc.aio.EOF:
             return None
         assert isinstance(frame, sync_pb2.SyncFrame)

@@ -526,3 +526,31 @@ def test_a_sending_side_with_a_node_certificate_learns_why_it_is_refused(
             await b.close()
 
     run(scenario)
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_bytes_that_are_not_a_frame_close_the_stream_with_the_reason(
+    clusters: tuple[Cluster, Cluster, Cluster],
+) -> None:
+    c1, c2, _ = clusters
+
+    async def scenario() -> None:
+        b = SyncLink(c2.name, c2.tls, PeerCAs({c1.name: c1.ca_pem}))
+        port = await b.start()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=c2.tls.ca.read_bytes(),
+            private_key=c1.tls.key.read_bytes(),
+            certificate_chain=c1.tls.cert.read_bytes(),
+        )
+        try:
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+                call = channel.stream_stream("/vmferry.rpc.Sync/Exchange")()
+                await call.write(b"\xff\xff\xff\xff not a frame")
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await asyncio.wait_for(call.read(), 10)
+                assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "malformed sync frame: not a SyncFrame" in (await call.details() or "")
+        finally:
+            await b.close()
+
+    run(scenario)
