@@ -383,16 +383,23 @@ class SyncLink:
         options["grpc.max_send_message_length"] = MAX_FRAME_BYTES
         server = grpc.aio.server(options=list(options.items()), maximum_concurrent_rpcs=MAX_STREAMS)
         sync_pb2_grpc.add_SyncServicer_to_server(_Servicer(self), server)
-        if self._tls is None:
-            port = server.add_insecure_port(self._listen)
-        else:
-            fetcher = await asyncio.to_thread(_ServerCredentials, self._tls, self._peers)
-            creds = grpc.dynamic_ssl_server_credentials(
-                fetcher.initial, fetcher, require_client_authentication=True
-            )
-            port = server.add_secure_port(self._listen, creds)
+        try:
+            if self._tls is None:
+                port = server.add_insecure_port(self._listen)
+            else:
+                fetcher = await asyncio.to_thread(_ServerCredentials, self._tls, self._peers)
+                creds = grpc.dynamic_ssl_server_credentials(
+                    fetcher.initial, fetcher, require_client_authentication=True
+                )
+                port = server.add_secure_port(self._listen, creds)
+        except RuntimeError:
+            port = 0
         if not port:
-            raise PeerError(f"sync controller cannot listen on {self._listen}")
+            await server.stop(None)
+            raise PeerError(
+                f"sync controller cannot listen on {self._listen} (address in use or not "
+                "on this host)"
+            )
         await server.start()
         self._server, self.port = server, port
         log.info("sync controller %s listening on %s", self.cluster_name, self._listen)

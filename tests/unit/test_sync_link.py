@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from sync_controller import link as link_mod
 from sync_controller.link import PeerCAs, SyncLink, state_from_proto, state_to_proto
+from sync_controller.peer import PeerError
 from vmferry import pki
 from vmferry.decentralized import Role, SyncState
 from vmferry.rpc import sync_pb2, sync_pb2_grpc
@@ -552,5 +554,19 @@ def test_bytes_that_are_not_a_frame_close_the_stream_with_the_reason(
                 assert "malformed sync frame: not a SyncFrame" in (await call.details() or "")
         finally:
             await b.close()
+
+    run(scenario)
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_taken_port_is_a_clear_error() -> None:
+    async def scenario() -> None:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            port = squatter.getsockname()[1]
+            link = SyncLink("cluster1", None, PeerCAs(), listen=f"127.0.0.1:{port}")
+            with pytest.raises(PeerError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await link.start()
 
     run(scenario)
