@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmferry import pki
 from vmferry.cli import pki_cmd
+from vmferry.decentralized import SYNC_IDENTITY
 from vmferry.pki.credentials import CertificateReloader
 
 SERVICE = "vmferry.test.Echo"
@@ -153,6 +154,18 @@ def test_issue_server(pki_dir: Path) -> None:
     assert cert.subject.rfc4514_string() == "CN=controller"
     assert _san(cert) == ([ip_address("127.0.0.1")], ["localhost", "controller"])
     assert _eku(cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+
+
+def test_issue_sync(pki_dir: Path) -> None:
+    files = pki.issue_sync(pki_dir, "sync1", ips=["10.0.0.20"], dns=["sync.lab"])
+    assert files.cert == pki_dir / "sync/sync1.crt"
+    assert _mode(files.key) == 0o600
+    cert = _cert(files.cert)
+    assert cert.subject.rfc4514_string() == f"CN={SYNC_IDENTITY}"
+    assert _san(cert) == ([ip_address("10.0.0.20")], ["sync.lab", "sync1"])
+    assert _eku(cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    # the API sees the user system:vmferry:sync-controller, in no group
+    assert pki.identity_from_pem(files.cert.read_bytes()) == pki.Identity(SYNC_IDENTITY, ())
 
 
 def test_reissue_overwrites_with_a_new_key_and_serial(pki_dir: Path) -> None:
@@ -422,6 +435,12 @@ def test_cli_init_issue_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     )
     assert rc == 0
     assert str(tmp_path / "pki/servers/ctl.crt") in out
+
+    rc, out, _ = _run(["pki", "issue", "sync", "s1", "--ip", "10.0.0.20", "--pki-dir", d], capsys)
+    assert rc == 0
+    assert str(tmp_path / "pki/sync/s1.crt") in out
+    identity = pki.identity_from_pem((tmp_path / "pki/sync/s1.crt").read_bytes())
+    assert identity.user == SYNC_IDENTITY
 
     rc, out, err = _run(["pki", "show", "--pki-dir", d, "nodes/n1.crt"], capsys)
     assert (rc, err) == (0, "")

@@ -101,6 +101,12 @@ def _cmd_issue_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_issue_sync(args: argparse.Namespace) -> int:
+    files = pki.issue_sync(_pki_dir(args), args.name, ips=args.ip, dns=args.dns, days=args.days)
+    _print_files(files)
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     pki_dir = _pki_dir(args)
     path = Path(args.path)
@@ -210,6 +216,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "  vmferry pki issue server controller --ip 10.0.0.1 --dns controller.lab\n"
             "  vmferry pki issue node node1 --ip 10.0.0.11\n"
             "  vmferry pki issue user alice --group admins\n"
+            "  vmferry pki issue sync sync1 --ip 10.0.0.10\n"
             "  vmferry pki show users/alice.crt"
         ),
         formatter_class=formatter,
@@ -239,7 +246,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     issue = pki_sub.add_parser(
         "issue",
-        help="issue (or renew) a node, user or server certificate",
+        help="issue (or renew) a node, user, server or sync-controller certificate",
         description=(
             "Issue a certificate signed by the cluster CA. Issuing an existing name again\n"
             "replaces its files: that is how certificates are renewed."
@@ -300,6 +307,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _san_options(server)
     _days(server, 30)
     server.set_defaults(func=_guarded(_cmd_issue_server))
+
+    sync = issue_sub.add_parser(
+        "sync",
+        help="certificate of a sync controller (sync/NAME.crt; cross-cluster migration)",
+        description=(
+            "Issue sync/NAME.crt and sync/NAME.key for vmferry-sync-controller: subject\n"
+            "CN=system:vmferry:sync-controller, usable as server and client. Peer clusters\n"
+            "dial the address it advertises: list that IP or DNS name with --ip/--dns."
+        ),
+        formatter_class=formatter,
+    )
+    _common(sync)
+    sync.add_argument("name", metavar="NAME", help="file name (also added as a DNS SAN)")
+    _san_options(sync)
+    _days(sync, 30)
+    sync.set_defaults(func=_guarded(_cmd_issue_sync))
 
     show = pki_sub.add_parser(
         "show",

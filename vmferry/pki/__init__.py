@@ -7,6 +7,7 @@ SHA-256 signatures, made with the ``cryptography`` package. A PKI directory look
     <pki_dir>/nodes/<name>.crt  .key        CN=system:node:<name>, O=system:nodes
     <pki_dir>/users/<name>.crt  .key        CN=<name>, O=<group> per group
     <pki_dir>/servers/<name>.crt  .key      CN=<name> (the controller)
+    <pki_dir>/sync/<name>.crt  .key         CN=system:vmferry:sync-controller
 
 Identities follow Kubernetes: the user is the subject CN, the groups are the subject O
 attributes, and a node is the user ``system:node:<name>`` in the group ``system:nodes``.
@@ -38,6 +39,7 @@ from vmferry.pki.issuing import (
     init_ca,
     issue_node,
     issue_server,
+    issue_sync,
     issue_user,
     load_ca_pem,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "init_ca",
     "issue_node",
     "issue_server",
+    "issue_sync",
     "issue_user",
     "load_ca_pem",
     "peer_identity",

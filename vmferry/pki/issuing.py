@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vmferry.decentralized import SYNC_IDENTITY
 from vmferry.pki.identity import NODE_USER_PREFIX, NODES_GROUP
 
 CA_CERT_FILE = "ca.crt"
@@ -31,6 +32,7 @@ CA_KEY_FILE = "ca.key"
 NODES_DIR = "nodes"
 USERS_DIR = "users"
 SERVERS_DIR = "servers"
+SYNC_DIR = "sync"
 
 KEY_MODE = 0o600  # private keys: owner only
 CERT_MODE = 0o644  # certificates are public
@@ -405,6 +407,39 @@ def issue_server(
     return _issue(
         pki_dir,
         SERVERS_DIR,
+        name,
+        subject,
+        san=_san(ips, dns, name),
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+        days=days,
+    )
+
+
+def issue_sync(
+    pki_dir: Path,
+    name: str,
+    *,
+    ips: Sequence[str] = (),
+    dns: Sequence[str] = (),
+    days: int = 30,
+) -> TlsFiles:
+    """Issue (or renew) the certificate of the sync controller ``name`` (cross-cluster
+    migration, ``vmferry-sync-controller``): ``sync/<name>.crt`` and ``.key``.
+
+    Subject ``CN=system:vmferry:sync-controller`` (``vmferry.decentralized.SYNC_IDENTITY``:
+    the user its cluster's API sees, and what a peer cluster's sync controller checks), no
+    O; SAN = ``ips`` + ``dns`` + DNS ``<name>``; EKU serverAuth and clientAuth (it serves
+    the peers' sync controllers and dials them and its own API). Peers dial the address it
+    advertises: list that IP or DNS name.
+
+    Returns the identity's files. Raises ValueError for a bad name, IP or DNS name or
+    ``days < 1``; FileNotFoundError if the CA does not exist yet.
+    """
+    _validate_name("sync controller", name, ascii_only=True)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SYNC_IDENTITY)])
+    return _issue(
+        pki_dir,
+        SYNC_DIR,
         name,
         subject,
         san=_san(ips, dns, name),
