@@ -104,6 +104,7 @@ def _resource_of(kind: str) -> tuple[str, str]:
 _HCO_GROUP, _HCOS = _resource_of("HyperConverged")
 _LEASE_GROUP, _LEASES = _resource_of("Lease")
 _NAD_GROUP, _NADS = _resource_of(NAD_KIND)
+_POLICY_GROUP, _POLICIES = _resource_of("MigrationPolicy")
 _SYNC_WRITES = ["create", "update", "patch", "delete"]
 
 BUILTIN_CLUSTER_ROLES: list[Obj] = [
@@ -178,6 +179,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
             _rule([_HCO_GROUP], [_HCOS], READ_VERBS),
             _rule([_HCO_GROUP], [f"{_HCOS}/status"], ["get", "update", "patch"]),
             _rule([_NAD_GROUP], [_NADS], READ_VERBS),
+            _rule([_POLICY_GROUP], [_POLICIES], READ_VERBS),
         ],
     ),
 ]

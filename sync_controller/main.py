@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 from sync_controller.lease import SyncAnnouncer, default_id
 from sync_controller.link import PeerCAs, SyncLink
 from sync_controller.peer import PeerError
+from sync_controller.receiver import ReceiverReconciler
+from sync_controller.sender import SenderReconciler
 from vmferry import logs, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
@@ -52,12 +53,6 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "insecure_plaintext": False,
 }
-# The reconcilers (written against sync_controller.peer.PeerLink): module, class, the
-# half of a migration they hold.
-RECONCILERS = (
-    ("sync_controller.sender", "SenderReconciler", Role.SENDER),
-    ("sync_controller.receiver", "ReceiverReconciler", Role.RECEIVER),
-)
 
 
 def _host_port(key: str, value: str) -> str:
@@ -113,23 +108,15 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     return config
 
 
-def load_reconcilers(api: Any, link: SyncLink) -> list[Any]:
-    """The sending and receiving reconcilers, when their modules are there; each gets its
-    own view of the link (its own ``on_peer_update``)."""
-    reconcilers = []
-    for module_name, class_name, role in RECONCILERS:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as e:
-            log.error(
-                "%s.%s is not available (%s): decentralized migrations are not reconciled",
-                module_name,
-                class_name,
-                e,
-            )
-            continue
-        reconcilers.append(cls(api, link.view(role), time.monotonic))
-    return reconcilers
+def make_reconcilers(
+    api: ApiClient, link: SyncLink, cluster_name: str
+) -> tuple[SenderReconciler, ReceiverReconciler]:
+    """The sending and the receiving reconciler; each gets its own view of the link (its
+    own ``on_peer_update``, hearing only the migrations where this cluster holds that half)."""
+    return (
+        SenderReconciler(api, link.view(Role.SENDER), time.time, cluster_name=cluster_name),
+        ReceiverReconciler(api, link.view(Role.RECEIVER), time.time, cluster_name=cluster_name),
+    )
 
 
 def watch_peers(configmaps: Informer, peers: PeerCAs) -> None:
@@ -165,7 +152,7 @@ async def serve(config: dict[str, Any]) -> None:
             await link.start()
         except PeerError as e:
             raise ConfigError(str(e)) from None
-        reconcilers = load_reconcilers(api, link)
+        reconcilers = make_reconcilers(api, link, config["cluster_name"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -73,6 +73,7 @@ from sync_controller.peer import PeerLink
 from vmferry.decentralized import (
     RESTORE_RUN_STRATEGY_ANNOTATION,
     RUN_STRATEGY_WAIT_AS_RECEIVER,
+    SYNC_ADDRESSES_FIELD,
     VMI_PHASE_WAITING_FOR_SYNC,
     Role,
     SyncState,
@@ -95,6 +96,7 @@ from vmferry.migration_state import (
     token_secret_name,
 )
 from vmferry.objects import conditions
+from vmferry.objects.kinds import HYPERCONVERGED_NAME, SYSTEM_NAMESPACE
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -273,9 +275,19 @@ class ReceiverReconciler:
                 MigrationPhase.WAITING_FOR_SYNC,
                 self.clock,
             )
+            await self._note_sync_addresses(vmim)
             await write_status(self.api, vmim)
             self._again(vmim)
             return
+        if phase == MigrationPhase.WAITING_FOR_SYNC and not vmim["status"].get(
+            SYNC_ADDRESSES_FIELD
+        ):
+            if await self._note_sync_addresses(vmim):
+                written = await write_status(self.api, vmim)
+                if written is None:  # a Conflict: the next pass reads afresh
+                    self._again(vmim)
+                    return
+                vmim = written
 
         vmi = await self._get_vmi(ns, vmim["spec"]["vmiName"])
         peer = self._peer(vmim)
@@ -285,6 +297,20 @@ class ReceiverReconciler:
         else:
             await self._before_handoff(vmim, vmi, peer, deleting)
         await self._publish_fresh(vmim)
+
+    async def _note_sync_addresses(self, vmim: Obj) -> bool:
+        """The receiving VMIM shows where this cluster's sync controllers listen (what the
+        sending side's connectURL must be: the MTV orchestrator reads it there, with a
+        provider token that may not read the HyperConverged). True when it changed."""
+        try:
+            hco = await self.api.get("HyperConverged", SYSTEM_NAMESPACE, HYPERCONVERGED_NAME)
+        except NotFound:
+            return False
+        addresses = list((hco.get("status") or {}).get(SYNC_ADDRESSES_FIELD) or [])
+        if not addresses or addresses == vmim["status"].get(SYNC_ADDRESSES_FIELD):
+            return False
+        vmim["status"][SYNC_ADDRESSES_FIELD] = addresses
+        return True
 
     async def _before_handoff(
         self, vmim: Obj, vmi: Obj | None, peer: SyncState | None, deleting: bool

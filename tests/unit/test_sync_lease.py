@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -202,28 +201,10 @@ def test_the_deploy_example_is_a_valid_configuration() -> None:
     assert config["cluster_name"] and config["advertise"]
 
 
-def test_missing_reconcilers_are_reported_not_fatal(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    made: list[tuple[object, object, object]] = []
-
-    class Fake:
-        def __init__(self, api: object, link: object, clock: object) -> None:
-            made.append((api, link, clock))
-
-    fake_module = type(sys)("fake_reconciler_module")
-    fake_module.Fake = Fake  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_reconciler_module", fake_module)
-    monkeypatch.setattr(
-        sync_main,
-        "RECONCILERS",
-        (
-            ("sync_controller.no_such_module", "SenderReconciler", Role.SENDER),
-            ("fake_reconciler_module", "Fake", Role.RECEIVER),
-        ),
-    )
+@pytest.mark.timeout(TIMEOUT)
+def test_each_reconciler_gets_its_own_view_of_the_link() -> None:
     link = SyncLink("cluster1", None, PeerCAs())
-    reconcilers = sync_main.load_reconcilers("api", link)
-    assert [type(r) for r in reconcilers] == [Fake]
-    assert made[0][1] is link.view(Role.RECEIVER)
-    assert "decentralized migrations are not reconciled" in caplog.text
+    sender, receiver = sync_main.make_reconcilers("api", link, "cluster1")  # type: ignore[arg-type]
+    assert sender.link is link.view(Role.SENDER)
+    assert receiver.link is link.view(Role.RECEIVER)
+    assert sender.cluster_name == receiver.cluster_name == "cluster1"
