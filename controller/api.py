@@ -44,6 +44,7 @@ from controller.authn import (
 from controller.store import Store
 from vmferry import failpoints, pki
 from vmferry.client import REASON_KEY
+from vmferry.decentralized import Role
 from vmferry.errors import (
     ApiError,
     BadRequest,
@@ -57,6 +58,7 @@ from vmferry.migration_network import ASSIGNMENT_ANNOTATION
 from vmferry.migration_state import (
     TOKEN_MIGRATION_LABEL,
     VMI_FINAL_PHASES,
+    Field,
     MigrationMode,
     MigrationPhase,
     MigrationState,
@@ -108,9 +110,14 @@ def node_binding(obj: Obj, node: str) -> str | None:
     is_vmi = obj.get("kind") == "VirtualMachineInstance"
     if is_vmi and status.get("nodeName") == node:
         return f"the VMI runs on node {node}"
-    if is_vmi and ms.switchover == Switchover.COMMITTED and ms.target_node == node:
+    # A cross-cluster migration names one node of the other cluster (a node of that name
+    # here is another machine): only this cluster's half counts.
+    role = (status.get("migrationState") or {}).get(Field.ROLE)
+    local_source = "" if role == Role.RECEIVER else ms.source_node
+    local_target = "" if role == Role.SENDER else ms.target_node
+    if is_vmi and ms.switchover == Switchover.COMMITTED and local_target == node:
         return f"migration {ms.migration_uid} handed the VMI off to node {node}"
-    if not ms.migration_uid or node not in (ms.source_node, ms.target_node):
+    if not ms.migration_uid or node not in (local_source, local_target):
         return None
     if migration_in_flight(obj):
         return f"node {node} is the source or target of migration {ms.migration_uid} in flight"
@@ -118,7 +125,7 @@ def node_binding(obj: Obj, node: str) -> str | None:
         is_vmi
         and ms.failed
         and ms.mode == MigrationMode.POST_COPY
-        and ms.source_node == node
+        and local_source == node
         and status.get("phase") not in VMI_FINAL_PHASES
     ):
         return (
@@ -472,7 +479,10 @@ class ApiService(api_pb2_grpc.ApiServicer):
         vmims, _ = await self.store.list("VirtualMachineInstanceMigration")
         vmim = next((m for m in vmims if m["metadata"].get("uid") == uid), None)
         if vmim is None:
-            return None
+            # A receiving (cross-cluster) migration: its uid is the sending VMIM's, in the
+            # other cluster; the receiving VMI's record holds it.
+            vmis, _ = await self.store.list("VirtualMachineInstance")
+            return next((v for v in vmis if MigrationState.of(v).migration_uid == uid), None)
         if not migration_in_flight(vmim):
             return vmim  # the VMIM ended: so did the migration
         with contextlib.suppress(NotFound):
