@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 
 from vmferry.lab import Lab, LabError, netns
@@ -155,3 +156,81 @@ def test_migration_nads_share_one_subnet_with_disjoint_addresses() -> None:
     a, b = allocate(nads[0], {}, nodes), allocate(nads[1], {}, nodes)
     assert not set(a.values()) & set(b.values())
     assert a["node1"] == "198.51.100.10/24" and b["node1"] == "198.51.100.138/24"
+
+
+@pytest.mark.timeout(60)
+def test_lab_providers_are_what_12_6_produces(tmp_path: Path) -> None:
+    """The objects MultiLab.up creates to make cluster2 a Provider in cluster1: in cluster2
+    the reference's cluster role, the service account, its binding and token Secret; in
+    cluster1 the Secret {token, cacert} and the Provider, which the orchestrator's own
+    reconciler finds Ready against a real token listener."""
+    import asyncio
+    import base64
+
+    from controller.authn import SA_NAME_ANNOTATION
+    from controller.forklift.provider import (
+        READY,
+        ProviderReason,
+        ProviderReconciler,
+        TokenConnector,
+        provider_access,
+    )
+    from controller.store import Store
+    from tests.support.fake_api import StoreApi
+    from tests.support.forklift_clusters import MTV_CLUSTERROLE, token_cluster
+    from vmferry.lab.multi import (
+        GATE_PATCHES,
+        PROVIDER_SERVICE_ACCOUNT,
+        PROVIDER_TOKEN_SECRET,
+        mtv_cluster_role,
+        provider_account_manifests,
+        provider_manifests,
+    )
+    from vmferry.objects import conditions, kinds, schema
+
+    assert mtv_cluster_role() == yaml.safe_load(MTV_CLUSTERROLE.read_text())
+    assert [(k, name) for k, _, name, _ in GATE_PATCHES] == [
+        ("HyperConverged", "kubevirt-hyperconverged"),
+        ("ForkliftController", "forklift-controller"),
+    ]
+    ns = kinds.MTV_NAMESPACE
+
+    async def main() -> None:
+        async with token_cluster(tmp_path, "cluster2") as c2:
+            role = mtv_cluster_role()
+            await c2.store.create(schema.validate(role))
+            made = {}
+            for obj in provider_account_manifests(role["metadata"]["name"]):
+                made[obj["kind"]] = await c2.store.create(schema.validate(obj))
+            binding = made["ClusterRoleBinding"]
+            assert binding["roleRef"]["name"] == "live-migration-role"
+            assert binding["subjects"] == [
+                {"kind": "ServiceAccount", "name": PROVIDER_SERVICE_ACCOUNT, "namespace": ns}
+            ]
+            secret = made["Secret"]
+            assert secret["metadata"]["name"] == PROVIDER_TOKEN_SECRET
+            assert secret["metadata"]["annotations"] == {SA_NAME_ANNOTATION: "mtv-provider"}
+            # what the cluster's token controller does with that Secret
+            token = c2.signer.issue(ns, secret, made["ServiceAccount"])
+            secret["data"] = {"token": base64.b64encode(token.encode()).decode()}
+            await c2.store.update(secret)
+            home = StoreApi(await Store.open(tmp_path / "home.db"))
+            await home.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            for obj in provider_manifests("cluster2", c2.url, token, c2.ca_pem.decode()):
+                await home.create(schema.validate(obj))
+            provider = await home.get("Provider", ns, "cluster2")
+            access = await provider_access(home, provider)
+            assert access.server == f"127.0.0.1:{c2.port}"
+            assert access.token == token and access.ca_pem.strip() == c2.ca_pem.strip()
+            connector = TokenConnector(home, tmp_path / "cas", timeout=5)
+            try:
+                await ProviderReconciler(home, connector).reconcile((ns, "cluster2"))
+            finally:
+                await connector.close()
+            cond = conditions.get(await home.get("Provider", ns, "cluster2"), READY)
+            assert cond is not None and cond["status"] == "True", cond
+            assert cond["reason"] == ProviderReason.CONNECTED
+            assert f"system:serviceaccount:{ns}:mtv-provider" in cond["message"]
+            await home.close()
+
+    asyncio.run(main())

@@ -107,6 +107,11 @@ def _up_multi(
             + f", nodes {', '.join(c.lab.node_names())}; peers: {peers}"
         )
         _print_namespaces(c.lab, f"{c.name}: ")
+        if links := multi.links.get(c.name):
+            print(
+                f"{c.name}: enabled {', '.join(links.gates)}; providers in openshift-mtv: "
+                + ", ".join(f"{p} ({url})" for p, url in links.providers.items())
+            )
     if bridge := multi.migration_bridge():
         print(
             f"shared migration network: {bridge['bridge']} in {bridge['namespace']} "

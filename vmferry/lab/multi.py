@@ -12,6 +12,16 @@ coordinator on top:
 - each cluster registers every other cluster's CA as a peer (the ConfigMap
   ``vmferry-peer-clusters``, exactly as ``vmferry adm peer add`` does), reading the CA
   from the peer's ``kube-root-ca.crt`` as an administrator would;
+- each cluster enables the feature gates of cross-cluster migration:
+  ``HyperConverged.spec.featureGates.decentralizedLiveMigration`` (12.4.1) and
+  ``ForkliftController/forklift-controller`` ``spec.feature_ocp_live_migration`` (12.4.2);
+- each cluster is a Provider in every other, as 12.6.1 / 12.6.1.1 make it: in the
+  destination, the cluster role of ``deploy/examples/rbac/mtv-clusterrole.yaml``, the
+  service account ``openshift-mtv/mtv-provider`` bound to it and its long-lived token
+  Secret; in the source, a Secret {token, cacert = the destination's kube-root-ca.crt}
+  and a Provider named after the destination (``type: openshift``, ``url`` = the
+  destination controller's token listener), so ``vmferry migrate VM --to-cluster
+  cluster2`` works at once;
 - ``client.yaml`` in the lab directory has one context per cluster (current: the first),
   and it becomes the default client configuration (``$VMFERRY_CONFIG`` or
   ``~/.vmferry/config.yaml``) unless asked not to.
@@ -38,6 +48,8 @@ taking the shared br-mig down cuts the migration streams, not the sync link.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import shutil
 import signal
@@ -46,11 +58,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from controller.authn import SA_NAME_ANNOTATION, SERVICE_ACCOUNT_TOKEN_TYPE
 from vmferry import pki
 from vmferry.cli.peer_cmd import add_peer
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, contexts_yaml, default_config_path
-from vmferry.errors import ApiError, NotFound
+from vmferry.decentralized import FEATURE_GATE
+from vmferry.errors import AlreadyExists, ApiError, NotFound
 from vmferry.lab import netns
 from vmferry.lab.cluster import (
     ClusterSpec,
@@ -60,7 +76,14 @@ from vmferry.lab.cluster import (
     sync_unavailable_reason,
 )
 from vmferry.migration_network import NAD_API_VERSION, NAD_KIND, NAD_NAMESPACE
+from vmferry.objects import kinds
 from vmferry.objects.kinds import SYSTEM_NAMESPACE
+from vmferry.objects.schema.forklift import (
+    FEATURE_OCP_LIVE_MIGRATION,
+    SECRET_CACERT,
+    SECRET_TOKEN,
+    ProviderType,
+)
 
 MULTI_FILE = "multi.json"
 CLUSTER_PREFIX = "cluster"  # cluster1, cluster2, ...
@@ -71,6 +94,13 @@ ROOT_CA_TIMEOUT = 30.0  # s for a cluster to publish kube-root-ca.crt in openshi
 MAIN_NETWORKS = (netns.MAIN_NETWORK, netns.SECOND_MAIN_NETWORK)
 MIGRATION_RANGES = (("198.51.100.10", "198.51.100.127"), ("198.51.100.138", "198.51.100.254"))
 MIGRATION_NAD_NAME = "lab-migration-network"
+# Providers (12.6.1.1): the destination's service account and its token Secret.
+MTV_CLUSTERROLE_FILE = (
+    Path(__file__).resolve().parents[2] / "deploy" / "examples" / "rbac" / "mtv-clusterrole.yaml"
+)
+PROVIDER_SERVICE_ACCOUNT = "mtv-provider"  # in openshift-mtv of every cluster
+PROVIDER_TOKEN_SECRET = f"{PROVIDER_SERVICE_ACCOUNT}-token"
+TOKEN_TIMEOUT = 30.0  # s for a cluster to fill a service-account token Secret
 
 
 def cluster_names(count: int) -> list[str]:
@@ -118,6 +148,116 @@ def migration_nad(cluster: str, index: int) -> dict[str, Any]:
     }
 
 
+# -- gates and providers (what a cluster needs to move VMs to another) -----------------------
+
+GATE_PATCHES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    # (kind, namespace, name, merge patch): 12.4.1 and 12.4.2
+    (
+        "HyperConverged",
+        SYSTEM_NAMESPACE,
+        kinds.HYPERCONVERGED_NAME,
+        {"spec": {"featureGates": {FEATURE_GATE: True}}},
+    ),
+    (
+        "ForkliftController",
+        kinds.MTV_NAMESPACE,
+        kinds.FORKLIFT_CONTROLLER_NAME,
+        {"spec": {FEATURE_OCP_LIVE_MIGRATION: "true"}},
+    ),
+)
+GATE_NAMES = (FEATURE_GATE, FEATURE_OCP_LIVE_MIGRATION)
+
+
+def mtv_cluster_role() -> dict[str, Any]:
+    """The provider's cluster role (12.6.1.1), as deploy/examples/rbac/mtv-clusterrole.yaml."""
+    role: dict[str, Any] = yaml.safe_load(MTV_CLUSTERROLE_FILE.read_text())
+    return role
+
+
+def provider_account_manifests(role_name: str) -> list[dict[str, Any]]:
+    """What 12.6.1.1 creates in a destination cluster, after the cluster role: the service
+    account, its ClusterRoleBinding to ``role_name``, its long-lived token Secret."""
+    ns, account = kinds.MTV_NAMESPACE, PROVIDER_SERVICE_ACCOUNT
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": ns},
+        },
+        {
+            "apiVersion": kinds.RBAC,
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": account},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role_name,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": SERVICE_ACCOUNT_TOKEN_TYPE,
+            "metadata": {
+                "name": PROVIDER_TOKEN_SECRET,
+                "namespace": ns,
+                "annotations": {SA_NAME_ANNOTATION: account},
+            },
+        },
+    ]
+
+
+def provider_secret_name(destination: str) -> str:
+    return f"{destination}-provider"
+
+
+def provider_manifests(destination: str, url: str, token: str, ca_pem: str) -> list[dict[str, Any]]:
+    """What 12.6.1 / 12.6.1.1 produce in a source cluster for ``destination``: the Secret
+    {token, cacert} and the ``openshift`` Provider named after the destination."""
+    ns = kinds.MTV_NAMESPACE
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": provider_secret_name(destination), "namespace": ns},
+            "data": {SECRET_TOKEN: b64(token), SECRET_CACERT: b64(ca_pem)},
+        },
+        {
+            "apiVersion": kinds.FORKLIFT,
+            "kind": "Provider",
+            "metadata": {"name": destination, "namespace": ns},
+            "spec": {
+                "type": str(ProviderType.OPENSHIFT),
+                "url": url,
+                "secret": {"name": provider_secret_name(destination), "namespace": ns},
+            },
+        },
+    ]
+
+
+def token_url(lab: Lab) -> str:
+    """A cluster's bearer-token listener (``token_listen``, lab.json ``tokenPort``): where
+    a Provider for it connects."""
+    port = lab.info().get("tokenPort")
+    if not port:
+        raise LabError(f"{lab.dir}: lab.json has no tokenPort (the controller's token listener)")
+    return f"https://127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class ClusterLinks:
+    """What ``up`` set up in one cluster for migrations to the others."""
+
+    gates: tuple[str, ...]
+    providers: dict[str, str]  # Provider name (the destination cluster) -> its url
+
+
 @dataclass(frozen=True)
 class ClusterUp:
     """What ``up`` made of one cluster."""
@@ -131,6 +271,7 @@ class MultiLab:
     def __init__(self, directory: Path | None = None) -> None:
         self.dir = (directory or default_dir()).resolve()
         self.warnings: list[str] = []
+        self.links: dict[str, ClusterLinks] = {}  # what up() enabled and registered, per cluster
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -225,6 +366,7 @@ class MultiLab:
         """Bring up every cluster (one after the other), register them as each other's
         peers, write the contexts. Any failure takes down what was started."""
         self.warnings = []
+        self.links = {}
         names = cluster_names(clusters)
         running = [c for c in (*self.components(), *Lab(self.dir).components()) if self._alive(c)]
         if running:
@@ -284,8 +426,10 @@ class MultiLab:
 
     async def _connect(self, made: list[ClusterUp], *, netns_mode: bool) -> None:
         """Every cluster registers every other's CA (as published in its kube-root-ca.crt)
-        as a peer; in netns mode each gets its migration NAD (see :func:`migration_nad`)."""
+        as a peer and enables the gates; in netns mode each gets its migration NAD (see
+        :func:`migration_nad`). Then every cluster becomes a Provider in every other."""
         cas = {c.name: await self._published_ca(c) for c in made}
+        tokens: dict[str, str] = {}
         for c in made:
             async with ApiClient(c.config, timeout=10) as api:
                 for peer, ca in cas.items():
@@ -293,6 +437,62 @@ class MultiLab:
                         await add_peer(api, peer, ca)
                 if netns_mode:
                     await self._configure_migration_network(api, c)
+                await self._enable_gates(api, c)
+                tokens[c.name] = await self._provider_token(api, c)
+        for c in made:
+            providers: dict[str, str] = {}
+            async with ApiClient(c.config, timeout=10) as api:
+                for d in made:
+                    if d.name != c.name:
+                        url = token_url(d.lab)
+                        for obj in provider_manifests(d.name, url, tokens[d.name], cas[d.name]):
+                            await api.create(obj)
+                        providers[d.name] = url
+            self.links[c.name] = ClusterLinks(GATE_NAMES, providers)
+
+    @staticmethod
+    async def _enable_gates(api: ApiClient, c: ClusterUp) -> None:
+        """12.4.1 and 12.4.2 (the controller creates both objects when it starts)."""
+        deadline = time.monotonic() + ROOT_CA_TIMEOUT
+        for kind, ns, name, patch in GATE_PATCHES:
+            while True:
+                try:
+                    await api.patch(kind, ns, name, patch)
+                    break
+                except NotFound:
+                    if time.monotonic() > deadline:
+                        raise LabError(
+                            f"{c.name}: no {kind} {ns}/{name} to enable the gate in; see "
+                            f"{c.lab.log_dir}"
+                        ) from None
+                    await asyncio.sleep(0.2)
+
+    @staticmethod
+    async def _provider_token(api: ApiClient, c: ClusterUp) -> str:
+        """12.6.1.1 in ``c``: the cluster role, service account, binding and token Secret;
+        returns the token once the cluster filled it in."""
+        role = mtv_cluster_role()
+        try:
+            await api.create(role)
+        except AlreadyExists:
+            pass
+        for obj in provider_account_manifests(role["metadata"]["name"]):
+            await api.create(obj)
+        deadline = time.monotonic() + TOKEN_TIMEOUT
+        while True:
+            secret = await api.get("Secret", kinds.MTV_NAMESPACE, PROVIDER_TOKEN_SECRET)
+            try:
+                token = base64.b64decode((secret.get("data") or {}).get(SECRET_TOKEN, "")).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                token = ""
+            if token:
+                return token
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"{c.name} did not fill the token of {kinds.MTV_NAMESPACE}/"
+                    f"{PROVIDER_TOKEN_SECRET} within {TOKEN_TIMEOUT:.0f}s; see {c.lab.log_dir}"
+                )
+            await asyncio.sleep(0.2)
 
     async def _published_ca(self, c: ClusterUp) -> str:
         from controller.rbac_controller import ROOT_CA_CONFIGMAP, ROOT_CA_KEY
@@ -368,11 +568,16 @@ def running_anywhere(lab: Lab | MultiLab) -> list[str]:
 
 __all__ = [
     "MIGRATION_NAD_NAME",
+    "ClusterLinks",
     "ClusterUp",
     "MultiLab",
     "cluster_names",
     "migration_nad",
+    "mtv_cluster_role",
     "open_lab",
+    "provider_account_manifests",
+    "provider_manifests",
     "running_anywhere",
     "split_component",
+    "token_url",
 ]
