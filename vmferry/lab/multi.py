@@ -65,7 +65,7 @@ from vmferry import pki
 from vmferry.cli.peer_cmd import add_peer
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, contexts_yaml, default_config_path
-from vmferry.decentralized import FEATURE_GATE
+from vmferry.decentralized import FEATURE_GATE, SYNC_ADDRESSES_FIELD
 from vmferry.errors import AlreadyExists, ApiError, NotFound
 from vmferry.lab import netns
 from vmferry.lab.cluster import (
@@ -101,6 +101,7 @@ MTV_CLUSTERROLE_FILE = (
 PROVIDER_SERVICE_ACCOUNT = "mtv-provider"  # in openshift-mtv of every cluster
 PROVIDER_TOKEN_SECRET = f"{PROVIDER_SERVICE_ACCOUNT}-token"
 TOKEN_TIMEOUT = 30.0  # s for a cluster to fill a service-account token Secret
+PUBLISH_TIMEOUT = 30.0  # s for a sync controller to publish its address in the HyperConverged
 
 
 def cluster_names(count: int) -> list[str]:
@@ -449,6 +450,30 @@ class MultiLab:
                             await api.create(obj)
                         providers[d.name] = url
             self.links[c.name] = ClusterLinks(GATE_NAMES, providers)
+        for c in made:
+            await self._published_sync_address(c)
+
+    @staticmethod
+    async def _published_sync_address(c: ClusterUp) -> None:
+        """Wait until ``c``'s sync controller (if it has one) is in its HyperConverged's
+        ``status.synchronizationAddresses``: a sendTo VMIM's connectURL is read there, so
+        the lab is up only once a peer can find it."""
+        advertise = str((c.lab.info().get("sync") or {}).get("advertise") or "")
+        if not advertise:
+            return
+        deadline = time.monotonic() + PUBLISH_TIMEOUT
+        async with ApiClient(c.config, timeout=5) as api:
+            while True:
+                hco = await api.get("HyperConverged", SYSTEM_NAMESPACE, kinds.HYPERCONVERGED_NAME)
+                if advertise in ((hco.get("status") or {}).get(SYNC_ADDRESSES_FIELD) or []):
+                    return
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"{c.name}: its sync controller ({advertise}) is not in the "
+                        f"HyperConverged's status.{SYNC_ADDRESSES_FIELD} after "
+                        f"{PUBLISH_TIMEOUT:.0f}s; see {c.lab.log_dir}"
+                    )
+                await asyncio.sleep(0.2)
 
     @staticmethod
     async def _enable_gates(api: ApiClient, c: ClusterUp) -> None:
