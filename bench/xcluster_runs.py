@@ -38,7 +38,7 @@ from vmferry.decentralized import (
     RUN_STRATEGY_WAIT_AS_RECEIVER,
     SYNC_ADDRESSES_FIELD,
 )
-from vmferry.errors import ApiError
+from vmferry.errors import ApiError, NotFound
 from vmferry.lab import LAB_ENV
 from vmferry.lab.multi import MultiLab
 from vmferry.migration_state import MigrationPhase, MigrationState
@@ -123,9 +123,16 @@ def _vmim(name: str, vmi: str, how: Obj) -> Obj:
 
 
 async def migrate_across(
-    b1: LabBench, b2: LabBench, name: str, migration_id: str, connect_url: str
+    b1: LabBench,
+    b2: LabBench,
+    name: str,
+    migration_id: str,
+    connect_url: str,
+    settle: float = 1.0,
 ) -> Obj:
-    """Move ``name`` from cluster1 to cluster2 once; the record as LabBench keeps it."""
+    """Move ``name`` from cluster1 to cluster2 once; the record as LabBench keeps it
+    (``settle``: as :meth:`LabBench.migrate`, for the source handler's last log lines:
+    the sending VMIM can be Succeeded before the handler logs its own "succeeded")."""
     async with b1.api() as api1, b2.api() as api2:
         vm = await api1.get("VirtualMachine", NAMESPACE, name)
         try:
@@ -154,7 +161,12 @@ async def migrate_across(
                     f"{MigrationPhase.of(into) or 'no phase'})"
                 )
             await asyncio.sleep(0.1)
-        source_vmi = await api1.get("VirtualMachineInstance", NAMESPACE, name)
+        try:
+            source_vmi = await api1.get("VirtualMachineInstance", NAMESPACE, name)
+        except NotFound:
+            # the source VM is Halted once the VM runs in cluster2: its VMI may be gone
+            # already; the sending VMIM keeps the same migrationState (its mirror)
+            source_vmi = out
         received = await api2.get("VirtualMachineInstance", NAMESPACE, name)
         gap_deadline = time.monotonic() + GAP_WAIT
         while (
@@ -164,6 +176,7 @@ async def migrate_across(
         ):
             await asyncio.sleep(0.05)
             received = await api2.get("VirtualMachineInstance", NAMESPACE, name)
+    await asyncio.sleep(settle)
     # cluster1's source handler log and the sending VMIM; no CPU figures (node names
     # repeat across the clusters) and no target RAM (it is in cluster2).
     rec = b1._record(name, out, source_vmi, invoked, invoked, {}, {})

@@ -4,7 +4,7 @@ The console is captured by QEMU into ``<runtime_dir>/qemu/<vm_id>/console.log`` 
 node that runs the guest. The command asks the API which node and which guest
 (``status.nodeName``, ``status.launcher.vmId``), then reads the log from that node's
 runtime directory: ``--runtime-dir`` when given, else the local lab's directory for that
-node (``vmferry lab``), else the handler's default ``/run/vmferry``.
+node (``vmferry lab``; in a multi-cluster lab, the cluster of the context), else the handler's default ``/run/vmferry``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,35 @@ from pathlib import Path
 
 from vmferry.cli.common import error, namespace, run_with_client
 from vmferry.client import ApiClient
-from vmferry.config import ClientConfig
+from vmferry.config import ClientConfig, ConfigError
 from vmferry.lab import Lab, default_dir
+from vmferry.lab.multi import open_lab
 
 DEFAULT_RUNTIME_DIR = Path("/run/vmferry")
 
 
-def _candidates(node: str, runtime_dir: str | None) -> list[Path]:
+def _lab_of(server: str) -> Lab | None:
+    """The local lab cluster whose controller is ``server``: the lab itself, or in a
+    multi-cluster lab (``lab up --clusters N``, node names repeating across clusters) the
+    cluster the command's context talks to."""
+    lab = open_lab(default_dir())
+    if isinstance(lab, Lab):
+        return lab
+    for cluster in lab.clusters():
+        one = lab.lab(cluster)
+        try:
+            if ClientConfig.load(one.client_config_path).server == server:
+                return one
+        except ConfigError:
+            continue
+    return None
+
+
+def _candidates(node: str, runtime_dir: str | None, server: str) -> list[Path]:
     if runtime_dir:
         return [Path(runtime_dir)]
-    lab = Lab(default_dir())
-    found = [lab.runtime_dir(node)] if node in lab.node_names() else []
+    lab = _lab_of(server)
+    found = [lab.runtime_dir(node)] if lab is not None and node in lab.node_names() else []
     return [*found, DEFAULT_RUNTIME_DIR]
 
 
@@ -43,7 +61,7 @@ def cmd_console_log(args: argparse.Namespace) -> int:
                 "console logs exist for spec.qemu guests only"
             )
         tried = []
-        for base in _candidates(node, args.runtime_dir):
+        for base in _candidates(node, args.runtime_dir, config.server):
             path = base / "qemu" / launcher["vmId"] / "console.log"
             tried.append(str(path))
             try:
