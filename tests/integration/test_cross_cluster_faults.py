@@ -180,6 +180,7 @@ class Case:
     name: str
     phase: str  # "Succeeded", "Failed" or EITHER
     inject: Callable[[Run], None]
+    paused_target: bool = False  # cluster2 must hold a paused target while it cannot know
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Run:
     labs: MultiLabHarness
     vm: str
     source_node: str
+    uids: set[str]
     decisions: list[str] = field(default_factory=list)
 
     @property
@@ -343,53 +345,86 @@ def arm_targets(step: Step) -> Callable[[Run], None]:
     return inject
 
 
-def partition_across_decision(run: Run) -> None:
-    """The receiving sync controller stopped once the sending one wrote the source's
-    hand-off (the handlers stream directly; the decision comes after); the source records
-    Committed and dies before sending Commit: cluster2 cannot learn the decision, so its
-    target guest must stay paused. Then the source returns (still no link), then the link."""
-    run.labs.restart(run.source(), Step.SOURCE_COMMITTED.value)
-    watch = LogWatch([log_of(run, SRC, SYNC)])
-    decision = LogWatch([log_of(run, SRC, run.source_node)])
-    run.start_sending()
-    watch.wait(f"vmim {run.out}: hand-off", 45)
-    signal_sync(run, DST, signal.SIGSTOP)
-    stopped = time.time()
-    try:
-        lab = run.labs.cluster(SRC)
-        run.wait(f"{run.source()} to die at {Step.SOURCE_COMMITTED}",
-                 lambda: lab.pid(run.source_node) is None, DIE_WITHIN)  # fmt: skip
-        assert run.switchover() == Switchover.COMMITTED
-        decided = decision.stamp_of(*DECIDED)
-        assert decided is not None and decided > stopped, "the decision came before the stop"
-        time.sleep(PARTITION_SECONDS / 2)
-        run.labs.restart(run.source())  # the source returns; cluster2 still cannot know
-        time.sleep(PARTITION_SECONDS / 2)
-        received = try_get_in(run.labs, DST, VMIM, run.into)
-        assert phase_of(received) not in FINAL, f"final without the decision: {received}"
-    finally:
-        signal_sync(run, DST, signal.SIGCONT)
+def target_stays_paused(run: Run, seconds: float) -> None:
+    """For ``seconds``: cluster2 holds the incoming guest, and it does not run."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        now = time.time()
+        held = [(w, g) for w, g in all_guests(run.labs, run.uids) if w.startswith(f"{DST}/")]
+        assert held, f"{DST} lost the incoming guest before it could learn the decision"
+        running = [w for w, g in held if runs_now(g["dir"], now)]
+        assert not running, f"the target guest runs on {running} without knowing the decision"
+        time.sleep(SAMPLE_EVERY)
 
 
-def sending_sync_stopped_before_decision(run: Run) -> None:
-    """cluster1's sync controller stopped right after it wrote the source's hand-off
-    (before the decision, which the handlers take over their own stream): nothing relays
-    the decision until it continues."""
-    watch = LogWatch([log_of(run, SRC, SYNC)])
-    decision = LogWatch([log_of(run, SRC, run.source_node)])
-    run.start_sending()
-    watch.wait(f"vmim {run.out}: hand-off", 45)
-    signal_sync(run, SRC, signal.SIGSTOP)
-    stopped = time.time()
-    try:
-        run.wait("the arbiter's decision", run.switchover, PARTITION_SECONDS * 2, 0.2)
-        decided = decision.stamp_of(*DECIDED)
-        assert decided is not None and decided > stopped, "the decision came before the stop"
-        time.sleep(PARTITION_SECONDS / 2)
-        sent = try_get_in(run.labs, SRC, VMIM, run.out)
-        assert phase_of(sent) not in FINAL, f"final with its sync controller stopped: {sent}"
-    finally:
-        signal_sync(run, SRC, signal.SIGCONT)
+def sync_down(run: Run, cluster: str, sig: signal.Signals) -> None:
+    signal_sync(run, cluster, sig)
+
+
+def sync_up(run: Run, cluster: str, sig: signal.Signals) -> None:
+    """Undo :func:`sync_down`: SIGCONT a stopped sync controller, start a killed one."""
+    if sig == signal.SIGSTOP:
+        signal_sync(run, cluster, signal.SIGCONT)
+    else:
+        run.labs.restart(f"{cluster}/{SYNC}")
+
+
+def receiving_sync_down_across_decision(sig: signal.Signals) -> Callable[[Run], None]:
+    """The receiving sync controller stopped (or killed) once the sending one wrote the
+    source's hand-off (the handlers stream directly; the decision comes after); the source
+    records Committed and dies before sending Commit: cluster2 cannot learn the decision,
+    so its target guest must stay paused. Then the source returns (cluster2 still cannot
+    learn it), then the receiving sync controller."""
+
+    def inject(run: Run) -> None:
+        run.labs.restart(run.source(), Step.SOURCE_COMMITTED.value)
+        watch = LogWatch([log_of(run, SRC, SYNC)])
+        decision = LogWatch([log_of(run, SRC, run.source_node)])
+        run.start_sending()
+        watch.wait(f"vmim {run.out}: hand-off", 45)
+        sync_down(run, DST, sig)
+        stopped = time.time()
+        try:
+            lab = run.labs.cluster(SRC)
+            run.wait(f"{run.source()} to die at {Step.SOURCE_COMMITTED}",
+                     lambda: lab.pid(run.source_node) is None, DIE_WITHIN)  # fmt: skip
+            assert run.switchover() == Switchover.COMMITTED
+            decided = decision.stamp_of(*DECIDED)
+            assert decided is not None and decided > stopped, "the decision came before the stop"
+            target_stays_paused(run, PARTITION_SECONDS / 2)
+            run.labs.restart(run.source())  # the source returns; cluster2 still cannot know
+            target_stays_paused(run, PARTITION_SECONDS / 2)
+            received = try_get_in(run.labs, DST, VMIM, run.into)
+            assert phase_of(received) not in FINAL, f"final without the decision: {received}"
+        finally:
+            sync_up(run, DST, sig)
+
+    return inject
+
+
+def sending_sync_down_before_decision(sig: signal.Signals) -> Callable[[Run], None]:
+    """cluster1's sync controller stopped (or killed) right after it wrote the source's
+    hand-off (before the decision, which the handlers take over their own stream): nothing
+    relays the decision until it is back."""
+
+    def inject(run: Run) -> None:
+        watch = LogWatch([log_of(run, SRC, SYNC)])
+        decision = LogWatch([log_of(run, SRC, run.source_node)])
+        run.start_sending()
+        watch.wait(f"vmim {run.out}: hand-off", 45)
+        sync_down(run, SRC, sig)
+        stopped = time.time()
+        try:
+            run.wait("the arbiter's decision", run.switchover, PARTITION_SECONDS * 2, 0.2)
+            decided = decision.stamp_of(*DECIDED)
+            assert decided is not None and decided > stopped, "the decision came before the stop"
+            time.sleep(PARTITION_SECONDS / 2)
+            sent = try_get_in(run.labs, SRC, VMIM, run.out)
+            assert phase_of(sent) not in FINAL, f"final with its sync controller down: {sent}"
+        finally:
+            sync_up(run, SRC, sig)
+
+    return inject
 
 
 CASES = [
@@ -399,8 +434,28 @@ CASES = [
     Case(Step.SOURCE_COMMITTED.value, "Succeeded", arm_source(Step.SOURCE_COMMITTED)),
     Case(Step.TARGET_COMMITTED.value, "Succeeded", arm_targets(Step.TARGET_COMMITTED)),
     Case(Step.TARGET_RESUMED.value, "Succeeded", arm_targets(Step.TARGET_RESUMED)),
-    Case("receiving-sync-stopped-across-decision", "Succeeded", partition_across_decision),
-    Case("sending-sync-stopped-before-decision", EITHER, sending_sync_stopped_before_decision),
+    Case(
+        "receiving-sync-stopped-across-decision",
+        "Succeeded",
+        receiving_sync_down_across_decision(signal.SIGSTOP),
+        paused_target=True,
+    ),
+    Case(
+        "receiving-sync-killed-across-decision",
+        "Succeeded",
+        receiving_sync_down_across_decision(signal.SIGKILL),
+        paused_target=True,
+    ),
+    Case(
+        "sending-sync-stopped-before-decision",
+        EITHER,
+        sending_sync_down_before_decision(signal.SIGSTOP),
+    ),
+    Case(
+        "sending-sync-killed-before-decision",
+        EITHER,
+        sending_sync_down_before_decision(signal.SIGKILL),
+    ),
 ]
 
 
@@ -436,7 +491,7 @@ def test_cross_cluster_fault(labs: MultiLabHarness, case: Case) -> None:
     uids = {source_vmi["metadata"]["uid"], receiving["metadata"]["uid"]}
     apply_in(labs, DST, vmim(f"{name}-in", name, receive=f"m-{name}"))
     wait_phase(labs, DST, VMIM, f"{name}-in", {"WaitingForSync"}, 30)
-    run = Run(labs, name, source_vmi["status"]["nodeName"])
+    run = Run(labs, name, source_vmi["status"]["nodeName"], uids)
     time.sleep(1)  # the guest writes for a while before it moves
     try:
         with Sampler(labs, uids) as sampler:
@@ -474,7 +529,7 @@ def test_cross_cluster_fault(labs: MultiLabHarness, case: Case) -> None:
             )
         assert not sampler.twice, sampler.twice
         assert not sampler.interleaved(), f"guests ticked interleaved: {sampler.interleaved()}"
-        if case.inject is partition_across_decision:
+        if case.paused_target:
             assert sampler.paused_targets > 0, "no paused target guest seen in the partition"
         print(f"{case.name}: arbiter {decision or '(none)'}, VM on {side}, phases "
               f"{phase_of(sent)}/{phase_of(received)}")  # fmt: skip
