@@ -4,8 +4,13 @@ twice"), in a two-cluster loopback lab (``vmferry lab up --clusters 2 --nodes 2`
 Each case moves a busy memvm VM (content random, 64Mi, dirtying) from cluster1 to
 cluster2 with the two VMIMs (as ``test_cross_cluster.py`` does) and injects one fault:
 kill -9 of a sync controller at a phase, a handler failpoint (``vmferry.failpoints``) on
-either side of the decision, or the link between the sync controllers cut (SIGSTOP of a
-sync controller) around the decision. The invariant is then checked from outside:
+either side of the decision, or the link between the sync controllers cut (SIGSTOP or
+kill -9 of a sync controller) around the decision, also with the source dying between its
+decision and its Commit frame, so that cluster2 cannot learn the decision at all until the
+link returns (its target guest must stay paused meanwhile). Faults are timed by the
+daemons' log lines (the 64Mi hand-off takes well under a second; the API is too slow to
+poll) and checked to land where meant (e.g. the decision's log stamp after the stop).
+The invariant is then checked from outside:
 
 - both VMIMs end (Succeeded or Failed, as the case implies) within ``FINAL_WITHIN``;
 - the arbiter, cluster1's source VMI ``migrationState.switchover``, names the side:
@@ -402,12 +407,19 @@ def receiving_sync_down_across_decision(sig: signal.Signals) -> Callable[[Run], 
     return inject
 
 
-def sending_sync_down_before_decision(sig: signal.Signals) -> Callable[[Run], None]:
+def sending_sync_down_before_decision(
+    sig: signal.Signals, *, source_dies: bool = False
+) -> Callable[[Run], None]:
     """cluster1's sync controller stopped (or killed) right after it wrote the source's
     hand-off (before the decision, which the handlers take over their own stream): nothing
-    relays the decision until it is back."""
+    relays the decision until it is back. With ``source_dies``, the source records
+    Committed and dies before its Commit frame: cluster2 cannot learn the decision at all
+    until the sync controller returns, so its target guest must stay paused until then
+    (the source comes back first)."""
 
     def inject(run: Run) -> None:
+        if source_dies:
+            run.labs.restart(run.source(), Step.SOURCE_COMMITTED.value)
         watch = LogWatch([log_of(run, SRC, SYNC)])
         decision = LogWatch([log_of(run, SRC, run.source_node)])
         run.start_sending()
@@ -415,10 +427,19 @@ def sending_sync_down_before_decision(sig: signal.Signals) -> Callable[[Run], No
         sync_down(run, SRC, sig)
         stopped = time.time()
         try:
+            if source_dies:
+                lab = run.labs.cluster(SRC)
+                run.wait(f"{run.source()} to die at {Step.SOURCE_COMMITTED}",
+                         lambda: lab.pid(run.source_node) is None, DIE_WITHIN)  # fmt: skip
             run.wait("the arbiter's decision", run.switchover, PARTITION_SECONDS * 2, 0.2)
             decided = decision.stamp_of(*DECIDED)
             assert decided is not None and decided > stopped, "the decision came before the stop"
-            time.sleep(PARTITION_SECONDS / 2)
+            if source_dies:
+                target_stays_paused(run, PARTITION_SECONDS / 2)
+                run.labs.restart(run.source())
+                target_stays_paused(run, PARTITION_SECONDS / 2)
+            else:
+                time.sleep(PARTITION_SECONDS / 2)
             sent = try_get_in(run.labs, SRC, VMIM, run.out)
             assert phase_of(sent) not in FINAL, f"final with its sync controller down: {sent}"
         finally:
@@ -455,6 +476,12 @@ CASES = [
         "sending-sync-killed-before-decision",
         EITHER,
         sending_sync_down_before_decision(signal.SIGKILL),
+    ),
+    Case(
+        "sending-sync-killed-source-dies-after-decision",
+        "Succeeded",
+        sending_sync_down_before_decision(signal.SIGKILL, source_dies=True),
+        paused_target=True,
     ),
 ]
 
