@@ -239,7 +239,12 @@ class SenderReconciler:
         if override:
             state = dataclasses.replace(state, **override)
         self.link.publish(state)
-        if state.failed or state.cancelled:  # the peer is told, even one never contacted
+        # The link is dialled for every published half past admission, not only while
+        # Synchronizing: a sync controller restarted later (Scheduled..Running, or final
+        # and still relaying) has no link otherwise, and the receiver would never learn
+        # the decision. A failed or cancelled half is told even to a peer never contacted.
+        admitted = phase not in (MigrationPhase.UNSET, MigrationPhase.PENDING)
+        if admitted or state.failed or state.cancelled:
             self.link.connect(state.migration_id, send_to(vmim)["connectURL"])
 
     # -- the reconcile pass ---------------------------------------------------------------

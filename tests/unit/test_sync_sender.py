@@ -437,3 +437,26 @@ def test_a_connect_url_leading_to_this_cluster_fails(tmp_path: Path) -> None:
         assert (await pair.vmi(pair.c1))["status"]["phase"] == VMIPhase.RUNNING
 
     with_pair(tmp_path, test)
+
+
+def test_a_sender_restarted_after_the_handoff_relays_the_decision(tmp_path: Path) -> None:
+    """A sending sync controller restarted past Synchronizing (its link never dialled in
+    this life) still tells the receiver the decision: the receiving VMIM ends Succeeded."""
+
+    async def test(pair: CrossCluster) -> None:
+        pair.source_decides = False
+        await pair.pump_until(lambda: _phase_is(pair, MigrationPhase.RUNNING))
+        # the restart: a new reconciler, and a link that has dialled nothing yet
+        pair.link1.wire.connected.discard(MIGRATION_ID)
+        pair.link1.connects.clear()
+        pair.sender = SenderReconciler(
+            pair.c1, pair.link1, pair.clock1, cluster_name="cluster1", source=None
+        )
+        pair.source_decides = True
+        await pair.pump()
+        assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
+        assert pair.link1.connects == [(MIGRATION_ID, CONNECT_URL)]
+        assert await pair.receiving_phase() == MigrationPhase.SUCCEEDED
+        assert (await pair.vmi(pair.c2))["status"]["phase"] == VMIPhase.RUNNING
+
+    with_pair(tmp_path, test)
