@@ -11,18 +11,21 @@ get/create/update/delete verbs they use have the same shape, hence the ``as_stor
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 from controller import policy
-from controller.migration_controller import FINALIZER, mirror_of
+from controller.migration_controller import FINALIZER, RECHECK_INTERVAL, mirror_of
 from controller.objects import set_phase
 from controller.store import Store
 from sync_controller.peer import PeerLink
 from vmferry.decentralized import FEATURE_GATE, Role, SyncState, gate_enabled
 from vmferry.errors import Conflict, NotFound
+from vmferry.informer import Informer, Key, Source, WorkQueue
 from vmferry.migration_state import (
     LIVE_MIGRATION_DEFAULTS,
     PROGRESS_PHASES,
@@ -261,3 +264,82 @@ def peer_final(state: SyncState | None) -> bool:
         or state.cancelled
         or MigrationPhase.of({"status": {"phase": state.phase}}).final
     )
+
+
+class HalfReconciler(abc.ABC):
+    """What the sending and the receiving reconcilers share: the informers, the work queue
+    and the routing of VMIM, VMI and peer events to the VMIM keys of this cluster's half
+    (``side`` reads a VMIM's ``spec.sendTo`` or ``spec.receive``; empty: not ours)."""
+
+    name = ""  # the work queue's name in logs
+    peer_role = Role.SENDER  # the role of the peer's half this half listens to
+
+    @staticmethod
+    @abc.abstractmethod
+    def side(vmim: Obj) -> Obj:
+        """The VMIM's ``spec.sendTo`` or ``spec.receive`` ({} when it has none)."""
+
+    def __init__(
+        self,
+        api: Api,
+        link: PeerLink,
+        clock: Callable[[], float],
+        *,
+        cluster_name: str,
+        source: Source | None = None,
+    ) -> None:
+        self.api = api
+        self.link = link
+        self.clock = clock
+        self.cluster_name = cluster_name
+        feed = source if source is not None else cast(Source, api)
+        self.vmims = Informer(feed, VMIM)
+        self.vmis = Informer(feed, VMI)
+        self.queue = WorkQueue()
+        self._forgotten: set[str] = set()
+        # migration ID -> uid of a VMIM that went (deleted) before the peer's half was
+        # final: forgotten on the link when it is
+        self._gone: dict[str, str] = {}
+        self.vmims.add_handler(self._on_vmim)
+        self.vmis.add_handler(self._on_vmi)
+        subscribe(link, self.peer_role, self._on_peer)
+
+    def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
+        if new is not None and self.side(new):
+            self.queue.add(key)
+
+    def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:
+        ns, name = key
+        for vmim in self.vmims.cache.values():
+            if (
+                self.side(vmim)
+                and vmim["metadata"]["namespace"] == ns
+                and vmim["spec"].get("vmiName") == name
+            ):
+                self.queue.add((ns, vmim["metadata"]["name"]))
+
+    def _on_peer(self, state: SyncState) -> None:
+        if state.migration_id in self._gone and peer_final(state):
+            self.link.forget(state.migration_id)
+            self._forgotten.add(self._gone.pop(state.migration_id))
+        for key, vmim in self.vmims.cache.items():
+            if self.side(vmim).get("migrationID") == state.migration_id:
+                self.queue.add(key)
+
+    def _later(self, vmim: Obj, delay: float = RECHECK_INTERVAL) -> None:
+        self.queue.add_after((vmim["metadata"]["namespace"], vmim["metadata"]["name"]), delay)
+
+    def _again(self, vmim: Obj) -> None:
+        self.queue.add((vmim["metadata"]["namespace"], vmim["metadata"]["name"]))
+
+    @abc.abstractmethod
+    async def reconcile(self, key: Key) -> None:
+        """One pass over the VMIM ``key`` of this half."""
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.vmims.run())
+            tg.create_task(self.vmis.run())
+            await self.vmims.synced.wait()
+            await self.vmis.synced.wait()
+            tg.create_task(self.queue.run(self.reconcile, self.name))

@@ -33,7 +33,6 @@ Scheduling → Scheduled → PreparingTarget → TargetReady → Running → Suc
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import logging
@@ -44,7 +43,6 @@ from typing import Any, cast
 from controller import migration_token, scheduler
 from controller.migration_controller import (
     MIGRATION_METHOD,
-    RECHECK_INTERVAL,
     TARGET_PREPARE_TIMEOUT,
     mirror_of,
 )
@@ -56,6 +54,7 @@ from sync_controller.common import (
     VMI,
     VMIM,
     Api,
+    HalfReconciler,
     add_finalizer,
     advance,
     as_store,
@@ -66,7 +65,6 @@ from sync_controller.common import (
     peer_final,
     remove_finalizer,
     seconds_in_phase,
-    subscribe,
     write_status,
 )
 from sync_controller.peer import PeerLink
@@ -80,7 +78,7 @@ from vmferry.decentralized import (
     gate_off_message,
 )
 from vmferry.errors import AlreadyExists, NotFound
-from vmferry.informer import Informer, Key, Source, WorkQueue
+from vmferry.informer import Key, Source
 from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE, nad_key
 from vmferry.migration_state import (
     TOKEN_SECRET_NAMESPACE,
@@ -122,9 +120,16 @@ def runs_here(vmi: Obj) -> bool:
     )
 
 
-class ReceiverReconciler:
+class ReceiverReconciler(HalfReconciler):
     """Reconciles this cluster's receiving VMIMs; ``source`` (default: ``api``) feeds the
     informers, ``clock`` times the timeouts and stamps the phases."""
+
+    name = "sync-receiver"
+    peer_role = Role.SENDER
+
+    @staticmethod
+    def side(vmim: Obj) -> Obj:
+        return receive(vmim)
 
     def __init__(
         self,
@@ -135,60 +140,8 @@ class ReceiverReconciler:
         cluster_name: str,
         source: Source | None = None,
     ) -> None:
-        self.api = api
-        self.link = link
-        self.clock = clock
-        self.cluster_name = cluster_name
-        feed = source if source is not None else cast(Source, api)
-        self.vmims = Informer(feed, VMIM)
-        self.vmis = Informer(feed, VMI)
-        self.queue = WorkQueue()
-        self._forgotten: set[str] = set()
-        # migration ID -> uid of a VMIM that went (deleted) before the peer's half was
-        # final: forgotten on the link when it is
-        self._gone: dict[str, str] = {}
+        super().__init__(api, link, clock, cluster_name=cluster_name, source=source)
         self._cancelling: set[str] = set()  # VMIM uids this side asked the sender to cancel
-        self.vmims.add_handler(self._on_vmim)
-        self.vmis.add_handler(self._on_vmi)
-        subscribe(link, Role.SENDER, self._on_peer)
-
-    # -- event routing --------------------------------------------------------------------
-
-    def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
-        if new is not None and receive(new):
-            self.queue.add(key)
-
-    def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:
-        ns, name = key
-        for vmim in self.vmims.cache.values():
-            if (
-                receive(vmim)
-                and vmim["metadata"]["namespace"] == ns
-                and vmim["spec"].get("vmiName") == name
-            ):
-                self.queue.add((ns, vmim["metadata"]["name"]))
-
-    def _on_peer(self, state: SyncState) -> None:
-        if state.migration_id in self._gone and peer_final(state):
-            self.link.forget(state.migration_id)
-            self._forgotten.add(self._gone.pop(state.migration_id))
-        for key, vmim in self.vmims.cache.items():
-            if receive(vmim).get("migrationID") == state.migration_id:
-                self.queue.add(key)
-
-    def _later(self, vmim: Obj, delay: float = RECHECK_INTERVAL) -> None:
-        self.queue.add_after((vmim["metadata"]["namespace"], vmim["metadata"]["name"]), delay)
-
-    def _again(self, vmim: Obj) -> None:
-        self.queue.add((vmim["metadata"]["namespace"], vmim["metadata"]["name"]))
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.vmims.run())
-            tg.create_task(self.vmis.run())
-            await self.vmims.synced.wait()
-            await self.vmis.synced.wait()
-            tg.create_task(self.queue.run(self.reconcile, "sync-receiver"))
 
     # -- the peer's half ------------------------------------------------------------------
 
