@@ -80,6 +80,7 @@ OUR_KEYS = [
     "downtime_final_pass",
     "downtime_state_transfer",
     "downtime_verify",
+    "downtime_decision",
     "downtime_resume",
     "cliToFirstByteSeconds",
     "pendingToFirstByteSeconds",
@@ -456,7 +457,7 @@ def table(results: Obj) -> str:
             )
         parts = [
             f"{p} {s.median:.1f}"
-            for p in ("pause", "final_pass", "state_transfer", "verify", "resume")
+            for p in ("pause", "final_pass", "state_transfer", "verify", "decision", "resume")
             if (s := ours.get(f"downtime_{p}")) is not None
         ]
         if parts:

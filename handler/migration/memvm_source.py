@@ -501,6 +501,8 @@ class MemvmSourceMigration(SourceEngine):
         self.mode = mode
         failpoints.hit(Step.SOURCE_VERIFIED)
         await self._commit()
+        t5 = self.clock()
+        parts["decision"] = t5 - t4  # the arbiter record's compare-and-set
         failpoints.hit(Step.SOURCE_COMMITTED)
         self.postcopy_active = mode is MigrationMode.POST_COPY
         await ch0.write(pb.SourceFrame(commit=pb.Commit()))
@@ -509,7 +511,7 @@ class MemvmSourceMigration(SourceEngine):
         with contextlib.suppress(TimeoutError, MigrationFailed):
             frame = await ch0.next_control(RESUMED_TIMEOUT)
             if frame.WhichOneof("frame") == "resumed":
-                parts["resume"] = self.clock() - t4
+                parts["resume"] = self.clock() - t5
 
     async def finish_success(self) -> None:
         """Record completion, then destroy the paused source guest (it never runs again:

@@ -132,7 +132,7 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
         for (name, labels) in after
         if name == "vmferry_migration_downtime_part_seconds_count"
     }
-    assert {"pause", "final_pass", "state_transfer", "verify", "resume"} <= parts
+    assert {"pause", "final_pass", "state_transfer", "verify", "decision", "resume"} <= parts
     for name, mtype in HANDLER_FAMILIES.items():
         assert families(lab, source).get(name) == mtype, name
     # The target sends nothing: no progress series there.
