@@ -210,10 +210,12 @@ async def finish(
     reason: str = "",
     ms: Obj | None = None,
     abort_status: AbortStatus | None = None,
+    release: bool = True,
 ) -> bool:
     """Write a VMIM's final ``phase`` (mirror of ``ms``, the reason in
     ``migrationState.failureReason`` as the migration controller does), then let a
-    deleted one go (True: it went)."""
+    deleted one go (True: it went). ``release=False`` keeps a deleted one's finalizer:
+    the caller's pass over the final VMIM decides when it goes."""
     status = vmim.setdefault("status", {})
     if ms is not None:
         status["migrationState"] = mirror_of(ms)
@@ -226,7 +228,7 @@ async def finish(
     advance(machine, status, phase, clock)
     log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
     vmim = await api.update(vmim, subresource="status")
-    if vmim["metadata"].get("deletionTimestamp"):
+    if release and vmim["metadata"].get("deletionTimestamp"):
         await remove_finalizer(api, vmim)
         return True
     return False

@@ -130,6 +130,7 @@ class SenderReconciler(HalfReconciler):
     ) -> None:
         super().__init__(api, link, clock, cluster_name=cluster_name, source=source)
         self._tokens: dict[str, str] = {}  # VMIM uid -> its stream token (relayed)
+        self._holding: set[str] = set()  # deleted final VMIMs kept for the peer (logged once)
 
     # -- the peer's half ------------------------------------------------------------------
 
@@ -295,7 +296,10 @@ class SenderReconciler(HalfReconciler):
 
     async def _final(self, vmim: Obj) -> None:
         """A finished migration: relay its final half until the peer's is final too (or
-        FINAL_RELAY_SECONDS passed), then forget it; a deleted VMIM goes."""
+        FINAL_RELAY_SECONDS passed), then forget it. A deleted VMIM goes only then: once
+        the VM moved, the source VMI (the arbiter's record) is gone, and this VMIM's final
+        half is all that can still tell a receiver cut off at the hand-off to resume; its
+        finalizer holds it until the peer has the outcome."""
         uid = vmim["metadata"]["uid"]
         mid = send_to(vmim)["migrationID"]
         if uid not in self._forgotten:
@@ -306,9 +310,20 @@ class SenderReconciler(HalfReconciler):
             else:
                 await self._publish(vmim, None)
                 self._later(vmim, FINAL_RELAY_SECONDS - age + 1)
-        if vmim["metadata"].get("deletionTimestamp"):
+        if not vmim["metadata"].get("deletionTimestamp"):
+            return
+        if uid in self._forgotten:
             await remove_finalizer(self.api, vmim)
-            self._went(vmim)
+        elif uid not in self._holding:
+            self._holding.add(uid)
+            log.info(
+                "migration %s: %s deleted; kept until peer cluster %s has its outcome "
+                "(at most %.0f s after it ended)",
+                mid,
+                vmim["metadata"]["name"],
+                self._peer_name(vmim, {}),
+                FINAL_RELAY_SECONDS,
+            )
 
     # -- phase steps ----------------------------------------------------------------------
 
@@ -527,7 +542,7 @@ class SenderReconciler(HalfReconciler):
             failure_reason=(record or {}).get(Field.FAILURE_REASON) or reason,
             token="",
         )
-        if await finish(
+        await finish(
             self.api,
             SENDER_TRANSITIONS,
             vmim,
@@ -536,8 +551,8 @@ class SenderReconciler(HalfReconciler):
             reason=reason,
             ms=record,
             abort_status=abort_status,
-        ):
-            self._went(vmim)
+            release=False,  # _final lets a deleted one go once the peer has the outcome
+        )
 
     async def _succeed(self, vmim: Obj, vmi: Obj | None) -> None:
         """The source recorded the completion (after the Committed decision): halt the
@@ -577,10 +592,15 @@ class SenderReconciler(HalfReconciler):
             # the hand-off was written but the pass stopped before the VMIM said so
             advance(SENDER_TRANSITIONS, vmim["status"], MigrationPhase.SCHEDULED, self.clock)
         await self._publish(vmim, None, phase=str(MigrationPhase.SUCCEEDED), token="")
-        if await finish(
-            self.api, SENDER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=record
-        ):
-            self._went(vmim)
+        await finish(
+            self.api,
+            SENDER_TRANSITIONS,
+            vmim,
+            MigrationPhase.SUCCEEDED,
+            self.clock,
+            ms=record,
+            release=False,  # _final lets a deleted one go once the peer has the outcome
+        )
 
     async def _halt_vm(self, vmim: Obj, vmi: Obj | None, where: str) -> None:
         ns = vmim["metadata"]["namespace"]
@@ -603,18 +623,6 @@ class SenderReconciler(HalfReconciler):
         log.info("vm %s/%s: migrated to %s: runStrategy Halted", ns, name, where)
 
     # -- helpers --------------------------------------------------------------------------
-
-    def _went(self, vmim: Obj) -> None:
-        """The VMIM was deleted: forget its link state once the peer's half is final."""
-        uid = vmim["metadata"]["uid"]
-        mid = send_to(vmim)["migrationID"]
-        if uid in self._forgotten:
-            return
-        if peer_final(self._peer(vmim)):
-            self.link.forget(mid)
-            self._forgotten.add(uid)
-        else:
-            self._gone[mid] = uid
 
     async def _get_vmi(self, ns: str, name: str) -> Obj | None:
         try:

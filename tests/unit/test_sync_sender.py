@@ -460,3 +460,29 @@ def test_a_sender_restarted_after_the_handoff_relays_the_decision(tmp_path: Path
         assert (await pair.vmi(pair.c2))["status"]["phase"] == VMIPhase.RUNNING
 
     with_pair(tmp_path, test)
+
+
+def test_a_deleted_succeeded_vmim_stays_until_the_peer_has_the_outcome(tmp_path: Path) -> None:
+    """The decision was made while the link was down and the user deleted the Succeeded
+    sending VMIM: the source VMI (the arbiter's record) is gone with the move, so the
+    VMIM's finalizer keeps its final half until the receiver has it; then it goes."""
+
+    async def test(pair: CrossCluster) -> None:
+        pair.source_decides = False
+        await pair.pump_until(lambda: _phase_is(pair, MigrationPhase.RUNNING))
+        pair.link1.set_up(False)
+        pair.source_decides = True
+        await pair.pump()
+        assert await pair.sending_phase() == MigrationPhase.SUCCEEDED
+        await pair.c1.delete(VMIM, NS, SENDER_VMIM)
+        await pair.pump()
+        held = await pair.sending()
+        assert held is not None and held["metadata"].get("deletionTimestamp")
+        assert await pair.receiving_phase() == MigrationPhase.RUNNING  # still cut off
+        pair.link1.set_up(True)
+        await pair.pump()
+        assert await pair.receiving_phase() == MigrationPhase.SUCCEEDED
+        assert (await pair.vmi(pair.c2))["status"]["phase"] == VMIPhase.RUNNING
+        assert await pair.sending() is None
+
+    with_pair(tmp_path, test)
