@@ -79,14 +79,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Two worker processes, one test module each at a time (module-scoped labs stay whole):
+# the integration tests mostly wait on their daemons, so two run side by side on two
+# cores (measured: 1571 tests, 16.5 min in one process, 15.8 min in two with the
+# machine under a load of 4-9). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP) test-deps proto-check lint guest-image-optional
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 test-integration: $(STAMP) test-deps guest-image-optional
-	$(BIN)/pytest -q -m slow tests/integration
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m slow tests/integration
 
 # The fault-injection suites (issue 25): every pre-copy switchover step, post-copy with a
 # handler killed or the network cut past the recovery window, and a short network drop in
