@@ -3,7 +3,8 @@ twice"), in a two-cluster loopback lab (``vmferry lab up --clusters 2 --nodes 2`
 
 Each case moves a busy memvm VM (content random, 64Mi, dirtying) from cluster1 to
 cluster2 with the two VMIMs (as ``test_cross_cluster.py`` does) and injects one fault:
-kill -9 of a sync controller at a phase, a handler failpoint (``vmferry.failpoints``) on
+kill -9 of a sync controller at a phase, a daemon's failpoint (``vmferry.failpoints``,
+the cases of ``test_cross_cluster_failpoints.py``, which run through :func:`run_case`) on
 either side of the decision, or the link between the sync controllers cut (SIGSTOP or
 kill -9 of a sync controller) around the decision, also with the source dying between its
 decision and its Commit frame, so that cluster2 cannot learn the decision at all until the
@@ -451,10 +452,6 @@ def sending_sync_down_before_decision(
 CASES = [
     Case("kill-sending-sync-synchronizing", EITHER, kill_sending_sync_while_synchronizing),
     Case("kill-receiving-sync-target-prepared", EITHER, kill_receiving_sync_after_target_prepared),
-    Case(Step.SOURCE_VERIFIED.value, "Failed", arm_source(Step.SOURCE_VERIFIED)),
-    Case(Step.SOURCE_COMMITTED.value, "Succeeded", arm_source(Step.SOURCE_COMMITTED)),
-    Case(Step.TARGET_COMMITTED.value, "Succeeded", arm_targets(Step.TARGET_COMMITTED)),
-    Case(Step.TARGET_RESUMED.value, "Succeeded", arm_targets(Step.TARGET_RESUMED)),
     Case(
         "receiving-sync-stopped-across-decision",
         "Succeeded",
