@@ -40,7 +40,7 @@ from typing import Any
 
 from handler.drivers.base import Drivers, VMHandle
 from handler.endpoint import MigrationEndpoint
-from handler.migration.handoff import HandoffRecord, read_token
+from handler.migration.handoff import HandoffRecord, MigrationFailed, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.peers import PeerRegistry, is_receiver, not_registered, peer_cluster
 from vmferry import failpoints
@@ -209,7 +209,13 @@ class IncomingGuests:
                 }
             )
             return
-        token = await read_token(self.api, uid)
+        try:
+            token = await read_token(self.api, uid)
+        except MigrationFailed as e:
+            # The migration ended before this pass (a stale watch event, or a receiving
+            # VMI's mirror written just before the outcome): nothing to prepare.
+            log.info("migration %s: not preparing a target: %s", uid, e)
+            return
         await record.patch({Field.TARGET_NODE_DOMAIN_DETECTED: True})
         driver = self.drivers.for_vmi(vmi)
         handle = await driver.prepare_incoming_vmi(incoming_id(vmi, ms), vmi)
