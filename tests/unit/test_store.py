@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-import controller.store as store_module
+import controller.store_core as store_core
+import controller.store_sqlite as store_sqlite
 from controller.store import Store
 from vmferry.errors import AlreadyExists, BadRequest, Conflict, Gone, Invalid, NotFound, Unavailable
 from vmferry.objects.labels import parse_selector
@@ -213,14 +214,14 @@ def test_generate_name_retries_on_collision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     suffixes = iter(["aaaaa", "aaaaa", "aaaaa", "bbbbb"])
-    monkeypatch.setattr(store_module, "_random_suffix", lambda: next(suffixes))
+    monkeypatch.setattr(store_core, "random_suffix", lambda: next(suffixes))
 
     async def body(store: Store) -> None:
         obj = vmi("")
         obj["metadata"]["generateName"] = "m-"
         assert (await store.create(obj))["metadata"]["name"] == "m-aaaaa"
         assert (await store.create(obj))["metadata"]["name"] == "m-bbbbb"
-        monkeypatch.setattr(store_module, "_random_suffix", lambda: "aaaaa")
+        monkeypatch.setattr(store_core, "random_suffix", lambda: "aaaaa")
         with pytest.raises(AlreadyExists, match="generated names"):
             await store.create(obj)
 
@@ -580,7 +581,7 @@ def test_watch_racing_writers_has_no_gap_and_no_duplicate(
 ) -> None:
     """Watchers start at different points while a writer is busy; each must see exactly
     the events after its starting resourceVersion, in order."""
-    monkeypatch.setattr(store_module, "_REPLAY_PAGE", page)
+    monkeypatch.setattr(store_sqlite, "REPLAY_PAGE", page)
     total = 400
 
     async def body(store: Store) -> None:
@@ -804,7 +805,7 @@ def test_reads_come_from_the_cache_and_see_every_committed_write(tmp_path: Path)
         a = await store.create(vmi("a", labels={"app": "x"}))
         await store.create(vmi("b", namespace="other"))
         release = threading.Event()
-        store._executor.submit(release.wait, 10)  # the worker thread is busy meanwhile
+        store.backend.executor.submit(release.wait, 10)  # the worker thread is busy meanwhile
         try:
             async with asyncio.timeout(2):  # no trip to the worker: not blocked by it
                 assert (await store.get(VMI, "default", "a"))["metadata"]["uid"] == a["metadata"][
