@@ -145,6 +145,10 @@ class Store:
     def cache_rv(self) -> int:
         return self._cache_rv
 
+    def cached(self, kind: str, namespace: str, name: str) -> str | None:
+        entry = self._objects.get(kind, {}).get((namespace, name))
+        return None if entry is None else entry[1]
+
     def publish(self, events: list[StoreEvent]) -> None:
         """Event loop: apply committed events to the read cache, then fan them out to
         the live watchers and wake the writers waiting for them."""

@@ -329,6 +329,14 @@ class StoreFeed(Protocol):
 
     def cache_rv(self) -> int: ...
 
+    def cached(self, kind: str, namespace: str, name: str) -> str | None:
+        """The object's JSON in the read cache (None: not there)."""
+        ...
+
+    def reset(self, rows: list[tuple[str, str, str, dict[str, str], str]], rv: int) -> None: ...
+
+    async def wait_for_rv(self, rv: int) -> None: ...
+
 
 class Backend(Protocol):
     """A store backend: commits writes (each one resourceVersion, each one event, given
