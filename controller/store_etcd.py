@@ -1,10 +1,12 @@
 """The etcd backend of the store (``store = "etcd"``): the state of replicated
 controllers, in an etcd v3 cluster.
 
-Layout: one key per object, ``<prefix>/<kind>/<namespace>/<name>`` (a cluster-scoped
-object has an empty namespace: ``/vmferry/Node//node-1``); the value is the object's
+Layout: one key per object, ``<prefix>/registry/<kind>/<namespace>/<name>`` (a
+cluster-scoped object has an empty namespace: ``/vmferry/registry/Node//node-1``); the value is the object's
 JSON (UTF-8) without ``metadata.resourceVersion``, which is the key's ``mod_revision``
-and is set when the object is read. Nothing else is stored: no counter, no event log.
+and is set when the object is read. Nothing else is stored (no counter, no event log);
+the leader election's key is ``<prefix>/leader/vmferry-controller``, outside the
+registry.
 
 * resourceVersion = etcd revision: an object's is its mod_revision; a list's is the
   revision the read cache is at. One write = one etcd transaction = one revision.
@@ -59,7 +61,7 @@ class EtcdBackend:
             raise ValueError(f"etcd key prefix {prefix!r} must start and not end with '/'")
         self.client = client
         self.prefix = prefix
-        self._root = (prefix + "/").encode()
+        self._root = (prefix + "/registry/").encode()
         self._feed: StoreFeed | None = None
         self._follower: asyncio.Task[None] | None = None
         self._next_rev = 0

@@ -175,7 +175,7 @@ def test_key_layout_and_value_encoding(etcd: EtcdCluster) -> None:
             await store.create({"kind": "Node", "metadata": {"name": "n1"}})
             response = await client.range(b"/k/", prefix_end(b"/k/"))
             keys = [kv.key for kv in response.kvs]
-            assert keys == [b"/k/Node//n1", b"/k/VirtualMachineInstance/ns1/vm1"]
+            assert keys == [b"/k/registry/Node//n1", b"/k/registry/VirtualMachineInstance/ns1/vm1"]
             stored = json.loads(response.kvs[1].value)
             assert "resourceVersion" not in stored["metadata"]
             assert response.kvs[1].mod_revision == rv(created)
