@@ -15,7 +15,6 @@ name the members' certificates carry when they are dialled by IP.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -64,26 +63,12 @@ class EtcdConfig:
         """The gRPC target: the endpoint itself, or ``ipv4:``/``ipv6:`` and every member.
         Raises EtcdConfigError for no endpoint, a malformed one, or host names among
         several."""
-        if not self.endpoints:
-            raise EtcdConfigError("etcd_endpoints is empty: name at least one host:port")
-        hosts = []
-        for endpoint in self.endpoints:
-            host, sep, port = endpoint.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise EtcdConfigError(f"etcd endpoint {endpoint!r} is not host:port")
-            hosts.append(host.strip("[]"))
-        if len(self.endpoints) == 1:
-            return self.endpoints[0]
         try:
-            versions = {ipaddress.ip_address(host).version for host in hosts}
-        except ValueError:
-            raise EtcdConfigError(
-                f"several etcd endpoints must be IP addresses (one channel balances over "
-                f"them), not host names: {', '.join(self.endpoints)}"
-            ) from None
-        if len(versions) > 1:
-            raise EtcdConfigError("etcd endpoints mix IPv4 and IPv6 addresses")
-        return f"ipv{versions.pop()}:" + ",".join(self.endpoints)
+            for endpoint in self.endpoints:
+                grpc_options.host_of(endpoint, "etcd_endpoints")
+            return grpc_options.multi_target(self.endpoints, "etcd_endpoints")
+        except ValueError as exc:
+            raise EtcdConfigError(str(exc)) from None
 
 
 def prefix_end(prefix: bytes) -> bytes:
