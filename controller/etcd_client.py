@@ -107,6 +107,7 @@ class EtcdClient:
         )
         options.append(("grpc.max_receive_message_length", -1))
         options.append(("grpc.lb_policy_name", "round_robin"))
+        options += grpc_options.multi_target_options(config.endpoints)
         if config.tls is None:
             channel = grpc.aio.insecure_channel(target, options=options)
         else:

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmferry.lab.cluster import free_port
 from vmferry.pki import TlsFiles
 
 ETCD_PACKAGE = "etcd-server"
@@ -95,6 +94,8 @@ class EtcdCluster:
         cls, base: Path, size: int = 1, *, tls: TlsFiles | None = None, host: str = "127.0.0.1"
     ) -> EtcdCluster:
         """Members ``etcd-1`` .. ``etcd-<size>`` under ``base`` with free ports."""
+        from vmferry.lab.cluster import free_port
+
         if size < 1:
             raise ValueError(f"an etcd cluster needs at least one member, not {size}")
         members = [
@@ -117,7 +118,7 @@ class EtcdCluster:
             self.start_member(member, token)
         deadline = time.monotonic() + timeout
         for member in self.members:
-            while not _accepts(member.host, member.client_port):
+            while not accepts(member.host, member.client_port):
                 proc = self.procs[member.name]
                 if proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
@@ -156,7 +157,7 @@ class EtcdCluster:
             self.kill(name, signal.SIGTERM)
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
             return True
