@@ -4,10 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
+PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto) $(wildcard proto/vmferry/etcdpb/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu guest-image guest-image-optional test-deps chaos lock
+	install-qemu install-etcd guest-image guest-image-optional test-deps chaos lock
 
 all: test
 
@@ -32,14 +32,14 @@ lock:
 	  --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
 	  -o requirements.lock pyproject.toml
 
-# What the tests need beyond Python: the system Chromium (console browser tests) and QEMU
-# (driver `qemu`). Installed with apt-get as root, only when missing; otherwise those
+# What the tests need beyond Python: the system Chromium (console browser tests), QEMU
+# (driver `qemu`) and etcd (the store's etcd backend, replicated controllers). Installed with apt-get as root, only when missing; otherwise those
 # tests skip and say why. `make demo` needs none of it.
 test-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium); \
 	else command -v chromium >/dev/null || echo "note: no chromium (not root): console browser tests will be skipped"; fi
-	@$(MAKE) --no-print-directory install-qemu
+	@$(MAKE) --no-print-directory install-qemu install-etcd
 
 # QEMU and the guest image's build tools (driver `qemu`); only as root, only when missing.
 # Never fatal: without QEMU the qemu tests skip and say why.
@@ -49,6 +49,15 @@ install-qemu:
 	      (apt-get update -q && apt-get install -y -q --no-install-recommends qemu-system-x86 cpio gcc libc6-dev) \
 	        || echo "warning: could not install qemu-system-x86 (the qemu tests will skip)"; \
 	    else echo "note: not root: install qemu-system-x86 and cpio yourself for the qemu driver"; fi; }
+
+# etcd (Debian's etcd-server): the etcd store backend's tests and `lab up --ha`; only as
+# root, only when missing. Never fatal: without it those tests skip and say why.
+install-etcd:
+	@command -v etcd >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -q && apt-get install -y -q --no-install-recommends etcd-server) \
+	        || echo "warning: could not install etcd-server (the etcd tests will skip)"; \
+	    else echo "note: not root: install etcd-server yourself for the etcd store tests"; fi; }
 
 # The test/demo guest: Debian's kernel + a static memload /init (guest/). Fast when built.
 guest-image:

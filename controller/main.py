@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from controller import ha
 from controller.admission import Admission
 from controller.api import ApiService
 from controller.audit import AuditLog
@@ -25,6 +26,7 @@ from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
+from controller.ha import Replication
 from controller.metrics import ControllerMetrics
 from controller.migration_controller import MigrationController
 from controller.network_controller import NetworkController
@@ -58,6 +60,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "token_listen": str,
     "metrics_listen": str,
     "console_listen": str,
+    **ha.CONFIG_KEYS,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
@@ -67,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "insecure_plaintext": False,
     "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
     "console_listen": "",  # host:port of the web console (HTTPS); empty: no console
+    **ha.DEFAULTS,
 }
 BOOTSTRAP_NAMESPACES = ("default", kinds.SYSTEM_NAMESPACE, "kube-system")
 
@@ -105,6 +109,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         default=None,
         help="serve without TLS (tests only; never in production)",
     )
+    ha.add_arguments(p)
     args = p.parse_args(argv)
     return daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
 
@@ -138,9 +143,11 @@ async def bootstrap(store: Store) -> None:
 async def serve(config: dict[str, Any]) -> None:
     data_dir = Path(config["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
-    store = await Store.open(data_dir / "state.db")
+    replication = await Replication.open(config, data_dir)
+    store = replication.store
     try:
-        await bootstrap(store)
+        if replication.elector is None:  # on etcd the leader bootstraps (no racing replicas)
+            await bootstrap(store)
         server = grpc.aio.server(options=grpc_options.api_server_options())
         signer = TokenSigner(load_signing_key(data_dir))
         audit = AuditLog(Path(config.get("audit_log") or data_dir / "audit.log"))
@@ -169,7 +176,7 @@ async def serve(config: dict[str, Any]) -> None:
         await server.start()
         log.info("api serving on %s (data in %s)", config["listen"], data_dir)
         try:  # from here a failure (a port taken, say) stops the server: never a hang
-            await _serve_started(config, store, signer, api, tls)
+            await _serve_started(config, replication, signer, api, tls)
         finally:
             await server.stop(grace=2)
     finally:
@@ -178,12 +185,14 @@ async def serve(config: dict[str, Any]) -> None:
 
 async def _serve_started(
     config: dict[str, Any],
-    store: Store,
+    replication: Replication,
     signer: TokenSigner,
     api: ApiService,
     tls: pki.TlsFiles | None,
 ) -> None:
-    """Everything that runs once the API server is up, until a stop signal."""
+    """Everything that runs once the API server is up, until a stop signal. The
+    reconcilers run only while this replica leads (always, on SQLite)."""
+    store = replication.store
     source = StoreSource(store)
     vms = Informer(source, "VirtualMachine")
     vmis = Informer(source, "VirtualMachineInstance")
@@ -219,20 +228,26 @@ async def _serve_started(
             tasks = [tg.create_task(inf.run()) for inf in informers]
             for inf in informers:
                 await inf.synced.wait()
-            tasks += [
-                tg.create_task(VMController(store, vms, vmis, vmims).run()),
-                tg.create_task(VMIController(store, vmis, nodes).run()),
-                tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
-                tg.create_task(NetworkController(store, hcos, nads, nodes).run()),
-                tg.create_task(
-                    NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
-                ),
-                tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
-                tg.create_task(run_forklift(store, Path(config["data_dir"]))),
-            ]
+
+            async def reconcile() -> None:
+                if replication.elector is not None:
+                    await bootstrap(store)
+                async with asyncio.TaskGroup() as work:
+                    for reconciler in (
+                        VMController(store, vms, vmis, vmims).run(),
+                        VMIController(store, vmis, nodes).run(),
+                        MigrationController(store, vmims, vmis, nodes, hcos).run(),
+                        NetworkController(store, hcos, nads, nodes).run(),
+                        NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run(),
+                        run_rbac_reconcilers(store, signer, _ca_pem(config)),
+                        run_forklift(store, Path(config["data_dir"])),
+                    ):
+                        work.create_task(reconciler)
+
+            tasks.append(tg.create_task(replication.lead(reconcile)))
             if console is not None:
                 tasks.append(tg.create_task(console.run()))
-            log.info("reconcilers running")
+            log.info("reconcilers running" if replication.elector is None else "campaigning")
             await stop.wait()
             log.info("shutting down")
             for task in tasks:

@@ -95,7 +95,9 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     )
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--node-name", help="this node's name (must match its certificate)")
-    p.add_argument("--api-server", help="controller host:port")
+    p.add_argument(
+        "--api-server", help="controller host:port (replicas: several, comma-separated IP:port)"
+    )
     p.add_argument("--ca", help="cluster CA certificate")
     p.add_argument("--cert", help="node certificate ('vmferry pki issue node NAME')")
     p.add_argument("--key", help="node private key")

@@ -70,7 +70,10 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--cluster-name", help="this cluster's name (as its peers register it)")
     p.add_argument("--id", help="the id in the lease name (default: derived from advertise)")
-    p.add_argument("--api-server", help="this cluster's controller host:port")
+    p.add_argument(
+        "--api-server",
+        help="this cluster's controller host:port (replicas: several, comma-separated IP:port)",
+    )
     p.add_argument("--ca", help="this cluster's CA certificate")
     p.add_argument("--cert", help="sync controller certificate ('vmferry pki issue sync NAME')")
     p.add_argument("--key", help="its private key")

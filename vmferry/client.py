@@ -62,10 +62,15 @@ class ApiClient:
     def __init__(self, config: ClientConfig, *, timeout: float = 30.0) -> None:
         self.config = config
         self.timeout = timeout
+        # Several controller replicas (``server: a:7443,b:7443``): one channel that moves
+        # to the next replica when the one it uses fails.
+        addresses = grpc_options.split_addresses(config.server)
+        target = grpc_options.multi_target(addresses, "server")
+        options = _CHANNEL_OPTIONS + grpc_options.multi_target_options(addresses)
         if config.tls is None:
             if not config.insecure_plaintext:
                 raise ValueError("a client without TLS needs insecure_plaintext=True")
-            self._channel = grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             if config.tls.cert == Path():
                 if not config.token:
@@ -76,7 +81,7 @@ class ApiClient:
                 creds = pki.ca_only_channel_credentials(config.tls.ca)
             else:
                 creds = pki.channel_credentials(config.tls)
-            self._channel = grpc.aio.secure_channel(config.server, creds, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
         self._stub = api_pb2_grpc.ApiStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()

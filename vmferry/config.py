@@ -11,6 +11,10 @@ A client config is a small YAML file::
     token: ""                             # optional bearer token instead of a client cert
     namespace: default
 
+``server`` may list several controller replicas (store = "etcd"), comma-separated IP
+addresses: ``server: 192.0.2.10:7443,192.0.2.11:7443,192.0.2.12:7443``; the client uses
+one that answers and moves to another when it fails (``vmferry.client``).
+
 With only ``certificateAuthority`` and ``token`` (no client certificate and key) the
 client presents no certificate and authenticates with the bearer token; ``server`` must
 then be the controller's ``token_listen`` address (see ``controller.authn``).

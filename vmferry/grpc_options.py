@@ -7,6 +7,8 @@ calls fail. So the server's floor is below every client's keepalive time here.
 
 from __future__ import annotations
 
+import ipaddress
+
 from vmferry.objects.limits import MAX_REQUEST_BYTES
 
 MAX_MESSAGE_BYTES = 64 << 20  # a page batch (4 MiB) plus headroom; API lists of many objects
@@ -59,3 +61,47 @@ def channel_options(keepalive_ms: int) -> Options:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def split_addresses(value: str) -> list[str]:
+    """``"a:1, b:2"`` -> ``["a:1", "b:2"]`` (the comma-separated form of several servers)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def host_of(address: str, what: str) -> str:
+    """The host of ``host:port`` (IPv6 without brackets); ValueError naming ``what``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{what}: {address!r} is not host:port")
+    return host.strip("[]")
+
+
+def multi_target(addresses: list[str] | tuple[str, ...], what: str) -> str:
+    """The gRPC target of one server or several replicas: the address itself, or
+    ``ipv4:``/``ipv6:`` and every address (the channel moves to the next one that
+    answers when one fails). Raises ValueError (naming ``what``) for none, a malformed
+    address, host names among several, or mixed IPv4 and IPv6."""
+    if not addresses:
+        raise ValueError(f"{what}: no address (host:port)")
+    if len(addresses) == 1:
+        return addresses[0]  # any gRPC target, as before
+    hosts = [host_of(address, what) for address in addresses]
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(
+            f"{what}: several addresses must be IP addresses (one channel fails over "
+            f"between them), not host names: {', '.join(addresses)}"
+        ) from None
+    if len(versions) > 1:
+        raise ValueError(f"{what}: the addresses mix IPv4 and IPv6")
+    return f"ipv{versions.pop()}:" + ",".join(addresses)
+
+
+def multi_target_options(addresses: list[str] | tuple[str, ...]) -> Options:
+    """With several addresses, TLS checks the first one's host against every replica's
+    certificate (give each replica a certificate naming all of their addresses, or a
+    shared DNS name)."""
+    if len(addresses) < 2:
+        return []
+    return [("grpc.default_authority", addresses[0])]  # type: ignore[list-item]

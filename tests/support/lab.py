@@ -110,10 +110,14 @@ class LabHarness:
         netns: bool = False,
         migration_link: str | None = None,
         main_link: str | None = None,
+        ha: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """``vmferry lab up``; with ``netns``, nodes in their own network namespaces
-        (``migration_link``/``main_link``: ``RATE[,DELAY]``)."""
+        (``migration_link``/``main_link``: ``RATE[,DELAY]``); ``ha``: 3 etcd members and
+        3 controller replicas."""
         args = ["lab", "up", "--nodes", str(nodes), "--memory", memory]
+        if ha:
+            args.append("--ha")
         if netns:
             args.append("--netns")
         if migration_link:

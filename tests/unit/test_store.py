@@ -11,14 +11,16 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-import controller.store as store_module
+import controller.store_core as store_core
+import controller.store_sqlite as store_sqlite
 from controller.store import Store
+from tests.support.etcd import etcd_endpoints, open_store  # noqa: F401 (a fixture)
 from vmferry.errors import AlreadyExists, BadRequest, Conflict, Gone, Invalid, NotFound, Unavailable
 from vmferry.objects.labels import parse_selector
 
@@ -29,11 +31,38 @@ VMI = "VirtualMachineInstance"
 T = TypeVar("T")
 
 
+# The backend ``run`` opens: SQLite, unless a test is marked ``@both`` and runs on etcd.
+# On etcd each test has a key prefix of its own in a shared etcd whose revision counter
+# already moved: ``rv``/``cur`` count from the revision the store opened at (BASE).
+_BACKEND: tuple[str, tuple[str, ...] | None] = ("sqlite", None)
+BASE = 0
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    global _BACKEND
+    name: str = request.param
+    endpoints = request.getfixturevalue("etcd_endpoints") if name == "etcd" else None
+    _BACKEND = (name, endpoints)
+    try:
+        yield name
+    finally:
+        _BACKEND = ("sqlite", None)
+
+
+def both(test: Callable[..., None]) -> Callable[..., None]:
+    """Run a contract test on both backends."""
+    marked = pytest.mark.usefixtures("backend")(test)
+    return pytest.mark.parametrize("backend", ["sqlite", "etcd"], indirect=True)(marked)
+
+
 def run(tmp_path: Path, body: Callable[[Store], Awaitable[T]], **options: Any) -> T:
     """Open a store in tmp_path, run ``body(store)`` under asyncio.run, close the store."""
 
     async def main() -> T:
-        store = await Store.open(tmp_path / "store.db", **options)
+        global BASE
+        store = await open_store(_BACKEND[0], tmp_path, _BACKEND[1], **options)
+        BASE = await store.current_rv() if _BACKEND[0] == "etcd" else 0
         try:
             return await body(store)
         finally:
@@ -71,15 +100,20 @@ async def nothing_more(events: AsyncIterator[tuple[str, dict]]) -> None:
 
 
 def rv(obj: dict) -> int:
-    return int(obj["metadata"]["resourceVersion"])
+    return int(obj["metadata"]["resourceVersion"]) - BASE
+
+
+async def cur(store: Store) -> int:
+    return await store.current_rv() - BASE
 
 
 # --- create / get ---------------------------------------------------------------------
 
 
+@both
 def test_create_sets_metadata_and_get_returns_it(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
-        assert await store.current_rv() == 0
+        assert await cur(store) == 0
         created = await store.create(vmi("vm1"))
         meta = created["metadata"]
         assert meta["name"] == "vm1"
@@ -89,16 +123,17 @@ def test_create_sets_metadata_and_get_returns_it(tmp_path: Path) -> None:
         )
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["creationTimestamp"])
         assert meta["generation"] == 1
-        assert meta["resourceVersion"] == "1"
-        assert await store.current_rv() == 1
+        assert rv(created) == 1
+        assert await cur(store) == 1
         assert await store.get(VMI, "default", "vm1") == created
         second = await store.create(vmi("vm2"))
-        assert second["metadata"]["resourceVersion"] == "2"
+        assert rv(second) == 2
         assert second["metadata"]["uid"] != meta["uid"]
 
     run(tmp_path, body)
 
 
+@both
 def test_create_overrides_caller_bookkeeping(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = vmi("vm1")
@@ -111,7 +146,7 @@ def test_create_overrides_caller_bookkeeping(tmp_path: Path) -> None:
         )
         meta = (await store.create(obj))["metadata"]
         assert meta["uid"] != "mine"
-        assert meta["resourceVersion"] == "1"
+        assert int(meta["resourceVersion"]) - BASE == 1
         assert meta["generation"] == 1
         assert meta["creationTimestamp"] != "2000-01-01T00:00:00Z"
         assert "deletionTimestamp" not in meta
@@ -119,6 +154,7 @@ def test_create_overrides_caller_bookkeeping(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_cluster_scoped_objects_have_no_namespace_key(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(node("n1"))
@@ -131,6 +167,7 @@ def test_cluster_scoped_objects_have_no_namespace_key(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_objects_are_copied_across_the_api(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = vmi("vm1")
@@ -147,6 +184,7 @@ def test_objects_are_copied_across_the_api(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_already_exists_and_not_found_messages(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         await store.create(vmi("vm1"))
@@ -160,11 +198,12 @@ def test_already_exists_and_not_found_messages(tmp_path: Path) -> None:
         with pytest.raises(NotFound):
             await store.get(VMI, "elsewhere", "vm1")
         # A failed create does not consume a resourceVersion.
-        assert await store.current_rv() == 2
+        assert await cur(store) == 2
 
     run(tmp_path, body)
 
 
+@both
 def test_unknown_kind_uses_lowercase_kind_in_messages(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = {"kind": "Widget", "metadata": {"name": "c", "namespace": "ns"}}
@@ -175,6 +214,7 @@ def test_unknown_kind_uses_lowercase_kind_in_messages(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_create_requires_kind_and_name(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         with pytest.raises(Invalid, match="name or generateName is required"):
@@ -189,11 +229,12 @@ def test_create_requires_kind_and_name(tmp_path: Path) -> None:
             await store.create(
                 {"kind": VMI, "metadata": {"name": "x"}, "spec": {"f": float("nan")}}
             )
-        assert await store.current_rv() == 0
+        assert await cur(store) == 0
 
     run(tmp_path, body)
 
 
+@both
 def test_generate_name(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = vmi("")
@@ -209,18 +250,19 @@ def test_generate_name(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_generate_name_retries_on_collision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     suffixes = iter(["aaaaa", "aaaaa", "aaaaa", "bbbbb"])
-    monkeypatch.setattr(store_module, "_random_suffix", lambda: next(suffixes))
+    monkeypatch.setattr(store_core, "random_suffix", lambda: next(suffixes))
 
     async def body(store: Store) -> None:
         obj = vmi("")
         obj["metadata"]["generateName"] = "m-"
         assert (await store.create(obj))["metadata"]["name"] == "m-aaaaa"
         assert (await store.create(obj))["metadata"]["name"] == "m-bbbbb"
-        monkeypatch.setattr(store_module, "_random_suffix", lambda: "aaaaa")
+        monkeypatch.setattr(store_core, "random_suffix", lambda: "aaaaa")
         with pytest.raises(AlreadyExists, match="generated names"):
             await store.create(obj)
 
@@ -230,6 +272,7 @@ def test_generate_name_retries_on_collision(
 # --- update ---------------------------------------------------------------------------
 
 
+@both
 def test_update_with_stale_resource_version_conflicts(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(vmi("vm1"))
@@ -248,6 +291,7 @@ def test_update_with_stale_resource_version_conflicts(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_update_without_resource_version_is_last_writer_wins(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         await store.create(vmi("vm1"))
@@ -255,11 +299,12 @@ def test_update_without_resource_version_is_last_writer_wins(tmp_path: Path) -> 
         blind["spec"] = {"v": "blind"}
         result = await store.update(blind)
         assert result["spec"] == {"v": "blind"}
-        assert result["metadata"]["resourceVersion"] == "2"
+        assert rv(result) == 2
 
     run(tmp_path, body)
 
 
+@both
 def test_update_keeps_immutable_metadata_and_counts_generation(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(vmi("vm1"))
@@ -282,6 +327,7 @@ def test_update_keeps_immutable_metadata_and_counts_generation(tmp_path: Path) -
     run(tmp_path, body)
 
 
+@both
 def test_update_with_wrong_uid_conflicts(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         await store.create(vmi("vm1"))
@@ -293,6 +339,7 @@ def test_update_with_wrong_uid_conflicts(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_update_ignores_status_and_status_subresource_ignores_the_rest(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = vmi("vm1")
@@ -323,13 +370,14 @@ def test_update_ignores_status_and_status_subresource_ignores_the_rest(tmp_path:
     run(tmp_path, body)
 
 
+@both
 def test_noop_update_is_not_a_write(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(vmi("vm1"))
-        events = store.watch(VMI, None, rv(created))
+        events = store.watch(VMI, None, int(created["metadata"]["resourceVersion"]))
         again = await store.update(created)
         assert again == created
-        assert await store.current_rv() == rv(created)
+        assert await cur(store) == rv(created)
         same_status = await store.update(created, subresource="status")
         assert same_status == created
         await nothing_more(events)
@@ -345,6 +393,7 @@ def test_noop_update_is_not_a_write(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_update_missing_object_is_not_found(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         with pytest.raises(NotFound, match='virtualmachineinstances "ghost" not found'):
@@ -358,10 +407,11 @@ def test_update_missing_object_is_not_found(tmp_path: Path) -> None:
 # --- delete and finalizers ------------------------------------------------------------
 
 
+@both
 def test_delete_without_finalizers_removes(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(vmi("vm1"))
-        events = store.watch(VMI, "default", rv(created))
+        events = store.watch(VMI, "default", int(created["metadata"]["resourceVersion"]))
         gone = await store.delete(VMI, "default", "vm1")
         assert rv(gone) == rv(created) + 1
         assert gone["spec"] == created["spec"]
@@ -376,6 +426,7 @@ def test_delete_without_finalizers_removes(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_delete_preconditions(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         created = await store.create(vmi("vm1"))
@@ -395,12 +446,13 @@ def test_delete_preconditions(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_finalizers_delay_deletion_until_emptied(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         obj = vmi("vm1")
         obj["metadata"]["finalizers"] = ["vmferry.io/handler", "vmferry.io/other"]
         created = await store.create(obj)
-        events = store.watch(VMI, None, rv(created))
+        events = store.watch(VMI, None, int(created["metadata"]["resourceVersion"]))
 
         marked = await store.delete(VMI, "default", "vm1")
         assert marked["metadata"]["deletionTimestamp"]
@@ -425,7 +477,7 @@ def test_finalizers_delay_deletion_until_emptied(tmp_path: Path) -> None:
             await store.get(VMI, "default", "vm1")
         kinds = [k for k, _ in await take(events, 2)]
         assert kinds == ["MODIFIED", "DELETED"]
-        assert rv(removed) == await store.current_rv()
+        assert rv(removed) == await cur(store)
         await events.aclose()
 
     run(tmp_path, body)
@@ -434,6 +486,7 @@ def test_finalizers_delay_deletion_until_emptied(tmp_path: Path) -> None:
 # --- list -----------------------------------------------------------------------------
 
 
+@both
 def test_list_sorting_namespaces_and_selectors(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         await store.create(vmi("b", "ns2", {"app": "web"}))
@@ -448,7 +501,7 @@ def test_list_sorting_namespaces_and_selectors(tmp_path: Path) -> None:
             ("ns2", "a"),
             ("ns2", "b"),
         ]
-        assert list_rv == 5 == await store.current_rv()
+        assert list_rv - BASE == 5 == await cur(store)
         names = lambda objs: [o["metadata"]["name"] for o in objs]  # noqa: E731
         assert names((await store.list(VMI, "ns2"))[0]) == ["a", "b"]
         assert names((await store.list(VMI, "nowhere"))[0]) == []
@@ -474,6 +527,7 @@ def test_list_sorting_namespaces_and_selectors(tmp_path: Path) -> None:
 # --- watch ----------------------------------------------------------------------------
 
 
+@both
 def test_watch_replays_history_then_follows_live(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         first = await store.create(vmi("vm1"))
@@ -489,6 +543,7 @@ def test_watch_replays_history_then_follows_live(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_watch_filters_kind_and_namespace(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         everything = store.watch(None, None, 0)
@@ -513,6 +568,7 @@ def test_watch_filters_kind_and_namespace(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_watch_selector_transitions(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         live = store.watch(VMI, None, 0, parse_selector("app=web"))
@@ -546,6 +602,7 @@ def test_watch_selector_transitions(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_watch_from_current_rv_sees_only_new_changes(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         await store.create(vmi("old"))
@@ -559,6 +616,7 @@ def test_watch_from_current_rv_sees_only_new_changes(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 def test_watch_yields_independent_copies(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         first = store.watch(None, None, 0)
@@ -574,13 +632,14 @@ def test_watch_yields_independent_copies(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+@both
 @pytest.mark.parametrize("page", [3, 500])
 def test_watch_racing_writers_has_no_gap_and_no_duplicate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page: int
 ) -> None:
     """Watchers start at different points while a writer is busy; each must see exactly
     the events after its starting resourceVersion, in order."""
-    monkeypatch.setattr(store_module, "_REPLAY_PAGE", page)
+    monkeypatch.setattr(store_sqlite, "REPLAY_PAGE", page)
     total = 400
 
     async def body(store: Store) -> None:
@@ -620,6 +679,7 @@ def test_watch_racing_writers_has_no_gap_and_no_duplicate(
     run(tmp_path, body)
 
 
+@both
 def test_slow_watcher_overflowing_its_queue_catches_up_from_disk(tmp_path: Path) -> None:
     async def body(store: Store) -> None:
         events = store.watch(None, None, 0)
@@ -804,7 +864,7 @@ def test_reads_come_from_the_cache_and_see_every_committed_write(tmp_path: Path)
         a = await store.create(vmi("a", labels={"app": "x"}))
         await store.create(vmi("b", namespace="other"))
         release = threading.Event()
-        store._executor.submit(release.wait, 10)  # the worker thread is busy meanwhile
+        store.backend.executor.submit(release.wait, 10)  # the worker thread is busy meanwhile
         try:
             async with asyncio.timeout(2):  # no trip to the worker: not blocked by it
                 assert (await store.get(VMI, "default", "a"))["metadata"]["uid"] == a["metadata"][

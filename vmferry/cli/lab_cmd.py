@@ -38,6 +38,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         return 1
     if args.clusters != 1:
+        if args.ha:
+            print("error: --ha is for a one-cluster lab (drop --clusters)", file=sys.stderr)
+            return 2
         return _up_multi(args, main_link, migration_link)
     if isinstance(existing, MultiLab):  # a stopped two-cluster lab: its namespaces go too
         existing.down()
@@ -50,6 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             netns_mode=args.netns,
             main_link=main_link,
             migration_link=migration_link,
+            ha=args.ha,
         )
     except LabError as e:
         for warning in lab.warnings:
@@ -197,6 +201,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--main-link", metavar="RATE[,DELAY]", help="shape every node's eth0, e.g. 10gbit,0.2ms"
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="a replicated control plane: 3 etcd members (etcd-1..3) and 3 controller "
+        "replicas on them (controller-1..3, one leads); loopback only, needs etcd",
     )
     p.add_argument(
         "--no-set-default",

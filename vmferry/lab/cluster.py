@@ -47,6 +47,7 @@ from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, DEFAULT_CONFIG, ClientConfig
 from vmferry.errors import ApiError
+from vmferry.lab import ha as lab_ha
 from vmferry.lab import netns
 from vmferry.objects import conditions
 
@@ -216,10 +217,14 @@ class Lab:
         info = self.info()
         gateway = [GATEWAY] if info.get("netns") else []
         sync = [SYNC] if info.get("sync") else []
-        return [CONTROLLER, *gateway, *sync, *self.node_names()]
+        control = lab_ha.components(info["ha"]) if info.get("ha") else [CONTROLLER]
+        return [*control, *gateway, *sync, *self.node_names()]
 
     def _component(self, name: str) -> Component:
         py = sys.executable
+        ha_argv = lab_ha.argv(self.dir, self.info().get("ha"), name)
+        if ha_argv is not None:
+            return Component(name, ha_argv)
         if name == CONTROLLER:
             return Component(
                 name, [py, "-m", "controller.main", "--config", str(self.dir / "controller.toml")]
@@ -248,12 +253,19 @@ class Lab:
     # -- up ---------------------------------------------------------------------------------
 
     def write(
-        self, nodes: int, memory: str, topology: netns.Topology | None = None
+        self,
+        nodes: int,
+        memory: str,
+        topology: netns.Topology | None = None,
+        *,
+        ha: bool = False,
     ) -> ClientConfig:
         """Create the CA, certificates and configuration files of a fresh lab (netns mode
-        with ``topology``)."""
+        with ``topology``; ``ha``: 3 etcd members and 3 controller replicas)."""
         if nodes < 1:
             raise LabError("a lab needs at least one node (two to migrate)")
+        if ha and topology is not None:
+            raise LabError("--ha runs on loopback only: drop --netns")
         if self.dir.exists():
             shutil.rmtree(self.dir)
         for d in (self.pki_dir, self.run_dir, self.log_dir):
@@ -285,6 +297,13 @@ class Lab:
         if topology is not None and list(topology.nodes) != names:
             raise LabError(f"netns topology nodes {topology.nodes} differ from {names}")
         api_server = f"{topology.gateway}:{api_port}" if topology else f"127.0.0.1:{api_port}"
+        ha_info = None
+        if ha:
+            try:
+                ha_info, replicas = lab_ha.write(self.dir, self.pki_dir, server, 8)
+            except RuntimeError as e:
+                raise LabError(str(e)) from None
+            api_server = ",".join(replicas)
         migration_net = self.cluster.index if self.cluster else 1  # 127.0.<this>.I
         for i, name in enumerate(names, start=1):
             # The host's 127.0.0.1 serves each node's metrics (the gateway forwards them in
@@ -330,12 +349,14 @@ class Lab:
         }
         if topology is not None:
             info["netns"] = topology.as_dict()
+        if ha_info is not None:
+            info["ha"] = ha_info
         if self.cluster is not None:
             info["cluster"] = {"name": self.cluster.name, **self.cluster.extra}
             if self.cluster.sync:
                 info["sync"] = self._write_sync(api_port)
         (self.dir / "lab.json").write_text(json.dumps(info))
-        config = ClientConfig(server=f"127.0.0.1:{api_port}", tls=admin)
+        config = ClientConfig(server=api_server if ha else f"127.0.0.1:{api_port}", tls=admin)
         self.client_config_path.write_text(config.to_yaml(relative_to=self.dir))
         return config
 
@@ -483,8 +504,10 @@ class Lab:
         netns_mode: bool = False,
         main_link: netns.LinkSpec | None = None,
         migration_link: netns.LinkSpec | None = None,
+        ha: bool = False,
     ) -> ClientConfig:
         """Write a fresh lab, start everything and wait until every node is Ready.
+        ``ha``: a replicated control plane (:mod:`vmferry.lab.ha`).
 
         ``netns_mode``: nodes in their own network namespaces, links shaped as given; when
         this machine cannot, the lab comes up in loopback mode and ``self.warnings`` says
@@ -528,7 +551,7 @@ class Lab:
                 except netns.NetnsError as e:
                     self._remove_namespaces()
                     raise LabError(str(e)) from None
-        config = self.write(nodes, memory, topology)
+        config = self.write(nodes, memory, topology, ha=ha)
         if topology is not None:
             links = {
                 name: spec.as_dict()
@@ -539,8 +562,14 @@ class Lab:
             info["netns"]["links"] = links
             info["netns"]["delayApplied"] = netns.delay_supported(self.warnings)
             (self.dir / "lab.json").write_text(json.dumps(info))
+        ha_info = self.info().get("ha")
         for comp in self.components():
             self.start(comp)
+            if ha_info and comp == ha_info["etcd"][-1]["name"]:
+                try:
+                    lab_ha.wait_etcd(ha_info, lambda name: self.pid(name) is not None)
+                except RuntimeError as e:
+                    raise LabError(f"{e}; see {self.log_dir}") from None
         asyncio.run(self.wait_ready(config))
         if set_default:
             target = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
@@ -590,6 +619,22 @@ class Lab:
         nodes = self.node_names()
         ordered = [*nodes, SYNC, GATEWAY, CONTROLLER]
         components = ordered + [c for c in self._pidfile_components() if c not in ordered]
+        # etcd members stop last: the controller replicas let go of their lease first.
+        stores = [c for c in components if c in lab_ha.etcd_names()]
+        for group in ([c for c in components if c not in stores], stores):
+            stopped += self._stop(group)
+        for pid in self.guest_pids():
+            os.kill(pid, signal.SIGKILL)
+            stopped.append(f"guest {pid}")
+        for name in nodes:
+            shutil.rmtree(self.ram_dir(name), ignore_errors=True)
+        if netns.unsupported_reason() is None:
+            stopped += self._remove_namespaces()
+        return stopped
+
+    def _stop(self, components: list[str]) -> list[str]:
+        """SIGTERM ``components``, SIGKILL those still alive after STOP_TIMEOUT."""
+        stopped = []
         for comp in components:
             pid = self.pid(comp)
             if pid:
@@ -602,11 +647,4 @@ class Lab:
                 time.sleep(0.05)
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        for pid in self.guest_pids():
-            os.kill(pid, signal.SIGKILL)
-            stopped.append(f"guest {pid}")
-        for name in nodes:
-            shutil.rmtree(self.ram_dir(name), ignore_errors=True)
-        if netns.unsupported_reason() is None:
-            stopped += self._remove_namespaces()
         return stopped

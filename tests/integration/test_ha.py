@@ -1,0 +1,144 @@
+"""A replicated control plane (``lab up --ha``: 3 etcd members, 3 controller replicas):
+the leading controller SIGKILLed during a migration together with an etcd member, and a
+watcher whose replica dies. Skipped, saying why, without etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_failures import _start_slow_migration
+from tests.support.lab import LabHarness, vm_manifest
+from vmferry.client import ApiClient
+from vmferry.config import ClientConfig
+from vmferry.errors import Gone, Unavailable
+from vmferry.lab.etcd import etcd_binary, missing_reason
+
+LEASE = ("lease", "vmferry-controller", "openshift-cnv")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHarness]:
+    if etcd_binary() is None:
+        pytest.skip(missing_reason())
+    harness = LabHarness(Path(tmp_path_factory.mktemp("halab")))
+    harness.up(nodes=2, ha=True)
+    try:
+        yield harness
+    finally:
+        harness.down()
+
+
+def holder(lab: LabHarness) -> str:
+    lease = lab.try_get(LEASE[0], LEASE[1], LEASE[2])
+    return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+
+
+@pytest.mark.timeout(150)
+def test_leader_and_an_etcd_member_killed_mid_migration(lab: LabHarness) -> None:
+    lab.apply(vm_manifest("ha-vm", memory="128Mi", dirty_rate="4Mi"))
+    uid = lab.wait_vmi_running("ha-vm")["metadata"]["uid"]
+    leader = lab.wait_for("a leader", lambda: holder(lab), timeout=30)
+    name, source, target = _start_slow_migration(lab, "ha-vm")
+    member = "etcd-2"
+    try:
+        lab.cli("lab", "kill", leader)
+        killed = time.monotonic()
+        lab.cli("lab", "kill", member)
+        successor = lab.wait_for(
+            "a new leader", lambda: (h := holder(lab)) and h != leader and h, timeout=30
+        )
+        took = time.monotonic() - killed
+        print(f"\nnew leader {successor} {took:.2f} s after SIGKILL of {leader} (+ {member})")
+        assert took < 12, f"the new leader took {took:.1f} s"
+        vmim = lab.wait_vmim_final(name, timeout=120)
+        phase = vmim["status"]["phase"]
+        if phase == "Failed":
+            assert vmim["status"]["migrationState"]["failureReason"]
+        expected = target if phase == "Succeeded" else source
+        assert lab.get("vmi", "ha-vm")["status"]["nodeName"] == expected
+        guests = lab.wait_for(
+            "exactly one guest", lambda: (g := lab.guests(uid)) and len(g) == 1 and g
+        )
+        assert guests[0][0] == expected
+    finally:
+        lab.set_live_migration_config(bandwidthPerMigration="0")
+        for component in (leader, member):
+            if lab.lab.pid(component) is None:
+                lab.cli("lab", "start", component)
+    lab.cli("delete", "vm", "ha-vm")
+
+
+@pytest.mark.timeout(90)
+def test_a_watcher_resumes_at_its_resource_version_across_a_replica_kill(
+    lab: LabHarness,
+) -> None:
+    config = ClientConfig.load(Path(lab.env["VMFERRY_CONFIG"]))
+    first = config.server.split(",")[0]  # the client's channel starts on the first replica
+    replica = next(
+        name for name, port in lab.info()["ha"]["controllers"].items() if first.endswith(f":{port}")
+    )
+    names = [f"cm-{i}" for i in range(20)]
+
+    async def main() -> tuple[list[tuple[str, str, int]], bool]:
+        seen: list[tuple[str, str, int]] = []
+        relisted = False
+        async with ApiClient(config, timeout=10) as api:
+            _, rv = await api.list("ConfigMap", "default")
+
+            async def watcher() -> None:
+                nonlocal rv, relisted
+                while not {n for _, n, _ in seen} >= set(names):
+                    try:
+                        async for kind, obj in api.watch(
+                            "ConfigMap", "default", resource_version=rv
+                        ):
+                            rv = obj["metadata"]["resourceVersion"]
+                            seen.append((kind, obj["metadata"]["name"], int(rv)))
+                            if {n for _, n, _ in seen} >= set(names):
+                                return
+                    except Gone:
+                        relisted = True
+                        _, rv = await api.list("ConfigMap", "default")
+                    except Unavailable:
+                        await asyncio.sleep(0.1)
+
+            async def writer() -> None:
+                for i, name in enumerate(names):
+                    if i == 10:
+                        await asyncio.to_thread(lab.cli, "lab", "kill", replica)
+                    for _attempt in range(50):
+                        try:
+                            await api.create(
+                                {
+                                    "apiVersion": "v1",
+                                    "kind": "ConfigMap",
+                                    "metadata": {"name": name, "namespace": "default"},
+                                    "data": {"i": str(i)},
+                                }
+                            )
+                            break
+                        except Unavailable:
+                            await asyncio.sleep(0.1)
+
+            async with asyncio.timeout(60):
+                await asyncio.gather(watcher(), writer())
+            for name in names:
+                await api.delete("ConfigMap", "default", name)
+        return seen, relisted
+
+    try:
+        seen, relisted = asyncio.run(main())
+    finally:
+        if lab.lab.pid(replica) is None:
+            lab.cli("lab", "start", replica)
+    if not relisted:  # resumed at its resourceVersion: every change exactly once, in order
+        assert [n for _, n, _ in seen] == names, seen
+        assert all(kind == "ADDED" for kind, _, _ in seen)
+        rvs = [rv for _, _, rv in seen]
+        assert rvs == sorted(set(rvs))
+    print(f"\nwatcher {'re-listed' if relisted else 'resumed at its resourceVersion'}")
