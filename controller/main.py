@@ -23,6 +23,7 @@ from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
+from controller.events import DEFAULT_EVENT_TTL, EventExpiry
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
 from controller.metrics import ControllerMetrics
@@ -52,6 +53,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "cert": str,
     "key": str,
     "node_grace_seconds": (int, float),
+    "event_ttl_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
     "audit_log": str,
@@ -63,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
     "data_dir": "/var/lib/vmferry/controller",
     "node_grace_seconds": 10.0,
+    "event_ttl_seconds": DEFAULT_EVENT_TTL,  # kube-apiserver's --event-ttl (1h)
     "log_level": "info",
     "insecure_plaintext": False,
     "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
@@ -87,6 +90,11 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         type=float,
         help="a node silent this long goes NotReady (default 10)",
     )
+    p.add_argument(
+        "--event-ttl-seconds",
+        type=float,
+        help="delete Events not seen for this long (default 3600, kube-apiserver's --event-ttl)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
     p.add_argument("--console-listen", help="host:port for the web console (empty: off)")
@@ -106,7 +114,10 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="serve without TLS (tests only; never in production)",
     )
     args = p.parse_args(argv)
-    return daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
+    config = daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
+    if float(config["event_ttl_seconds"]) <= 0:
+        p.error(f"event_ttl_seconds must be positive, not {config['event_ttl_seconds']}")
+    return config
 
 
 async def bootstrap(store: Store) -> None:
@@ -229,6 +240,7 @@ async def _serve_started(
                 ),
                 tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
                 tg.create_task(run_forklift(store, Path(config["data_dir"]))),
+                tg.create_task(EventExpiry(store, float(config["event_ttl_seconds"])).run()),
             ]
             if console is not None:
                 tasks.append(tg.create_task(console.run()))

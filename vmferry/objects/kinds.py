@@ -80,6 +80,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("RoleBinding", RBAC, "rolebindings", True),
     # A daemon's heartbeat (a sync controller's, vmferry.decentralized.SYNC_LEASE_PREFIX).
     Kind("Lease", COORDINATION, "leases", True),
+    # What happened to an object, for `describe` (vmferry.events records them).
+    Kind("Event", "v1", "events", True, ("ev",)),
     # Read-only views of the running daemons (controller/pods.py); never stored.
     Kind("Pod", "v1", "pods", True, ("po",)),
 )
