@@ -144,9 +144,10 @@ def new_event(
     component: str,
     host: str,
     now: float,
+    name_ns: int | None = None,
 ) -> Obj:
     """A fresh Event object (count 1), named ``<involved name>.<nanoseconds hex>`` as
-    client-go names them."""
+    client-go names them (``name_ns``: those nanoseconds, default ``now``'s)."""
     stamp = timestamp(now)
     source: Obj = {"component": component}
     if host:
@@ -155,7 +156,7 @@ def new_event(
         "apiVersion": "v1",
         "kind": EVENT_KIND,
         "metadata": {
-            "name": f"{involved.name}.{int(now * 1e9):x}",
+            "name": f"{involved.name}.{name_ns if name_ns is not None else int(now * 1e9):x}",
             "namespace": event_namespace(involved),
         },
         "involvedObject": involved.as_dict(),
@@ -189,6 +190,7 @@ class EventRecorder:
         self._queue: asyncio.Queue[tuple[_Key, float]] = asyncio.Queue(QUEUE_SIZE)
         self._cache: OrderedDict[_Key, Obj] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
+        self._last_ns = 0  # names are unique per recorder even when the clock stands still
         self.dropped = 0  # events lost to a full queue
         self.failed = 0  # writes the API refused or could not take
 
@@ -263,6 +265,7 @@ class EventRecorder:
                 # Expired (TTL) or changed elsewhere: start a new series, as the
                 # correlator does when its patch fails.
                 self._cache.pop(key, None)
+        self._last_ns = max(int(when * 1e9), self._last_ns + 1)
         created = await self.writer.create(
             new_event(
                 key.involved,
@@ -272,6 +275,7 @@ class EventRecorder:
                 component=self.component,
                 host=self.host,
                 now=when,
+                name_ns=self._last_ns,
             )
         )
         self._remember(key, created)
