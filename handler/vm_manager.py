@@ -34,6 +34,7 @@ from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
+from handler.vm_pause import PauseKeeper
 from handler.vm_postcopy import PostCopyKeeper
 from vmferry import pki
 from vmferry.client import ApiClient
@@ -73,6 +74,7 @@ class VMManager:
         self.api = api
         self.node = node_name
         self.events = events or EventRecorder(api, COMPONENT, node_name)
+        self.pause = PauseKeeper(api, self.events)
         self.drivers = drivers
         self.vmis = vmis
         self.incoming = incoming
@@ -186,6 +188,13 @@ class VMManager:
             if holds_source(ms, self.node) and active(ms):
                 return
             await self._guest_lost(vmi, handle)
+        elif (
+            phase == VMIPhase.RUNNING
+            and handle is not None
+            and not self._migrating(uid)
+            and not active(ms)
+        ):
+            await self.pause.reconcile(vmi, handle)  # a user's pause/unpause: vm_pause.py
 
     def _migrating(self, vmi_uid: str) -> bool:
         return any(m.vmi["metadata"]["uid"] == vmi_uid for m, _ in self.sources.values())

@@ -61,6 +61,8 @@ class Reason(StrEnum):
     STARTED = "Started"
     STOPPED = "Stopped"
     SYNC_FAILED = "SyncFailed"
+    PAUSED = "Paused"
+    RESUMED = "Resumed"
     MIGRATING = "Migrating"
     MIGRATED = "Migrated"
     PREPARING_TARGET = "PreparingTarget"

@@ -1,7 +1,8 @@
 """Issue 21 against a real lab: a failed VM start and a failed migration are explained by
 ``describe`` alone (Events and a condition), and the kubectl/virtctl habits quoted in the
 issue work against the server (global flags, ``get vm,vmi``, ``-w``'s header,
-``--dry-run=server``, ``version``, ``stop``/``start``, ``migrate-cancel``)."""
+``--dry-run=server``, ``version``, ``pause``/``unpause``, ``stop``/``start``,
+``migrate-cancel``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +157,32 @@ def test_kubectl_and_virtctl_habits_against_the_server(lab: LabHarness) -> None:
 
     version = lab.cli("version").stdout.splitlines()
     assert version[0].startswith("Client Version: v") and version[1].startswith("Server Version: v")
+
+    # pause/unpause: the guest stops ticking while the condition says Paused.
+    uid = lab.get("vmi", "habits")["metadata"]["uid"]
+    assert lab.cli("pause", "vm", "habits").stdout == "VMI habits was scheduled to pause\n"
+    lab.wait_for(
+        "the Paused condition",
+        lambda: any(
+            c["type"] == "Paused" and c["status"] == "True" and c["reason"] == "PausedByUser"
+            for c in lab.get("vmi", "habits")["status"]["conditions"]
+        ),
+        timeout=30,
+    )
+    guest_dir = lab.guests(uid)[0][1]["dir"]
+    frozen = lab.console_ticks(guest_dir)
+    time.sleep(0.5)
+    assert lab.console_ticks(guest_dir) == frozen, "a paused guest does not tick"
+    twice = lab.cli("pause", "vmi", "habits", check=False)
+    assert twice.stderr == (
+        "error: Error pausing VirtualMachineInstance habits: Operation cannot be fulfilled on "
+        'virtualmachineinstance.kubevirt.io "habits": VMI is already paused\n'
+    )
+    assert lab.cli("unpause", "vmi", "habits").stdout == "VMI habits was scheduled to unpause\n"
+    lab.wait_for(
+        "the guest ticking again", lambda: len(lab.console_ticks(guest_dir)) > len(frozen), 30
+    )
+    assert "Paused" not in [c["type"] for c in lab.get("vmi", "habits")["status"]["conditions"]]
 
     cancel = lab.cli("migrate-cancel", "habits", check=False)
     assert (cancel.returncode, cancel.stderr) == (

@@ -214,3 +214,22 @@ def test_virtctl_verbs_refuse_with_virtctls_words() -> None:
     assert vm_cmd.refusal(vm_cmd.Verb.RESTART, _vm_obj("Always"), RUNNING_VMI) is None
     legacy = {"metadata": {"name": "vm1"}, "spec": {"running": True}}
     assert vm_cmd.refusal(vm_cmd.Verb.START, legacy, RUNNING_VMI) is not None
+
+
+def test_pause_and_unpause_refuse_with_virt_apis_words() -> None:
+    def vmi_obj(phase: str, paused: bool) -> Obj:
+        annotations = {kinds.PAUSE_ANNOTATION: "true"} if paused else {}
+        return {"metadata": {"name": "vm1", "annotations": annotations}, "status": {"phase": phase}}
+
+    conflict = 'Operation cannot be fulfilled on virtualmachineinstance.kubevirt.io "vm1": '
+    assert (
+        vm_cmd.pause_refusal(True, vmi_obj("Running", True)) == conflict + "VMI is already paused"
+    )
+    assert vm_cmd.pause_refusal(False, vmi_obj("Running", False)) == conflict + "VMI is not paused"
+    assert (
+        vm_cmd.pause_refusal(True, vmi_obj("Scheduled", False)) == conflict + "VMI is not running"
+    )
+    assert vm_cmd.pause_refusal(True, vmi_obj("Running", False)) is None
+    assert vm_cmd.pause_refusal(False, vmi_obj("Running", True)) is None
+    args = args_of("pause", "vm", "vm1", "-n", "seed")
+    assert (args.type, args.name, args.namespace) == ("vm", "vm1", "seed")

@@ -120,3 +120,6 @@ SYSTEM_NAMESPACE = "openshift-cnv"
 HYPERCONVERGED_NAME = "kubevirt-hyperconverged"
 MTV_NAMESPACE = "openshift-mtv"  # the ForkliftController singleton's namespace (12.4.2)
 FORKLIFT_CONTROLLER_NAME = "forklift-controller"
+# "true" on a VMI: its user paused it (`vmferry pause`); the handler running it keeps the
+# guest paused and reports the condition Paused (handler/vm_pause.py).
+PAUSE_ANNOTATION = "vmferry.io/paused"
