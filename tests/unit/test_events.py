@@ -127,7 +127,7 @@ def test_an_expired_series_starts_again_and_api_failures_never_reach_the_caller(
         await rec.close()
         return writer, rec
 
-    writer, rec = asyncio.run(go())
+    _, rec = asyncio.run(go())
     assert rec.failed == 2
 
 
@@ -353,8 +353,8 @@ def test_describe_ends_with_the_events_table_like_kubectl() -> None:
     text = printers.describe(
         vmi(),
         kind,
-        EVENTS
-        + [
+        [
+            *EVENTS,
             _shown("Other", "x", "", "", 1)
             | {
                 "involvedObject": {
@@ -362,7 +362,7 @@ def test_describe_ends_with_the_events_table_like_kubectl() -> None:
                     "namespace": "default",
                     "name": "vm2",
                 }
-            }
+            },
         ],
         now=NOW,
     )
@@ -407,7 +407,9 @@ def test_field_selectors_as_kubectl_reads_them() -> None:
     assert events_view.select(EVENTS, events_view.parse_field_selector("reason==Started")) == [
         EVENTS[1]
     ]
-    with pytest.raises(BadRequest, match='invalid field selector: "involvedObject.name": expected'):
+    with pytest.raises(
+        BadRequest, match=r'invalid field selector: "involvedObject\.name": expected'
+    ):
         events_view.parse_field_selector("involvedObject.name")
     with pytest.raises(BadRequest, match="the field is empty"):
         events_view.parse_field_selector("=vm1")
