@@ -536,6 +536,7 @@ class SenderReconciler(HalfReconciler):
             reason=reason,
             ms=record,
             abort_status=abort_status,
+            events=self.events,
         ):
             self._went(vmim)
 
@@ -578,7 +579,13 @@ class SenderReconciler(HalfReconciler):
             advance(SENDER_TRANSITIONS, vmim["status"], MigrationPhase.SCHEDULED, self.clock)
         await self._publish(vmim, None, phase=str(MigrationPhase.SUCCEEDED), token="")
         if await finish(
-            self.api, SENDER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=record
+            self.api,
+            SENDER_TRANSITIONS,
+            vmim,
+            MigrationPhase.SUCCEEDED,
+            self.clock,
+            ms=record,
+            events=self.events,
         ):
             self._went(vmim)
 
