@@ -6,8 +6,8 @@ service-account bearer token) and authorized before anything is stored:
 
 - node identities (``system:node:<name>``) by the node authorizer: they may read
   everything but Secrets (except, with ``get``, the stream-token Secret of a migration in
-  flight whose source or target they are), and write only their own Node and the
-  VMIs/VMIMs bound to them now (``node_binding``);
+  flight whose source or target they are), and write only their own Node, the
+  VMIs/VMIMs bound to them now (``node_binding``) and Events in their own name;
 - everyone else by RBAC (``controller.rbac``), reading the RBAC objects from the store,
   so a binding is in force as soon as its create returns. Writing a role or a binding
   also passes the escalation check; writing a service-account token Secret also needs
@@ -66,6 +66,7 @@ from vmferry.migration_state import (
 )
 from vmferry.objects import kinds, labels, limits, patch, schema
 from vmferry.rpc import api_pb2, api_pb2_grpc
+from vmferry.version import BuildInfo
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class NodeAuthorizer:
                     "may not set or change it",
                 )
             return rbac.Decision(True, "Node: a node may change its own Node")
+        if kind == "events" and request.verb in ("create", "update", "patch"):
+            return self._check_event_write(node, request, current, new)
         if kind in ("virtualmachineinstances", "virtualmachineinstancemigrations") and (
             request.verb in ("update", "patch")
         ):
@@ -208,6 +211,23 @@ class NodeAuthorizer:
             f"{request.describe()}: a node may only change its own Node and the virtual "
             "machines running on it or of a migration in flight from or to it",
         )
+
+    @staticmethod
+    def _check_event_write(
+        node: str, request: rbac.Request, current: Obj | None, new: Obj | None
+    ) -> rbac.Decision:
+        """A node records Events (as Kubernetes' node authorizer lets kubelets), in its own
+        name only: ``source.host`` of the Event it writes, and of the one it changes, is
+        the node."""
+        for obj in (current, new):
+            host = ((obj or {}).get("source") or {}).get("host")
+            if obj is not None and host != node:
+                return rbac.Decision(
+                    False,
+                    f"{request.describe()}: a node may only record events with source.host "
+                    f"{node!r} (not {host!r})",
+                )
+        return rbac.Decision(True, "Node: a node records its own events")
 
     @staticmethod
     def _check_secret_read(
@@ -609,7 +629,9 @@ class ApiService(api_pb2_grpc.ApiServicer):
         result: api_pb2.ListReply = await self._guard(context, "list", run)
         return result
 
-    async def _write(self, who: pki.Identity, obj: Obj, subresource: str, verb: str) -> Obj:
+    async def _write(
+        self, who: pki.Identity, obj: Obj, subresource: str, verb: str, dry_run: bool = False
+    ) -> Obj:
         if subresource not in ("", "status"):
             raise BadRequest(f'unknown subresource "{subresource}" (only "status" is served)')
         kind, obj = self._prepare(obj)
@@ -625,6 +647,17 @@ class ApiService(api_pb2_grpc.ApiServicer):
             await self._check_escalation(who, obj)
         with _stage("admission"):
             await self.admission.admit_update(current, obj, subresource)
+        if dry_run:  # validated, authorized and admitted: what would be stored
+            if obj["metadata"].get("resourceVersion") not in (
+                None,
+                "",
+                current["metadata"].get("resourceVersion"),
+            ):
+                raise Conflict(
+                    f'Operation cannot be fulfilled on {kind.resource} "{name}": the object '
+                    "has been modified; please apply your changes to the latest version and try again"
+                )
+            return obj
         written = await self.store.update(obj, subresource=subresource or None)
         if _records_commit(current, written):
             failpoints.hit(Step.CONTROLLER_COMMITTED)
@@ -636,7 +669,7 @@ class ApiService(api_pb2_grpc.ApiServicer):
         async def run(who: pki.Identity) -> api_pb2.ObjectReply:
             raw = _load(request.object_json, "object")
             _note_object(who, "update", raw)
-            obj = await self._write(who, raw, request.subresource, "update")
+            obj = await self._write(who, raw, request.subresource, "update", request.dry_run)
             return api_pb2.ObjectReply(object_json=_dump(obj))
 
         result: api_pb2.ObjectReply = await self._guard(context, "update", run)
@@ -674,7 +707,9 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 # A stale precondition fails in the store's write, after the authorizer.
                 patched["metadata"]["resourceVersion"] = request.resource_version or rv
                 try:
-                    obj = await self._write(who, patched, request.subresource, "patch")
+                    obj = await self._write(
+                        who, patched, request.subresource, "patch", request.dry_run
+                    )
                     return api_pb2.ObjectReply(object_json=_dump(obj))
                 except Conflict:
                     if request.resource_version or attempt == PATCH_RETRIES - 1:
@@ -697,6 +732,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
             await self._authorize(who, "delete", kind, ns, request.ref.name, current)
             with _stage("admission"):
                 await self.admission.admit_delete(current)
+            if request.dry_run:
+                return api_pb2.ObjectReply(object_json=_dump(current))
             obj = await self.store.delete(
                 kind.kind,
                 ns,
@@ -782,4 +819,16 @@ class ApiService(api_pb2_grpc.ApiServicer):
             return api_pb2.WhoAmIReply(user=who.user, groups=list(who.groups))
 
         result: api_pb2.WhoAmIReply = await self._guard(context, "whoami", run)
+        return result
+
+    async def Version(
+        self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.VersionReply:
+        async def run(who: pki.Identity) -> api_pb2.VersionReply:
+            info = BuildInfo.here()
+            return api_pb2.VersionReply(
+                version=info.version, python_version=info.python_version, platform=info.platform
+            )
+
+        result: api_pb2.VersionReply = await self._guard(context, "version", run)
         return result

@@ -24,6 +24,7 @@ from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
+from controller.events import DEFAULT_EVENT_TTL, EventExpiry
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
 from controller.ha import Replication
@@ -54,6 +55,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "cert": str,
     "key": str,
     "node_grace_seconds": (int, float),
+    "event_ttl_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
     "audit_log": str,
@@ -66,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
     "data_dir": "/var/lib/vmferry/controller",
     "node_grace_seconds": 10.0,
+    "event_ttl_seconds": DEFAULT_EVENT_TTL,  # kube-apiserver's --event-ttl (1h)
     "log_level": "info",
     "insecure_plaintext": False,
     "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
@@ -91,6 +94,11 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         type=float,
         help="a node silent this long goes NotReady (default 10)",
     )
+    p.add_argument(
+        "--event-ttl-seconds",
+        type=float,
+        help="delete Events not seen for this long (default 3600, kube-apiserver's --event-ttl)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
     p.add_argument("--console-listen", help="host:port for the web console (empty: off)")
@@ -111,7 +119,10 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     )
     ha.add_arguments(p)
     args = p.parse_args(argv)
-    return daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
+    config = daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
+    if float(config["event_ttl_seconds"]) <= 0:
+        p.error(f"event_ttl_seconds must be positive, not {config['event_ttl_seconds']}")
+    return config
 
 
 async def bootstrap(store: Store) -> None:
@@ -241,6 +252,7 @@ async def _serve_started(
                         NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run(),
                         run_rbac_reconcilers(store, signer, _ca_pem(config)),
                         run_forklift(store, Path(config["data_dir"])),
+                        EventExpiry(store, float(config["event_ttl_seconds"])).run(),
                     ):
                         work.create_task(reconciler)
 

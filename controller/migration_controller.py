@@ -42,6 +42,8 @@ from typing import Any
 
 from controller import migration_queue, migration_token, policy, scheduler
 from controller.admission import is_decentralized
+from controller.events import controller_recorder
+from controller.migration_events import MigrationEvents
 from controller.network_controller import (
     REASON_NODES_NOT_READY,
     NetworkUnusable,
@@ -51,6 +53,7 @@ from controller.network_controller import (
 from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
 from vmferry.errors import Conflict, NotFound
+from vmferry.events import EventRecorder
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE, nad_key, not_ready_reason
 from vmferry.migration_state import (
@@ -110,8 +113,10 @@ class MigrationController:
         hco: Informer,
         *,
         clock: Callable[[], float] = time.time,
+        recorder: EventRecorder | None = None,
     ) -> None:
         self.store = store
+        self.events = MigrationEvents(recorder or controller_recorder(store, clock=clock))
         self.vmims = vmims
         self.vmis = vmis
         self.nodes = nodes
@@ -246,9 +251,11 @@ class MigrationController:
         decision = migration_queue.admit(vmim, all_vmims, vmis, self.cluster_config())
         if not decision.start:
             log.info("vmim %s: waiting: %s", vmim["metadata"]["name"], decision.reason)
+            self.events.waiting(vmim, decision.reason)
             return
         set_phase(vmim["status"], MigrationPhase.SCHEDULING, self.clock)
         await write_status(self.store, vmim)
+        self.events.phase(vmim, MigrationPhase.SCHEDULING)
 
     async def _schedule(self, vmim: Obj, vmi: Obj) -> None:
         """Scheduling -> Scheduled: place the target, then the hand-off in its three
@@ -303,6 +310,7 @@ class MigrationController:
                 status, "TargetSchedulable", False, "Unschedulable", message
             ):
                 await write_status(self.store, vmim)
+                self.events.unschedulable(vmim, message)
             self._requeue_later(vmim)
             return
         uid = vmim["metadata"]["uid"]
@@ -362,6 +370,7 @@ class MigrationController:
         set_phase(status, MigrationPhase.SCHEDULED, self.clock)
         status["migrationState"] = mirror_of(ms)
         await write_status(self.store, vmim)
+        self.events.phase(vmim, MigrationPhase.SCHEDULED)
 
     async def _follow_target(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> None:
         """Scheduled -> PreparingTarget -> TargetReady -> Running, as the handlers report;
@@ -393,6 +402,8 @@ class MigrationController:
         status["migrationState"] = mirror_of(raw(vmi))
         if status != before:
             await write_status(self.store, vmim)
+            if status.get("phase") != before.get("phase"):
+                self.events.phase(vmim, MigrationPhase.of(vmim), vmi=vmi)
 
     async def _complete_handed_off(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> bool:
         """The monitor's part of finishing a migration after the decision: a pre-copy
@@ -431,13 +442,16 @@ class MigrationController:
             self.queue.add((vmim["metadata"]["namespace"], vmim["metadata"]["name"]))
             return True
         self._handed_off_since.pop(uid, None)
+        self.events.repaired(vmim, ms.target_node)
         return True
 
     async def _mirror(self, vmim: Obj, ms: Obj) -> None:
         mirror = mirror_of(ms)
-        if vmim["status"].get("migrationState") != mirror:
+        before = vmim["status"].get("migrationState") or {}
+        if before != mirror:
             vmim["status"]["migrationState"] = mirror
             await write_status(self.store, vmim)
+            self.events.mirrored(vmim, before, mirror)
 
     async def _cancel(self, vmim: Obj, vmi: Obj, ours: bool) -> None:
         """Deletion of a VMIM that has not finished: abort it where it stands."""
@@ -461,6 +475,7 @@ class MigrationController:
             ms[Field.ABORT_REQUESTED] = True
             ms[Field.ABORT_STATUS] = AbortStatus.ABORTING
             await write_status(self.store, vmi)
+            self.events.abort_requested(vmim)
         await self._mirror(vmim, ms)
 
     async def _fail_before_start(
@@ -511,6 +526,8 @@ class MigrationController:
         set_phase(status, phase, self.clock)
         log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
         vmim = await write_status(self.store, vmim)
+        vmi = self.vmis.get(vmim["metadata"]["namespace"], vmim["spec"].get("vmiName", ""))
+        self.events.phase(vmim, phase, vmi=vmi, reason=reason, abort_status=abort_status)
         if vmim["metadata"].get("deletionTimestamp"):
             await self._remove_finalizer(vmim)
         await self._collect_garbage(vmim)

@@ -11,9 +11,11 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
+from controller.events import controller_recorder
 from controller.objects import write_status
 from controller.store import Store
 from vmferry.errors import Conflict, NotFound
+from vmferry.events import EventRecorder, Reason
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,12 @@ CHECK_INTERVAL = 1.0  # s between sweeps
 
 
 class NodeMonitor:
-    def __init__(self, store: Store, *, grace_seconds: float) -> None:
+    def __init__(
+        self, store: Store, *, grace_seconds: float, recorder: EventRecorder | None = None
+    ) -> None:
         self.store = store
         self.grace = grace_seconds
+        self.events = recorder or controller_recorder(store)
 
     async def run(self) -> None:
         while True:
@@ -55,4 +60,8 @@ class NodeMonitor:
             try:
                 await write_status(self.store, node)
             except (Conflict, NotFound):
-                pass  # the handler just wrote: it is alive, or the node is gone
+                continue  # the handler just wrote: it is alive, or the node is gone
+            # The node lifecycle controller's words.
+            self.events.normal(
+                node, Reason.NODE_NOT_READY, f"Node {name} status is now: NodeNotReady"
+            )

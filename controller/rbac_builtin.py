@@ -135,6 +135,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
             _rule([""], ["configmaps", "serviceaccounts"], READ_VERBS),
             _rule([""], ["namespaces"], READ_VERBS),
             _rule([""], ["pods"], READ_VERBS),
+            _rule([""], ["events"], READ_VERBS),  # as Kubernetes' view: what happened
         ],
         labels=_aggregate_to("view"),
     ),
@@ -176,6 +177,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
             _rule([""], ["nodes", "namespaces", "configmaps", "pods"], READ_VERBS),
             _rule([""], ["secrets"], [*READ_VERBS, *_SYNC_WRITES]),
             _rule([_LEASE_GROUP], [_LEASES], [*READ_VERBS, *_SYNC_WRITES]),
+            _rule([""], ["events"], [*READ_VERBS, "create", "update", "patch"]),
             _rule([_HCO_GROUP], [_HCOS], READ_VERBS),
             _rule([_HCO_GROUP], [f"{_HCOS}/status"], ["get", "update", "patch"]),
             _rule([_NAD_GROUP], [_NADS], READ_VERBS),

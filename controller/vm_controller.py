@@ -22,6 +22,7 @@ import copy
 import logging
 from typing import Any
 
+from controller.events import controller_recorder
 from controller.objects import set_phase, write_status
 from controller.store import Store
 from vmferry.decentralized import (
@@ -29,7 +30,8 @@ from vmferry.decentralized import (
     RUN_STRATEGY_WAIT_AS_RECEIVER,
     Role,
 )
-from vmferry.errors import AlreadyExists, Conflict, NotFound
+from vmferry.errors import AlreadyExists, ApiError, Conflict, NotFound
+from vmferry.events import EventRecorder, Reason
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import (
     VMI_FINAL_PHASES,
@@ -53,9 +55,15 @@ WAITING_FOR_RECEIVER = "WaitingForReceiver"
 
 class VMController:
     def __init__(
-        self, store: Store, vms: Informer, vmis: Informer, vmims: Informer | None = None
+        self,
+        store: Store,
+        vms: Informer,
+        vmis: Informer,
+        vmims: Informer | None = None,
+        recorder: EventRecorder | None = None,
     ) -> None:
         self.store = store
+        self.events = recorder or controller_recorder(store)
         self.vms = vms
         self.vmis = vmis
         self.vmims = vmims
@@ -242,6 +250,11 @@ class VMController:
             vmi["status"] = status
         try:
             created = await self.store.create(vmi)
+            self.events.normal(
+                vm,
+                Reason.SUCCESSFUL_CREATE,  # KubeVirt's words
+                f"Started the virtual machine by creating the new virtual machine instance {meta['name']}",
+            )
             log.info(
                 "vm %s/%s: created its VMI%s",
                 meta["namespace"],
@@ -251,17 +264,27 @@ class VMController:
             return created
         except AlreadyExists:
             return None
+        except ApiError as e:
+            self.events.warning(
+                vm,
+                Reason.FAILED_CREATE,
+                f"Failed to create virtual machine instance {meta['name']}: {e.message}",
+            )
+            raise
 
     async def _delete(self, vmi: Obj) -> None:
+        ns, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
         try:
-            await self.store.delete(
-                "VirtualMachineInstance",
-                vmi["metadata"]["namespace"],
-                vmi["metadata"]["name"],
-                uid=vmi["metadata"]["uid"],
-            )
+            await self.store.delete("VirtualMachineInstance", ns, name, uid=vmi["metadata"]["uid"])
         except NotFound:
-            pass
+            return
+        vm = self.vms.get(ns, name)
+        if vm is not None:
+            self.events.normal(
+                vm,
+                Reason.SUCCESSFUL_DELETE,  # KubeVirt's words
+                f"Stopped the virtual machine by deleting the virtual machine instance {vmi['metadata']['uid']}",
+            )
 
     async def _update_status(self, vm: Obj, vmi: Obj | None) -> None:
         status = copy.deepcopy(vm.get("status") or {})

@@ -34,10 +34,12 @@ from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
+from handler.vm_pause import PauseKeeper
 from handler.vm_postcopy import PostCopyKeeper
 from vmferry import pki
 from vmferry.client import ApiClient
-from vmferry.errors import Conflict, NotFound
+from vmferry.errors import ApiError, Conflict, NotFound
+from vmferry.events import EventRecorder, Reason
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import Field, MigrationMode, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 FINALIZER = "vmferry.io/handler"
+COMPONENT = "vmferry-handler"  # the source.component of the handlers' Events
+# The VMI condition a guest that cannot start reports (KubeVirt's Synchronized: False,
+# reason SyncFailed, with virt-handler's error as its message).
+SYNC_CONDITION = "Synchronized"
 PROGRESS_RETENTION = 900.0  # s a finished migration's progress stays (metrics read it)
 GUEST_CHECK_INTERVAL = 2.0  # s between liveness checks of local guests
 
@@ -63,9 +69,12 @@ class VMManager:
         migration_endpoint: MigrationEndpoint,
         state_dir: Path,
         peers: PeerRegistry | None = None,
+        events: EventRecorder | None = None,
     ) -> None:
         self.api = api
         self.node = node_name
+        self.events = events or EventRecorder(api, COMPONENT, node_name)
+        self.pause = PauseKeeper(api, self.events)
         self.drivers = drivers
         self.vmis = vmis
         self.incoming = incoming
@@ -179,6 +188,13 @@ class VMManager:
             if holds_source(ms, self.node) and active(ms):
                 return
             await self._guest_lost(vmi, handle)
+        elif (
+            phase == VMIPhase.RUNNING
+            and handle is not None
+            and not self._migrating(uid)
+            and not active(ms)
+        ):
+            await self.pause.reconcile(vmi, handle)  # a user's pause/unpause: vm_pause.py
 
     def _migrating(self, vmi_uid: str) -> bool:
         return any(m.vmi["metadata"]["uid"] == vmi_uid for m, _ in self.sources.values())
@@ -190,7 +206,13 @@ class VMManager:
         if FINALIZER not in meta.get("finalizers", []):
             meta.setdefault("finalizers", []).append(FINALIZER)
             vmi = await self.api.update(vmi)
-        handle = await self.drivers.for_vmi(vmi).start_vmi(meta["uid"], vmi)
+        try:
+            handle = await self.drivers.for_vmi(vmi).start_vmi(meta["uid"], vmi)
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await self._start_failed(vmi, e)
+            raise  # the work queue retries with backoff; the event counts the attempts
         spec = handle.spec
         self.handles[meta["uid"]] = handle
         log.info(
@@ -201,6 +223,23 @@ class VMManager:
             spec.memory_bytes >> 20,
         )
         await self._set_running(vmi, handle)
+        self.events.normal(vmi, Reason.STARTED, "VirtualMachineInstance started.")
+
+    async def _start_failed(self, vmi: Obj, error: Exception) -> None:
+        """The guest did not start: a Warning event and the VMI's Synchronized condition
+        name the cause (it stays Scheduled; the next attempt may succeed)."""
+        message = f"failed to start the guest on node {self.node}: {error}"
+        self.events.warning(vmi, Reason.SYNC_FAILED, message)
+        status = vmi.setdefault("status", {})
+        if conditions.set_condition(status, SYNC_CONDITION, False, Reason.SYNC_FAILED, message):
+            try:
+                await self.api.update(vmi, subresource="status")
+            except ApiError as e:
+                log.warning(
+                    "vmi %s: could not record the start failure: %s",
+                    vmi["metadata"]["name"],
+                    e.message,
+                )
 
     async def _set_running(self, vmi: Obj, handle: VMHandle) -> None:
         while True:
@@ -208,6 +247,8 @@ class VMManager:
             status["nodeName"] = self.node
             conditions.set_phase(status, VMIPhase.RUNNING)
             conditions.set_condition(status, "Ready", True, "GuestRunning", "")
+            if conditions.get(vmi, SYNC_CONDITION) is not None:  # an earlier start failed
+                conditions.set_condition(status, SYNC_CONDITION, True, "", "")
             conditions.set_condition(
                 status,
                 "LiveMigratable",
@@ -241,6 +282,9 @@ class VMManager:
             status, "Ready", False, "GuestProcessExited", "the guest process exited or was killed"
         )
         await self.api.update(vmi, subresource="status")
+        self.events.warning(
+            vmi, Reason.STOPPED, f"The guest process on node {self.node} exited or was killed"
+        )
 
     async def _delete(self, vmi: Obj) -> None:
         uid = vmi["metadata"]["uid"]

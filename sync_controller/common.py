@@ -20,11 +20,13 @@ from typing import Any, Protocol, cast
 
 from controller import policy
 from controller.migration_controller import FINALIZER, RECHECK_INTERVAL, mirror_of
+from controller.migration_events import MigrationEvents
 from controller.objects import set_phase
 from controller.store import Store
 from sync_controller.peer import PeerLink
 from vmferry.decentralized import FEATURE_GATE, Role, SyncState, gate_enabled
 from vmferry.errors import Conflict, NotFound
+from vmferry.events import EventRecorder, EventWriter
 from vmferry.informer import Informer, Key, Source, WorkQueue
 from vmferry.migration_state import (
     LIVE_MIGRATION_DEFAULTS,
@@ -37,6 +39,8 @@ from vmferry.migration_state import (
 from vmferry.objects import conditions, kinds
 
 log = logging.getLogger(__name__)
+
+COMPONENT = "vmferry-sync-controller"  # the source.component of its Events
 Obj = dict[str, Any]
 
 VMIM = "VirtualMachineInstanceMigration"
@@ -211,6 +215,7 @@ async def finish(
     ms: Obj | None = None,
     abort_status: AbortStatus | None = None,
     release: bool = True,
+    events: MigrationEvents | None = None,
 ) -> bool:
     """Write a VMIM's final ``phase`` (mirror of ``ms``, the reason in
     ``migrationState.failureReason`` as the migration controller does), then let a
@@ -228,6 +233,8 @@ async def finish(
     advance(machine, status, phase, clock)
     log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
     vmim = await api.update(vmim, subresource="status")
+    if events is not None:
+        events.phase(vmim, phase, reason=reason, abort_status=abort_status)
     if release and vmim["metadata"].get("deletionTimestamp"):
         await remove_finalizer(api, vmim)
         return True
@@ -294,6 +301,10 @@ class HalfReconciler(abc.ABC):
         self.link = link
         self.clock = clock
         self.cluster_name = cluster_name
+        # The outcome of this cluster's half, as the migration controller words it.
+        self.events = MigrationEvents(
+            EventRecorder(cast(EventWriter, api), COMPONENT, cluster_name)
+        )
         feed = source if source is not None else cast(Source, api)
         self.vmims = Informer(feed, VMIM)
         self.vmis = Informer(feed, VMI)

@@ -654,6 +654,7 @@ class ReceiverReconciler(HalfReconciler):
             reason=reason,
             ms=record if ours else None,
             abort_status=abort_status,
+            events=self.events,
         ):
             self._went(vmim)
 
@@ -672,7 +673,13 @@ class ReceiverReconciler(HalfReconciler):
         await migration_token.delete_token_secret(as_store(self.api), raw(vmi)[Field.MIGRATION_UID])
         self._publish(vmim, vmi, phase=str(MigrationPhase.SUCCEEDED), target_resumed=True)
         if await finish(
-            self.api, RECEIVER_TRANSITIONS, vmim, MigrationPhase.SUCCEEDED, self.clock, ms=raw(vmi)
+            self.api,
+            RECEIVER_TRANSITIONS,
+            vmim,
+            MigrationPhase.SUCCEEDED,
+            self.clock,
+            ms=raw(vmi),
+            events=self.events,
         ):
             self._went(vmim)
 

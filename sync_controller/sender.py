@@ -552,6 +552,7 @@ class SenderReconciler(HalfReconciler):
             ms=record,
             abort_status=abort_status,
             release=False,  # _final lets a deleted one go once the peer has the outcome
+            events=self.events,
         )
 
     async def _succeed(self, vmim: Obj, vmi: Obj | None) -> None:
@@ -600,6 +601,7 @@ class SenderReconciler(HalfReconciler):
             self.clock,
             ms=record,
             release=False,  # _final lets a deleted one go once the peer has the outcome
+            events=self.events,
         )
 
     async def _halt_vm(self, vmim: Obj, vmi: Obj | None, where: str) -> None:

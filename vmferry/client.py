@@ -20,6 +20,7 @@ from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, RequestEntityTooLarge, Unavailable, error_from_reason
 from vmferry.objects.limits import MAX_REQUEST_BYTES
 from vmferry.rpc import api_pb2, api_pb2_grpc
+from vmferry.version import BuildInfo
 
 REASON_KEY = "vmferry-reason"
 _CHANNEL_OPTIONS = grpc_options.api_channel_options()
@@ -30,15 +31,19 @@ def translate_rpc_error(e: grpc.aio.AioRpcError) -> ApiError:
     """Turn a gRPC failure into the ApiError the server meant."""
     for key, value in e.trailing_metadata() or ():
         if key == REASON_KEY:
-            return error_from_reason(str(value), e.details() or "")
+            error = error_from_reason(str(value), e.details() or "")
+            error.from_server = True
+            return error
     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"the controller is unavailable: {e.details()}")
     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
         # gRPC's own refusal of a message over the server's (or our) receive limit.
-        return RequestEntityTooLarge(
+        too_large = RequestEntityTooLarge(
             f"the request is larger than the maximum request body size of {MAX_REQUEST_BYTES} "
             f"bytes (3 MiB) ({e.details()})"
         )
+        too_large.from_server = True  # the server's gRPC layer refused it
+        return too_large
     if e.code() == grpc.StatusCode.CANCELLED:
         return Unavailable(f"the call was cancelled: {e.details()}")
     return ApiError(f"{e.code().name}: {e.details()}")
@@ -106,6 +111,11 @@ class ApiClient:
     def _ref(kind: str, namespace: str | None, name: str) -> api_pb2.ObjectRef:
         return api_pb2.ObjectRef(kind=kind, namespace=namespace or "", name=name)
 
+    async def version(self) -> BuildInfo:
+        """The server's build (``vmferry version``)."""
+        reply = await self._call(self._stub.Version, api_pb2.VersionRequest())
+        return BuildInfo(reply.version, reply.python_version, reply.platform)
+
     async def whoami(self) -> tuple[str, list[str]]:
         reply = await self._call(self._stub.WhoAmI, api_pb2.WhoAmIRequest())
         return reply.user, list(reply.groups)
@@ -134,10 +144,12 @@ class ApiClient:
         )
         return [_load(b) for b in reply.items_json], reply.resource_version
 
-    async def update(self, obj: Mapping[str, Any], *, subresource: str = "") -> dict[str, Any]:
+    async def update(
+        self, obj: Mapping[str, Any], *, subresource: str = "", dry_run: bool = False
+    ) -> dict[str, Any]:
         reply = await self._call(
             self._stub.Update,
-            api_pb2.UpdateRequest(object_json=_dump(obj), subresource=subresource),
+            api_pb2.UpdateRequest(object_json=_dump(obj), subresource=subresource, dry_run=dry_run),
         )
         return _load(reply.object_json)
 
@@ -151,6 +163,7 @@ class ApiClient:
         patch_type: str = "merge",
         subresource: str = "",
         resource_version: str = "",
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Apply a JSON (RFC 6902) or merge (RFC 7386) patch; ``patch`` is the decoded body."""
         if patch_type not in PATCH_TYPES:
@@ -163,6 +176,7 @@ class ApiClient:
                 patch_json=json.dumps(patch).encode(),
                 subresource=subresource,
                 resource_version=resource_version,
+                dry_run=dry_run,
             ),
         )
         return _load(reply.object_json)
@@ -175,11 +189,15 @@ class ApiClient:
         *,
         resource_version: str = "",
         uid: str = "",
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         reply = await self._call(
             self._stub.Delete,
             api_pb2.DeleteRequest(
-                ref=self._ref(kind, namespace, name), resource_version=resource_version, uid=uid
+                ref=self._ref(kind, namespace, name),
+                resource_version=resource_version,
+                uid=uid,
+                dry_run=dry_run,
             ),
         )
         return _load(reply.object_json)

@@ -16,6 +16,9 @@ class ApiError(Exception):
     reason = "InternalError"
     code = 500
     grpc_code = grpc.StatusCode.INTERNAL
+    # The server said so (``vmferry.client`` sets it on what the API answered): the CLI
+    # prints ``Error from server (Reason): ...`` only for those, ``error: ...`` otherwise.
+    from_server = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

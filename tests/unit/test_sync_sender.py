@@ -179,6 +179,15 @@ async def _test_happy_path_both_sides_succeed(pair: CrossCluster) -> None:
     # the receiver learned the resume; both sides forgot the migration once both ended
     assert any(s.target_resumed for s in pair.link2.history)
     assert MIGRATION_ID in pair.link1.forgotten and MIGRATION_ID in pair.link2.forgotten
+    # each half records its outcome as an Event on its VMIM (issue 21)
+    await pair.sender.events.recorder.flush()
+    await pair.receiver.events.recorder.flush()
+    for api in (pair.c1, pair.c2):
+        events, _ = await api.store.list("Event", NS)
+        assert [(e["reason"], e["source"]["component"]) for e in events] == [
+            ("SuccessfulMigration", "vmferry-sync-controller")
+        ]
+        assert events[0]["involvedObject"]["kind"] == "VirtualMachineInstanceMigration"
 
 
 async def _phase_is(pair: CrossCluster, phase: MigrationPhase) -> bool:

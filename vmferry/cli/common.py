@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,41 @@ from vmferry.config import ClientConfig, ConfigError
 from vmferry.errors import ApiError
 
 Obj = dict[str, Any]
+
+
+class DryRun(StrEnum):
+    """kubectl's ``--dry-run``: ``client`` checks here and sends nothing, ``server`` has
+    the API validate, authorize and admit the change and store nothing."""
+
+    NONE = "none"
+    CLIENT = "client"
+    SERVER = "server"
+
+    @property
+    def suffix(self) -> str:
+        """What kubectl appends to its result line (``created (server dry run)``)."""
+        return {"none": "", "client": " (dry run)", "server": " (server dry run)"}[self]
+
+
+def _dry_run(text: str) -> DryRun:
+    try:
+        return DryRun(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'Invalid dry-run value ({text}). Must be "none", "server", or "client".'
+        ) from None
+
+
+def add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        nargs="?",
+        const=DryRun.CLIENT,
+        default=DryRun.NONE,
+        type=_dry_run,
+        metavar="none|client|server",
+        help="client: only check here; server: the API checks and admits, stores nothing",
+    )
 
 
 def config_path(args: argparse.Namespace) -> Path | None:
@@ -37,6 +73,10 @@ def error(message: str) -> int:
 
 
 def server_error(e: ApiError) -> int:
+    """kubectl's prefixes: ``Error from server (Reason): ...`` for what the API answered,
+    ``error: ...`` for what went wrong here (a file, a flag, the connection)."""
+    if not e.from_server:
+        return error(e.message)
     print(f"Error from server ({e.reason}): {e.message}", file=sys.stderr)
     return 1
 

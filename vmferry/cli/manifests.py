@@ -52,6 +52,8 @@ def load(paths: list[str]) -> list[Obj]:
             objects += parse_documents(sys.stdin.read(), "stdin")
             continue
         path = Path(p)
+        if not path.exists():
+            raise BadRequest(f'the path "{p}" does not exist')
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix in (".yaml", ".yml", ".json"))
         else:

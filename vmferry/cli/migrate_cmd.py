@@ -239,6 +239,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             vmim["spec"]["addedNodeSelector"] = added
         created = await api.create(vmim, dry_run=args.dry_run)
         name = created["metadata"].get("name", "")
+        # virtctl's words, then the migration's name (virtctl leaves it to be looked up).
         print(f"VM {args.vm} was scheduled to migrate" + (f" ({name})" if name else ""))
         if not args.wait or args.dry_run:
             return 0
@@ -270,11 +271,17 @@ def cmd_migrate_cancel(args: argparse.Namespace) -> int:
             and not MigrationPhase.of(v).final
             and not v["metadata"].get("deletionTimestamp")
         ]
-        if not active:
-            return error(f"found no migration to cancel for {ns}/{args.vm}")
+        if not active:  # virtctl's words, exactly
+            return error(f"Found no migration to cancel for {args.vm}")
         for vmim in active:
-            await api.delete("VirtualMachineInstanceMigration", ns, vmim["metadata"]["name"])
-        print(f"VM {args.vm} was canceled")
+            name = vmim["metadata"]["name"]
+            try:
+                await api.delete("VirtualMachineInstanceMigration", ns, name, dry_run=args.dry_run)
+            except ApiError as e:
+                return error(
+                    f"Error canceling migration {name} of a VirtualMachine {args.vm}: {e.message}"
+                )
+        print(f"VM {args.vm} was scheduled to migrate-cancel")
         return 0
 
     return run_with_client(args, run)
@@ -306,4 +313,5 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("migrate-cancel", parents=[common], help="cancel a VM's running migration")
     p.add_argument("vm")
+    p.add_argument("--dry-run", action="store_true", help="validate only; cancel nothing")
     p.set_defaults(func=cmd_migrate_cancel)

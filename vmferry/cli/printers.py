@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from vmferry.cli import events_view
 from vmferry.migration_network import MIGRATION_IP
 from vmferry.migration_state import Field
 from vmferry.objects import jsonpath
@@ -36,9 +37,12 @@ __all__ = [
     "empty_message",
     "format_age",
     "format_table",
+    "has_header",
+    "header_line",
     "human_duration",
     "is_empty_notice",
     "print_objects",
+    "relaxed_template",
     "resource_name",
     "smart_label",
     "to_json",
@@ -520,10 +524,66 @@ _COLUMNS: dict[str, list[_Column]] = {
     "ConfigMap": [_NAME, _Column("DATA", _data_count), _AGE],
     "ServiceAccount": [_NAME, _Column("SECRETS", _service_account_secrets), _AGE],
     "ClusterRole": [_NAME, _Column("CREATED AT", _path("metadata", "creationTimestamp"))],
+    # kubectl get events: LAST SEEN TYPE REASON OBJECT MESSAGE (wide: SOURCE ... NAME)
+    "Event": [
+        _Column("LAST SEEN", lambda o, now: format_age(events_view.last_seen(o), now)),
+        _Column("TYPE", _path("type")),
+        _Column("REASON", _path("reason")),
+        _Column("OBJECT", lambda o, now: events_view.involved_object(o)),
+        _Column("SOURCE", lambda o, now: events_view.source(o), wide=True),
+        _Column("MESSAGE", _path("message")),
+        _Column("FIRST SEEN", lambda o, now: format_age(o.get("firstTimestamp"), now), wide=True),
+        _Column("COUNT", _path("count"), wide=True),
+        _Column("NAME", _name, wide=True),
+    ],
     "RoleBinding": _BINDING_COLUMNS,
     "ClusterRoleBinding": _BINDING_COLUMNS,
 }
 _DEFAULT_COLUMNS = [_NAME, _AGE]  # HyperConverged, MigrationPolicy and every other kind
+
+
+def _labels(obj: Obj, now: datetime) -> str:
+    labels = _get(obj, "metadata", "labels") or {}
+    return ",".join(f"{k}={labels[k]}" for k in sorted(labels)) or "<none>"
+
+
+def _columns(
+    kind: Kind, *, wide: bool, all_namespaces: bool, show_labels: bool, name_prefix: bool
+) -> list[_Column]:
+    columns = [c for c in _COLUMNS.get(kind.kind, _DEFAULT_COLUMNS) if wide or not c.wide]
+    if name_prefix:  # `get vm,vmi`: NAME is TYPE/NAME, as kubectl prints several types
+        prefix = resource_name(kind)
+        columns = [
+            _Column("NAME", lambda o, now: f"{prefix}/{_name(o, now)}") if c is _NAME else c
+            for c in columns
+        ]
+    if all_namespaces and kind.namespaced:
+        columns.insert(0, _Column("NAMESPACE", _path("metadata", "namespace")))
+    if show_labels:
+        columns.append(_Column("LABELS", _labels))
+    return columns
+
+
+def has_header(output: str | None) -> bool:
+    """The format prints a table with a header line (default, wide, custom-columns)."""
+    return _parse_format(output).name in ("table", "wide", "custom-columns")
+
+
+def header_line(
+    kind: Kind, output: str | None, all_namespaces: bool = False, show_labels: bool = False
+) -> str:
+    """The header ``get -w`` prints before the first change of an empty list."""
+    fmt = _parse_format(output)
+    if fmt.name == "custom-columns":
+        return format_table([[header for header, _ in fmt.columns]])
+    columns = _columns(
+        kind,
+        wide=fmt.name == "wide",
+        all_namespaces=all_namespaces,
+        show_labels=show_labels,
+        name_prefix=False,
+    )
+    return format_table([[c.header for c in columns]])
 
 
 def _table(
@@ -534,10 +594,16 @@ def _table(
     all_namespaces: bool,
     no_headers: bool,
     now: datetime,
+    show_labels: bool = False,
+    name_prefix: bool = False,
 ) -> str:
-    columns = [c for c in _COLUMNS.get(kind.kind, _DEFAULT_COLUMNS) if wide or not c.wide]
-    if all_namespaces and kind.namespaced:
-        columns.insert(0, _Column("NAMESPACE", _path("metadata", "namespace")))
+    columns = _columns(
+        kind,
+        wide=wide,
+        all_namespaces=all_namespaces,
+        show_labels=show_labels,
+        name_prefix=name_prefix,
+    )
     rows = [] if no_headers else [[c.header for c in columns]]
     rows.extend([c.value(obj, now) for c in columns] for obj in objs)
     return format_table(rows)
@@ -579,6 +645,11 @@ def _relaxed_path(path: str) -> str:
             "or '{name1.name2}' or '{.name1.name2}'"
         )
     return "{" + (path if path.startswith(".") else "." + path) + "}"
+
+
+def relaxed_template(path: str) -> jsonpath.Template:
+    """A kubectl relaxed JSONPath (``--sort-by``, custom columns) as a template."""
+    return jsonpath.parse(_relaxed_path(path))
 
 
 def _parse_format(output: str | None) -> _Format:
@@ -654,6 +725,8 @@ def print_objects(
     no_headers: bool = False,
     now: datetime | None = None,
     allow_missing_keys: bool = True,
+    show_labels: bool = False,
+    name_prefix: bool = False,
 ) -> str:
     """Format ``objs`` (all of ``kind``) for ``vmferry get -o <output>``.
 
@@ -663,6 +736,8 @@ def print_objects(
     adds the NAMESPACE column for namespaced kinds; ``now`` is the reference time for
     AGE (default: the current time). ``allow_missing_keys`` is kubectl's
     ``--allow-missing-template-keys`` (default true: a missing key prints nothing).
+    ``show_labels`` adds the LABELS column; ``name_prefix`` prints NAME as ``TYPE/NAME``
+    (several types in one ``get``).
 
     For an empty table (default or wide) this returns the notice of ``empty_message``
     plus a newline, which belongs on stderr (check with ``is_empty_notice``); ``-o name``
@@ -682,6 +757,8 @@ def print_objects(
             all_namespaces=all_namespaces,
             no_headers=no_headers,
             now=now,
+            show_labels=show_labels,
+            name_prefix=name_prefix,
         )
     if fmt.name == "custom-columns":
         return _custom_columns(objs, fmt.columns, no_headers)
@@ -851,13 +928,14 @@ def _describe_map(w: _DescribeWriter, title: str, entries: list[str]) -> None:
         w.pair(0, "", entry)
 
 
-def describe(obj: Obj, kind: Kind) -> str:
+def describe(obj: Obj, kind: Kind, events: Sequence[Obj] = (), now: datetime | None = None) -> str:
     """``vmferry describe``: the object as ``oc describe`` shows a custom resource.
 
     Name, Namespace (namespaced kinds), Labels and Annotations first, then every other
     top-level field in sorted order (API Version, Kind, Metadata, Spec, Status, ...) as
     indented ``Key:  value`` blocks with kubectl's labels (``Migration State``), any
-    ``conditions`` list as a Type/Status/Reason/Message table, and ``Events:  <none>``.
+    ``conditions`` list as a Type/Status/Reason/Message table, and the ``events`` about
+    it (``Events:  <none>`` without).
     """
     metadata = obj.get("metadata") or {}
     w = _DescribeWriter()
@@ -879,4 +957,4 @@ def describe(obj: Obj, kind: Kind) -> str:
         if k not in ("name", "namespace", "labels", "annotations", "managedFields")
     }
     _describe_content(w, 0, content, frozenset())
-    return w.render() + "Events:  <none>\n"
+    return w.render() + events_view.describe_section(events_view.for_object(events, obj), now)

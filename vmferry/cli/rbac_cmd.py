@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from vmferry.cli import printers
-from vmferry.cli.common import Obj, error, namespace, run_with_client
+from vmferry.cli.common import DryRun, Obj, error, namespace, run_with_client
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.objects import kinds
@@ -129,7 +129,7 @@ def cmd_create_typed(args: argparse.Namespace) -> int:
             obj = build_object(args, namespace(args, config))
         except UsageError as e:
             return error(str(e))
-        created: dict[str, Any] = await api.create(obj, dry_run=args.dry_run)
+        created: dict[str, Any] = await api.create(obj, dry_run=args.dry_run != DryRun.NONE)
         ref = f"{printers.resource_name(kinds.by_kind(created['kind']))}/{created['metadata']['name']}"
         if args.output == "yaml":
             print(yaml.safe_dump(created, sort_keys=False), end="")
@@ -138,7 +138,7 @@ def cmd_create_typed(args: argparse.Namespace) -> int:
         elif args.output == "name":
             print(ref)
         else:
-            print(f"{ref} created" + (" (dry run)" if args.dry_run else ""))
+            print(f"{ref} created{args.dry_run.suffix}")
         return 0
 
     return run_with_client(args, run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import copy
 import json
 import os
@@ -18,12 +17,20 @@ from typing import Any
 import yaml
 
 from vmferry.cli import manifests, printers, rbac_cmd
-from vmferry.cli.common import Obj, error, namespace, run_with_client, server_error
+from vmferry.cli.common import (
+    DryRun,
+    Obj,
+    add_dry_run,
+    error,
+    namespace,
+    run_with_client,
+    server_error,
+)
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import AlreadyExists, ApiError, BadRequest, Conflict, NotFound
 from vmferry.objects import kinds, limits, schema
-from vmferry.objects.patch import parse_patch
+from vmferry.objects.patch import apply_json_patch, apply_merge_patch, parse_patch
 
 DELETE_WAIT_TIMEOUT = 60.0  # s; like kubectl, delete waits for finalizers to finish
 
@@ -57,81 +64,6 @@ def _ref(obj: Obj) -> str:
     return f"{printers.resource_name(kind)}/{obj['metadata'].get('name', '')}"
 
 
-# -- get / describe -------------------------------------------------------------------------
-
-
-def cmd_get(args: argparse.Namespace) -> int:
-    async def run(api: ApiClient, config: ClientConfig) -> int:
-        kind, names = _split_targets(args.targets)
-        ns = namespace(args, config)
-        scope = None if args.all_namespaces else _scope_ns(kind, ns)
-        if names:
-            objs = [await api.get(kind.kind, _scope_ns(kind, ns), n) for n in names]
-        else:
-            objs, _ = await api.list(kind.kind, scope, label_selector=args.selector or "")
-        if not objs and not args.watch:
-            print(printers.empty_message(kind, scope), file=sys.stderr)
-        elif objs:
-            out = printers.print_objects(
-                objs,
-                kind,
-                args.output,
-                single=len(names) == 1,
-                namespace=scope,
-                all_namespaces=args.all_namespaces,
-                no_headers=args.no_headers,
-            )
-            print(out, end="" if out.endswith("\n") else "\n")
-        if args.watch:
-            await _watch(api, kind, scope, args)
-        return 0
-
-    return run_with_client(args, run)
-
-
-async def _watch(
-    api: ApiClient, kind: kinds.Kind, scope: str | None, args: argparse.Namespace
-) -> None:
-    """``get -w``: print a row per change until interrupted (the stream reconnects)."""
-    _, rv = await api.list(kind.kind, scope)
-    while True:
-        try:
-            async for etype, obj in api.watch(
-                kind.kind, scope, resource_version=rv, label_selector=args.selector or ""
-            ):
-                rv = obj["metadata"].get("resourceVersion", rv)
-                if etype == "BOOKMARK":
-                    continue
-                out = printers.print_objects(
-                    [obj],
-                    kind,
-                    args.output,
-                    no_headers=True,
-                    all_namespaces=args.all_namespaces,
-                    namespace=scope,
-                )
-                print(out, end="" if out.endswith("\n") else "\n", flush=True)
-        except ApiError:
-            await asyncio.sleep(1)
-            with contextlib.suppress(ApiError):
-                _, rv = await api.list(kind.kind, scope)
-
-
-def cmd_describe(args: argparse.Namespace) -> int:
-    async def run(api: ApiClient, config: ClientConfig) -> int:
-        kind, names = _split_targets(args.targets)
-        ns = _scope_ns(kind, namespace(args, config))
-        objs = (
-            [await api.get(kind.kind, ns, n) for n in names]
-            if names
-            else (await api.list(kind.kind, ns, label_selector=args.selector or ""))[0]
-        )
-        print("\n\n".join(printers.describe(o, kind).rstrip("\n") for o in objs))
-        return 0
-
-    return run_with_client(args, run)
-
-
 # -- create / apply / delete ----------------------------------------------------------------
 
 
@@ -161,10 +93,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         failed = 0
         for obj in manifests.load(args.filename):
             try:
-                created = await api.create(
-                    _prepare(obj, ns, bool(args.namespace)), dry_run=args.dry_run
-                )
-                print(f"{_ref(created)} created" + (" (dry run)" if args.dry_run else ""))
+                prepared = _prepare(obj, ns, bool(args.namespace))
+                if args.dry_run == DryRun.CLIENT:
+                    created = schema.validate(prepared)
+                else:
+                    created = await api.create(prepared, dry_run=args.dry_run == DryRun.SERVER)
+                print(f"{_ref(created)} created{args.dry_run.suffix}")
             except ApiError as e:
                 failed = server_error(e)
         return failed
@@ -181,7 +115,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         failed = 0
         for obj in manifests.load(args.filename):
             try:
-                print(await _apply_one(api, _prepare(obj, ns, bool(args.namespace))))
+                result = await _apply_one(
+                    api, _prepare(obj, ns, bool(args.namespace)), args.dry_run
+                )
+                print(result + args.dry_run.suffix)
             except ApiError as e:
                 failed = server_error(e)
         return failed
@@ -189,8 +126,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return run_with_client(args, run)
 
 
-async def _apply_one(api: ApiClient, obj: Obj) -> str:
+async def _apply_one(api: ApiClient, obj: Obj, dry_run: DryRun = DryRun.NONE) -> str:
     kind = kinds.by_kind(obj["kind"])
+    server_dry_run = dry_run == DryRun.SERVER
     meta = obj["metadata"]
     for _ in range(5):
         try:
@@ -199,7 +137,9 @@ async def _apply_one(api: ApiClient, obj: Obj) -> str:
             )
         except NotFound:
             try:
-                return f"{_ref(await api.create(obj))} created"
+                if dry_run == DryRun.CLIENT:
+                    return f"{_ref(schema.validate(obj))} created"
+                return f"{_ref(await api.create(obj, dry_run=server_dry_run))} created"
             except AlreadyExists:
                 continue
         desired = copy.deepcopy(current)
@@ -211,8 +151,10 @@ async def _apply_one(api: ApiClient, obj: Obj) -> str:
                 desired["metadata"][key] = meta[key]
         if desired == current:
             return f"{_ref(current)} unchanged"
+        if dry_run == DryRun.CLIENT:
+            return f"{_ref(schema.validate(desired))} configured"
         try:
-            return f"{_ref(await api.update(desired))} configured"
+            return f"{_ref(await api.update(desired, dry_run=server_dry_run))} configured"
         except Conflict:
             continue
     raise Conflict(f"{_ref(obj)}: kept changing while applying; try again")
@@ -240,10 +182,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
         failed = 0
         for kind, obj_ns, name in targets:
             try:
-                await api.delete(kind.kind, obj_ns, name)
-                if args.wait:
-                    await _wait_gone(api, kind, obj_ns, name)
-                print(f'{printers.resource_name(kind)} "{name}" deleted')
+                if args.dry_run == DryRun.CLIENT:
+                    await api.get(kind.kind, obj_ns, name)  # it exists: it would be deleted
+                else:
+                    await api.delete(kind.kind, obj_ns, name, dry_run=args.dry_run == DryRun.SERVER)
+                    if args.wait and args.dry_run == DryRun.NONE:
+                        await _wait_gone(api, kind, obj_ns, name)
+                print(f'{printers.resource_name(kind)} "{name}" deleted{args.dry_run.suffix}')
             except ApiError as e:
                 if isinstance(e, NotFound) and args.ignore_not_found:
                     continue
@@ -272,15 +217,24 @@ def cmd_patch(args: argparse.Namespace) -> int:
         if len(names) != 1:
             return error("patch takes exactly one resource name")
         patch = parse_patch(args.type, args.patch)
-        obj = await api.patch(
-            kind.kind,
-            _scope_ns(kind, namespace(args, config)),
-            names[0],
-            patch.body,
-            patch_type=patch.type,
-            subresource=args.subresource or "",
-        )
-        print(f"{_ref(obj)} patched")
+        ns = _scope_ns(kind, namespace(args, config))
+        if args.dry_run == DryRun.CLIENT:
+            current = await api.get(kind.kind, ns, names[0])
+            if patch.type == "json":
+                obj = schema.validate(apply_json_patch(current, patch.body))
+            else:
+                obj = schema.validate(apply_merge_patch(current, patch.body))
+        else:
+            obj = await api.patch(
+                kind.kind,
+                ns,
+                names[0],
+                patch.body,
+                patch_type=patch.type,
+                subresource=args.subresource or "",
+                dry_run=args.dry_run == DryRun.SERVER,
+            )
+        print(f"{_ref(obj)} patched{args.dry_run.suffix}")
         return 0
 
     return run_with_client(args, run)
@@ -376,33 +330,19 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    output_help = "output format: yaml|json|wide|name|jsonpath=TEMPLATE"
-    p = sub.add_parser("get", parents=[common], help="display one or many resources")
-    p.add_argument("targets", nargs="+", metavar="TYPE [NAME...]")
-    p.add_argument("-o", "--output", help=output_help)
-    p.add_argument("-l", "--selector", help="label selector (e.g. app=db,tier!=web)")
-    p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
-    p.add_argument("-w", "--watch", action="store_true", help="after listing, watch for changes")
-    p.add_argument("--no-headers", action="store_true")
-    p.set_defaults(func=cmd_get)
-
-    p = sub.add_parser("describe", parents=[common], help="show details of resources")
-    p.add_argument("targets", nargs="+", metavar="TYPE [NAME...]")
-    p.add_argument("-l", "--selector")
-    p.set_defaults(func=cmd_describe)
-
     p = sub.add_parser(
         "create",
         parents=[common],
         help="create resources from files (-f), or a rolebinding/clusterrolebinding/serviceaccount",
     )
     p.add_argument("-f", "--filename", action="append", help="file, directory or - for stdin")
-    p.add_argument("--dry-run", action="store_true", help="validate only; store nothing")
+    add_dry_run(p)
     rbac_cmd.add_create_arguments(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("apply", parents=[common], help="create or update resources from files")
     p.add_argument("-f", "--filename", action="append", required=True)
+    add_dry_run(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("delete", parents=[common], help="delete resources by name or file")
@@ -410,6 +350,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--filename", action="append")
     p.add_argument("--all", action="store_true", help="every resource of the type in the namespace")
     p.add_argument("--ignore-not-found", action="store_true")
+    add_dry_run(p)
     p.add_argument(
         "--wait",
         nargs="?",
@@ -425,6 +366,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--patch", required=True, help="the patch, JSON or YAML")
     p.add_argument("--type", default="strategic", choices=["json", "merge", "strategic"])
     p.add_argument("--subresource", choices=["status"])
+    add_dry_run(p)
     p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("label", parents=[common], help="add, change or remove labels")

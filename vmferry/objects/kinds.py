@@ -80,6 +80,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("RoleBinding", RBAC, "rolebindings", True),
     # A daemon's heartbeat (a sync controller's, vmferry.decentralized.SYNC_LEASE_PREFIX).
     Kind("Lease", COORDINATION, "leases", True),
+    # What happened to an object, for `describe` (vmferry.events records them).
+    Kind("Event", "v1", "events", True, ("ev",)),
     # Read-only views of the running daemons (controller/pods.py); never stored.
     Kind("Pod", "v1", "pods", True, ("po",)),
 )
@@ -118,3 +120,6 @@ SYSTEM_NAMESPACE = "openshift-cnv"
 HYPERCONVERGED_NAME = "kubevirt-hyperconverged"
 MTV_NAMESPACE = "openshift-mtv"  # the ForkliftController singleton's namespace (12.4.2)
 FORKLIFT_CONTROLLER_NAME = "forklift-controller"
+# "true" on a VMI: its user paused it (`vmferry pause`); the handler running it keeps the
+# guest paused and reports the condition Paused (handler/vm_pause.py).
+PAUSE_ANNOTATION = "vmferry.io/paused"

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmferry/rpc/api.proto\x12\nvmferry.v1\":\n\tObjectRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"5\n\rCreateRequest\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"0\n\nGetRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\"F\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\"9\n\rUpdateRequest\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\x12\x13\n\x0bsubresource\x18\x02 \x01(\t\"\x9a\x01\n\x0cPatchRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.vmferry.v1.PatchType\x12\x12\n\npatch_json\x18\x03 \x01(\x0c\x12\x13\n\x0bsubresource\x18\x04 \x01(\t\x12\x18\n\x10resource_version\x18\x05 \x01(\t\"Z\n\rDeleteRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\x12\x18\n\x10resource_version\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\"\"\n\x0bObjectReply\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\"9\n\tListReply\x12\x12\n\nitems_json\x18\x01 \x03(\x0c\x12\x18\n\x10resource_version\x18\x02 \x01(\t\"\x80\x01\n\x0cWatchRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\x12\x18\n\x10resource_version\x18\x04 \x01(\t\x12\x1d\n\x15send_initial_bookmark\x18\x05 \x01(\x08\"I\n\nWatchEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bobject_json\x18\x02 \x01(\x0c\x12\x18\n\x10resource_version\x18\x03 \x01(\t\"\x0f\n\rWhoAmIRequest\"+\n\x0bWhoAmIReply\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t*R\n\tPatchType\x12\x1a\n\x16PATCH_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPATCH_TYPE_JSON\x10\x01\x12\x14\n\x10PATCH_TYPE_MERGE\x10\x02\x32\xe6\x03\n\x03\x41pi\x12<\n\x06\x43reate\x12\x19.vmferry.v1.CreateRequest\x1a\x17.vmferry.v1.ObjectReply\x12\x36\n\x03Get\x12\x16.vmferry.v1.GetRequest\x1a\x17.vmferry.v1.ObjectReply\x12\x36\n\x04List\x12\x17.vmferry.v1.ListRequest\x1a\x15.vmferry.v1.ListReply\x12<\n\x06Update\x12\x19.vmferry.v1.UpdateRequest\x1a\x17.vmferry.v1.ObjectReply\x12:\n\x05Patch\x12\x18.vmferry.v1.PatchRequest\x1a\x17.vmferry.v1.ObjectReply\x12<\n\x06\x44\x65lete\x12\x19.vmferry.v1.DeleteRequest\x1a\x17.vmferry.v1.ObjectReply\x12;\n\x05Watch\x12\x18.vmferry.v1.WatchRequest\x1a\x16.vmferry.v1.WatchEvent0\x01\x12<\n\x06WhoAmI\x12\x19.vmferry.v1.WhoAmIRequest\x1a\x17.vmferry.v1.WhoAmIReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmferry/rpc/api.proto\x12\nvmferry.v1\":\n\tObjectRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"5\n\rCreateRequest\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"0\n\nGetRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\"F\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\"J\n\rUpdateRequest\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\x12\x13\n\x0bsubresource\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xab\x01\n\x0cPatchRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.vmferry.v1.PatchType\x12\x12\n\npatch_json\x18\x03 \x01(\x0c\x12\x13\n\x0bsubresource\x18\x04 \x01(\t\x12\x18\n\x10resource_version\x18\x05 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"k\n\rDeleteRequest\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.vmferry.v1.ObjectRef\x12\x18\n\x10resource_version\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"\"\n\x0bObjectReply\x12\x13\n\x0bobject_json\x18\x01 \x01(\x0c\"9\n\tListReply\x12\x12\n\nitems_json\x18\x01 \x03(\x0c\x12\x18\n\x10resource_version\x18\x02 \x01(\t\"\x80\x01\n\x0cWatchRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\x12\x18\n\x10resource_version\x18\x04 \x01(\t\x12\x1d\n\x15send_initial_bookmark\x18\x05 \x01(\x08\"I\n\nWatchEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bobject_json\x18\x02 \x01(\x0c\x12\x18\n\x10resource_version\x18\x03 \x01(\t\"\x0f\n\rWhoAmIRequest\"+\n\x0bWhoAmIReply\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"\x10\n\x0eVersionRequest\"I\n\x0cVersionReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t*R\n\tPatchType\x12\x1a\n\x16PATCH_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPATCH_TYPE_JSON\x10\x01\x12\x14\n\x10PATCH_TYPE_MERGE\x10\x02\x32\xa7\x04\n\x03\x41pi\x12<\n\x06\x43reate\x12\x19.vmferry.v1.CreateRequest\x1a\x17.vmferry.v1.ObjectReply\x12\x36\n\x03Get\x12\x16.vmferry.v1.GetRequest\x1a\x17.vmferry.v1.ObjectReply\x12\x36\n\x04List\x12\x17.vmferry.v1.ListRequest\x1a\x15.vmferry.v1.ListReply\x12<\n\x06Update\x12\x19.vmferry.v1.UpdateRequest\x1a\x17.vmferry.v1.ObjectReply\x12:\n\x05Patch\x12\x18.vmferry.v1.PatchRequest\x1a\x17.vmferry.v1.ObjectReply\x12<\n\x06\x44\x65lete\x12\x19.vmferry.v1.DeleteRequest\x1a\x17.vmferry.v1.ObjectReply\x12;\n\x05Watch\x12\x18.vmferry.v1.WatchRequest\x1a\x16.vmferry.v1.WatchEvent0\x01\x12<\n\x06WhoAmI\x12\x19.vmferry.v1.WhoAmIRequest\x1a\x17.vmferry.v1.WhoAmIReply\x12?\n\x07Version\x12\x1a.vmferry.v1.VersionRequest\x1a\x18.vmferry.v1.VersionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmferry.rpc.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PATCHTYPE']._serialized_start=945
-  _globals['_PATCHTYPE']._serialized_end=1027
+  _globals['_PATCHTYPE']._serialized_start=1089
+  _globals['_PATCHTYPE']._serialized_end=1171
   _globals['_OBJECTREF']._serialized_start=37
   _globals['_OBJECTREF']._serialized_end=95
   _globals['_CREATEREQUEST']._serialized_start=97
@@ -42,23 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREQUEST']._serialized_start=202
   _globals['_LISTREQUEST']._serialized_end=272
   _globals['_UPDATEREQUEST']._serialized_start=274
-  _globals['_UPDATEREQUEST']._serialized_end=331
-  _globals['_PATCHREQUEST']._serialized_start=334
-  _globals['_PATCHREQUEST']._serialized_end=488
-  _globals['_DELETEREQUEST']._serialized_start=490
-  _globals['_DELETEREQUEST']._serialized_end=580
-  _globals['_OBJECTREPLY']._serialized_start=582
-  _globals['_OBJECTREPLY']._serialized_end=616
-  _globals['_LISTREPLY']._serialized_start=618
-  _globals['_LISTREPLY']._serialized_end=675
-  _globals['_WATCHREQUEST']._serialized_start=678
-  _globals['_WATCHREQUEST']._serialized_end=806
-  _globals['_WATCHEVENT']._serialized_start=808
-  _globals['_WATCHEVENT']._serialized_end=881
-  _globals['_WHOAMIREQUEST']._serialized_start=883
-  _globals['_WHOAMIREQUEST']._serialized_end=898
-  _globals['_WHOAMIREPLY']._serialized_start=900
-  _globals['_WHOAMIREPLY']._serialized_end=943
-  _globals['_API']._serialized_start=1030
-  _globals['_API']._serialized_end=1516
+  _globals['_UPDATEREQUEST']._serialized_end=348
+  _globals['_PATCHREQUEST']._serialized_start=351
+  _globals['_PATCHREQUEST']._serialized_end=522
+  _globals['_DELETEREQUEST']._serialized_start=524
+  _globals['_DELETEREQUEST']._serialized_end=631
+  _globals['_OBJECTREPLY']._serialized_start=633
+  _globals['_OBJECTREPLY']._serialized_end=667
+  _globals['_LISTREPLY']._serialized_start=669
+  _globals['_LISTREPLY']._serialized_end=726
+  _globals['_WATCHREQUEST']._serialized_start=729
+  _globals['_WATCHREQUEST']._serialized_end=857
+  _globals['_WATCHEVENT']._serialized_start=859
+  _globals['_WATCHEVENT']._serialized_end=932
+  _globals['_WHOAMIREQUEST']._serialized_start=934
+  _globals['_WHOAMIREQUEST']._serialized_end=949
+  _globals['_WHOAMIREPLY']._serialized_start=951
+  _globals['_WHOAMIREPLY']._serialized_end=994
+  _globals['_VERSIONREQUEST']._serialized_start=996
+  _globals['_VERSIONREQUEST']._serialized_end=1012
+  _globals['_VERSIONREPLY']._serialized_start=1014
+  _globals['_VERSIONREPLY']._serialized_end=1087
+  _globals['_API']._serialized_start=1174
+  _globals['_API']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

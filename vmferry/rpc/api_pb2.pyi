@@ -149,18 +149,22 @@ class UpdateRequest(_message.Message):
 
     OBJECT_JSON_FIELD_NUMBER: _builtins.int
     SUBRESOURCE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     object_json: _builtins.bytes
     subresource: _builtins.str
     """"" or "status" """
+    dry_run: _builtins.bool
+    """validate, authorize and admit; store nothing"""
     def __init__(
         self,
         *,
         object_json: _builtins.bytes = ...,
         subresource: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_json", b"object_json", "subresource", b"subresource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "object_json", b"object_json", "subresource", b"subresource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,12 +179,15 @@ class PatchRequest(_message.Message):
     PATCH_JSON_FIELD_NUMBER: _builtins.int
     SUBRESOURCE_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     type: Global___PatchType.ValueType
     patch_json: _builtins.bytes
     subresource: _builtins.str
     """"" or "status" """
     resource_version: _builtins.str
     """optional precondition"""
+    dry_run: _builtins.bool
+    """validate, authorize and admit; store nothing"""
     @_builtins.property
     def ref(self) -> Global___ObjectRef: ...
     def __init__(
@@ -191,10 +198,11 @@ class PatchRequest(_message.Message):
         patch_json: _builtins.bytes = ...,
         subresource: _builtins.str = ...,
         resource_version: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patch_json", b"patch_json", "ref", b"ref", "resource_version", b"resource_version", "subresource", b"subresource", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "patch_json", b"patch_json", "ref", b"ref", "resource_version", b"resource_version", "subresource", b"subresource", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,10 +215,13 @@ class DeleteRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     resource_version: _builtins.str
     """optional precondition"""
     uid: _builtins.str
     """optional precondition"""
+    dry_run: _builtins.bool
+    """authorize and admit; delete nothing"""
     @_builtins.property
     def ref(self) -> Global___ObjectRef: ...
     def __init__(
@@ -219,10 +230,11 @@ class DeleteRequest(_message.Message):
         ref: Global___ObjectRef | None = ...,
         resource_version: _builtins.str = ...,
         uid: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "resource_version", b"resource_version", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "ref", b"ref", "resource_version", b"resource_version", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,3 +382,46 @@ class WhoAmIReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WhoAmIReply: _TypeAlias = WhoAmIReply  # noqa: Y015
+
+@_typing.final
+class VersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRequest: _TypeAlias = VersionRequest  # noqa: Y015
+
+@_typing.final
+class VersionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """the vmferry package version, e.g. "0.1.0" """
+    python_version: _builtins.str
+    """e.g. "3.11.7" """
+    platform: _builtins.str
+    """e.g. "linux/amd64" """
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        python_version: _builtins.str = ...,
+        platform: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["platform", b"platform", "python_version", b"python_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionReply: _TypeAlias = VersionReply  # noqa: Y015

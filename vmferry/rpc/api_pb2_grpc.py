@@ -74,6 +74,11 @@ class ApiStub:
                 request_serializer=vmferry_dot_rpc_dot_api__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=vmferry_dot_rpc_dot_api__pb2.WhoAmIReply.FromString,
                 _registered_method=True)
+        self.Version = channel.unary_unary(
+                '/vmferry.v1.Api/Version',
+                request_serializer=vmferry_dot_rpc_dot_api__pb2.VersionRequest.SerializeToString,
+                response_deserializer=vmferry_dot_rpc_dot_api__pb2.VersionReply.FromString,
+                _registered_method=True)
 
 
 class ApiServicer:
@@ -131,6 +136,13 @@ class ApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Version(self, request, context):
+        """The server's build (`vmferry version`); any authenticated caller may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +185,11 @@ def add_ApiServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=vmferry_dot_rpc_dot_api__pb2.WhoAmIRequest.FromString,
                     response_serializer=vmferry_dot_rpc_dot_api__pb2.WhoAmIReply.SerializeToString,
+            ),
+            'Version': grpc.unary_unary_rpc_method_handler(
+                    servicer.Version,
+                    request_deserializer=vmferry_dot_rpc_dot_api__pb2.VersionRequest.FromString,
+                    response_serializer=vmferry_dot_rpc_dot_api__pb2.VersionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +408,33 @@ class Api:
             '/vmferry.v1.Api/WhoAmI',
             vmferry_dot_rpc_dot_api__pb2.WhoAmIRequest.SerializeToString,
             vmferry_dot_rpc_dot_api__pb2.WhoAmIReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Version(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmferry.v1.Api/Version',
+            vmferry_dot_rpc_dot_api__pb2.VersionRequest.SerializeToString,
+            vmferry_dot_rpc_dot_api__pb2.VersionReply.FromString,
             options,
             channel_credentials,
             insecure,

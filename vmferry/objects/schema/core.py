@@ -216,3 +216,20 @@ OBJECT_REFERENCE = Obj(
         "uid": Str(),
     }
 )
+
+
+# core/v1 Event (vmferry.events): the fields Kubernetes' Event carries that vmferry fills.
+EVENT_FIELDS: dict[str, Any] = {
+    "involvedObject": OBJECT_REFERENCE,
+    "reason": Str(),
+    "message": Str(),
+    "type": Str(enum=("Normal", "Warning")),
+    "count": Int(min=1),
+    "firstTimestamp": Timestamp(),
+    "lastTimestamp": Timestamp(),
+    "eventTime": Timestamp(),
+    "source": Obj({"component": Str(), "host": Str()}),
+    "reportingComponent": Str(),
+    "reportingInstance": Str(),
+    "action": Str(),
+}

@@ -21,6 +21,7 @@ from vmferry.objects.names import (
 from vmferry.objects.schema.cni import NAD_SPEC
 from vmferry.objects.schema.core import (
     AGGREGATION_RULE,
+    EVENT_FIELDS,
     METADATA,
     NAMESPACE_SPEC,
     NAMESPACE_STATUS,
@@ -162,6 +163,7 @@ SCHEMAS: dict[str, KindSchema] = {
         name_problem=rbac_name_problem,
     ),
     "Lease": KindSchema({"spec": LEASE_SPEC}),
+    "Event": KindSchema(EVENT_FIELDS, required=("involvedObject",)),
     # Never stored: the API synthesizes them (controller/pods.py) and refuses writes.
     "Pod": KindSchema({"spec": AnyObject(), "status": AnyObject()}),
 }
