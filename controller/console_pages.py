@@ -115,6 +115,29 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
     return rows
 
 
+def event_rows(events: list[Obj], involved_kinds: tuple[str, ...], name: str) -> list[Obj]:
+    """The VM page's events: those of ``name`` (as one of ``involved_kinds``), newest
+    first, with Kubernetes' core/v1 Event fields."""
+    rows = []
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if involved.get("name") != name or involved.get("kind") not in involved_kinds:
+            continue
+        rows.append(
+            {
+                "type": event.get("type") or "Normal",
+                "reason": event.get("reason") or "",
+                "message": event.get("message") or "",
+                "count": event.get("count") or 1,
+                "first": event.get("firstTimestamp") or "",
+                "last": event.get("lastTimestamp") or event.get("firstTimestamp") or "",
+                "object": f"{involved.get('kind')}/{name}",
+                "source": (event.get("source") or {}).get("component") or "",
+            }
+        )
+    return sorted(rows, key=lambda r: r["last"], reverse=True)
+
+
 def node_rows(nodes: list[Obj]) -> list[Obj]:
     rows = []
     for n in nodes:
