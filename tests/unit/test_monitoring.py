@@ -1,5 +1,6 @@
-"""deploy/monitoring/: the alert rules parse (``promtool check rules`` when promtool is
-installed, else YAML plus PromQL sanity: balanced brackets, durations, required fields)
+"""deploy/monitoring/: the alert rules parse and fire as their unit tests say
+(``promtool check rules`` and ``promtool test rules`` when promtool is installed; always
+YAML plus PromQL sanity: balanced brackets, durations, required fields)
 and every series the rules and the Grafana dashboard use is one vmferry exports."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vmferry.informer import Informer
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 RULES = MONITORING / "vmferry-alerts.yaml"
+RULE_TESTS = MONITORING / "vmferry-alerts.test.yaml"  # promtool's unit tests of the rules
 DASHBOARD = MONITORING / "vmferry-migrations-dashboard.json"
 PROMETHEUS_SERIES = {"up"}  # made by Prometheus itself for every scrape target
 PROMQL_WORDS = {
@@ -107,6 +109,13 @@ def test_the_rules_are_well_formed() -> None:
             ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        tests = subprocess.run(
+            ["promtool", "test", "rules", RULE_TESTS.name],
+            capture_output=True,
+            text=True,
+            cwd=MONITORING,
+        )
+        assert tests.returncode == 0, tests.stdout + tests.stderr
     names = [r["alert"] for r in rules()]
     assert len(names) == len(set(names)) >= 6
     assert {"KubeVirtVMIExcessiveMigrations", "VMCannotBeEvicted"} <= set(names)
