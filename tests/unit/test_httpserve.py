@@ -235,3 +235,29 @@ def test_a_taken_port_is_a_config_error_naming_it() -> None:
             await first.close()
 
     run(main())
+
+
+def test_a_slow_body_gets_408_and_an_oversized_one_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserve, "BODY_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with server() as s:
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+            t0 = time.monotonic()
+            status, _, body = await read_response(reader)
+            assert status == 408 and b"not received in time" in body
+            assert time.monotonic() - t0 < 2
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            size = httpserve.MAX_BODY_BYTES + 1
+            writer.write(
+                f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+                + b"x" * size
+            )
+            status, _, _ = await read_response(reader)
+            assert status == 413
+            assert s.posts == []
+            writer.close()
+
+    run(main())
