@@ -92,7 +92,7 @@ def add_flags(p: argparse.ArgumentParser, modes: tuple[MetricsAuth, ...]) -> Non
     p.add_argument(
         "--metrics-auth",
         choices=[m.value for m in modes],
-        help="who may read /metrics (default none; see the README's Metrics section)",
+        help="who may read /metrics (default none; README, Observability, lists the modes)",
     )
     p.add_argument(
         "--metrics-allowed-user",
@@ -141,9 +141,14 @@ def settings(config: dict[str, Any], modes: tuple[MetricsAuth, ...]) -> MetricsS
         )
     plain = bool(config.get("metrics_plain_http")) or bool(config.get("insecure_plaintext"))
     if plain and auth is not MetricsAuth.NONE:
+        why = (
+            "which --insecure-plaintext turns off"
+            if config.get("insecure_plaintext")
+            else "drop metrics_plain_http"
+        )
         raise ConfigError(
-            f"metrics_auth {auth.value} needs HTTPS: drop metrics_plain_http "
-            "(client certificates and tokens are never accepted over plain HTTP)"
+            f"metrics_auth {auth.value} needs HTTPS: {why} (client certificates and "
+            "tokens are never accepted over plain HTTP)"
         )
     users = frozenset(str(u) for u in config.get("metrics_allowed_users") or [])
     groups = frozenset(str(g) for g in config.get("metrics_allowed_groups") or [])

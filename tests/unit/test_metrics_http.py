@@ -130,6 +130,10 @@ def test_bad_metrics_settings_are_config_errors() -> None:
         metrics_http.settings(
             {**base, "metrics_auth": "rbac", "metrics_plain_http": True}, ALL_MODES
         )
+    with pytest.raises(ConfigError, match="which --insecure-plaintext turns off"):
+        metrics_http.settings(
+            {**base, "metrics_auth": "allowlist", "insecure_plaintext": True}, ALL_MODES
+        )
     with pytest.raises(ConfigError, match="list metrics_allowed_users"):
         metrics_http.settings(
             {**base, "metrics_auth": "allowlist", "metrics_allowed_groups": []}, ALL_MODES
