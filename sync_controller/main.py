@@ -186,12 +186,7 @@ async def serve(config: dict[str, Any]) -> None:
 
     metrics_server: httpserve.Served | None = None
     try:
-        try:
-            await link.start()
-        except PeerError as e:
-            raise ConfigError(str(e)) from None
-        linked.set()
-        if config["metrics"] is not None:
+        if config["metrics"] is not None:  # first: /readyz says why until all is up
             metrics_server = await metrics_http.start(
                 f"sync controller {config['id']}",
                 config["metrics"],
@@ -199,6 +194,11 @@ async def serve(config: dict[str, Any]) -> None:
                 tls=tls,
                 ready=not_ready,
             )
+        try:
+            await link.start()
+        except PeerError as e:
+            raise ConfigError(str(e)) from None
+        linked.set()
         reconcilers = make_reconcilers(api, link, config["cluster_name"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
