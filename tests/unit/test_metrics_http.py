@@ -262,3 +262,32 @@ def test_the_example_configs_enable_https_metrics() -> None:
         settings = parse(["--config", str(examples / name)])["metrics"]
         assert settings is not None and not settings.plain_http, name
         assert settings.auth is auth, name
+
+
+def test_rbac_on_a_bootstrapped_store(pkidir: Path, tmp_path: Path) -> None:
+    """The built-in system:monitoring ClusterRole and binding, as stored by bootstrap,
+    decide: a monitoring certificate may read /metrics, alice may not, the admin may."""
+    from controller.rbac import load_policy
+    from controller.rbac_builtin import bootstrap_rbac
+    from controller.store import Store
+
+    pki.issue_user(pkidir, "root", groups=["system:masters"])
+
+    async def main() -> list[int]:
+        store = await Store.open(tmp_path / "state.db")
+        try:
+            await bootstrap_rbac(store)
+
+            async def no_tokens(token: str) -> pki.Identity:
+                raise Unauthorized("no tokens here")
+
+            authorize = rbac_authorizer(no_tokens, lambda: load_policy(store))
+
+            def der(name: str) -> bytes:
+                return ssl.PEM_cert_to_DER_cert((pkidir / "users" / f"{name}.crt").read_text())
+
+            return [(await authorize(der(n), None)).status for n in ("prometheus", "alice", "root")]
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [200, 403, 200]
