@@ -27,10 +27,29 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vmferry.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class _BadRequestsInOneLine(logging.Filter):
+    """aiohttp logs every malformed request (a smuggling probe, oversized headers) with a
+    traceback at ERROR: one WARNING line each instead, so a probe cannot flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = record.getMessage()
+            why = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%s: %s", (what, why)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_BadRequestsInOneLine())
 
 MAX_LINE_SIZE = 8190  # bytes of the request line
 MAX_FIELD_SIZE = 8190  # bytes of one header

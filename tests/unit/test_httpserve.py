@@ -5,6 +5,7 @@ slowloris-style client. Each test serves a small app on 127.0.0.1:0."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -128,7 +129,9 @@ def test_a_chunked_post_is_one_request() -> None:
     run(main())
 
 
-def test_the_smuggling_probe_gets_400_and_no_second_request_is_served() -> None:
+def test_the_smuggling_probe_gets_400_and_no_second_request_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def main() -> None:
         async with server() as s:
             reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
@@ -146,7 +149,11 @@ def test_the_smuggling_probe_gets_400_and_no_second_request_is_served() -> None:
             assert s.posts == [] and s.gets == 0, "neither request reached a handler"
             writer.close()
 
-    run(main())
+    with caplog.at_level(logging.WARNING, logger="aiohttp.server"):
+        run(main())
+    [record] = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert record.levelno == logging.WARNING and record.exc_info is None  # one line
+    assert "Transfer-Encoding can't be present with Content-Length" in record.getMessage()
 
 
 def test_oversized_headers_are_refused() -> None:
