@@ -1,6 +1,6 @@
 """What the web console's pages show, computed from the controller's informer caches:
 the rows of the Migrations, Virtual machines and Nodes tabs, and the Metrics tab's
-history (``MetricsHistory``, sampled once a second). Pure reads: the server in
+history (``MetricsHistory``, sampled every ``SAMPLE_PERIOD``), and the VM page's events. Pure reads: the server in
 ``controller.console`` serves them as the logged-in user may see them.
 """
 
@@ -26,8 +26,8 @@ from vmferry.objects.conditions import parse_time
 
 Obj = dict[str, Any]
 
-SAMPLE_PERIOD = 1.0  # s between samples of the Metrics tab's history
-HISTORY_SAMPLES = 600  # 10 minutes at SAMPLE_PERIOD
+SAMPLE_PERIOD = 0.5  # s between samples: a one-second migration is seen in two
+HISTORY_SAMPLES = 1200  # 10 minutes at SAMPLE_PERIOD
 RUNNING_PHASES = PROGRESS_PHASES  # the Metrics tab counts them all as "running"
 HOSTNAME_LABEL = "kubernetes.io/hostname"  # every Node carries it (handler/node_agent.py)
 
@@ -113,6 +113,29 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
             }
         )
     return rows
+
+
+def event_rows(events: list[Obj], involved_kinds: tuple[str, ...], name: str) -> list[Obj]:
+    """The VM page's events: those of ``name`` (as one of ``involved_kinds``), newest
+    first, with Kubernetes' core/v1 Event fields."""
+    rows = []
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if involved.get("name") != name or involved.get("kind") not in involved_kinds:
+            continue
+        rows.append(
+            {
+                "type": event.get("type") or "Normal",
+                "reason": event.get("reason") or "",
+                "message": event.get("message") or "",
+                "count": event.get("count") or 1,
+                "first": event.get("firstTimestamp") or "",
+                "last": event.get("lastTimestamp") or event.get("firstTimestamp") or "",
+                "object": f"{involved.get('kind')}/{name}",
+                "source": (event.get("source") or {}).get("component") or "",
+            }
+        )
+    return sorted(rows, key=lambda r: r["last"], reverse=True)
 
 
 def node_rows(nodes: list[Obj]) -> list[Obj]:

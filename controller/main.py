@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,18 @@ from controller.events import DEFAULT_EVENT_TTL, EventExpiry
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
 from controller.ha import Replication
-from controller.metrics import ControllerMetrics
+from controller.metrics import ControllerMetrics, rbac_authorizer
 from controller.migration_controller import MigrationController
 from controller.network_controller import NetworkController
 from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
+from controller.rbac import load_policy
 from controller.rbac_builtin import bootstrap_rbac
 from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import grpc_options, httpserve, logs, pki
+from vmferry import grpc_options, httpserve, logs, metrics_http, pki
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
@@ -60,9 +62,9 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "insecure_plaintext": bool,
     "audit_log": str,
     "token_listen": str,
-    "metrics_listen": str,
     "console_listen": str,
     **ha.CONFIG_KEYS,
+    **metrics_http.CONFIG_KEYS,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
@@ -71,10 +73,11 @@ DEFAULTS: dict[str, Any] = {
     "event_ttl_seconds": DEFAULT_EVENT_TTL,  # kube-apiserver's --event-ttl (1h)
     "log_level": "info",
     "insecure_plaintext": False,
-    "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
     "console_listen": "",  # host:port of the web console (HTTPS); empty: no console
     **ha.DEFAULTS,
+    **metrics_http.DEFAULTS,
 }
+METRICS_AUTH_MODES = tuple(metrics_http.MetricsAuth)  # none, allowlist, rbac
 BOOTSTRAP_NAMESPACES = ("default", kinds.SYSTEM_NAMESPACE, "kube-system")
 
 
@@ -100,7 +103,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="delete Events not seen for this long (default 3600, kube-apiserver's --event-ttl)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
+    metrics_http.add_flags(p, METRICS_AUTH_MODES)
     p.add_argument("--console-listen", help="host:port for the web console (empty: off)")
     p.add_argument(
         "--audit-log",
@@ -122,6 +125,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     config = daemon_config(args, DEFAULTS, CONFIG_KEYS, tls_what="a server certificate")
     if float(config["event_ttl_seconds"]) <= 0:
         p.error(f"event_ttl_seconds must be positive, not {config['event_ttl_seconds']}")
+    config["metrics"] = metrics_http.settings(config, METRICS_AUTH_MODES)
     return config
 
 
@@ -211,17 +215,29 @@ async def _serve_started(
     nodes = Informer(source, "Node")
     hcos = Informer(source, "HyperConverged")
     nads = Informer(source, NAD_KIND, namespace=NAD_NAMESPACE)
-    metrics = ControllerMetrics(vmims, vmis)
-    http_servers: list[asyncio.Server] = []
+    informers = (vms, vmis, vmims, nodes, hcos, nads)
+
+    def synced() -> bool:
+        return all(inf.synced.is_set() for inf in informers)
+
+    metrics = ControllerMetrics(vmims, vmis, instance=socket.gethostname(), ready=synced)
+    http_servers: list[httpserve.Served] = []
     try:  # the HTTP servers started so far stop with the daemon, however it ends
-        if config["metrics_listen"]:
-            listen = config["metrics_listen"]
+        if config["metrics"] is not None:
             http_servers.append(
-                await httpserve.listening(
-                    "metrics", listen, httpserve.serve_metrics(metrics.registry, listen)
+                await metrics_http.start(
+                    "controller",
+                    config["metrics"],
+                    metrics.registry,
+                    tls=tls,
+                    ready=lambda: (
+                        None if synced() else "the informers have not listed the store yet"
+                    ),
+                    rbac=rbac_authorizer(
+                        api.authenticator.authenticate_token, lambda: load_policy(store)
+                    ),
                 )
             )
-            log.info("metrics on http://%s/metrics", config["metrics_listen"])
         console = None
         if config["console_listen"]:
             console_tls = None if config["insecure_plaintext"] else tls
@@ -235,7 +251,6 @@ async def _serve_started(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tg:
-            informers = (vms, vmis, vmims, nodes, hcos, nads)
             tasks = [tg.create_task(inf.run()) for inf in informers]
             for inf in informers:
                 await inf.synced.wait()
@@ -266,7 +281,7 @@ async def _serve_started(
                 task.cancel()
     finally:
         for http_server in http_servers:
-            http_server.close()
+            await http_server.close()
 
 
 def _ca_pem(config: dict[str, Any]) -> bytes:

@@ -18,6 +18,18 @@ KubeVirt's virt-controller computes these from its informer caches; so do we (th
   namespace, name, migration_name, status}`` from ``vmi.status.migrationState``
   (``status`` is ``succeeded``/``failed``, empty while not completed, as there).
 
+- ``vmistats_collector.go``: ``kubevirt_vmi_non_evictable{node, namespace, name}`` (1 when
+  the eviction strategy is LiveMigrate, the default, and the VMI is not, or not yet known
+  to be, LiveMigratable: KubeVirt is conservative, an alert uses it) and
+  ``kubevirt_vmi_info{node, namespace, name, phase, os, workload, flavor, instance_type,
+  preference, guest_os_*, evictable, outdated, vmi_pod}`` (value 1; ``<none>`` where
+  KubeVirt has no value).
+- ``component_metrics.go``: ``kubevirt_virt_controller_leading_status{pod}`` and
+  ``kubevirt_virt_controller_ready_status{pod}`` (1/0; ``pod`` is this controller's
+  instance name).
+
+With ``metrics_auth = "rbac"``, :func:`rbac_authorizer` decides who may read them.
+
 Everything is read in the event loop (the HTTP server of :mod:`vmferry.httpserve` runs
 there), so the caches are never read while they change.
 """
@@ -25,15 +37,20 @@ there), so the caches are never read while they change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client import Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller.authn import AUTHENTICATED_GROUP
+from controller.rbac import Policy
+from vmferry import metrics_http, pki
+from vmferry.errors import Unauthorized
 from vmferry.informer import Informer, Key
 from vmferry.migration_state import PROGRESS_PHASES, MigrationPhase, MigrationState, raw
+from vmferry.objects import conditions
 from vmferry.objects.conditions import parse_time
 
 log = logging.getLogger(__name__)
@@ -172,25 +189,171 @@ def migration_times(vmis: Iterable[Obj], vmims: Iterable[Obj]) -> Iterator[Metri
     yield end
 
 
+LIVE_MIGRATE = "LiveMigrate"  # the default eviction strategy of a VMI without one
+OS_ANNOTATIONS = ("vm.kubevirt.io/os", "vm.kubevirt.io/workload", "vm.kubevirt.io/flavor")
+INFO_LABELS = [
+    "node",
+    "namespace",
+    "name",
+    "phase",
+    "os",
+    "workload",
+    "flavor",
+    "instance_type",
+    "preference",
+    "guest_os_kernel_release",
+    "guest_os_machine",
+    "guest_os_arch",
+    "guest_os_name",
+    "guest_os_version_id",
+    "evictable",
+    "outdated",
+    "vmi_pod",
+]
+
+
+def non_evictable(vmi: Obj) -> bool:
+    """KubeVirt's eviction blocker: strategy LiveMigrate and LiveMigratable not True."""
+    strategy = (vmi.get("spec") or {}).get("evictionStrategy") or LIVE_MIGRATE
+    if strategy != LIVE_MIGRATE:
+        return False
+    migratable = conditions.get(vmi, "LiveMigratable")
+    return migratable is None or migratable.get("status") != "True"
+
+
+def vmi_stats(vmis: Iterable[Obj]) -> Iterator[Metric]:
+    """``kubevirt_vmi_non_evictable`` and ``kubevirt_vmi_info`` for these VMIs."""
+    blocked = GaugeMetricFamily(
+        "kubevirt_vmi_non_evictable",
+        "Indication for a VirtualMachine that its eviction strategy is set to Live "
+        "Migration but is not migratable.",
+        labels=["node", "namespace", "name"],
+    )
+    info = GaugeMetricFamily(
+        "kubevirt_vmi_info", "Information about VirtualMachineInstances.", labels=INFO_LABELS
+    )
+    for vmi in vmis:
+        meta = vmi.get("metadata") or {}
+        status = vmi.get("status") or {}
+        node, ns, name = status.get("nodeName", ""), meta.get("namespace", ""), meta["name"]
+        stuck = non_evictable(vmi)
+        blocked.add_metric([node, ns, name], 1.0 if stuck else 0.0)
+        notes = meta.get("annotations") or {}
+        guest = status.get("guestOSInfo") or {}
+        info.add_metric(
+            [
+                node,
+                ns,
+                name,
+                str(status.get("phase") or "").lower(),
+                *(notes.get(a) or NONE for a in OS_ANNOTATIONS),
+                NONE,  # instance_type: vmferry has no instance types
+                NONE,  # preference
+                guest.get("kernelRelease", ""),
+                guest.get("machine", ""),
+                guest.get("arch", ""),
+                guest.get("name", ""),
+                guest.get("versionId", ""),
+                "false" if stuck else "true",
+                "false",  # outdated: no launcher images to be outdated
+                NONE,  # vmi_pod: guests run in the handler, not in pods
+            ],
+            1.0,
+        )
+    yield blocked
+    yield info
+
+
 class _CacheCollector(Collector):
     """Reads the informer caches at scrape time (KubeVirt's collector callbacks)."""
 
-    def __init__(self, vmims: Informer, vmis: Informer) -> None:
+    def __init__(
+        self,
+        vmims: Informer,
+        vmis: Informer,
+        instance: str,
+        leading: Callable[[], bool],
+        ready: Callable[[], bool],
+    ) -> None:
         self.vmims = vmims
         self.vmis = vmis
+        self.instance = instance
+        self.leading = leading
+        self.ready = ready
 
     def collect(self) -> Iterator[Metric]:
         vmims = list(self.vmims.cache.values())
+        vmis = list(self.vmis.cache.values())
         yield from migration_stats(vmims)
-        yield from migration_times(list(self.vmis.cache.values()), vmims)
+        yield from migration_times(vmis, vmims)
+        yield from vmi_stats(vmis)
+        for what, value, doc in (
+            ("leading", self.leading(), "Indication for an operating virt-controller."),
+            (
+                "ready",
+                self.ready(),
+                "Indication for a virt-controller that is ready to take the lead.",
+            ),
+        ):
+            family = GaugeMetricFamily(
+                f"kubevirt_virt_controller_{what}_status", doc, labels=["pod"]
+            )
+            family.add_metric([self.instance], 1.0 if value else 0.0)
+            yield family
+
+
+def rbac_authorizer(
+    authenticate_token: Callable[[str], Awaitable[pki.Identity]],
+    policy: Callable[[], Awaitable[Policy]],
+) -> metrics_http.Authorizer:
+    """``metrics_auth = "rbac"``: a client certificate or a bearer token, allowed when RBAC
+    grants ``get`` on the non-resource URL ``/metrics`` (as kube-rbac-proxy asks with a
+    SubjectAccessReview); the controller decides in-process."""
+
+    async def authorize(cert_der: bytes | None, token: str | None) -> metrics_http.Decision:
+        if token is not None:
+            if not token:
+                return metrics_http.Decision(
+                    401, 'Unauthorized: the Authorization header must be "Bearer <token>"'
+                )
+            try:
+                who = await authenticate_token(token)
+            except Unauthorized as e:
+                return metrics_http.Decision(401, f"Unauthorized: {e.message}")
+        else:
+            found = metrics_http.certificate_identity(cert_der)
+            if found is None:
+                return metrics_http.Decision(
+                    401,
+                    "Unauthorized: present a client certificate from the cluster CA or a "
+                    "service-account bearer token",
+                )
+            who = found
+        groups = tuple(dict.fromkeys((*who.groups, AUTHENTICATED_GROUP)))
+        decision = (await policy()).authorize_non_resource(
+            who.user, groups, "get", metrics_http.METRICS_PATH
+        )
+        if decision.allowed:
+            return metrics_http.ALLOWED
+        return metrics_http.Decision(403, f"Forbidden: {decision.reason}")
+
+    return authorize
 
 
 class ControllerMetrics:
     """The controller's registry; build it once the informers exist, before they run."""
 
-    def __init__(self, vmims: Informer, vmis: Informer) -> None:
+    def __init__(
+        self,
+        vmims: Informer,
+        vmis: Informer,
+        *,
+        instance: str,
+        ready: Callable[[], bool],
+        leading: Callable[[], bool] = lambda: True,  # one controller: always the leader
+    ) -> None:
         disable_created_metrics()  # KubeVirt (Go client) exports no *_created series
-        self.registry = CollectorRegistry()
+        self.registry = metrics_http.daemon_registry()
         self.phase_transition = Histogram(
             "kubevirt_vmi_migration_phase_transition_time_from_creation_seconds",
             "Histogram of VM migration phase transitions duration from creation time in seconds.",
@@ -198,7 +361,7 @@ class ControllerMetrics:
             buckets=PHASE_TRANSITION_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_CacheCollector(vmims, vmis))
+        self.registry.register(_CacheCollector(vmims, vmis, instance, leading, ready))
         vmims.add_handler(self._on_vmim)
 
     def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:

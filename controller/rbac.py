@@ -143,6 +143,22 @@ def rule_allows(rule: Obj, request: Request) -> bool:
     return not names or request.name in names
 
 
+def url_matches(patterns: Iterable[str] | None, path: str) -> bool:
+    """A rule's ``nonResourceURLs`` against a request path: ``*`` matches every path, a
+    pattern ending in ``*`` a prefix, anything else itself (Kubernetes' NonResourceURLMatches)."""
+    for pattern in patterns or []:
+        if pattern == "*" or pattern == path:
+            return True
+        if pattern.endswith("*") and path.startswith(pattern[:-1]):
+            return True
+    return False
+
+
+def non_resource_rule_allows(rule: Obj, verb: str, path: str) -> bool:
+    """True when one policy rule allows ``verb`` on the non-resource URL ``path``."""
+    return _has(rule.get("verbs"), verb) and url_matches(rule.get("nonResourceURLs"), path)
+
+
 def subject_matches(subject: Obj, user: str, groups: Sequence[str], binding_ns: str) -> bool:
     """True when a binding's subject names this user, one of its groups or its account."""
     kind = subject.get("kind")
@@ -244,6 +260,16 @@ class Policy:
                 return Decision(True, f"RBAC: allowed by {how} to {_who(request)}")
         return Decision(False, request.describe())
 
+    def authorize_non_resource(
+        self, user: str, groups: Sequence[str], verb: str, path: str
+    ) -> Decision:
+        """A request on a non-resource URL (``get /metrics``): only cluster-wide grants
+        (ClusterRoleBindings) count, as in Kubernetes."""
+        for rule, how in self.grants(user, groups, ""):
+            if non_resource_rule_allows(rule, verb, path):
+                return Decision(True, f'RBAC: allowed by {how} to User "{user}"')
+        return Decision(False, f'User "{user}" cannot {verb} path "{path}"')
+
 
 def _who(request: Request) -> str:
     if request.user.startswith(SERVICE_ACCOUNT_PREFIX):
@@ -283,12 +309,19 @@ def _atomic(rules: Iterable[Obj]) -> list[Obj]:
                         if name:
                             atom["resourceNames"] = [name]
                         out.append(atom)
+        for url in rule.get("nonResourceURLs") or []:
+            for verb in rule.get("verbs") or []:
+                out.append({"nonResourceURLs": [url], "verbs": [verb]})
     return out
 
 
 def _covers(owner: Obj, atom: Obj) -> bool:
     """True when the owner's rule holds the single permission ``atom``. A wildcard is
     covered only by a wildcard: ``*`` verbs need an owner rule with ``*`` verbs."""
+    if "nonResourceURLs" in atom:
+        return _has(owner.get("verbs"), atom["verbs"][0]) and url_matches(
+            owner.get("nonResourceURLs"), atom["nonResourceURLs"][0]
+        )
     verb, group, resource = atom["verbs"][0], atom["apiGroups"][0], atom["resources"][0]
     if not _has(owner.get("verbs"), verb) or not _has(owner.get("apiGroups"), group):
         return False
@@ -307,6 +340,9 @@ def uncovered(owner_rules: Sequence[Obj], requested: Iterable[Obj]) -> list[Obj]
 
 
 def _format_rule(rule: Obj) -> str:
+    if "nonResourceURLs" in rule and not rule.get("resources"):
+        urls, verbs = json.dumps(rule["nonResourceURLs"]), json.dumps(rule["verbs"])
+        return "{NonResourceURLs:" + urls + ", Verbs:" + verbs + "}"
     text = (
         f"APIGroups:{json.dumps(rule['apiGroups'])}, Resources:{json.dumps(rule['resources'])}, "
         f"Verbs:{json.dumps(rule['verbs'])}"

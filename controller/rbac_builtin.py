@@ -92,6 +92,7 @@ VMS = ["virtualmachines", "virtualmachineinstances"]
 VMIMS = ["virtualmachineinstancemigrations"]
 
 MIGRATE_ROLE = "kubevirt.io:migrate"
+MONITORING_ROLE = MONITORING_GROUP = "system:monitoring"  # Kubernetes' names for both
 SYNC_CONTROLLER_ROLE = "vmferry:sync-controller"
 
 
@@ -108,7 +109,14 @@ _POLICY_GROUP, _POLICIES = _resource_of("MigrationPolicy")
 _SYNC_WRITES = ["create", "update", "patch", "delete"]
 
 BUILTIN_CLUSTER_ROLES: list[Obj] = [
-    _cluster_role("cluster-admin", [_rule(["*"], ["*"], ["*"])]),
+    _cluster_role(
+        "cluster-admin", [_rule(["*"], ["*"], ["*"]), {"nonResourceURLs": ["*"], "verbs": ["*"]}]
+    ),
+    # Kubernetes' system:monitoring: scrape /metrics and read the health endpoints.
+    _cluster_role(
+        MONITORING_ROLE,
+        [{"nonResourceURLs": ["/metrics", "/healthz", "/readyz", "/livez"], "verbs": ["get"]}],
+    ),
     _cluster_role("admin", [], aggregate_to=("admin",)),
     _cluster_role("edit", [], labels=_aggregate_to("admin"), aggregate_to=("edit",)),
     _cluster_role("view", [], labels=_aggregate_to("edit"), aggregate_to=("view",)),
@@ -187,6 +195,17 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
 ]
 
 BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
+    {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": MONITORING_ROLE,
+            "labels": {BOOTSTRAP_LABEL: "rbac-defaults"},
+            "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": MONITORING_ROLE},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": MONITORING_GROUP}],
+    },
     {
         "apiVersion": RBAC_API_VERSION,
         "kind": "ClusterRoleBinding",

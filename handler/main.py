@@ -35,7 +35,7 @@ from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
-from vmferry import httpserve, logs, pki
+from vmferry import logs, metrics_http, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_NAMESPACE
@@ -62,10 +62,10 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "heartbeat_seconds": (int, float),
     "log_level": str,
     "insecure_plaintext": bool,
-    "metrics_listen": str,
     "qemu_binary": str,
     "qemu_image_dir": str,
     "configure_migration_network": bool,
+    **metrics_http.CONFIG_KEYS,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
@@ -78,14 +78,15 @@ DEFAULTS: dict[str, Any] = {
     "heartbeat_seconds": 2.0,
     "log_level": "info",
     "insecure_plaintext": False,
-    "metrics_listen": "",  # host:port of /metrics (plain HTTP); empty: no metrics server
     "qemu_binary": "qemu-system-x86_64",
     # default kernel/initrd of qemu VMIs that name none (`make guest-image` builds it here)
     "qemu_image_dir": str(Path(__file__).resolve().parent.parent / "build" / "guest"),
     # the migration network's address (whereabouts) is added to the NIC by the handler;
     # false: never change the network stack (a lab whose handlers share the host's)
     "configure_migration_network": True,
+    **metrics_http.DEFAULTS,
 }
+METRICS_AUTH_MODES = (metrics_http.MetricsAuth.NONE, metrics_http.MetricsAuth.ALLOWLIST)
 
 
 def parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     )
     p.add_argument("--heartbeat-seconds", type=float, help="Ready heartbeat period (default 2)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (empty: off)")
+    metrics_http.add_flags(p, METRICS_AUTH_MODES)
     p.add_argument(
         "--insecure-plaintext",
         action="store_true",
@@ -151,6 +152,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         )
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
+    config["metrics"] = metrics_http.settings(config, METRICS_AUTH_MODES)
     return config
 
 
@@ -261,18 +263,26 @@ async def serve(config: dict[str, Any]) -> None:
             peers=peers,
         )
         await manager.adopt()
-        metrics = HandlerMetrics(manager, node)
-        if listen := config["metrics_listen"]:
-            metrics_server = await httpserve.listening(
-                "metrics", listen, httpserve.serve_metrics(metrics.registry, listen)
+        started = asyncio.Event()  # registered, and the informers it works from listed
+
+        def not_ready() -> str | None:
+            if not started.is_set():
+                return "not registered with the controller yet"
+            pending = [i.kind for i in (nodes, vmis, configmaps) if not i.synced.is_set()]
+            return f"{', '.join(pending)} not listed yet" if pending else None
+
+        metrics = HandlerMetrics(manager, node, ready=lambda: not_ready() is None)
+        if config["metrics"] is not None:
+            metrics_server = await metrics_http.start(
+                f"node {node}", config["metrics"], metrics.registry, tls=tls, ready=not_ready
             )
-            log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tg:
             await agent.register()
+            started.set()
             tasks = [
                 tg.create_task(agent.run()),
                 tg.create_task(nodes.run()),
@@ -292,7 +302,7 @@ async def serve(config: dict[str, Any]) -> None:
                 handle.close()
         await driver.close()
         if metrics_server is not None:
-            metrics_server.close()
+            await metrics_server.close()
         await server.close(grace=1)
         await api.close()
 

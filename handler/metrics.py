@@ -29,7 +29,9 @@ Our own, same labels: ``vmferry_migration_rounds``, ``vmferry_migration_wire_byt
 demand-fetched pages; 0 until post-copy exists), and the histograms
 ``vmferry_migration_downtime_seconds{node}`` (the whole switchover pause of each
 successful migration) and ``vmferry_migration_downtime_part_seconds{node, part}`` (its
-named parts: pause, final_pass, state_transfer, verify, resume).
+named parts: pause, final_pass, state_transfer, verify, resume), and
+``vmferry_handler_ready_status{node}``. The registry also has prometheus_client's
+process, platform and GC collectors (``vmferry.metrics_http.daemon_registry``).
 
 A migration's series are exported while it runs and for ``FINISHED_RETENTION`` seconds
 after it ended (so that a scrape after the end sees the final figures). Everything runs
@@ -44,9 +46,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client import Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from vmferry import metrics_http
 
 if TYPE_CHECKING:
     from handler.migration.stats import Stats
@@ -73,15 +77,21 @@ class HandlerMetrics(Collector):
     """Registry and collector over ``manager.progress``; run :meth:`run` in a task."""
 
     def __init__(
-        self, manager: VMManager, node: str, *, clock: Callable[[], float] = time.monotonic
+        self,
+        manager: VMManager,
+        node: str,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.manager = manager
         self.node = node
         self.clock = clock
+        self.ready = ready
         self.tracked: dict[str, _Tracked] = {}  # migration uid -> what we export for it
         self._expired: set[str] = set()  # uids past retention (VMManager keeps them)
         disable_created_metrics()  # KubeVirt (Go client) exports no *_created series
-        self.registry = CollectorRegistry()
+        self.registry = metrics_http.daemon_registry()
         self.downtime = Histogram(
             "kubevirt_vmi_migration_downtime_seconds",
             "Histogram of the time, in seconds, a guest was paused during successful live "
@@ -231,3 +241,11 @@ class HandlerMetrics(Collector):
                 last_downtime.add_metric(labels, sum(s.downtime_parts.values()))
         yield from (processed, remaining, total, total_old, dirty, rate, last_downtime)
         yield from (rounds, wire, stall)
+        ready = GaugeMetricFamily(
+            "vmferry_handler_ready_status",
+            "1 when this handler is registered and has listed what it works from (KubeVirt "
+            "has no virt-handler counterpart: its alerts use up{}).",
+            labels=["node"],
+        )
+        ready.add_metric([self.node], 1.0 if self.ready() else 0.0)
+        yield ready

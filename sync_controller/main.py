@@ -19,15 +19,20 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sync_controller.lease import SyncAnnouncer, default_id
 from sync_controller.link import PeerCAs, SyncLink
 from sync_controller.peer import PeerError
 from sync_controller.receiver import ReceiverReconciler
 from sync_controller.sender import SenderReconciler
-from vmferry import logs, pki
+from vmferry import httpserve, logs, metrics_http, pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
@@ -46,13 +51,16 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "advertise": str,
     "log_level": str,
     "insecure_plaintext": bool,
+    **metrics_http.CONFIG_KEYS,
 }
 DEFAULTS: dict[str, Any] = {
     "api_server": "127.0.0.1:7443",
     "listen": "0.0.0.0:7445",
     "log_level": "info",
     "insecure_plaintext": False,
+    **metrics_http.DEFAULTS,
 }
+METRICS_AUTH_MODES = (metrics_http.MetricsAuth.NONE, metrics_http.MetricsAuth.ALLOWLIST)
 
 
 def _host_port(key: str, value: str) -> str:
@@ -86,6 +94,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="the address published in synchronizationAddresses (default: listen)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    metrics_http.add_flags(p, METRICS_AUTH_MODES)
     p.add_argument(
         "--insecure-plaintext",
         action="store_true",
@@ -108,7 +117,28 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         )
     if not config.get("id"):
         config["id"] = default_id(config["cluster_name"], config["advertise"])
+    config["metrics"] = metrics_http.settings(config, METRICS_AUTH_MODES)
     return config
+
+
+class _ReadyCollector(Collector):
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "vmferry_sync_controller_ready_status",
+            "1 when this sync controller serves its peers and has listed the peer clusters.",
+        )
+        family.add_metric([], 1.0 if self.ready() else 0.0)
+        yield family
+
+
+def sync_registry(ready: Callable[[], bool]) -> CollectorRegistry:
+    """The sync controller's /metrics: readiness and the process/runtime collectors."""
+    registry = metrics_http.daemon_registry()
+    registry.register(_ReadyCollector(ready))
+    return registry
 
 
 def make_reconcilers(
@@ -150,11 +180,28 @@ async def serve(config: dict[str, Any]) -> None:
     watch_peers(configmaps, peers)
     link = SyncLink(config["cluster_name"], tls, peers, listen=config["listen"])
     announcer = SyncAnnouncer(api, config["id"], config["advertise"])
+    linked = asyncio.Event()
+
+    def not_ready() -> str | None:
+        if not linked.is_set():
+            return "the peer link is not serving yet"
+        return None if configmaps.synced.is_set() else "the peer clusters are not listed yet"
+
+    metrics_server: httpserve.Served | None = None
     try:
+        if config["metrics"] is not None:  # first: /readyz says why until all is up
+            metrics_server = await metrics_http.start(
+                f"sync controller {config['id']}",
+                config["metrics"],
+                sync_registry(lambda: not_ready() is None),
+                tls=tls,
+                ready=not_ready,
+            )
         try:
             await link.start()
         except PeerError as e:
             raise ConfigError(str(e)) from None
+        linked.set()
         reconcilers = make_reconcilers(api, link, config["cluster_name"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -178,6 +225,8 @@ async def serve(config: dict[str, Any]) -> None:
             for task in tasks:
                 task.cancel()
     finally:
+        if metrics_server is not None:
+            await metrics_server.close()
         await link.close()
         await api.close()
 

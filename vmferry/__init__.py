@@ -11,7 +11,8 @@ The rooms (``controller/`` and ``handler/`` import from here; nothing here impor
   configuration), ``informer.py`` (list-and-watch caches and the work queue), and
   ``errors.py`` (the API's errors, shared with the server).
 - daemon plumbing: ``grpc_options.py`` (every gRPC channel/server option),
-  ``httpserve.py`` (``/metrics`` and the console), ``logs.py`` (logfmt logging).
+  ``httpserve.py`` (aiohttp servers of the console and metrics), ``metrics_http.py``
+  (``/metrics``, ``/healthz``, ``/readyz`` and who may read them), ``logs.py`` (logfmt logging).
 - ``pki/``: the cluster CA, identities and TLS credentials.
 - ``cli/``: the ``vmferry`` command; ``lab/``: a local cluster and ``make demo``;
   ``rpc/``: code generated from ``proto/``.

@@ -1,6 +1,9 @@
 """The web console in a real browser (headless Chromium driven by Playwright) against a
 real lab: start a migration from the page and watch it reach Succeeded, cancel another,
-the Metrics tab's charts, and refusals (a bad token; a user without the migrate role).
+the Metrics tab's uPlot charts (coloured legends, time axis, a one-second migration with
+its tooltip), the VM page (YAML, events, migrations with downtime), the namespace filter,
+search and sort with the failure reason in sight, and refusals (a bad token leaves no
+tabs; a user without the migrate role).
 
 Screenshots go to ``artifacts/console/`` (gitignored). Needs the system Chromium
 (``make`` installs it when run as root) and the ``playwright`` package (dev extras); the
@@ -11,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
 UI_TIMEOUT = 30_000  # ms for anything the page should show
+GREYS = {"rgb(128, 128, 128)", "rgb(97, 110, 124)", "rgb(0, 0, 0)", ""}  # what a CSS override gave
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +176,91 @@ def test_cancel_a_running_migration_from_the_page(lab: LabHarness, browser: Any)
 
 
 @pytest.mark.timeout(30)
-def test_metrics_tab_charts_the_migrations(lab: LabHarness, browser: Any) -> None:
+def test_metrics_tab_charts_the_real_migrations_with_coloured_legends(
+    lab: LabHarness, browser: Any
+) -> None:
     page = user_page(browser, lab, admin(lab))
     page.click('#tabs button[data-tab="metrics"]')
-    # The earlier migrations ran while the console sampled: their series are charted.
-    page.locator("#chart-phases path").first.wait_for(state="attached")
-    page.locator("#chart-rate path").first.wait_for(state="attached")
-    assert page.locator("#chart-phases path").count() == 3  # pending, scheduling, running
+    page.select_option("#metrics-window", "600")
+    page.locator("#chart-phases .u-legend").wait_for()
+    # The earlier migrations ended while the console sampled: "finished" has points.
+    finished = page.wait_for_function(
+        """() => {
+            const c = window.vmferryCharts.get("chart-phases");
+            const i = c.plot.series.findIndex((s) => s.label === "finished");
+            return c.plot.data[i].filter((v) => v != null).length;
+        }"""
+    ).json_value()
+    assert finished >= 1
+    labels = page.locator("#chart-phases .u-legend .u-series .u-label").all_inner_texts()
+    assert labels[1:] == ["pending", "scheduling", "running", "finished"]
+    markers = page.eval_on_selector_all(
+        "#chart-phases .u-legend .u-series .u-marker",
+        "els => els.slice(1).map((e) => getComputedStyle(e).borderColor)",
+    )
+    assert len(set(markers)) == 4 and not any(c in GREYS for c in markers), markers
+    ticks = page.evaluate(  # uPlot draws on a canvas: read the x axis's tick labels
+        """() => window.vmferryCharts.get("chart-phases").plot.axes[0]._values"""
+    )
+    assert ticks and all(":" in t for t in ticks if t), f"the x axis shows times: {ticks!r}"
+    page.context.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_one_second_migration_is_visible_with_a_tooltip(lab: LabHarness, browser: Any) -> None:
+    page = user_page(browser, lab, admin(lab))
+    now = time.time()
+    samples = []
+    for i in range(600):  # 5 minutes at 0.5 s; one migration Running for 1 s in the middle
+        t = now - 300 + i * 0.5
+        running = 300 <= i < 302
+        samples.append(
+            {
+                "t": t,
+                "pending": 0,
+                "scheduling": 0,
+                "running": 1 if running else 0,
+                "succeeded": 0 if i < 302 else 1,
+                "failed": 0,
+                "migrations": (
+                    {
+                        "default/quick-1": {
+                            "vmi": "quick",
+                            "processed": 64 << 20,
+                            "remaining": (1 - (i - 300)) * (32 << 20),
+                            "transferRate": 200 << 20,
+                            "dirtyRate": 8 << 20,
+                        }
+                    }
+                    if running
+                    else {}
+                ),
+            }
+        )
+    page.route(
+        "**/api/metrics-history",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps({"period": 0.5, "samples": samples}),
+        ),
+    )
+    page.click('#tabs button[data-tab="metrics"]')
+    page.locator("#chart-rate .u-legend").filter(has_text="quick (quick-1)").wait_for()
+    points = page.evaluate(
+        """() => window.vmferryCharts.get("chart-rate").plot.data[1].filter((v) => v != null)"""
+    )
+    assert points == [200, 200], "both samples of the 1-second migration are drawn"
+    # Hover the migration's point: the tooltip names it with its value.
+    over = page.locator("#chart-rate .u-over")
+    x = page.evaluate(
+        """() => { const u = window.vmferryCharts.get("chart-rate").plot;
+                   return u.valToPos(u.data[0][300], "x"); }"""
+    )
+    box = over.bounding_box()
+    page.mouse.move(box["x"] + x, box["y"] + box["height"] / 2)
+    tooltip = page.locator("#chart-rate .u-tooltip")
+    playwright_api.expect(tooltip).to_contain_text("quick (quick-1): 200")
     shot(page, "05-metrics")
     page.context.close()
 
@@ -190,6 +275,8 @@ def test_a_bad_bearer_token_is_refused_with_the_apis_message(lab: LabHarness, br
     message.filter(has_text="Login refused").wait_for()
     assert "token" in message.inner_text().lower()
     assert page.locator("#app").is_hidden()
+    assert page.locator("#tabs").is_hidden(), "no tabs while logged out"
+    assert page.locator("#who").inner_text() == ""
     shot(page, "06-bad-token")
     page.context.close()
 
@@ -245,4 +332,115 @@ def test_migrate_is_refused_for_a_user_without_the_migrate_role(
     message.filter(has_text="refused").wait_for()
     assert refusal in message.inner_text(), "the page shows the API's own message"
     shot(page, "07-refused-for-viewer")
+    page.context.close()
+
+
+@pytest.mark.timeout(30)
+def test_vm_page_shows_yaml_events_and_its_migrations(lab: LabHarness, browser: Any) -> None:
+    page = user_page(browser, lab, admin(lab))
+    # The migration of web-a (first test) succeeded: its downtime is in the table.
+    row = page.locator('#migrations tr[data-phase="Succeeded"]').filter(has_text="web-a").first
+    playwright_api.expect(row.locator("td.downtime")).to_have_text(
+        re.compile(r"^\d+ ms$|^\d+\.\d\d s$")
+    )
+    row.locator("td.vmi a").click()
+    page.locator("#vm-title").filter(has_text="default/web-a").wait_for()
+    page.locator('#vm-migrations tr[data-phase="Succeeded"]').first.wait_for()
+    playwright_api.expect(page.locator("#vm-yaml-vmi")).to_contain_text(
+        "kind: VirtualMachineInstance"
+    )
+    playwright_api.expect(page.locator("#vm-yaml-vm")).to_contain_text("kind: VirtualMachine")
+    if "Event" in kinds.BY_KIND:  # the server keeps events: the VM's are listed
+        page.locator("#vm-events tbody tr").first.wait_for()
+    else:  # a server without the Event kind: "no events", no error
+        page.locator("#vm-no-events").wait_for()
+        assert page.locator("#message").is_hidden()
+    shot(page, "08-vm-page")
+    page.click('#tabs button[data-tab="vms"]')
+    vm_row(page, "web-a").wait_for()
+    page.context.close()
+
+
+def _row(namespace: str, name: str, vmi: str, phase: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "namespace": namespace,
+        "name": name,
+        "vmi": vmi,
+        "phase": phase,
+        "source": "node1",
+        "target": "node2",
+        "mode": "PreCopy",
+        "total": 100,
+        "processed": 100,
+        "remaining": 0,
+        "transferRate": 0,
+        "dirtyRate": 0,
+        "rounds": 2,
+        "downtimeMs": None,
+        "elapsed": 3.0,
+        "created": "2026-01-01T00:00:00Z",
+        "deleting": False,
+        "failureReason": "",
+        "abortStatus": "",
+        **extra,
+    }
+
+
+FAKE_STATE = {
+    "time": 0,
+    "migrations": [
+        _row("alpha", "m-fast", "db", "Succeeded", downtimeMs=40),
+        _row("alpha", "m-slow", "web", "Succeeded", downtimeMs=900),
+        _row("beta", "m-bad", "cache", "Failed", failureReason="target node node9 is not ready"),
+        _row("beta", "m-mid", "cache", "Succeeded", downtimeMs=120),
+    ],
+    "vms": [
+        {"namespace": ns, "name": n, "phase": "Running", "node": "node1", "migratable": True,
+         "migration": ""}
+        for ns, n in (("alpha", "db"), ("alpha", "web"), ("beta", "cache"))
+    ],
+    "nodes": [],
+    "errors": {},
+}  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_namespace_filter_search_sort_and_the_failure_reason(lab: LabHarness, browser: Any) -> None:
+    page = user_page(browser, lab, admin(lab))
+    body = f"retry: 60000\n\nevent: state\ndata: {json.dumps(FAKE_STATE)}\n\n"
+    page.route(
+        "**/api/events",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body),
+    )
+    page.route(
+        "**/api/state",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(FAKE_STATE)
+        ),
+    )
+    page.reload()
+    names = page.locator("#migrations tbody td.name")
+    playwright_api.expect(names).to_have_count(4)
+    failed = page.locator('#migrations tr[data-phase="Failed"]')
+    playwright_api.expect(failed.locator("td.reason")).to_have_text(
+        "target node node9 is not ready"
+    )
+    assert failed.locator("td.reason").is_visible(), "the reason is in plain sight"
+
+    page.click('#migrations th[data-sort="downtimeMs"]')
+    playwright_api.expect(names).to_have_text(["m-fast", "m-mid", "m-slow", "m-bad"])
+    page.click('#migrations th[data-sort="downtimeMs"]')
+    playwright_api.expect(names).to_have_text(["m-slow", "m-mid", "m-fast", "m-bad"])
+    playwright_api.expect(page.locator("#migrations td.downtime").first).to_have_text("900 ms")
+
+    page.select_option("#ns-filter", "beta")
+    playwright_api.expect(names).to_have_text(["m-mid", "m-bad"])
+    page.fill("#search", "node9")
+    playwright_api.expect(names).to_have_text(["m-bad"])
+    shot(page, "09-filter-search-sort")
+    page.fill("#search", "")
+    page.click('#tabs button[data-tab="vms"]')
+    playwright_api.expect(page.locator("#vms tbody tr")).to_have_count(1)  # beta only
+    page.select_option("#ns-filter", "")
+    playwright_api.expect(page.locator("#vms tbody tr")).to_have_count(3)
     page.context.close()

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,8 +245,7 @@ def test_every_node_has_its_own_network_stack(netlab: LabHarness) -> None:
         }
         assert addresses["InternalIP"] == f"192.0.2.{10 + i}"
         # the host still scrapes the node's metrics (through the gateway)
-        with urllib.request.urlopen(netlab.metrics_url(node), timeout=5) as resp:
-            assert b"# TYPE vmferry_" in resp.read()
+        assert "# TYPE vmferry_" in netlab.fetch_metrics(node)[1]
     bridges = {str(link["ifname"]): link for link in ip_json(f"{prefix}-lab", "addr", "show")}
     assert {"br-main", "br-mig", "v1-main", "v1-mig", "v3-mig"} <= set(bridges)
     assert netlab.lab.pid("gateway") is not None

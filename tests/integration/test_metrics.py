@@ -27,6 +27,8 @@ HANDLER_FAMILIES = {
     "vmferry_migration_rounds": "gauge",
     "vmferry_migration_wire_bytes": "gauge",
     "vmferry_migration_postcopy_stall_seconds": "gauge",
+    "vmferry_handler_ready_status": "gauge",
+    "process_cpu_seconds": "counter",  # prometheus_client's process collector
 }
 CONTROLLER_FAMILIES = {
     "kubevirt_vmi_migrations_in_pending_phase": "gauge",
@@ -38,13 +40,17 @@ CONTROLLER_FAMILIES = {
     "kubevirt_vmi_migration_phase_transition_time_from_creation_seconds": "histogram",
     "kubevirt_vmi_migration_start_time_seconds": "gauge",
     "kubevirt_vmi_migration_end_time_seconds": "gauge",
+    "kubevirt_vmi_non_evictable": "gauge",
+    "kubevirt_vmi_info": "gauge",
+    "kubevirt_virt_controller_leading_status": "gauge",
+    "kubevirt_virt_controller_ready_status": "gauge",
+    "python_gc_objects_collected": "counter",
 }
 
 
 def families(lab: LabHarness, component: str) -> dict[str, str]:
-    with urllib.request.urlopen(lab.metrics_url(component), timeout=5) as resp:
-        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = resp.read().decode()
+    content_type, text = lab.fetch_metrics(component)
+    assert content_type.startswith("text/plain; version=0.0.4")
     return {f.name: f.type for f in text_string_to_metric_families(text)}
 
 
@@ -157,6 +163,25 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
     assert (value(ctrl, f"{histogram}_sum", phase="Succeeded") or 0) > 0
     assert not any(name.endswith("_created") for name, _ in ctrl), "no *_created series"
     lab.cli("delete", "vm", "metered")
+
+
+@pytest.mark.timeout(30)
+def test_every_daemon_serves_healthz_readyz_and_head_over_https(lab: LabHarness) -> None:
+    for component in ("controller", *lab.lab.node_names()):
+        assert lab.fetch_metrics(component, "/healthz")[1] == "ok\n"
+        assert lab.fetch_metrics(component, "/readyz")[1] == "ok\n"
+        request = urllib.request.Request(lab.metrics_url(component), method="HEAD")
+        with urllib.request.urlopen(request, timeout=5, context=lab.metrics_ssl()) as resp:
+            assert int(resp.headers["Content-Length"]) > 1000
+            assert resp.read() == b""  # curl -I: headers only
+    ready = lab.scrape("controller")
+    assert any(
+        name == "kubevirt_virt_controller_ready_status" and v == 1 for (name, _), v in ready.items()
+    )
+    # Plain HTTP is not served by default.
+    port = lab.info()["metricsPorts"]["controller"]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
 
 
 @pytest.mark.timeout(60)

@@ -5,6 +5,9 @@ registered peer; qualified component names; ``lab down`` stops everything."""
 from __future__ import annotations
 
 import json
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +146,26 @@ def test_status_lists_every_component_qualified(labs: MultiLabHarness) -> None:
         assert _status(labs)["cluster1/sync"].startswith("running")
     again = labs.cli("lab", "up", "--clusters", "2", "--nodes", "2", check=False)
     assert again.returncode == 1 and "already running" in again.stderr
+
+
+@pytest.mark.timeout(30)
+def test_sync_controllers_serve_readyz_and_metrics_over_https(labs: MultiLabHarness) -> None:
+    if sync_unavailable_reason() is not None:
+        pytest.skip(f"no sync controller: {sync_unavailable_reason()}")
+    for name in CLUSTERS:
+        lab = labs.cluster(name)
+        port = lab.info()["sync"]["metricsPort"]
+        ctx = ssl.create_default_context(cafile=str(lab.pki_dir / "ca.crt"))
+
+        def get(path: str, port: int = port, ctx: ssl.SSLContext = ctx) -> str:
+            url = f"https://127.0.0.1:{port}{path}"
+            with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+                return str(resp.read().decode())
+
+        labs.wait_for(f"{name}'s sync controller to be ready", lambda: get("/readyz") == "ok\n")
+        text = get("/metrics")
+        assert "vmferry_sync_controller_ready_status 1.0" in text
+        assert "process_cpu_seconds_total" in text
 
 
 @pytest.mark.timeout(90)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -147,9 +148,22 @@ class LabHarness:
         info: Obj = json.loads((self.lab.dir / "lab.json").read_text())
         return info
 
-    def metrics_url(self, component: str) -> str:
-        """``http://…/metrics`` of ``controller`` or a node."""
-        return f"http://127.0.0.1:{self.info()['metricsPorts'][component]}/metrics"
+    def metrics_url(self, component: str, path: str = "/metrics") -> str:
+        """``https://…/metrics`` (or another ``path``) of ``controller`` or a node."""
+        return f"https://127.0.0.1:{self.info()['metricsPorts'][component]}{path}"
+
+    def metrics_ssl(self) -> ssl.SSLContext:
+        """TLS to the daemons' metrics endpoints: the lab CA, the admin's certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.lab.pki_dir / "ca.crt"))
+        users = self.lab.pki_dir / "users"
+        ctx.load_cert_chain(users / "admin.crt", users / "admin.key")
+        return ctx
+
+    def fetch_metrics(self, component: str, path: str = "/metrics") -> tuple[str, str]:
+        """GET ``path`` of a daemon's metrics endpoint: (Content-Type, body)."""
+        url = self.metrics_url(component, path)
+        with urllib.request.urlopen(url, timeout=5, context=self.metrics_ssl()) as resp:
+            return resp.headers["Content-Type"], resp.read().decode()
 
     def console_url(self) -> str:
         return f"https://127.0.0.1:{self.info()['consolePort']}/"
@@ -158,8 +172,7 @@ class LabHarness:
         """One scrape of a daemon: {(sample name, sorted labels): value}."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.metrics_url(component), timeout=5) as resp:
-            text = resp.read().decode()
+        _, text = self.fetch_metrics(component)
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)

@@ -88,7 +88,9 @@ def test_two_clusters_loopback_files(tmp_path: Path) -> None:
             "listen",
             "advertise",
             "log_level",
+            "metrics_listen",
         }
+        assert sync["metrics_listen"] == f"127.0.0.1:{info['sync']['metricsPort']}"
         assert sync["cluster_name"] == cluster
         assert sync["api_server"] == f"127.0.0.1:{info['apiPort']}"
         assert sync["listen"] == sync["advertise"] == info["sync"]["advertise"]

@@ -1,14 +1,12 @@
 """The metric collectors on fake caches: KubeVirt's counting rules, labels and the
-handler's retention of a finished migration's figures; and the /metrics HTTP server."""
+handler's retention of a finished migration's figures; and the HTTP server's address parsing."""
 
 from __future__ import annotations
 
-import asyncio
-import urllib.request
 from types import SimpleNamespace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from controller.metrics import ControllerMetrics, transition_seconds_from_creation
 from handler.metrics import FINISHED_RETENTION, HandlerMetrics
@@ -43,7 +41,7 @@ def sample(registry: CollectorRegistry, metric: str, /, **labels: str) -> float 
 def test_controller_counts_phases_as_kubevirt_does() -> None:
     vmims = Informer(SimpleNamespace(), "VirtualMachineInstanceMigration")  # type: ignore[arg-type]
     vmis = Informer(SimpleNamespace(), "VirtualMachineInstance")  # type: ignore[arg-type]
-    metrics = ControllerMetrics(vmims, vmis)
+    metrics = ControllerMetrics(vmims, vmis, instance="c1", ready=lambda: True)
     for i, phase in enumerate(
         ["", "Pending", "Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running"]
     ):
@@ -67,7 +65,7 @@ def test_controller_counts_phases_as_kubevirt_does() -> None:
 def test_phase_histogram_observes_updates_that_change_the_phase() -> None:
     vmims = Informer(SimpleNamespace(), "VirtualMachineInstanceMigration")  # type: ignore[arg-type]
     vmis = Informer(SimpleNamespace(), "VirtualMachineInstance")  # type: ignore[arg-type]
-    metrics = ControllerMetrics(vmims, vmis)
+    metrics = ControllerMetrics(vmims, vmis, instance="c1", ready=lambda: True)
     vmims.apply_event("ADDED", vmim("m", "Pending"))  # first sight: not a transition
     vmims.apply_event("MODIFIED", vmim("m", "Running"))
     vmims.apply_event("MODIFIED", vmim("m", "Running"))  # same phase: not again
@@ -81,7 +79,7 @@ def test_phase_histogram_observes_updates_that_change_the_phase() -> None:
 def test_start_and_end_times_carry_kubevirts_labels() -> None:
     vmims = Informer(SimpleNamespace(), "VirtualMachineInstanceMigration")  # type: ignore[arg-type]
     vmis = Informer(SimpleNamespace(), "VirtualMachineInstance")  # type: ignore[arg-type]
-    metrics = ControllerMetrics(vmims, vmis)
+    metrics = ControllerMetrics(vmims, vmis, instance="c1", ready=lambda: True)
     vmims.apply_event("ADDED", vmim("mig", "Succeeded", uid="u1"))
     vmis.apply_event(
         "ADDED",
@@ -145,26 +143,6 @@ def test_handler_exports_progress_then_keeps_the_final_figures_for_a_while() -> 
 
     now[0] = 2.0 + FINISHED_RETENTION
     assert sample(r, "kubevirt_vmi_migration_data_processed_bytes", **labels) is None
-
-
-def test_metrics_server_answers_in_the_event_loop() -> None:
-    async def main() -> tuple[bytes, str]:
-        registry = CollectorRegistry()
-        server = await httpserve.serve_metrics(registry, "127.0.0.1:0")
-        port = server.sockets[0].getsockname()[1]
-
-        def fetch() -> tuple[bytes, str]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                return r.read(), r.headers["Content-Type"]
-
-        try:
-            return await asyncio.to_thread(fetch)
-        finally:
-            server.close()
-
-    body, ctype = asyncio.run(main())
-    assert ctype.startswith("text/plain; version=0.0.4")
-    assert body == generate_latest(CollectorRegistry())
 
 
 def test_split_hostport() -> None:

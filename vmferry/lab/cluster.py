@@ -370,6 +370,7 @@ class Lab:
         assert self.cluster is not None
         port = free_port("127.0.0.1")
         address = f"127.0.0.1:{port}"
+        metrics_port = free_port("127.0.0.1")  # its /metrics, /healthz, /readyz (HTTPS)
         issue_sync = getattr(pki, "issue_sync", None)
         if issue_sync is not None:
             tls = issue_sync(self.pki_dir, SYNC_CERT_NAME, ips=["127.0.0.1"], dns=["localhost"])
@@ -387,9 +388,15 @@ class Lab:
             f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
             f'listen = "{address}"\n'
             f'advertise = "{address}"\n'
+            f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
             'log_level = "info"\n'
         )
-        return {"clusterName": self.cluster.name, "listen": address, "advertise": address}
+        return {
+            "clusterName": self.cluster.name,
+            "listen": address,
+            "advertise": address,
+            "metricsPort": metrics_port,
+        }
 
     def start(self, component: str) -> int:
         """Start one component as a detached process; returns its pid."""
