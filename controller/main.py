@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import grpc_options, httpserve, logs, pki
+from vmferry import grpc_options, httpserve, logs, pki, systemd
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
@@ -135,7 +134,11 @@ async def bootstrap(store: Store) -> None:
     await bootstrap_forklift(store)  # openshift-mtv and ForkliftController/forklift-controller
 
 
-async def serve(config: dict[str, Any]) -> None:
+async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the configuration (``argv``: the
+    command line it came from) and applies ``log_level`` and ``node_grace_seconds`` live."""
+    sd = systemd.Notifier.from_env()
+    sd.status("opening the store")
     data_dir = Path(config["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
     store = await Store.open(data_dir / "state.db")
@@ -169,7 +172,7 @@ async def serve(config: dict[str, Any]) -> None:
         await server.start()
         log.info("api serving on %s (data in %s)", config["listen"], data_dir)
         try:  # from here a failure (a port taken, say) stops the server: never a hang
-            await _serve_started(config, store, signer, api, tls)
+            await _serve_started(config, store, signer, api, tls, sd, argv)
         finally:
             await server.stop(grace=2)
     finally:
@@ -182,6 +185,8 @@ async def _serve_started(
     signer: TokenSigner,
     api: ApiService,
     tls: pki.TlsFiles | None,
+    sd: systemd.Notifier,
+    argv: list[str] | None = None,
 ) -> None:
     """Everything that runs once the API server is up, until a stop signal."""
     source = StoreSource(store)
@@ -211,12 +216,21 @@ async def _serve_started(
                 await httpserve.listening("the web console", listen, console.serve(listen))
             )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        monitor = NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"]))
+        reloader = systemd.ConfigReloader(
+            lambda: parse_args(argv),
+            config,
+            {
+                "log_level": systemd.live_log_level,
+                "node_grace_seconds": lambda v: setattr(monitor, "grace", float(v)),
+            },
+        )
+        systemd.install_signals(asyncio.get_running_loop(), sd, stop, reloader)
         async with asyncio.TaskGroup() as tg:
             informers = (vms, vmis, vmims, nodes, hcos, nads)
             tasks = [tg.create_task(inf.run()) for inf in informers]
+            tasks.append(tg.create_task(sd.run_watchdog()))
+            sd.status("listing the store (informers)")
             for inf in informers:
                 await inf.synced.wait()
             tasks += [
@@ -224,15 +238,14 @@ async def _serve_started(
                 tg.create_task(VMIController(store, vmis, nodes).run()),
                 tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
                 tg.create_task(NetworkController(store, hcos, nads, nodes).run()),
-                tg.create_task(
-                    NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
-                ),
+                tg.create_task(monitor.run()),
                 tg.create_task(run_rbac_reconcilers(store, signer, _ca_pem(config))),
                 tg.create_task(run_forklift(store, Path(config["data_dir"]))),
             ]
             if console is not None:
                 tasks.append(tg.create_task(console.run()))
             log.info("reconcilers running")
+            sd.ready(f"serving the API on {config['listen']}; reconcilers running")
             await stop.wait()
             log.info("shutting down")
             for task in tasks:
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.setup("controller", config["log_level"])
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

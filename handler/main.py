@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -35,7 +34,7 @@ from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
-from vmferry import httpserve, logs, pki
+from vmferry import httpserve, logs, pki, systemd
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_NAMESPACE
@@ -165,8 +164,13 @@ def advertised_endpoint(config: dict[str, Any]) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-async def serve(config: dict[str, Any]) -> None:
+async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (guests keep running); SIGHUP re-reads the
+    configuration (``argv``: the command line it came from) and applies ``log_level``
+    and ``heartbeat_seconds`` live."""
     node = config["node_name"]
+    sd = systemd.Notifier.from_env()
+    sd.status("starting the migration service")
     tls = (
         None
         if config["insecure_plaintext"]
@@ -258,6 +262,7 @@ async def serve(config: dict[str, Any]) -> None:
             state_dir=runtime_dir,
             peers=peers,
         )
+        sd.status("re-adopting running guests")
         await manager.adopt()
         metrics = HandlerMetrics(manager, node)
         if listen := config["metrics_listen"]:
@@ -266,10 +271,17 @@ async def serve(config: dict[str, Any]) -> None:
             )
             log.info("node %s: metrics on http://%s/metrics", node, config["metrics_listen"])
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        reloader = systemd.ConfigReloader(
+            lambda: parse_args(argv),
+            config,
+            {
+                "log_level": systemd.live_log_level,
+                "heartbeat_seconds": lambda v: setattr(agent, "interval", float(v)),
+            },
+        )
+        systemd.install_signals(asyncio.get_running_loop(), sd, stop, reloader)
         async with asyncio.TaskGroup() as tg:
+            sd.status("registering the node")
             await agent.register()
             tasks = [
                 tg.create_task(agent.run()),
@@ -279,7 +291,9 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(configmaps.run()),
                 tg.create_task(run_after(configmaps.synced, manager.run())),
                 tg.create_task(metrics.run()),
+                tg.create_task(sd.run_watchdog(lambda: _status(node, endpoint, manager))),
             ]
+            sd.ready(_status(node, endpoint, manager))
             await stop.wait()
             log.info("node %s: shutting down (guests keep running)", node)
             for task in tasks:
@@ -293,6 +307,12 @@ async def serve(config: dict[str, Any]) -> None:
             metrics_server.close()
         await server.close(grace=1)
         await api.close()
+
+
+def _status(node: str, endpoint: MigrationEndpoint, manager: VMManager) -> str:
+    """The line ``systemctl status`` shows for a serving handler."""
+    host, port = endpoint.published()
+    return f"node {node}: {len(manager.handles)} guest(s); migrations on {host}:{port}"
 
 
 async def run_after(ready: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
@@ -311,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(f"handler/{config['node_name']}", config["log_level"])
     allocator.tune_for_bulk_buffers()  # page batches recycle heap instead of fresh mmaps
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
