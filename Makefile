@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu guest-image guest-image-optional test-deps chaos lock
+	install-qemu guest-image guest-image-optional test-deps chaos lock dist
 
 all: test
 
@@ -74,6 +74,14 @@ proto-check: $(STAMP)
 	  cmp -s $$tmp/$$f $$f || { echo "stale generated code: $$f (run 'make proto')"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated code is up to date"
 
+# What deploy/install.sh installs on a host: the wheel, and constraints.txt (the exact
+# versions of requirements.lock, so hosts run what the tests ran).
+dist: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > dist/constraints.txt
+	@ls dist
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
@@ -112,4 +120,4 @@ lab-down: $(STAMP)
 	$(BIN)/vmferry lab down
 
 clean:
-	rm -rf $(VENV) .lab build *.egg-info
+	rm -rf $(VENV) .lab build dist *.egg-info
