@@ -24,6 +24,7 @@ from handler import allocator
 from handler.drivers.base import Drivers
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
+from handler.drivers.scope import GuestScopes
 from handler.endpoint import MigrationEndpoint
 from handler.metrics import HandlerMetrics
 from handler.migration.incoming import IncomingRegistry
@@ -182,7 +183,8 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
         server=config["api_server"], tls=tls, insecure_plaintext=config["insecure_plaintext"]
     )
     api = ApiClient(client_config, timeout=10.0)
-    driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
+    scopes = GuestScopes.detect()  # under systemd: each guest in a scope of its own
+    driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]), scopes=scopes)
     driver.warm_up()  # a guest (a migration target above all) starts without a Python start-up
     # The registered peer clusters (cross-cluster migrations: their CAs), kept current
     # from the ConfigMap by an informer; and this node's trust for migrations.
@@ -199,6 +201,7 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
         Path(config["ram_dir"]),
         binary=config["qemu_binary"],
         image_dir=Path(config["qemu_image_dir"]),
+        scopes=scopes,
     )
     # One instance of each target service, served by every listener (migration_network
     # moves the listener to the migration network's address and back).
