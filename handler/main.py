@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     allocator.tune_for_bulk_buffers()  # page batches recycle heap instead of fresh mmaps
     try:
         asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
+    except (ConfigError, pki.CertificateExpired) as e:
         log.error("%s", e)
         sys.exit(2)
 

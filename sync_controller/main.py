@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(f"sync/{config['cluster_name']}", config["log_level"])
     try:
         asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
+    except (ConfigError, pki.CertificateExpired) as e:
         log.error("%s", e)
         sys.exit(2)
 
