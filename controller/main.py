@@ -22,6 +22,8 @@ from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
+from controller.csr_signer import KIND as CSR_KIND
+from controller.csr_signer import CsrSigner, load_ca
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
 from controller.metrics import ControllerMetrics
@@ -57,6 +59,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "token_listen": str,
     "metrics_listen": str,
     "console_listen": str,
+    "ca_key": str,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
@@ -81,6 +84,11 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     p.add_argument("--ca", help="cluster CA certificate")
     p.add_argument("--cert", help="server certificate (from 'vmferry pki issue server')")
     p.add_argument("--key", help="server private key")
+    p.add_argument(
+        "--ca-key",
+        help="the CA's private key: sign approved node certificate requests (vmferry join); "
+        "default: none, requests wait unsigned",
+    )
     p.add_argument(
         "--node-grace-seconds",
         type=float,
@@ -215,6 +223,7 @@ async def _serve_started(
             http_servers.append(
                 await httpserve.listening("the web console", listen, console.serve(listen))
             )
+        csrs = _csr_signer(config, store)
         stop = asyncio.Event()
         monitor = NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"]))
         reloader = systemd.ConfigReloader(
@@ -244,6 +253,8 @@ async def _serve_started(
             ]
             if console is not None:
                 tasks.append(tg.create_task(console.run()))
+            if csrs is not None:
+                tasks += [tg.create_task(csrs.csrs.run()), tg.create_task(csrs.run())]
             log.info("reconcilers running")
             sd.ready(f"serving the API on {config['listen']}; reconcilers running")
             await stop.wait()
@@ -253,6 +264,20 @@ async def _serve_started(
     finally:
         for http_server in http_servers:
             http_server.close()
+
+
+def _csr_signer(config: dict[str, Any], store: Store) -> CsrSigner | None:
+    """The signer of node certificate requests, with the CA of ``ca``/``ca_key``
+    (None without ``ca_key``: requests then wait unsigned)."""
+    if not config.get("ca_key"):
+        return None
+    try:
+        ca = load_ca(Path(config["ca"]), Path(config["ca_key"]))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"ca_key: {e}") from None
+    csrs = Informer(StoreSource(store), CSR_KIND)
+    log.info("signing approved node certificate requests with %s", config["ca_key"])
+    return CsrSigner(store, csrs, ca)
 
 
 def _ca_pem(config: dict[str, Any]) -> bytes:

@@ -109,8 +109,11 @@ class CertificateReloader:
 
     @staticmethod
     def _config(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> Any:
+        # The chain served ends with the CA: a joining node (vmferry join) reads it from
+        # the handshake and trusts it only if its hash is the --ca-hash it was given.
+        chain = cert_pem.rstrip(b"\n") + b"\n" + ca_pem
         return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=ca_pem
+            [(key_pem, chain)], root_certificates=ca_pem
         )
 
     def __call__(self) -> Any:
