@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto) $(wildcard proto/vmferry/etcdpb/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
-	install-qemu install-etcd guest-image guest-image-optional test-deps chaos lock
+	install-qemu install-etcd guest-image guest-image-optional test-deps chaos lock dist install-nspawn
 
 all: test
 
@@ -40,6 +40,17 @@ test-deps:
 	  command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium); \
 	else command -v chromium >/dev/null || echo "note: no chromium (not root): console browser tests will be skipped"; fi
 	@$(MAKE) --no-print-directory install-qemu install-etcd
+	@$(MAKE) --no-print-directory install-nspawn
+
+# systemd-nspawn and systemd-analyze for the install test (tests/integration/test_hosts_nspawn.py)
+# and the units' security figures: as root, only when missing. Installing the packages
+# starts nothing (systemd runs only inside the test's containers). Never fatal.
+install-nspawn:
+	@command -v systemd-nspawn >/dev/null && command -v systemd-analyze >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -q && apt-get install -y -q --no-install-recommends systemd-container) \
+	        || echo "warning: could not install systemd-container (the nspawn test will skip)"; \
+	    else echo "note: not root: the nspawn test will skip"; fi; }
 
 # QEMU and the guest image's build tools (driver `qemu`); only as root, only when missing.
 # Never fatal: without QEMU the qemu tests skip and say why.
@@ -82,6 +93,14 @@ proto-check: $(STAMP)
 	for f in $$(cd $$tmp && find . -name '*.py' -o -name '*.pyi'); do \
 	  cmp -s $$tmp/$$f $$f || { echo "stale generated code: $$f (run 'make proto')"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated code is up to date"
+
+# What deploy/install.sh installs on a host: the wheel, and constraints.txt (the exact
+# versions of requirements.lock, so hosts run what the tests ran).
+dist: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > dist/constraints.txt
+	@ls dist
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -128,4 +147,4 @@ lab-down: $(STAMP)
 	$(BIN)/vmferry lab down
 
 clean:
-	rm -rf $(VENV) .lab build *.egg-info
+	rm -rf $(VENV) .lab build dist *.egg-info

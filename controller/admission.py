@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller import csr_signer
 from controller.network_controller import main_addresses
 from controller.store import Store
 from vmferry.decentralized import (
@@ -130,6 +131,8 @@ class Admission:
             )
         if new["kind"] == "VirtualMachineInstance" and subresource != "status":
             _refuse_vmi_spec_change(current, new)
+        if new["kind"] == csr_signer.KIND:
+            csr_signer.admit_update(current, new, subresource)
 
     async def admit_delete(self, current: Obj) -> None:
         if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from controller import migration_token, pods, rbac
+from controller import csr_signer, migration_token, pods, rbac
 from controller.admission import Admission
 from controller.audit import AuditLog
 from controller.authn import (
@@ -559,6 +559,8 @@ class ApiService(api_pb2_grpc.ApiServicer):
                 who, "create", kind, ns, meta.get("name", meta.get("generateName", "")), new=obj
             )
             await self._authorize_token_mint(who, obj)
+            if kind.kind == csr_signer.KIND:  # who asked is the caller, never the client's say
+                csr_signer.stamp_requester(obj, who)
             await self._ensure_namespace(kind, ns)
             await self._check_escalation(who, obj)
             if kind.kind in STATUS_STRIPPED_ON_CREATE:

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from controller.store import Store
-from vmferry import pki
+from vmferry import bootstrap_token, pki
 from vmferry.errors import NotFound, Unauthorized
 
 Obj = dict[str, Any]
@@ -150,6 +150,16 @@ def service_account_identity(namespace: str, name: str) -> pki.Identity:
     )
 
 
+async def _bootstrap_secret(store: Store, token: str) -> Obj:
+    name = bootstrap_token.SECRET_PREFIX + token.partition(".")[0]
+    try:
+        return await store.get("Secret", bootstrap_token.NAMESPACE, name)
+    except NotFound:
+        raise Unauthorized(
+            f'invalid bootstrap token: secret "{bootstrap_token.NAMESPACE}/{name}" does not exist'
+        ) from None
+
+
 def _bearer_token(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key.lower() == "authorization":
@@ -184,6 +194,8 @@ class Authenticator:
         return pki.Identity(user=who.user, groups=groups)
 
     async def authenticate_token(self, token: str) -> pki.Identity:
+        if bootstrap_token.is_bootstrap_token(token):
+            return await self.authenticate_bootstrap_token(token)
         claims = self.signer.claims(token)
         ns = str(claims.get(_CLAIM_NS, ""))
         secret_name = str(claims.get(_CLAIM_SECRET, ""))
@@ -220,3 +232,14 @@ class Authenticator:
                 f'invalid bearer token: service account "{ns}/{sa_name}" was deleted'
             )
         return service_account_identity(ns, sa_name)
+
+    async def authenticate_bootstrap_token(self, token: str) -> pki.Identity:
+        """A bootstrap token (vmferry.bootstrap_token): ``system:bootstrap:<id>`` in
+        ``system:bootstrappers`` and the token's extra groups."""
+        secret = await _bootstrap_secret(self.store, token)
+        try:
+            found = bootstrap_token.from_secret(token, secret)
+        except bootstrap_token.TokenError as e:
+            raise Unauthorized(str(e)) from None
+        groups = (bootstrap_token.BOOTSTRAPPERS_GROUP, *found.groups, AUTHENTICATED_GROUP)
+        return pki.Identity(user=found.user, groups=groups)

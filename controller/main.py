@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
 from controller.console import Console
+from controller.csr_signer import KIND as CSR_KIND
+from controller.csr_signer import CsrSigner, load_ca
 from controller.events import DEFAULT_EVENT_TTL, EventExpiry
 from controller.forklift.cluster import bootstrap_forklift
 from controller.forklift.run import run_forklift
@@ -40,7 +41,7 @@ from controller.rbac_controller import run_rbac_reconcilers
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
-from vmferry import grpc_options, httpserve, logs, metrics_http, pki
+from vmferry import grpc_options, httpserve, logs, metrics_http, pki, systemd
 from vmferry.config import ConfigError, daemon_config
 from vmferry.errors import AlreadyExists
 from vmferry.informer import Informer
@@ -65,6 +66,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "console_listen": str,
     **ha.CONFIG_KEYS,
     **metrics_http.CONFIG_KEYS,
+    "ca_key": str,
 }
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:7443",
@@ -92,6 +94,11 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     p.add_argument("--ca", help="cluster CA certificate")
     p.add_argument("--cert", help="server certificate (from 'vmferry pki issue server')")
     p.add_argument("--key", help="server private key")
+    p.add_argument(
+        "--ca-key",
+        help="the CA's private key: sign approved node certificate requests (vmferry join); "
+        "default: none, requests wait unsigned",
+    )
     p.add_argument(
         "--node-grace-seconds",
         type=float,
@@ -155,7 +162,11 @@ async def bootstrap(store: Store) -> None:
     await bootstrap_forklift(store)  # openshift-mtv and ForkliftController/forklift-controller
 
 
-async def serve(config: dict[str, Any]) -> None:
+async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the configuration (``argv``: the
+    command line it came from) and applies ``log_level`` and ``node_grace_seconds`` live."""
+    sd = systemd.Notifier.from_env()
+    sd.status("opening the store")
     data_dir = Path(config["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
     replication = await Replication.open(config, data_dir)
@@ -191,7 +202,7 @@ async def serve(config: dict[str, Any]) -> None:
         await server.start()
         log.info("api serving on %s (data in %s)", config["listen"], data_dir)
         try:  # from here a failure (a port taken, say) stops the server: never a hang
-            await _serve_started(config, replication, signer, api, tls)
+            await _serve_started(config, replication, signer, api, tls, sd, argv)
         finally:
             await server.stop(grace=2)
     finally:
@@ -204,6 +215,8 @@ async def _serve_started(
     signer: TokenSigner,
     api: ApiService,
     tls: pki.TlsFiles | None,
+    sd: systemd.Notifier,
+    argv: list[str] | None = None,
 ) -> None:
     """Everything that runs once the API server is up, until a stop signal. The
     reconcilers run only while this replica leads (always, on SQLite)."""
@@ -246,12 +259,22 @@ async def _serve_started(
             http_servers.append(
                 await httpserve.listening("the web console", listen, console.serve(listen))
             )
+        csrs = _csr_signer(config, store)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        monitor = NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"]))
+        reloader = systemd.ConfigReloader(
+            lambda: parse_args(argv),
+            config,
+            {
+                "log_level": systemd.live_log_level,
+                "node_grace_seconds": lambda v: setattr(monitor, "grace", float(v)),
+            },
+        )
+        systemd.install_signals(asyncio.get_running_loop(), sd, stop, reloader)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(inf.run()) for inf in informers]
+            tasks.append(tg.create_task(sd.run_watchdog()))
+            sd.status("listing the store (informers)")
             for inf in informers:
                 await inf.synced.wait()
 
@@ -264,10 +287,11 @@ async def _serve_started(
                         VMIController(store, vmis, nodes).run(),
                         MigrationController(store, vmims, vmis, nodes, hcos).run(),
                         NetworkController(store, hcos, nads, nodes).run(),
-                        NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run(),
+                        monitor.run(),
                         run_rbac_reconcilers(store, signer, _ca_pem(config)),
                         run_forklift(store, Path(config["data_dir"])),
                         EventExpiry(store, float(config["event_ttl_seconds"])).run(),
+                        *((csrs.csrs.run(), csrs.run()) if csrs is not None else ()),
                     ):
                         work.create_task(reconciler)
 
@@ -275,6 +299,10 @@ async def _serve_started(
             if console is not None:
                 tasks.append(tg.create_task(console.run()))
             log.info("reconcilers running" if replication.elector is None else "campaigning")
+            sd.ready(
+                f"serving the API on {config['listen']}; "
+                + ("reconcilers running" if replication.elector is None else "campaigning")
+            )
             await stop.wait()
             log.info("shutting down")
             for task in tasks:
@@ -282,6 +310,20 @@ async def _serve_started(
     finally:
         for http_server in http_servers:
             await http_server.close()
+
+
+def _csr_signer(config: dict[str, Any], store: Store) -> CsrSigner | None:
+    """The signer of node certificate requests, with the CA of ``ca``/``ca_key``
+    (None without ``ca_key``: requests then wait unsigned)."""
+    if not config.get("ca_key"):
+        return None
+    try:
+        ca = load_ca(Path(config["ca"]), Path(config["ca_key"]))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"ca_key: {e}") from None
+    csrs = Informer(StoreSource(store), CSR_KIND)
+    log.info("signing approved node certificate requests with %s", config["ca_key"])
+    return CsrSigner(store, csrs, ca)
 
 
 def _ca_pem(config: dict[str, Any]) -> bytes:
@@ -297,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.setup("controller", config["log_level"])
     try:
-        asyncio.run(serve(config))
-    except ConfigError as e:
+        asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
+    except (ConfigError, pki.CertificateExpired) as e:
         log.error("%s", e)
         sys.exit(2)
 

@@ -47,6 +47,7 @@ from controller.rbac import (
     uncovered,
 )
 from controller.store import Store
+from vmferry.bootstrap_token import BOOTSTRAPPERS_GROUP
 from vmferry.decentralized import SYNC_IDENTITY
 from vmferry.errors import NotFound
 from vmferry.migration_network import NAD_KIND
@@ -108,6 +109,11 @@ _NAD_GROUP, _NADS = _resource_of(NAD_KIND)
 _POLICY_GROUP, _POLICIES = _resource_of("MigrationPolicy")
 _SYNC_WRITES = ["create", "update", "patch", "delete"]
 
+# What a bootstrap token (vmferry.bootstrap_token) may do: ask for a node certificate and
+# read the answer, as Kubernetes' system:node-bootstrapper.
+NODE_BOOTSTRAPPER_ROLE = "system:node-bootstrapper"
+_CSR_GROUP, _CSRS = _resource_of("CertificateSigningRequest")
+
 BUILTIN_CLUSTER_ROLES: list[Obj] = [
     _cluster_role(
         "cluster-admin", [_rule(["*"], ["*"], ["*"]), {"nonResourceURLs": ["*"], "verbs": ["*"]}]
@@ -117,6 +123,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
         MONITORING_ROLE,
         [{"nonResourceURLs": ["/metrics", "/healthz", "/readyz", "/livez"], "verbs": ["get"]}],
     ),
+    _cluster_role(NODE_BOOTSTRAPPER_ROLE, [_rule([_CSR_GROUP], [_CSRS], ["create", *READ_VERBS])]),
     _cluster_role("admin", [], aggregate_to=("admin",)),
     _cluster_role("edit", [], labels=_aggregate_to("admin"), aggregate_to=("edit",)),
     _cluster_role("view", [], labels=_aggregate_to("edit"), aggregate_to=("view",)),
@@ -227,6 +234,17 @@ BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
         },
         "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": SYNC_CONTROLLER_ROLE},
         "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": SYNC_IDENTITY}],
+    },
+    {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": NODE_BOOTSTRAPPER_ROLE,
+            "labels": {BOOTSTRAP_LABEL: "rbac-defaults"},
+            "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": NODE_BOOTSTRAPPER_ROLE},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": BOOTSTRAPPERS_GROUP}],
     },
 ]
 

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -25,6 +24,7 @@ from handler import allocator
 from handler.drivers.base import Drivers
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
+from handler.drivers.scope import GuestScopes
 from handler.endpoint import MigrationEndpoint
 from handler.metrics import HandlerMetrics
 from handler.migration.incoming import IncomingRegistry
@@ -35,7 +35,7 @@ from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
-from vmferry import logs, metrics_http, pki
+from vmferry import logs, metrics_http, pki, systemd
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_NAMESPACE
@@ -169,8 +169,13 @@ def advertised_endpoint(config: dict[str, Any]) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-async def serve(config: dict[str, Any]) -> None:
+async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (guests keep running); SIGHUP re-reads the
+    configuration (``argv``: the command line it came from) and applies ``log_level``
+    and ``heartbeat_seconds`` live."""
     node = config["node_name"]
+    sd = systemd.Notifier.from_env()
+    sd.status("starting the migration service")
     tls = (
         None
         if config["insecure_plaintext"]
@@ -182,7 +187,8 @@ async def serve(config: dict[str, Any]) -> None:
         server=config["api_server"], tls=tls, insecure_plaintext=config["insecure_plaintext"]
     )
     api = ApiClient(client_config, timeout=10.0)
-    driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]))
+    scopes = GuestScopes.detect()  # under systemd: each guest in a scope of its own
+    driver = MemVMDriver(runtime_dir / "guests", Path(config["ram_dir"]), scopes=scopes)
     driver.warm_up()  # a guest (a migration target above all) starts without a Python start-up
     # The registered peer clusters (cross-cluster migrations: their CAs), kept current
     # from the ConfigMap by an informer; and this node's trust for migrations.
@@ -199,6 +205,7 @@ async def serve(config: dict[str, Any]) -> None:
         Path(config["ram_dir"]),
         binary=config["qemu_binary"],
         image_dir=Path(config["qemu_image_dir"]),
+        scopes=scopes,
     )
     # One instance of each target service, served by every listener (migration_network
     # moves the listener to the migration network's address and back).
@@ -262,6 +269,7 @@ async def serve(config: dict[str, Any]) -> None:
             state_dir=runtime_dir,
             peers=peers,
         )
+        sd.status("re-adopting running guests")
         await manager.adopt()
         started = asyncio.Event()  # registered, and the informers it works from listed
 
@@ -277,10 +285,17 @@ async def serve(config: dict[str, Any]) -> None:
                 f"node {node}", config["metrics"], metrics.registry, tls=tls, ready=not_ready
             )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        reloader = systemd.ConfigReloader(
+            lambda: parse_args(argv),
+            config,
+            {
+                "log_level": systemd.live_log_level,
+                "heartbeat_seconds": lambda v: setattr(agent, "interval", float(v)),
+            },
+        )
+        systemd.install_signals(asyncio.get_running_loop(), sd, stop, reloader)
         async with asyncio.TaskGroup() as tg:
+            sd.status("registering the node")
             await agent.register()
             started.set()
             tasks = [
@@ -291,7 +306,9 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(configmaps.run()),
                 tg.create_task(run_after(configmaps.synced, manager.run())),
                 tg.create_task(metrics.run()),
+                tg.create_task(sd.run_watchdog(lambda: _status(node, endpoint, manager))),
             ]
+            sd.ready(_status(node, endpoint, manager))
             await stop.wait()
             log.info("node %s: shutting down (guests keep running)", node)
             for task in tasks:
@@ -305,6 +322,12 @@ async def serve(config: dict[str, Any]) -> None:
             await metrics_server.close()
         await server.close(grace=1)
         await api.close()
+
+
+def _status(node: str, endpoint: MigrationEndpoint, manager: VMManager) -> str:
+    """The line ``systemctl status`` shows for a serving handler."""
+    host, port = endpoint.published()
+    return f"node {node}: {len(manager.handles)} guest(s); migrations on {host}:{port}"
 
 
 async def run_after(ready: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
@@ -323,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(f"handler/{config['node_name']}", config["log_level"])
     allocator.tune_for_bulk_buffers()  # page batches recycle heap instead of fresh mmaps
     try:
-        asyncio.run(serve(config))
-    except ConfigError as e:
+        asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
+    except (ConfigError, pki.CertificateExpired) as e:
         log.error("%s", e)
         sys.exit(2)
 

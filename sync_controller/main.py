@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from sync_controller.link import PeerCAs, SyncLink
 from sync_controller.peer import PeerError
 from sync_controller.receiver import ReceiverReconciler
 from sync_controller.sender import SenderReconciler
-from vmferry import httpserve, logs, metrics_http, pki
+from vmferry import httpserve, logs, metrics_http, pki, systemd
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
@@ -163,7 +162,11 @@ def watch_peers(configmaps: Informer, peers: PeerCAs) -> None:
     configmaps.add_handler(on_change)
 
 
-async def serve(config: dict[str, Any]) -> None:
+async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the configuration (``argv``: the
+    command line it came from) and applies ``log_level`` live."""
+    sd = systemd.Notifier.from_env()
+    sd.status("starting the peer link")
     tls = (
         None
         if config["insecure_plaintext"]
@@ -204,9 +207,10 @@ async def serve(config: dict[str, Any]) -> None:
         linked.set()
         reconcilers = make_reconcilers(api, link, config["cluster_name"])
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        reloader = systemd.ConfigReloader(
+            lambda: parse_args(argv), config, {"log_level": systemd.live_log_level}
+        )
+        systemd.install_signals(asyncio.get_running_loop(), sd, stop, reloader)
         log.info(
             "sync controller %s of cluster %s: listening on %s, advertised as %s",
             announcer.name,
@@ -219,7 +223,12 @@ async def serve(config: dict[str, Any]) -> None:
                 tg.create_task(configmaps.run()),
                 tg.create_task(announcer.run()),
                 *(tg.create_task(r.run()) for r in reconcilers),
+                tg.create_task(sd.run_watchdog()),
             ]
+            sd.ready(
+                f"sync controller {announcer.name} of cluster {config['cluster_name']}: "
+                f"peers dial {config['advertise']}"
+            )
             await stop.wait()
             log.info("sync controller %s: shutting down", announcer.name)
             for task in tasks:
@@ -239,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.setup(f"sync/{config['cluster_name']}", config["log_level"])
     try:
-        asyncio.run(serve(config))
-    except ConfigError as e:
+        asyncio.run(serve(config, sys.argv[1:] if argv is None else argv))
+    except (ConfigError, pki.CertificateExpired) as e:
         log.error("%s", e)
         sys.exit(2)
 

@@ -70,6 +70,7 @@ from handler.drivers.memvm_handle import (
     _create_sparse,
     check_vm_id,
 )
+from handler.drivers.scope import NO_SCOPES, GuestScopes
 from vmferry.objects import schema
 from vmferry.objects.quantity import parse_quantity
 
@@ -141,7 +142,10 @@ class MemVMDriver:
 
     name = DRIVER_NAME
 
-    def __init__(self, runtime_dir: Path, ram_dir: Path = DEFAULT_RAM_DIR) -> None:
+    def __init__(
+        self, runtime_dir: Path, ram_dir: Path = DEFAULT_RAM_DIR, *, scopes: GuestScopes = NO_SCOPES
+    ) -> None:
+        self.scopes = scopes  # each guest in a systemd scope of its own (drivers/scope.py)
         self.runtime_dir = Path(runtime_dir).absolute()
         tag = hashlib.sha256(str(self.runtime_dir.resolve()).encode()).hexdigest()[:12]
         self.ram_dir = Path(ram_dir).absolute() / f"memvm-{tag}"
@@ -277,6 +281,7 @@ class MemVMDriver:
             _create_sparse(ram_path, spec.memory_bytes)
             _create_sparse(dirty_path, spec.page_count)
             pid = await self._spawn(vm_id, spec, incoming, vm_dir, ram_path, dirty_path)
+            await self.scopes.place(vm_id, pid)
             control = await self._wait_ready(vm_id, spec, incoming, vm_dir, pid)
             try:
                 return MemVMHandle(

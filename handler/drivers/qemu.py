@@ -54,6 +54,7 @@ from handler.drivers.qemu_handle import (
     last_heartbeat,
     qemu_binary,
 )
+from handler.drivers.scope import NO_SCOPES, GuestScopes
 from vmferry.objects import schema
 
 if TYPE_CHECKING:
@@ -80,7 +81,9 @@ class QemuDriver:
         *,
         binary: str = "qemu-system-x86_64",
         image_dir: Path | None = None,
+        scopes: GuestScopes = NO_SCOPES,
     ) -> None:
+        self.scopes = scopes  # each guest in a systemd scope of its own (drivers/scope.py)
         self.image_dir = image_dir  # default kernel (vmlinuz) and initrd (initrd.img)
         self.runtime_dir = Path(runtime_dir).absolute()
         tag = hashlib.sha256(str(self.runtime_dir.resolve()).encode()).hexdigest()[:12]
@@ -233,6 +236,7 @@ class QemuDriver:
             if incoming:
                 args += ["-incoming", "defer", "-S"]
             pid = await self._spawn(vm_id, args, vm_dir)
+            await self.scopes.place(vm_id, pid)
             start_ticks = _proc_start_ticks(pid)
             (vm_dir / VM_JSON).write_text(
                 json.dumps(

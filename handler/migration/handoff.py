@@ -210,6 +210,14 @@ class HandoffRecord:
                 status.update(extra_status or {})
                 status["migrationState"] = {**ms, **fields}
                 self._seen(await self.api.update(vmi, subresource="status"))
+                # the one error line of a failed migration (journalctl -p err finds it)
+                log.error(
+                    "migration %s of %s/%s failed: %s",
+                    self.uid,
+                    self.ns,
+                    self.name,
+                    fields.get(Field.FAILURE_REASON) or "no reason given",
+                )
                 return True
             except Conflict:
                 continue

@@ -410,6 +410,19 @@ VALID: dict[str, dict[str, Any]] = {
 }
 
 VALID.update(FORKLIFT_VALID)  # the MTV kinds' examples live with their tests
+VALID["CertificateSigningRequest"] = {
+    "apiVersion": "certificates.k8s.io/v1",
+    "kind": "CertificateSigningRequest",
+    "metadata": {"name": "node-csr-abc12"},
+    "spec": {
+        "request": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURSBSRVFVRVNULS0tLS0K",
+        "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+        "usages": ["digital signature", "client auth", "server auth"],
+        "username": "system:bootstrap:abc123",
+        "groups": ["system:bootstrappers", "system:authenticated"],
+    },
+    "status": {"conditions": [{"type": "Approved", "status": "True", "reason": "AutoApproved"}]},
+}
 
 
 def manifest(kind: str) -> dict[str, Any]:

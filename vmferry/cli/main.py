@@ -15,6 +15,7 @@ from vmferry.cli import (
     config_cmd,
     console_cmd,
     get_cmd,
+    join_cmd,
     lab_cmd,
     migrate_cmd,
     pki_cmd,
@@ -65,6 +66,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_whoami)
     adm_cmd.add_parser(sub, common)
     config_cmd.add_parser(sub)
+    join_cmd.add_parsers(sub, common)
     pki_cmd.add_parser(sub)
     lab_cmd.add_parser(sub)
     console_cmd.add_parser(sub, common)

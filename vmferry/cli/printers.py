@@ -372,6 +372,18 @@ def _data_count(obj: Obj, now: datetime) -> str:
     return str(sum(len(obj.get(key) or {}) for key in ("data", "binaryData")))
 
 
+def _csr_condition(obj: Obj, now: datetime) -> str:
+    """kubectl's CONDITION of a CertificateSigningRequest: Pending, Approved,Issued, ..."""
+    types = [
+        c.get("type", "")
+        for c in _get(obj, "status", "conditions") or []
+        if c.get("status") == "True"
+    ]
+    if _get(obj, "status", "certificate"):
+        types.append("Issued")
+    return ",".join(types) or "Pending"
+
+
 def _service_account_secrets(obj: Obj, now: datetime) -> str:
     return str(len(obj.get("secrets") or []))
 
@@ -494,6 +506,13 @@ _COLUMNS: dict[str, list[_Column]] = {
         _Column("NODE", _or_none("spec", "nodeName"), wide=True),
     ],
     "Lease": [_NAME, _Column("HOLDER", _path("spec", "holderIdentity")), _AGE],
+    "CertificateSigningRequest": [
+        _NAME,
+        _AGE,
+        _Column("SIGNERNAME", _path("spec", "signerName")),
+        _Column("REQUESTOR", _path("spec", "username")),
+        _Column("CONDITION", _csr_condition),
+    ],
     # The MTV kinds (controller/forklift/), as `oc get providers,plans,migrations` shows them
     "Provider": [
         _NAME,

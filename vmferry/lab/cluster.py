@@ -289,6 +289,7 @@ class Lab:
             f'token_listen = "127.0.0.1:{token_port}"\n'
             f'data_dir = "{self.dir / "controller"}"\n'
             f'ca = "{server.ca}"\ncert = "{server.cert}"\nkey = "{server.key}"\n'
+            f'ca_key = "{self.pki_dir / pki.CA_KEY_FILE}"\n'  # signs nodes' requests (join)
             "node_grace_seconds = 8\n"
             f'metrics_listen = "127.0.0.1:{metrics_ports["controller"]}"\n'
             f'console_listen = "127.0.0.1:{console_port}"\n'

@@ -42,6 +42,7 @@ RBAC = "rbac.authorization.k8s.io/v1"
 # keeps the two equal.
 CNI = "k8s.cni.cncf.io/v1"
 COORDINATION = "coordination.k8s.io/v1"
+CERTIFICATES = "certificates.k8s.io/v1"
 # The Migration Toolkit for Virtualization's kinds (reference 12.4.2 and 12.6):
 # the orchestrator of cross-cluster live migrations (controller/forklift/).
 FORKLIFT = "forklift.konveyor.io/v1beta1"
@@ -82,6 +83,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("Lease", COORDINATION, "leases", True),
     # What happened to an object, for `describe` (vmferry.events records them).
     Kind("Event", "v1", "events", True, ("ev",)),
+    # A node's request for its certificate (vmferry join; controller/csr_signer.py).
+    Kind("CertificateSigningRequest", CERTIFICATES, "certificatesigningrequests", False, ("csr",)),
     # Read-only views of the running daemons (controller/pods.py); never stored.
     Kind("Pod", "v1", "pods", True, ("po",)),
 )

@@ -20,6 +20,7 @@ channel with :func:`channel_credentials`; existing channels keep their credentia
 """
 
 from vmferry.pki.credentials import (
+    CertificateExpired,
     ca_only_channel_credentials,
     channel_credentials,
     server_credentials,
@@ -49,6 +50,7 @@ __all__ = [
     "CA_KEY_FILE",
     "NODES_GROUP",
     "NODE_USER_PREFIX",
+    "CertificateExpired",
     "Identity",
     "TlsFiles",
     "ca_only_channel_credentials",

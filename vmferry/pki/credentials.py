@@ -7,6 +7,7 @@ Clients reload by building a new channel with :func:`channel_credentials`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -22,11 +23,55 @@ from vmferry.pki.issuing import TlsFiles, public_der
 log = logging.getLogger(__name__)
 
 
+RENEW_AT = 2 / 3  # of a certificate's lifetime: past it, using it logs a renewal warning
+
+
+class CertificateExpired(ValueError):
+    """A certificate file is outside its validity period; the message names the file,
+    its subject and the date."""
+
+
+_warned_renewal: set[tuple[Path, datetime.datetime]] = set()
+
+
+def check_validity(
+    path: Path, cert: x509.Certificate, now: datetime.datetime | None = None
+) -> None:
+    """Raise CertificateExpired when ``cert`` (read from ``path``) has expired or is not
+    valid yet; log a warning (once per file and expiry) past :data:`RENEW_AT` of its
+    lifetime."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    subject = cert.subject.rfc4514_string() or "no subject"
+    if now > end:
+        raise CertificateExpired(
+            f"certificate {path} ({subject}) expired at {end:%Y-%m-%dT%H:%M:%SZ}: "
+            "renew it ('vmferry pki issue ...') and retry"
+        )
+    if now < start:
+        raise CertificateExpired(
+            f"certificate {path} ({subject}) is not valid before {start:%Y-%m-%dT%H:%M:%SZ} "
+            "(is this host's clock right?)"
+        )
+    if now > start + (end - start) * RENEW_AT and (path, end) not in _warned_renewal:
+        _warned_renewal.add((path, end))
+        log.warning(
+            "certificate %s (%s) is past %d%% of its lifetime: it expires at %s, renew it",
+            path,
+            subject,
+            round(RENEW_AT * 100),
+            f"{end:%Y-%m-%dT%H:%M:%SZ}",
+        )
+
+
 def _read_pair(tls: TlsFiles) -> tuple[bytes, bytes, bytes]:
-    """Read (ca, cert, key) PEMs; ValueError unless they parse and the key matches the cert."""
+    """Read (ca, cert, key) PEMs; ValueError unless they parse and the key matches the
+    cert, CertificateExpired when the certificate or a CA is out of its validity period."""
     ca_pem, cert_pem, key_pem = tls.ca.read_bytes(), tls.cert.read_bytes(), tls.key.read_bytes()
-    x509.load_pem_x509_certificates(ca_pem)
+    for ca in x509.load_pem_x509_certificates(ca_pem):
+        check_validity(tls.ca, ca)
     cert = x509.load_pem_x509_certificate(cert_pem)
+    check_validity(tls.cert, cert)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if public_der(key.public_key()) != public_der(cert.public_key()):
         raise ValueError(f"{tls.key} does not belong to {tls.cert}")
@@ -64,8 +109,11 @@ class CertificateReloader:
 
     @staticmethod
     def _config(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> Any:
+        # The chain served ends with the CA: a joining node (vmferry join) reads it from
+        # the handshake and trusts it only if its hash is the --ca-hash it was given.
+        chain = cert_pem.rstrip(b"\n") + b"\n" + ca_pem
         return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=ca_pem
+            [(key_pem, chain)], root_certificates=ca_pem
         )
 
     def __call__(self) -> Any:
@@ -116,7 +164,8 @@ def ca_only_channel_credentials(ca: Path) -> grpc.ChannelCredentials:
     """TLS channel credentials that trust only ``ca`` and present no certificate (clients
     that authenticate with a bearer token)."""
     ca_pem = Path(ca).read_bytes()
-    x509.load_pem_x509_certificates(ca_pem)
+    for cert in x509.load_pem_x509_certificates(ca_pem):
+        check_validity(Path(ca), cert)
     return grpc.ssl_channel_credentials(root_certificates=ca_pem)
 
 

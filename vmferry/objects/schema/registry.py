@@ -103,6 +103,41 @@ LEASE_SPEC = Obj(
 )
 
 
+# certificates.k8s.io/v1 CertificateSigningRequest. username, uid and groups are set by
+# the API server from the requester (controller/csr_signer.stamp_requester); request and
+# certificate are PEM, base64-encoded as Kubernetes' []byte fields.
+CSR_SPEC = Obj(
+    {
+        "request": Base64(),
+        "signerName": Str(),
+        "usages": List(Str()),
+        "expirationSeconds": Int(min=600),
+        "username": Str(),
+        "uid": Str(),
+        "groups": List(Str()),
+    },
+    required=("request", "signerName"),
+)
+CSR_STATUS = Obj(
+    {
+        "conditions": List(
+            Obj(
+                {
+                    "type": Str(),
+                    "status": Str(),
+                    "reason": Str(),
+                    "message": Str(),
+                    "lastUpdateTime": Timestamp(),
+                    "lastTransitionTime": Timestamp(),
+                },
+                required=("type", "status"),
+            )
+        ),
+        "certificate": Base64(),
+    }
+)
+
+
 SCHEMAS: dict[str, KindSchema] = {
     "Namespace": KindSchema(
         {"spec": NAMESPACE_SPEC, "status": NAMESPACE_STATUS},
@@ -164,6 +199,9 @@ SCHEMAS: dict[str, KindSchema] = {
     ),
     "Lease": KindSchema({"spec": LEASE_SPEC}),
     "Event": KindSchema(EVENT_FIELDS, required=("involvedObject",)),
+    "CertificateSigningRequest": KindSchema(
+        {"spec": CSR_SPEC, "status": CSR_STATUS}, required=("spec",)
+    ),
     # Never stored: the API synthesizes them (controller/pods.py) and refuses writes.
     "Pod": KindSchema({"spec": AnyObject(), "status": AnyObject()}),
 }

@@ -1,0 +1,259 @@
+"""Install on hosts, under a real systemd: three host containers (systemd-nspawn) get
+vmferry by README's "Install on hosts" procedure (``make dist``, ``deploy/install.sh
+ROLE``, certificates, ``systemctl start``); then a VM migrates between the two handler
+hosts, the source handler is restarted (``systemctl restart``) during a migration and
+the controller is killed (``systemctl kill -s KILL``), and the units' security figures
+are read from ``systemd-analyze security`` on the booted hosts.
+
+Root only (it boots containers); skips elsewhere and says why.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import nspawn
+from tests.support.lab import LabHarness, vm_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+NODES = ("node-a", "node-b")
+MAX_EXPOSURE = {"controller": 2.0, "handler": 2.5}  # README "Install on hosts"
+
+pytestmark = pytest.mark.skipif(bool(nspawn.unavailable()), reason=str(nspawn.unavailable()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """The three booted hosts, the client of the cluster and where things listen."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        binds = [f"--bind-ro={REPO}:/src", f"--bind={base / 'pip-cache'}:/root/.cache/pip"]
+        (base / "pip-cache").mkdir()
+        self.cp = nspawn.Host("vmf-cp", base, binds)
+        self.nodes = {n: nspawn.Host(f"vmf-{n}", base, binds) for n in NODES}
+        self.api_port = free_port()
+        self.pki = base / "pki"
+        self.client = LabHarness(base / "client")
+
+    @property
+    def hosts(self) -> list[nspawn.Host]:
+        return [self.cp, *self.nodes.values()]
+
+    def vmferry(self, *args: str) -> None:
+        subprocess.run(
+            [str(REPO / ".venv/bin/vmferry"), *args, "--pki-dir", str(self.pki)],
+            check=True,
+            capture_output=True,
+        )
+
+    def install_pki(self, host: nspawn.Host, files: dict[str, str]) -> None:
+        """Copy ``pki-relative path -> /etc/vmferry/pki path`` into the host, readable by
+        group vmferry only (the CA host keeps ca.key)."""
+        for src, dst in files.items():
+            target = host.root / dst.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((self.pki / src).read_bytes())
+        host.run("chgrp", "-R", "vmferry", "/etc/vmferry/pki")
+        host.run("chmod", "-R", "u=rwX,g=rX,o=", "/etc/vmferry/pki")
+
+    def write_config(self, host: nspawn.Host, role: str, text: str) -> None:
+        (host.root / "etc/vmferry" / f"{role}.toml").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(Path(tmp_path_factory.mktemp("hosts")))
+    subprocess.run(["make", "-s", "dist"], cwd=REPO, check=True, capture_output=True)
+    try:
+        for host in c.hosts:
+            host.boot()
+        for host in c.hosts:
+            host.wait_booted()
+        setup(c)
+        yield c
+    finally:
+        for host in c.hosts:
+            host.poweroff()
+
+
+def setup(c: Cluster) -> None:
+    """README "Install on hosts", step by step."""
+    # 1. each host: deploy/install.sh ROLE (the controller first: it fills the pip cache)
+    c.cp.run("/src/deploy/install.sh", "controller", "--no-start", timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = [
+            pool.submit(h.run, "/src/deploy/install.sh", "handler", "--no-start", timeout=300)
+            for h in c.nodes.values()
+        ]
+        for f in done:
+            f.result()
+    # 2. the CA (on the administrator's machine) and the certificates
+    c.vmferry("pki", "init", "--cluster-name", "nspawn")
+    c.vmferry("pki", "issue", "server", "vmferry-controller", "--ip", "127.0.0.1")
+    c.vmferry("pki", "issue", "user", "admin", "--group", "system:masters")
+    for n in NODES:
+        c.vmferry("pki", "issue", "node", n, "--ip", "127.0.0.1")
+    c.install_pki(
+        c.cp,
+        {
+            "ca.crt": "/etc/vmferry/pki/ca.crt",
+            "servers/vmferry-controller.crt": "/etc/vmferry/pki/servers/vmferry-controller.crt",
+            "servers/vmferry-controller.key": "/etc/vmferry/pki/servers/vmferry-controller.key",
+        },
+    )
+    # 3. the configuration, then start
+    c.write_config(
+        c.cp,
+        "controller",
+        f'listen = "127.0.0.1:{c.api_port}"\n'
+        'data_dir = "/var/lib/vmferry/controller"\n'
+        'ca = "/etc/vmferry/pki/ca.crt"\n'
+        'cert = "/etc/vmferry/pki/servers/vmferry-controller.crt"\n'
+        'key = "/etc/vmferry/pki/servers/vmferry-controller.key"\n'
+        "node_grace_seconds = 10\n"
+        'log_level = "info"\n',
+    )
+    c.cp.run("systemctl", "start", "vmferry-controller")  # returns at READY=1
+    for n, host in c.nodes.items():
+        c.install_pki(
+            host,
+            {
+                "ca.crt": "/etc/vmferry/pki/ca.crt",
+                f"nodes/{n}.crt": f"/etc/vmferry/pki/nodes/{n}.crt",
+                f"nodes/{n}.key": f"/etc/vmferry/pki/nodes/{n}.key",
+            },
+        )
+        c.write_config(
+            host,
+            "handler",
+            f'node_name = "{n}"\n'
+            f'api_server = "127.0.0.1:{c.api_port}"\n'
+            'ca = "/etc/vmferry/pki/ca.crt"\n'
+            f'cert = "/etc/vmferry/pki/nodes/{n}.crt"\n'
+            f'key = "/etc/vmferry/pki/nodes/{n}.key"\n'
+            'main_address = "127.0.0.1"\n'
+            'migration_address = "127.0.0.1"\n'
+            f"migration_port = {free_port()}\n"
+            "configure_migration_network = false\n"  # the hosts share one network here
+            'memory = "2Gi"\n',
+        )
+        host.run("systemctl", "start", "vmferry-handler")
+    client = {
+        "apiVersion": "vmferry.io/v1",
+        "kind": "Config",
+        "server": f"127.0.0.1:{c.api_port}",
+        "certificateAuthority": str(c.pki / "ca.crt"),
+        "clientCertificate": str(c.pki / "users/admin.crt"),
+        "clientKey": str(c.pki / "users/admin.key"),
+    }
+    (c.base / "client").mkdir(exist_ok=True)
+    (c.base / "client" / "client.yaml").write_text(yaml.safe_dump(client))
+
+
+def guest_scopes(host: nspawn.Host) -> list[str]:
+    out = host.run(
+        "systemctl", "list-units", "--plain", "--no-legend", "--state=active", "vmferry-*.scope"
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def show(host: nspawn.Host, unit: str, prop: str) -> str:
+    return host.run("systemctl", "show", "-P", prop, unit).stdout.strip()
+
+
+@pytest.mark.timeout(300)
+def test_units_are_notify_and_hardened_on_a_real_systemd(cluster: Cluster) -> None:
+    c = cluster
+    assert show(c.cp, "vmferry-controller", "User") == "vmferry"
+    assert show(c.cp, "vmferry-controller", "StatusText").startswith("serving the API on")
+    assert "guest(s)" in show(c.nodes["node-a"], "vmferry-handler", "StatusText")
+    figures = {}
+    for role, host in (("controller", c.cp), ("handler", c.nodes["node-a"])):
+        out = host.run("systemd-analyze", "security", "--no-pager", f"vmferry-{role}").stdout
+        match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+        assert match, out[-500:]
+        figures[role] = float(match.group(1))
+    print(f"systemd-analyze security on the hosts: {figures}")
+    assert all(figures[r] <= MAX_EXPOSURE[r] for r in figures), figures
+    # ExecReload: SIGHUP re-reads the file; the log level applies live
+    (c.cp.root / "etc/vmferry/controller.toml").write_text(
+        (c.cp.root / "etc/vmferry/controller.toml").read_text().replace('"info"', '"debug"')
+    )
+    c.cp.run("systemctl", "reload", "vmferry-controller")
+    c.client.wait_for(
+        "the reload in the journal",
+        lambda: "reload: applied log_level=debug" in c.cp.journal("vmferry-controller"),
+        timeout=20,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_migrate_restart_the_source_handler_and_kill_the_controller(cluster: Cluster) -> None:
+    c, lab = cluster, cluster.client
+    lab.apply(vm_manifest("roamer", memory="128Mi", dirty_rate="4Mi", content="random"))
+    vmi = lab.wait_vmi_running("roamer", timeout=90)
+    first = vmi["status"]["nodeName"]
+    other = next(n for n in NODES if n != first)
+    [scope] = guest_scopes(c.nodes[first])
+    assert show(c.nodes[first], scope, "Slice") == "machine.slice"
+
+    out = lab.cli("migrate", "roamer", "--wait", timeout=150)
+    assert "succeeded" in out.stdout, out.stdout
+    assert lab.get("vmi", "roamer")["status"]["nodeName"] == other
+    [scope] = guest_scopes(c.nodes[other])
+
+    # a slow migration back; its source handler is restarted while it runs
+    lab.set_live_migration_config(bandwidthPerMigration="16Mi")
+    out = lab.cli("migrate", "roamer")
+    name = out.stdout.split("(")[1].split(")")[0]
+
+    def sending() -> bool:
+        ms = lab.get("vmim", name)["status"].get("migrationState") or {}
+        return (ms.get("transfer") or {}).get("dataProcessedBytes", 0) > (16 << 20)
+
+    lab.wait_for("the migration to send data", sending, timeout=60)
+    c.nodes[other].run("systemctl", "restart", "vmferry-handler")
+    vmim = lab.wait_vmim_final(name, timeout=120)
+    lab.set_live_migration_config(bandwidthPerMigration="0")
+    phase = vmim["status"]["phase"]
+    where = first if phase == "Succeeded" else other
+    assert lab.wait_vmi_running("roamer")["status"]["nodeName"] == where
+    if phase == "Failed":  # the guest survived the restart, in its own scope
+        assert show(c.nodes[other], scope, "ActiveState") == "active"
+        reason = vmim["status"]["migrationState"]["failureReason"]
+        errors = c.nodes[other].journal("vmferry-handler", "-p", "err")
+        assert f"failed: {reason}" in errors, errors
+    print(f"migration with the source handler restarted: {phase}")
+
+    # the controller killed: systemd restarts it, nothing is lost
+    restarts = int(show(c.cp, "vmferry-controller", "NRestarts"))
+    c.cp.run("systemctl", "kill", "-s", "KILL", "vmferry-controller")
+    lab.wait_for(
+        "systemd to restart the controller",
+        lambda: (
+            int(show(c.cp, "vmferry-controller", "NRestarts")) > restarts
+            and show(c.cp, "vmferry-controller", "ActiveState") == "active"
+        ),
+        timeout=60,
+    )
+    assert lab.get("vm", "roamer")["metadata"]["name"] == "roamer"
+    assert lab.wait_vmi_running("roamer")["status"]["nodeName"] == where
+    out = lab.cli("migrate", "roamer", "--wait", timeout=150)
+    assert "succeeded" in out.stdout, out.stdout
+    nodes = json.loads(lab.cli("get", "nodes", "-o", "json").stdout)
+    assert sorted(n["metadata"]["name"] for n in nodes["items"]) == list(NODES)
