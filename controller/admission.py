@@ -30,6 +30,7 @@ from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
 from vmferry.objects import conditions, kinds, schema
 from vmferry.objects.limits import shorten
+from vmferry.volumes import PVC_KIND, migration_blocker
 
 Obj = dict[str, Any]
 
@@ -235,6 +236,13 @@ class Admission:
                 f"{prefix}: cannot migrate: the VMI is not running "
                 f"(phase {status.get('phase') or VMIPhase.PENDING})"
             )
+        # The RWX rule, from the claims themselves (the condition may not be written yet).
+        claim_objs, _ = await self.store.list(PVC_KIND, ns)
+        blocker = migration_blocker(
+            vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs}
+        )
+        if blocker is not None:
+            raise Invalid(f"{prefix}: {blocker}")
         migratable = conditions.get(vmi, "LiveMigratable")
         if migratable is not None and migratable.get("status") == "False":
             raise Invalid(

@@ -32,6 +32,7 @@ from controller.node_monitor import NodeMonitor
 from controller.objects import StoreSource
 from controller.rbac_builtin import bootstrap_rbac
 from controller.rbac_controller import run_rbac_reconcilers
+from controller.storage_controller import StorageController
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
@@ -191,6 +192,8 @@ async def _serve_started(
     nodes = Informer(source, "Node")
     hcos = Informer(source, "HyperConverged")
     nads = Informer(source, NAD_KIND, namespace=NAD_NAMESPACE)
+    pvcs = Informer(source, "PersistentVolumeClaim")
+    storage_classes = Informer(source, "StorageClass")
     metrics = ControllerMetrics(vmims, vmis)
     http_servers: list[asyncio.Server] = []
     try:  # the HTTP servers started so far stop with the daemon, however it ends
@@ -215,7 +218,7 @@ async def _serve_started(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tg:
-            informers = (vms, vmis, vmims, nodes, hcos, nads)
+            informers = (vms, vmis, vmims, nodes, hcos, nads, pvcs, storage_classes)
             tasks = [tg.create_task(inf.run()) for inf in informers]
             for inf in informers:
                 await inf.synced.wait()
@@ -224,6 +227,7 @@ async def _serve_started(
                 tg.create_task(VMIController(store, vmis, nodes).run()),
                 tg.create_task(MigrationController(store, vmims, vmis, nodes, hcos).run()),
                 tg.create_task(NetworkController(store, hcos, nads, nodes).run()),
+                tg.create_task(StorageController(store, pvcs, storage_classes).run()),
                 tg.create_task(
                     NodeMonitor(store, grace_seconds=float(config["node_grace_seconds"])).run()
                 ),

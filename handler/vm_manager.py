@@ -35,12 +35,14 @@ from handler.migration.stats import Stats
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from handler.vm_postcopy import PostCopyKeeper
+from handler.volumes import VolumeResolver
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import Field, MigrationMode, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
+from vmferry.volumes import LIVE_MIGRATABLE
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -76,6 +78,7 @@ class VMManager:
         self.sources: dict[str, tuple[SourceEngine, asyncio.Task[None]]] = {}
         self.progress: dict[str, tuple[Obj, Stats]] = {}  # migration uid -> last progress
         self.queue = WorkQueue()
+        self.volumes = VolumeResolver(api, node_name)
         self._tasks: set[asyncio.Task[None]] = set()
         self.target = IncomingGuests(
             api,
@@ -203,18 +206,14 @@ class VMManager:
         await self._set_running(vmi, handle)
 
     async def _set_running(self, vmi: Obj, handle: VMHandle) -> None:
+        # The RWX rule (vmferry.volumes): a volume that is not shared makes it non-migratable.
+        migratable, reason, message = await self.volumes.live_migratable(vmi)
         while True:
             status = vmi.setdefault("status", {})
             status["nodeName"] = self.node
             conditions.set_phase(status, VMIPhase.RUNNING)
             conditions.set_condition(status, "Ready", True, "GuestRunning", "")
-            conditions.set_condition(
-                status,
-                "LiveMigratable",
-                True,
-                "Migratable",
-                "memvm guests are live-migratable",
-            )
+            conditions.set_condition(status, LIVE_MIGRATABLE, migratable, reason, message)
             status["launcher"] = launcher(handle)
             try:
                 await self.api.update(vmi, subresource="status")

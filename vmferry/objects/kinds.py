@@ -42,6 +42,7 @@ RBAC = "rbac.authorization.k8s.io/v1"
 # keeps the two equal.
 CNI = "k8s.cni.cncf.io/v1"
 COORDINATION = "coordination.k8s.io/v1"
+STORAGE = "storage.k8s.io/v1"
 # The Migration Toolkit for Virtualization's kinds (reference 12.4.2 and 12.6):
 # the orchestrator of cross-cluster live migrations (controller/forklift/).
 FORKLIFT = "forklift.konveyor.io/v1beta1"
@@ -80,6 +81,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("RoleBinding", RBAC, "rolebindings", True),
     # A daemon's heartbeat (a sync controller's, vmferry.decentralized.SYNC_LEASE_PREFIX).
     Kind("Lease", COORDINATION, "leases", True),
+    # VM disks (vmferry.volumes): claims and the classes that provision them.
+    Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", True, ("pvc",)),
+    Kind("StorageClass", STORAGE, "storageclasses", False, ("sc",)),
     # Read-only views of the running daemons (controller/pods.py); never stored.
     Kind("Pod", "v1", "pods", True, ("po",)),
 )
