@@ -50,13 +50,29 @@ def create_image(path: Path, size: int, source: Path | None = None) -> bool:
 
 
 def _copy_sparse(source: Path, out: BinaryIO) -> None:
+    """Copy the source's data extents (SEEK_DATA/SEEK_HOLE: its holes are never read);
+    an all-zero chunk inside an extent stays a hole too."""
     zero = bytes(CHUNK)
     with open(source, "rb") as src:
-        while chunk := src.read(CHUNK):
-            if chunk == zero[: len(chunk)]:
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
-                out.write(chunk)
+        fd = src.fileno()
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            src.seek(start)
+            while start < end:
+                chunk = src.read(min(CHUNK, end - start))
+                if not chunk:
+                    break
+                if chunk != zero[: len(chunk)]:
+                    out.seek(start)
+                    out.write(chunk)
+                start += len(chunk)
+            offset = end
 
 
 def remove_image(path: Path) -> bool:

@@ -1,0 +1,437 @@
+"""VM disks: the claim contract and the RWX rule (vmferry.volumes), the schemas, image
+files, the provisioner (a real Store in a temporary directory), the placement and
+admission rules, the handler's resolver and the QEMU disk arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.admission import Admission
+from controller.main import bootstrap
+from controller.objects import StoreSource
+from controller.storage_controller import StorageController
+from controller.store import Store
+from controller.vmi_controller import VOLUMES_READY, VMIController
+from handler.drivers.base import GuestStartError
+from handler.drivers.qemu_handle import DiskSpec, QemuSpec
+from handler.volumes import VolumeResolver
+from vmferry.cli.adm_cmd import _blocker
+from vmferry.disk_image import ImageError, create_image
+from vmferry.errors import Invalid
+from vmferry.informer import Informer
+from vmferry.migration_state import VMIPhase
+from vmferry.objects import conditions, kinds
+from vmferry.objects.schema import validate
+from vmferry.volumes import (
+    CONDITION_PROVISIONING,
+    REASON_DISKS_NOT_LIVE_MIGRATABLE,
+    SELECTED_NODE_ANNOTATION,
+    ClaimPhase,
+    live_migratable,
+    not_shared_message,
+)
+
+Obj = dict[str, Any]
+NS = "default"
+GiB = 1 << 30
+
+
+def pvc(name: str, mode: str = "ReadWriteMany", sc: str = "shared", **spec: Any) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "accessModes": [mode],
+            "storageClassName": sc,
+            "resources": {"requests": {"storage": "1Gi"}},
+            **spec,
+        },
+    }
+
+
+def storage_class(name: str, provisioner: str, path: Path, **params: str) -> Obj:
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": provisioner,
+        "parameters": {"path": str(path), **params},
+    }
+
+
+def vmi_spec(*claims: str) -> Obj:
+    return {
+        "domain": {
+            "memory": {"guest": "64Mi"},
+            "devices": {
+                "disks": [{"name": f"v{i}", "disk": {"bus": "virtio"}} for i in range(len(claims))]
+            },
+        },
+        "volumes": [
+            {"name": f"v{i}", "persistentVolumeClaim": {"claimName": c}}
+            for i, c in enumerate(claims)
+        ],
+    }
+
+
+def vmi(name: str, *claims: str) -> Obj:
+    return {
+        "apiVersion": kinds.KUBEVIRT,
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": vmi_spec(*claims),
+    }
+
+
+# -- the RWX rule ---------------------------------------------------------------------------
+
+
+def test_rwx_rule_names_the_first_claim_that_is_not_shared() -> None:
+    claims = {"a": pvc("a"), "b": pvc("b", "ReadWriteOnce")}
+    ok, reason, message = live_migratable(vmi_spec("a", "b"), claims)
+    assert (ok, reason) == (False, REASON_DISKS_NOT_LIVE_MIGRATABLE)
+    assert message == (
+        "cannot migrate VMI: PVC b is not shared, live migration requires that all PVCs "
+        "must be shared (using ReadWriteMany access mode)"
+    )
+    assert live_migratable(vmi_spec("a"), claims)[0] is True
+    assert live_migratable(vmi_spec(), {})[0] is True
+    ok, _, message = live_migratable(vmi_spec("gone"), claims)
+    assert not ok and "Unable to determine if PVC gone is shared" in message
+
+
+# -- schemas --------------------------------------------------------------------------------
+
+
+def invalid(obj: Obj) -> str:
+    with pytest.raises(Invalid) as info:
+        validate(obj)
+    return str(info.value)
+
+
+def test_schema_refuses_bad_claims_classes_and_volumes() -> None:
+    bad = pvc("x")
+    bad["spec"]["accessModes"] = ["ReadWriteSometimes"]
+    assert 'spec.accessModes[0]: unsupported value "ReadWriteSometimes"' in invalid(bad)
+    bad = pvc("x")
+    del bad["spec"]["resources"]
+    assert "spec.resources.requests.storage: required field is missing" in invalid(bad)
+    bad = pvc("x", dataSource={"kind": "Snapshot", "name": "s"})
+    assert 'spec.dataSource.kind: unsupported value "Snapshot"' in invalid(bad)
+    bad = pvc("x", dataSource={"kind": "ImageFile", "apiGroup": "vmferry.io", "path": "rel.img"})
+    assert "spec.dataSource.path: an absolute image file path is required" in invalid(bad)
+    sc = storage_class("s", "example.com/nfs", Path("/srv"))
+    assert 'provisioner: unsupported value "example.com/nfs"' in invalid(sc)
+    v = vmi("vm", "a")
+    v["spec"]["domain"]["devices"]["disks"][0]["name"] = "other"
+    message = invalid(v)
+    assert 'disk "other" names no volume in spec.volumes' in message
+    assert 'volume "v0" has no disk in spec.domain.devices.disks' in message
+    v = vmi("vm", "a", "b")
+    v["spec"]["volumes"][1]["name"] = "v0"
+    assert 'duplicate volume "v0"' in invalid(v)
+    v = vmi("vm", "a")
+    v["spec"]["volumes"][0]["persistentVolumeClaim"] = {}
+    assert "persistentVolumeClaim.claimName: required field is missing" in invalid(v)
+    validate(vmi("vm", "a"))  # and the good one passes
+    validate(pvc("x", dataSource={"kind": "ImageFile", "apiGroup": "vmferry.io", "path": "/i.img"}))
+
+
+# -- image files ----------------------------------------------------------------------------
+
+
+def test_images_are_sparse_copied_and_never_overwritten(tmp_path: Path) -> None:
+    blank = tmp_path / "ns" / "blank.img"
+    assert create_image(blank, GiB)
+    assert blank.stat().st_size == GiB and blank.stat().st_blocks * 512 < (1 << 20)
+    with open(blank, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"hello")
+    copy = tmp_path / "copy.img"
+    assert create_image(copy, 2 * GiB, blank)
+    assert copy.stat().st_size == 2 * GiB and copy.stat().st_blocks * 512 < (4 << 20)
+    with open(copy, "rb") as f:
+        f.seek(5 << 20)
+        assert f.read(5) == b"hello"
+    assert not create_image(copy, GiB)  # exists: left alone
+    assert copy.stat().st_size == 2 * GiB
+    with pytest.raises(ImageError, match="larger than the requested size"):
+        create_image(tmp_path / "small.img", 1 << 20, blank)
+    with pytest.raises(ImageError, match="cannot read the source image"):
+        create_image(tmp_path / "x.img", GiB, tmp_path / "missing.img")
+    assert not (tmp_path / "small.img").exists()
+
+
+# -- the provisioner, placement and admission over a real store --------------------------
+
+
+class Storage:
+    def __init__(self, store: Store, tmp: Path) -> None:
+        self.store = store
+        self.tmp = tmp
+        source = StoreSource(store)
+        self.informers = {
+            k: Informer(source, k)
+            for k in ("PersistentVolumeClaim", "StorageClass", "VirtualMachineInstance", "Node")
+        }
+        self.ctl = StorageController(
+            store, self.informers["PersistentVolumeClaim"], self.informers["StorageClass"]
+        )
+        self.vmis = VMIController(
+            store, self.informers["VirtualMachineInstance"], self.informers["Node"]
+        )
+
+    async def refresh(self) -> None:
+        for kind, informer in self.informers.items():
+            items, _ = await self.store.list(kind)
+            fresh = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in items}
+            for obj in list(informer.cache.values()):
+                if (obj["metadata"].get("namespace", ""), obj["metadata"]["name"]) not in fresh:
+                    informer.apply_event("DELETED", obj)
+            for obj in items:
+                informer.apply_event("MODIFIED", obj)
+
+    async def provision(self, name: str) -> Obj:
+        await self.refresh()
+        await self.ctl.reconcile((NS, name))
+        return await self.store.get("PersistentVolumeClaim", NS, name)
+
+
+def run(test: Callable[[Storage], Awaitable[None]], tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await Store.open(tmp_path / "store.db")
+        try:
+            await bootstrap(store)
+            await store.create(storage_class("shared", "vmferry.io/shared", tmp_path / "nfs"))
+            await store.create(storage_class("local", "vmferry.io/local", tmp_path / "local"))
+            for n in ("node1", "node2"):
+                await store.create(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "metadata": {"name": n, "labels": {"kubernetes.io/hostname": n}},
+                        "spec": {},
+                        "status": {
+                            "capacity": {"memory": "4Gi"},
+                            "conditions": [{"type": "Ready", "status": "True"}],
+                        },
+                    }
+                )
+            await test(Storage(store, tmp_path))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else -1
+
+
+def head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def write_head(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def test_shared_claims_get_an_image_local_claims_a_node(tmp_path: Path) -> None:
+    async def test(s: Storage) -> None:
+        await s.store.create(pvc("golden"))
+        bound = await s.provision("golden")
+        status = bound["status"]
+        assert status["phase"] == ClaimPhase.BOUND and status["accessModes"] == ["ReadWriteMany"]
+        image = Path(status["imagePath"])
+        assert image.parent == s.tmp / "nfs" / NS and size_of(image) == GiB
+        assert "nodeName" not in status
+        write_head(image, b"boot")
+        await s.store.create(
+            pvc("clone", dataSource={"kind": "PersistentVolumeClaim", "name": "golden"})
+        )
+        clone = Path((await s.provision("clone"))["status"]["imagePath"])
+        assert head(clone, 4) == b"boot"
+
+        await s.store.create(pvc("scratch", "ReadWriteOnce", "local"))
+        pending = await s.provision("scratch")
+        cond = conditions.get(pending, CONDITION_PROVISIONING)
+        assert pending["status"]["phase"] == ClaimPhase.PENDING and cond is not None
+        assert f"set the annotation {SELECTED_NODE_ANNOTATION} on the claim" in cond["message"]
+        claim = await s.store.get("PersistentVolumeClaim", NS, "scratch")
+        claim["metadata"]["annotations"] = {SELECTED_NODE_ANNOTATION: "node2"}
+        await s.store.update(claim)
+        local = (await s.provision("scratch"))["status"]
+        assert local["phase"] == ClaimPhase.BOUND and local["nodeName"] == "node2"
+        assert size_of(Path(local["imagePath"])) == -1  # node2's handler creates it
+
+        await s.store.delete("PersistentVolumeClaim", NS, "clone")
+        await s.refresh()
+        await s.ctl.reconcile((NS, "clone"))
+        assert size_of(clone) == -1 and size_of(image) == GiB
+
+    run(test, tmp_path)
+
+
+def test_claims_that_cannot_bind_say_why(tmp_path: Path) -> None:
+    async def test(s: Storage) -> None:
+        async def reason(name: str) -> tuple[str, str]:
+            cond = conditions.get(await s.provision(name), CONDITION_PROVISIONING)
+            assert cond is not None
+            return cond["reason"], cond["message"]
+
+        await s.store.create(pvc("nfs2", sc="fast"))
+        assert await reason("nfs2") == (
+            "StorageClassNotFound",
+            'storageclass.storage.k8s.io "fast" not found',
+        )
+        await s.store.create(storage_class("fast", "vmferry.io/shared", s.tmp / "fast"))
+        assert (await s.provision("nfs2"))["status"]["phase"] == ClaimPhase.BOUND
+        await s.store.create(pvc("rwx-local", sc="local"))
+        assert "ReadWriteMany is not supported" in (await reason("rwx-local"))[1]
+        await s.store.create(
+            pvc("orphan", dataSource={"kind": "PersistentVolumeClaim", "name": "nope"})
+        )
+        assert await reason("orphan") == (
+            "DataSourceNotFound",
+            'spec.dataSource: PersistentVolumeClaim "nope" does not exist',
+        )
+        nodefault = pvc("nodefault")
+        del nodefault["spec"]["storageClassName"]
+        await s.store.create(nodefault)
+        assert (await reason("nodefault"))[0] == "NoStorageClass"
+
+    run(test, tmp_path)
+
+
+def test_placement_waits_for_claims_and_follows_a_local_one(tmp_path: Path) -> None:
+    async def test(s: Storage) -> None:
+        await s.store.create(vmi("vm", "data"))
+        await s.refresh()
+        await s.vmis.reconcile((NS, "vm"))
+        waiting = await s.store.get("VirtualMachineInstance", NS, "vm")
+        cond = conditions.get(waiting, VOLUMES_READY)
+        assert (
+            waiting["status"]["phase"] == VMIPhase.PENDING and "nodeName" not in waiting["status"]
+        )
+        assert cond is not None and 'PersistentVolumeClaim "data" does not exist' in cond["message"]
+        claim = pvc("data", "ReadWriteOnce", "local")
+        claim["metadata"]["annotations"] = {SELECTED_NODE_ANNOTATION: "node2"}
+        await s.store.create(claim)
+        await s.refresh()
+        await s.vmis.reconcile((NS, "vm"))
+        cond = conditions.get(await s.store.get("VirtualMachineInstance", NS, "vm"), VOLUMES_READY)
+        assert cond is not None and 'PersistentVolumeClaim "data" is not bound' in cond["message"]
+        await s.provision("data")
+        await s.refresh()
+        await s.vmis.reconcile((NS, "vm"))
+        placed = await s.store.get("VirtualMachineInstance", NS, "vm")
+        assert placed["status"]["nodeName"] == "node2"
+
+    run(test, tmp_path)
+
+
+def test_migration_of_a_vmi_with_an_rwo_claim_is_refused(tmp_path: Path) -> None:
+    async def test(s: Storage) -> None:
+        await s.store.create(pvc("rootdisk", "ReadWriteOnce"))
+        created = await s.store.create(vmi("vm", "rootdisk"))
+        created["status"] = {"phase": VMIPhase.RUNNING, "nodeName": "node1"}
+        await s.store.update(created, subresource="status")
+        vmim = {
+            "apiVersion": kinds.KUBEVIRT,
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "m", "namespace": NS},
+            "spec": {"vmiName": "vm"},
+        }
+        with pytest.raises(Invalid) as info:
+            await Admission(s.store).admit_create(vmim)
+        assert str(info.value).endswith(not_shared_message("rootdisk"))
+
+    run(test, tmp_path)
+
+
+def test_drain_treats_disks_not_live_migratable_by_eviction_strategy() -> None:
+    v = vmi("vm", "rootdisk")
+    status: Obj = {}
+    conditions.set_condition(
+        status,
+        "LiveMigratable",
+        False,
+        REASON_DISKS_NOT_LIVE_MIGRATABLE,
+        not_shared_message("rootdisk"),
+    )
+    v["status"] = status
+    blocker = _blocker(v)
+    assert blocker is not None and "PVC rootdisk is not shared" in blocker
+    v["spec"]["evictionStrategy"] = "LiveMigrateIfPossible"
+    assert _blocker(v) is None
+
+
+# -- the handler: resolving and attaching ----------------------------------------------------
+
+
+class FakeApi:
+    def __init__(self, *claims: Obj) -> None:
+        self.claims = list(claims)
+
+    async def list(
+        self, kind: str, namespace: str | None = None, label_selector: str = ""
+    ) -> tuple[list[Obj], str]:
+        assert kind == "PersistentVolumeClaim" and namespace == NS
+        return self.claims, "1"
+
+
+def bound(name: str, path: Path, mode: str = "ReadWriteMany", node: str = "", **spec: Any) -> Obj:
+    obj = pvc(name, mode, **spec)
+    obj["metadata"]["uid"] = f"uid-{name}"
+    obj["status"] = {
+        "phase": "Bound",
+        "imagePath": str(path),
+        **({"nodeName": node} if node else {}),
+    }
+    return obj
+
+
+def test_resolver_creates_local_images_and_checks_shared_ones(tmp_path: Path) -> None:
+    shared = tmp_path / "nfs" / "a.img"
+    local = tmp_path / "local" / "b.img"
+    api = FakeApi(bound("a", shared), bound("b", local, "ReadWriteOnce", node="node1"))
+
+    async def main() -> None:
+        resolver = VolumeResolver(api, "node1")
+        with pytest.raises(
+            GuestStartError, match="is not on node node1: is the shared directory mounted here"
+        ):
+            await resolver.disks(vmi("vm", "a", "b"))
+        create_image(shared, GiB)
+        disks = await resolver.disks(vmi("vm", "a", "b"))
+        assert [(d.name, d.path, d.shared) for d in disks] == [
+            ("v0", str(shared), True),
+            ("v1", str(local), False),
+        ]
+        assert local.stat().st_size == GiB
+        with pytest.raises(GuestStartError, match='"b" is local to node node1, not node2'):
+            await VolumeResolver(api, "node2").disks(vmi("vm", "b"))
+        ok, _, message = await resolver.live_migratable(vmi("vm", "a", "b"))
+        assert not ok and message == not_shared_message("b")
+
+    asyncio.run(main())
+
+
+def test_qemu_disk_arguments_are_cache_none_and_round_trip() -> None:
+    disk = DiskSpec(name="rootdisk", path="/srv/a,b.img", shared=True)
+    args = disk.qemu_args(0)
+    assert "driver=file,node-name=vf0,filename=/srv/a,,b.img,cache.direct=on,aio=native" in args
+    assert "virtio-blk-pci,drive=vd0,serial=rootdisk" in args
+    spec = QemuSpec(memory_bytes=64 << 20, kernel="/k", disks=(disk,))
+    assert QemuSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(ValueError, match="disk bus sata is not supported by the qemu driver"):
+        DiskSpec(name="d", path="/x", bus="sata")
