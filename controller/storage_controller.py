@@ -149,7 +149,8 @@ class StorageController:
             return
         status["phase"] = ClaimPhase.BOUND
         status["accessModes"] = [str(m) for m in claim.access_modes]
-        status["capacity"] = {"storage": str(claim.size_bytes)}
+        requested = obj["spec"]["resources"]["requests"]["storage"]
+        status["capacity"] = {"storage": str(requested)}  # as requested: "1Gi"
         status["imagePath"] = path
         if node:
             status["nodeName"] = node
