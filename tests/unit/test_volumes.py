@@ -21,7 +21,8 @@ from controller.vmi_controller import VOLUMES_READY, VMIController
 from handler.drivers.base import GuestStartError
 from handler.drivers.qemu_handle import DiskSpec, QemuSpec
 from handler.volumes import VolumeResolver
-from vmferry.cli.adm_cmd import _blocker
+from tests.support.guest_disk import BLOCK, MAGIC, read_records
+from vmferry.cli.adm_cmd import _blocker, _stopped_instead
 from vmferry.disk_image import ImageError, create_image
 from vmferry.errors import Invalid
 from vmferry.informer import Informer
@@ -372,7 +373,9 @@ def test_drain_treats_disks_not_live_migratable_by_eviction_strategy() -> None:
     blocker = _blocker(v)
     assert blocker is not None and "PVC rootdisk is not shared" in blocker
     v["spec"]["evictionStrategy"] = "LiveMigrateIfPossible"
-    assert _blocker(v) is None
+    assert _blocker(v) is None and _stopped_instead(v)  # KubeVirt evicts it: drain stops it
+    v["status"] = {}
+    assert not _stopped_instead(v)
 
 
 # -- the handler: resolving and attaching ----------------------------------------------------
@@ -435,3 +438,37 @@ def test_qemu_disk_arguments_are_cache_none_and_round_trip() -> None:
     assert QemuSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     with pytest.raises(ValueError, match="disk bus sata is not supported by the qemu driver"):
         DiskSpec(name="d", path="/x", bus="sata")
+
+
+def _record(seq: int) -> bytes:
+    import struct
+
+    words = []
+    s = ((seq + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+    for _ in range(4, BLOCK // 8):
+        s ^= (s << 13) & ((1 << 64) - 1)
+        s ^= s >> 7
+        s ^= (s << 17) & ((1 << 64) - 1)
+        words.append(s)
+    total = sum(words) & ((1 << 64) - 1)
+    return struct.pack(f"<4Q{len(words)}Q", MAGIC, seq, 0, total, *words)
+
+
+def test_guest_disk_reader_finds_gaps_stale_and_torn_records(tmp_path: Path) -> None:
+    def image(blocks: list[bytes]) -> Path:
+        path = tmp_path / "d.img"
+        path.write_bytes(bytes(BLOCK) + b"".join(blocks) + bytes(4 * BLOCK))
+        return path
+
+    good = [_record(i) for i in range(5)]
+    assert (
+        read_records(image(good)) == read_records(image(good))
+        and read_records(image(good)).count == 5
+    )
+    assert read_records(image(good)).problems == ()
+    gap = [*good[:2], bytes(BLOCK), *good[3:]]
+    assert "a gap" in read_records(image(gap)).problems[0]
+    stale = [*good[:2], _record(7), *good[3:]]
+    assert read_records(image(stale)).problems == ("block 3: seq 7, expected 2",)
+    torn = [*good[:2], good[2][:2048] + bytes(2048), *good[3:]]
+    assert "bad checksum" in read_records(image(torn)).problems[0]
