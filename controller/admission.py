@@ -30,7 +30,7 @@ from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
 from vmferry.objects import conditions, kinds, schema
 from vmferry.objects.limits import shorten
-from vmferry.volumes import PVC_KIND, migration_blocker
+from vmferry.volumes import PVC_KIND, claim_volumes, migration_blocker
 
 Obj = dict[str, Any]
 
@@ -131,10 +131,29 @@ class Admission:
             )
         if new["kind"] == "VirtualMachineInstance" and subresource != "status":
             _refuse_vmi_spec_change(current, new)
+        if new["kind"] == PVC_KIND and subresource != "status" and new["spec"] != current["spec"]:
+            raise Invalid(
+                f'PersistentVolumeClaim "{current["metadata"]["name"]}": spec: field is '
+                "immutable after creation (its image and the RWX rule depend on it)"
+            )
 
     async def admit_delete(self, current: Obj) -> None:
         if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):
             await self._refuse_cancel_in_postcopy(current)
+        if current["kind"] == PVC_KIND:
+            await self._refuse_claim_in_use(current)
+
+    async def _refuse_claim_in_use(self, claim: Obj) -> None:
+        """A claim a VMI uses is not deleted under the guest (Kubernetes defers it with
+        the pvc-protection finalizer; here the delete is refused, naming the VMI)."""
+        ns, name = claim["metadata"]["namespace"], claim["metadata"]["name"]
+        vmis, _ = await self.store.list("VirtualMachineInstance", ns)
+        for vmi in vmis:
+            if any(ref.claim == name for ref in claim_volumes(vmi.get("spec") or {})):
+                raise Invalid(
+                    f'PersistentVolumeClaim "{name}" is in use by VirtualMachineInstance '
+                    f'"{vmi["metadata"]["name"]}": stop the VM first'
+                )
 
     async def _admit_nad(self, nad: Obj) -> None:
         nodes, _ = await self.store.list("Node")

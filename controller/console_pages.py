@@ -109,10 +109,19 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
                 "phase": status.get("phase") or ("Stopped" if vmi is None else VMIPhase.PENDING),
                 "node": status.get("nodeName", ""),
                 "migratable": conds.get("LiveMigratable") == "True",
+                # why not (the RWX rule's message, say): the console shows it on Migrate
+                "notMigratable": _not_migratable(status),
                 "migration": active.get((ns, name), ""),
             }
         )
     return rows
+
+
+def _not_migratable(status: Obj) -> str:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "LiveMigratable" and c.get("status") == "False":
+            return str(c.get("message") or c.get("reason") or "not live-migratable")
+    return ""
 
 
 def node_rows(nodes: list[Obj]) -> list[Obj]:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from controller.admission import Admission
+from controller.console_pages import vm_rows
 from controller.main import bootstrap
 from controller.objects import StoreSource
 from controller.storage_controller import StorageController
@@ -352,9 +353,20 @@ def test_migration_of_a_vmi_with_an_rwo_claim_is_refused(tmp_path: Path) -> None
             "metadata": {"name": "m", "namespace": NS},
             "spec": {"vmiName": "vm"},
         }
+        admission = Admission(s.store)
         with pytest.raises(Invalid) as info:
-            await Admission(s.store).admit_create(vmim)
+            await admission.admit_create(vmim)
         assert str(info.value).endswith(not_shared_message("rootdisk"))
+        rootdisk = await s.store.get("PersistentVolumeClaim", NS, "rootdisk")
+        with pytest.raises(Invalid, match='in use by VirtualMachineInstance "vm"'):
+            await admission.admit_delete(rootdisk)
+        changed = json.loads(json.dumps(rootdisk))
+        changed["spec"]["accessModes"] = ["ReadWriteMany"]
+        with pytest.raises(Invalid, match="spec: field is immutable after creation"):
+            await admission.admit_update(rootdisk, changed, "")
+        await admission.admit_update(rootdisk, rootdisk, "")
+        await s.store.delete("VirtualMachineInstance", NS, "vm")
+        await admission.admit_delete(rootdisk)
 
     run(test, tmp_path)
 
@@ -376,6 +388,20 @@ def test_drain_treats_disks_not_live_migratable_by_eviction_strategy() -> None:
     assert _blocker(v) is None and _stopped_instead(v)  # KubeVirt evicts it: drain stops it
     v["status"] = {}
     assert not _stopped_instead(v)
+
+
+def test_console_rows_say_why_a_vm_cannot_migrate() -> None:
+    v = vmi("vm", "rootdisk")
+    v["status"] = {"phase": "Running"}
+    conditions.set_condition(
+        v["status"],
+        "LiveMigratable",
+        False,
+        REASON_DISKS_NOT_LIVE_MIGRATABLE,
+        not_shared_message("rootdisk"),
+    )
+    (row,) = vm_rows([], [v], [])
+    assert row["migratable"] is False and row["notMigratable"] == not_shared_message("rootdisk")
 
 
 # -- the handler: resolving and attaching ----------------------------------------------------
