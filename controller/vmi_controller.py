@@ -24,12 +24,17 @@ from vmferry.errors import NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import VMIPhase
 from vmferry.objects import conditions
-from vmferry.volumes import PVC_KIND, attach_problem, claim_volumes, required_node
+from vmferry.volumes import (
+    PVC_KIND,
+    VOLUMES_READY,
+    attach_problem,
+    claim_volumes,
+    required_node,
+)
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
-VOLUMES_READY = "VolumesReady"  # False while a claim volume is missing or not bound
 UNSCHEDULABLE_RETRY = 3.0  # s; placement is retried while the VMI waits in Pending
 
 
@@ -94,6 +99,8 @@ class VMIController:
         status["nodeName"] = placement.node
         set_phase(status, VMIPhase.SCHEDULED)
         conditions.set_condition(status, "PodScheduled", True, "Scheduled", "")
+        if claim_volumes(spec):
+            conditions.set_condition(status, VOLUMES_READY, True, "ClaimsBound", "")
         log.info("vmi %s/%s: scheduled to %s", ns, name, placement.node)
         await write_status(self.store, vmi)
 

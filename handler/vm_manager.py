@@ -35,14 +35,14 @@ from handler.migration.stats import Stats
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from handler.vm_postcopy import PostCopyKeeper
-from handler.volumes import VolumeResolver
+from handler.volumes import VolumeResolver, VolumeUnavailable
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import Conflict, NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import Field, MigrationMode, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
-from vmferry.volumes import LIVE_MIGRATABLE
+from vmferry.volumes import LIVE_MIGRATABLE, VOLUMES_READY, claim_volumes
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -193,7 +193,11 @@ class VMManager:
         if FINALIZER not in meta.get("finalizers", []):
             meta.setdefault("finalizers", []).append(FINALIZER)
             vmi = await self.api.update(vmi)
-        handle = await self.drivers.for_vmi(vmi).start_vmi(meta["uid"], vmi)
+        try:
+            handle = await self.drivers.for_vmi(vmi).start_vmi(meta["uid"], vmi)
+        except VolumeUnavailable as e:  # retried on the next pass (GUEST_CHECK_INTERVAL)
+            await self._volume_unavailable(vmi, str(e))
+            return
         spec = handle.spec
         self.handles[meta["uid"]] = handle
         log.info(
@@ -205,6 +209,18 @@ class VMManager:
         )
         await self._set_running(vmi, handle)
 
+    async def _volume_unavailable(self, vmi: Obj, message: str) -> None:
+        status = vmi.setdefault("status", {})
+        if conditions.set_condition(status, VOLUMES_READY, False, "VolumeUnavailable", message):
+            log.warning(
+                "vmi %s/%s: not started: %s",
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+                message,
+            )
+            with contextlib.suppress(Conflict):
+                await self.api.update(vmi, subresource="status")
+
     async def _set_running(self, vmi: Obj, handle: VMHandle) -> None:
         # The RWX rule (vmferry.volumes): a volume that is not shared makes it non-migratable.
         migratable, reason, message = await self.volumes.live_migratable(vmi)
@@ -214,6 +230,8 @@ class VMManager:
             conditions.set_phase(status, VMIPhase.RUNNING)
             conditions.set_condition(status, "Ready", True, "GuestRunning", "")
             conditions.set_condition(status, LIVE_MIGRATABLE, migratable, reason, message)
+            if claim_volumes(vmi.get("spec") or {}):
+                conditions.set_condition(status, VOLUMES_READY, True, "VolumesAttached", "")
             status["launcher"] = launcher(handle)
             try:
                 await self.api.update(vmi, subresource="status")

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 
+class VolumeUnavailable(GuestStartError):
+    """A volume cannot be attached here now (the message names it and why); the guest
+    is not started, the VMI says why (condition ``VolumesReady=False``), and the handler
+    tries again on its next pass."""
+
+
 class ClaimReader(Protocol):
     async def list(
         self, kind: str, namespace: str | None = None, label_selector: str = ""
@@ -45,14 +51,14 @@ class VolumeResolver:
         return live_migratable(vmi.get("spec") or {}, await self.claims(vmi))
 
     async def disks(self, vmi: Obj) -> tuple[DiskSpec, ...]:
-        """The VMI's disks here; GuestStartError naming the volume when one cannot be used."""
+        """The VMI's disks here; VolumeUnavailable naming the volume when one cannot be used."""
         claims = await self.claims(vmi)
         out = []
         for ref in claim_volumes(vmi.get("spec") or {}):
             obj = claims.get(ref.claim)
             problem = attach_problem(ref, obj, self.node)
             if problem is not None or obj is None:
-                raise GuestStartError(problem or f"volume {ref.name}: no claim")
+                raise VolumeUnavailable(problem or f"volume {ref.name}: no claim")
             claim = Claim.of(obj)
             path = Path(claim.image_path)
             if claim.node_name:  # local: this node provisions it
@@ -61,9 +67,9 @@ class VolumeResolver:
                     if await asyncio.to_thread(create_image, path, claim.size_bytes, source):
                         log.info("pvc %s: local image %s created", claim.key, path)
                 except ImageError as e:
-                    raise GuestStartError(f'volume "{ref.name}": {e}') from None
+                    raise VolumeUnavailable(f'volume "{ref.name}": {e}') from None
             elif not await asyncio.to_thread(path.is_file):
-                raise GuestStartError(
+                raise VolumeUnavailable(
                     f'volume "{ref.name}": the image {path} of PersistentVolumeClaim '
                     f'"{claim.name}" is not on node {self.node}: is the shared directory '
                     "mounted here?"
@@ -71,7 +77,7 @@ class VolumeResolver:
             try:
                 disk = DiskSpec(name=ref.name, path=str(path), bus=ref.bus, shared=claim.shared)
             except ValueError as e:
-                raise GuestStartError(str(e)) from None
+                raise VolumeUnavailable(str(e)) from None
             out.append(disk)
         return tuple(out)
 

@@ -41,6 +41,8 @@ VMFERRY_GROUP = "vmferry.io"
 LIVE_MIGRATABLE = "LiveMigratable"
 REASON_MIGRATABLE = "Migratable"
 REASON_DISKS_NOT_LIVE_MIGRATABLE = "DisksNotLiveMigratable"
+# The VMI condition while a claim volume is missing, unbound or not reachable on its node.
+VOLUMES_READY = "VolumesReady"
 # The PVC condition of a claim that cannot be provisioned (its message says why).
 CONDITION_PROVISIONING = "Provisioning"
 

@@ -292,3 +292,35 @@ def test_source_handler_killed_mid_migration_disk_intact(
         timeout=60,
     )
     _records_grow(image, read_records(image).count)
+
+
+@pytest.mark.timeout(120)
+def test_missing_image_is_reported_and_claim_in_use_kept(
+    lab: LabHarness, storage: dict[str, Path]
+) -> None:
+    """A shared image that is not there (the directory not mounted on the node): the guest
+    is not started and the VMI says why; the claim cannot be deleted while in use."""
+    lab.apply(claim("vanishing", "ReadWriteMany", "shared"))
+    image = lab.wait_for(
+        "the claim to bind",
+        lambda: (lab.get("pvc", "vanishing").get("status") or {}).get("imagePath"),
+    )
+    Path(image).unlink()
+    vm = json.loads(qemu_vm())
+    vm["metadata"]["name"] = "nodisk"
+    lab.apply(json.dumps(with_disk(vm, "vanishing")))
+
+    def volumes_ready() -> dict[str, Any] | None:
+        vmi = lab.try_get("vmi", "nodisk") or {}
+        conds = (vmi.get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "VolumesReady"), None)
+
+    cond = lab.wait_for("the VMI to say its volume is unavailable", volumes_ready, timeout=60)
+    assert cond["status"] == "False" and cond["reason"] == "VolumeUnavailable", cond
+    assert f"the image {image} of PersistentVolumeClaim" in cond["message"], cond
+    assert "is the shared directory mounted here?" in cond["message"], cond
+    out = lab.cli("delete", "pvc", "vanishing", check=False)
+    assert out.returncode != 0 and 'in use by VirtualMachineInstance "nodisk"' in out.stderr, out
+    lab.cli("delete", "vm", "nodisk", timeout=60)
+    lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", "nodisk") is None, timeout=60)
+    lab.cli("delete", "pvc", "vanishing")

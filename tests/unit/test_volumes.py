@@ -18,10 +18,9 @@ from controller.main import bootstrap
 from controller.objects import StoreSource
 from controller.storage_controller import StorageController
 from controller.store import Store
-from controller.vmi_controller import VOLUMES_READY, VMIController
-from handler.drivers.base import GuestStartError
+from controller.vmi_controller import VMIController
 from handler.drivers.qemu_handle import DiskSpec, QemuSpec
-from handler.volumes import VolumeResolver
+from handler.volumes import VolumeResolver, VolumeUnavailable
 from tests.support.guest_disk import BLOCK, MAGIC, read_records
 from vmferry.cli.adm_cmd import _blocker, _stopped_instead
 from vmferry.disk_image import ImageError, create_image
@@ -34,6 +33,7 @@ from vmferry.volumes import (
     CONDITION_PROVISIONING,
     REASON_DISKS_NOT_LIVE_MIGRATABLE,
     SELECTED_NODE_ANNOTATION,
+    VOLUMES_READY,
     ClaimPhase,
     live_migratable,
     not_shared_message,
@@ -337,6 +337,7 @@ def test_placement_waits_for_claims_and_follows_a_local_one(tmp_path: Path) -> N
         await s.vmis.reconcile((NS, "vm"))
         placed = await s.store.get("VirtualMachineInstance", NS, "vm")
         assert placed["status"]["nodeName"] == "node2"
+        assert conditions.get(placed, VOLUMES_READY)["status"] == "True"  # type: ignore[index]
 
     run(test, tmp_path)
 
@@ -437,7 +438,7 @@ def test_resolver_creates_local_images_and_checks_shared_ones(tmp_path: Path) ->
     async def main() -> None:
         resolver = VolumeResolver(api, "node1")
         with pytest.raises(
-            GuestStartError, match="is not on node node1: is the shared directory mounted here"
+            VolumeUnavailable, match="is not on node node1: is the shared directory mounted here"
         ):
             await resolver.disks(vmi("vm", "a", "b"))
         create_image(shared, GiB)
@@ -447,7 +448,7 @@ def test_resolver_creates_local_images_and_checks_shared_ones(tmp_path: Path) ->
             ("v1", str(local), False),
         ]
         assert local.stat().st_size == GiB
-        with pytest.raises(GuestStartError, match='"b" is local to node node1, not node2'):
+        with pytest.raises(VolumeUnavailable, match='"b" is local to node node1, not node2'):
             await VolumeResolver(api, "node2").disks(vmi("vm", "b"))
         ok, _, message = await resolver.live_migratable(vmi("vm", "a", "b"))
         assert not ok and message == not_shared_message("b")
