@@ -220,6 +220,8 @@ class Admission:
                 f'in namespace "{ns}" and no VirtualMachine of that name has runStrategy '
                 f"{RUN_STRATEGY_WAIT_AS_RECEIVER}: create the receiving VM first"
             )
+        template = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
+        _refuse_disks_across_clusters(template, prefix)
 
     async def _admit_migration(self, vmim: Obj) -> None:
         ns = vmim["metadata"]["namespace"]
@@ -240,6 +242,8 @@ class Admission:
                 f'in namespace "{ns}"'
             ) from None
         status = vmi.get("status") or {}
+        if side:
+            _refuse_disks_across_clusters(vmi.get("spec") or {}, prefix)
         if side == RECEIVE:
             if status.get("phase") != VMIPhase.WAITING_FOR_SYNC:
                 raise Invalid(
@@ -278,3 +282,18 @@ class Admission:
                     f"{prefix}: in-flight migration detected: "
                     f'"{other["metadata"]["name"]}" has not finished yet'
                 )
+
+
+def _refuse_disks_across_clusters(vmi_spec: Obj, prefix: str) -> None:
+    """A cross-cluster (decentralized) migration of a VM with claim volumes is refused:
+    the other cluster's claim of the same name is another image (its own storage, or
+    another file of a shared directory), so the guest would resume on a disk that is not
+    its own. Moving the disk needs storage live migration, which vmferry does not do yet."""
+    refs = claim_volumes(vmi_spec)
+    if refs:
+        names = ", ".join(f"{r.name} (PVC {r.claim})" for r in refs)
+        raise Invalid(
+            f"{prefix}: cannot migrate to another cluster: the VM has persistent volumes "
+            f"({names}); a cross-cluster move needs storage live migration, which is not "
+            "supported yet: stop the VM and copy its disks, or remove them"
+        )

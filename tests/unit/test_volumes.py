@@ -23,6 +23,7 @@ from handler.drivers.qemu_handle import DiskSpec, QemuSpec
 from handler.volumes import VolumeResolver, VolumeUnavailable
 from tests.support.guest_disk import BLOCK, MAGIC, read_records
 from vmferry.cli.adm_cmd import _blocker, _stopped_instead
+from vmferry.decentralized import FEATURE_GATE, RUN_STRATEGY_WAIT_AS_RECEIVER
 from vmferry.disk_image import ImageError, create_image
 from vmferry.errors import Invalid
 from vmferry.informer import Informer
@@ -368,6 +369,51 @@ def test_migration_of_a_vmi_with_an_rwo_claim_is_refused(tmp_path: Path) -> None
         await admission.admit_update(rootdisk, rootdisk, "")
         await s.store.delete("VirtualMachineInstance", NS, "vm")
         await admission.admit_delete(rootdisk)
+
+    run(test, tmp_path)
+
+
+def test_cross_cluster_migration_of_a_vm_with_disks_is_refused(tmp_path: Path) -> None:
+    async def test(s: Storage) -> None:
+        hco = await s.store.get("HyperConverged", kinds.SYSTEM_NAMESPACE, kinds.HYPERCONVERGED_NAME)
+        hco["spec"]["featureGates"][FEATURE_GATE] = True
+        await s.store.update(hco)
+        await s.store.create(pvc("shared-disk"))  # shared, RWX: fine inside the cluster
+        created = await s.store.create(vmi("vm", "shared-disk"))
+        created["status"] = {"phase": VMIPhase.RUNNING, "nodeName": "node1"}
+        await s.store.update(created, subresource="status")
+        admission = Admission(s.store)
+
+        def migration(name: str, **side: Obj) -> Obj:
+            return {
+                "apiVersion": kinds.KUBEVIRT,
+                "kind": "VirtualMachineInstanceMigration",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"vmiName": "vm", **side},
+            }
+
+        await admission.admit_create(migration("inside"))
+        send = {"sendTo": {"migrationID": "m1", "connectURL": "10.0.0.2:9443"}}
+        with pytest.raises(
+            Invalid, match=r"cannot migrate to another cluster: .*v0 \(PVC shared-disk\)"
+        ):
+            await admission.admit_create(migration("out", **send))
+        receiver = {
+            "apiVersion": kinds.KUBEVIRT,
+            "kind": "VirtualMachine",
+            "metadata": {"name": "incoming", "namespace": NS},
+            "spec": {
+                "runStrategy": RUN_STRATEGY_WAIT_AS_RECEIVER,
+                "template": {"spec": vmi_spec("shared-disk")},
+            },
+        }
+        await s.store.create(receiver)
+        incoming = migration("in", receive={"migrationID": "m2"})
+        incoming["spec"]["vmiName"] = "incoming"
+        with pytest.raises(
+            Invalid, match="needs storage live migration, which is not supported yet"
+        ):
+            await admission.admit_create(incoming)
 
     run(test, tmp_path)
 
