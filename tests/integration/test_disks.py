@@ -245,8 +245,15 @@ def test_shared_disk_stays_across_a_migration(lab: LabHarness, guest: dict[str, 
     out = lab.cli("migrate", QEMU_VM, "--wait", timeout=240)
     assert "succeeded" in out.stdout, out.stdout
     print(f"migration with a shared disk: {time.monotonic() - started:.1f}s")
-    target = lab.get("vmi", QEMU_VM)["status"]["nodeName"]
+    moved = lab.get("vmi", QEMU_VM)["status"]
+    target = moved["nodeName"]
     assert target != source
+    transfer = moved["migrationState"]["transfer"]
+    print(
+        f"downtime {transfer.get('downtimeMilliseconds')} ms, guest-seen "
+        f"{transfer.get('guestDowntimeMilliseconds')} ms, repaired pages "
+        f"{transfer.get('repairedPages')}"
+    )
     running = qemu_guests(lab, uid)
     assert [n for n, _ in running] == [target], running
     after = _records_grow(image, before)
