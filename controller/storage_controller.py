@@ -9,7 +9,8 @@ binds them). One pass over a Pending claim:
    ``storageclass.kubernetes.io/is-default-class: "true"``) must exist and accept it
    (:func:`~vmferry.volumes.class_problem`): otherwise the claim stays Pending with the
    condition ``Provisioning=False`` naming why, retried every ``RETRY_S``;
-2. a ``dataSource`` claim must exist and be Bound, readable where the work runs;
+2. a ``dataSource`` claim must exist, be Bound, be used by no VMI (a running guest's
+   disk changes under the copy) and be readable where the work runs;
 3. ``vmferry.io/shared``: the controller creates the image on the shared directory
    (:func:`~vmferry.disk_image.create_image` in a thread) and binds the claim;
    ``vmferry.io/local``: the claim is bound to its node (``status.nodeName``) at once and
@@ -44,6 +45,7 @@ from vmferry.volumes import (
     ClaimPhase,
     Provisioner,
     StorageClass,
+    claim_volumes,
     class_problem,
     image_path,
 )
@@ -126,6 +128,7 @@ class StorageController:
             problem = class_problem(sc, claim)
             if problem is not None:
                 raise ProvisionError("ProvisioningFailed", problem)
+            await self._refuse_source_in_use(claim)
             source = self._source_path(sc, claim)
             path = image_path(sc, claim)
             node = ""
@@ -163,10 +166,25 @@ class StorageController:
             return
         log.info("pvc %s: Bound (%s, %s)", claim.key, sc.name, how)
 
+    async def _refuse_source_in_use(self, claim: Claim) -> None:
+        """A claim is copied only while no VMI uses it: a running guest's disk changes
+        under the copy, which would be neither its old nor its new content."""
+        if not claim.source.claim:
+            return
+        vmis, _ = await self.store.list("VirtualMachineInstance", claim.namespace)
+        for vmi in vmis:
+            if any(r.claim == claim.source.claim for r in claim_volumes(vmi.get("spec") or {})):
+                raise ProvisionError(
+                    "DataSourceInUse",
+                    f'spec.dataSource: PersistentVolumeClaim "{claim.source.claim}" is in use '
+                    f'by VirtualMachineInstance "{vmi["metadata"]["name"]}": it is copied once '
+                    "no VM uses it",
+                )
+
     def _source_path(self, sc: StorageClass, claim: Claim) -> Path | None:
         if claim.source.file:
             if sc.provisioner == Provisioner.LOCAL:
-                return None  # the node's handler reads it (local_image.ensure_image)
+                return None  # the node's handler reads it (handler.volumes)
             return Path(claim.source.file)
         if not claim.source.claim:
             return None

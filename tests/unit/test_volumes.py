@@ -258,9 +258,14 @@ def test_shared_claims_get_an_image_local_claims_a_node(tmp_path: Path) -> None:
         assert image.parent == s.tmp / "nfs" / NS and size_of(image) == GiB
         assert "nodeName" not in status
         write_head(image, b"boot")
+        await s.store.create(vmi("user", "golden"))
         await s.store.create(
             pvc("clone", dataSource={"kind": "PersistentVolumeClaim", "name": "golden"})
         )
+        cond = conditions.get(await s.provision("clone"), CONDITION_PROVISIONING)
+        assert cond is not None and cond["reason"] == "DataSourceInUse", cond
+        assert 'in use by VirtualMachineInstance "user"' in cond["message"]
+        await s.store.delete("VirtualMachineInstance", NS, "user")
         clone = Path((await s.provision("clone"))["status"]["imagePath"])
         assert head(clone, 4) == b"boot"
 
