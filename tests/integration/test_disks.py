@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.support.lab import LabHarness, vm_manifest
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = Path(os.environ.get("VMFERRY_GUEST_IMAGE") or ROOT / "build" / "guest")
 QEMU_VM = "qdisk"
+HB = re.compile(r"^HB (\d+) ", re.M)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -167,6 +170,19 @@ def guest(lab: LabHarness, storage: dict[str, Path]) -> Iterator[dict[str, Any]]
                 pass
 
 
+def _follow_heartbeats(record: dict[str, Any], seen: list[int], stop: threading.Event) -> None:
+    """Keep the last heartbeat seq of a console log until ``stop`` or the log is gone."""
+    log = Path(record["dir"]) / "console.log"
+    while not stop.is_set():
+        try:
+            beats = HB.findall(log.read_text(errors="replace"))
+        except OSError:
+            return
+        if beats:
+            seen.append(int(beats[-1]))
+        time.sleep(0.02)
+
+
 def _records_grow(image: Path, past: int, timeout: float = 30) -> int:
     def grown() -> int:
         records = read_records(image)
@@ -241,8 +257,19 @@ def test_shared_disk_stays_across_a_migration(lab: LabHarness, guest: dict[str, 
     assert cond["status"] == "True", cond
     source = vmi["status"]["nodeName"]
     before = read_records(image).count
+    (source_record,) = [r for n, r in qemu_guests(lab, uid) if n == source]
+    last_on_source: list[int] = []
+    stop = threading.Event()
+    tail = threading.Thread(
+        target=_follow_heartbeats, args=(source_record, last_on_source, stop), daemon=True
+    )
+    tail.start()
     started = time.monotonic()
-    out = lab.cli("migrate", QEMU_VM, "--wait", timeout=240)
+    try:
+        out = lab.cli("migrate", QEMU_VM, "--wait", timeout=240)
+    finally:
+        stop.set()
+        tail.join(5)
     assert "succeeded" in out.stdout, out.stdout
     print(f"migration with a shared disk: {time.monotonic() - started:.1f}s")
     moved = lab.get("vmi", QEMU_VM)["status"]
@@ -260,6 +287,12 @@ def test_shared_disk_stays_across_a_migration(lab: LabHarness, guest: dict[str, 
     print(f"disk records: {before} before, {after} after the migration, no gap")
     text = console(running[0][1])
     assert "DISKERR" not in text and "CORRUPT" not in text, text[-2000:]
+    # no repeat: the target's first heartbeat follows the last the source printed (the
+    # source's log goes with its QEMU: the last line followed may be one short of it)
+    first_on_target = int(HB.findall(text)[0])
+    assert last_on_source and first_on_target > last_on_source[-1], (last_on_source, text[:300])
+    assert first_on_target < after  # and its record is on the disk, in place
+    print(f"heartbeats: source last seen {last_on_source[-1]}, target first {first_on_target}")
     assert image.stat().st_size == 1 << 30
 
 
