@@ -144,8 +144,9 @@ class QemuDriver:
 
     async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> QemuHandle:
         """The target of a migration: a shared disk is opened at the same path, inactive
-        until the migration hands it over (QEMU activates block devices on completion,
-        after the source inactivated and flushed them)."""
+        (``-incoming``); with ``late-block-activate`` (``qemu_target``) QEMU activates it
+        only at ``cont``, after the source flushed and inactivated it and after the
+        hand-off was recorded."""
         return await self.prepare_incoming(vm_id, self.spec_for(vmi, await self._disks(vmi)))
 
     def source_engine(
