@@ -31,6 +31,7 @@ from vmferry.migration_network import NAD_KIND, NadError, parse_nad_config
 from vmferry.migration_state import MigrationMode, MigrationPhase, MigrationState, VMIPhase
 from vmferry.objects import conditions, kinds, schema
 from vmferry.objects.limits import shorten
+from vmferry.volumes import PVC_KIND, claim_volumes, migration_blocker
 
 Obj = dict[str, Any]
 
@@ -133,10 +134,29 @@ class Admission:
             _refuse_vmi_spec_change(current, new)
         if new["kind"] == csr_signer.KIND:
             csr_signer.admit_update(current, new, subresource)
+        if new["kind"] == PVC_KIND and subresource != "status" and new["spec"] != current["spec"]:
+            raise Invalid(
+                f'PersistentVolumeClaim "{current["metadata"]["name"]}": spec: field is '
+                "immutable after creation (its image and the RWX rule depend on it)"
+            )
 
     async def admit_delete(self, current: Obj) -> None:
         if current["kind"] == "VirtualMachineInstanceMigration" and not is_final(current):
             await self._refuse_cancel_in_postcopy(current)
+        if current["kind"] == PVC_KIND:
+            await self._refuse_claim_in_use(current)
+
+    async def _refuse_claim_in_use(self, claim: Obj) -> None:
+        """A claim a VMI uses is not deleted under the guest (Kubernetes defers it with
+        the pvc-protection finalizer; here the delete is refused, naming the VMI)."""
+        ns, name = claim["metadata"]["namespace"], claim["metadata"]["name"]
+        vmis, _ = await self.store.list("VirtualMachineInstance", ns)
+        for vmi in vmis:
+            if any(ref.claim == name for ref in claim_volumes(vmi.get("spec") or {})):
+                raise Invalid(
+                    f'PersistentVolumeClaim "{name}" is in use by VirtualMachineInstance '
+                    f'"{vmi["metadata"]["name"]}": stop the VM first'
+                )
 
     async def _admit_nad(self, nad: Obj) -> None:
         nodes, _ = await self.store.list("Node")
@@ -203,6 +223,8 @@ class Admission:
                 f'in namespace "{ns}" and no VirtualMachine of that name has runStrategy '
                 f"{RUN_STRATEGY_WAIT_AS_RECEIVER}: create the receiving VM first"
             )
+        template = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
+        _refuse_disks_across_clusters(template, prefix)
 
     async def _admit_migration(self, vmim: Obj) -> None:
         ns = vmim["metadata"]["namespace"]
@@ -223,6 +245,8 @@ class Admission:
                 f'in namespace "{ns}"'
             ) from None
         status = vmi.get("status") or {}
+        if side:
+            _refuse_disks_across_clusters(vmi.get("spec") or {}, prefix)
         if side == RECEIVE:
             if status.get("phase") != VMIPhase.WAITING_FOR_SYNC:
                 raise Invalid(
@@ -238,6 +262,13 @@ class Admission:
                 f"{prefix}: cannot migrate: the VMI is not running "
                 f"(phase {status.get('phase') or VMIPhase.PENDING})"
             )
+        # The RWX rule, from the claims themselves (the condition may not be written yet).
+        claim_objs, _ = await self.store.list(PVC_KIND, ns)
+        blocker = migration_blocker(
+            vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs}
+        )
+        if blocker is not None:
+            raise Invalid(f"{prefix}: {blocker}")
         migratable = conditions.get(vmi, "LiveMigratable")
         if migratable is not None and migratable.get("status") == "False":
             raise Invalid(
@@ -254,3 +285,18 @@ class Admission:
                     f"{prefix}: in-flight migration detected: "
                     f'"{other["metadata"]["name"]}" has not finished yet'
                 )
+
+
+def _refuse_disks_across_clusters(vmi_spec: Obj, prefix: str) -> None:
+    """A cross-cluster (decentralized) migration of a VM with claim volumes is refused:
+    the other cluster's claim of the same name is another image (its own storage, or
+    another file of a shared directory), so the guest would resume on a disk that is not
+    its own. Moving the disk needs storage live migration, which vmferry does not do yet."""
+    refs = claim_volumes(vmi_spec)
+    if refs:
+        names = ", ".join(f"{r.name} (PVC {r.claim})" for r in refs)
+        raise Invalid(
+            f"{prefix}: cannot migrate to another cluster: the VM has persistent volumes "
+            f"({names}); a cross-cluster move needs storage live migration, which is not "
+            "supported yet: stop the VM and copy its disks, or remove them"
+        )

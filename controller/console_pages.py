@@ -109,6 +109,8 @@ def vm_rows(vms: list[Obj], vmis: list[Obj], vmims: list[Obj]) -> list[Obj]:
                 "phase": status.get("phase") or ("Stopped" if vmi is None else VMIPhase.PENDING),
                 "node": status.get("nodeName", ""),
                 "migratable": conds.get("LiveMigratable") == "True",
+                # why not (the RWX rule's message, say): the console shows it on Migrate
+                "notMigratable": _not_migratable(status),
                 "migration": active.get((ns, name), ""),
             }
         )
@@ -136,6 +138,13 @@ def event_rows(events: list[Obj], involved_kinds: tuple[str, ...], name: str) ->
             }
         )
     return sorted(rows, key=lambda r: r["last"], reverse=True)
+
+
+def _not_migratable(status: Obj) -> str:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "LiveMigratable" and c.get("status") == "False":
+            return str(c.get("message") or c.get("reason") or "not live-migratable")
+    return ""
 
 
 def node_rows(nodes: list[Obj]) -> list[Obj]:

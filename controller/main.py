@@ -38,6 +38,7 @@ from controller.objects import StoreSource
 from controller.rbac import load_policy
 from controller.rbac_builtin import bootstrap_rbac
 from controller.rbac_controller import run_rbac_reconcilers
+from controller.storage_controller import StorageController
 from controller.store import Store
 from controller.vm_controller import VMController
 from controller.vmi_controller import VMIController
@@ -228,7 +229,9 @@ async def _serve_started(
     nodes = Informer(source, "Node")
     hcos = Informer(source, "HyperConverged")
     nads = Informer(source, NAD_KIND, namespace=NAD_NAMESPACE)
-    informers = (vms, vmis, vmims, nodes, hcos, nads)
+    pvcs = Informer(source, "PersistentVolumeClaim")
+    storage_classes = Informer(source, "StorageClass")
+    informers = (vms, vmis, vmims, nodes, hcos, nads, pvcs, storage_classes)
 
     def synced() -> bool:
         return all(inf.synced.is_set() for inf in informers)
@@ -287,6 +290,7 @@ async def _serve_started(
                         VMIController(store, vmis, nodes).run(),
                         MigrationController(store, vmims, vmis, nodes, hcos).run(),
                         NetworkController(store, hcos, nads, nodes).run(),
+                        StorageController(store, pvcs, storage_classes).run(),
                         monitor.run(),
                         run_rbac_reconcilers(store, signer, _ca_pem(config)),
                         run_forklift(store, Path(config["data_dir"])),

@@ -138,7 +138,11 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
     _cluster_role(
         "system:aggregate-to-edit",
         [
-            _rule([""], ["configmaps", "serviceaccounts", "secrets"], ALL_VERBS),
+            _rule(
+                [""],
+                ["configmaps", "serviceaccounts", "secrets", "persistentvolumeclaims"],
+                ALL_VERBS,
+            ),
             # As Kubernetes' bootstrap policy: edit may request a service account's token.
             _rule([""], ["serviceaccounts/token"], ["create"]),
         ],
@@ -147,7 +151,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
     _cluster_role(
         "system:aggregate-to-view",
         [
-            _rule([""], ["configmaps", "serviceaccounts"], READ_VERBS),
+            _rule([""], ["configmaps", "serviceaccounts", "persistentvolumeclaims"], READ_VERBS),
             _rule([""], ["namespaces"], READ_VERBS),
             _rule([""], ["pods"], READ_VERBS),
             _rule([""], ["events"], READ_VERBS),  # as Kubernetes' view: what happened

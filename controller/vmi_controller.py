@@ -4,6 +4,8 @@ Phase "" → Pending (recorded) → Scheduled with ``status.nodeName`` once a no
 (``controller.scheduler.place``); the node's handler then starts the guest and moves
 the VMI to Running. While no node fits, the VMI stays Pending with a
 ``PodScheduled=False/Unschedulable`` condition naming why, and placement is retried.
+A VMI whose claim volumes are missing or not bound waits the same way with
+``VolumesReady=False`` naming each volume; a local volume pins the VMI to its node.
 
 A VMI in phase ``WaitingForSync`` (the receiving VMI of a decentralized migration) is
 never placed here: the receiving sync controller chooses its target node, and the
@@ -22,6 +24,13 @@ from vmferry.errors import NotFound
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import VMIPhase
 from vmferry.objects import conditions
+from vmferry.volumes import (
+    PVC_KIND,
+    VOLUMES_READY,
+    attach_problem,
+    claim_volumes,
+    required_node,
+)
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -55,6 +64,20 @@ class VMIController:
             return
         all_vmis, _ = await self.store.list("VirtualMachineInstance")
         nodes, _ = await self.store.list("Node")
+        claim_objs, _ = await self.store.list(PVC_KIND, ns)
+        claims = {c["metadata"]["name"]: c for c in claim_objs}
+        spec = vmi.get("spec") or {}
+        problems = [
+            p
+            for ref in claim_volumes(spec)
+            if (p := attach_problem(ref, claims.get(ref.claim))) is not None
+        ]
+        if problems:
+            await self._wait_for_volumes(key, vmi, "; ".join(problems))
+            return
+        local_node = required_node(spec, claims)
+        if local_node is not None:  # a local volume pins the VMI to its node
+            nodes = [n for n in nodes if n["metadata"]["name"] == local_node]
         placement = scheduler.place(vmi, nodes, all_vmis)
         if placement.node is None:
             changed = status.get("phase") != VMIPhase.PENDING
@@ -76,5 +99,18 @@ class VMIController:
         status["nodeName"] = placement.node
         set_phase(status, VMIPhase.SCHEDULED)
         conditions.set_condition(status, "PodScheduled", True, "Scheduled", "")
+        if claim_volumes(spec):
+            conditions.set_condition(status, VOLUMES_READY, True, "ClaimsBound", "")
         log.info("vmi %s/%s: scheduled to %s", ns, name, placement.node)
         await write_status(self.store, vmi)
+
+    async def _wait_for_volumes(self, key: Key, vmi: Obj, message: str) -> None:
+        """Pending until every claim volume is bound (condition VolumesReady=False)."""
+        status = vmi.setdefault("status", {})
+        changed = status.get("phase") != VMIPhase.PENDING
+        set_phase(status, VMIPhase.PENDING)
+        changed |= conditions.set_condition(status, VOLUMES_READY, False, "ClaimNotReady", message)
+        if changed:
+            log.info("vmi %s/%s: waiting for volumes: %s", key[0], key[1], message)
+            await write_status(self.store, vmi)
+        self.queue.add_after(key, UNSCHEDULABLE_RETRY)

@@ -35,6 +35,7 @@ from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
+from handler.volumes import VolumeResolver
 from vmferry import logs, metrics_http, pki, systemd
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
@@ -206,6 +207,7 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
         binary=config["qemu_binary"],
         image_dir=Path(config["qemu_image_dir"]),
         scopes=scopes,
+        volumes=VolumeResolver(api, node),
     )
     # One instance of each target service, served by every listener (migration_network
     # moves the listener to the migration network's address and back).

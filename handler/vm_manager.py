@@ -36,6 +36,7 @@ from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from handler.vm_pause import PauseKeeper
 from handler.vm_postcopy import PostCopyKeeper
+from handler.volumes import VolumeResolver, VolumeUnavailable
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, Conflict, NotFound
@@ -43,6 +44,7 @@ from vmferry.events import EventRecorder, Reason
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import Field, MigrationMode, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
+from vmferry.volumes import LIVE_MIGRATABLE, VOLUMES_READY, claim_volumes
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -85,6 +87,7 @@ class VMManager:
         self.sources: dict[str, tuple[SourceEngine, asyncio.Task[None]]] = {}
         self.progress: dict[str, tuple[Obj, Stats]] = {}  # migration uid -> last progress
         self.queue = WorkQueue()
+        self.volumes = VolumeResolver(api, node_name)
         self._tasks: set[asyncio.Task[None]] = set()
         self.target = IncomingGuests(
             api,
@@ -208,6 +211,9 @@ class VMManager:
             vmi = await self.api.update(vmi)
         try:
             handle = await self.drivers.for_vmi(vmi).start_vmi(meta["uid"], vmi)
+        except VolumeUnavailable as e:  # retried on the next pass (GUEST_CHECK_INTERVAL)
+            await self._volume_unavailable(vmi, str(e))
+            return
         except (ApiError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -241,7 +247,21 @@ class VMManager:
                     e.message,
                 )
 
+    async def _volume_unavailable(self, vmi: Obj, message: str) -> None:
+        status = vmi.setdefault("status", {})
+        if conditions.set_condition(status, VOLUMES_READY, False, "VolumeUnavailable", message):
+            log.warning(
+                "vmi %s/%s: not started: %s",
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+                message,
+            )
+            with contextlib.suppress(Conflict):
+                await self.api.update(vmi, subresource="status")
+
     async def _set_running(self, vmi: Obj, handle: VMHandle) -> None:
+        # The RWX rule (vmferry.volumes): a volume that is not shared makes it non-migratable.
+        migratable, reason, message = await self.volumes.live_migratable(vmi)
         while True:
             status = vmi.setdefault("status", {})
             status["nodeName"] = self.node
@@ -249,13 +269,9 @@ class VMManager:
             conditions.set_condition(status, "Ready", True, "GuestRunning", "")
             if conditions.get(vmi, SYNC_CONDITION) is not None:  # an earlier start failed
                 conditions.set_condition(status, SYNC_CONDITION, True, "", "")
-            conditions.set_condition(
-                status,
-                "LiveMigratable",
-                True,
-                "Migratable",
-                "memvm guests are live-migratable",
-            )
+            conditions.set_condition(status, LIVE_MIGRATABLE, migratable, reason, message)
+            if claim_volumes(vmi.get("spec") or {}):
+                conditions.set_condition(status, VOLUMES_READY, True, "VolumesAttached", "")
             status["launcher"] = launcher(handle)
             try:
                 await self.api.update(vmi, subresource="status")

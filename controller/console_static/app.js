@@ -262,7 +262,8 @@ function renderVms() {
     const mig = document.createElement("button");
     mig.textContent = "Migrate";
     mig.className = "migrate";
-    mig.disabled = vm.phase !== "Running" || !!vm.migration;
+    mig.disabled = vm.phase !== "Running" || !!vm.migration || !!vm.notMigratable;
+    if (vm.notMigratable) mig.title = vm.notMigratable;  // e.g. the RWX rule's message
     mig.addEventListener("click", () => openMigrate(vm));
     const cancel = document.createElement("button");
     cancel.textContent = "Cancel migration";

@@ -46,6 +46,7 @@ from handler.drivers.qemu_handle import (
     DEFAULT_RAM_DIR,
     DRIVER_NAME,
     VM_JSON,
+    DiskSpec,
     QemuHandle,
     QemuSpec,
     _is_qemu_of,
@@ -60,6 +61,7 @@ from vmferry.objects import schema
 if TYPE_CHECKING:
     from handler.drivers.base import Driver
     from handler.migration.source import SourceEngine
+    from handler.volumes import VolumeResolver
 
 __all__ = ["QemuDriver", "QemuHandle", "QemuSpec", "kvm_usable", "last_heartbeat", "qemu_binary"]
 
@@ -82,9 +84,11 @@ class QemuDriver:
         binary: str = "qemu-system-x86_64",
         image_dir: Path | None = None,
         scopes: GuestScopes = NO_SCOPES,
+        volumes: VolumeResolver | None = None,
     ) -> None:
         self.scopes = scopes  # each guest in a systemd scope of its own (drivers/scope.py)
         self.image_dir = image_dir  # default kernel (vmlinuz) and initrd (initrd.img)
+        self.volumes = volumes  # resolves a VMI's claim volumes to image files here
         self.runtime_dir = Path(runtime_dir).absolute()
         tag = hashlib.sha256(str(self.runtime_dir.resolve()).encode()).hexdigest()[:12]
         self.tag = tag
@@ -102,9 +106,10 @@ class QemuDriver:
             )
         return None
 
-    def spec_for(self, vmi: dict[str, Any]) -> QemuSpec:
+    def spec_for(self, vmi: dict[str, Any], disks: tuple[DiskSpec, ...] = ()) -> QemuSpec:
         """The QemuSpec of a VMI's ``spec.qemu`` (memory from ``spec.domain``); a missing
-        kernel/initrd defaults to the handler's guest image directory."""
+        kernel/initrd defaults to the handler's guest image directory. ``disks``: its
+        claim volumes resolved on this node (``handler.volumes``)."""
         spec = vmi.get("spec") or {}
         q = spec.get("qemu") or {}
         kernel = q.get("kernel") or ""
@@ -121,6 +126,7 @@ class QemuDriver:
             vcpus=int(q.get("vcpus") or 1),
             verify=q.get("verify") or "repair",
             extra_args=tuple(q.get("extraArgs") or ()),
+            disks=disks,
         )
 
     def sock_path(self, vm_id: str, suffix: str) -> Path:
@@ -133,11 +139,18 @@ class QemuDriver:
         """VMIs with ``spec.qemu``."""
         return (vmi.get("spec") or {}).get("qemu") is not None
 
+    async def _disks(self, vmi: dict[str, Any]) -> tuple[DiskSpec, ...]:
+        return await self.volumes.disks(vmi) if self.volumes is not None else ()
+
     async def start_vmi(self, vm_id: str, vmi: dict[str, Any]) -> QemuHandle:
-        return await self.start(vm_id, self.spec_for(vmi))
+        return await self.start(vm_id, self.spec_for(vmi, await self._disks(vmi)))
 
     async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> QemuHandle:
-        return await self.prepare_incoming(vm_id, self.spec_for(vmi))
+        """The target of a migration: a shared disk is opened at the same path, inactive
+        (``-incoming``); with ``late-block-activate`` (``qemu_target``) QEMU activates it
+        only at ``cont``, after the source flushed and inactivated it and after the
+        hand-off was recorded."""
+        return await self.prepare_incoming(vm_id, self.spec_for(vmi, await self._disks(vmi)))
 
     def source_engine(
         self, context: EngineContext, vmi: dict[str, Any], handle: VMHandle
@@ -201,6 +214,8 @@ class QemuDriver:
         ]
         if spec.initrd:
             args += ["-initrd", spec.initrd]
+        for index, disk in enumerate(spec.disks):
+            args += disk.qemu_args(index)
         args += list(spec.extra_args)
         return args
 

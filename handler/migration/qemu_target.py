@@ -191,6 +191,11 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                     {"capability": "multifd", "state": multifd > 0},
                     {"capability": "postcopy-ram", "state": postcopy},
                 ]
+                if h.qspec.disks:
+                    # A shared disk is taken over (write lock, caches) only when the target
+                    # resumes after the hand-off, never at the end of the stream: a source
+                    # that resumes instead (verify failed, hand-off lost) can re-activate it.
+                    caps.append({"capability": "late-block-activate", "state": True})
                 await h.qmp("migrate-set-capabilities", {"capabilities": caps})
                 if multifd:
                     await h.qmp("migrate-set-parameters", {"multifd-channels": multifd})

@@ -345,6 +345,33 @@ VALID: dict[str, dict[str, Any]] = {
             "renewTime": "2026-12-04T22:05:00.654321Z",
         },
     },
+    "PersistentVolumeClaim": {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "rootdisk", "namespace": "default"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "shared",
+            "volumeMode": "Filesystem",
+            "resources": {"requests": {"storage": "1Gi"}},
+            "dataSource": {"kind": "PersistentVolumeClaim", "name": "golden"},
+        },
+        "status": {
+            "phase": "Bound",
+            "accessModes": ["ReadWriteMany"],
+            "capacity": {"storage": "1Gi"},
+            "imagePath": "/srv/vmferry/default/pvc-1.img",
+        },
+    },
+    "StorageClass": {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": "shared"},
+        "provisioner": "vmferry.io/shared",
+        "parameters": {"path": "/srv/vmferry"},
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    },
     "Pod": {
         "apiVersion": "v1",
         "kind": "Pod",

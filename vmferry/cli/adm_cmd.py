@@ -75,6 +75,17 @@ def _blocker(vmi: Obj) -> str | None:
     return None
 
 
+def _stopped_instead(vmi: Obj) -> bool:
+    """evictionStrategy LiveMigrateIfPossible on a VMI that cannot be live-migrated (a
+    volume that is not shared, say): KubeVirt evicts it, so drain stops it."""
+    migratable = conditions.get(vmi, "LiveMigratable")
+    return (
+        _strategy(vmi) == "LiveMigrateIfPossible"
+        and migratable is not None
+        and migratable.get("status") == "False"
+    )
+
+
 def _active_migration(vmims: list[Obj], vmi: Obj) -> Obj | None:
     for m in vmims:
         if (
@@ -145,12 +156,13 @@ async def drain(
         )
         return 1
     for vmi in vmis:
-        if _blocker(vmi):
-            print(f"stopping {vmi['metadata']['namespace']}/{vmi['metadata']['name']} (--force)")
+        if _blocker(vmi) or _stopped_instead(vmi):
+            why = "--force" if _blocker(vmi) else "LiveMigrateIfPossible, not live-migratable"
+            print(f"stopping {vmi['metadata']['namespace']}/{vmi['metadata']['name']} ({why})")
             await api.delete(
                 "VirtualMachineInstance", vmi["metadata"]["namespace"], vmi["metadata"]["name"]
             )
-    movable = [v for v in vmis if not _blocker(v)]
+    movable = [v for v in vmis if not _blocker(v) and not _stopped_instead(v)]
     drain_started = conditions.now_rfc3339()
     attempts: dict[str, int] = {}
     # (namespace, VMI name) -> the name of the last evacuation this drain created for it

@@ -459,6 +459,16 @@ _BINDING_COLUMNS = [
     _Column("SERVICEACCOUNTS", _binding_subjects("ServiceAccount"), wide=True),
 ]
 
+_ACCESS_MODE_SHORT = {"ReadWriteOnce": "RWO", "ReadWriteMany": "RWX", "ReadOnlyMany": "ROX"}
+
+
+def _access_modes(obj: Obj, now: datetime) -> str:
+    modes = _get(obj, "status", "accessModes") or _get(obj, "spec", "accessModes")
+    if not isinstance(modes, list):
+        return ""
+    return ",".join(_ACCESS_MODE_SHORT.get(str(m), str(m)) for m in modes)
+
+
 _COLUMNS: dict[str, list[_Column]] = {
     "Namespace": [_NAME, _Column("STATUS", _namespace_status), _AGE],
     "Node": [
@@ -538,6 +548,26 @@ _COLUMNS: dict[str, list[_Column]] = {
         _Column("FAILED", _migration_vms(VMPhase.FAILED)),
         _AGE,
         _Column("REASON", _path("status", "reason"), wide=True),
+    ],
+    # As kubectl prints them; IMAGE and NODE are vmferry's (the image file, a local node).
+    "PersistentVolumeClaim": [
+        _NAME,
+        _Column("STATUS", _path("status", "phase")),
+        _Column("CAPACITY", _path("status", "capacity", "storage")),
+        _Column("ACCESS MODES", _access_modes),
+        _Column("STORAGECLASS", _path("spec", "storageClassName")),
+        _AGE,
+        _Column("VOLUMEMODE", _path("spec", "volumeMode"), wide=True),
+        _Column("NODE", _path("status", "nodeName"), wide=True),
+        _Column("IMAGE", _path("status", "imagePath"), wide=True),
+    ],
+    "StorageClass": [
+        _NAME,
+        _Column("PROVISIONER", _path("provisioner")),
+        _Column("RECLAIMPOLICY", _path("reclaimPolicy")),
+        _Column("VOLUMEBINDINGMODE", _path("volumeBindingMode")),
+        _AGE,
+        _Column("PATH", _path("parameters", "path"), wide=True),
     ],
     "Secret": [_NAME, _Column("TYPE", _path("type")), _Column("DATA", _data_count), _AGE],
     "ConfigMap": [_NAME, _Column("DATA", _data_count), _AGE],

@@ -43,6 +43,7 @@ RBAC = "rbac.authorization.k8s.io/v1"
 CNI = "k8s.cni.cncf.io/v1"
 COORDINATION = "coordination.k8s.io/v1"
 CERTIFICATES = "certificates.k8s.io/v1"
+STORAGE = "storage.k8s.io/v1"
 # The Migration Toolkit for Virtualization's kinds (reference 12.4.2 and 12.6):
 # the orchestrator of cross-cluster live migrations (controller/forklift/).
 FORKLIFT = "forklift.konveyor.io/v1beta1"
@@ -85,6 +86,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("Event", "v1", "events", True, ("ev",)),
     # A node's request for its certificate (vmferry join; controller/csr_signer.py).
     Kind("CertificateSigningRequest", CERTIFICATES, "certificatesigningrequests", False, ("csr",)),
+    # VM disks (vmferry.volumes): claims and the classes that provision them.
+    Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", True, ("pvc",)),
+    Kind("StorageClass", STORAGE, "storageclasses", False, ("sc",)),
     # Read-only views of the running daemons (controller/pods.py); never stored.
     Kind("Pod", "v1", "pods", True, ("po",)),
 )

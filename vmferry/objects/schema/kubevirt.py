@@ -56,6 +56,7 @@ from vmferry.objects.schema.dsl import (
     quantity_max_message,
     show,
 )
+from vmferry.objects.schema.storage import DEVICES, VOLUME, rule_vmi_volumes
 
 # -- the migration configuration and state -----------------------------------------------
 
@@ -218,7 +219,7 @@ VMI_SPEC = Obj(
                 ),
                 "memory": Obj({"guest": Quantity(positive=True, max=limits.MAX_MEMORY_BYTES)}),
                 "resources": Obj({"requests": Map(Quantity()), "limits": Map(Quantity())}),
-                "devices": AnyObject(),
+                "devices": DEVICES,
                 "machine": Obj({"type": Str()}),
                 "firmware": AnyObject(),
             }
@@ -229,7 +230,7 @@ VMI_SPEC = Obj(
         "affinity": Anything(),
         "tolerations": List(Anything()),
         "networks": List(Anything()),
-        "volumes": List(Anything()),
+        "volumes": List(VOLUME),
         "hostname": Str(),
         "subdomain": Str(),
         # The built-in memory-only driver: a synthetic guest whose workload dirties memory.
@@ -258,7 +259,7 @@ VMI_SPEC = Obj(
             }
         ),
     },
-    rules=(_rule_vmi_memory, _rule_vmi_one_driver, _rule_memvm_fits_guest),
+    rules=(_rule_vmi_memory, _rule_vmi_one_driver, _rule_memvm_fits_guest, rule_vmi_volumes),
 )
 
 VMI_STATUS = Obj(

@@ -67,6 +67,7 @@ from vmferry.objects.schema.kubevirt import (
     VMIM_STATUS,
     rule_vm_restore_annotation,
 )
+from vmferry.objects.schema.storage import PVC_SPEC, PVC_STATUS, STORAGE_CLASS_FIELDS
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,10 @@ SCHEMAS: dict[str, KindSchema] = {
     "CertificateSigningRequest": KindSchema(
         {"spec": CSR_SPEC, "status": CSR_STATUS}, required=("spec",)
     ),
+    "PersistentVolumeClaim": KindSchema(
+        {"spec": PVC_SPEC, "status": PVC_STATUS}, required=("spec",)
+    ),
+    "StorageClass": KindSchema(STORAGE_CLASS_FIELDS, required=("provisioner",)),
     # Never stored: the API synthesizes them (controller/pods.py) and refuses writes.
     "Pod": KindSchema({"spec": AnyObject(), "status": AnyObject()}),
 }
