@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.etcd_client import EtcdClient, EtcdConfig, EtcdConfigError
-from controller.leader import LeaderConfig, LeaderConfigError, LeaderElector, LeaseRecord
+from controller.leader import LeaderConfig, LeaderConfigError, LeaderElector, LeaseRecord, Role
 from controller.store import Store
 from controller.store_etcd import DEFAULT_PREFIX, EtcdBackend
 from vmferry.config import ConfigError
@@ -146,6 +146,11 @@ class Replication:
             leader.identity,
         )
         return cls(store, elector, LeaseRecord(store, leader))
+
+    def leading(self) -> bool:
+        """This replica runs the reconcilers now (always on SQLite): the metric
+        ``kubevirt_virt_controller_leading_status``."""
+        return self.elector is None or self.elector.role is Role.LEADING
 
     async def lead(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` (the reconcilers) now (SQLite), or whenever this replica is

@@ -236,7 +236,9 @@ async def _serve_started(
     def synced() -> bool:
         return all(inf.synced.is_set() for inf in informers)
 
-    metrics = ControllerMetrics(vmims, vmis, instance=socket.gethostname(), ready=synced)
+    metrics = ControllerMetrics(
+        vmims, vmis, instance=socket.gethostname(), ready=synced, leading=replication.leading
+    )
     http_servers: list[httpserve.Served] = []
     try:  # the HTTP servers started so far stop with the daemon, however it ends
         if config["metrics"] is not None:
