@@ -127,6 +127,15 @@ def test_schema_refuses_bad_claims_classes_and_volumes() -> None:
     v = vmi("vm", "a")
     v["spec"]["volumes"][0]["persistentVolumeClaim"] = {}
     assert "persistentVolumeClaim.claimName: required field is missing" in invalid(v)
+    vm = {
+        "apiVersion": kinds.KUBEVIRT,
+        "kind": "VirtualMachine",
+        "metadata": {"name": "vm", "namespace": NS},
+        "spec": {"updateVolumesStrategy": "Migration", "template": {"spec": vmi_spec("a")}},
+    }
+    assert "storage live migration is not supported yet" in invalid(vm)
+    vm["spec"]["updateVolumesStrategy"] = "Replacement"
+    validate(vm)
     validate(vmi("vm", "a"))  # and the good one passes
     validate(pvc("x", dataSource={"kind": "ImageFile", "apiGroup": "vmferry.io", "path": "/i.img"}))
 
