@@ -20,7 +20,7 @@ binds them). One pass over a Pending claim:
    ``nodeName``, and ``Provisioning=True``.
 
 A deleted claim of a shared class with ``reclaimPolicy: Delete`` (the default) has its
-image removed. The claim's spec is not re-read once Bound (as Kubernetes: a bound claim's
+image removed (a local claim's: by its node's handler, ``handler.volumes``). The claim's spec is not re-read once Bound (as Kubernetes: a bound claim's
 class and size do not change here).
 """
 

@@ -35,7 +35,7 @@ from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
 from handler.vm_manager import VMManager
-from handler.volumes import VolumeResolver
+from handler.volumes import LocalReclaimer, VolumeResolver
 from vmferry import logs, metrics_http, pki, systemd
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
@@ -260,6 +260,8 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
         vmis = Informer(api, "VirtualMachineInstance")
         configmaps = Informer(api, "ConfigMap", namespace=PEERS_NAMESPACE)
         configmaps.add_handler(peers.on_configmap)
+        claims = Informer(api, "PersistentVolumeClaim")  # this node's local images
+        claims.add_handler(LocalReclaimer(api, node).on_claim)
         manager = VMManager(
             api,
             node,
@@ -306,6 +308,7 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
                 tg.create_task(network.run()),
                 tg.create_task(vmis.run()),
                 tg.create_task(configmaps.run()),
+                tg.create_task(claims.run()),
                 tg.create_task(run_after(configmaps.synced, manager.run())),
                 tg.create_task(metrics.run()),
                 tg.create_task(sd.run_watchdog(lambda: _status(node, endpoint, manager))),

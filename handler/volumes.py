@@ -3,7 +3,9 @@
 The controller binds claims (``controller.storage_controller``); a shared class's image
 is already on the shared directory, which this node mounts at the same path. A local
 claim is bound to this node and its image is created here, on first attach (raw,
-sparse; copied from ``spec.dataSource`` when one is named), by :meth:`VolumeResolver.disks`.
+sparse; copied from ``spec.dataSource`` when one is named), by :meth:`VolumeResolver.disks`,
+and removed here when the claim is deleted (:class:`LocalReclaimer`; unless its class says
+``reclaimPolicy: Retain``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ from typing import Any, Protocol
 
 from handler.drivers.base import GuestStartError
 from handler.drivers.qemu_handle import DiskSpec
-from vmferry.disk_image import ImageError, create_image
-from vmferry.volumes import PVC_KIND, Claim, attach_problem, claim_volumes, live_migratable
+from vmferry.disk_image import ImageError, create_image, remove_image
+from vmferry.errors import NotFound
+from vmferry.informer import Key
+from vmferry.volumes import (
+    PVC_KIND,
+    STORAGE_CLASS_KIND,
+    Claim,
+    attach_problem,
+    claim_volumes,
+    live_migratable,
+)
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -32,6 +43,8 @@ class ClaimReader(Protocol):
     async def list(
         self, kind: str, namespace: str | None = None, label_selector: str = ""
     ) -> tuple[list[Obj], str]: ...
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Obj: ...
 
 
 class VolumeResolver:
@@ -88,3 +101,35 @@ class VolumeResolver:
         if claim.source.claim and claim.source.claim in claims:
             return Path(Claim.of(claims[claim.source.claim]).image_path)
         return None
+
+
+class LocalReclaimer:
+    """Removes this node's images of deleted local claims (an informer handler on the
+    PersistentVolumeClaims). A claim deleted while the handler was down keeps its image
+    until removed by hand; a claim in use cannot be deleted (controller.admission)."""
+
+    def __init__(self, api: ClaimReader, node: str) -> None:
+        self.api = api
+        self.node = node
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_claim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
+        if new is not None or old is None:
+            return
+        claim = Claim.of(old)
+        if claim.node_name != self.node or not claim.image_path:
+            return
+        task = asyncio.get_running_loop().create_task(self.reclaim(claim))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reclaim(self, claim: Claim) -> None:
+        if claim.storage_class:
+            try:
+                sc = await self.api.get(STORAGE_CLASS_KIND, None, claim.storage_class)
+            except NotFound:
+                sc = {}
+            if sc.get("reclaimPolicy") == "Retain":
+                return
+        if await asyncio.to_thread(remove_image, Path(claim.image_path)):
+            log.info("pvc %s: deleted, local image %s removed", claim.key, claim.image_path)

@@ -68,10 +68,6 @@ class ClaimPhase(StrEnum):
     LOST = "Lost"
 
 
-class VolumeError(Exception):
-    """A volume cannot be used (the message names the claim and what is wrong)."""
-
-
 @dataclass(frozen=True)
 class StorageClass:
     name: str

@@ -218,6 +218,12 @@ def test_claims_bind_and_show(lab: LabHarness, storage: dict[str, Path]) -> None
         ),
     )
     assert "ReadWriteMany is not supported" in message
+    # node1's handler removes the image of its deleted local claim
+    local_image = Path(status["imagePath"])
+    local_image.parent.mkdir(parents=True, exist_ok=True)
+    local_image.write_bytes(b"x")  # as if a guest had attached it
+    lab.cli("delete", "pvc", "local-data")
+    lab.wait_for("node1 to remove the local image", lambda: not local_image.exists(), timeout=30)
 
 
 @pytest.mark.timeout(150)

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from handler.drivers.qemu_handle import DiskSpec, QemuSpec
-from handler.volumes import VolumeResolver, VolumeUnavailable
+from handler.volumes import LocalReclaimer, VolumeResolver, VolumeUnavailable
 from tests.support.guest_disk import BLOCK, MAGIC, read_records
 from vmferry.disk_image import ImageError, create_image
-from vmferry.errors import Invalid
+from vmferry.errors import Invalid, NotFound
 from vmferry.objects import kinds
 from vmferry.objects.schema import validate
 from vmferry.volumes import (
@@ -127,6 +127,15 @@ def test_schema_refuses_bad_claims_classes_and_volumes() -> None:
     v = vmi("vm", "a")
     v["spec"]["volumes"][0]["persistentVolumeClaim"] = {}
     assert "persistentVolumeClaim.claimName: required field is missing" in invalid(v)
+    vm = {
+        "apiVersion": kinds.KUBEVIRT,
+        "kind": "VirtualMachine",
+        "metadata": {"name": "vm", "namespace": NS},
+        "spec": {"updateVolumesStrategy": "Migration", "template": {"spec": vmi_spec("a")}},
+    }
+    assert "storage live migration is not supported yet" in invalid(vm)
+    vm["spec"]["updateVolumesStrategy"] = "Replacement"
+    validate(vm)
     validate(vmi("vm", "a"))  # and the good one passes
     validate(pvc("x", dataSource={"kind": "ImageFile", "apiGroup": "vmferry.io", "path": "/i.img"}))
 
@@ -160,8 +169,15 @@ def test_images_are_sparse_copied_and_never_overwritten(tmp_path: Path) -> None:
 
 
 class FakeApi:
-    def __init__(self, *claims: Obj) -> None:
+    def __init__(self, *claims: Obj, classes: dict[str, Obj] | None = None) -> None:
         self.claims = list(claims)
+        self.classes = classes or {}
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Obj:
+        assert kind == "StorageClass" and namespace is None
+        if name not in self.classes:
+            raise NotFound(f"storageclass {name} not found")
+        return self.classes[name]
 
     async def list(
         self, kind: str, namespace: str | None = None, label_selector: str = ""
@@ -205,6 +221,36 @@ def test_resolver_creates_local_images_and_checks_shared_ones(tmp_path: Path) ->
         assert not ok and message == not_shared_message("b")
 
     asyncio.run(main())
+
+
+def test_local_images_of_deleted_claims_are_reclaimed_on_their_node(tmp_path: Path) -> None:
+    mine, other, kept = tmp_path / "mine.img", tmp_path / "other.img", tmp_path / "kept.img"
+    for path in (mine, other, kept):
+        create_image(path, GiB)
+    retain = storage_class("keep", "vmferry.io/local", tmp_path)
+    retain["reclaimPolicy"] = "Retain"
+    api = FakeApi(classes={"keep": retain})
+
+    async def main() -> None:
+        reclaimer = LocalReclaimer(api, "node1")
+        deleted = [
+            bound(
+                "a",
+                mine,
+                "ReadWriteOnce",
+                node="node1",
+            ),
+            bound("b", other, "ReadWriteOnce", node="node2"),
+            bound("c", kept, "ReadWriteOnce", node="node1"),
+        ]
+        deleted[2]["spec"]["storageClassName"] = "keep"
+        for obj in deleted:
+            reclaimer.on_claim((NS, obj["metadata"]["name"]), obj, None)
+        reclaimer.on_claim((NS, "a"), None, deleted[0])  # an add: nothing
+        await asyncio.gather(*reclaimer._tasks)
+
+    asyncio.run(main())
+    assert not mine.exists() and other.exists() and kept.exists()
 
 
 def test_qemu_disk_arguments_are_cache_none_and_round_trip() -> None:

@@ -303,9 +303,21 @@ RUN_STRATEGIES = (
 # What a receiving VM may be restored to (its annotation's value): any other strategy.
 RESTORABLE_RUN_STRATEGIES = tuple(s for s in RUN_STRATEGIES if s != RUN_STRATEGY_WAIT_AS_RECEIVER)
 
+
+def _rule_vm_update_volumes(spec: dict[str, Any], path: str, errors: Errors) -> None:
+    if spec.get("updateVolumesStrategy") == "Migration":
+        errors.add(
+            field_path(path, "updateVolumesStrategy"),
+            'unsupported value "Migration": storage live migration is not supported yet; '
+            '"Replacement" (the default) gives the next VMI the changed volumes',
+        )
+
+
 VM_SPEC = Obj(
     {
         "runStrategy": Str(enum=RUN_STRATEGIES),
+        # KubeVirt's: how a change of the template's volumes applies to the running VM.
+        "updateVolumesStrategy": Str(enum=("Replacement", "Migration")),
         "running": Bool(),
         "template": Obj(
             {
@@ -323,7 +335,7 @@ VM_SPEC = Obj(
         ),
     },
     required=("template",),
-    rules=(_rule_vm_run_strategy,),
+    rules=(_rule_vm_run_strategy, _rule_vm_update_volumes),
 )
 
 
