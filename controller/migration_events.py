@@ -74,7 +74,7 @@ class MigrationEvents:
         self.recorder.normal(vmim, Reason.MIGRATION_PENDING, f"Waiting to start: {why}")
 
     def unschedulable(self, vmim: Obj, message: str) -> None:
-        self.recorder.warning(vmim, "FailedScheduling", message)
+        self.recorder.warning(vmim, Reason.FAILED_SCHEDULING, message)
 
     def abort_requested(self, vmim: Obj) -> None:
         self.recorder.normal(

@@ -18,9 +18,11 @@ import logging
 from typing import Any
 
 from controller import scheduler
+from controller.events import controller_recorder
 from controller.objects import set_phase, write_status
 from controller.store import Store
 from vmferry.errors import NotFound
+from vmferry.events import EventRecorder, Reason
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_state import VMIPhase
 from vmferry.objects import conditions
@@ -39,8 +41,15 @@ UNSCHEDULABLE_RETRY = 3.0  # s; placement is retried while the VMI waits in Pend
 
 
 class VMIController:
-    def __init__(self, store: Store, vmis: Informer, nodes: Informer) -> None:
+    def __init__(
+        self,
+        store: Store,
+        vmis: Informer,
+        nodes: Informer,
+        recorder: EventRecorder | None = None,
+    ) -> None:
         self.store = store
+        self.events = recorder or controller_recorder(store)
         self.vmis = vmis
         self.nodes = nodes
         self.queue = WorkQueue()
@@ -82,16 +91,12 @@ class VMIController:
         if placement.node is None:
             changed = status.get("phase") != VMIPhase.PENDING
             set_phase(status, VMIPhase.PENDING)
-            changed |= conditions.set_condition(
-                status,
-                "PodScheduled",
-                False,
-                "Unschedulable",
-                f"0/{len(nodes)} nodes are available: {placement.message()}",
-            )
+            why = f"0/{len(nodes)} nodes are available: {placement.message()}"
+            changed |= conditions.set_condition(status, "PodScheduled", False, "Unschedulable", why)
             if changed:
                 log.info("vmi %s/%s: unschedulable: %s", ns, name, placement.message())
                 await write_status(self.store, vmi)
+                self.events.warning(vmi, Reason.FAILED_SCHEDULING, why)  # the scheduler's reason
             self.queue.add_after(key, UNSCHEDULABLE_RETRY)
             return
         if status.get("phase") != VMIPhase.PENDING:
@@ -103,6 +108,10 @@ class VMIController:
             conditions.set_condition(status, VOLUMES_READY, True, "ClaimsBound", "")
         log.info("vmi %s/%s: scheduled to %s", ns, name, placement.node)
         await write_status(self.store, vmi)
+        # The scheduler's words ("Successfully assigned default/vm1 to node1").
+        self.events.normal(
+            vmi, Reason.SCHEDULED, f"Successfully assigned {ns}/{name} to {placement.node}"
+        )
 
     async def _wait_for_volumes(self, key: Key, vmi: Obj, message: str) -> None:
         """Pending until every claim volume is bound (condition VolumesReady=False)."""

@@ -366,8 +366,14 @@ class VMManager:
         key = (migration.ns, migration.name)
         try:
             await migration.run()
-        except Exception:
+        except Exception as e:
             log.exception("migration %s crashed", migration.uid)
+            self.events.warning(
+                migration.vmi,
+                Reason.FAILED_MIGRATION,
+                f"The outgoing migration {migration.uid} on node {self.node} stopped on an "
+                f"internal error: {e!r} (see the handler's log)",
+            )
         finally:
             self.sources.pop(migration.uid, None)
             # Keep the final figures for the metrics collector a while, then let them go.

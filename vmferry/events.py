@@ -76,6 +76,9 @@ class Reason(StrEnum):
     POST_COPY_SWITCH = "PostCopySwitch"
     # vmferry's: the controller corrected a record a handler left unfinished.
     MIGRATION_REPAIRED = "MigrationRepaired"
+    # Kubernetes' scheduler's, for the VMI (vmferry places VMIs itself: no pods).
+    SCHEDULED = "Scheduled"
+    FAILED_SCHEDULING = "FailedScheduling"
     NODE_NOT_READY = "NodeNotReady"
     NODE_READY = "NodeReady"
 

@@ -75,6 +75,9 @@ def test_a_vm_that_cannot_start_is_explained_by_describe(lab: LabHarness) -> Non
     row = next(r for r in _event_rows(text) if r[1] == "SyncFailed")
     assert row[0] == "Warning" and row[3].startswith("vmferry-handler, node") and why in row[4]
     assert lab.get("vmi", "broken")["status"]["phase"] == "Scheduled"
+    placed = next(r for r in _event_rows(text) if r[1] == "Scheduled")
+    assert placed[3] == "vmferry-controller"
+    assert placed[4].startswith("Successfully assigned default/broken to node")
     vm_text = _describe(lab, "vm", "broken")
     assert (
         "Started the virtual machine by creating the new virtual machine instance broken" in vm_text

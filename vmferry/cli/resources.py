@@ -1,4 +1,5 @@
-"""``get``, ``describe``, ``create``, ``apply``, ``delete``, ``patch``, ``label``, ``edit``."""
+"""``create``, ``apply``, ``delete``, ``patch``, ``label``, ``edit`` (``get`` and ``describe``:
+``vmferry.cli.get_cmd``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vmferry.cli import manifests, printers, rbac_cmd
+from vmferry.cli import get_cmd, manifests, printers, rbac_cmd
 from vmferry.cli.common import (
     DryRun,
     Obj,
@@ -46,17 +47,14 @@ def _flag_value(text: str) -> bool:
 
 
 def _split_targets(targets: list[str]) -> tuple[kinds.Kind, list[str]]:
-    """Accept ``KIND NAME...`` and ``KIND/NAME``."""
-    if not targets:
-        raise BadRequest("you must specify the type of resource to get")
-    if "/" in targets[0]:
-        kind_name, _, name = targets[0].partition("/")
-        return kinds.resolve(kind_name), [name, *[t.partition("/")[2] for t in targets[1:]]]
-    return kinds.resolve(targets[0]), targets[1:]
+    """``KIND NAME...`` or ``KIND/NAME...`` of one kind (``get_cmd.split_types``)."""
+    types, names = get_cmd.split_types(targets)
+    if len(types) > 1:
+        raise BadRequest("give one resource type here (several are for get and describe)")
+    return types[0], names
 
 
-def _scope_ns(kind: kinds.Kind, ns: str) -> str | None:
-    return ns if kind.namespaced else None
+_scope_ns = get_cmd.scope_ns
 
 
 def _ref(obj: Obj) -> str:
