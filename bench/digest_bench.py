@@ -1,7 +1,7 @@
 """``make bench BENCH_ARGS="--scenario digest"``: what the page digests cost (issue 22 part 3).
 
 For guest RAM of 512 MiB, 1, 2 and 4 GiB of random content (an anonymous mapping, as a
-guest's RAM is one), medians of several runs:
+guest's RAM is one), medians of several runs (each round runs every implementation once):
 
 - digest throughput (RAM bytes / seconds) of every implementation there was or is:
   ``mix``, the QEMU driver's former numpy mix (handler/qemu_verify.py until issue 22:
@@ -207,9 +207,12 @@ def run_size(size: int, runs: int, log: Log) -> Obj:
     try:
         digest: Obj = {}
         native = pagehash.native_available()
-        for impl in implementations(native):
-            times = [_timed_impl(impl, source) for _ in range(runs)]
-            s = summarize([size / t for t in times])
+        impls = implementations(native)
+        # round-robin: every implementation's runs spread over the same stretch of time,
+        # so the machine's changing load is shared alike
+        timings = [[_timed_impl(i, source) for i in impls] for _ in range(runs)]
+        for k, impl in enumerate(impls):
+            s = summarize([size / run[k] for run in timings])
             digest[f"{impl.name}/{impl.threads}t"] = s.as_dict() if s else None
             log(
                 f"digest {size // MiB} MiB {impl.name} {impl.threads}t: {fmt_summary(s, 'GiB/s', GiB)}"

@@ -12,20 +12,18 @@ zero check costs a fraction of the hash, and guest memory is mostly zeros. The f
 return the bytes that did go through the hash (what the digest's work figures count).
 
 Native: ``handler/native/_pagehash.so`` (``handler/native/pagehash.c``, built by
-``make venv``), called through ctypes, which releases the GIL: a large range is split into
-one contiguous part per core (:data:`THREADS`), hashed by the process's hashing pool
-(``drivers.base.hash_pool``) and the calling thread together, so hashing runs at memory
+``make venv``), called through ctypes, which releases the GIL: a large range is cut into
+4 MiB pieces that the calling thread and THREADS - 1 threads of the process's hashing pool
+(``drivers.base.hash_pool``, one per core) take one at a time, so hashing runs at memory
 speed on every core. Without the library (not built: no gcc or no xxhash.h) the same
 digests come from a Python loop over ``xxhash`` (one page per call, one thread, several
-times slower), and the first use logs why.
-
-Never call these from a ``hash_pool`` worker: they wait for that pool.
+times slower), and the first use logs why. Callable from any thread, a pool worker too:
+a helper that has not started when the caller runs out of pieces is cancelled, not awaited.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -52,7 +50,7 @@ __all__ = [
 DIGEST_BYTES = 16
 LIBRARY = Path(__file__).parent / "native" / "_pagehash.so"
 THREADS = DIGEST_THREADS
-SPLIT_PAGES = 2048  # below this many pages (8 MiB of 4 KiB pages) one thread does it all
+STEP_PAGES = 1024  # pages per piece a thread takes (4 MiB of 4 KiB pages); two or fewer: one thread
 ZERO_CHECK_BLOCK = 4096  # pages checked for all-zero at a time (Python fallback)
 
 Digests = npt.NDArray[np.uint8]  # shape (pages, DIGEST_BYTES)
@@ -145,17 +143,30 @@ def _out(out: Digests | None, rows: int) -> Digests:
     return out
 
 
-def _parallel(parts: list[tuple[int, int]], run: Callable[[int, int], int]) -> int:
-    """run(start, stop) for each part: all but the first in the pool, the first here."""
-    futures: list[Future[int]] = [hash_pool().submit(run, a, b) for a, b in parts[1:]]
-    hashed = run(*parts[0])
-    return hashed + sum(f.result() for f in futures)
+def _parallel(n: int, run: Callable[[int, int], int]) -> int:
+    """run(start, stop) over 0..n in STEP_PAGES pieces, taken one at a time by this thread
+    and THREADS - 1 of the hashing pool's: on a shared machine a thread that gets no CPU
+    for a while leaves its share to the others instead of holding up the whole digest."""
+    if THREADS <= 1 or n <= 2 * STEP_PAGES:
+        return run(0, n)
+    starts = iter(range(0, n, STEP_PAGES))
+    taking = threading.Lock()
 
+    def work() -> int:
+        done = 0
+        while True:
+            with taking:
+                a = next(starts, None)
+            if a is None:
+                return done
+            done += run(a, min(a + STEP_PAGES, n))
 
-def _split(n: int) -> list[tuple[int, int]]:
-    k = min(THREADS, max(1, n // SPLIT_PAGES))
-    bounds = [n * i // k for i in range(k + 1)]
-    return list(itertools.pairwise(bounds))
+    helpers: list[Future[int]] = [hash_pool().submit(work) for _ in range(THREADS - 1)]
+    hashed = work()
+    for f in helpers:  # one that never started (its thread busy elsewhere) has nothing to do
+        if not f.cancel():
+            hashed += f.result()
+    return hashed
 
 
 def digest_range(
@@ -186,7 +197,7 @@ def digest_range(
     def run(a: int, b: int) -> int:
         return int(lib.range(base, data.size, first + a, b - a, page_size, zp, dst + 16 * a))
 
-    return out, _parallel(_split(count), run)
+    return out, _parallel(count, run)
 
 
 def digest_indices(
@@ -223,7 +234,7 @@ def digest_indices(
             lib.indices(base, data.size, ip + 8 * a, b - a, page_size, zp, dst + row, by_page)
         )
 
-    return out, _parallel(_split(idx.size), run)
+    return out, _parallel(idx.size, run)
 
 
 # -- the Python fallback (same digests) -------------------------------------------------------

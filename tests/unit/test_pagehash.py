@@ -41,7 +41,7 @@ def expected(buf: bytes | bytearray, page_size: int, pages: list[int]) -> bytes:
 
 
 def test_ranges_equal_xxhash_with_zero_pages_and_a_short_tail(impl: str) -> None:
-    pages = pagehash.SPLIT_PAGES * 3 + 5  # split across the pool's threads
+    pages = pagehash.STEP_PAGES * 3 + 5  # split across the pool's threads
     buf = ram(pages, tail=100)
     zero = pagehash.zero_digest(PAGE)
     every = list(range(pages + 1))  # the short tail is a page of its own
@@ -63,9 +63,9 @@ def test_a_short_zero_tail_is_hashed_not_taken_for_a_zero_page(impl: str) -> Non
 
 
 def test_scattered_indices_in_order_and_by_page(impl: str) -> None:
-    pages = pagehash.SPLIT_PAGES * 2 + 1
+    pages = pagehash.STEP_PAGES * 2 + 1
     buf = ram(pages, seed=2, tail=1)
-    idx = np.random.default_rng(3).choice(pages + 1, size=pagehash.SPLIT_PAGES * 2, replace=False)
+    idx = np.random.default_rng(3).choice(pages + 1, size=pagehash.STEP_PAGES * 2, replace=False)
     idx = np.concatenate([idx, [0, pages]]).astype(np.int64)  # a zero page, the tail
     zero = pagehash.zero_digest(PAGE)
     out, _ = pagehash.digest_indices(buf, PAGE, idx, zero=zero)
