@@ -129,9 +129,11 @@ def _as_bytes(buf: Buffer) -> npt.NDArray[np.uint8]:
     return np.frombuffer(view.cast("B") if view.format != "B" else view, dtype=np.uint8)
 
 
-def _pages(size: int, page_size: int) -> int:
+def _pages(size: int, page_size: int, zero: bytes | None) -> int:
     if page_size <= 0:
         raise ValueError(f"page size must be positive, got {page_size}")
+    if zero is not None and len(zero) != DIGEST_BYTES:
+        raise ValueError(f"the zero-page digest must be {DIGEST_BYTES} bytes, got {len(zero)}")
     return -(-size // page_size)
 
 
@@ -182,7 +184,7 @@ def digest_range(
     into ``out`` (a contiguous (count, 16) uint8 array) or a new array. Returns the digests
     and the bytes hashed. Blocking."""
     data = _as_bytes(buf)
-    total = _pages(data.size, page_size)
+    total = _pages(data.size, page_size, zero)
     count = total - first if count is None else count
     if first < 0 or count < 0 or first + count > total:
         raise ValueError(f"pages {first}..{first + count} outside the memory ({total} pages)")
@@ -214,7 +216,7 @@ def digest_indices(
     ``out`` row ``indices[k]`` (a table with a row per page of ``buf``). Returns the
     digests and the bytes hashed. Blocking."""
     data = _as_bytes(buf)
-    total = _pages(data.size, page_size)
+    total = _pages(data.size, page_size, zero)
     idx = np.ascontiguousarray(indices, dtype=np.int64)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= total):
         raise ValueError(f"page index out of bounds ({total} pages)")

@@ -104,6 +104,8 @@ def test_bad_arguments_are_refused_before_anything_is_hashed(impl: str) -> None:
         pagehash.digest_indices(buf, PAGE, np.array([1], dtype=np.int64), by_page=True)
     with pytest.raises(ValueError, match="page size"):
         pagehash.digest_range(buf, 0)
+    with pytest.raises(ValueError, match="16 bytes"):
+        pagehash.digest_range(buf, PAGE, zero=bytes(8))
     assert pagehash.digest_range(buf, PAGE, 4, 0)[0].shape == (0, 16)
 
 
