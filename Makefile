@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The native page digests (see their rule below).
+PAGEHASH_SO := handler/native/_pagehash.so
 PROTO_SRC := $(wildcard proto/vmferry/rpc/*.proto) $(wildcard proto/vmferry/etcdpb/*.proto)
 
 .PHONY: all venv demo test test-unit test-integration lint proto proto-check bench clean lab-down \
@@ -14,12 +16,29 @@ all: test
 # Install into a local virtual environment from the lock file (exact versions, hashes
 # checked), then vmferry itself without touching its dependencies; re-run only when the
 # lock or pyproject changes.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock | $(PAGEHASH_SO)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# The native page digests (handler/pagehash.py; without them a Python fallback hashes
+# several times slower and says so): one C file with xxhash used header-only, built
+# into the package whenever the .c changes (an order-only prerequisite of the venv, so
+# every target that needs the venv builds it once). gcc and xxhash.h (libxxhash-dev) are
+# installed with apt-get as root when missing; never fatal.
+$(PAGEHASH_SO): handler/native/pagehash.c
+	@if ! command -v gcc >/dev/null || [ ! -e /usr/include/xxhash.h ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev libxxhash-dev) \
+	      >/dev/null || echo "warning: could not install gcc/libxxhash-dev"; \
+	  fi; \
+	fi; \
+	if command -v gcc >/dev/null && [ -e /usr/include/xxhash.h ]; then \
+	  { gcc -O3 -std=c11 -Wall -Wextra -shared -fPIC -o $@.tmp $< && mv $@.tmp $@; } || \
+	    echo "warning: $@ not built: page digests use the slower Python fallback"; \
+	else echo "note: no gcc or xxhash.h (libxxhash-dev): page digests use the slower Python fallback"; fi
 
 # Re-resolve requirements.lock from pyproject's ranges (keeps current pins unless they no
 # longer fit; `make lock LOCK_ARGS=--upgrade` moves to the newest), with pip-tools in a
@@ -147,4 +166,4 @@ lab-down: $(STAMP)
 	$(BIN)/vmferry lab down
 
 clean:
-	rm -rf $(VENV) .lab build dist *.egg-info
+	rm -rf $(VENV) .lab build dist *.egg-info $(PAGEHASH_SO)

@@ -14,6 +14,9 @@ each QEMU peer, so both see the same machine noise:
           throughput and guest-seen downtime of both, and whether the cross-cluster
           figures are within 10% (bench/xcluster_runs.py; "cross-cluster unavailable:
           <reason>" when it cannot run)
+  digest  the page digests (no lab): GiB/s of the former and current implementations on
+          1 thread and all cores, and the QEMU switchover's verify cost, for 512 MiB to 4 GiB
+          of RAM (bench/digest_bench.py)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import grpc_baseline, netns_runs, qemu, xcluster_runs
+from bench import digest_bench, grpc_baseline, netns_runs, qemu, xcluster_runs
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -65,7 +68,8 @@ MiB = 1 << 20
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 REPO = Path(__file__).resolve().parent.parent
 XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
-SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER]
+DIGEST = "digest"  # no lab (bench/digest_bench.py)
+SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, DIGEST]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
 
 OUR_KEYS = [
@@ -548,6 +552,8 @@ def table(results: Obj) -> str:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
     if results.get(XCLUSTER):
         lines += xcluster_runs.table_lines(results[XCLUSTER])
+    if results.get(DIGEST):
+        lines += digest_bench.table_lines(results[DIGEST])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
     return "\n".join(lines)
@@ -592,7 +598,11 @@ async def main_async(args: argparse.Namespace) -> Obj:
     streams = args.streams
     if "grpc" in selected:
         results["grpc"] = await run_grpc(args.quick, streams, args.runs, root / "grpc")
-    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER)]
+    if DIGEST in selected:
+        results[DIGEST] = await asyncio.to_thread(
+            digest_bench.run_digest, args.quick, args.runs, log
+        )
+    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST)]
     if lab_scenarios:
         bench = LabBench(root)
         log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")

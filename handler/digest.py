@@ -56,23 +56,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from handler.stream import nonzero_rows
+from handler import pagehash
 
 CHUNK_PAGES = 1  # pages per chunk hash; see above
 GROUP_CHUNKS = 64  # chunk hashes per group hash (1 KiB of hashes)
-LEAF_BYTES = 16  # a chunk or group hash: XXH3-128, big-endian (xxhash's canonical digest)
-ZERO_CHECK_BLOCK = 4096  # chunks checked for all-zero at a time
-# One thread at a time hashes page by page in this process: two such loops ping-pong the
-# GIL once a page (measured with SHA-256 per page: 600 scattered pages took 2.6-3.5 ms
-# on one thread and 3.5-4.6 ms on two; 64k pages 304 ms of CPU on one, 380-410 on two).
-# The machine is CPU-bound during a migration: the serial loop is the faster one.
-_PAGE_HASHING = threading.Lock()
+LEAF_BYTES = pagehash.DIGEST_BYTES  # a chunk or group hash: XXH3-128, big-endian
 
 
 def _leaf(data: bytes | memoryview) -> bytes:
@@ -133,41 +126,29 @@ class ChunkDigest:
             self.stale[pages // self.chunk_pages] = True
 
     def _hash_chunks(self, chunks: list[int]) -> int:
-        """Hash ``chunks`` (ascending); returns the bytes that went through the hash.
-
-        All-zero chunks get the known zero-chunk hash without hashing: the zero check
-        runs at memory speed, several times the hash, and guest memory is mostly zeros.
-        Only blocks of consecutive chunks are checked (in place); scattered ones (dirty
-        pages) are hashed as they are."""
-        leaf, ram, size = _leaf, self._ram, self.chunk_bytes
-        whole = len(ram) // size  # chunks of exactly ``size`` bytes (the last may be short)
-        ids = np.asarray(chunks, dtype=np.int64)
-        hashed = 0
-        if size % 8 == 0 and whole:
-            words = np.frombuffer(ram, dtype=np.uint64, count=whole * size // 8)
-            words = words.reshape(whole, size // 8)
-            full = ids[ids < whole]
-            for at in range(0, len(full), ZERO_CHECK_BLOCK):
-                block = full[at : at + ZERO_CHECK_BLOCK]
-                first, last = int(block[0]), int(block[-1])
-                if last - first == len(block) - 1:  # consecutive: check in place
-                    nonzero = nonzero_rows(words[first : last + 1])
-                    self.hashes[block[~nonzero]] = self._zero_hash
-                    todo = block[nonzero].tolist()
-                else:  # scattered (dirty pages): a gather would cost as much as the hash
-                    todo = block.tolist()
-                if todo:
-                    with _PAGE_HASHING:
-                        digests = b"".join([leaf(ram[c * size : (c + 1) * size]) for c in todo])
-                    self.hashes[todo] = np.frombuffer(digests, dtype=np.uint8).reshape(
-                        -1, LEAF_BYTES
-                    )
-                    hashed += len(todo) * size
-            ids = ids[ids >= whole]
-        for c in ids.tolist():  # the short last chunk, or a geometry without a word view
-            with ram[c * size : (c + 1) * size] as piece:
-                self.hashes[c] = np.frombuffer(leaf(piece), dtype=np.uint8)
-                hashed += len(piece)
+        """Hash ``chunks`` (ascending) into their rows; returns the bytes that went
+        through the hash (``handler/pagehash.py``: natively on every core, a chunk being
+        its "page"). All-zero chunks get the known zero-chunk hash without hashing: the
+        zero check runs at memory speed, several times the hash, and guest memory is
+        mostly zeros."""
+        if not chunks:
+            return 0
+        first, last = chunks[0], chunks[-1]
+        zero = self._zero_hash.tobytes()
+        if last - first == len(chunks) - 1:  # consecutive: hashed in place, rows written
+            _, hashed = pagehash.digest_range(
+                self._ram,
+                self.chunk_bytes,
+                first,
+                len(chunks),
+                zero=zero,
+                out=self.hashes[first : last + 1],
+            )
+        else:  # scattered (dirty pages)
+            ids = np.asarray(chunks, dtype=np.int64)
+            _, hashed = pagehash.digest_indices(
+                self._ram, self.chunk_bytes, ids, zero=zero, out=self.hashes, by_page=True
+            )
         return hashed
 
     def refresh(self, skip: npt.NDArray[np.int64] | None = None) -> int:
@@ -268,7 +249,7 @@ class ChunkDigest:
                 copy[pages] = 0
                 hashes[c] = np.frombuffer(_leaf(copy.data), dtype=np.uint8)
 
-        await asyncio.to_thread(mask, list(by_chunk.items()))  # one thread: see _PAGE_HASHING
+        await asyncio.to_thread(mask, list(by_chunk.items()))
 
         def root() -> str:
             self._refresh_groups()  # hash_pages may have marked some since the refresh

@@ -84,7 +84,9 @@ GUEST_STATES = ("running", "paused", "incoming", "stopped")
 
 # Both sides of a migration must hash with the same chunk size, or the digests differ.
 DIGEST_CHUNK_BYTES = 16 << 20
-DIGEST_THREADS = 2  # hashlib releases the GIL, so two chunks hash in parallel
+# One hashing thread per core this process may run on (at least 2): hashlib and the native
+# page digests (handler/pagehash.py) release the GIL, so each hashes on its own core.
+DIGEST_THREADS = max(2, len(os.sched_getaffinity(0)))
 
 PageIndices = npt.NDArray[np.int64]
 PageMask = npt.NDArray[np.bool_]  # one flag per page

@@ -343,9 +343,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             state.repaired.append(new)
             return None
         end = frame.repair_end
-        got = (
-            np.concatenate(state.repaired) if state.repaired else np.empty((0, 2), dtype=np.uint64)
-        )
+        got = np.concatenate(state.repaired) if state.repaired else qemu_verify.no_digests()
         try:
             expected = qemu_verify.digests_from_bytes(end.digests, int(end.pages))
         except ValueError as e:

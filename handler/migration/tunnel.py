@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from vmferry.rpc import tunnel_pb2 as pb
 
-TUNNEL_PROTOCOL_VERSION = 1
+# 2: page digests are XXH3-128 (handler/pagehash.py; 1: a numpy mix of two uint64 lanes)
+TUNNEL_PROTOCOL_VERSION = 2
 PAGE_SIZE = 4096
 DATA_FRAME_BYTES = 256 << 10  # QEMU's stream is cut into frames of at most this size
 MAX_CHANNELS = 9  # main + up to 8 multifd channels

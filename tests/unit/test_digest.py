@@ -5,14 +5,29 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 import xxhash
 
+from handler import pagehash
 from handler.digest import CHUNK_PAGES, GROUP_CHUNKS, ChunkDigest
 
 PAGE = 4096
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def page_hash(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test on the native page digests and on the Python fallback (same digests,
+    same work figures)."""
+    if request.param == "native" and not pagehash._set_native(True):
+        pytest.skip(f"{pagehash.LIBRARY} not built (make venv builds it)")
+    if request.param == "python":
+        pagehash._set_native(False)
+    yield
+    pagehash._set_native(True)
 
 
 def full(ram: bytearray, chunk_pages: int) -> str:

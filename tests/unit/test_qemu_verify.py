@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
 
 from handler import qemu_verify as qv
 from handler.drivers.qemu import QemuSpec, last_heartbeat
@@ -23,8 +24,17 @@ def _ram(seed: int = 1) -> bytearray:
 def test_identical_ram_matches() -> None:
     ram = _ram()
     a, b = qv.page_digests(ram), qv.page_digests(bytes(ram))
-    assert a.shape == (PAGES, 2)
+    assert a.shape == (PAGES, qv.DIGEST_BYTES)
     assert qv.compare(a, b).match
+
+
+def test_page_digests_are_each_pages_xxh3_128() -> None:
+    """The memvm engine's page hash (handler/pagehash.py), zero pages included."""
+    ram = _ram(2)
+    d = qv.page_digests(ram)
+    for page in (0, 63, 64, 1000, PAGES - 1):
+        chunk = bytes(ram[page * qv.PAGE_SIZE : (page + 1) * qv.PAGE_SIZE])
+        assert d[page].tobytes() == xxhash.xxh3_128_digest(chunk), page
 
 
 @pytest.mark.parametrize(

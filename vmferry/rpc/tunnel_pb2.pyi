@@ -300,7 +300,7 @@ class Digests(_message.Message):
     LAST_FIELD_NUMBER: _builtins.int
     first_page: _builtins.int
     digests: _builtins.bytes
-    """16 bytes per page: two little-endian uint64 lanes"""
+    """16 bytes per page: its XXH3-128, canonical (big-endian) form"""
     last: _builtins.bool
     def __init__(
         self,
