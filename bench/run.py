@@ -16,7 +16,8 @@ each QEMU peer, so both see the same machine noise:
           <reason>" when it cannot run)
   scale   (only when named: --scenario scale) one controller on SQLite and on etcd with a
           simulated fleet (fake handlers: register, heartbeat, VMIs made Running) at 100
-          nodes / 1,000 VMIs (--scale-size large: 1,000 / 10,000; --quick: 10 / 50): list
+          nodes / 300 VMIs (--scale-size medium: 100 / 1,000, large: 1,000 / 10,000;
+          --quick: 10 / 50): list
           time, watch fan-out to 1,000 watchers, scheduling throughput, a 100-node drain,
           the hand-off write's latency, controller RSS (bench/scale_runs.py)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
@@ -684,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-size",
         action="append",
         choices=[k for k in scale_runs.SIZES if k != "tiny"],
-        help="the scale scenario's sizes (repeatable; default small: 100 nodes / 1,000 VMIs; "
-        "large: 1,000 / 10,000)",
+        help="the scale scenario's sizes (repeatable; default small: 100 nodes / 300 VMIs; "
+        "medium: 100 / 1,000; large: 1,000 / 10,000)",
     )
     p.add_argument(
         "--ha",
