@@ -159,10 +159,12 @@ def cpu_seconds(pid: int | None) -> float | None:
 class LabBench:
     """One lab for the whole bench invocation: 2 nodes, so a VM migrates back and forth."""
 
-    def __init__(self, root: Path, *, netns_link: str | None = None) -> None:
+    def __init__(self, root: Path, *, netns_link: str | None = None, ha: bool = False) -> None:
         """``netns_link``: a netns lab whose main and migration links both have this
-        shape (``RATE[,DELAY]``), so a migration sees it whichever network it takes."""
+        shape (``RATE[,DELAY]``), so a migration sees it whichever network it takes.
+        ``ha``: the controllers replicated on etcd (``lab up --ha``)."""
         self.netns_link = netns_link
+        self.ha = ha
         self.lab = Lab(root / "lab")
         self.config: ClientConfig | None = None
         self.env = dict(os.environ)
@@ -173,7 +175,7 @@ class LabBench:
 
     def up(self) -> None:
         if self.netns_link is None:
-            self.config = self.lab.up(nodes=2, memory="16Gi", set_default=False)
+            self.config = self.lab.up(nodes=2, memory="16Gi", set_default=False, ha=self.ha)
             return
         spec = parse_link("netns link", self.netns_link)
         self.config = self.lab.up(

@@ -17,6 +17,12 @@ each QEMU peer, so both see the same machine noise:
   digest  the page digests (no lab): GiB/s of the former and current implementations on
           1 thread and all cores, and the QEMU switchover's verify cost, for 512 MiB to 4 GiB
           of RAM (bench/digest_bench.py)
+  scale   (only when named: --scenario scale) one controller on SQLite and on etcd with a
+          simulated fleet (fake handlers: register, heartbeat, VMIs made Running) at 100
+          nodes / 300 VMIs (--scale-size medium: 100 / 1,000, large: 1,000 / 10,000;
+          --quick: 10 / 50): list
+          time, watch fan-out to 1,000 watchers, scheduling throughput, a 100-node drain,
+          the hand-off write's latency, controller RSS (bench/scale_runs.py)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -48,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import digest_bench, grpc_baseline, netns_runs, qemu, xcluster_runs
+from bench import digest_bench, grpc_baseline, netns_runs, qemu, scale_runs, xcluster_runs
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -71,6 +77,7 @@ XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
 DIGEST = "digest"  # no lab (bench/digest_bench.py)
 SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, DIGEST]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
+SCALE = "scale"  # not in the default set: its own controllers and fleet, several minutes
 
 OUR_KEYS = [
     "throughput",
@@ -556,6 +563,8 @@ def table(results: Obj) -> str:
         lines += digest_bench.table_lines(results[DIGEST])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
+    if results.get(SCALE):
+        lines += ["", scale_runs.table(results[SCALE])]
     return "\n".join(lines)
 
 
@@ -602,10 +611,11 @@ async def main_async(args: argparse.Namespace) -> Obj:
         results[DIGEST] = await asyncio.to_thread(
             digest_bench.run_digest, args.quick, args.runs, log
         )
-    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST)]
+    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE)]
     if lab_scenarios:
-        bench = LabBench(root)
-        log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")
+        bench = LabBench(root, ha=args.ha)
+        what = "3 controller replicas on etcd" if args.ha else "a controller"
+        log(f"lab: starting {what} and 2 handlers in {root / 'lab'}")
         await asyncio.to_thread(bench.up)
         try:
             if args.streams_config:
@@ -634,6 +644,9 @@ async def main_async(args: argparse.Namespace) -> Obj:
         results[XCLUSTER] = await xcluster_runs.run_xcluster(
             args.quick, args.runs, root / XCLUSTER, log
         )
+    if SCALE in selected:
+        sizes = ["tiny"] if args.quick else args.scale_size
+        results[SCALE] = await scale_runs.run_scale(sizes, log, root / SCALE)
     if NETNS in selected:
         with_qemu = not args.no_qemu and qemu.available()
         results["netns"] = await netns_runs.run_netns(
@@ -650,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--scenario",
         action="append",
-        choices=[*SCENARIO_NAMES, NETNS],
-        help="run only this scenario (repeatable); default: all but netns",
+        choices=[*SCENARIO_NAMES, NETNS, SCALE],
+        help="run only this scenario (repeatable); default: all but netns and scale",
     )
     p.add_argument(
         "--netns",
@@ -679,11 +692,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also set liveMigrationConfig.parallelStreams to --streams",
     )
+    p.add_argument(
+        "--scale-size",
+        action="append",
+        choices=[k for k in scale_runs.SIZES if k != "tiny"],
+        help="the scale scenario's sizes (repeatable; default small: 100 nodes / 300 VMIs; "
+        "medium: 100 / 1,000; large: 1,000 / 10,000)",
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="run the lab scenarios with the controllers replicated on etcd (lab up --ha)",
+    )
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU peers")
     p.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy profile of the random scenario"
     )
     args = p.parse_args(argv)
+    args.scale_size = args.scale_size or ["small"]
     results = asyncio.run(main_async(args))
     text = json.dumps(results, indent=2, default=str)
     if str(args.output) == "-":

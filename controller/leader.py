@@ -30,7 +30,7 @@ from typing import Any
 
 from controller.etcd_client import Compacted, EtcdClient
 from controller.store import Store
-from vmferry.errors import ApiError, Conflict, NotFound, Unavailable
+from vmferry.errors import ApiError, NotFound, Unavailable
 from vmferry.etcdpb import rpc_pb2
 from vmferry.objects import kinds
 
@@ -236,7 +236,7 @@ class LeaseRecord:
                     current["spec"] = spec
                     await self.store.update(current)
                 return
-            except (Conflict, ApiError) as exc:
+            except ApiError as exc:
                 log.debug("lease record: %s; retrying", exc)
         log.warning("could not record the leader in Lease %s", LEASE_NAME)
 
