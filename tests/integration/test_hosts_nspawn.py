@@ -1,6 +1,7 @@
 """Install on hosts, under a real systemd: three host containers (systemd-nspawn) get
 vmferry by README's "Install on hosts" procedure (``make dist``, ``deploy/install.sh
-ROLE``, certificates, ``systemctl start``); then a VM migrates between the two handler
+ROLE``, the controller's certificate, ``systemctl start``; the handler hosts get theirs
+with ``vmferry join`` and a bootstrap token); then a VM migrates between the two handler
 hosts, the source handler is restarted (``systemctl restart``) during a migration and
 the controller is killed (``systemctl kill -s KILL``), and the units' security figures
 are read from ``systemd-analyze security`` on the booted hosts.
@@ -42,11 +43,11 @@ class Cluster:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        binds = [f"--bind-ro={REPO}:/src", f"--bind={base / 'pip-cache'}:/root/.cache/pip"]
-        (base / "pip-cache").mkdir()
+        binds = [f"--bind-ro={REPO}:/src"]
         self.cp = nspawn.Host("vmf-cp", base, binds)
         self.nodes = {n: nspawn.Host(f"vmf-{n}", base, binds) for n in NODES}
         self.api_port = free_port()
+        self.token_port = free_port()
         self.pki = base / "pki"
         self.client = LabHarness(base / "client")
 
@@ -93,12 +94,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def setup(c: Cluster) -> None:
     """README "Install on hosts", step by step."""
-    # 1. each host: deploy/install.sh ROLE (the controller first: it fills the pip cache)
-    c.cp.run("/src/deploy/install.sh", "controller", "--no-start", timeout=300)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    # 1. each host: deploy/install.sh ROLE (the three at once: pip downloads the wheels)
+    roles = [(c.cp, "controller"), *((h, "handler") for h in c.nodes.values())]
+    with concurrent.futures.ThreadPoolExecutor(len(roles)) as pool:
         done = [
-            pool.submit(h.run, "/src/deploy/install.sh", "handler", "--no-start", timeout=300)
-            for h in c.nodes.values()
+            pool.submit(h.run, "/src/deploy/install.sh", role, "--no-start", timeout=300)
+            for h, role in roles
         ]
         for f in done:
             f.result()
@@ -106,12 +107,11 @@ def setup(c: Cluster) -> None:
     c.vmferry("pki", "init", "--cluster-name", "nspawn")
     c.vmferry("pki", "issue", "server", "vmferry-controller", "--ip", "127.0.0.1")
     c.vmferry("pki", "issue", "user", "admin", "--group", "system:masters")
-    for n in NODES:
-        c.vmferry("pki", "issue", "node", n, "--ip", "127.0.0.1")
     c.install_pki(
         c.cp,
         {
             "ca.crt": "/etc/vmferry/pki/ca.crt",
+            "ca.key": "/etc/vmferry/pki/ca.key",  # the controller signs the nodes' requests
             "servers/vmferry-controller.crt": "/etc/vmferry/pki/servers/vmferry-controller.crt",
             "servers/vmferry-controller.key": "/etc/vmferry/pki/servers/vmferry-controller.key",
         },
@@ -121,6 +121,8 @@ def setup(c: Cluster) -> None:
         c.cp,
         "controller",
         f'listen = "127.0.0.1:{c.api_port}"\n'
+        f'token_listen = "127.0.0.1:{c.token_port}"\n'
+        'ca_key = "/etc/vmferry/pki/ca.key"\n'
         'data_dir = "/var/lib/vmferry/controller"\n'
         'ca = "/etc/vmferry/pki/ca.crt"\n'
         'cert = "/etc/vmferry/pki/servers/vmferry-controller.crt"\n'
@@ -129,15 +131,18 @@ def setup(c: Cluster) -> None:
         'log_level = "info"\n',
     )
     c.cp.run("systemctl", "start", "vmferry-controller")  # returns at READY=1
+    write_client(c)
     for n, host in c.nodes.items():
-        c.install_pki(
-            host,
-            {
-                "ca.crt": "/etc/vmferry/pki/ca.crt",
-                f"nodes/{n}.crt": f"/etc/vmferry/pki/nodes/{n}.crt",
-                f"nodes/{n}.key": f"/etc/vmferry/pki/nodes/{n}.key",
-            },
+        # 4. each handler host: its key made there, its certificate by CSR
+        out = c.client.cli("token", "create", "--ttl", "10m").stdout.splitlines()
+        token, pin = out[0], out[1].split()[2]
+        host.run(
+            *("/opt/vmferry/venv/bin/vmferry", "join", "--server", f"127.0.0.1:{c.token_port}"),
+            *("--token", token, "--ca-hash", pin, "--node-name", n, "--ip", "127.0.0.1"),
+            *("--pki-dir", "/etc/vmferry/pki"),
         )
+        host.run("chgrp", "-R", "vmferry", "/etc/vmferry/pki")
+        host.run("chmod", "-R", "u=rwX,g=rX,o=", "/etc/vmferry/pki")
         c.write_config(
             host,
             "handler",
@@ -153,6 +158,10 @@ def setup(c: Cluster) -> None:
             'memory = "2Gi"\n',
         )
         host.run("systemctl", "start", "vmferry-handler")
+
+
+def write_client(c: Cluster) -> None:
+    """The administrator's client configuration (user admin, system:masters)."""
     client = {
         "apiVersion": "vmferry.io/v1",
         "kind": "Config",
