@@ -192,6 +192,9 @@ class NodeAuthorizer:
                     "may not set or change it",
                 )
             return rbac.Decision(True, "Node: a node may change its own Node")
+        if kind == "certificatesigningrequests" and request.verb == "create":
+            # renewal: the API stamps the node as requester and refuses another name
+            return rbac.Decision(True, "Node: a node may request its own certificate")
         if kind in ("virtualmachineinstances", "virtualmachineinstancemigrations") and (
             request.verb in ("update", "patch")
         ):
