@@ -25,7 +25,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -33,8 +32,8 @@ from cryptography import x509
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
 from vmferry.pki import TlsFiles, csr
-from vmferry.pki.credentials import RENEW_AT
-from vmferry.pki.issuing import CERT_MODE, CLOCK_SKEW, KEY_MODE, _write_atomic
+from vmferry.pki.credentials import issued_at, renewal_due
+from vmferry.pki.issuing import CERT_MODE, KEY_MODE, _write_atomic
 
 log = logging.getLogger("vmferry.handler.certs")
 
@@ -47,12 +46,6 @@ SIGN_TIMEOUT_S = 60.0  # a node's own request is approved and signed within a se
 
 class RenewalError(Exception):
     """A renewal attempt failed; the message says why."""
-
-
-def renewal_due(cert: x509.Certificate) -> datetime:
-    """When ``cert`` is to be renewed: at 2/3 of its lifetime."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * RENEW_AT
 
 
 class CertRenewer:
@@ -110,7 +103,7 @@ class CertRenewer:
         ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
         dns = [d for d in san.get_values_for_type(x509.DNSName) if d != self.node]
         key_pem, request_pem = csr.make_node_request(self.node, ips, dns)
-        lifetime = old.not_valid_after_utc - old.not_valid_before_utc - CLOCK_SKEW
+        lifetime = old.not_valid_after_utc - issued_at(old)
         created = await self.api.create(
             {
                 "apiVersion": "certificates.k8s.io/v1",

@@ -15,11 +15,12 @@ import pytest
 from cryptography import x509
 
 from controller import csr_signer
-from handler.cert_renewer import CertRenewer, RenewalError, renewal_due
+from handler.cert_renewer import CertRenewer, RenewalError
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.pki import csr
+from vmferry.pki.credentials import renewal_due
 from vmferry.pki.issuing import _write_atomic
 
 NODE = pki.Identity("system:node:n1", ("system:nodes", "system:authenticated"))
@@ -95,13 +96,11 @@ def test_renewal_replaces_the_pair_with_the_same_name_addresses_and_lifetime(
 
 def test_run_waits_for_two_thirds_then_renews(pki_dir: Path) -> None:
     start = datetime.now(UTC)
-    tls = write_node_cert(pki_dir, 3000, start)  # not before: start - 5 min (clock skew)
+    tls = write_node_cert(pki_dir, 3000, start)
     old = x509.load_pem_x509_certificate(tls.cert.read_bytes())
     due = renewal_due(old)
-    assert (
-        due
-        == old.not_valid_before_utc + (old.not_valid_after_utc - old.not_valid_before_utc) * 2 / 3
-    )
+    issued = old.not_valid_before_utc + timedelta(minutes=5)  # not-before is back-dated
+    assert due == issued + (old.not_valid_after_utc - issued) * 2 / 3
     now = [start.timestamp()]
     waits: list[float] = []
 
@@ -152,3 +151,10 @@ def test_the_api_client_uses_renewed_files_for_new_calls(pki_dir: Path) -> None:
         assert not api._retiring
 
     asyncio.run(scenario())
+
+
+def test_a_two_minute_certificate_is_due_after_80_seconds(pki_dir: Path) -> None:
+    start = datetime.now(UTC)
+    tls = write_node_cert(pki_dir, 120, start)
+    cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    assert (renewal_due(cert) - start).total_seconds() == pytest.approx(80, abs=1)
