@@ -17,10 +17,12 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.support import nspawn
 from tests.support.lab import LabHarness, vm_manifest
@@ -28,6 +30,7 @@ from tests.support.lab import LabHarness, vm_manifest
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("node-a", "node-b")
 MAX_EXPOSURE = {"controller": 2.0, "handler": 2.5}  # README "Install on hosts"
+CERT_SECONDS = 120  # the nodes join with 2-minute certificates: renewed at 80 s
 
 pytestmark = pytest.mark.skipif(bool(nspawn.unavailable()), reason=str(nspawn.unavailable()))
 
@@ -50,6 +53,7 @@ class Cluster:
         self.token_port = free_port()
         self.pki = base / "pki"
         self.client = LabHarness(base / "client")
+        self.joined: dict[str, datetime] = {}  # node -> not-after of the certificate it joined with
 
     @property
     def hosts(self) -> list[nspawn.Host]:
@@ -139,8 +143,12 @@ def setup(c: Cluster) -> None:
         host.run(
             *("/opt/vmferry/venv/bin/vmferry", "join", "--server", f"127.0.0.1:{c.token_port}"),
             *("--token", token, "--ca-hash", pin, "--node-name", n, "--ip", "127.0.0.1"),
-            *("--pki-dir", "/etc/vmferry/pki"),
+            *("--pki-dir", "/etc/vmferry/pki", "--expiration", f"{CERT_SECONDS}s"),
         )
+        cert = x509.load_pem_x509_certificate(
+            (host.root / f"etc/vmferry/pki/nodes/{n}.crt").read_bytes()
+        )
+        c.joined[n] = cert.not_valid_after_utc
         host.run("chgrp", "-R", "vmferry", "/etc/vmferry/pki")
         host.run("chmod", "-R", "u=rwX,g=rX,o=", "/etc/vmferry/pki")
         c.write_config(
@@ -266,3 +274,42 @@ def test_migrate_restart_the_source_handler_and_kill_the_controller(cluster: Clu
     assert "succeeded" in out.stdout, out.stdout
     nodes = json.loads(lab.cli("get", "nodes", "-o", "json").stdout)
     assert sorted(n["metadata"]["name"] for n in nodes["items"]) == list(NODES)
+
+
+@pytest.mark.timeout(300)
+def test_two_minute_node_certificates_are_rotated(cluster: Cluster) -> None:
+    """Each handler renews its 2-minute certificate by CSR at 80 s, without a restart;
+    past the first certificate's expiry the nodes heartbeat and migrate."""
+    c, lab = cluster, cluster.client
+    for n, host in c.nodes.items():
+        try:
+            lab.wait_for(
+                f"{n} to renew its certificate",
+                lambda host=host: "certificate renewed" in host.journal("vmferry-handler"),
+                timeout=150,
+                interval=2,
+            )
+        except AssertionError as e:
+            tail = host.journal("vmferry-handler", "-p", "warning", "-n", "20")
+            raise AssertionError(f"{e}\n{tail}") from None
+        assert show(host, "vmferry-handler", "NRestarts") == "0"
+    expiry = max(c.joined.values())
+    lab.wait_for(
+        "the first certificates to expire",
+        lambda: datetime.now(UTC) > expiry,
+        timeout=CERT_SECONDS + 30,
+        interval=1,
+    )
+
+    def beats_after_expiry() -> bool:
+        for n in NODES:
+            conds = lab.get("node", n)["status"]["conditions"]
+            ready = next(x for x in conds if x["type"] == "Ready")
+            beat = datetime.fromisoformat(ready["lastHeartbeatTime"].replace("Z", "+00:00"))
+            if ready["status"] != "True" or beat <= expiry:
+                return False
+        return True
+
+    lab.wait_for("heartbeats after the first certificates expired", beats_after_expiry, 30)
+    out = lab.cli("migrate", "roamer", "--wait", timeout=150)
+    assert "succeeded" in out.stdout, out.stdout
