@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from handler import allocator
+from handler.cert_renewer import CertRenewer
 from handler.drivers.base import Drivers
 from handler.drivers.memvm import MemVMDriver
 from handler.drivers.qemu import QemuDriver
@@ -313,6 +314,8 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
                 tg.create_task(metrics.run()),
                 tg.create_task(sd.run_watchdog(lambda: _status(node, endpoint, manager))),
             ]
+            if tls is not None:  # the node certificate renews itself at 2/3 of its life
+                tasks.append(tg.create_task(CertRenewer(api, node, tls).run()))
             sd.ready(_status(node, endpoint, manager))
             await stop.wait()
             log.info("node %s: shutting down (guests keep running)", node)

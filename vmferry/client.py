@@ -8,7 +8,9 @@ trailing metadata ``vmferry-reason``); a controller that cannot be reached raise
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from vmferry.errors import ApiError, RequestEntityTooLarge, Unavailable, error_f
 from vmferry.objects.limits import MAX_REQUEST_BYTES
 from vmferry.rpc import api_pb2, api_pb2_grpc
 from vmferry.version import BuildInfo
+
+log = logging.getLogger(__name__)
 
 REASON_KEY = "vmferry-reason"
 _CHANNEL_OPTIONS = grpc_options.api_channel_options()
@@ -58,10 +62,31 @@ def _load(data: bytes) -> dict[str, Any]:
     return result
 
 
+RETIRED_CHANNEL_GRACE_S = 60.0  # s a replaced channel's calls and watches may still run
+
+
+def _files_stamp(config: ClientConfig) -> tuple[tuple[int, int, int], ...]:
+    """(mtime, size, inode) of the client certificate and key; () without them."""
+    if config.tls is None or config.tls.cert == Path():
+        return ()
+    stamps = []
+    for path in (config.tls.cert, config.tls.key):
+        try:
+            st = path.stat()
+        except OSError:
+            return ()
+        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamps)
+
+
 class ApiClient:
     """One gRPC channel to the controller. Use as ``async with ApiClient(cfg) as api``.
 
-    ``timeout`` bounds each unary call (seconds); watches are unbounded.
+    ``timeout`` bounds each unary call (seconds); watches are unbounded. When the client
+    certificate or key files change (a renewal, handler/cert_renewer.py), the next call
+    opens a new channel with them; the old one is closed after
+    :data:`RETIRED_CHANNEL_GRACE_S` (a watch on it then ends and its informer reconnects).
+    A half-written pair (key and certificate not matching yet) keeps the current channel.
     """
 
     def __init__(self, config: ClientConfig, *, timeout: float = 30.0) -> None:
@@ -87,7 +112,10 @@ class ApiClient:
             else:
                 creds = pki.channel_credentials(config.tls)
             self._channel = grpc.aio.secure_channel(target, creds, options=options)
-        self._stub = api_pb2_grpc.ApiStub(self._channel)
+        self._target, self._options = target, options
+        self._api = api_pb2_grpc.ApiStub(self._channel)
+        self._stamp = _files_stamp(config)
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
@@ -99,7 +127,38 @@ class ApiClient:
         await self.close()
 
     async def close(self) -> None:
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in retiring.values():
+            await channel.close()
         await self._channel.close()
+
+    @property
+    def _stub(self) -> api_pb2_grpc.ApiStub:
+        """The stub of the current channel (a new one after the files changed)."""
+        if self._stamp:
+            stamp = _files_stamp(self.config)
+            if stamp and stamp != self._stamp:
+                self._reopen(stamp)
+        return self._api
+
+    def _reopen(self, stamp: tuple[tuple[int, int, int], ...]) -> None:
+        assert self.config.tls is not None
+        try:
+            creds = pki.channel_credentials(self.config.tls)
+        except (OSError, ValueError) as e:  # mid-renewal: the pair does not match yet
+            log.debug("client certificate files changed but not usable yet: %s", e)
+            return
+        old = self._channel
+        self._channel = grpc.aio.secure_channel(self._target, creds, options=self._options)
+        self._api = api_pb2_grpc.ApiStub(self._channel)
+        self._stamp = stamp
+        log.info("client certificate %s changed: new connections use it", self.config.tls.cert)
+        task = asyncio.get_running_loop().create_task(old.close(grace=RETIRED_CHANNEL_GRACE_S))
+        self._retiring[task] = old
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:

@@ -1,6 +1,7 @@
 """Install on hosts, under a real systemd: three host containers (systemd-nspawn) get
 vmferry by README's "Install on hosts" procedure (``make dist``, ``deploy/install.sh
-ROLE``, certificates, ``systemctl start``); then a VM migrates between the two handler
+ROLE``, the controller's certificate, ``systemctl start``; the handler hosts get theirs
+with ``vmferry join`` and a bootstrap token); then a VM migrates between the two handler
 hosts, the source handler is restarted (``systemctl restart``) during a migration and
 the controller is killed (``systemctl kill -s KILL``), and the units' security figures
 are read from ``systemd-analyze security`` on the booted hosts.
@@ -16,10 +17,12 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.support import nspawn
 from tests.support.lab import LabHarness, vm_manifest
@@ -27,6 +30,7 @@ from tests.support.lab import LabHarness, vm_manifest
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("node-a", "node-b")
 MAX_EXPOSURE = {"controller": 2.0, "handler": 2.5}  # README "Install on hosts"
+CERT_SECONDS = 120  # the nodes join with 2-minute certificates: renewed at 80 s
 
 pytestmark = pytest.mark.skipif(bool(nspawn.unavailable()), reason=str(nspawn.unavailable()))
 
@@ -42,13 +46,14 @@ class Cluster:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        binds = [f"--bind-ro={REPO}:/src", f"--bind={base / 'pip-cache'}:/root/.cache/pip"]
-        (base / "pip-cache").mkdir()
+        binds = [f"--bind-ro={REPO}:/src"]
         self.cp = nspawn.Host("vmf-cp", base, binds)
         self.nodes = {n: nspawn.Host(f"vmf-{n}", base, binds) for n in NODES}
         self.api_port = free_port()
+        self.token_port = free_port()
         self.pki = base / "pki"
         self.client = LabHarness(base / "client")
+        self.joined: dict[str, datetime] = {}  # node -> not-after of the certificate it joined with
 
     @property
     def hosts(self) -> list[nspawn.Host]:
@@ -93,12 +98,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def setup(c: Cluster) -> None:
     """README "Install on hosts", step by step."""
-    # 1. each host: deploy/install.sh ROLE (the controller first: it fills the pip cache)
-    c.cp.run("/src/deploy/install.sh", "controller", "--no-start", timeout=300)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    # 1. each host: deploy/install.sh ROLE (the three at once: pip downloads the wheels)
+    roles = [(c.cp, "controller"), *((h, "handler") for h in c.nodes.values())]
+    with concurrent.futures.ThreadPoolExecutor(len(roles)) as pool:
         done = [
-            pool.submit(h.run, "/src/deploy/install.sh", "handler", "--no-start", timeout=300)
-            for h in c.nodes.values()
+            pool.submit(h.run, "/src/deploy/install.sh", role, "--no-start", timeout=300)
+            for h, role in roles
         ]
         for f in done:
             f.result()
@@ -106,12 +111,11 @@ def setup(c: Cluster) -> None:
     c.vmferry("pki", "init", "--cluster-name", "nspawn")
     c.vmferry("pki", "issue", "server", "vmferry-controller", "--ip", "127.0.0.1")
     c.vmferry("pki", "issue", "user", "admin", "--group", "system:masters")
-    for n in NODES:
-        c.vmferry("pki", "issue", "node", n, "--ip", "127.0.0.1")
     c.install_pki(
         c.cp,
         {
             "ca.crt": "/etc/vmferry/pki/ca.crt",
+            "ca.key": "/etc/vmferry/pki/ca.key",  # the controller signs the nodes' requests
             "servers/vmferry-controller.crt": "/etc/vmferry/pki/servers/vmferry-controller.crt",
             "servers/vmferry-controller.key": "/etc/vmferry/pki/servers/vmferry-controller.key",
         },
@@ -121,6 +125,8 @@ def setup(c: Cluster) -> None:
         c.cp,
         "controller",
         f'listen = "127.0.0.1:{c.api_port}"\n'
+        f'token_listen = "127.0.0.1:{c.token_port}"\n'
+        'ca_key = "/etc/vmferry/pki/ca.key"\n'
         'data_dir = "/var/lib/vmferry/controller"\n'
         'ca = "/etc/vmferry/pki/ca.crt"\n'
         'cert = "/etc/vmferry/pki/servers/vmferry-controller.crt"\n'
@@ -129,15 +135,22 @@ def setup(c: Cluster) -> None:
         'log_level = "info"\n',
     )
     c.cp.run("systemctl", "start", "vmferry-controller")  # returns at READY=1
+    write_client(c)
     for n, host in c.nodes.items():
-        c.install_pki(
-            host,
-            {
-                "ca.crt": "/etc/vmferry/pki/ca.crt",
-                f"nodes/{n}.crt": f"/etc/vmferry/pki/nodes/{n}.crt",
-                f"nodes/{n}.key": f"/etc/vmferry/pki/nodes/{n}.key",
-            },
+        # 4. each handler host: its key made there, its certificate by CSR
+        out = c.client.cli("token", "create", "--ttl", "10m").stdout.splitlines()
+        token, pin = out[0], out[1].split()[2]
+        host.run(
+            *("/opt/vmferry/venv/bin/vmferry", "join", "--server", f"127.0.0.1:{c.token_port}"),
+            *("--token", token, "--ca-hash", pin, "--node-name", n, "--ip", "127.0.0.1"),
+            *("--pki-dir", "/etc/vmferry/pki", "--expiration", f"{CERT_SECONDS}s"),
         )
+        cert = x509.load_pem_x509_certificate(
+            (host.root / f"etc/vmferry/pki/nodes/{n}.crt").read_bytes()
+        )
+        c.joined[n] = cert.not_valid_after_utc
+        host.run("chgrp", "-R", "vmferry", "/etc/vmferry/pki")
+        host.run("chmod", "-R", "u=rwX,g=rX,o=", "/etc/vmferry/pki")
         c.write_config(
             host,
             "handler",
@@ -153,6 +166,10 @@ def setup(c: Cluster) -> None:
             'memory = "2Gi"\n',
         )
         host.run("systemctl", "start", "vmferry-handler")
+
+
+def write_client(c: Cluster) -> None:
+    """The administrator's client configuration (user admin, system:masters)."""
     client = {
         "apiVersion": "vmferry.io/v1",
         "kind": "Config",
@@ -257,3 +274,42 @@ def test_migrate_restart_the_source_handler_and_kill_the_controller(cluster: Clu
     assert "succeeded" in out.stdout, out.stdout
     nodes = json.loads(lab.cli("get", "nodes", "-o", "json").stdout)
     assert sorted(n["metadata"]["name"] for n in nodes["items"]) == list(NODES)
+
+
+@pytest.mark.timeout(300)
+def test_two_minute_node_certificates_are_rotated(cluster: Cluster) -> None:
+    """Each handler renews its 2-minute certificate by CSR at 80 s, without a restart;
+    past the first certificate's expiry the nodes heartbeat and migrate."""
+    c, lab = cluster, cluster.client
+    for n, host in c.nodes.items():
+        try:
+            lab.wait_for(
+                f"{n} to renew its certificate",
+                lambda host=host: "certificate renewed" in host.journal("vmferry-handler"),
+                timeout=150,
+                interval=2,
+            )
+        except AssertionError as e:
+            tail = host.journal("vmferry-handler", "-p", "warning", "-n", "20")
+            raise AssertionError(f"{e}\n{tail}") from None
+        assert show(host, "vmferry-handler", "NRestarts") == "0"
+    expiry = max(c.joined.values())
+    lab.wait_for(
+        "the first certificates to expire",
+        lambda: datetime.now(UTC) > expiry,
+        timeout=CERT_SECONDS + 30,
+        interval=1,
+    )
+
+    def beats_after_expiry() -> bool:
+        for n in NODES:
+            conds = lab.get("node", n)["status"]["conditions"]
+            ready = next(x for x in conds if x["type"] == "Ready")
+            beat = datetime.fromisoformat(ready["lastHeartbeatTime"].replace("Z", "+00:00"))
+            if ready["status"] != "True" or beat <= expiry:
+                return False
+        return True
+
+    lab.wait_for("heartbeats after the first certificates expired", beats_after_expiry, 30)
+    out = lab.cli("migrate", "roamer", "--wait", timeout=150)
+    assert "succeeded" in out.stdout, out.stdout

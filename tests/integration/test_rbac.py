@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.support.lab import LabHarness, vm_manifest
@@ -27,6 +28,7 @@ from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, Forbidden, Unauthorized
 from vmferry.migration_state import TOKEN_SECRET_KEY, TOKEN_SECRET_NAMESPACE, token_secret_name
+from vmferry.rpc import api_pb2, api_pb2_grpc
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "rbac"
 NS = "ns1"
@@ -361,7 +363,7 @@ def test_escalation_and_expired_certificate_are_refused(cluster: LabHarness) -> 
     assert lab.try_get("clusterrolebinding", "me-root", "") is None
     assert migrate_dry_run(alice) != "allowed"
 
-    # An expired certificate from the right CA never gets past the TLS handshake.
+    # An expired certificate: the client names it and its expiry before dialling...
     now = datetime.now(UTC)
     expired = user_config(
         lab,
@@ -371,7 +373,26 @@ def test_escalation_and_expired_certificate_are_refused(cluster: LabHarness) -> 
         not_after=now - timedelta(days=1),
     )
     out = lab.cli("get", "nodes", "--config", str(expired), check=False)
-    assert out.returncode == 1 and "unavailable" in out.stderr.lower()
+    assert out.returncode == 1
+    assert "old-admin.crt (CN=old-admin,O=system:masters) expired at" in out.stderr
+    # ...and one sent anyway never gets past the server's TLS handshake.
+    files = ClientConfig.load(expired).tls
+    assert files is not None
+
+    async def handshake() -> grpc.StatusCode:
+        creds = grpc.ssl_channel_credentials(
+            files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+        )
+        server = f"127.0.0.1:{lab.info()['apiPort']}"
+        async with grpc.aio.secure_channel(server, creds) as channel:
+            stub = api_pb2_grpc.ApiStub(channel)
+            try:
+                await stub.WhoAmI(api_pb2.WhoAmIRequest(), timeout=10)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+        return grpc.StatusCode.OK
+
+    assert asyncio.run(handshake()) == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.timeout(60)

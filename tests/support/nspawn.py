@@ -121,7 +121,7 @@ class Host:
         """``argv`` inside the container (a clean environment), as root."""
         cmd = ["nsenter", "-t", str(self.leader()), "-a", "--", "/usr/bin/env", "-i", PATH]
         proc = subprocess.run(
-            [*cmd, "LANG=C.UTF-8", *argv],
+            [*cmd, "LANG=C.UTF-8", "HOME=/root", *argv],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -219,7 +219,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "--pki-dir", default="/etc/vmferry/pki", help="where to write (default %(default)s)"
     )
     p.add_argument(
-        "--expiration", help="certificate lifetime, e.g. 720h, at least 10m (default 30d)"
+        "--expiration", help="certificate lifetime, e.g. 720h, at least 2m (default 30d)"
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
     p.set_defaults(func=cmd_join)

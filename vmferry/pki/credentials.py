@@ -18,7 +18,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from vmferry.pki.issuing import TlsFiles, public_der
+from vmferry.pki.issuing import CLOCK_SKEW, TlsFiles, public_der
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,19 @@ class CertificateExpired(ValueError):
 
 
 _warned_renewal: set[tuple[Path, datetime.datetime]] = set()
+
+
+def issued_at(cert: x509.Certificate) -> datetime.datetime:
+    """When ``cert`` was issued: vmferry back-dates not-before by ``CLOCK_SKEW``
+    (issuing.py), so a certificate lasting longer than that was issued that much later."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + CLOCK_SKEW if end - start > CLOCK_SKEW else start
+
+
+def renewal_due(cert: x509.Certificate) -> datetime.datetime:
+    """When ``cert`` is to be renewed: at :data:`RENEW_AT` of its lifetime."""
+    start = issued_at(cert)
+    return start + (cert.not_valid_after_utc - start) * RENEW_AT
 
 
 def check_validity(
@@ -53,7 +66,7 @@ def check_validity(
             f"certificate {path} ({subject}) is not valid before {start:%Y-%m-%dT%H:%M:%SZ} "
             "(is this host's clock right?)"
         )
-    if now > start + (end - start) * RENEW_AT and (path, end) not in _warned_renewal:
+    if now > renewal_due(cert) and (path, end) not in _warned_renewal:
         _warned_renewal.add((path, end))
         log.warning(
             "certificate %s (%s) is past %d%% of its lifetime: it expires at %s, renew it",

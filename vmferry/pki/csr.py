@@ -30,7 +30,7 @@ from vmferry.pki.issuing import CLOCK_SKEW, _key_pem, _san, public_der, sign_lea
 # name for the kubelet's client certificates.
 NODE_SIGNER = "kubernetes.io/kube-apiserver-client-kubelet"
 NODE_USAGES = ("digital signature", "client auth", "server auth")
-MIN_SECONDS = 600  # expirationSeconds below this is refused, as Kubernetes does
+MIN_SECONDS = 120  # s; shortest expirationSeconds (Kubernetes: 600; short-lived test clusters)
 DEFAULT_SECONDS = 30 * 24 * 3600  # a node certificate's lifetime when the request names none
 HASH_PREFIX = "sha256:"
 

@@ -112,7 +112,7 @@ CSR_SPEC = Obj(
         "request": Base64(),
         "signerName": Str(),
         "usages": List(Str()),
-        "expirationSeconds": Int(min=600),
+        "expirationSeconds": Int(min=120),  # vmferry.pki.csr.MIN_SECONDS
         "username": Str(),
         "uid": Str(),
         "groups": List(Str()),

@@ -1,0 +1,150 @@
+"""``vmferry join``: a node gets its certificate by CSR with a bootstrap token, the key
+made where it runs; administrators approve or deny; a wrong CA pin or an expired token
+is refused; a handler runs with the certificate it got."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.support.lab import LabHarness
+from vmferry import bootstrap_token, pki
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHarness]:
+    harness = LabHarness(Path(tmp_path_factory.mktemp("join")))
+    harness.up(nodes=1, memory="2Gi")
+    try:
+        yield harness
+    finally:
+        harness.down()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token(lab: LabHarness, *flags: str) -> tuple[str, str]:
+    out = lab.cli("token", "create", *flags).stdout.splitlines()
+    return out[0], out[1].split()[2]  # the token; "ca hash: sha256:... (expires ...)"
+
+
+def join_argv(lab: LabHarness, tok: str, pin: str, node: str, pki_dir: Path) -> list[str]:
+    server = f"127.0.0.1:{lab.info()['tokenPort']}"
+    return [
+        *("join", "--server", server, "--token", tok, "--ca-hash", pin),
+        *("--node-name", node, "--ip", "127.0.0.1", "--pki-dir", str(pki_dir)),
+        *("--timeout", "60"),
+    ]
+
+
+def start_join(lab: LabHarness, argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", *argv],
+        env=lab.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def pending_csr(lab: LabHarness, node: str) -> str:
+    def find() -> str | None:
+        items = json.loads(lab.cli("get", "csr", "-o", "json").stdout)["items"]
+        mine = [c for c in items if c["metadata"]["name"].startswith(f"node-csr-{node}-")]
+        return mine[0]["metadata"]["name"] if mine else None
+
+    return lab.wait_for(f"the CSR of {node}", find, timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_join_then_run_a_handler_with_the_certificate(lab: LabHarness, tmp_path: Path) -> None:
+    tok, pin = token(lab)
+    lab.cli(*join_argv(lab, tok, pin, "joined1", tmp_path), timeout=90)
+    cert = tmp_path / "nodes/joined1.crt"
+    assert pki.identity_from_pem(cert.read_bytes()).node_name == "joined1"
+    assert (tmp_path / "nodes/joined1.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca.crt").read_bytes() == (lab.lab.dir / "pki/ca.crt").read_bytes()
+    row = lab.cli("get", "csr").stdout
+    assert "Approved,Issued" in row and f"system:bootstrap:{tok[:6]}" in row
+
+    info = lab.info()
+    handler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "handler.main",
+            *("--node-name", "joined1", "--api-server", f"127.0.0.1:{info['apiPort']}"),
+            *("--ca", str(tmp_path / "ca.crt"), "--cert", str(cert)),
+            *("--key", str(tmp_path / "nodes/joined1.key")),
+            *("--migration-port", str(free_port()), "--runtime-dir", str(tmp_path / "run")),
+            *("--ram-dir", str(tmp_path / "ram"), "--memory", "1Gi"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "handler.log").open("w"),
+    )
+    try:
+
+        def ready() -> bool:
+            node = lab.try_get("node", "joined1")
+            conds = ((node or {}).get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+        lab.wait_for("node joined1 Ready", ready, timeout=45)
+    except AssertionError:
+        raise AssertionError((tmp_path / "handler.log").read_text()[-3000:]) from None
+    finally:
+        handler.terminate()
+        handler.wait(20)
+    lab.cli("delete", "node", "joined1")
+
+
+@pytest.mark.timeout(120)
+def test_manual_approval_and_denial(lab: LabHarness, tmp_path: Path) -> None:
+    tok, pin = token(lab, "--no-auto-approve")
+    waiting = start_join(lab, join_argv(lab, tok, pin, "manual1", tmp_path / "a"))
+    name = pending_csr(lab, "manual1")
+    assert f"{name}" in lab.cli("get", "csr").stdout
+    assert "Pending" in lab.cli("get", "csr", name).stdout
+    lab.cli("certificate", "approve", name)
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "node manual1 joined" in out
+
+    refused = start_join(lab, join_argv(lab, tok, pin, "manual2", tmp_path / "b"))
+    name = pending_csr(lab, "manual2")
+    lab.cli("certificate", "deny", name, "--reason", "not one of our hosts")
+    out, err = refused.communicate(timeout=60)
+    assert refused.returncode == 1
+    assert f"certificatesigningrequest/{name} denied: not one of our hosts" in err
+    assert not (tmp_path / "b/nodes/manual2.key").exists()
+    again = lab.cli("certificate", "approve", name, check=False)
+    assert again.returncode == 1 and "decided already" in again.stderr
+
+
+@pytest.mark.timeout(60)
+def test_wrong_pin_and_expired_token_are_refused(lab: LabHarness, tmp_path: Path) -> None:
+    tok, pin = token(lab)
+    wrong = "sha256:" + "0" * 64
+    out = lab.cli(*join_argv(lab, tok, wrong, "pinned", tmp_path), check=False)
+    assert out.returncode == 1
+    assert f"has the hash {wrong} (presented: " in out.stderr and pin in out.stderr
+    assert "node-csr-pinned" not in lab.cli("get", "csr").stdout
+
+    old = bootstrap_token.new_token(
+        timedelta(minutes=1), now=datetime.now(UTC) - timedelta(hours=1)
+    )
+    lab.apply(json.dumps(bootstrap_token.to_secret(old)))
+    out = lab.cli(*join_argv(lab, old.token, pin, "late", tmp_path), check=False)
+    assert out.returncode == 1
+    assert f'bootstrap token "{old.id}" expired at' in out.stderr
