@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmferry.cli.common import error
 from vmferry.lab import Lab, LabError
 from vmferry.lab.multi import MultiLab, open_lab, running_anywhere
 from vmferry.lab.netns import LinkSpec, parse_link
@@ -26,9 +27,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         main_link = _link("--main-link", args.main_link)
         migration_link = _link("--migration-link", args.migration_link)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad flag value: kubectl's usage exit code
+        return error(str(e))
     existing = _lab(args)
     if running := running_anywhere(existing):
         print(
