@@ -77,11 +77,11 @@ def with_disk(vm: dict[str, Any], claim_name: str) -> dict[str, Any]:
     return vm
 
 
-def qemu_vm() -> str:
+def qemu_vm(name: str = QEMU_VM, claim_name: str = "shared-data", **spec: Any) -> str:
     vm = {
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachine",
-        "metadata": {"name": QEMU_VM},
+        "metadata": {"name": name},
         "spec": {
             "runStrategy": "Always",
             "template": {
@@ -100,7 +100,8 @@ def qemu_vm() -> str:
             },
         },
     }
-    return json.dumps(with_disk(vm, "shared-data"))
+    vm["spec"].update(spec)
+    return json.dumps(with_disk(vm, claim_name))
 
 
 def qemu_guests(lab: LabHarness, uid: str) -> list[tuple[str, dict[str, Any]]]:
@@ -370,3 +371,95 @@ def test_missing_image_is_reported_and_claim_in_use_kept(
     lab.cli("delete", "vm", "nodisk", timeout=60)
     lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", "nodisk") is None, timeout=60)
     lab.cli("delete", "pvc", "vanishing")
+
+
+@pytest.mark.timeout(420)
+def test_storage_migration_to_a_local_claim_on_the_target(
+    lab: LabHarness, storage: dict[str, Path]
+) -> None:
+    """updateVolumesStrategy: Migration (KubeVirt's volume migration): the VM's volume is
+    edited to a new local claim on the other node; the disk is mirrored there while the
+    guest writes, memory follows, the disk digests match at the switchover; the records
+    run on, on the new image, without a gap or a repeat."""
+    lab.apply(
+        manifest(
+            "StorageClass",
+            "local2",
+            provisioner="vmferry.io/local",
+            parameters={"path": str(lab.root / "node2-local"), "node": "node2"},
+        )
+    )
+    lab.apply(claim("smig-src", "ReadWriteOnce", "local"))
+    lab.apply(claim("smig-dst", "ReadWriteOnce", "local2"))
+    name = "smig"
+    lab.apply(qemu_vm(name, "smig-src", updateVolumesStrategy="Migration"))
+    try:
+        vmi = lab.wait_vmi_running(name, timeout=120)
+        uid = vmi["metadata"]["uid"]
+        assert vmi["status"]["nodeName"] == "node1"
+        source_image = Path(lab.get("pvc", "smig-src")["status"]["imagePath"])
+        lab.wait_for(
+            "the guest to write disk records",
+            lambda: read_records(source_image).count > 20,
+            timeout=150,
+            interval=1,
+        )
+        (source_record,) = [r for n, r in qemu_guests(lab, uid) if n == "node1"]
+        last_on_source: list[int] = []
+        stop = threading.Event()
+        tail = threading.Thread(
+            target=_follow_heartbeats, args=(source_record, last_on_source, stop), daemon=True
+        )
+        tail.start()
+        started = time.monotonic()
+        try:
+            lab.apply(qemu_vm(name, "smig-dst", updateVolumesStrategy="Migration"))
+
+            def moved() -> dict[str, Any] | None:
+                status = lab.get("vmi", name).get("status") or {}
+                ms = status.get("migrationState") or {}
+                done = ms.get("completed") and status.get("nodeName") == "node2"
+                ended = ms.get("failed") or (done and not status.get("migratedVolumes"))
+                return status if ended else None
+
+            status = lab.wait_for("the storage migration", moved, timeout=300, interval=1)
+            assert not status["migrationState"].get("failed"), status["migrationState"]
+        finally:
+            stop.set()
+            tail.join(5)
+        transfer = status["migrationState"]["transfer"]
+        print(
+            f"storage migration: {time.monotonic() - started:.1f}s, mirror "
+            f"{transfer.get('diskMirrorMilliseconds')} ms, downtime "
+            f"{transfer.get('downtimeMilliseconds')} ms "
+            f"{transfer.get('downtimePartsMilliseconds')}, repaired blocks "
+            f"{transfer.get('repairedDiskBlocks')}, repaired pages "
+            f"{transfer.get('repairedPages')}"
+        )
+        assert transfer["mirroredDisks"] == ["data"], transfer
+        assert transfer["digestVerified"] is True, transfer
+        vmi = lab.get("vmi", name)
+        assert vmi["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "smig-dst"
+        vmims = json.loads(lab.cli("get", "vmim", "-o", "json").stdout)["items"]
+        (vmim,) = [m for m in vmims if m["metadata"]["name"].startswith(f"{name}-volume-")]
+        assert lab.wait_vmim_final(vmim["metadata"]["name"])["status"]["phase"] == "Succeeded"
+        vm_status = lab.get("vm", name)["status"]
+        assert "volumeUpdateState" not in vm_status, vm_status
+        dest_image = Path(lab.get("pvc", "smig-dst")["status"]["imagePath"])
+        assert dest_image != source_image and dest_image.parent.parent == lab.root / "node2-local"
+        running = qemu_guests(lab, uid)
+        assert [n for n, _ in running] == ["node2"], running
+        assert [d["path"] for d in running[0][1]["spec"]["disks"]] == [str(dest_image)]
+        copied = read_records(source_image).count  # the source image stopped at the switchover
+        after = _records_grow(dest_image, copied)  # on the copy, in place, no gap
+        text = console(running[0][1])
+        assert "DISKERR" not in text and "CORRUPT" not in text, text[-2000:]
+        first_on_target = int(HB.findall(text)[0])
+        assert last_on_source and first_on_target > last_on_source[-1], (last_on_source, text[:300])
+        assert copied < after, (copied, after)
+        print(f"disk records: {copied} on the source image, {after} on the destination")
+    finally:
+        lab.cli("delete", "vm", name, check=False, timeout=90)
+        lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", name) is None, timeout=90)
+        for claim_name in ("smig-src", "smig-dst"):
+            lab.cli("delete", "pvc", claim_name, check=False)
