@@ -306,7 +306,7 @@ class QemuSourceMigration(SourceEngine):
             status = info.get("status", "")
             self._absorb(info)
             self._report()
-            if status == QEMU_PRE_SWITCHOVER and self.storage is not None:
+            if status == QEMU_PRE_SWITCHOVER and self.storage and not self.storage.completed:
                 t0 = self.clock()
                 await self.storage.complete()  # the guest is paused: mirrors complete
                 self.stats.downtime_parts["mirror_complete"] = self.clock() - t0

@@ -47,6 +47,7 @@ from handler.migration.tunnel import (
     ProtocolError,
 )
 from handler.peers import no_postcopy
+from vmferry import failpoints
 from vmferry.rpc import tunnel_pb2 as pb
 from vmferry.rpc import tunnel_pb2_grpc
 
@@ -214,6 +215,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             await self.incoming.on_abort(inc, reason)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         yield pb.TunnelTargetFrame(opened=pb.Opened())
+        failpoints.hit(failpoints.Step.TARGET_NBD)
         out: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue(maxsize=64)
 
         async def upstream() -> None:

@@ -172,7 +172,6 @@ class DiskMirrors:
         self.disks = disks
         self.socket = socket
         self.progress = MirrorProgress()
-        self._added: list[MirroredDisk] = []
         self._started: list[MirroredDisk] = []
 
     async def start(self) -> None:
@@ -188,7 +187,6 @@ class DiskMirrors:
                     "export": d.name,
                 },
             )
-            self._added.append(d)
             await h.qmp(
                 "blockdev-mirror",
                 {
@@ -245,10 +243,11 @@ class DiskMirrors:
 
     async def remove(self, *, force: bool = False) -> None:
         """Cancel (``force``) and dismiss the jobs, delete the NBD nodes; the guest's own
-        disks are untouched (failure cleanup too)."""
+        disks are untouched (failure cleanup too: a command that timed out may still
+        have taken effect, so every disk's job and node is looked for)."""
         h = self.handle
         with contextlib.suppress(GuestError):
-            for d in self._started:
+            for d in self.disks:
                 if force:
                     with contextlib.suppress(GuestError):
                         await h.qmp("block-job-cancel", {"device": d.job_id, "force": True})
@@ -257,13 +256,13 @@ class DiskMirrors:
                     if job is None or job.get("status") == JOB_CONCLUDED:
                         break
                     await asyncio.sleep(0.05)
-                with contextlib.suppress(GuestError):
-                    await h.qmp("job-dismiss", {"id": d.job_id})
-            self._started.clear()
-            for d in self._added:
+                if job is not None:
+                    with contextlib.suppress(GuestError):
+                        await h.qmp("job-dismiss", {"id": d.job_id})
+            for d in self.disks:
                 with contextlib.suppress(GuestError):
                     await h.qmp("blockdev-del", {"node-name": d.nbd_node})
-            self._added.clear()
+        self._started.clear()
 
 
 # -- block digests of an image ---------------------------------------------------------

@@ -28,6 +28,7 @@ from vmferry.rpc import tunnel_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+NBD_OPEN_TIMEOUT = 5.0  # s to open an NBD stream (QEMU's blockdev-add waits for it)
 MIRROR_COMPLETE_TIMEOUT = 60.0  # s for the cancelled (ready) mirrors to conclude
 VERIFY_TIMEOUT = 120.0
 VERIFY_DETECT = "detect"
@@ -72,20 +73,32 @@ class StorageSource:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One NBD connection of the source QEMU: one Tunnel stream (Open.nbd)."""
         self._writers.append(writer)
-        try:
-            ch = await self._open_tunnel(1000 + len(self.channels), True)
-        except MigrationFailed as e:
-            self.error = e
+        try:  # within QMP's timeout: blockdev-add waits for this connection
+            async with asyncio.timeout(NBD_OPEN_TIMEOUT):
+                ch = await self._open_tunnel(1000 + len(self.channels), True)
+        except (MigrationFailed, TimeoutError) as e:
+            self.error = (
+                e if isinstance(e, MigrationFailed) else MigrationFailed("the NBD tunnel timed out")
+            )
             writer.close()
             return
         self.channels.append(ch)
-        self._spawn(ch.downstream(writer))
-        self._spawn(self._pump_up(ch, reader))
+        self._spawn(self._pump_down(ch, writer))
+        self._spawn(self._pump_up(ch, reader, writer))
 
-    async def _pump_up(self, ch: TunnelChannel, reader: asyncio.StreamReader) -> None:
+    async def _pump_down(self, ch: TunnelChannel, writer: asyncio.StreamWriter) -> None:
+        try:
+            await ch.downstream(writer)
+        finally:  # the target's side ended: QEMU's NBD client must not wait on it
+            writer.close()
+
+    async def _pump_up(
+        self, ch: TunnelChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             await ch.upstream(reader)
         except MigrationFailed as e:
+            writer.close()
             if not self.completed:
                 ch.error = ch.error or e
 
