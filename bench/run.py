@@ -14,6 +14,9 @@ each QEMU peer, so both see the same machine noise:
           throughput and guest-seen downtime of both, and whether the cross-cluster
           figures are within 10% (bench/xcluster_runs.py; "cross-cluster unavailable:
           <reason>" when it cannot run)
+  storage a QEMU guest's 1 GiB disk moved to a local claim of the other node while it
+          writes 8 MiB/s (storage live migration), next to QEMU's own blockdev-mirror +
+          migration without vmferry (bench/storage_runs.py)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import grpc_baseline, netns_runs, qemu, xcluster_runs
+from bench import grpc_baseline, netns_runs, qemu, storage_runs, xcluster_runs
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -65,7 +68,8 @@ MiB = 1 << 20
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 REPO = Path(__file__).resolve().parent.parent
 XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
-SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER]
+STORAGE = "storage"  # its own lab and QEMU guests (bench/storage_runs.py)
+SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, STORAGE]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
 
 OUR_KEYS = [
@@ -548,6 +552,8 @@ def table(results: Obj) -> str:
                 lines.append(f"      {e['percent']:5.1f}%  {e['function']}")
     if results.get(XCLUSTER):
         lines += xcluster_runs.table_lines(results[XCLUSTER])
+    if results.get(STORAGE):
+        lines += storage_runs.table_lines(results[STORAGE])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
     return "\n".join(lines)
@@ -592,7 +598,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
     streams = args.streams
     if "grpc" in selected:
         results["grpc"] = await run_grpc(args.quick, streams, args.runs, root / "grpc")
-    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER)]
+    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER, STORAGE)]
     if lab_scenarios:
         bench = LabBench(root)
         log(f"lab: starting a controller and 2 handlers in {root / 'lab'}")
@@ -623,6 +629,10 @@ async def main_async(args: argparse.Namespace) -> Obj:
     if XCLUSTER in selected:
         results[XCLUSTER] = await xcluster_runs.run_xcluster(
             args.quick, args.runs, root / XCLUSTER, log
+        )
+    if STORAGE in selected:
+        results[STORAGE] = await storage_runs.run_storage(
+            args.quick, args.runs, not args.no_qemu and qemu.available(), root / STORAGE, log
         )
     if NETNS in selected:
         with_qemu = not args.no_qemu and qemu.available()

@@ -193,3 +193,21 @@ def test_volume_migrator_starts_settles_and_does_not_retry_a_failed_change(
             await store.close()
 
     asyncio.run(main())
+
+
+# -- the bench's storage scenario ------------------------------------------------------
+
+
+def test_storage_bench_reads_the_guest_gap_and_prints_both_sides() -> None:
+    from bench import storage_runs
+
+    console = "memload: disk\nHB 41 100 612.500 0 0\nHB 42 200 100.000 0 0\n"
+    assert storage_runs._first_gap_ms(console) == 612.5
+    assert storage_runs._first_gap_ms("no heartbeat") is None
+    summary = {"median": 2.0, "min": 1.0, "max": 3.0}
+    lines = storage_runs.table_lines(
+        {"title": "t", "vmferry": {"summary": {"endToEndSeconds": summary}}, "qemu": {}}
+    )
+    assert lines[1] == "== storage: t ==" and "vmferry  end-to-end 2.0 s" in lines[2]
+    assert "mirror n/a" in lines[2] and len(lines) == 3
+    assert "storage unavailable: no disk" in storage_runs.table_lines({"unavailable": "no disk"})[2]
