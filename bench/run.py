@@ -23,6 +23,9 @@ each QEMU peer, so both see the same machine noise:
           --quick: 10 / 50): list
           time, watch fan-out to 1,000 watchers, scheduling throughput, a 100-node drain,
           the hand-off write's latency, controller RSS (bench/scale_runs.py)
+  storage a QEMU guest's 1 GiB disk moved to a local claim of the other node while it
+          writes 8 MiB/s (storage live migration), next to QEMU's own blockdev-mirror +
+          migration without vmferry (bench/storage_runs.py)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -54,7 +57,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import digest_bench, grpc_baseline, netns_runs, qemu, scale_runs, xcluster_runs
+from bench import (
+    digest_bench,
+    grpc_baseline,
+    netns_runs,
+    qemu,
+    scale_runs,
+    storage_runs,
+    xcluster_runs,
+)
 from bench.lab_runs import MISSING_FIELDS, LabBench, vm_manifest
 from bench.profile import Recorder, top_entries
 from bench.stats import (
@@ -75,7 +86,8 @@ DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 REPO = Path(__file__).resolve().parent.parent
 XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
 DIGEST = "digest"  # no lab (bench/digest_bench.py)
-SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, DIGEST]
+STORAGE = "storage"  # its own lab and QEMU guests (bench/storage_runs.py)
+SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, DIGEST, STORAGE]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
 SCALE = "scale"  # not in the default set: its own controllers and fleet, several minutes
 
@@ -561,6 +573,8 @@ def table(results: Obj) -> str:
         lines += xcluster_runs.table_lines(results[XCLUSTER])
     if results.get(DIGEST):
         lines += digest_bench.table_lines(results[DIGEST])
+    if results.get(STORAGE):
+        lines += storage_runs.table_lines(results[STORAGE])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
     if results.get(SCALE):
@@ -611,7 +625,9 @@ async def main_async(args: argparse.Namespace) -> Obj:
         results[DIGEST] = await asyncio.to_thread(
             digest_bench.run_digest, args.quick, args.runs, log
         )
-    lab_scenarios = [s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE)]
+    lab_scenarios = [
+        s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE, STORAGE)
+    ]
     if lab_scenarios:
         bench = LabBench(root, ha=args.ha)
         what = "3 controller replicas on etcd" if args.ha else "a controller"
@@ -647,6 +663,10 @@ async def main_async(args: argparse.Namespace) -> Obj:
     if SCALE in selected:
         sizes = ["tiny"] if args.quick else args.scale_size
         results[SCALE] = await scale_runs.run_scale(sizes, log, root / SCALE)
+    if STORAGE in selected:
+        results[STORAGE] = await storage_runs.run_storage(
+            args.quick, args.runs, not args.no_qemu and qemu.available(), root / STORAGE, log
+        )
     if NETNS in selected:
         with_qemu = not args.no_qemu and qemu.available()
         results["netns"] = await netns_runs.run_netns(

@@ -21,6 +21,7 @@ from typing import Any
 from controller import csr_signer
 from controller.network_controller import main_addresses
 from controller.store import Store
+from controller.volume_migration import exempt_claims, migrated_volumes
 from vmferry.decentralized import (
     RUN_STRATEGY_WAIT_AS_RECEIVER,
     gate_enabled,
@@ -152,7 +153,10 @@ class Admission:
         ns, name = claim["metadata"]["namespace"], claim["metadata"]["name"]
         vmis, _ = await self.store.list("VirtualMachineInstance", ns)
         for vmi in vmis:
-            if any(ref.claim == name for ref in claim_volumes(vmi.get("spec") or {})):
+            moving = {m.source_claim for m in migrated_volumes(vmi)}  # storage migration
+            if name in moving or any(
+                ref.claim == name for ref in claim_volumes(vmi.get("spec") or {})
+            ):
                 raise Invalid(
                     f'PersistentVolumeClaim "{name}" is in use by VirtualMachineInstance '
                     f'"{vmi["metadata"]["name"]}": stop the VM first'
@@ -262,15 +266,19 @@ class Admission:
                 f"{prefix}: cannot migrate: the VMI is not running "
                 f"(phase {status.get('phase') or VMIPhase.PENDING})"
             )
-        # The RWX rule, from the claims themselves (the condition may not be written yet).
+        # The RWX rule, from the claims themselves (the condition may not be written yet);
+        # the destination claims of a storage migration are exempt (volume_migration).
         claim_objs, _ = await self.store.list(PVC_KIND, ns)
+        exempt = exempt_claims(vmi)
         blocker = migration_blocker(
-            vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs}
+            vmi.get("spec") or {},
+            {c["metadata"]["name"]: c for c in claim_objs},
+            exempt=exempt,
         )
         if blocker is not None:
             raise Invalid(f"{prefix}: {blocker}")
         migratable = conditions.get(vmi, "LiveMigratable")
-        if migratable is not None and migratable.get("status") == "False":
+        if migratable is not None and migratable.get("status") == "False" and not exempt:
             raise Invalid(
                 f"{prefix}: cannot migrate: the VMI is not live-migratable: "
                 f"{migratable.get('message') or migratable.get('reason')}"

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller import migration_queue, migration_token, policy, scheduler
+from controller import migration_queue, migration_token, policy, scheduler, volume_migration
 from controller.admission import is_decentralized
 from controller.events import controller_recorder
 from controller.migration_events import MigrationEvents
@@ -70,6 +70,7 @@ from vmferry.migration_state import (
     raw,
 )
 from vmferry.objects import conditions, kinds
+from vmferry.volumes import PVC_KIND, required_node
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -277,6 +278,12 @@ class MigrationController:
             except NetworkUnusable as e:
                 await self._finish(vmim, MigrationPhase.FAILED, e.message)
                 return
+
+        # A storage migration to a local claim: the target is that claim's node.
+        claim_objs, _ = await self.store.list(PVC_KIND, vmim["metadata"]["namespace"])
+        local = required_node(vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs})
+        if local is not None:
+            nodes = [n for n in nodes if n["metadata"]["name"] == local]
 
         def placement_for(problem: Callable[[Obj], str | None] | None) -> scheduler.Placement:
             return scheduler.place(
@@ -509,6 +516,7 @@ class MigrationController:
         """Write the final ``phase``, the stream token's Secret deleted first (so a
         finished VMIM never leaves one behind), then collect old finished VMIMs."""
         await migration_token.delete_token_secret(self.store, vmim["metadata"]["uid"])
+        await self._settle_volumes(vmim, phase)
         status = vmim["status"]
         if ms is not None:
             status["migrationState"] = mirror_of(ms)
@@ -531,6 +539,19 @@ class MigrationController:
         if vmim["metadata"].get("deletionTimestamp"):
             await self._remove_finalizer(vmim)
         await self._collect_garbage(vmim)
+
+    async def _settle_volumes(self, vmim: Obj, phase: MigrationPhase) -> None:
+        """A storage migration ended: its VMI keeps the new claims, or goes back to the
+        source claims (``controller.volume_migration``)."""
+        if volume_migration.VOLUME_MIGRATION_LABEL not in (vmim["metadata"].get("labels") or {}):
+            return
+        vmi = await self._get_vmi(vmim["metadata"]["namespace"], vmim["spec"]["vmiName"])
+        if vmi is None:
+            return
+        ms = MigrationState.of(vmi)
+        if ms.migration_uid not in ("", vmim["metadata"]["uid"]) and ms.active:
+            return  # another migration moves it now
+        await volume_migration.settle(self.store, vmi, phase == MigrationPhase.SUCCEEDED)
 
     async def _collect_garbage(self, vmim: Obj) -> None:
         """Keep the KEEP_FINISHED newest finished migrations of a VMI; delete the rest.

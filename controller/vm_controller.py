@@ -25,6 +25,7 @@ from typing import Any
 from controller.events import controller_recorder
 from controller.objects import set_phase, write_status
 from controller.store import Store
+from controller.volume_migration import VolumeMigrator, migrated_volumes
 from vmferry.decentralized import (
     RESTORE_RUN_STRATEGY_ANNOTATION,
     RUN_STRATEGY_WAIT_AS_RECEIVER,
@@ -49,6 +50,8 @@ Obj = dict[str, Any]
 
 # What a receiving VM becomes once migrated when it has no restore annotation.
 DEFAULT_RESTORED_RUN_STRATEGY = "Always"
+# The VM condition saying why a change of its volumes was not carried out.
+VOLUMES_CHANGE = "VolumesChange"
 # KubeVirt's printableStatus of a VM waiting as the receiver of a migration.
 WAITING_FOR_RECEIVER = "WaitingForReceiver"
 
@@ -68,6 +71,7 @@ class VMController:
         self.vmis = vmis
         self.vmims = vmims
         self.queue = WorkQueue()
+        self.volumes = VolumeMigrator(store)  # updateVolumesStrategy: Migration
         vms.add_handler(lambda key, old, new: self.queue.add(key))
         vmis.add_handler(lambda key, old, new: self.queue.add(key))
         if vmims is not None:  # a migration that ended may release a VMI to replace
@@ -125,6 +129,7 @@ class VMController:
             RUN_STRATEGY_WAIT_AS_RECEIVER,
         ) and not vm["metadata"].get("deletionTimestamp")
         phase = ((vmi or {}).get("status") or {}).get("phase", "")
+        volumes_problem: str | None = None
         if receiving and vmi is not None and phase == VMIPhase.RUNNING:
             restored = await self._restore_run_strategy(vm)
             if restored is None:
@@ -159,10 +164,12 @@ class VMController:
             vmi = await self._create_vmi(vm, waiting=receiving)
         elif vmi is not None and want_running:
             await self._propagate_labels(vm, vmi)
+            # the VMI's own update re-queues this VM (its status follows then)
+            volumes_problem = await self.volumes.reconcile(vm, vmi)
         elif not want_running and vmi is not None and not vmi["metadata"].get("deletionTimestamp"):
             log.info("vm %s/%s: runStrategy %s: stopping its VMI", ns, name, strategy)
             await self._delete(vmi)
-        await self._update_status(vm, vmi)
+        await self._update_status(vm, vmi, volumes_problem)
 
     async def _propagate_labels(self, vm: Obj, vmi: Obj) -> None:
         """Template labels edited on a running VM reach its VMI (migration policies select
@@ -286,8 +293,23 @@ class VMController:
                 f"Stopped the virtual machine by deleting the virtual machine instance {vmi['metadata']['uid']}",
             )
 
-    async def _update_status(self, vm: Obj, vmi: Obj | None) -> None:
+    async def _update_status(
+        self, vm: Obj, vmi: Obj | None, volumes_problem: str | None = None
+    ) -> None:
         status = copy.deepcopy(vm.get("status") or {})
+        moving = [m.to_status() for m in migrated_volumes(vmi or {})]
+        if moving:  # a storage migration (controller.volume_migration)
+            status["volumeUpdateState"] = {"volumeMigrationState": {"migratedVolumes": moving}}
+        else:
+            status.pop("volumeUpdateState", None)
+        if volumes_problem is not None or conditions.get(vm, VOLUMES_CHANGE) is not None:
+            conditions.set_condition(
+                status,
+                VOLUMES_CHANGE,
+                volumes_problem is None,
+                "VolumeMigrationFailed" if volumes_problem else "VolumesUpToDate",
+                volumes_problem or "",
+            )
         vmi_status = (vmi or {}).get("status") or {}
         phase = vmi_status.get("phase", "")
         migrating = MigrationState.of(vmi or {}).active

@@ -29,6 +29,9 @@
  * Block 0 is left alone. After a migration, the records must run 0, 1, 2, ... without a
  * gap or a repeat (tests/support/guest_disk.py reads them). A failed write prints
  *     DISKERR seq=<n> errno=<e>
+ * Bulk disk writes (the storage bench): with memload.diskrate=<MiB/s> (default 0) each
+ * tick also writes rate * tick of data to the disk, one O_DIRECT write, cycling through
+ * memload.diskspan=<MiB> (default 256) from 64 MiB on (past the records).
  * Without modules or without a disk, the guest behaves as before.
  */
 #define _GNU_SOURCE
@@ -179,6 +182,8 @@ int main(void) {
     long fill_mib = param(cmdline, "memload.fill", 128);
     long rate_mib = param(cmdline, "memload.rate", 8);
     long tick_ms = param(cmdline, "memload.tick", 100);
+    long disk_rate_mib = param(cmdline, "memload.diskrate", 0);
+    long disk_span_mib = param(cmdline, "memload.diskspan", 256);
     if (tick_ms < 1) tick_ms = 1;
     size_t pages = (size_t)fill_mib * (1 << 20) / PAGE;
     if (pages < 1) pages = 1;
@@ -194,6 +199,20 @@ int main(void) {
     uint64_t *block = NULL;
     if (disk >= 0 && posix_memalign((void **)&block, PAGE, PAGE) != 0) disk = -1;
     if (disk >= 0) printf("memload: disk /dev/vda: one record per heartbeat\n");
+    /* bulk writes: a whole number of pages per tick, within the span */
+    uint64_t bulk_bytes = (uint64_t)disk_rate_mib * (1 << 20) * (uint64_t)tick_ms / 1000;
+    bulk_bytes -= bulk_bytes % PAGE;
+    uint64_t span = (uint64_t)disk_span_mib << 20, bulk_at = 0;
+    const off_t bulk_base = (off_t)64 << 20;
+    uint8_t *bulk = NULL;
+    if (disk < 0 || bulk_bytes == 0 || bulk_bytes > span ||
+        posix_memalign((void **)&bulk, PAGE, bulk_bytes) != 0)
+        bulk_bytes = 0;
+    if (bulk_bytes) {
+        for (uint64_t i = 0; i < bulk_bytes; i++) bulk[i] = (uint8_t)(i * 131 + 7);
+        printf("memload: disk: %ld MiB/s of bulk writes over %ld MiB\n", disk_rate_mib,
+               disk_span_mib);
+    }
     uint64_t t0 = now_ns();
     for (size_t i = 0; i < pages; i++) write_page((uint64_t *)(mem + i * PAGE), i, 0);
     printf("memload: filled %ld MiB in %.0f ms; dirtying %ld MiB/s, tick %ld ms\n", fill_mib,
@@ -230,6 +249,14 @@ int main(void) {
             disk_record(block, seq, t);
             if (pwrite(disk, block, PAGE, (off_t)((seq + 1) * PAGE)) != PAGE)
                 printf("DISKERR seq=%llu errno=%d\n", (unsigned long long)seq, errno);
+            if (bulk_bytes) {
+                if (bulk_at + bulk_bytes > span) bulk_at = 0;
+                ((uint64_t *)bulk)[0] = seq;
+                if (pwrite(disk, bulk, bulk_bytes, bulk_base + (off_t)bulk_at) !=
+                    (ssize_t)bulk_bytes)
+                    printf("DISKERR bulk seq=%llu errno=%d\n", (unsigned long long)seq, errno);
+                bulk_at += bulk_bytes;
+            }
         }
         printf("HB %llu %llu %.3f %llu %llu\n", (unsigned long long)seq++,
                (unsigned long long)t, (t - last) / 1e6, (unsigned long long)total,

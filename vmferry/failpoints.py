@@ -36,6 +36,7 @@ class Step(StrEnum):
     # target handler
     TARGET_COMMITTED = "target-committed"  # the decision taken here, the guest not resumed
     TARGET_RESUMED = "target-resumed"  # the guest resumed here, nodeName not yet published
+    TARGET_NBD = "target-nbd"  # a storage migration's NBD stream opened, no byte carried
     # post-copy: the guest runs on the target, pages still flow
     SOURCE_POSTCOPY = "source-postcopy"  # after the first post-copy batch was sent
     TARGET_POSTCOPY = "target-postcopy"  # after the first post-copy batch was applied

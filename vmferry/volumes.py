@@ -21,7 +21,7 @@ refused with the same message (:func:`migration_blocker`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -217,10 +217,17 @@ def unknown_share_message(claim: str) -> str:
     )
 
 
-def migration_blocker(vmi_spec: Mapping[str, Any], claims: Mapping[str, Obj]) -> str | None:
+def migration_blocker(
+    vmi_spec: Mapping[str, Any],
+    claims: Mapping[str, Obj],
+    exempt: Set[str] = frozenset(),
+) -> str | None:
     """KubeVirt's RWX rule: the message of the first volume whose claim is not shared
-    (``claims``: the namespace's PVC objects by name), None when every one is."""
+    (``claims``: the namespace's PVC objects by name), None when every one is.
+    ``exempt``: claims a storage migration copies (their disk moves with the guest)."""
     for ref in claim_volumes(vmi_spec):
+        if ref.claim in exempt:
+            continue
         obj = claims.get(ref.claim)
         if obj is None:
             return unknown_share_message(ref.claim)

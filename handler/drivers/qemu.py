@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from handler.drivers.base import (
     DriverError,
     EngineContext,
+    GuestError,
     GuestStartError,
     VMExistsError,
     VMHandle,
@@ -149,8 +150,22 @@ class QemuDriver:
         """The target of a migration: a shared disk is opened at the same path, inactive
         (``-incoming``); with ``late-block-activate`` (``qemu_target``) QEMU activates it
         only at ``cont``, after the source flushed and inactivated it and after the
-        hand-off was recorded."""
-        return await self.prepare_incoming(vm_id, self.spec_for(vmi, await self._disks(vmi)))
+        hand-off was recorded. A non-shared disk is the destination of a storage
+        migration: it is served to the source's mirror over NBD
+        (``handler.migration.storage``)."""
+        from handler.migration.storage import export_disks
+
+        handle = await self.prepare_incoming(vm_id, self.spec_for(vmi, await self._disks(vmi)))
+        try:
+            await export_disks(handle, self.nbd_socket(vm_id))
+        except GuestError as e:
+            await handle.destroy()
+            raise GuestStartError(f"VM {vm_id}: cannot export its disks over NBD: {e}") from None
+        return handle
+
+    def nbd_socket(self, vm_id: str) -> Path:
+        """The incoming QEMU's NBD server (the destination disks of a storage migration)."""
+        return self.sock_path(vm_id, "nbd")
 
     def source_engine(
         self, context: EngineContext, vmi: dict[str, Any], handle: VMHandle

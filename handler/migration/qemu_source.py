@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -41,6 +42,8 @@ from handler.migration.handoff import MigrationFailed
 from handler.migration.qemu_channel import TunnelChannel
 from handler.migration.qemu_plan import QemuPlan
 from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
+from handler.migration.storage import mirrored_disks
+from handler.migration.storage_source import StorageSource
 from handler.peers import PeerRegistry
 from vmferry import grpc_options, pki
 from vmferry.client import ApiClient
@@ -61,6 +64,7 @@ RESUMED_TIMEOUT = 30.0
 QEMU_ACTIVE = "active"
 QEMU_POSTCOPY_ACTIVE = "postcopy-active"
 QEMU_COMPLETED = "completed"
+QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover (storage migration)
 QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
 VERIFY_OFF = "off"
@@ -102,6 +106,7 @@ class QemuSourceMigration(SourceEngine):
         self._accept_error: BaseException | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._writers: list[asyncio.StreamWriter] = []
+        self.storage: StorageSource | None = None  # a storage migration's mirrored disks
 
     def _memory_bytes(self) -> int:
         return self.qemu.qspec.memory_bytes
@@ -126,6 +131,8 @@ class QemuSourceMigration(SourceEngine):
             w.close()
 
     async def _cleanup(self) -> None:
+        if self.storage is not None:
+            await self.storage.close()
         self._close_streams()
         if self._server is not None:
             self._server.close()
@@ -139,6 +146,10 @@ class QemuSourceMigration(SourceEngine):
         out = self.stats.as_status()
         out["verifyMode"] = self.verify
         out["repairedPages"] = self.repaired_pages
+        if self.storage is not None:
+            out["mirroredDisks"] = [d.name for d in self.storage.disks]
+            out["repairedDiskBlocks"] = self.storage.repaired_blocks
+            out["diskMirrorMilliseconds"] = round(self.storage.mirror_seconds * 1000)
         return out
 
     def _refresh_stats(self) -> None:
@@ -157,7 +168,10 @@ class QemuSourceMigration(SourceEngine):
         self._sock.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._accept, path=str(self._sock))
         h = self.qemu
-        await h.qmp("migrate-set-capabilities", {"capabilities": self.plan.capabilities()})
+        capabilities = self.plan.capabilities()
+        if await self._start_mirrors():
+            capabilities.append({"capability": "pause-before-switchover", "state": True})
+        await h.qmp("migrate-set-capabilities", {"capabilities": capabilities})
         await h.qmp("migrate-set-parameters", self.plan.parameters())
         await h.qmp("migrate", {"uri": f"unix:{self._sock}"})
         self.stats.first_byte_at = self.clock()
@@ -180,6 +194,62 @@ class QemuSourceMigration(SourceEngine):
         if self._accept_error is not None:
             raise self._accept_error
 
+    async def _start_mirrors(self) -> bool:
+        """A storage migration (``handler.migration.storage``): mirror the disks whose
+        volume names another claim now, until every mirror is ready. False: none."""
+        volumes = self.driver.volumes
+        if volumes is None or not self.qemu.qspec.disks:
+            return False
+        disks = mirrored_disks(
+            self.qemu.qspec.disks, self.vmi.get("spec") or {}, await volumes.claims(self.vmi)
+        )
+        if not disks:
+            return False
+        self.storage = StorageSource(
+            self.qemu,
+            disks,
+            self.driver.sock_path(f"{self.qemu.vm_id}.{self.uid[:8]}", "nbd"),
+            self._open_tunnel,
+            self._spawn,
+        )
+        await self.storage.start()
+        await self.storage.wait_ready(self._tick, self.clock, float(self.config.progress_timeout))
+        return True
+
+    def _tick(self) -> None:
+        self._check_abort()
+        self._report()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> object:
+        assert self._tg is not None
+        return self._tg.create_task(coro)
+
+    async def _open_tunnel(self, cid: int, nbd: bool) -> TunnelChannel:
+        """A new Tunnel stream to the target, opened; MigrationFailed."""
+        if self._grpc is None:
+            raise MigrationFailed("the migration is over")
+        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
+        await self._open(ch, nbd)
+        return ch
+
+    async def _open(self, ch: TunnelChannel, nbd: bool) -> None:
+        """Open → Opened on the stream; MigrationFailed."""
+        cid = ch.id
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await ch.write(pb.TunnelSourceFrame(open=self._open_frame(cid, nbd)))
+                first = await ch.call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
+                raise MigrationFailed(f"the target did not open tunnel channel {cid}")
+        except grpc.aio.AioRpcError as e:
+            ch.call.cancel()
+            raise MigrationFailed(
+                f"cannot open the tunnel to {self.target_address}: {rpc_problem(e)}"
+            ) from None
+        except TimeoutError:
+            ch.call.cancel()
+            raise MigrationFailed(f"the target {self.target_address} did not answer") from None
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One QEMU connection: open its Tunnel stream and pump both ways."""
         cid = len(self._channels)
@@ -187,22 +257,11 @@ class QemuSourceMigration(SourceEngine):
         if cid >= self.plan.channel_count or self._grpc is None or self._tg is None:
             writer.close()
             return
-        stub = tunnel_pb2_grpc.TunnelStub(self._grpc)
-        ch = TunnelChannel(cid, stub.Migrate())
+        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
         self._channels.append(ch)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await ch.write(pb.TunnelSourceFrame(open=self._open_frame(cid)))
-                first = await ch.call.read()
-            if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
-                raise MigrationFailed(f"the target did not open tunnel channel {cid}")
-        except (grpc.aio.AioRpcError, TimeoutError, MigrationFailed) as e:
-            if isinstance(e, grpc.aio.AioRpcError):
-                e = MigrationFailed(
-                    f"cannot open the tunnel to {self.target_address}: {rpc_problem(e)}"
-                )
-            elif isinstance(e, TimeoutError):
-                e = MigrationFailed(f"the target {self.target_address} did not answer")
+            await self._open(ch, False)
+        except MigrationFailed as e:
             self._accept_error = e
             self._channels_ready.set()
             writer.close()
@@ -212,7 +271,7 @@ class QemuSourceMigration(SourceEngine):
         if len(self._channels) == self.plan.channel_count:
             self._channels_ready.set()
 
-    def _open_frame(self, cid: int) -> pb.Open:
+    def _open_frame(self, cid: int, nbd: bool = False) -> pb.Open:
         return pb.Open(
             protocol_version=tunnel.TUNNEL_PROTOCOL_VERSION,
             migration_uid=self.uid,
@@ -223,6 +282,7 @@ class QemuSourceMigration(SourceEngine):
             page_size=tunnel.PAGE_SIZE,
             verify=tunnel.VERIFY_MODES[self.verify],
             postcopy=self.plan.postcopy,
+            nbd=nbd,
         )
 
     async def _pump_up(self, ch: TunnelChannel, reader: asyncio.StreamReader) -> None:
@@ -246,6 +306,12 @@ class QemuSourceMigration(SourceEngine):
             status = info.get("status", "")
             self._absorb(info)
             self._report()
+            if status == QEMU_PRE_SWITCHOVER and self.storage and not self.storage.completed:
+                t0 = self.clock()
+                await self.storage.complete()  # the guest is paused: mirrors complete
+                self.stats.downtime_parts["mirror_complete"] = self.clock() - t0
+                await h.qmp("migrate-continue", {"state": QEMU_PRE_SWITCHOVER})
+                continue
             if status == QEMU_COMPLETED:
                 self.completed_in_qemu = True
                 self.stats.last_byte_at = self.clock()
@@ -263,6 +329,8 @@ class QemuSourceMigration(SourceEngine):
                 if ch.error is not None:
                     await self._cancel_qemu()
                     raise ch.error
+            if self.storage is not None:
+                self.storage.check()
             if self.abort_requested.is_set() and self.mode is MigrationMode.POST_COPY:
                 log.warning("migration %s: cancel refused: in post-copy", self.uid)
             elif self.abort_requested.is_set():
@@ -383,6 +451,7 @@ class QemuSourceMigration(SourceEngine):
             received += len(frame.digests.digests) // qemu_verify.DIGEST_BYTES
             if frame.digests.last:
                 break
+        disk_ends = await self.storage.verify(ch0, self.verify) if self.storage else []
         try:
             target = qemu_verify.digests_from_bytes(b"".join(chunks), pages)
         except ValueError as e:
@@ -415,7 +484,9 @@ class QemuSourceMigration(SourceEngine):
         await ch0.write(
             pb.TunnelSourceFrame(
                 repair_end=pb.RepairEnd(
-                    pages=int(diff.size), digests=qemu_verify.digests_to_bytes(source[diff])
+                    pages=int(diff.size),
+                    digests=qemu_verify.digests_to_bytes(source[diff]),
+                    disks=disk_ends,
                 )
             )
         )

@@ -32,6 +32,7 @@ import numpy as np
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
+from handler.migration import storage
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.peer import abort
 from handler.migration.restart_record import RestartRecord
@@ -46,6 +47,7 @@ from handler.migration.tunnel import (
     ProtocolError,
 )
 from handler.peers import no_postcopy
+from vmferry import failpoints
 from vmferry.rpc import tunnel_pb2 as pb
 from vmferry.rpc import tunnel_pb2_grpc
 
@@ -68,6 +70,8 @@ class TunnelState:
     started: bool = False
     start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     repaired: list[qemu_verify.PageDigests] = field(default_factory=list)  # their new digests
+    # a storage migration: the repaired blocks' new digests, per mirrored disk
+    disk_repaired: dict[str, list[qemu_verify.PageDigests]] = field(default_factory=dict)
 
 
 class TunnelService(tunnel_pb2_grpc.TunnelServicer):
@@ -106,6 +110,10 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             what="QEMU migration",
         )
         hello = first.open
+        if state is None:  # an NBD connection of a storage migration
+            async for nbd_reply in self._nbd_stream(inc, frames, context):
+                yield nbd_reply
+            return
         cid = hello.channel_id
         out: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue(maxsize=64)
         try:
@@ -140,13 +148,23 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 if not inc.state.decided:
                     log.info("migration %s: tunnel channel 0 closed", inc.migration_uid)
 
-    def _check_open(self, inc: IncomingMigration, hello: pb.Open) -> TunnelState:
+    def _check_open(self, inc: IncomingMigration, hello: pb.Open) -> TunnelState | None:
+        """The migration's TunnelState for a migration channel; None for an NBD one."""
         assert isinstance(inc.handle, QemuHandle)
         if hello.protocol_version != TUNNEL_PROTOCOL_VERSION:
             raise ProtocolError(
                 f"tunnel protocol version {hello.protocol_version} is not supported "
                 f"(this handler speaks {TUNNEL_PROTOCOL_VERSION})"
             )
+        if hello.nbd:
+            if not storage.exported_disks(inc.handle.qspec.disks):
+                raise ProtocolError(
+                    "an NBD channel, but the target has no disk to receive (every volume "
+                    "of the VMI is shared, or the VMI has none)"
+                )
+            if inc.state is TargetState.AWAITING_HELLO:
+                inc.move(TargetState.RECEIVING, "Open (NBD)")
+            return None
         if hello.postcopy and inc.peer_cluster:
             raise ProtocolError(no_postcopy(inc.migration_uid, inc.peer_cluster))
         if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
@@ -178,6 +196,66 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         if inc.state is TargetState.AWAITING_HELLO:
             inc.move(TargetState.RECEIVING, "Open")
         return state
+
+    async def _nbd_stream(
+        self,
+        inc: IncomingMigration,
+        frames: AsyncIterator[pb.TunnelSourceFrame],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.TunnelTargetFrame]:
+        """One NBD connection of the source QEMU's mirror, to the incoming QEMU's NBD
+        server: bytes both ways until either side closes; Abort aborts the migration."""
+        assert isinstance(inc.handle, QemuHandle)
+        socket = self.driver.nbd_socket(inc.handle.vm_id)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(str(socket))
+        except (OSError, TimeoutError) as e:
+            reason = f"the target QEMU's NBD server did not accept the mirror: {e}"
+            await self.incoming.on_abort(inc, reason)
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        yield pb.TunnelTargetFrame(opened=pb.Opened())
+        failpoints.hit(failpoints.Step.TARGET_NBD)
+        out: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue(maxsize=64)
+
+        async def upstream() -> None:
+            try:
+                async for frame in frames:
+                    kind = frame.WhichOneof("frame")
+                    if kind == "data":
+                        writer.write(frame.data.data)
+                        await writer.drain()
+                        inc.bytes_received += len(frame.data.data)
+                    elif kind == "data_end":
+                        if writer.can_write_eof():
+                            with contextlib.suppress(OSError):
+                                writer.write_eof()
+                    elif kind == "abort":
+                        await self.incoming.on_abort(inc, frame.abort.reason)
+                        return
+                    else:
+                        raise ProtocolError(f"unexpected frame {kind!r} on an NBD channel")
+            except (ConnectionError, OSError) as e:
+                await out.put(pb.TunnelTargetFrame(failure=pb.Failure(reason=f"NBD: {e}")))
+            finally:
+                await out.put(None)
+
+        pump = asyncio.create_task(self._downstream(reader, out))
+        handler = asyncio.create_task(upstream())
+        try:
+            while True:
+                reply = await out.get()
+                if reply is None:
+                    break
+                yield reply
+            await handler
+        except ProtocolError as e:
+            await self.incoming.on_abort(inc, f"protocol error: {e}")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            pump.cancel()
+            handler.cancel()
+            writer.close()
 
     async def _connect(
         self, state: TunnelState, cid: int, postcopy: bool
@@ -301,24 +379,16 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             if time.monotonic() > deadline:
                 raise GuestError(f"the target QEMU did not finish loading ({status})")
             await asyncio.sleep(0.01)
+        disks = storage.exported_disks(h.qspec.disks)
+        if disks:  # the mirrors completed before the source continued: nothing writes now
+            await storage.unexport_disks(h, self.driver.nbd_socket(h.vm_id))
         state.inc.verified_at = time.monotonic()
         if state.verify == pb.VERIFY_MODE_OFF:
             await self._mark_verified(state.inc)
             return [pb.TunnelTargetFrame(verified=pb.Verified(match=True, detail="verify: off"))]
-        digests = await qemu_verify.page_digests_async(h.ram())
-        replies = []
-        blob = qemu_verify.digests_to_bytes(digests)
-        step = DIGEST_FRAME_PAGES * qemu_verify.DIGEST_BYTES
-        for first in range(0, len(blob), step):
-            replies.append(
-                pb.TunnelTargetFrame(
-                    digests=pb.Digests(
-                        first_page=first // qemu_verify.DIGEST_BYTES,
-                        digests=blob[first : first + step],
-                        last=first + step >= len(blob),
-                    )
-                )
-            )
+        replies = _digest_frames(await qemu_verify.page_digests_async(h.ram()), "")
+        for _, disk in disks:
+            replies += _digest_frames(await storage.image_digests(disk.path), disk.name)
         return replies
 
     async def _repair(
@@ -332,6 +402,9 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             if len(blob) % 4:
                 raise ProtocolError("Repair.indices is not a multiple of 4 bytes")
             idx = np.frombuffer(blob, dtype="<u4").astype(np.int64)
+            if frame.repair.disk:
+                await self._repair_disk(state, frame.repair.disk, idx, frame.repair.payload)
+                return None
             if idx.size and int(idx.max()) >= pages:
                 raise ProtocolError(f"repair page {int(idx.max())} out of bounds ({pages} pages)")
             try:
@@ -356,6 +429,18 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             if match
             else "repaired pages still differ from the source"
         )
+        for disk_end in end.disks:
+            repaired = state.disk_repaired.get(disk_end.disk) or []
+            got = np.concatenate(repaired) if repaired else np.empty((0, 2), dtype=np.uint64)
+            try:
+                expected = qemu_verify.digests_from_bytes(disk_end.digests, int(disk_end.blocks))
+            except ValueError as e:
+                raise ProtocolError(f"disk {disk_end.disk}: {e}") from None
+            if len(got) != disk_end.blocks or not bool((got == expected).all()):
+                match = False
+                detail = f'the repaired blocks of disk "{disk_end.disk}" still differ'
+            elif disk_end.blocks:
+                detail += f', {disk_end.blocks} block(s) of disk "{disk_end.disk}" repaired'
         if match:
             await self._mark_verified(state.inc)
         else:
@@ -370,6 +455,20 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             )
         )
 
+    async def _repair_disk(
+        self, state: TunnelState, name: str, idx: np.ndarray, payload: bytes
+    ) -> None:
+        disk = next(
+            (d for _, d in storage.exported_disks(state.handle.qspec.disks) if d.name == name), None
+        )
+        if disk is None:
+            raise ProtocolError(f'Repair of disk "{name}", which this migration does not mirror')
+        try:
+            new = await asyncio.to_thread(storage.write_blocks, disk.path, idx, payload)
+        except ValueError as e:
+            raise ProtocolError(f'disk "{name}": {e}') from None
+        state.disk_repaired.setdefault(name, []).append(new)
+
     async def _mark_verified(self, inc: IncomingMigration) -> None:
         """Verified, once the restart record is on disk (the device state travels in
         QEMU's stream: the record holds none)."""
@@ -380,3 +479,20 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             await written
         inc.move(TargetState.VERIFIED, "a verified memory")
         inc.verified_at = time.monotonic()
+
+
+def _digest_frames(digests: qemu_verify.PageDigests, disk: str) -> list[pb.TunnelTargetFrame]:
+    """Digests frames of the RAM (``disk`` empty) or of a mirrored disk's blocks."""
+    blob = qemu_verify.digests_to_bytes(digests)
+    step = DIGEST_FRAME_PAGES * qemu_verify.DIGEST_BYTES
+    return [
+        pb.TunnelTargetFrame(
+            digests=pb.Digests(
+                first_page=first // qemu_verify.DIGEST_BYTES,
+                digests=blob[first : first + step],
+                last=first + step >= len(blob),
+                disk=disk,
+            )
+        )
+        for first in range(0, len(blob), step)
+    ]

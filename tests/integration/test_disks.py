@@ -77,11 +77,11 @@ def with_disk(vm: dict[str, Any], claim_name: str) -> dict[str, Any]:
     return vm
 
 
-def qemu_vm() -> str:
-    vm = {
+def qemu_vm(name: str = QEMU_VM, claim_name: str = "shared-data", **spec: Any) -> str:
+    vm: dict[str, Any] = {
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachine",
-        "metadata": {"name": QEMU_VM},
+        "metadata": {"name": name},
         "spec": {
             "runStrategy": "Always",
             "template": {
@@ -100,7 +100,8 @@ def qemu_vm() -> str:
             },
         },
     }
-    return json.dumps(with_disk(vm, "shared-data"))
+    vm["spec"].update(spec)
+    return json.dumps(with_disk(vm, claim_name))
 
 
 def qemu_guests(lab: LabHarness, uid: str) -> list[tuple[str, dict[str, Any]]]:
@@ -370,3 +371,154 @@ def test_missing_image_is_reported_and_claim_in_use_kept(
     lab.cli("delete", "vm", "nodisk", timeout=60)
     lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", "nodisk") is None, timeout=60)
     lab.cli("delete", "pvc", "vanishing")
+
+
+SMIG_VM = "smig"
+
+
+@pytest.fixture(scope="module")
+def smig(lab: LabHarness, storage: dict[str, Path]) -> Iterator[dict[str, Any]]:
+    """A QEMU guest with updateVolumesStrategy Migration on a local claim of node1, and
+    two empty local claims on node2 to move it to; {uid, image}."""
+    lab.apply(
+        manifest(
+            "StorageClass",
+            "local2",
+            provisioner="vmferry.io/local",
+            parameters={"path": str(lab.root / "node2-local"), "node": "node2"},
+        )
+    )
+    lab.apply(claim("smig-src", "ReadWriteOnce", "local"))
+    for name in ("smig-a", "smig-b"):
+        lab.apply(claim(name, "ReadWriteOnce", "local2"))
+    lab.apply(qemu_vm(SMIG_VM, "smig-src", updateVolumesStrategy="Migration"))
+    try:
+        vmi = lab.wait_vmi_running(SMIG_VM, timeout=120)
+        assert vmi["status"]["nodeName"] == "node1"
+        image = Path(lab.get("pvc", "smig-src")["status"]["imagePath"])
+        lab.wait_for(
+            "the guest to write disk records",
+            lambda: read_records(image).count > 20,
+            timeout=150,
+            interval=1,
+        )
+        yield {"uid": vmi["metadata"]["uid"], "image": image}
+    finally:
+        lab.cli("delete", "vm", SMIG_VM, check=False, timeout=90)
+        lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", SMIG_VM) is None, timeout=90)
+        for name in ("smig-src", "smig-a", "smig-b"):
+            lab.cli("delete", "pvc", name, check=False)
+
+
+def _migration_uid(lab: LabHarness) -> str:
+    ms = (lab.get("vmi", SMIG_VM).get("status") or {}).get("migrationState") or {}
+    return str(ms.get("migrationUid") or "")
+
+
+def _volume_migration_ended(lab: LabHarness, before: str) -> dict[str, Any] | None:
+    """The VMI's status once a storage migration after ``before`` (a migration uid)
+    failed, or succeeded and settled."""
+    status: dict[str, Any] = lab.get("vmi", SMIG_VM).get("status") or {}
+    ms = status.get("migrationState") or {}
+    if ms.get("migrationUid", "") == before:
+        return None
+    done = ms.get("completed") and status.get("nodeName") == "node2"
+    return status if ms.get("failed") or (done and not status.get("migratedVolumes")) else None
+
+
+@pytest.mark.timeout(300)
+def test_storage_migration_failure_keeps_the_guest_on_its_claim(
+    lab: LabHarness, smig: dict[str, Any]
+) -> None:
+    """The target handler dies as the mirror's NBD stream opens: the migration fails, the
+    mirror is cleaned up on the source, the VMI is back on its source claim, the same
+    change is not retried (the VM says why), and the guest writes on, on the source."""
+    lab.restart("node2", "target-nbd")
+    before = _migration_uid(lab)
+    try:
+        lab.apply(qemu_vm(SMIG_VM, "smig-a", updateVolumesStrategy="Migration"))
+        status = lab.wait_for(
+            "the migration to fail", lambda: _volume_migration_ended(lab, before), timeout=150
+        )
+    finally:
+        lab.restart("node2")
+    assert status["migrationState"].get("failed"), status["migrationState"]
+    print(f"failed as expected: {status['migrationState'].get('failureReason')}")
+    vmi = lab.get("vmi", SMIG_VM)
+    assert vmi["status"]["nodeName"] == "node1"
+    assert vmi["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "smig-src"
+    assert "migratedVolumes" not in vmi["status"]
+
+    def volumes_change() -> dict[str, Any] | None:
+        conds = (lab.get("vm", SMIG_VM).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "VolumesChange"), None)
+
+    cond = lab.wait_for("the VM to say why", volumes_change, timeout=30)
+    assert cond["status"] == "False" and "failed" in cond["message"], cond
+    lab.wait_for(
+        "one QEMU, on the source",
+        lambda: [n for n, _ in qemu_guests(lab, smig["uid"])] == ["node1"],
+        timeout=60,
+    )
+    _records_grow(smig["image"], read_records(smig["image"]).count)
+
+
+@pytest.mark.timeout(300)
+def test_storage_migration_to_a_local_claim_on_the_target(
+    lab: LabHarness, smig: dict[str, Any]
+) -> None:
+    """updateVolumesStrategy: Migration (KubeVirt's volume migration): the VM's volume is
+    edited to a new local claim on the other node; the disk is mirrored there while the
+    guest writes, memory follows, the disk digests match at the switchover; the records
+    run on, on the new image, without a gap or a repeat."""
+    uid, source_image = smig["uid"], smig["image"]
+    (source_record,) = [r for n, r in qemu_guests(lab, uid) if n == "node1"]
+    last_on_source: list[int] = []
+    stop = threading.Event()
+    tail = threading.Thread(
+        target=_follow_heartbeats, args=(source_record, last_on_source, stop), daemon=True
+    )
+    tail.start()
+    started = time.monotonic()
+    before = _migration_uid(lab)
+    try:
+        lab.apply(qemu_vm(SMIG_VM, "smig-b", updateVolumesStrategy="Migration"))
+        status = lab.wait_for(
+            "the storage migration", lambda: _volume_migration_ended(lab, before), timeout=240
+        )
+    finally:
+        stop.set()
+        tail.join(5)
+    assert not status["migrationState"].get("failed"), status["migrationState"]
+    transfer = status["migrationState"]["transfer"]
+    print(
+        f"storage migration: {time.monotonic() - started:.1f}s, mirror "
+        f"{transfer.get('diskMirrorMilliseconds')} ms, downtime "
+        f"{transfer.get('downtimeMilliseconds')} ms "
+        f"{transfer.get('downtimePartsMilliseconds')}, repaired blocks "
+        f"{transfer.get('repairedDiskBlocks')}, repaired pages "
+        f"{transfer.get('repairedPages')}"
+    )
+    assert transfer["mirroredDisks"] == ["data"], transfer
+    assert transfer["digestVerified"] is True, transfer
+    vmi = lab.get("vmi", SMIG_VM)
+    assert vmi["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "smig-b"
+    vmims = json.loads(lab.cli("get", "vmim", "-o", "json").stdout)["items"]
+    ours = [m for m in vmims if m["metadata"]["name"].startswith(f"{SMIG_VM}-volume-")]
+    finals = [lab.wait_vmim_final(m["metadata"]["name"])["status"]["phase"] for m in ours]
+    assert sorted(finals) == ["Failed", "Succeeded"], finals
+    vm_status = lab.get("vm", SMIG_VM)["status"]
+    assert "volumeUpdateState" not in vm_status, vm_status
+    dest_image = Path(lab.get("pvc", "smig-b")["status"]["imagePath"])
+    assert dest_image.parent.parent == lab.root / "node2-local"
+    running = qemu_guests(lab, uid)
+    assert [n for n, _ in running] == ["node2"], running
+    assert [d["path"] for d in running[0][1]["spec"]["disks"]] == [str(dest_image)]
+    copied = read_records(source_image).count  # the source image stopped at the switchover
+    after = _records_grow(dest_image, copied)  # on the copy, in place, no gap
+    text = console(running[0][1])
+    assert "DISKERR" not in text and "CORRUPT" not in text, text[-2000:]
+    first_on_target = int(HB.findall(text)[0])
+    assert last_on_source and first_on_target > last_on_source[-1], (last_on_source, text[:300])
+    assert copied < after, (copied, after)
+    print(f"disk records: {copied} on the source image, {after} on the destination")

@@ -96,6 +96,7 @@ class FakeQemu:
 @dataclass
 class FakeDriver:
     directory: Path
+    volumes: None = None  # no claim volumes: no storage migration
 
     def sock_path(self, vm_id: str, suffix: str) -> Path:
         return self.directory / f"{vm_id}.{suffix}"

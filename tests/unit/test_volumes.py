@@ -133,9 +133,11 @@ def test_schema_refuses_bad_claims_classes_and_volumes() -> None:
         "metadata": {"name": "vm", "namespace": NS},
         "spec": {"updateVolumesStrategy": "Migration", "template": {"spec": vmi_spec("a")}},
     }
-    assert "storage live migration is not supported yet" in invalid(vm)
+    validate(vm)  # storage live migration (controller/volume_migration.py)
     vm["spec"]["updateVolumesStrategy"] = "Replacement"
     validate(vm)
+    vm["spec"]["updateVolumesStrategy"] = "Copy"
+    assert "updateVolumesStrategy" in invalid(vm)
     validate(vmi("vm", "a"))  # and the good one passes
     validate(pvc("x", dataSource={"kind": "ImageFile", "apiGroup": "vmferry.io", "path": "/i.img"}))
 

@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmferry/rpc/tunnel.proto\x12\x11vmferry.tunnel.v1\"\xdb\x01\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmigration_uid\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nchannel_id\x18\x04 \x01(\r\x12\x15\n\rchannel_count\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12-\n\x06verify\x18\x08 \x01(\x0e\x32\x1d.vmferry.tunnel.v1.VerifyMode\x12\x10\n\x08postcopy\x18\t \x01(\x08\"\x14\n\x04\x44\x61ta\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\t\n\x07\x44\x61taEnd\"C\n\tCompleted\x12\x18\n\x10qemu_downtime_ms\x18\x01 \x01(\x04\x12\x1c\n\x14last_console_unix_ns\x18\x02 \x01(\x03\"*\n\x06Repair\x12\x0f\n\x07indices\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\tRepairEnd\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\"\x08\n\x06\x43ommit\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8a\x03\n\x11TunnelSourceFrame\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.vmferry.tunnel.v1.OpenH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.vmferry.tunnel.v1.DataH\x00\x12.\n\x08\x64\x61ta_end\x18\x03 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DataEndH\x00\x12\x31\n\tcompleted\x18\x04 \x01(\x0b\x32\x1c.vmferry.tunnel.v1.CompletedH\x00\x12+\n\x06repair\x18\x05 \x01(\x0b\x32\x19.vmferry.tunnel.v1.RepairH\x00\x12\x32\n\nrepair_end\x18\x06 \x01(\x0b\x32\x1c.vmferry.tunnel.v1.RepairEndH\x00\x12+\n\x06\x63ommit\x18\x07 \x01(\x0b\x32\x19.vmferry.tunnel.v1.CommitH\x00\x12)\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x18.vmferry.tunnel.v1.AbortH\x00\x42\x07\n\x05\x66rame\"\x1c\n\x06Opened\x12\x12\n\nchannel_id\x18\x01 \x01(\r\"<\n\x07\x44igests\x12\x12\n\nfirst_page\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"Y\n\x08Verified\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x16\n\x0erepaired_pages\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x16\n\x0everify_seconds\x18\x04 \x01(\x01\"7\n\x07Resumed\x12\x16\n\x0eresume_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cguest_gap_ms\x18\x02 \x01(\x01\"\x19\n\x07\x46\x61ilure\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xe0\x02\n\x11TunnelTargetFrame\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.vmferry.tunnel.v1.OpenedH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.vmferry.tunnel.v1.DataH\x00\x12.\n\x08\x64\x61ta_end\x18\x03 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DataEndH\x00\x12-\n\x07\x64igests\x18\x04 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DigestsH\x00\x12/\n\x08verified\x18\x05 \x01(\x0b\x32\x1b.vmferry.tunnel.v1.VerifiedH\x00\x12-\n\x07resumed\x18\x06 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.ResumedH\x00\x12-\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.FailureH\x00\x42\x07\n\x05\x66rame*n\n\nVerifyMode\x12\x1b\n\x17VERIFY_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERIFY_MODE_OFF\x10\x01\x12\x16\n\x12VERIFY_MODE_DETECT\x10\x02\x12\x16\n\x12VERIFY_MODE_REPAIR\x10\x03\x32\x63\n\x06Tunnel\x12Y\n\x07Migrate\x12$.vmferry.tunnel.v1.TunnelSourceFrame\x1a$.vmferry.tunnel.v1.TunnelTargetFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmferry/rpc/tunnel.proto\x12\x11vmferry.tunnel.v1\"\xe8\x01\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rmigration_uid\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nchannel_id\x18\x04 \x01(\r\x12\x15\n\rchannel_count\x18\x05 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12-\n\x06verify\x18\x08 \x01(\x0e\x32\x1d.vmferry.tunnel.v1.VerifyMode\x12\x10\n\x08postcopy\x18\t \x01(\x08\x12\x0b\n\x03nbd\x18\n \x01(\x08\"\x14\n\x04\x44\x61ta\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\t\n\x07\x44\x61taEnd\"C\n\tCompleted\x12\x18\n\x10qemu_downtime_ms\x18\x01 \x01(\x04\x12\x1c\n\x14last_console_unix_ns\x18\x02 \x01(\x03\"8\n\x06Repair\x12\x0f\n\x07indices\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\"\\\n\tRepairEnd\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\x12/\n\x05\x64isks\x18\x03 \x03(\x0b\x32 .vmferry.tunnel.v1.DiskRepairEnd\">\n\rDiskRepairEnd\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x03 \x01(\x0c\"\x08\n\x06\x43ommit\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8a\x03\n\x11TunnelSourceFrame\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.vmferry.tunnel.v1.OpenH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.vmferry.tunnel.v1.DataH\x00\x12.\n\x08\x64\x61ta_end\x18\x03 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DataEndH\x00\x12\x31\n\tcompleted\x18\x04 \x01(\x0b\x32\x1c.vmferry.tunnel.v1.CompletedH\x00\x12+\n\x06repair\x18\x05 \x01(\x0b\x32\x19.vmferry.tunnel.v1.RepairH\x00\x12\x32\n\nrepair_end\x18\x06 \x01(\x0b\x32\x1c.vmferry.tunnel.v1.RepairEndH\x00\x12+\n\x06\x63ommit\x18\x07 \x01(\x0b\x32\x19.vmferry.tunnel.v1.CommitH\x00\x12)\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x18.vmferry.tunnel.v1.AbortH\x00\x42\x07\n\x05\x66rame\"\x1c\n\x06Opened\x12\x12\n\nchannel_id\x18\x01 \x01(\r\"J\n\x07\x44igests\x12\x12\n\nfirst_page\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64isk\x18\x04 \x01(\t\"Y\n\x08Verified\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x16\n\x0erepaired_pages\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x16\n\x0everify_seconds\x18\x04 \x01(\x01\"7\n\x07Resumed\x12\x16\n\x0eresume_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cguest_gap_ms\x18\x02 \x01(\x01\"\x19\n\x07\x46\x61ilure\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xe0\x02\n\x11TunnelTargetFrame\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.vmferry.tunnel.v1.OpenedH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.vmferry.tunnel.v1.DataH\x00\x12.\n\x08\x64\x61ta_end\x18\x03 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DataEndH\x00\x12-\n\x07\x64igests\x18\x04 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.DigestsH\x00\x12/\n\x08verified\x18\x05 \x01(\x0b\x32\x1b.vmferry.tunnel.v1.VerifiedH\x00\x12-\n\x07resumed\x18\x06 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.ResumedH\x00\x12-\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x1a.vmferry.tunnel.v1.FailureH\x00\x42\x07\n\x05\x66rame*n\n\nVerifyMode\x12\x1b\n\x17VERIFY_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERIFY_MODE_OFF\x10\x01\x12\x16\n\x12VERIFY_MODE_DETECT\x10\x02\x12\x16\n\x12VERIFY_MODE_REPAIR\x10\x03\x32\x63\n\x06Tunnel\x12Y\n\x07Migrate\x12$.vmferry.tunnel.v1.TunnelSourceFrame\x1a$.vmferry.tunnel.v1.TunnelTargetFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmferry.rpc.tunnel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFYMODE']._serialized_start=1514
-  _globals['_VERIFYMODE']._serialized_end=1624
+  _globals['_VERIFYMODE']._serialized_start=1668
+  _globals['_VERIFYMODE']._serialized_end=1778
   _globals['_OPEN']._serialized_start=48
-  _globals['_OPEN']._serialized_end=267
-  _globals['_DATA']._serialized_start=269
-  _globals['_DATA']._serialized_end=289
-  _globals['_DATAEND']._serialized_start=291
-  _globals['_DATAEND']._serialized_end=300
-  _globals['_COMPLETED']._serialized_start=302
-  _globals['_COMPLETED']._serialized_end=369
-  _globals['_REPAIR']._serialized_start=371
-  _globals['_REPAIR']._serialized_end=413
-  _globals['_REPAIREND']._serialized_start=415
-  _globals['_REPAIREND']._serialized_end=458
-  _globals['_COMMIT']._serialized_start=460
-  _globals['_COMMIT']._serialized_end=468
-  _globals['_ABORT']._serialized_start=470
-  _globals['_ABORT']._serialized_end=493
-  _globals['_TUNNELSOURCEFRAME']._serialized_start=496
-  _globals['_TUNNELSOURCEFRAME']._serialized_end=890
-  _globals['_OPENED']._serialized_start=892
-  _globals['_OPENED']._serialized_end=920
-  _globals['_DIGESTS']._serialized_start=922
-  _globals['_DIGESTS']._serialized_end=982
-  _globals['_VERIFIED']._serialized_start=984
-  _globals['_VERIFIED']._serialized_end=1073
-  _globals['_RESUMED']._serialized_start=1075
-  _globals['_RESUMED']._serialized_end=1130
-  _globals['_FAILURE']._serialized_start=1132
-  _globals['_FAILURE']._serialized_end=1157
-  _globals['_TUNNELTARGETFRAME']._serialized_start=1160
-  _globals['_TUNNELTARGETFRAME']._serialized_end=1512
-  _globals['_TUNNEL']._serialized_start=1626
-  _globals['_TUNNEL']._serialized_end=1725
+  _globals['_OPEN']._serialized_end=280
+  _globals['_DATA']._serialized_start=282
+  _globals['_DATA']._serialized_end=302
+  _globals['_DATAEND']._serialized_start=304
+  _globals['_DATAEND']._serialized_end=313
+  _globals['_COMPLETED']._serialized_start=315
+  _globals['_COMPLETED']._serialized_end=382
+  _globals['_REPAIR']._serialized_start=384
+  _globals['_REPAIR']._serialized_end=440
+  _globals['_REPAIREND']._serialized_start=442
+  _globals['_REPAIREND']._serialized_end=534
+  _globals['_DISKREPAIREND']._serialized_start=536
+  _globals['_DISKREPAIREND']._serialized_end=598
+  _globals['_COMMIT']._serialized_start=600
+  _globals['_COMMIT']._serialized_end=608
+  _globals['_ABORT']._serialized_start=610
+  _globals['_ABORT']._serialized_end=633
+  _globals['_TUNNELSOURCEFRAME']._serialized_start=636
+  _globals['_TUNNELSOURCEFRAME']._serialized_end=1030
+  _globals['_OPENED']._serialized_start=1032
+  _globals['_OPENED']._serialized_end=1060
+  _globals['_DIGESTS']._serialized_start=1062
+  _globals['_DIGESTS']._serialized_end=1136
+  _globals['_VERIFIED']._serialized_start=1138
+  _globals['_VERIFIED']._serialized_end=1227
+  _globals['_RESUMED']._serialized_start=1229
+  _globals['_RESUMED']._serialized_end=1284
+  _globals['_FAILURE']._serialized_start=1286
+  _globals['_FAILURE']._serialized_end=1311
+  _globals['_TUNNELTARGETFRAME']._serialized_start=1314
+  _globals['_TUNNELTARGETFRAME']._serialized_end=1666
+  _globals['_TUNNEL']._serialized_start=1780
+  _globals['_TUNNEL']._serialized_end=1879
 # @@protoc_insertion_point(module_scope)

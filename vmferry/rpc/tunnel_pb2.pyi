@@ -3,8 +3,10 @@
 isort:skip_file
 its own package: message names like Verified differ from migration.proto's"""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -51,6 +53,7 @@ class Open(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
     POSTCOPY_FIELD_NUMBER: _builtins.int
+    NBD_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     migration_uid: _builtins.str
     token: _builtins.str
@@ -61,6 +64,10 @@ class Open(_message.Message):
     verify: Global___VerifyMode.ValueType
     postcopy: _builtins.bool
     """postcopy-ram is enabled on the source (set it on the target too)"""
+    nbd: _builtins.bool
+    """This stream is an NBD connection of a storage migration (to the target QEMU's NBD
+    server), not a migration channel: channel_id/channel_count are ignored on it.
+    """
     def __init__(
         self,
         *,
@@ -73,10 +80,11 @@ class Open(_message.Message):
         page_size: _builtins.int = ...,
         verify: Global___VerifyMode.ValueType = ...,
         postcopy: _builtins.bool = ...,
+        nbd: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "page_size", b"page_size", "postcopy", b"postcopy", "protocol_version", b"protocol_version", "token", b"token", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "nbd", b"nbd", "page_size", b"page_size", "postcopy", b"postcopy", "protocol_version", b"protocol_version", "token", b"token", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -146,19 +154,23 @@ class Repair(_message.Message):
 
     INDICES_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
     indices: _builtins.bytes
     """little-endian uint32 page indices"""
     payload: _builtins.bytes
     """len(indices)/4 pages, raw"""
+    disk: _builtins.str
+    """a mirrored disk's volume name (blocks of 4 KiB); empty = RAM"""
     def __init__(
         self,
         *,
         indices: _builtins.bytes = ...,
         payload: _builtins.bytes = ...,
+        disk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk", b"disk", "indices", b"indices", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,23 +182,56 @@ class RepairEnd(_message.Message):
 
     PAGES_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
     pages: _builtins.int
     """pages sent in Repair frames"""
     digests: _builtins.bytes
     """the source's digests of those pages, in the same order"""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskRepairEnd]:
+        """the repaired blocks of each mirrored disk"""
+
     def __init__(
         self,
         *,
         pages: _builtins.int = ...,
         digests: _builtins.bytes = ...,
+        disks: _abc.Iterable[Global___DiskRepairEnd] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "pages", b"pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "disks", b"disks", "pages", b"pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepairEnd: _TypeAlias = RepairEnd  # noqa: Y015
+
+@_typing.final
+class DiskRepairEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    disk: _builtins.str
+    blocks: _builtins.int
+    """blocks sent in Repair frames with this disk"""
+    digests: _builtins.bytes
+    """the source's digests of those blocks, in the same order"""
+    def __init__(
+        self,
+        *,
+        disk: _builtins.str = ...,
+        blocks: _builtins.int = ...,
+        digests: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "digests", b"digests", "disk", b"disk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiskRepairEnd: _TypeAlias = DiskRepairEnd  # noqa: Y015
 
 @_typing.final
 class Commit(_message.Message):
@@ -298,20 +343,24 @@ class Digests(_message.Message):
     FIRST_PAGE_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
     first_page: _builtins.int
     digests: _builtins.bytes
     """16 bytes per page: its XXH3-128, canonical (big-endian) form"""
     last: _builtins.bool
+    disk: _builtins.str
+    """a mirrored disk's volume name (4 KiB blocks); empty = RAM"""
     def __init__(
         self,
         *,
         first_page: _builtins.int = ...,
         digests: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        disk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "first_page", b"first_page", "last", b"last"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "disk", b"disk", "first_page", b"first_page", "last", b"last"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,6 +111,11 @@ MIGRATION_TRANSFER = Obj(
         # QEMU guests' verified switchover: the mode and the pages re-sent to the target.
         "verifyMode": Str(enum=("off", "detect", "repair")),
         "repairedPages": _NON_NEGATIVE,
+        # a storage migration: the mirrored volumes, how long their mirrors took to catch
+        # up (the guest running) and the disk blocks re-sent at the verified switchover
+        "mirroredDisks": List(Str()),
+        "diskMirrorMilliseconds": _NON_NEGATIVE,
+        "repairedDiskBlocks": _NON_NEGATIVE,
         "postCopyStallMilliseconds": _NON_NEGATIVE,
         "postCopyFaults": _NON_NEGATIVE,
         "postCopyInterruptions": _NON_NEGATIVE,
@@ -262,6 +267,16 @@ VMI_SPEC = Obj(
     rules=(_rule_vmi_memory, _rule_vmi_one_driver, _rule_memvm_fits_guest, rule_vmi_volumes),
 )
 
+# KubeVirt's StorageMigratedVolumeInfo (a storage live migration's volume change).
+_PVC_INFO = Obj({"claimName": Str(nonempty=True)}, required=("claimName",))
+MIGRATED_VOLUME = Obj(
+    {
+        "volumeName": Str(nonempty=True),
+        "sourcePVCInfo": _PVC_INFO,
+        "destinationPVCInfo": _PVC_INFO,
+    }
+)
+
 VMI_STATUS = Obj(
     {
         "phase": Str(enum=VMIPhase),
@@ -273,6 +288,7 @@ VMI_STATUS = Obj(
         "migrationState": MIGRATION_STATE,
         "launcher": Obj({"pid": Int(min=0), "vmId": Str(), "driver": Str()}),
         "guest": Obj({"ticks": Int(min=0), "resumeGapMilliseconds": Number()}),
+        "migratedVolumes": List(MIGRATED_VOLUME),
     }
 )
 
@@ -304,19 +320,11 @@ RUN_STRATEGIES = (
 RESTORABLE_RUN_STRATEGIES = tuple(s for s in RUN_STRATEGIES if s != RUN_STRATEGY_WAIT_AS_RECEIVER)
 
 
-def _rule_vm_update_volumes(spec: dict[str, Any], path: str, errors: Errors) -> None:
-    if spec.get("updateVolumesStrategy") == "Migration":
-        errors.add(
-            field_path(path, "updateVolumesStrategy"),
-            'unsupported value "Migration": storage live migration is not supported yet; '
-            '"Replacement" (the default) gives the next VMI the changed volumes',
-        )
-
-
 VM_SPEC = Obj(
     {
         "runStrategy": Str(enum=RUN_STRATEGIES),
-        # KubeVirt's: how a change of the template's volumes applies to the running VM.
+        # KubeVirt's: how a change of the template's volumes applies to the running VM
+        # (Migration: storage live migration, controller/volume_migration.py).
         "updateVolumesStrategy": Str(enum=("Replacement", "Migration")),
         "running": Bool(),
         "template": Obj(
@@ -335,7 +343,7 @@ VM_SPEC = Obj(
         ),
     },
     required=("template",),
-    rules=(_rule_vm_run_strategy, _rule_vm_update_volumes),
+    rules=(_rule_vm_run_strategy,),
 )
 
 
@@ -361,6 +369,9 @@ VM_STATUS = Obj(
         "ready": Bool(),
         "created": Bool(),
         "conditions": CONDITIONS,
+        "volumeUpdateState": Obj(
+            {"volumeMigrationState": Obj({"migratedVolumes": List(MIGRATED_VOLUME)})}
+        ),
     }
 )
 
