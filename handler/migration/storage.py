@@ -317,7 +317,7 @@ def _digest_image(path: str) -> qemu_verify.PageDigests:
     mm = _map(path, False)
     try:
         blocks = len(mm) // BLOCK_SIZE
-        out = np.empty((blocks, 2), dtype=np.uint64)
+        out = np.empty((blocks, qemu_verify.DIGEST_BYTES), dtype=np.uint8)
         out[:] = _ZERO_DIGEST
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
