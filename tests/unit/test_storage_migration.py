@@ -79,7 +79,7 @@ def test_sparse_image_digests_equal_a_full_read_and_repair_writes_blocks(tmp_pat
         f.write(b"x" * 5000)
     digests = asyncio.run(storage.image_digests(str(image)))
     full = qemu_verify.page_digests(image.read_bytes())
-    assert digests.shape == (2048, 2) and (digests == full).all()
+    assert digests.shape == (2048, qemu_verify.DIGEST_BYTES) and (digests == full).all()
     assert storage.data_extents(os.open(image, os.O_RDONLY), 8 << 20)[0][0] == 4096 * 5
 
     copy = tmp_path / "c.img"
