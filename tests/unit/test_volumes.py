@@ -14,6 +14,7 @@ import pytest
 from handler.drivers.qemu_handle import DiskSpec, QemuSpec
 from handler.volumes import LocalReclaimer, VolumeResolver, VolumeUnavailable
 from tests.support.guest_disk import BLOCK, MAGIC, read_records
+from tests.support.volume_manifests import pvc, storage_class, vmi, vmi_spec
 from vmferry.disk_image import ImageError, create_image
 from vmferry.errors import Invalid, NotFound
 from vmferry.objects import kinds
@@ -27,54 +28,6 @@ from vmferry.volumes import (
 Obj = dict[str, Any]
 NS = "default"
 GiB = 1 << 30
-
-
-def pvc(name: str, mode: str = "ReadWriteMany", sc: str = "shared", **spec: Any) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "accessModes": [mode],
-            "storageClassName": sc,
-            "resources": {"requests": {"storage": "1Gi"}},
-            **spec,
-        },
-    }
-
-
-def storage_class(name: str, provisioner: str, path: Path, **params: str) -> Obj:
-    return {
-        "apiVersion": "storage.k8s.io/v1",
-        "kind": "StorageClass",
-        "metadata": {"name": name},
-        "provisioner": provisioner,
-        "parameters": {"path": str(path), **params},
-    }
-
-
-def vmi_spec(*claims: str) -> Obj:
-    return {
-        "domain": {
-            "memory": {"guest": "64Mi"},
-            "devices": {
-                "disks": [{"name": f"v{i}", "disk": {"bus": "virtio"}} for i in range(len(claims))]
-            },
-        },
-        "volumes": [
-            {"name": f"v{i}", "persistentVolumeClaim": {"claimName": c}}
-            for i, c in enumerate(claims)
-        ],
-    }
-
-
-def vmi(name: str, *claims: str) -> Obj:
-    return {
-        "apiVersion": kinds.KUBEVIRT,
-        "kind": "VirtualMachineInstance",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": vmi_spec(*claims),
-    }
 
 
 # -- the RWX rule ---------------------------------------------------------------------------
