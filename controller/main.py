@@ -23,6 +23,7 @@ from controller.admission import Admission
 from controller.api import ApiService
 from controller.audit import AuditLog
 from controller.authn import Authenticator, TokenSigner, load_signing_key
+from controller.cert_rotation import self_renewal
 from controller.console import Console
 from controller.csr_signer import KIND as CSR_KIND
 from controller.csr_signer import CsrSigner, load_ca
@@ -279,6 +280,9 @@ async def _serve_started(
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(inf.run()) for inf in informers]
             tasks.append(tg.create_task(sd.run_watchdog()))
+            rotation = self_renewal(tls, (csrs.ca_cert, csrs.ca_key) if csrs else None)
+            if rotation is not None:  # every replica renews its own server certificate
+                tasks.append(tg.create_task(rotation))
             sd.status("listing the store (informers)")
             for inf in informers:
                 await inf.synced.wait()

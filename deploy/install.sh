@@ -77,6 +77,10 @@ say "installed $(basename "$wheel") in $VENV"
 
 # 4. configuration and state
 install -d -m 0750 -o root -g "$USER_NAME" "$ETC" "$ETC/pki"
+case $role in  # the daemon renews its own certificate in that directory (README "Rotation")
+  controller) install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$ETC/pki/servers" ;;
+  sync-controller) install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$ETC/pki/sync" ;;
+esac
 if [ ! -e "$ETC/$role.toml" ]; then
   install -m 0640 -o root -g "$USER_NAME" "$here/examples/$role.toml" "$ETC/$role.toml"
   say "wrote $ETC/$role.toml from deploy/examples: edit its addresses and names"
