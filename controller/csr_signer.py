@@ -1,4 +1,4 @@
-"""Node certificates by request: the CertificateSigningRequest API rules and the signer.
+"""Certificates by request: the CertificateSigningRequest API rules and the signer.
 
 A node (``vmferry join``) creates a CertificateSigningRequest (certificates.k8s.io/v1)
 with its own key's request; :func:`stamp_requester` (on create, in the API) records who
@@ -10,13 +10,20 @@ the status); requests of a bootstrap token of the group
 :data:`vmferry.bootstrap_token.NODE_BOOTSTRAPPERS_GROUP`, and a node's request for its
 own name, are approved automatically.
 
+A second signer, :data:`~vmferry.pki.csr.SELF_SIGNER`, renews the requester's own
+identity (:func:`~vmferry.pki.csr.check_self_request`: the subject is exactly the
+requester's CN and groups; never a token's identity or a node's): the sync controller's
+own requests (:data:`~vmferry.pki.csr.AUTO_RENEWING`) are approved automatically, users'
+(``vmferry certificate renew``) wait for an administrator, as Kubernetes has no
+automatic approval of users' client certificates.
+
 :class:`CsrSigner` (runs in the controller when it holds the CA key, ``ca_key`` in
 controller.toml) takes each request through :func:`decide`, in order:
 
 1. a request with a certificate, or Denied, or Failed, is settled: nothing to do;
-2. a signer other than :data:`~vmferry.pki.csr.NODE_SIGNER`, a request that does not
-   parse or verify, or one that is not a node's own (:func:`check_node_request`: the
-   subject, the usages, a node asking for another name) gets ``Failed``, with why;
+2. a signer not served, a request that does not parse or verify, or one its signer may
+   not sign (:func:`check`: the subject, the usages, a node asking for another name, an
+   identity asking for another's) gets ``Failed``, with why;
 3. Approved: it signs, ``status.certificate`` = the PEM certificate;
 4. not approved yet: auto-approval as above, else it waits for an administrator.
 """
@@ -84,9 +91,23 @@ def _request(obj: Obj) -> x509.CertificateSigningRequest:
     return csr.parse_request(pem)
 
 
+SIGNERS = (csr.NODE_SIGNER, csr.SELF_SIGNER)
+
+
+def _requester(spec: Obj) -> pki.Identity:
+    return pki.Identity(user=str(spec.get("username", "")), groups=tuple(spec.get("groups") or ()))
+
+
 def _requester_node(spec: Obj) -> str | None:
-    who = pki.Identity(user=str(spec.get("username", "")), groups=tuple(spec.get("groups") or ()))
-    return who.node_name
+    return _requester(spec).node_name
+
+
+def check(request: x509.CertificateSigningRequest, spec: Obj) -> str | None:
+    """Why ``request`` may not be signed by the signer ``spec`` names (None: it may)."""
+    usages = spec.get("usages") or []
+    if spec.get("signerName") == csr.SELF_SIGNER:
+        return csr.check_self_request(request, usages, _requester(spec))
+    return csr.check_node_request(request, usages, _requester_node(spec))
 
 
 def stamp_requester(obj: Obj, who: pki.Identity) -> None:
@@ -94,16 +115,14 @@ def stamp_requester(obj: Obj, who: pki.Identity) -> None:
     that can never be signed (the reason names the field)."""
     spec = obj["spec"]
     name = obj["metadata"].get("name") or obj["metadata"].get("generateName", "")
-    if spec.get("signerName") != csr.NODE_SIGNER:
+    if spec.get("signerName") not in SIGNERS:
         raise Invalid(
             f'{KIND} "{name}": spec.signerName: "{spec.get("signerName")}" is not served '
-            f'(only "{csr.NODE_SIGNER}")'
+            f"(only {', '.join(SIGNERS)})"
         )
     spec["username"], spec["groups"], spec["uid"] = who.user, list(who.groups), ""
     try:
-        reason = csr.check_node_request(
-            _request(obj), spec.get("usages") or [], _requester_node(spec)
-        )
+        reason = check(_request(obj), spec)
     except ValueError as e:
         raise Invalid(f'{KIND} "{name}": {e}') from None
     if reason:
@@ -130,18 +149,23 @@ def decide(obj: Obj) -> Decision:
     if (obj.get("status") or {}).get("certificate") or types & {DENIED, FAILED}:
         return Decision(Step.SETTLED)
     spec = obj.get("spec") or {}
-    if spec.get("signerName") != csr.NODE_SIGNER:
+    if spec.get("signerName") not in SIGNERS:
         return Decision(Step.FAIL, f"signer {spec.get('signerName')!r} is not served")
     try:
         request = _request(obj)
     except ValueError as e:
         return Decision(Step.FAIL, str(e))
-    requester = _requester_node(spec)
-    reason = csr.check_node_request(request, spec.get("usages") or [], requester)
+    reason = check(request, spec)
     if reason:
         return Decision(Step.FAIL, reason)
     if APPROVED in types:
         return Decision(Step.SIGN)
+    if spec["signerName"] == csr.SELF_SIGNER:
+        user = str(spec.get("username", ""))
+        if user in csr.AUTO_RENEWING:  # check() made sure it is its own identity
+            return Decision(Step.APPROVE, f"auto-approved: {user} renews its own certificate")
+        return Decision(Step.WAIT)  # a user's: an administrator approves (as Kubernetes)
+    requester = _requester_node(spec)
     if NODE_BOOTSTRAPPERS_GROUP in (spec.get("groups") or ()):
         return Decision(
             Step.APPROVE, f"auto-approved: a bootstrap token of {NODE_BOOTSTRAPPERS_GROUP}"
@@ -225,6 +249,7 @@ class CsrSigner:
                 self.ca_cert,
                 self.ca_key,
                 seconds=int(spec.get("expirationSeconds") or csr.DEFAULT_SECONDS),
+                usages=spec["usages"] if spec["signerName"] == csr.SELF_SIGNER else csr.NODE_USAGES,
             )
             new = copy.deepcopy(obj)
             new.setdefault("status", {})["certificate"] = base64.b64encode(pem).decode()

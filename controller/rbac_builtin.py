@@ -113,6 +113,10 @@ _SYNC_WRITES = ["create", "update", "patch", "delete"]
 # read the answer, as Kubernetes' system:node-bootstrapper.
 NODE_BOOTSTRAPPER_ROLE = "system:node-bootstrapper"
 _CSR_GROUP, _CSRS = _resource_of("CertificateSigningRequest")
+# Every authenticated user may ask for a renewal of its own certificate and read the
+# answer (`vmferry certificate renew`); the API refuses a request for another identity
+# (controller/csr_signer.py) and an administrator approves a user's.
+SELF_RENEWER_ROLE = "vmferry:certificate-self-renewer"
 
 BUILTIN_CLUSTER_ROLES: list[Obj] = [
     _cluster_role(
@@ -124,6 +128,7 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
         [{"nonResourceURLs": ["/metrics", "/healthz", "/readyz", "/livez"], "verbs": ["get"]}],
     ),
     _cluster_role(NODE_BOOTSTRAPPER_ROLE, [_rule([_CSR_GROUP], [_CSRS], ["create", *READ_VERBS])]),
+    _cluster_role(SELF_RENEWER_ROLE, [_rule([_CSR_GROUP], [_CSRS], ["create", "get"])]),
     _cluster_role("admin", [], aggregate_to=("admin",)),
     _cluster_role("edit", [], labels=_aggregate_to("admin"), aggregate_to=("edit",)),
     _cluster_role("view", [], labels=_aggregate_to("edit"), aggregate_to=("view",)),
@@ -198,6 +203,8 @@ BUILTIN_CLUSTER_ROLES: list[Obj] = [
             _rule([_LEASE_GROUP], [_LEASES], [*READ_VERBS, *_SYNC_WRITES]),
             _rule([""], ["events"], [*READ_VERBS, "create", "update", "patch"]),
             _rule([_HCO_GROUP], [_HCOS], READ_VERBS),
+            # renewing its own certificate (vmferry/cert_request.py)
+            _rule([_CSR_GROUP], [_CSRS], ["create", "get"]),
             _rule([_HCO_GROUP], [f"{_HCOS}/status"], ["get", "update", "patch"]),
             _rule([_NAD_GROUP], [_NADS], READ_VERBS),
             _rule([_POLICY_GROUP], [_POLICIES], READ_VERBS),
@@ -249,6 +256,17 @@ BUILTIN_CLUSTER_ROLE_BINDINGS: list[Obj] = [
         },
         "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": NODE_BOOTSTRAPPER_ROLE},
         "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": BOOTSTRAPPERS_GROUP}],
+    },
+    {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": SELF_RENEWER_ROLE,
+            "labels": {BOOTSTRAP_LABEL: "rbac-defaults"},
+            "annotations": {AUTOUPDATE_ANNOTATION: "true"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": SELF_RENEWER_ROLE},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": "system:authenticated"}],
     },
 ]
 

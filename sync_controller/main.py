@@ -32,10 +32,12 @@ from sync_controller.peer import PeerError
 from sync_controller.receiver import ReceiverReconciler
 from sync_controller.sender import SenderReconciler
 from vmferry import httpserve, logs, metrics_http, pki, systemd
+from vmferry.cert_request import CsrIssue
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig, ConfigError, daemon_config
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
 from vmferry.informer import Informer, Key
+from vmferry.pki.renewal import Renewer
 
 log = logging.getLogger("vmferry.sync")
 
@@ -225,6 +227,9 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
                 *(tg.create_task(r.run()) for r in reconcilers),
                 tg.create_task(sd.run_watchdog()),
             ]
+            if tls is not None:  # its own certificate, by CSR at 2/3 of its lifetime
+                renewer = Renewer(f"sync controller {config['id']}", tls, CsrIssue(api))
+                tasks.append(tg.create_task(renewer.run()))
             sd.ready(
                 f"sync controller {announcer.name} of cluster {config['cluster_name']}: "
                 f"peers dial {config['advertise']}"

@@ -23,13 +23,34 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vmferry.pki.identity import NODE_USER_PREFIX, NODES_GROUP
+from vmferry.decentralized import SYNC_IDENTITY
+from vmferry.pki.identity import NODE_USER_PREFIX, NODES_GROUP, Identity
 from vmferry.pki.issuing import CLOCK_SKEW, _key_pem, _san, public_der, sign_leaf
 
 # signerName of node certificates (client and serving: a handler is both); Kubernetes'
 # name for the kubelet's client certificates.
 NODE_SIGNER = "kubernetes.io/kube-apiserver-client-kubelet"
 NODE_USAGES = ("digital signature", "client auth", "server auth")
+# signerName of a certificate for the requester's own identity (a renewal: users'
+# `vmferry certificate renew`, the sync controller's own renewal); vmferry's signer.
+SELF_SIGNER = "vmferry.io/self"
+CLIENT_USAGES = ("digital signature", "client auth")
+# Identities whose own requests are approved automatically (daemons renewing themselves);
+# the usages each may ask for. Users' requests wait for an administrator.
+AUTO_RENEWING: dict[str, tuple[str, ...]] = {SYNC_IDENTITY: NODE_USAGES}
+# Users that never get a certificate by SELF_SIGNER: token identities and nodes (theirs
+# is NODE_SIGNER).
+NOT_SELF_PREFIXES = (
+    "system:serviceaccount:",
+    "system:bootstrap:",
+    "system:anonymous",
+    NODE_USER_PREFIX,
+)
+IMPLICIT_GROUPS = ("system:authenticated",)  # added by the API's authenticator, not in certs
+_USAGE_OIDS = {
+    "client auth": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "server auth": ExtendedKeyUsageOID.SERVER_AUTH,
+}
 MIN_SECONDS = 120  # s; shortest expirationSeconds (Kubernetes: 600; short-lived test clusters)
 DEFAULT_SECONDS = 30 * 24 * 3600  # a node certificate's lifetime when the request names none
 HASH_PREFIX = "sha256:"
@@ -62,6 +83,19 @@ def make_node_request(
         .add_extension(_san(ips, dns, name), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return _key_pem(key), request.public_bytes(serialization.Encoding.PEM)
+
+
+def make_request(
+    subject: x509.Name, san: x509.SubjectAlternativeName | None
+) -> tuple[bytes, bytes]:
+    """(private key PEM, request PEM) of a fresh EC P-256 key for ``subject`` and ``san``
+    (a renewal: the current certificate's)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    request = builder.sign(key, hashes.SHA256())
     return _key_pem(key), request.public_bytes(serialization.Encoding.PEM)
 
 
@@ -103,6 +137,46 @@ def check_node_request(
     return None
 
 
+def subject_identity(subject: x509.Name) -> Identity | None:
+    """The Identity a subject names: only CN and O attributes, exactly one CN (else None)."""
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    orgs = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(cns) != 1 or len(cns) + len(orgs) != len(subject):
+        return None
+    return Identity(str(cns[0].value), tuple(str(o.value) for o in orgs))
+
+
+def self_usages(user: str) -> tuple[str, ...]:
+    """The usages user ``user`` may ask for by :data:`SELF_SIGNER`."""
+    return AUTO_RENEWING.get(user, CLIENT_USAGES)
+
+
+def check_self_request(
+    request: x509.CertificateSigningRequest, usages: Sequence[str], requester: Identity
+) -> str | None:
+    """Why ``request`` may not be signed by :data:`SELF_SIGNER` for ``requester`` (None:
+    it may): the subject is exactly the requester's own identity (CN = user, one O per
+    group the requester is in), the requester has a certificate identity (not a token's,
+    not a node: nodes use :data:`NODE_SIGNER`) and the usages are its own."""
+    if not requester.user or requester.user.startswith(NOT_SELF_PREFIXES):
+        return f"{requester.user or 'an anonymous caller'} cannot request a certificate by {SELF_SIGNER}"
+    asked = subject_identity(request.subject)
+    own = sorted(set(requester.groups) - set(IMPLICIT_GROUPS))
+    if asked is None or asked.user != requester.user or sorted(set(asked.groups)) != own:
+        wanted = ", ".join([f"CN={requester.user}", *(f"O={g}" for g in own)])
+        return (
+            f"{requester.user} may only request a certificate for itself "
+            f"({wanted}), not for {request.subject.rfc4514_string() or 'an empty subject'}"
+        )
+    allowed = self_usages(requester.user)
+    if "client auth" not in usages:
+        return f"usages must include client auth ({', '.join(allowed)})"
+    extra = sorted(set(usages) - set(allowed))
+    if extra:
+        return f"usages {', '.join(extra)} are not {requester.user}'s ({', '.join(allowed)})"
+    return None
+
+
 def sign_request(
     request: x509.CertificateSigningRequest,
     ca_cert: x509.Certificate,
@@ -110,9 +184,11 @@ def sign_request(
     *,
     seconds: int = DEFAULT_SECONDS,
     now: datetime | None = None,
+    usages: Sequence[str] = NODE_USAGES,
 ) -> bytes:
-    """The PEM certificate of a checked node request: its subject and SANs, a node's
-    usages, ``seconds`` of lifetime (never past the CA's not-after)."""
+    """The PEM certificate of a checked request: its subject and SANs, the extended key
+    usages of ``usages`` (default a node's), ``seconds`` of lifetime (never past the CA's
+    not-after)."""
     now = now or datetime.now(UTC)
     try:
         san = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -125,7 +201,7 @@ def sign_request(
         request.public_key(),
         request.subject,
         san,
-        (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+        [oid for name, oid in sorted(_USAGE_OIDS.items(), reverse=True) if name in usages],
         now - CLOCK_SKEW,
         not_after,
     )
