@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry import bootstrap_token
+from vmferry.cli import cert_renew_cmd
 from vmferry.cli.common import error, run_with_client, server_error
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
@@ -235,10 +236,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=cmd_token_create)
 
-    c = sub.add_parser("certificate", help="approve or deny certificate signing requests")
+    c = sub.add_parser(
+        "certificate", help="approve or deny certificate signing requests, renew your own"
+    )
     csub = c.add_subparsers(dest="certificate_command", required=True)
     for verb, kind in (("approve", "Approved"), ("deny", "Denied")):
         p = csub.add_parser(verb, parents=[common], help=f"{verb} a certificate signing request")
         p.add_argument("name")
         p.add_argument("--reason", default="", help="recorded in the condition's message")
         p.set_defaults(func=lambda a, k=kind: _decide(a, k))
+    cert_renew_cmd.add_parser(csub, common)

@@ -69,7 +69,8 @@ def check_validity(
     if now > renewal_due(cert) and (path, end) not in _warned_renewal:
         _warned_renewal.add((path, end))
         log.warning(
-            "certificate %s (%s) is past %d%% of its lifetime: it expires at %s, renew it",
+            "certificate %s (%s) is past %d%% of its lifetime: it expires at %s, renew it "
+            "(a user's: 'vmferry certificate renew'; a daemon renews its own: see its log)",
             path,
             subject,
             round(RENEW_AT * 100),
