@@ -4,6 +4,7 @@ is refused; a handler runs with the certificate it got."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -13,9 +14,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.support.lab import LabHarness
 from vmferry import bootstrap_token, pki
+from vmferry.config import CONFIG_ENV, ClientConfig
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +151,40 @@ def test_wrong_pin_and_expired_token_are_refused(lab: LabHarness, tmp_path: Path
     out = lab.cli(*join_argv(lab, old.token, pin, "late", tmp_path), check=False)
     assert out.returncode == 1
     assert f'bootstrap token "{old.id}" expired at' in out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_user_renews_their_certificate_once_an_administrator_approves(
+    lab: LabHarness, tmp_path: Path
+) -> None:
+    admin = ClientConfig.load(Path(lab.env[CONFIG_ENV]))
+    assert admin.tls is not None
+    files = pki.issue_user(lab.lab.dir / "pki", "carol", groups=["dev"], days=1)
+    mine = tmp_path / "pki"
+    mine.mkdir()
+    tls = pki.TlsFiles(admin.tls.ca, mine / "carol.crt", mine / "carol.key")
+    tls.cert.write_bytes(files.cert.read_bytes())
+    tls.key.write_bytes(files.key.read_bytes())
+    tls.key.chmod(0o600)
+    config = tmp_path / "carol.yaml"
+    config.write_text(dataclasses.replace(admin, tls=tls).to_yaml())
+    old = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    renew = start_join(lab, ["certificate", "renew", "--config", str(config), "--timeout", "60"])
+
+    def pending() -> str | None:
+        items = json.loads(lab.cli("get", "csr", "-o", "json").stdout)["items"]
+        mine = [c for c in items if c["metadata"]["name"].startswith("csr-carol-")]
+        return mine[0]["metadata"]["name"] if mine else None
+
+    name = lab.wait_for("carol's CSR", pending, timeout=30)
+    row = lab.cli("get", "csr", name).stdout
+    assert "Pending" in row and "carol" in row  # never approved by itself
+    lab.cli("certificate", "approve", name)
+    out, err = renew.communicate(timeout=60)
+    assert renew.returncode == 0, err
+    assert f"certificatesigningrequest/{name} created" in out and "renewed: valid until" in out
+    new = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    assert new.serial_number != old.serial_number and new.subject == old.subject
+    assert tls.key.stat().st_mode & 0o777 == 0o600
+    who = lab.cli("whoami", "--config", str(config)).stdout  # the new pair works
+    assert "carol" in who
