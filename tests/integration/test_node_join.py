@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.lab import LabHarness
 from vmferry import bootstrap_token, pki
 from vmferry.config import CONFIG_ENV, ClientConfig
+from vmferry.pki import issuing
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +192,86 @@ def test_a_user_renews_their_certificate_once_an_administrator_approves(
     assert tls.key.stat().st_mode & 0o777 == 0o600
     who = lab.cli("whoami", "--config", str(config)).stdout  # the new pair works
     assert "carol" in who
+
+
+def served_serial(port: int, client: pki.TlsFiles) -> int:
+    """The serial of the certificate the server on ``port`` presents now."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only its serial is read
+    ctx.load_cert_chain(client.cert, client.key)
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), 5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.mark.timeout(90)
+def test_the_controller_renews_its_own_certificate_without_a_restart(
+    lab: LabHarness, tmp_path: Path
+) -> None:
+    """A controller whose server certificate is due 4 s after it starts (3-minute
+    lifetime, mostly spent) renews it with its CA key; clients keep calling."""
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    for f in (pki.CA_CERT_FILE, pki.CA_KEY_FILE):
+        shutil.copy2(lab.lab.dir / "pki" / f, pki_dir / f)
+    now = datetime.now(UTC)
+    lifetime, spent = 180, 116  # due at 2/3 of 180 s = 120 s from issuance: in 4 s
+    files = issuing._issue(
+        pki_dir,
+        issuing.SERVERS_DIR,
+        "ctl",
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ctl")]),
+        san=issuing._san(["127.0.0.1"], [], "ctl"),
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+        days=1,
+        validity=(
+            now - issuing.CLOCK_SKEW - timedelta(seconds=spent),
+            now + timedelta(seconds=lifetime - spent),
+        ),
+    )
+    old = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    port = free_port()
+    controller = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "controller.main",
+            *("--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data")),
+            *("--ca", str(files.ca), "--cert", str(files.cert), "--key", str(files.key)),
+            *("--ca-key", str(pki_dir / pki.CA_KEY_FILE)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "controller.log").open("w"),
+    )
+    admin = ClientConfig.load(Path(lab.env[CONFIG_ENV]))
+    assert admin.tls is not None
+    config = tmp_path / "admin.yaml"
+    config.write_text(dataclasses.replace(admin, server=f"127.0.0.1:{port}").to_yaml())
+    try:
+        calls = 0
+
+        def renewed() -> bool:
+            nonlocal calls
+            assert controller.poll() is None, "the controller exited"
+            assert "admin" in lab.cli("whoami", "--config", str(config)).stdout
+            calls += 1
+            return served_serial(port, admin.tls) != old.serial_number  # type: ignore[arg-type]
+
+        lab.wait_for("the controller serving a renewed certificate", renewed, timeout=45)
+    except AssertionError:
+        raise AssertionError((tmp_path / "controller.log").read_text()[-3000:]) from None
+    finally:
+        controller.terminate()
+        controller.wait(20)
+    new = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    assert new.subject == old.subject and new.serial_number != old.serial_number
+    assert (new.not_valid_after_utc - now).total_seconds() > lifetime - 10  # a full lifetime
+    assert calls >= 1
+    log_text = (tmp_path / "controller.log").read_text()
+    assert log_text.count(f"controller: certificate {files.cert} renewed") == 1, log_text[-2000:]
