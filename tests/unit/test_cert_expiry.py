@@ -86,6 +86,7 @@ def test_renewal_warning_past_two_thirds_once(caplog: pytest.LogCaptureFixture) 
         check_validity(Path("u.crt"), cert, NOW)
     warnings = [r for r in caplog.records if "past 67% of its lifetime" in r.getMessage()]
     assert len(warnings) == 1
+    assert "'vmferry certificate renew'" in warnings[0].getMessage()  # what a user does
     young, _ = make_cert("v", NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=29))
     caplog.clear()
     check_validity(Path("v.crt"), young, NOW)

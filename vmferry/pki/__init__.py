@@ -12,11 +12,13 @@ SHA-256 signatures, made with the ``cryptography`` package. A PKI directory look
 Identities follow Kubernetes: the user is the subject CN, the groups are the subject O
 attributes, and a node is the user ``system:node:<name>`` in the group ``system:nodes``.
 
-Renewal is re-issuing: ``issue_*`` overwrites the identity's files atomically (each file is
-written to a temporary file and renamed into place). A server built with
-:func:`server_credentials` picks up the new files on its next TLS handshake, without a
-restart and without touching established connections. Clients reload by building a new
-channel with :func:`channel_credentials`; existing channels keep their credentials.
+Renewal: each daemon renews its own certificate at 2/3 of its lifetime (``renewal.py``:
+the controller with the CA key, nodes and sync controllers by CertificateSigningRequest),
+users with ``vmferry certificate renew``; ``issue_*`` re-issues (overwrites the
+identity's files atomically). A server built with :func:`server_credentials` picks up
+new files on its next TLS handshake, without a restart and without touching established
+connections. Clients reload by building a new channel with :func:`channel_credentials`;
+existing channels keep their credentials.
 """
 
 from vmferry.pki.credentials import (
