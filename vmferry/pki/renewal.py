@@ -128,7 +128,7 @@ class Renewer:
         _write_atomic(self.tls.cert, cert_pem, CERT_MODE)
         self.renewals += 1
         log.info(
-            "%s: certificate %s renewed (serial %x valid until %s, now serial %x until %s)",
+            "%s: certificate renewed (%s: serial %x valid until %s, now serial %x until %s)",
             self.what,
             self.tls.cert,
             old.serial_number,
