@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -266,14 +267,61 @@ def metrics_app(
     return app
 
 
-def ssl_context(tls: pki.TlsFiles) -> ssl.SSLContext:
-    """Server TLS with the daemon's certificate; client certificates of the cluster CA
-    are verified when sent, optional at the handshake."""
+def _tls_context(tls: pki.TlsFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(tls.cert, tls.key)
     ctx.load_verify_locations(cafile=str(tls.ca))
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+class _RenewedFiles:
+    """The ``sni_callback`` (called on every ClientHello, SNI or not) switching a
+    handshake to a context built from the current files once they changed (a renewal,
+    vmferry/pki/renewal.py): a stat per handshake, a read per renewal; a half-written
+    pair (key and cert not matching yet) keeps the current context until the next one."""
+
+    def __init__(self, tls: pki.TlsFiles, ctx: ssl.SSLContext) -> None:
+        self.tls = tls
+        self.current = ctx
+        self.stamp = self._stat()
+        self.failed: tuple[tuple[int, int, int], ...] | None = None
+        self.reloads = 0
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in (self.tls.ca, self.tls.cert, self.tls.key):
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def __call__(self, conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        stamp = None
+        try:
+            stamp = self._stat()
+            if stamp != self.stamp and stamp != self.failed:
+                fresh = _tls_context(self.tls)
+                fresh.sni_callback = self
+                self.current, self.stamp = fresh, stamp
+                self.reloads += 1
+                log.info("HTTPS: reloaded TLS certificate %s", self.tls.cert)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            if stamp is not None and stamp != self.failed:  # once per state of the files
+                self.failed = stamp
+                log.warning(
+                    "HTTPS: not reloading %s (keeping the current one): %s", self.tls.cert, e
+                )
+        if conn.context is not self.current:
+            conn.context = self.current
+
+
+def ssl_context(tls: pki.TlsFiles) -> ssl.SSLContext:
+    """Server TLS with the daemon's certificate; client certificates of the cluster CA
+    are verified when sent, optional at the handshake. Renewed files are picked up at
+    the next handshake (no restart)."""
+    ctx = _tls_context(tls)
+    ctx.sni_callback = _RenewedFiles(tls, ctx)
     return ctx
 
 
