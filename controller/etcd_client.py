@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,23 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+RETIRED_CHANNEL_GRACE_S = 60.0  # s a replaced channel's calls and watches may still run
+
+
+def _tls_stamp(tls: pki.TlsFiles | None) -> tuple[tuple[int, int, int], ...]:
+    """(mtime, size, inode) of the client certificate and key; () without them."""
+    if tls is None:
+        return ()
+    stamps = []
+    for path in (tls.cert, tls.key):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ()
+        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamps)
+
+
 def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:
     return Unavailable(f"etcd: {exc.code().name}: {exc.details()}")
 
@@ -89,13 +107,66 @@ def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:
 class EtcdClient:
     """One channel to the etcd cluster. ``await EtcdClient.open(config)``; ``close()``."""
 
-    def __init__(self, config: EtcdConfig, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        config: EtcdConfig,
+        channel: grpc.aio.Channel,
+        reopen: Callable[[grpc.ChannelCredentials], grpc.aio.Channel] | None = None,
+    ) -> None:
         self.config = config
+        self._reopen = reopen  # a new channel with new credentials (a renewed certificate)
+        self._stamp = _tls_stamp(config.tls) if reopen is not None else ()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._use(channel)
+
+    def _use(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
-        self.kv = rpc_pb2_grpc.KVStub(channel)
-        self.watcher = rpc_pb2_grpc.WatchStub(channel)
-        self.lease = rpc_pb2_grpc.LeaseStub(channel)
-        self.maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+        self._kv = rpc_pb2_grpc.KVStub(channel)
+        self._watcher = rpc_pb2_grpc.WatchStub(channel)
+        self._lease = rpc_pb2_grpc.LeaseStub(channel)
+        self._maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+
+    def _fresh(self) -> None:
+        """After the TLS files changed (the controller renewed its certificate:
+        controller/cert_rotation.py), new calls go on a channel with the new pair; the old
+        one is closed after :data:`RETIRED_CHANNEL_GRACE_S` (its watches then reconnect).
+        A half-written pair keeps the current channel."""
+        if not self._stamp or self._reopen is None or self.config.tls is None:
+            return
+        stamp = _tls_stamp(self.config.tls)
+        if not stamp or stamp == self._stamp:
+            return
+        try:
+            creds = pki.channel_credentials(self.config.tls)
+        except (OSError, ValueError):
+            return  # mid-renewal: the key and certificate do not match yet
+        old = self._channel
+        self._use(self._reopen(creds))
+        self._stamp = stamp
+        log.info("etcd: client certificate %s changed: new calls use it", self.config.tls.cert)
+        task = asyncio.get_running_loop().create_task(old.close(grace=RETIRED_CHANNEL_GRACE_S))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @property
+    def kv(self) -> rpc_pb2_grpc.KVStub:
+        self._fresh()
+        return self._kv
+
+    @property
+    def watcher(self) -> rpc_pb2_grpc.WatchStub:
+        self._fresh()
+        return self._watcher
+
+    @property
+    def lease(self) -> rpc_pb2_grpc.LeaseStub:
+        self._fresh()
+        return self._lease
+
+    @property
+    def maintenance(self) -> rpc_pb2_grpc.MaintenanceStub:
+        self._fresh()
+        return self._maintenance
 
     @classmethod
     def connect(cls, config: EtcdConfig) -> EtcdClient:
@@ -109,16 +180,20 @@ class EtcdClient:
         options.append(("grpc.lb_policy_name", "round_robin"))
         options += grpc_options.multi_target_options(config.endpoints)
         if config.tls is None:
-            channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            if config.server_name:
-                options.append(("grpc.ssl_target_name_override", config.server_name))
-            channel = grpc.aio.secure_channel(
-                target, pki.channel_credentials(config.tls), options=options
-            )
-        return cls(config, channel)
+            return cls(config, grpc.aio.insecure_channel(target, options=options))
+        if config.server_name:
+            options.append(("grpc.ssl_target_name_override", config.server_name))
+
+        def reopen(creds: grpc.ChannelCredentials) -> grpc.aio.Channel:
+            return grpc.aio.secure_channel(target, creds, options=options)
+
+        return cls(config, reopen(pki.channel_credentials(config.tls)), reopen)
 
     async def close(self) -> None:
+        retiring, self._retiring = self._retiring, set()
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await self._channel.close()
 
     async def _call(self, method: Any, request: Any) -> Any:
