@@ -431,7 +431,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         )
         for disk_end in end.disks:
             repaired = state.disk_repaired.get(disk_end.disk) or []
-            got = np.concatenate(repaired) if repaired else np.empty((0, 2), dtype=np.uint64)
+            got = np.concatenate(repaired) if repaired else qemu_verify.no_digests()
             try:
                 expected = qemu_verify.digests_from_bytes(disk_end.digests, int(disk_end.blocks))
             except ValueError as e:
