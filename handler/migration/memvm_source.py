@@ -505,7 +505,21 @@ class MemvmSourceMigration(SourceEngine):
         parts["decision"] = t5 - t4  # the arbiter record's compare-and-set
         failpoints.hit(Step.SOURCE_COMMITTED)
         self.postcopy_active = mode is MigrationMode.POST_COPY
-        await ch0.write(pb.SourceFrame(commit=pb.Commit()))
+        try:
+            await ch0.write(pb.SourceFrame(commit=pb.Commit()))
+        except MigrationFailed as e:
+            if self.postcopy_active:
+                raise  # post-copy's own recovery takes it from here
+            # Pre-copy: the decision stands and the target resumes from the arbiter's
+            # record (it may have learned it from its VMI watch and died since): this side
+            # still records the completion and destroys its paused guest.
+            log.warning(
+                "migration %s: the Commit frame could not be sent (%s); the target resumes "
+                "from the recorded hand-off",
+                self.uid,
+                e,
+            )
+            return
         # The target resumes on Commit or on the arbiter record, whichever comes first: a
         # lost Resumed changes nothing (and in post-copy, recovery handles a break).
         with contextlib.suppress(TimeoutError, MigrationFailed):

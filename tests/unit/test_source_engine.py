@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from handler.drivers.base import GuestError
+from handler.migration.channels import Channel
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.memvm_source import MemvmSourceMigration
@@ -30,6 +31,7 @@ from handler.migration.memvm_target import MigrationService
 from handler.migration.restart_record import RestartRecords
 from handler.migration.source import CANCELED
 from handler.migration.stats import Stats
+from handler.migration.target_stream import StreamLost
 from tests.support.fake_api import FakeClock, StoreApi
 from tests.support.fake_guest import FakeGuest, MiB
 from vmferry import grpc_options
@@ -42,6 +44,7 @@ from vmferry.migration_state import (
     Switchover,
     token_secret_name,
 )
+from vmferry.rpc import migration_pb2 as pb
 
 UID = "mig-0001"
 TOKEN = "s3cret-token"
@@ -405,5 +408,32 @@ def test_the_token_comes_from_the_secret(tmp_path: Path) -> None:
         assert await read_token(lab.api, UID) == TOKEN
         with pytest.raises(Exception, match="is gone"):
             await read_token(lab.api, "another-migration")
+
+    in_lab(tmp_path, body)
+
+
+def test_a_commit_frame_that_cannot_be_sent_still_ends_the_source_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target learned the decision from the arbiter's record and died before the
+    Commit frame could be written (seen in the chaos suite): the hand-off stands, so the
+    source records the completion and destroys its paused guest (it used to fail the
+    engine after the commit and leave that guest behind)."""
+    original = Channel.write
+
+    async def write(self: Channel, frame: pb.SourceFrame | bytes) -> None:
+        if isinstance(frame, pb.SourceFrame) and frame.WhichOneof("frame") == "commit":
+            raise StreamLost("migration channel 0 to the target failed: the connection broke")
+        await original(self, frame)
+
+    monkeypatch.setattr(Channel, "write", write)
+
+    async def body(lab: Lab) -> None:
+        engine = await lab.engine()
+        await asyncio.wait_for(engine.run(), 30)
+        state = await lab.state()
+        assert state.switchover is Switchover.COMMITTED and engine.committed
+        assert state.completed and not state.failed
+        assert "destroy" in lab.source.calls and "resume" not in lab.source.calls
 
     in_lab(tmp_path, body)
