@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,18 +85,14 @@ def prefix_end(prefix: bytes) -> bytes:
 RETIRED_CHANNEL_GRACE_S = 60.0  # s a replaced channel's calls and watches may still run
 
 
-def _tls_stamp(tls: pki.TlsFiles | None) -> tuple[tuple[int, int, int], ...]:
-    """(mtime, size, inode) of the client certificate and key; () without them."""
+def _tls_stamp(tls: pki.TlsFiles | None) -> pki.FilesStamp:
+    """The client certificate and key's stamp; () without them."""
     if tls is None:
         return ()
-    stamps = []
-    for path in (tls.cert, tls.key):
-        try:
-            st = os.stat(path)
-        except OSError:
-            return ()
-        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(stamps)
+    try:
+        return pki.files_stamp(tls.cert, tls.key)
+    except OSError:
+        return ()
 
 
 def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:

@@ -65,18 +65,14 @@ def _load(data: bytes) -> dict[str, Any]:
 RETIRED_CHANNEL_GRACE_S = 60.0  # s a replaced channel's calls and watches may still run
 
 
-def _files_stamp(config: ClientConfig) -> tuple[tuple[int, int, int], ...]:
-    """(mtime, size, inode) of the client certificate and key; () without them."""
+def _files_stamp(config: ClientConfig) -> pki.FilesStamp:
+    """The client certificate and key's stamp; () without them."""
     if config.tls is None or config.tls.cert == Path():
         return ()
-    stamps = []
-    for path in (config.tls.cert, config.tls.key):
-        try:
-            st = path.stat()
-        except OSError:
-            return ()
-        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(stamps)
+    try:
+        return pki.files_stamp(config.tls.cert, config.tls.key)
+    except OSError:
+        return ()
 
 
 class ApiClient:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -289,12 +288,8 @@ class _RenewedFiles:
         self.failed: tuple[tuple[int, int, int], ...] | None = None
         self.reloads = 0
 
-    def _stat(self) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        for path in (self.tls.ca, self.tls.cert, self.tls.key):
-            st = os.stat(path)
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+    def _stat(self) -> pki.FilesStamp:
+        return pki.files_stamp(self.tls.ca, self.tls.cert, self.tls.key)
 
     def __call__(self, conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
         stamp = None

@@ -131,9 +131,14 @@ def test_an_expired_series_starts_again_and_api_failures_never_reach_the_caller(
     assert rec.failed == 2
 
 
-def test_recording_outside_an_event_loop_is_dropped_not_raised() -> None:
-    rec = EventRecorder(FakeWriter(), "vmferry-controller")
+def test_recording_outside_an_event_loop_is_dropped_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = FakeWriter()
+    rec = EventRecorder(writer, "vmferry-controller")
     rec.normal(vmi(), Reason.STARTED, "no loop here")  # a synchronous caller: logged only
+    assert writer.creates == 0 and not writer.stored
+    assert "event dropped (no event loop)" in caplog.text
 
 
 def test_a_cluster_scoped_objects_events_live_in_default() -> None:

@@ -23,8 +23,10 @@ existing channels keep their credentials.
 
 from vmferry.pki.credentials import (
     CertificateExpired,
+    FilesStamp,
     ca_only_channel_credentials,
     channel_credentials,
+    files_stamp,
     server_credentials,
 )
 from vmferry.pki.identity import (
@@ -53,11 +55,13 @@ __all__ = [
     "NODES_GROUP",
     "NODE_USER_PREFIX",
     "CertificateExpired",
+    "FilesStamp",
     "Identity",
     "TlsFiles",
     "ca_only_channel_credentials",
     "cert_not_after",
     "channel_credentials",
+    "files_stamp",
     "identity_from_pem",
     "init_ca",
     "issue_node",

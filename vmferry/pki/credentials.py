@@ -34,6 +34,20 @@ class CertificateExpired(ValueError):
 _warned_renewal: set[tuple[Path, datetime.datetime]] = set()
 
 
+FilesStamp = tuple[tuple[int, int, int], ...]
+
+
+def files_stamp(*paths: Path | str) -> FilesStamp:
+    """(mtime, size, inode) of each file: what changes when a renewal replaces it, for
+    the readers that reload certificate files (API and etcd clients, HTTPS listeners).
+    OSError when one cannot be read."""
+    out = []
+    for path in paths:
+        st = os.stat(path)
+        out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
 def issued_at(cert: x509.Certificate) -> datetime.datetime:
     """When ``cert`` was issued: vmferry back-dates not-before by ``CLOCK_SKEW``
     (issuing.py), so a certificate lasting longer than that was issued that much later."""
