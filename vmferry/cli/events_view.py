@@ -8,18 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from vmferry.cli.cells import format_age
 from vmferry.errors import BadRequest
 from vmferry.events import involves
 
 Obj = dict[str, Any]
 
 _DESCRIBE_PADDING = 2  # describe's tabwriter pads columns by 2 (get's by 3)
-
-
-def _since(timestamp: Any, now: datetime) -> str:
-    from vmferry.cli.printers import format_age  # printers imports this module
-
-    return format_age(timestamp, now)
 
 
 def last_seen(event: Obj) -> str:
@@ -31,8 +26,8 @@ def describe_age(event: Obj, now: datetime) -> str:
     count = int(event.get("count") or 1)
     first = event.get("firstTimestamp") or event.get("lastTimestamp")
     if count > 1:
-        return f"{_since(last_seen(event), now)} (x{count} over {_since(first, now)})"
-    return _since(first, now)
+        return f"{format_age(last_seen(event), now)} (x{count} over {format_age(first, now)})"
+    return format_age(first, now)
 
 
 def source(event: Obj) -> str:
