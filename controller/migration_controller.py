@@ -52,8 +52,10 @@ from controller.network_controller import (
 )
 from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
+from vmferry import failpoints
 from vmferry.errors import Conflict, NotFound
 from vmferry.events import EventRecorder
+from vmferry.failpoints import Step
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE, nad_key, not_ready_reason
 from vmferry.migration_state import (
@@ -346,6 +348,7 @@ class MigrationController:
         vmi_status["migrationMethod"] = MIGRATION_METHOD
         await write_status(self.store, vmi)  # resourceVersion precondition: no stale hand-off
         log.info("vmim %s: hand-off %s -> %s", vmim["metadata"]["name"], source, placement.node)
+        failpoints.hit(Step.CONTROLLER_HANDED_OFF)
         await self._scheduled(vmim, handoff)
 
     async def _effective_config(self, cluster: Obj, vmi: Obj) -> tuple[Obj, str | None]:
@@ -543,6 +546,8 @@ class MigrationController:
             for skipped in PROGRESS_PHASES:
                 set_phase(status, skipped, self.clock)
         set_phase(status, phase, self.clock)
+        if phase == MigrationPhase.SUCCEEDED:
+            failpoints.hit(Step.CONTROLLER_COMPLETING)
         log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
         vmim = await write_status(self.store, vmim)
         vmi = self.vmis.get(vmim["metadata"]["namespace"], vmim["spec"].get("vmiName", ""))
