@@ -287,7 +287,9 @@ class MigrationController:
         network_problem: Callable[[Obj], str | None] | None = None
         if network:
             try:
-                network_problem = await self._network_filter(network, nodes, source_node, source)
+                network_problem = await self._network_filter(
+                    network, [n.obj for n in nodes], source_node, source
+                )
             except NetworkUnusable as e:
                 await self._finish(vmim, MigrationPhase.FAILED, e.message)
                 return
@@ -296,7 +298,7 @@ class MigrationController:
         claim_objs, _ = await self.store.list(PVC_KIND, vmim["metadata"]["namespace"])
         local = required_node(vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs})
         if local is not None:
-            nodes = [n for n in nodes if n["metadata"]["name"] == local]
+            nodes = [n for n in nodes if n.name == local]
 
         def placement_for(problem: Callable[[Obj], str | None] | None) -> scheduler.Placement:
             return scheduler.place_with_usage(
@@ -315,7 +317,7 @@ class MigrationController:
             # A node would fit but for the migration network: that is the failure.
             chosen = placement_for(None).node
             if chosen is not None:
-                node = next(n for n in nodes if n["metadata"]["name"] == chosen)
+                node = next(n.obj for n in nodes if n.name == chosen)
                 reason = network_problem(node) or f"target node {chosen} is not on {network}"
                 await self._finish(vmim, MigrationPhase.FAILED, reason)
                 return

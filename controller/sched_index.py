@@ -6,7 +6,8 @@ updates its read cache: the index is exactly as current as ``Store.get``/``list`
 decision right after a write sees it, as the admission walk requires), and a cache
 reload (``Store.reset``) rebuilds it. It holds:
 
-* every Node, parsed once per change and sorted by name (read-only to callers);
+* every Node, parsed once per change, and its placement facts (``scheduler.NodeFacts``),
+  sorted by name (read-only to callers);
 * the memory each VMI holds per node (``scheduler.memory_claims``) and the sum per node;
 * the migration queue (``migration_queue.MigrationQueue``: the active count, migrations
   leaving each node, the Pending queue per source node).
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller.migration_queue import Key, MigrationQueue
-from controller.scheduler import memory_claims
+from controller.scheduler import NodeFacts, memory_claims
 from vmferry.errors import Invalid
 
 Obj = dict[str, Any]
@@ -36,8 +37,8 @@ KINDS = frozenset({NODE, VMI, VMIM})
 class SchedulingIndex:
     def __init__(self) -> None:
         self.queue = MigrationQueue()
-        self._nodes: dict[str, Obj] = {}
-        self._sorted_nodes: list[Obj] | None = []
+        self._nodes: dict[str, NodeFacts] = {}
+        self._sorted_nodes: list[NodeFacts] | None = []
         self._claims: dict[Key, dict[str, int]] = {}
         self._used: dict[str, int] = {}
 
@@ -59,7 +60,7 @@ class SchedulingIndex:
         if node is None:
             self._nodes.pop(name, None)
         else:
-            self._nodes[name] = node
+            self._nodes[name] = NodeFacts.of(node)
         self._sorted_nodes = None
 
     def _set_vmi(self, key: Key, vmi: Obj | None) -> None:
@@ -84,14 +85,16 @@ class SchedulingIndex:
 
     # -- reading ----------------------------------------------------------------------
 
-    def nodes(self) -> list[Obj]:
-        """Every Node, sorted by name: the index's own objects, not to be changed."""
+    def nodes(self) -> list[NodeFacts]:
+        """Every Node's facts, sorted by name (``.obj``: the index's own Node, not to be
+        changed)."""
         if self._sorted_nodes is None:
             self._sorted_nodes = [self._nodes[name] for name in sorted(self._nodes)]
         return self._sorted_nodes
 
     def node(self, name: str) -> Obj | None:
-        return self._nodes.get(name)
+        facts = self._nodes.get(name)
+        return None if facts is None else facts.obj
 
     def memory_used(self) -> Mapping[str, int]:
         """Memory in use per node name (``scheduler.memory_usage`` of every VMI)."""

@@ -85,7 +85,7 @@ class VMIController:
             return
         local_node = required_node(spec, claims)
         if local_node is not None:  # a local volume pins the VMI to its node
-            nodes = [n for n in nodes if n["metadata"]["name"] == local_node]
+            nodes = [n for n in nodes if n.name == local_node]
         placement = scheduler.place_with_usage(vmi, nodes, self.store.index.memory_used())
         if placement.node is None:
             changed = status.get("phase") != VMIPhase.PENDING

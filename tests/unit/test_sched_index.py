@@ -199,7 +199,8 @@ async def assert_matches_store(store: Store) -> None:
     vmis, _ = await store.list(VMI)
     nodes, _ = await store.list("Node")
     assert dict(store.index.memory_used()) == scheduler.memory_usage(vmis)
-    assert store.index.nodes() == nodes
+    assert [facts.obj for facts in store.index.nodes()] == nodes
+    assert store.index.nodes() == [scheduler.NodeFacts.of(node) for node in nodes]
 
 
 def test_the_store_keeps_nodes_and_memory_in_use_through_every_change(tmp_path: Path) -> None:
@@ -235,8 +236,12 @@ def test_the_store_keeps_nodes_and_memory_in_use_through_every_change(tmp_path: 
             a["spec"]["domain"]["memory"]["guest"] = "768Mi"
             a = await store.update(a)
             assert store.index.memory_used() == {"n1": 768 << 20, "n3": 256 << 20}
+            n2 = await store.get("Node", "", "n2")
+            n2["spec"] = {"unschedulable": True}  # cordoned: placement sees it at once
+            await store.update(n2)
+            assert [n.unschedulable for n in store.index.nodes()] == [False, True, False]
             await store.delete("Node", "", "n3")
-            assert [n["metadata"]["name"] for n in store.index.nodes()] == ["n1", "n2"]
+            assert [n.name for n in store.index.nodes()] == ["n1", "n2"]
             await assert_matches_store(store)
 
             # Final phase, then deletion: nothing held.
