@@ -9,7 +9,7 @@ without guests or memory) -- at several sizes. Per backend and size:
              from the write returning to each watcher's event, p50/p99/max
   schedule   K VMIMs created at once (parallel limits lifted): VMIMs admitted and placed
              (target node chosen, the hand-off recorded, phase Scheduled) per second, and
-             the time until every one Succeeded (the fleet answering them)
+             the time until every one ended (the fleet answering them; how many Failed)
   handoff    the hand-off decision's kind of write, a status update with a
              resourceVersion precondition, 200 in a row: p50/p99 latency
   drain      the evacuation of D nodes: a VMIM for every VMI on them (what ``vmferry
@@ -23,6 +23,7 @@ include the clients' own work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import statistics
@@ -168,17 +169,37 @@ class Fleet:
             await bounded(self.names, self.heartbeat_one)
 
     async def run_vmis(self) -> None:
-        """Scheduled VMIs on our nodes -> Running (a handler booting them); after a lost
-        watch, from a fresh list."""
-        while True:
-            try:
-                items, rv = await self.api.list(VMI, NAMESPACE)
-                for vmi in items:
-                    await self._boot(vmi)
-                async for _, vmi in self.api.watch(VMI, NAMESPACE, resource_version=rv):
-                    await self._boot(vmi)
-            except ApiError:
-                await asyncio.sleep(0.5)
+        """Scheduled VMIs on our nodes -> Running (a handler booting them) and migrations
+        answered, CONCURRENCY writes at a time (every node's handler works at once; a
+        write from a stale event fails its precondition, and the newer event is handled
+        too); after a lost watch, from a fresh list."""
+        slots = asyncio.Semaphore(CONCURRENCY)
+        busy: set[asyncio.Task[None]] = set()
+
+        async def handle(vmi: Obj) -> None:
+            async with slots:
+                await self._boot(vmi)
+
+        async def dispatch(vmi: Obj) -> None:
+            while len(busy) >= 4 * CONCURRENCY:  # bounded backlog: the watch waits
+                await asyncio.wait(set(busy), return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(handle(vmi))
+            busy.add(task)
+            task.add_done_callback(busy.discard)
+
+        try:
+            while True:
+                try:
+                    items, rv = await self.api.list(VMI, NAMESPACE)
+                    for vmi in items:
+                        await dispatch(vmi)
+                    async for _, vmi in self.api.watch(VMI, NAMESPACE, resource_version=rv):
+                        await dispatch(vmi)
+                except ApiError:
+                    await asyncio.sleep(0.5)
+        finally:
+            for task in busy:
+                task.cancel()
 
     async def _boot(self, vmi: Obj) -> None:
         status = vmi.get("status") or {}
@@ -399,20 +420,25 @@ async def schedule(api: ApiClient, vmis: list[Obj], prefix: str) -> Obj:
     await wait_until(f"{len(names)} {prefix} migrations placed", placed, 600, LIST_POLL_SECONDS)
     took = time.monotonic() - started
 
-    async def succeeded() -> bool:
+    final: dict[str, int] = {}
+
+    async def ended() -> bool:
         items, _ = await api.list(VMIM, NAMESPACE)
         phases = {m["metadata"]["name"]: (m.get("status") or {}).get("phase") for m in items}
-        return all(phases.get(name) == "Succeeded" for name in names)
+        final.clear()
+        final.update(collections.Counter(str(phases.get(name) or "") for name in names))
+        return final.get("Succeeded", 0) + final.get("Failed", 0) == len(names)
 
     await wait_until(
-        f"{len(names)} {prefix} migrations Succeeded", succeeded, 900, LIST_POLL_SECONDS
+        f"{len(names)} {prefix} migrations Succeeded or Failed", ended, 900, LIST_POLL_SECONDS
     )
     return {
         "migrations": len(names),
         "createSeconds": created,
         "placedSeconds": took,
         "perSecond": len(names) / took,
-        "succeededSeconds": time.monotonic() - started,
+        "failed": final.get("Failed", 0),
+        "endedSeconds": time.monotonic() - started,
     }
 
 
@@ -538,7 +564,8 @@ def table(results: Obj) -> str:
         size = Size(**run["size"])
         f, h, s, d = run["fanout"], run["handoff"], run["schedule"], run["drain"]
         drain = (
-            f"{d['migrations']}: {d['placedSeconds']:.1f}/{d['succeededSeconds']:.1f}s"
+            f"{d['migrations']}: {d['placedSeconds']:.1f}/{d['endedSeconds']:.1f}s"
+            + (f" ({d['failed']} failed)" if d.get("failed") else "")
             if d.get("migrations")
             else "-"
         )
@@ -546,7 +573,9 @@ def table(results: Obj) -> str:
             f"{run['backend']:<7} {size.label:<22} {run['placedAndRunningSeconds']:>7.1f}s "
             f"{run['listSeconds'] * 1000:>6.0f}ms "
             + f"{f['p50Ms']:.0f}/{f['p99Ms']:.0f}/{f['maxMs']:.0f} ms".rjust(22)
-            + f" {s['perSecond']:>8.1f} {s['succeededSeconds']:>9.1f}s {drain:>20}"
+            + f" {s['perSecond']:>8.1f} {s['endedSeconds']:>9.1f}s"
+            + (f" ({s['failed']} failed)" if s.get("failed") else "")
+            + f" {drain:>20}"
             f" {h['p50Ms']:>7.1f}/{h['p99Ms']:.1f} ms {run['controllerRssMiB']:>6.0f}MiB"
             f" {run.get('loadAverage', 0.0):>5.1f}"
         )
