@@ -1,14 +1,15 @@
 """The ``scale`` scenario: one real controller (SQLite, or etcd with a one-member etcd)
 and a simulated fleet in the bench process -- lightweight fake handlers that register
-their Node, heartbeat, and move the VMIs placed on them to Running, without guests or
-memory -- at several sizes. Per backend and size:
+their Node, heartbeat, move the VMIs placed on them to Running and answer migrations
+(``migration_step``: the target prepares, the source starts, commits and completes,
+without guests or memory) -- at several sizes. Per backend and size:
 
   list       ``get vmi -A``: time of one list of every VMI (median of 5)
   fanout     one VMI change seen by W watchers (each its own watch stream): latency
              from the write returning to each watcher's event, p50/p99/max
   schedule   K VMIMs created at once (parallel limits lifted): VMIMs admitted and placed
-             (target node chosen, the hand-off recorded, phase Scheduled) per second; the
-             simulated nodes never prepare a target, so these migrations fail afterwards
+             (target node chosen, the hand-off recorded, phase Scheduled) per second, and
+             the time until every one ended (the fleet answering them; how many Failed)
   handoff    the hand-off decision's kind of write, a status update with a
              resourceVersion precondition, 200 in a row: p50/p99 latency
   drain      the evacuation of D nodes: a VMIM for every VMI on them (what ``vmferry
@@ -22,7 +23,9 @@ include the clients' own work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +42,7 @@ from vmferry.config import ClientConfig
 from vmferry.errors import AlreadyExists, ApiError, Conflict, Unavailable
 from vmferry.lab.cluster import free_port
 from vmferry.lab.etcd import EtcdCluster, etcd_binary, missing_reason
+from vmferry.migration_state import AbortStatus, Field, MigrationMode, Switchover
 from vmferry.objects import conditions, kinds
 
 Obj = dict[str, Any]
@@ -66,8 +70,6 @@ class Size:
 
 SIZES = {
     "tiny": Size(10, 50, 20, 10, 2),  # a check of the scenario itself (--quick)
-    # 100 nodes but 300 VMIs: VMI placement costs O(VMIs) per VMI (it lists them all), so
-    # 1,000 VMIs took >15 min to place on this shared 2-core machine.
     "small": Size(100, 300, 1000, 100, 100),
     "medium": Size(100, 1000, 1000, 200, 100),
     "large": Size(1000, 10000, 1000, 1000, 100),
@@ -167,17 +169,37 @@ class Fleet:
             await bounded(self.names, self.heartbeat_one)
 
     async def run_vmis(self) -> None:
-        """Scheduled VMIs on our nodes -> Running (a handler booting them); after a lost
-        watch, from a fresh list."""
-        while True:
-            try:
-                items, rv = await self.api.list(VMI, NAMESPACE)
-                for vmi in items:
-                    await self._boot(vmi)
-                async for _, vmi in self.api.watch(VMI, NAMESPACE, resource_version=rv):
-                    await self._boot(vmi)
-            except ApiError:
-                await asyncio.sleep(0.5)
+        """Scheduled VMIs on our nodes -> Running (a handler booting them) and migrations
+        answered, CONCURRENCY writes at a time (every node's handler works at once; a
+        write from a stale event fails its precondition, and the newer event is handled
+        too); after a lost watch, from a fresh list."""
+        slots = asyncio.Semaphore(CONCURRENCY)
+        busy: set[asyncio.Task[None]] = set()
+
+        async def handle(vmi: Obj) -> None:
+            async with slots:
+                await self._boot(vmi)
+
+        async def dispatch(vmi: Obj) -> None:
+            while len(busy) >= 4 * CONCURRENCY:  # bounded backlog: the watch waits
+                await asyncio.wait(set(busy), return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(handle(vmi))
+            busy.add(task)
+            task.add_done_callback(busy.discard)
+
+        try:
+            while True:
+                try:
+                    items, rv = await self.api.list(VMI, NAMESPACE)
+                    for vmi in items:
+                        await dispatch(vmi)
+                    async for _, vmi in self.api.watch(VMI, NAMESPACE, resource_version=rv):
+                        await dispatch(vmi)
+                except ApiError:
+                    await asyncio.sleep(0.5)
+        finally:
+            for task in busy:
+                task.cancel()
 
     async def _boot(self, vmi: Obj) -> None:
         status = vmi.get("status") or {}
@@ -186,16 +208,65 @@ class Fleet:
             with contextlib.suppress(Conflict):
                 await self.api.update(vmi, subresource="status")
                 self.running += 1
+            return
+        step = migration_step(vmi, conditions.now_rfc3339())
+        if step is not None:
+            with contextlib.suppress(Conflict):  # a newer state is on its way to the watch
+                await self.api.update(step, subresource="status")
 
 
-async def wait_until(what: str, check: Callable[[], Any], timeout: float) -> None:
+def migration_step(vmi: Obj, now: str) -> Obj | None:
+    """The simulated handlers' next write for a VMI being migrated (None: nothing to
+    do): the target prepares (domain detected, address), the source starts, then
+    commits and completes in one write (the VMI names the target); an abort requested
+    before the start ends it Aborted on the source. Every write carries the VMI's
+    resourceVersion, as the real handlers' do."""
+    status = vmi.get("status") or {}
+    ms = status.get("migrationState") or {}
+    if (
+        status.get("phase") != "Running"
+        or not ms.get(Field.MIGRATION_UID)
+        or ms.get(Field.COMPLETED)
+        or ms.get(Field.FAILED)
+    ):
+        return None
+    if ms.get(Field.ABORT_REQUESTED) and ms.get(Field.SWITCHOVER) is None:
+        ms[Field.SWITCHOVER] = Switchover.ABORTED
+        ms[Field.FAILED] = True
+        ms[Field.FAILURE_REASON] = "canceled by the user"
+        ms[Field.ABORT_STATUS] = AbortStatus.SUCCEEDED
+        ms[Field.END_TIMESTAMP] = now
+    elif not ms.get(Field.TARGET_NODE_ADDRESS):
+        ms[Field.TARGET_NODE_DOMAIN_DETECTED] = True
+        ms[Field.TARGET_NODE_ADDRESS] = "203.0.113.1"
+        ms[Field.TARGET_NODE_PORT] = 1
+    elif not ms.get(Field.START_TIMESTAMP):
+        ms[Field.START_TIMESTAMP] = now
+        ms[Field.MODE] = MigrationMode.PRE_COPY
+    else:
+        ms[Field.SWITCHOVER] = Switchover.COMMITTED
+        ms[Field.TARGET_NODE_DOMAIN_READY_TIMESTAMP] = now
+        ms[Field.COMPLETED] = True
+        ms[Field.END_TIMESTAMP] = now
+        status["nodeName"] = ms[Field.TARGET_NODE]
+    return vmi
+
+
+async def wait_until(
+    what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if await check():
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"scale bench: {what} not reached within {timeout:.0f} s")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(interval)
+
+
+# Between two checks that list every VMI or VMIM: a list of 10,000 costs the controller
+# ~0.5 s of its one core, which polling every 0.2 s would take from what is measured.
+LIST_POLL_SECONDS = 1.0
 
 
 async def measure(api: ApiClient, size: Size, fleet: Fleet, log: Callable[[str], None]) -> Obj:
@@ -226,6 +297,8 @@ async def measure(api: ApiClient, size: Size, fleet: Fleet, log: Callable[[str],
     result["createPerSecond"] = size.vmis / (time.monotonic() - started)
 
     async def all_running() -> bool:
+        if fleet.running < size.vmis:  # the fleet's own count: no list until it is there
+            return False
         items, _ = await api.list(VMI, NAMESPACE)
         return sum((v.get("status") or {}).get("phase") == "Running" for v in items) >= size.vmis
 
@@ -332,8 +405,7 @@ async def schedule(api: ApiClient, vmis: list[Obj], prefix: str) -> Obj:
     wanted = set(names)
 
     async def placed() -> bool:
-        # Placed = the hand-off recorded and the VMIM Scheduled (the simulated nodes never
-        # prepare a target: those migrations fail later, after the measurement).
+        # Placed = the hand-off recorded and the VMIM Scheduled (then the fleet answers).
         items, _ = await api.list(VMIM, NAMESPACE)
         done = {
             m["metadata"]["name"]
@@ -345,13 +417,28 @@ async def schedule(api: ApiClient, vmis: list[Obj], prefix: str) -> Obj:
         }
         return wanted <= done
 
-    await wait_until(f"{len(names)} {prefix} migrations placed", placed, 600)
+    await wait_until(f"{len(names)} {prefix} migrations placed", placed, 600, LIST_POLL_SECONDS)
     took = time.monotonic() - started
+
+    final: dict[str, int] = {}
+
+    async def ended() -> bool:
+        items, _ = await api.list(VMIM, NAMESPACE)
+        phases = {m["metadata"]["name"]: (m.get("status") or {}).get("phase") for m in items}
+        final.clear()
+        final.update(collections.Counter(str(phases.get(name) or "") for name in names))
+        return final.get("Succeeded", 0) + final.get("Failed", 0) == len(names)
+
+    await wait_until(
+        f"{len(names)} {prefix} migrations Succeeded or Failed", ended, 900, LIST_POLL_SECONDS
+    )
     return {
         "migrations": len(names),
         "createSeconds": created,
         "placedSeconds": took,
         "perSecond": len(names) / took,
+        "failed": final.get("Failed", 0),
+        "endedSeconds": time.monotonic() - started,
     }
 
 
@@ -438,6 +525,7 @@ async def run_backend(backend: str, size: Size, workdir: Path, log: Callable[[st
             ]
             result = await measure(api, size, fleet, log)
             result["controllerRssMiB"] = await asyncio.to_thread(rss_mib, controller.proc.pid)
+            result["loadAverage"] = os.getloadavg()[0]  # 1 min, at the end of the run
             return result
     finally:
         for task in fleet_tasks:
@@ -467,19 +555,29 @@ async def run_scale(
 
 def table(results: Obj) -> str:
     header = (
-        f"{'backend':<7} {'size':<22} {'list':>8} {'fan-out p50/p99/max':>22} "
-        f"{'sched/s':>8} {'drain':>14} {'hand-off p50/p99':>17} {'RSS':>8}"
+        f"{'backend':<7} {'size':<22} {'VMIs up':>8} {'list':>8} {'fan-out p50/p99/max':>22} "
+        f"{'sched/s':>8} {'sched done':>10} {'drain placed/done':>20} "
+        f"{'hand-off p50/p99':>17} {'RSS':>8} {'load':>5}"
     )
     lines = ["== scale (simulated nodes) ==", header]
     for run in results.get("runs", []):
         size = Size(**run["size"])
         f, h, s, d = run["fanout"], run["handoff"], run["schedule"], run["drain"]
-        drain = f"{d['migrations']} in {d['placedSeconds']:.1f}s" if d.get("migrations") else "-"
+        drain = (
+            f"{d['migrations']}: {d['placedSeconds']:.1f}/{d['endedSeconds']:.1f}s"
+            + (f" ({d['failed']} failed)" if d.get("failed") else "")
+            if d.get("migrations")
+            else "-"
+        )
         lines.append(
-            f"{run['backend']:<7} {size.label:<22} {run['listSeconds'] * 1000:>6.0f}ms "
-            f"{f['p50Ms']:>6.0f}/{f['p99Ms']:.0f}/{f['maxMs']:.0f} ms".rjust(0)
-            + f" {s['perSecond']:>8.1f} {drain:>14} {h['p50Ms']:>7.1f}/{h['p99Ms']:.1f} ms"
-            f" {run['controllerRssMiB']:>6.0f}MiB"
+            f"{run['backend']:<7} {size.label:<22} {run['placedAndRunningSeconds']:>7.1f}s "
+            f"{run['listSeconds'] * 1000:>6.0f}ms "
+            + f"{f['p50Ms']:.0f}/{f['p99Ms']:.0f}/{f['maxMs']:.0f} ms".rjust(22)
+            + f" {s['perSecond']:>8.1f} {s['endedSeconds']:>9.1f}s"
+            + (f" ({s['failed']} failed)" if s.get("failed") else "")
+            + f" {drain:>20}"
+            f" {h['p50Ms']:>7.1f}/{h['p99Ms']:.1f} ms {run['controllerRssMiB']:>6.0f}MiB"
+            f" {run.get('loadAverage', 0.0):>5.1f}"
         )
     if results.get("etcdSkipped"):
         lines.append(f"etcd skipped: {results['etcdSkipped']}")

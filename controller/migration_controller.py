@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller import migration_queue, migration_token, policy, scheduler, volume_migration
+from controller import migration_token, policy, scheduler, volume_migration
 from controller.admission import is_decentralized
 from controller.events import controller_recorder
 from controller.migration_events import MigrationEvents
@@ -52,8 +52,10 @@ from controller.network_controller import (
 )
 from controller.objects import rfc3339, set_phase, write_status
 from controller.store import Store
+from vmferry import failpoints
 from vmferry.errors import Conflict, NotFound
 from vmferry.events import EventRecorder
+from vmferry.failpoints import Step
 from vmferry.informer import Informer, Key, WorkQueue
 from vmferry.migration_network import NAD_KIND, NAD_NAMESPACE, nad_key, not_ready_reason
 from vmferry.migration_state import (
@@ -95,6 +97,15 @@ TARGET_PHASES = (
 _FIELDS = frozenset(Field)
 
 
+def without_heartbeats(node: Obj) -> Obj:
+    """``node`` without its conditions' ``lastHeartbeatTime`` (a copy)."""
+    view = copy.deepcopy(node)
+    view.get("metadata", {}).pop("resourceVersion", None)
+    for condition in (view.get("status") or {}).get("conditions") or []:
+        condition.pop("lastHeartbeatTime", None)
+    return view
+
+
 def mirror_of(ms: Obj) -> Obj:
     """The VMIM's copy of a VMI's migration state: the contract's fields only (a key that
     is not a ``Field`` — a pre-Secret token, say — never reaches the VMIM)."""
@@ -129,7 +140,7 @@ class MigrationController:
         self._handed_off_since: dict[str, float] = {}
         vmims.add_handler(self._on_vmim)
         vmis.add_handler(self._on_vmi)
-        nodes.add_handler(lambda key, old, new: self._requeue_active())
+        nodes.add_handler(self._on_node)
 
     # -- event routing --------------------------------------------------------------------
 
@@ -140,19 +151,23 @@ class MigrationController:
 
     def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:
         ns, name = key
-        for vmim in self.vmims.cache.values():
-            if vmim["metadata"]["namespace"] == ns and vmim["spec"].get("vmiName") == name:
-                self.queue.add((ns, vmim["metadata"]["name"]))
+        for vmim_name in self.store.index.queue.migrations_of(ns, name):
+            self.queue.add((ns, vmim_name))
+
+    def _on_node(self, key: Key, old: Obj | None, new: Obj | None) -> None:
+        """A Node change that placement or a target's readiness can see (a heartbeat
+        alone is none) wakes every unfinished migration."""
+        if old is None or new is None or without_heartbeats(old) != without_heartbeats(new):
+            self._requeue_active()
 
     def _requeue_pending(self) -> None:
-        for key, vmim in self.vmims.cache.items():
-            if MigrationPhase.of(vmim) in (MigrationPhase.UNSET, MigrationPhase.PENDING):
+        for key, phase in self.store.index.queue.unfinished().items():
+            if phase in (MigrationPhase.UNSET, MigrationPhase.PENDING):
                 self.queue.add(key)
 
     def _requeue_active(self) -> None:
-        for key, vmim in self.vmims.cache.items():
-            if not MigrationPhase.of(vmim).final:
-                self.queue.add(key)
+        for key in self.store.index.queue.unfinished():
+            self.queue.add(key)
 
     def _requeue_later(self, vmim: Obj) -> None:
         self.queue.add_after(
@@ -247,9 +262,8 @@ class MigrationController:
     async def _admit(self, vmim: Obj) -> None:
         """Pending -> Scheduling within the parallel limits, in priority order
         (``controller.migration_queue``)."""
-        all_vmims, _ = await self.store.list("VirtualMachineInstanceMigration")
-        vmis, _ = await self.store.list("VirtualMachineInstance")
-        decision = migration_queue.admit(vmim, all_vmims, vmis, self.cluster_config())
+        # The store's index: as current as a list, O(nodes x log(Pending)) per decision.
+        decision = self.store.index.queue.admit(vmim, self.cluster_config())
         if not decision.start:
             log.info("vmim %s: waiting: %s", vmim["metadata"]["name"], decision.reason)
             self.events.waiting(vmim, decision.reason)
@@ -266,15 +280,16 @@ class MigrationController:
         config = self.cluster_config()
         status = vmim["status"]
         source = (vmi.get("status") or {}).get("nodeName", "")
-        nodes, _ = await self.store.list("Node")
-        vmis, _ = await self.store.list("VirtualMachineInstance")
-        source_node = next((n for n in nodes if n["metadata"]["name"] == source), None)
+        nodes = self.store.index.nodes()  # and the memory in use: O(nodes), not O(VMIs)
+        source_node = self.store.index.node(source)
         configuration, policy_name = await self._effective_config(config, vmi)
         network = str(configuration.get(ConfigKey.NETWORK) or "")
         network_problem: Callable[[Obj], str | None] | None = None
         if network:
             try:
-                network_problem = await self._network_filter(network, nodes, source_node, source)
+                network_problem = await self._network_filter(
+                    network, [n.obj for n in nodes], source_node, source
+                )
             except NetworkUnusable as e:
                 await self._finish(vmim, MigrationPhase.FAILED, e.message)
                 return
@@ -283,13 +298,13 @@ class MigrationController:
         claim_objs, _ = await self.store.list(PVC_KIND, vmim["metadata"]["namespace"])
         local = required_node(vmi.get("spec") or {}, {c["metadata"]["name"]: c for c in claim_objs})
         if local is not None:
-            nodes = [n for n in nodes if n["metadata"]["name"] == local]
+            nodes = [n for n in nodes if n.name == local]
 
         def placement_for(problem: Callable[[Obj], str | None] | None) -> scheduler.Placement:
-            return scheduler.place(
+            return scheduler.place_with_usage(
                 vmi,
                 nodes,
-                vmis,
+                self.store.index.memory_used(),
                 exclude=source,
                 added_selector=vmim["spec"].get("addedNodeSelector") or {},
                 source_cpu_model=scheduler.node_cpu_model(source_node) if source_node else None,
@@ -302,7 +317,7 @@ class MigrationController:
             # A node would fit but for the migration network: that is the failure.
             chosen = placement_for(None).node
             if chosen is not None:
-                node = next(n for n in nodes if n["metadata"]["name"] == chosen)
+                node = next(n.obj for n in nodes if n.name == chosen)
                 reason = network_problem(node) or f"target node {chosen} is not on {network}"
                 await self._finish(vmim, MigrationPhase.FAILED, reason)
                 return
@@ -335,6 +350,7 @@ class MigrationController:
         vmi_status["migrationMethod"] = MIGRATION_METHOD
         await write_status(self.store, vmi)  # resourceVersion precondition: no stale hand-off
         log.info("vmim %s: hand-off %s -> %s", vmim["metadata"]["name"], source, placement.node)
+        failpoints.hit(Step.CONTROLLER_HANDED_OFF)
         await self._scheduled(vmim, handoff)
 
     async def _effective_config(self, cluster: Obj, vmi: Obj) -> tuple[Obj, str | None]:
@@ -532,6 +548,8 @@ class MigrationController:
             for skipped in PROGRESS_PHASES:
                 set_phase(status, skipped, self.clock)
         set_phase(status, phase, self.clock)
+        if phase == MigrationPhase.SUCCEEDED:
+            failpoints.hit(Step.CONTROLLER_COMPLETING)
         log.info("vmim %s: %s%s", vmim["metadata"]["name"], phase, f": {reason}" if reason else "")
         vmim = await write_status(self.store, vmim)
         vmi = self.vmis.get(vmim["metadata"]["namespace"], vmim["spec"].get("vmiName", ""))
@@ -558,22 +576,14 @@ class MigrationController:
         Then delete the token Secrets no unfinished migration owns (one whose VMIM was
         removed without passing here, or survived a crash)."""
         ns, vmi_name = vmim["metadata"]["namespace"], vmim["spec"]["vmiName"]
-        everywhere, _ = await self.store.list("VirtualMachineInstanceMigration")
-        unfinished = {m["metadata"]["uid"] for m in everywhere if not MigrationPhase.of(m).final}
-        # A receiving (cross-cluster) VMIM's token Secret is named by the sending VMIM's uid.
-        unfinished |= {
-            uid
-            for m in everywhere
-            if not MigrationPhase.of(m).final
-            and (
-                uid := ((m.get("status") or {}).get("migrationState") or {}).get(
-                    Field.MIGRATION_UID
-                )
-            )
-        }
-        ended = {m["metadata"]["uid"] for m in everywhere if MigrationPhase.of(m).final}
-        await migration_token.delete_orphans(self.store, unfinished, ended)
-        items = [m for m in everywhere if m["metadata"]["namespace"] == ns]
+        index = self.store.index.queue  # as current as a list, without reading every VMIM
+        await migration_token.delete_orphans(
+            self.store, index.unfinished_uids(), index.ended_uids()
+        )
+        items = []
+        for name in index.migrations_of(ns, vmi_name):
+            with contextlib.suppress(NotFound):
+                items.append(await self.store.get("VirtualMachineInstanceMigration", ns, name))
         finished = sorted(
             (
                 m

@@ -115,17 +115,14 @@ async def delete_orphans(
     now = datetime.now(UTC)
     for secret in items:
         uid = (secret["metadata"].get("labels") or {}).get(TOKEN_MIGRATION_LABEL, "")
+        if not uid or uid in unfinished_uids:
+            continue  # most Secrets: the time is parsed only for the others
         created = _parse_time(secret["metadata"].get("creationTimestamp"))
         if (
-            uid
-            and uid not in unfinished_uids
-            and (
-                uid in finished_uids
-                or created is None
-                or (now - created).total_seconds() >= ORPHAN_MIN_AGE
-            )
-            and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"])
-        ):
+            uid in finished_uids
+            or created is None
+            or (now - created).total_seconds() >= ORPHAN_MIN_AGE
+        ) and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"]):
             await delete_token_secret(store, uid)
             deleted.append(uid)
     return deleted

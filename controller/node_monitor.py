@@ -8,6 +8,7 @@ heartbeat is older than the grace period the monitor sets Ready=False
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from datetime import UTC, datetime
 
@@ -37,9 +38,10 @@ class NodeMonitor:
             await asyncio.sleep(CHECK_INTERVAL)
 
     async def sweep(self) -> None:
-        nodes, _ = await self.store.list("Node")
         now = datetime.now(UTC)
-        for node in nodes:
+        # The store's parsed Nodes (not a list of copies: O(nodes) without decoding each).
+        for facts in self.store.index.nodes():
+            node = facts.obj
             ready = conditions.get(node, "Ready")
             if ready is None or ready.get("status") != "True":
                 continue
@@ -47,6 +49,7 @@ class NodeMonitor:
             age = (now - conditions.parse_time(beat)).total_seconds() if beat else self.grace + 1
             if age <= self.grace:
                 continue
+            node = copy.deepcopy(node)  # the index's own object is never changed
             name = node["metadata"]["name"]
             log.warning("node %s: no heartbeat for %.0fs: marking NotReady", name, age)
             conditions.set_condition(

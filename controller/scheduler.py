@@ -46,15 +46,61 @@ def is_active_migration_target(vmi: Obj, node_name: str) -> bool:
     )
 
 
-def memory_in_use(node_name: str, vmis: Iterable[Obj]) -> int:
-    total = 0
+def memory_claims(vmi: Obj) -> dict[str, int]:
+    """The memory (bytes) ``vmi`` holds on each node: its guest's on the node it runs
+    on, and again on the target of its migration in progress; nothing once final."""
+    status = vmi.get("status") or {}
+    if status.get("phase") in VMI_FINAL_PHASES:
+        return {}
+    node = status.get("nodeName")
+    target = MigrationState.of(vmi).target_node
+    targeted = bool(target) and is_active_migration_target(vmi, target)
+    if not node and not targeted:
+        return {}
+    need = memory_bytes(vmi.get("spec") or {})
+    claims = {node: need} if node else {}
+    if targeted:
+        claims[target] = need
+    return claims
+
+
+def memory_usage(vmis: Iterable[Obj]) -> dict[str, int]:
+    """Memory in use per node name (``memory_claims`` summed), in one pass over ``vmis``."""
+    used: dict[str, int] = {}
     for vmi in vmis:
-        status = vmi.get("status") or {}
-        if status.get("phase") in VMI_FINAL_PHASES:
-            continue
-        if status.get("nodeName") == node_name or is_active_migration_target(vmi, node_name):
-            total += memory_bytes(vmi.get("spec") or {})
-    return total
+        for node, amount in memory_claims(vmi).items():
+            used[node] = used.get(node, 0) + amount
+    return used
+
+
+def memory_in_use(node_name: str, vmis: Iterable[Obj]) -> int:
+    return memory_usage(vmis).get(node_name, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What placement reads of a Node, parsed once per change of it (the controller's
+    index keeps them: ``controller.sched_index``); ``obj`` is the Node itself."""
+
+    name: str
+    ready: bool
+    unschedulable: bool
+    labels: Mapping[str, str]
+    cpu_model: str
+    memory: int
+    obj: Obj
+
+    @classmethod
+    def of(cls, node: Obj) -> NodeFacts:
+        return cls(
+            name=node["metadata"]["name"],
+            ready=conditions.is_true(node, "Ready"),
+            unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
+            labels=dict(node["metadata"].get("labels") or {}),
+            cpu_model=node_cpu_model(node),
+            memory=node_memory(node),
+            obj=node,
+        )
 
 
 @dataclass
@@ -77,8 +123,35 @@ def place(
     network: str = "",
     network_problem: Callable[[Obj], str | None] | None = None,
 ) -> Placement:
+    """``place_with_usage`` given every VMI (their memory summed per node first)."""
+    return place_with_usage(
+        vmi,
+        [NodeFacts.of(node) for node in nodes],
+        memory_usage(vmis),
+        exclude=exclude,
+        added_selector=added_selector,
+        source_cpu_model=source_cpu_model,
+        network=network,
+        network_problem=network_problem,
+    )
+
+
+def place_with_usage(
+    vmi: Obj,
+    nodes: Iterable[NodeFacts],
+    used: Mapping[str, int],
+    *,
+    exclude: str | None = None,
+    added_selector: Mapping[str, str] | None = None,
+    source_cpu_model: str | None = None,
+    network: str = "",
+    network_problem: Callable[[Obj], str | None] | None = None,
+) -> Placement:
     """Pick a node for ``vmi``; ``Placement.reasons`` name why each other node did not fit.
 
+    ``used`` is the memory in use per node name (``memory_usage``; the controller keeps
+    it indexed: ``controller.sched_index``, with the nodes' facts), so one decision
+    costs O(nodes).
     ``network_problem`` (a migration over the migration network ``network``, its NAD's
     ``namespace/name``) says why a node cannot serve it, or None when it can."""
     spec = vmi.get("spec") or {}
@@ -86,25 +159,23 @@ def place(
     selector = dict(spec.get("nodeSelector") or {})
     selector.update(added_selector or {})
     cpu_model = ((spec.get("domain") or {}).get("cpu") or {}).get("model", "host-model")
-    vmi_list = list(vmis)
     best: tuple[int, str] | None = None
     reasons: list[str] = []
-    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
-        name = node["metadata"]["name"]
+    for node in sorted(nodes, key=lambda n: n.name):
+        name = node.name
         if name == exclude:
             continue
-        labels = node["metadata"].get("labels") or {}
-        if not conditions.is_true(node, "Ready"):
+        if not node.ready:
             reasons.append(f"{name}: not Ready")
             continue
-        if (node.get("spec") or {}).get("unschedulable"):
+        if node.unschedulable:
             reasons.append(f"{name}: unschedulable (cordoned)")
             continue
-        missing = [f"{k}={v}" for k, v in selector.items() if labels.get(k) != v]
+        missing = [f"{k}={v}" for k, v in selector.items() if node.labels.get(k) != v]
         if missing:
             reasons.append(f"{name}: does not match node selector {', '.join(missing)}")
             continue
-        model = node_cpu_model(node)
+        model = node.cpu_model
         if cpu_model == "host-model" and source_cpu_model and model != source_cpu_model:
             reasons.append(
                 f"{name}: CPU model {model!r} differs from the source's {source_cpu_model!r}"
@@ -113,11 +184,11 @@ def place(
         if cpu_model not in ("host-model", "host-passthrough", "") and model != cpu_model:
             reasons.append(f"{name}: CPU model {model!r} is not {cpu_model!r}")
             continue
-        free = node_memory(node) - memory_in_use(name, vmi_list)
+        free = node.memory - used.get(name, 0)
         if free < need:
             reasons.append(f"{name}: insufficient memory ({free} bytes free, {need} needed)")
             continue
-        problem = network_problem(node) if network_problem is not None else None
+        problem = network_problem(node.obj) if network_problem is not None else None
         if problem:
             reasons.append(f"{name}: not on migration network {network} ({problem})")
             continue

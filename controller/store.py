@@ -20,6 +20,8 @@ Key facts:
   store opens and kept by the same committed events the watchers get, applied before
   them. A write returns only once its event is applied, so a read after a write sees it
   (a binding is in force once its create returns); a read costs no trip to the backend.
+  The same step keeps ``Store.index`` (``controller.sched_index``): Nodes, memory in
+  use per node and the migration queue, for placement and admission.
 * A watch replays the backend's history after its resourceVersion, then follows the
   live events, without gap or duplicate; history no longer kept gives Gone ("too old
   resourceVersion": list again).
@@ -36,6 +38,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Literal
 
+from controller.sched_index import SchedulingIndex
 from controller.store_core import (
     Backend,
     EventType,
@@ -76,6 +79,8 @@ class Store:
         # resourceVersion _cache_rv. Changed only on the loop, by publish.
         self._objects: dict[str, dict[tuple[str, str], tuple[dict[str, str], str]]] = {}
         self._cache_rv = 0
+        # Placement's and admission's view, kept with the read cache (sched_index).
+        self.index = SchedulingIndex()
         self._rv_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @classmethod
@@ -109,8 +114,7 @@ class Store:
         store = cls(backend, watch_queue_limit)
         try:
             rows, store._cache_rv = await backend.snapshot()
-            for kind, namespace, name, labels, data in rows:
-                store._objects.setdefault(kind, {})[(namespace, name)] = (labels, data)
+            store._load(rows)
             await backend.start(store)
         except BaseException:
             await backend.close()
@@ -156,8 +160,10 @@ class Store:
             objects = self._objects.setdefault(event.kind, {})
             if event.type == "DELETED":
                 objects.pop((event.namespace, event.name), None)
+                self.index.apply(event.kind, event.namespace, event.name, None)
             else:
                 objects[(event.namespace, event.name)] = (event.labels, event.data)
+                self.index.apply(event.kind, event.namespace, event.name, event.data)
             self._cache_rv = max(self._cache_rv, event.rv)
         for subscriber in list(self._subscribers):
             for event in events:
@@ -175,12 +181,18 @@ class Store:
     def reset(self, rows: list[tuple[str, str, str, dict[str, str], str]], rv: int) -> None:
         """Event loop: replace the read cache by a fresh snapshot at ``rv`` (the backend
         lost history it cannot replay); every watcher is told to list again."""
-        self._objects = {}
-        for kind, namespace, name, labels, data in rows:
-            self._objects.setdefault(kind, {})[(namespace, name)] = (labels, data)
+        self._load(rows)
         self._cache_rv = rv
         self.expire_watchers()
         self.publish([])
+
+    def _load(self, rows: list[tuple[str, str, str, dict[str, str], str]]) -> None:
+        """Fill the read cache and the scheduling index from a snapshot."""
+        self._objects = {}
+        self.index = SchedulingIndex()
+        for kind, namespace, name, labels, data in rows:
+            self._objects.setdefault(kind, {})[(namespace, name)] = (labels, data)
+            self.index.apply(kind, namespace, name, data)
 
     def expire_watchers(self) -> None:
         for subscriber in list(self._subscribers):

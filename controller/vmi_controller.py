@@ -71,8 +71,7 @@ class VMIController:
             return  # a receiving VMI: its migration places it (module docstring)
         if status.get("phase") not in (None, VMIPhase.UNSET, VMIPhase.PENDING):
             return
-        all_vmis, _ = await self.store.list("VirtualMachineInstance")
-        nodes, _ = await self.store.list("Node")
+        nodes = self.store.index.nodes()  # and the memory in use: O(nodes), not O(VMIs)
         claim_objs, _ = await self.store.list(PVC_KIND, ns)
         claims = {c["metadata"]["name"]: c for c in claim_objs}
         spec = vmi.get("spec") or {}
@@ -86,8 +85,8 @@ class VMIController:
             return
         local_node = required_node(spec, claims)
         if local_node is not None:  # a local volume pins the VMI to its node
-            nodes = [n for n in nodes if n["metadata"]["name"] == local_node]
-        placement = scheduler.place(vmi, nodes, all_vmis)
+            nodes = [n for n in nodes if n.name == local_node]
+        placement = scheduler.place_with_usage(vmi, nodes, self.store.index.memory_used())
         if placement.node is None:
             changed = status.get("phase") != VMIPhase.PENDING
             set_phase(status, VMIPhase.PENDING)

@@ -42,6 +42,10 @@ class Step(StrEnum):
     TARGET_POSTCOPY = "target-postcopy"  # after the first post-copy batch was applied
     # controller
     CONTROLLER_COMMITTED = "controller-committed"  # the store holds switchover=Committed
+    # the leader's migration reconciler: the VMI holds the hand-off, the VMIM is not Scheduled
+    CONTROLLER_HANDED_OFF = "controller-handed-off"
+    # the leader's migration reconciler saw the completion; the VMIM is not yet Succeeded
+    CONTROLLER_COMPLETING = "controller-completing"
 
 
 def _armed_from(value: str) -> frozenset[Step]:

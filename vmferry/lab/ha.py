@@ -74,15 +74,21 @@ def write(
     if etcd_binary() is None:
         raise RuntimeError(f"--ha needs etcd: {missing_reason()}")
     etcd_tls = pki.issue_server(pki_dir, "etcd", ips=[HOST], dns=["localhost"])
-    members = [
-        {"name": n, "clientPort": free_port(HOST), "peerPort": free_port(HOST)}
-        for n in etcd_names()
-    ]
+    taken: set[int] = set()
+
+    def new_port() -> int:
+        """A free port none of this plan's others has (nothing listens on them yet)."""
+        while (port := free_port(HOST)) in taken:
+            pass
+        taken.add(port)
+        return port
+
+    members = [{"name": n, "clientPort": new_port(), "peerPort": new_port()} for n in etcd_names()]
     endpoints = ",".join(f"{HOST}:{m['clientPort']}" for m in members)
     signing_key = secrets.token_bytes(32)
     controllers: dict[str, int] = {}
     for name in controller_names():
-        port = controllers[name] = free_port(HOST)
+        port = controllers[name] = new_port()
         data_dir = lab_dir / name
         data_dir.mkdir(parents=True)
         fd = os.open(data_dir / SIGNING_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
