@@ -65,6 +65,7 @@ class QemuPostCopy:
         self.engine = engine
         self.resuming: TunnelChannel | None = None  # a recovery's stream, for QEMU to take
         self._taken = asyncio.Event()
+        self.retired_bytes = 0  # what the streams a recovery replaced carried
 
     async def run(self) -> None:
         """QEMU was told migrate-start-postcopy: hand the VM over once QEMU is in
@@ -213,7 +214,9 @@ class QemuPostCopy:
         finally:
             self.resuming = None
         log.info("migration %s: post-copy resumes on a new tunnel stream", e.uid)
-        e._channels[0] = ch
+        old, e._channels[0] = e._channels[0], ch
+        self.retired_bytes += old.sent + old.received
+        old.call.cancel()  # its pumps end (QEMU may have paused with the stream still up)
 
     def take_resumed_channel(self) -> TunnelChannel | None:
         """The stream a recovery opened, for QEMU's resume connection (once)."""
@@ -281,11 +284,11 @@ async def recover_incoming(
             await asyncio.sleep(0.05)
     state.recoveries += 1
     sock = driver.sock_path(h.vm_id, f"in{state.recoveries}")
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock.unlink(missing_ok=True)
     await h.qmp("migrate-recover", {"uri": f"unix:{sock}"})
     async with asyncio.timeout(RESUME_CONNECT_TIMEOUT):
         reader, writer = await asyncio.open_unix_connection(str(sock))
-    state.ch0_writer = writer
     state.inc.disconnected_since = None
     log.info(
         "migration %s: post-copy recovery %d: the incoming QEMU reconnected",

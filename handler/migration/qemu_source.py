@@ -151,6 +151,8 @@ class QemuSourceMigration(SourceEngine):
         out = self.stats.as_status()
         out["verifyMode"] = self.verify
         out["repairedPages"] = self.repaired_pages
+        if self.mode is MigrationMode.POST_COPY:  # QEMU's page requests (postcopy-requests)
+            out["postCopyFaults"] = self.stats.postcopy_faults
         if self.storage is not None:
             out["mirroredDisks"] = [d.name for d in self.storage.disks]
             out["repairedDiskBlocks"] = self.storage.repaired_blocks
@@ -158,7 +160,9 @@ class QemuSourceMigration(SourceEngine):
         return out
 
     def _refresh_stats(self) -> None:
-        self.stats.wire_bytes = sum(ch.sent + ch.received for ch in self._channels)
+        self.stats.wire_bytes = self.postcopy.retired_bytes + sum(
+            ch.sent + ch.received for ch in self._channels
+        )
 
     # -- start: tunnel + QEMU -------------------------------------------------------------
 

@@ -140,6 +140,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 self._end(inc.migration_uid)
             await self.incoming.on_abort(inc, reason)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        if cid == 0:
+            state.ch0_writer = writer  # the current one (a post-copy recovery replaces it)
         yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=cid))
         pump = asyncio.create_task(self._downstream(reader, out))
         handler = asyncio.create_task(self._handle_frames(state, cid, frames, writer, out))
@@ -315,8 +317,6 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 await earlier.wait()
             reader, writer = await asyncio.open_unix_connection(str(state.socket))
         state.connected[cid].set()
-        if cid == 0:
-            state.ch0_writer = writer
         return writer, reader
 
     async def _downstream(
