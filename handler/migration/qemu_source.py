@@ -68,6 +68,7 @@ QEMU_COMPLETED = "completed"
 QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover (storage migration)
 QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
+POSTCOPY_BEFORE_HANDOFF = (QEMU_POSTCOPY_ACTIVE, "postcopy-paused", "postcopy-recover")
 VERIFY_OFF = "off"
 VERIFY_DETECT = "detect"
 
@@ -536,8 +537,12 @@ class QemuSourceMigration(SourceEngine):
         await self._abort_streams([ch.call for ch in self._channels], frame)
 
     async def _stop_transfer(self) -> None:
+        # Before the hand-off a post-copy is cancelled too: the target's guest never ran
+        # (-S, no `cont` before Commit), and QEMU refuses `cont` until the migration ends
+        # ("Migration is not finalized yet"); cancelled, the source resumes with `cont`.
         with contextlib.suppress(GuestError):
-            if (await self.qemu.qmp("query-migrate")).get("status") in QEMU_MOVING:
+            status = (await self.qemu.qmp("query-migrate")).get("status")
+            if status in QEMU_MOVING or status in POSTCOPY_BEFORE_HANDOFF:
                 await self._cancel_qemu()
 
     async def _fail_committed(self, reason: str) -> None:

@@ -323,6 +323,11 @@ def test_post_copy_starts_when_allowed_and_a_refused_hand_off_goes_through_the_a
         )
         # the guest had stopped for the target: it resumes here only once Aborted stands
         assert state.switchover is Switchover.ABORTED
+        # QEMU refuses `cont` in post-copy until the migration is cancelled
         assert lab.qemu.commands[-1] == "cont" and lab.qemu.state == "running"
+        assert (
+            "migrate_cancel"
+            in lab.qemu.commands[lab.qemu.commands.index("migrate-start-postcopy") :]
+        )
 
     in_lab(tmp_path, body, FakeTunnel(refuse="its QEMU failed"))
