@@ -79,6 +79,7 @@ class TunnelState:
     recoveries: int = 0
     resume_task: asyncio.Task[None] | None = None
     postcopy_started_at: float = 0.0
+    postcopy: bool = False  # Open.postcopy: postcopy-ram is on in both QEMUs
 
 
 class TunnelService(tunnel_pb2_grpc.TunnelServicer):
@@ -142,6 +143,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         if cid == 0:
             state.ch0_writer = writer  # the current one (a post-copy recovery replaces it)
+            state.postcopy = state.postcopy or hello.postcopy
         yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=cid))
         pump = asyncio.create_task(self._downstream(reader, out))
         handler = asyncio.create_task(self._handle_frames(state, cid, frames, writer, out))
@@ -195,6 +197,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             raise ProtocolError(no_postcopy(inc.migration_uid, inc.peer_cluster))
         if hello.resume:
             resumed = self.states.get(inc.migration_uid)
+            if not inc.state.guest_runs_here:
+                raise ProtocolError(f"Open.resume in state {inc.state} (not a running post-copy)")
             if resumed is None or hello.channel_id != 0:
                 raise ProtocolError("Open.resume for a channel this migration does not have")
             return resumed
@@ -370,6 +374,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                     if reply is not None:
                         await out.put(reply)
                 elif kind == "postcopy_start" and cid == 0:
+                    if not state.postcopy:
+                        raise ProtocolError("PostCopyStart, but Open did not enable post-copy")
                     inc.move(TargetState.POSTCOPY_VERIFYING, "PostCopyStart")
                     state.handle.source_last_console_ns = frame.postcopy_start.last_console_unix_ns
                     state.postcopy_started_at = time.monotonic()

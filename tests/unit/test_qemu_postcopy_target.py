@@ -8,7 +8,8 @@ QMP answered here).
 - channel 0 breaking in post-copy keeps the tunnel state (the guest runs here) and
   starts the recovery window; Open.resume runs migrate-recover on a new socket and
   connects it; the window's clock stops;
-- Open.resume for a migration whose guest does not run here in post-copy is refused.
+- Open.resume for a migration whose guest does not run here in post-copy is refused, and
+  so is PostCopyStart on a tunnel opened without post-copy.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vmferry.rpc import tunnel_pb2 as pb
 Obj = dict[str, Any]
 
 
-def open_frame(resume: bool = False) -> pb.TunnelSourceFrame:
+def open_frame(resume: bool = False, postcopy: bool = True) -> pb.TunnelSourceFrame:
     return pb.TunnelSourceFrame(
         open=pb.Open(
             protocol_version=TUNNEL_PROTOCOL_VERSION,
@@ -42,17 +43,17 @@ def open_frame(resume: bool = False) -> pb.TunnelSourceFrame:
             memory_bytes=16 * MiB,
             page_size=PAGE_SIZE,
             verify=pb.VERIFY_MODE_REPAIR,
-            postcopy=True,
+            postcopy=postcopy,
             resume=resume,
         )
     )
 
 
 async def stream(
-    tunnel: Tunnel, *frames: pb.TunnelSourceFrame, resume: bool = False
+    tunnel: Tunnel, *frames: pb.TunnelSourceFrame, resume: bool = False, postcopy: bool = True
 ) -> list[pb.TunnelTargetFrame]:
     async def source() -> AsyncIterator[pb.TunnelSourceFrame]:
-        yield open_frame(resume)
+        yield open_frame(resume, postcopy)
         for frame in frames:
             yield frame
             await asyncio.sleep(0.01)
@@ -172,5 +173,35 @@ def test_open_resume_is_refused_unless_the_guest_runs_here_in_post_copy(tmp_path
             await stream(tunnel, resume=True)
         assert ended.value.code == grpc.StatusCode.NOT_FOUND
         assert tunnel.inc.state is TargetState.AWAITING_HELLO
+
+    asyncio.run(scenario())
+
+
+def test_post_copy_start_without_post_copy_in_open_is_a_protocol_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        tunnel = Tunnel(tmp_path)
+        aborted: list[str] = []
+
+        async def on_abort(inc: IncomingMigration, reason: str) -> None:
+            aborted.append(reason)
+
+        tunnel.registry.on_abort = on_abort
+        with pytest.raises(CallEnded, match="Open did not enable post-copy") as ended:
+            await stream(
+                tunnel, pb.TunnelSourceFrame(postcopy_start=pb.PostCopyStart()), postcopy=False
+            )
+        assert ended.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert aborted and tunnel.inc.state is TargetState.RECEIVING
+
+    asyncio.run(scenario())
+
+
+def test_open_resume_during_pre_copy_is_a_protocol_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        tunnel = Tunnel(tmp_path)
+        tunnel.inc.move(TargetState.RECEIVING, "a first Open")
+        with pytest.raises(CallEnded, match=r"Open\.resume in state Receiving") as ended:
+            await stream(tunnel, resume=True)
+        assert ended.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
     asyncio.run(scenario())
