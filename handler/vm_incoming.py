@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from handler.drivers.base import Drivers, VMHandle
+from handler.drivers.base import Drivers, PostCopyHandle, VMHandle
 from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import HandoffRecord, MigrationFailed, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
@@ -258,7 +258,11 @@ class IncomingGuests:
         if not inc.decide(Switchover.COMMITTED):
             return
         failpoints.hit(Step.TARGET_COMMITTED)
-        if inc.postcopy:
+        if inc.postcopy and not isinstance(inc.handle, PostCopyHandle):
+            # QEMU's own post-copy: `cont`; QEMU requests the missing pages itself, and
+            # the record stays registered (recoveries) until its post-copy is done.
+            await inc.handle.resume(inc.device_state)
+        elif inc.postcopy:
             # The guest runs here from now on; its missing pages keep arriving, so the
             # incoming record stays registered (reconnects) until post-copy is done.
             await inc.postcopy_handle.resume_postcopy(inc.device_state or b"{}")

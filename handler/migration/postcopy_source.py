@@ -27,6 +27,7 @@ from vmferry.rpc import migration_pb2 as pb
 
 if TYPE_CHECKING:
     from handler.migration.memvm_source import MemvmSourceMigration
+    from handler.migration.source import SourceEngine
 
 log = logging.getLogger(__name__)
 
@@ -243,26 +244,29 @@ class PostCopy:
         return False
 
     async def fail(self, reason: str) -> None:
-        """Post-copy cannot finish: the VM is lost (its memory is split); say so, unless
-        the target said so first (its own recovery window ended: the first reason
-        stands)."""
-        e = self.engine
-        await e.handle.destroy()
-        with contextlib.suppress(Exception):
-            _, ms = await e.record.read()
-            if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
-                log.info("migration %s: already ended; its record stands", e.uid)
-                return
-        await e._sample_network()
-        await e._patch_with_retry(
-            {
-                Field.FAILED: True,
-                Field.FAILURE_REASON: reason,
-                Field.END_TIMESTAMP: conditions.now_rfc3339(),
-                Field.TRANSFER: e._transfer_status(),
-            }
-        )
-        await mark_vmi_lost(e.api, e.vmi)
+        await fail_postcopy(self.engine, reason)
+
+
+async def fail_postcopy(e: SourceEngine, reason: str) -> None:
+    """Post-copy cannot finish (either driver): the VM is lost (its memory is split); say
+    so, unless the target said so first (its own recovery window ended: the first reason
+    stands)."""
+    await e.handle.destroy()
+    with contextlib.suppress(Exception):
+        _, ms = await e.record.read()
+        if ms.get(Field.FAILED) or ms.get(Field.COMPLETED):
+            log.info("migration %s: already ended; its record stands", e.uid)
+            return
+    await e._sample_network()
+    await e._patch_with_retry(
+        {
+            Field.FAILED: True,
+            Field.FAILURE_REASON: reason,
+            Field.END_TIMESTAMP: conditions.now_rfc3339(),
+            Field.TRANSFER: e._transfer_status(),
+        }
+    )
+    await mark_vmi_lost(e.api, e.vmi)
 
 
 async def mark_vmi_lost(api: ApiClient, vmi: Obj) -> None:

@@ -52,6 +52,8 @@ class QemuPlan:
 
     def parameters(self) -> Obj:
         params: Obj = {"max-bandwidth": self.bandwidth, "downtime-limit": self.downtime_ms}
+        if self.postcopy:  # bandwidthPerMigration holds in post-copy too (QEMU: unlimited)
+            params["max-postcopy-bandwidth"] = self.bandwidth
         if self.multifd_channels:
             params["multifd-channels"] = self.multifd_channels
         return params

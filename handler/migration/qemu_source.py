@@ -41,6 +41,7 @@ from handler.migration.convergence import TimeoutWatch, Verdict
 from handler.migration.handoff import MigrationFailed
 from handler.migration.qemu_channel import TunnelChannel
 from handler.migration.qemu_plan import QemuPlan
+from handler.migration.qemu_postcopy import QemuPostCopy
 from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
 from handler.migration.storage import mirrored_disks
 from handler.migration.storage_source import StorageSource
@@ -67,6 +68,7 @@ QEMU_COMPLETED = "completed"
 QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover (storage migration)
 QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
+POSTCOPY_BEFORE_HANDOFF = (QEMU_POSTCOPY_ACTIVE, "postcopy-paused", "postcopy-recover")
 VERIFY_OFF = "off"
 VERIFY_DETECT = "detect"
 
@@ -107,6 +109,7 @@ class QemuSourceMigration(SourceEngine):
         self._tg: asyncio.TaskGroup | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self.storage: StorageSource | None = None  # a storage migration's mirrored disks
+        self.postcopy = QemuPostCopy(self)
 
     def _memory_bytes(self) -> int:
         return self.qemu.qspec.memory_bytes
@@ -119,7 +122,10 @@ class QemuSourceMigration(SourceEngine):
             self._tg = tg
             await self._start()
             await self._monitor()
-            await self._switchover()
+            if self.mode is MigrationMode.POST_COPY:
+                await self.postcopy.run()
+            else:
+                await self._switchover()
             # End every tunnel stream (multifd channels idle after QEMU finished),
             # so the TaskGroup's pumps return.
             self._close_streams()
@@ -146,6 +152,8 @@ class QemuSourceMigration(SourceEngine):
         out = self.stats.as_status()
         out["verifyMode"] = self.verify
         out["repairedPages"] = self.repaired_pages
+        if self.mode is MigrationMode.POST_COPY:  # QEMU's page requests (postcopy-requests)
+            out["postCopyFaults"] = self.stats.postcopy_faults
         if self.storage is not None:
             out["mirroredDisks"] = [d.name for d in self.storage.disks]
             out["repairedDiskBlocks"] = self.storage.repaired_blocks
@@ -153,7 +161,9 @@ class QemuSourceMigration(SourceEngine):
         return out
 
     def _refresh_stats(self) -> None:
-        self.stats.wire_bytes = sum(ch.sent + ch.received for ch in self._channels)
+        self.stats.wire_bytes = self.postcopy.retired_bytes + sum(
+            ch.sent + ch.received for ch in self._channels
+        )
 
     # -- start: tunnel + QEMU -------------------------------------------------------------
 
@@ -224,20 +234,20 @@ class QemuSourceMigration(SourceEngine):
         assert self._tg is not None
         return self._tg.create_task(coro)
 
-    async def _open_tunnel(self, cid: int, nbd: bool) -> TunnelChannel:
+    async def _open_tunnel(self, cid: int, nbd: bool, resume: bool = False) -> TunnelChannel:
         """A new Tunnel stream to the target, opened; MigrationFailed."""
         if self._grpc is None:
             raise MigrationFailed("the migration is over")
         ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
-        await self._open(ch, nbd)
+        await self._open(ch, nbd, resume)
         return ch
 
-    async def _open(self, ch: TunnelChannel, nbd: bool) -> None:
+    async def _open(self, ch: TunnelChannel, nbd: bool, resume: bool = False) -> None:
         """Open → Opened on the stream; MigrationFailed."""
         cid = ch.id
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await ch.write(pb.TunnelSourceFrame(open=self._open_frame(cid, nbd)))
+                await ch.write(pb.TunnelSourceFrame(open=self._open_frame(cid, nbd, resume)))
                 first = await ch.call.read()
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
                 raise MigrationFailed(f"the target did not open tunnel channel {cid}")
@@ -252,6 +262,9 @@ class QemuSourceMigration(SourceEngine):
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One QEMU connection: open its Tunnel stream and pump both ways."""
+        if self.postcopy.resuming is not None:
+            await self._accept_resume(reader, writer)
+            return
         cid = len(self._channels)
         self._writers.append(writer)
         if cid >= self.plan.channel_count or self._grpc is None or self._tg is None:
@@ -266,12 +279,30 @@ class QemuSourceMigration(SourceEngine):
             self._channels_ready.set()
             writer.close()
             return
-        self._tg.create_task(ch.downstream(writer))
-        self._tg.create_task(self._pump_up(ch, reader))
+        self._tg.create_task(self._pump_down(ch, writer))
+        self._tg.create_task(self._pump_up(ch, reader, writer))
         if len(self._channels) == self.plan.channel_count:
             self._channels_ready.set()
 
-    def _open_frame(self, cid: int, nbd: bool = False) -> pb.Open:
+    async def _accept_resume(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """QEMU's connection of a post-copy recovery (``migrate`` with ``resume``): it
+        takes the stream the recovery opened (Open.resume) before it ran ``migrate``."""
+        self._writers.append(writer)
+        ch = self.postcopy.take_resumed_channel()
+        if ch is None or self._tg is None:
+            writer.close()
+            return
+        self._tg.create_task(self._pump_down(ch, writer))
+        self._tg.create_task(self._pump_up(ch, reader, writer))
+
+    async def _pump_down(self, ch: TunnelChannel, writer: asyncio.StreamWriter) -> None:
+        await ch.downstream(writer)
+        if ch.error is not None and self.mode is MigrationMode.POST_COPY:
+            writer.close()  # the tunnel broke: QEMU notices, pauses post-copy, recovers
+
+    def _open_frame(self, cid: int, nbd: bool = False, resume: bool = False) -> pb.Open:
         return pb.Open(
             protocol_version=tunnel.TUNNEL_PROTOCOL_VERSION,
             migration_uid=self.uid,
@@ -283,15 +314,20 @@ class QemuSourceMigration(SourceEngine):
             verify=tunnel.VERIFY_MODES[self.verify],
             postcopy=self.plan.postcopy,
             nbd=nbd,
+            resume=resume,
         )
 
-    async def _pump_up(self, ch: TunnelChannel, reader: asyncio.StreamReader) -> None:
+    async def _pump_up(
+        self, ch: TunnelChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             await ch.upstream(reader)
         except MigrationFailed as e:
             if not self.completed_in_qemu:
                 ch.error = ch.error or e
                 log.info("migration %s: %s", self.uid, e)
+            if self.mode is MigrationMode.POST_COPY:
+                writer.close()  # the tunnel broke: QEMU notices, pauses post-copy, recovers
 
     # -- monitor --------------------------------------------------------------------------
 
@@ -338,6 +374,8 @@ class QemuSourceMigration(SourceEngine):
                 self._check_abort()
             if self.mode is MigrationMode.PRE_COPY:
                 await self._check_timeouts(watch, status)
+            if self.mode is MigrationMode.POST_COPY:
+                return  # qemu_postcopy.py goes on
             await asyncio.sleep(POLL_PERIOD)
 
     async def _check_timeouts(self, watch: TimeoutWatch, status: str) -> None:
@@ -499,9 +537,19 @@ class QemuSourceMigration(SourceEngine):
         await self._abort_streams([ch.call for ch in self._channels], frame)
 
     async def _stop_transfer(self) -> None:
+        # Before the hand-off a post-copy is cancelled too: the target's guest never ran
+        # (-S, no `cont` before Commit), and QEMU refuses `cont` until the migration ends
+        # ("Migration is not finalized yet"); cancelled, the source resumes with `cont`.
         with contextlib.suppress(GuestError):
-            if (await self.qemu.qmp("query-migrate")).get("status") in QEMU_MOVING:
+            status = (await self.qemu.qmp("query-migrate")).get("status")
+            if status in QEMU_MOVING or status in POSTCOPY_BEFORE_HANDOFF:
                 await self._cancel_qemu()
+
+    async def _fail_committed(self, reason: str) -> None:
+        if self.mode is MigrationMode.POST_COPY and not self.completed_in_qemu:
+            await self.postcopy.fail(reason)  # the VM's memory is split: it is lost
+        else:
+            await super()._fail_committed(reason)
 
     def _arbiter_decides(self) -> bool:
         return self.completed_in_qemu or self.mode is MigrationMode.POST_COPY

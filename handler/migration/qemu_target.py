@@ -32,9 +32,9 @@ import numpy as np
 from handler import qemu_verify
 from handler.drivers.base import GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
-from handler.migration import storage
+from handler.migration import qemu_postcopy, storage
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.migration.peer import abort
+from handler.migration.peer import abort, accepts_hello
 from handler.migration.restart_record import RestartRecord
 from handler.migration.target_state import TargetState
 from handler.migration.tunnel import (
@@ -72,6 +72,14 @@ class TunnelState:
     repaired: list[qemu_verify.PageDigests] = field(default_factory=list)  # their new digests
     # a storage migration: the repaired blocks' new digests, per mirrored disk
     disk_repaired: dict[str, list[qemu_verify.PageDigests]] = field(default_factory=dict)
+    # post-copy: channel 0's current connection to the incoming QEMU (a recovery replaces
+    # it), how many recoveries there were, and the commit's resume (not on the frame loop:
+    # the guest's page requests flow on channel 0 meanwhile)
+    ch0_writer: asyncio.StreamWriter | None = None
+    recoveries: int = 0
+    resume_task: asyncio.Task[None] | None = None
+    postcopy_started_at: float = 0.0
+    postcopy: bool = False  # Open.postcopy: postcopy-ram is on in both QEMUs
 
 
 class TunnelService(tunnel_pb2_grpc.TunnelServicer):
@@ -101,11 +109,14 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             first = await anext(frames)
         except StopAsyncIteration:
             return
+        resume = first.open.resume if first.WhichOneof("frame") == "open" else False
         inc, state = await self.incoming.gate.admit(
             context,
             first,
             "open",
-            acceptable=lambda inc: not inc.state.decided and isinstance(inc.handle, QemuHandle),
+            acceptable=lambda inc: (
+                accepts_hello(inc.state, resume) and isinstance(inc.handle, QemuHandle)
+            ),
             check=self._check_open,
             what="QEMU migration",
         )
@@ -117,13 +128,22 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         cid = hello.channel_id
         out: asyncio.Queue[pb.TunnelTargetFrame | None] = asyncio.Queue(maxsize=64)
         try:
-            writer, reader = await self._connect(state, cid, hello.postcopy)
+            if hello.resume:
+                writer, reader = await qemu_postcopy.recover_incoming(self.driver, state)
+            else:
+                writer, reader = await self._connect(state, cid, hello.postcopy)
         except (OSError, GuestError, TimeoutError) as e:
             reason = f"the target QEMU did not accept tunnel channel {cid}: {e}"
+            if hello.resume:  # the guest runs here: the source tries again
+                log.warning("migration %s: post-copy recovery: %s", inc.migration_uid, reason)
+                await abort(context, grpc.StatusCode.UNAVAILABLE, reason)
             if cid == 0:
                 self._end(inc.migration_uid)
             await self.incoming.on_abort(inc, reason)
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        if cid == 0:
+            state.ch0_writer = writer  # the current one (a post-copy recovery replaces it)
+            state.postcopy = state.postcopy or hello.postcopy
         yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=cid))
         pump = asyncio.create_task(self._downstream(reader, out))
         handler = asyncio.create_task(self._handle_frames(state, cid, frames, writer, out))
@@ -142,7 +162,15 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             pump.cancel()
             handler.cancel()
             writer.close()
-            if cid == 0:
+            if cid == 0 and inc.state.guest_runs_here:
+                # The tunnel broke in post-copy: the incoming QEMU pauses, the source
+                # recovers it on a new stream, within the recovery window.
+                if state.ch0_writer is writer:
+                    inc.disconnected_since = time.monotonic()
+                    log.warning(
+                        "migration %s: tunnel channel 0 broke in post-copy", inc.migration_uid
+                    )
+            elif cid == 0:
                 # Commit, Abort, or a source that went away (the arbiter settles that).
                 self._end(inc.migration_uid)
                 if not inc.state.decided:
@@ -167,6 +195,13 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             return None
         if hello.postcopy and inc.peer_cluster:
             raise ProtocolError(no_postcopy(inc.migration_uid, inc.peer_cluster))
+        if hello.resume:
+            resumed = self.states.get(inc.migration_uid)
+            if not inc.state.guest_runs_here:
+                raise ProtocolError(f"Open.resume in state {inc.state} (not a running post-copy)")
+            if resumed is None or hello.channel_id != 0:
+                raise ProtocolError("Open.resume for a channel this migration does not have")
+            return resumed
         if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
             raise ProtocolError("Open.verify is unspecified or unknown")
         if not 1 <= hello.channel_count <= MAX_CHANNELS:
@@ -314,8 +349,12 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 kind = frame.WhichOneof("frame")
                 if kind == "commit" and cid == 0 and inc.state.committed:
                     await out.put(pb.TunnelTargetFrame(resumed=pb.Resumed()))
+                    if inc.postcopy:
+                        continue  # QEMU's pages still flow on this stream
                     return
-                if inc.state.decided:
+                if inc.state.decided and not (
+                    inc.postcopy and kind in ("data", "data_end", "postcopy_end")
+                ):
                     raise ProtocolError(f"frame {kind} after the migration was {inc.decision}")
                 if kind == "data":
                     writer.write(frame.data.data)
@@ -334,6 +373,23 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                     reply = await self._repair(state, frame)
                     if reply is not None:
                         await out.put(reply)
+                elif kind == "postcopy_start" and cid == 0:
+                    if not state.postcopy:
+                        raise ProtocolError("PostCopyStart, but Open did not enable post-copy")
+                    inc.move(TargetState.POSTCOPY_VERIFYING, "PostCopyStart")
+                    state.handle.source_last_console_ns = frame.postcopy_start.last_console_unix_ns
+                    state.postcopy_started_at = time.monotonic()
+                    await self._mark_verified(inc, TargetState.POSTCOPY_VERIFIED)
+                    await out.put(qemu_postcopy.HANDED_OFF)
+                elif kind == "postcopy_end" and cid == 0:
+                    await out.put(await qemu_postcopy.end_incoming(self.incoming, state))
+                    return
+                elif kind == "commit" and cid == 0 and inc.postcopy:
+                    if not inc.verified:
+                        raise ProtocolError("Commit before the post-copy hand-off")
+                    state.resume_task = asyncio.create_task(
+                        qemu_postcopy.resume_incoming(self.incoming, state, out)
+                    )
                 elif kind == "commit" and cid == 0:
                     if not inc.verified:
                         raise ProtocolError("Commit before the memory was verified")
@@ -469,7 +525,9 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             raise ProtocolError(f'disk "{name}": {e}') from None
         state.disk_repaired.setdefault(name, []).append(new)
 
-    async def _mark_verified(self, inc: IncomingMigration) -> None:
+    async def _mark_verified(
+        self, inc: IncomingMigration, to: TargetState = TargetState.VERIFIED
+    ) -> None:
         """Verified, once the restart record is on disk (the device state travels in
         QEMU's stream: the record holds none)."""
         written = self.incoming.records.write_soon(
@@ -477,7 +535,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         )
         if written is not None:
             await written
-        inc.move(TargetState.VERIFIED, "a verified memory")
+        inc.move(to, "a verified memory")
         inc.verified_at = time.monotonic()
 
 

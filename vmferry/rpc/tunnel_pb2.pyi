@@ -54,6 +54,7 @@ class Open(_message.Message):
     VERIFY_FIELD_NUMBER: _builtins.int
     POSTCOPY_FIELD_NUMBER: _builtins.int
     NBD_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     migration_uid: _builtins.str
     token: _builtins.str
@@ -68,6 +69,10 @@ class Open(_message.Message):
     """This stream is an NBD connection of a storage migration (to the target QEMU's NBD
     server), not a migration channel: channel_id/channel_count are ignored on it.
     """
+    resume: _builtins.bool
+    """A post-copy recovery: channel 0 again, after the tunnel broke in post-copy; the
+    target calls migrate-recover and connects this stream to its QEMU's new socket.
+    """
     def __init__(
         self,
         *,
@@ -81,10 +86,11 @@ class Open(_message.Message):
         verify: Global___VerifyMode.ValueType = ...,
         postcopy: _builtins.bool = ...,
         nbd: _builtins.bool = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "nbd", b"nbd", "page_size", b"page_size", "postcopy", b"postcopy", "protocol_version", b"protocol_version", "token", b"token", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "nbd", b"nbd", "page_size", b"page_size", "postcopy", b"postcopy", "protocol_version", b"protocol_version", "resume", b"resume", "token", b"token", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +255,61 @@ class Commit(_message.Message):
 Global___Commit: _TypeAlias = Commit  # noqa: Y015
 
 @_typing.final
+class PostCopyStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_CONSOLE_UNIX_NS_FIELD_NUMBER: _builtins.int
+    last_console_unix_ns: _builtins.int
+    """time of the source console's last write"""
+    def __init__(
+        self,
+        *,
+        last_console_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_console_unix_ns", b"last_console_unix_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyStart: _TypeAlias = PostCopyStart  # noqa: Y015
+
+@_typing.final
+class PostCopyEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyEnd: _TypeAlias = PostCopyEnd  # noqa: Y015
+
+@_typing.final
+class PostCopyDone(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.float
+    """from PostCopyStart to the target QEMU's completion"""
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCopyDone: _TypeAlias = PostCopyDone  # noqa: Y015
+
+@_typing.final
 class Abort(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -279,6 +340,8 @@ class TunnelSourceFrame(_message.Message):
     REPAIR_END_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    POSTCOPY_START_FIELD_NUMBER: _builtins.int
+    POSTCOPY_END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___Open: ...
     @_builtins.property
@@ -295,6 +358,10 @@ class TunnelSourceFrame(_message.Message):
     def commit(self) -> Global___Commit: ...
     @_builtins.property
     def abort(self) -> Global___Abort: ...
+    @_builtins.property
+    def postcopy_start(self) -> Global___PostCopyStart: ...
+    @_builtins.property
+    def postcopy_end(self) -> Global___PostCopyEnd: ...
     def __init__(
         self,
         *,
@@ -306,12 +373,14 @@ class TunnelSourceFrame(_message.Message):
         repair_end: Global___RepairEnd | None = ...,
         commit: Global___Commit | None = ...,
         abort: Global___Abort | None = ...,
+        postcopy_start: Global___PostCopyStart | None = ...,
+        postcopy_end: Global___PostCopyEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "completed", b"completed", "data", b"data", "data_end", b"data_end", "frame", b"frame", "open", b"open", "repair", b"repair", "repair_end", b"repair_end"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "completed", b"completed", "data", b"data", "data_end", b"data_end", "frame", b"frame", "open", b"open", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "repair", b"repair", "repair_end", b"repair_end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "completed", b"completed", "data", b"data", "data_end", b"data_end", "frame", b"frame", "open", b"open", "repair", b"repair", "repair_end", b"repair_end"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "completed", b"completed", "data", b"data", "data_end", b"data_end", "frame", b"frame", "open", b"open", "postcopy_end", b"postcopy_end", "postcopy_start", b"postcopy_start", "repair", b"repair", "repair_end", b"repair_end"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "data", "data_end", "completed", "repair", "repair_end", "commit", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "data", "data_end", "completed", "repair", "repair_end", "commit", "abort", "postcopy_start", "postcopy_end"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -447,6 +516,7 @@ class TunnelTargetFrame(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    POSTCOPY_DONE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___Opened: ...
     @_builtins.property
@@ -461,6 +531,8 @@ class TunnelTargetFrame(_message.Message):
     def resumed(self) -> Global___Resumed: ...
     @_builtins.property
     def failure(self) -> Global___Failure: ...
+    @_builtins.property
+    def postcopy_done(self) -> Global___PostCopyDone: ...
     def __init__(
         self,
         *,
@@ -471,12 +543,13 @@ class TunnelTargetFrame(_message.Message):
         verified: Global___Verified | None = ...,
         resumed: Global___Resumed | None = ...,
         failure: Global___Failure | None = ...,
+        postcopy_done: Global___PostCopyDone | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_end", b"data_end", "digests", b"digests", "failure", b"failure", "frame", b"frame", "opened", b"opened", "resumed", b"resumed", "verified", b"verified"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_end", b"data_end", "digests", b"digests", "failure", b"failure", "frame", b"frame", "opened", b"opened", "postcopy_done", b"postcopy_done", "resumed", b"resumed", "verified", b"verified"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_end", b"data_end", "digests", b"digests", "failure", b"failure", "frame", b"frame", "opened", b"opened", "resumed", b"resumed", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_end", b"data_end", "digests", b"digests", "failure", b"failure", "frame", b"frame", "opened", b"opened", "postcopy_done", b"postcopy_done", "resumed", b"resumed", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "data_end", "digests", "verified", "resumed", "failure"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "data_end", "digests", "verified", "resumed", "failure", "postcopy_done"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 

@@ -1,0 +1,182 @@
+"""QEMU post-copy through vmferry's tunnel (issue 22, part 4), with a real TCG guest.
+
+One 256 MiB guest (memload: 96 MiB filled, dirtied at 32 MiB/s) boots once on node1;
+``bandwidthPerMigration: 16Mi`` cannot keep up with it, and ``completionTimeoutPerGiB:
+8`` (2 s for this guest) ends pre-copy: the source switches QEMU to post-copy
+(``migrate-start-postcopy``) and the guest resumes on the target while QEMU brings the
+rest (16 MiB/s: ``max-postcopy-bandwidth`` follows bandwidthPerMigration, so post-copy
+lasts several seconds). Then:
+
+- node1 → node2: the migration Succeeds in mode PostCopy, exactly one QEMU is left (on
+  node2) and its heartbeat goes on without a CORRUPT page or a panic;
+- node2 → node3 through a relay: the migration network is cut in post-copy and restored
+  3 s later; both QEMUs pause (postcopy-paused), the source resumes QEMU's migration
+  (``migrate`` with ``resume``) on a new tunnel stream, the target runs
+  ``migrate-recover``, and the migration Succeeds with one interruption; the guest runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.test_qemu_migration import (
+    console,
+    heartbeats,
+    pytestmark,  # noqa: F401  (QEMU and the guest image are required)
+    qemu_guests,
+)
+from tests.support.lab import LabHarness
+from tests.support.relay import Relay, migration_relay
+
+NAME = "qpc"
+CONFIG: dict[str, Any] = {
+    "allowPostCopy": True,
+    "completionTimeoutPerGiB": 8,
+    "bandwidthPerMigration": "16Mi",
+    "progressTimeout": 150,
+    "allowAutoConverge": False,
+    "postCopyRecoveryWindowSeconds": 60,
+}
+CUT_SECONDS = 3.0
+
+
+def vm_manifest() -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": NAME},
+            "spec": {
+                "runStrategy": "Always",
+                "template": {
+                    "spec": {
+                        "evictionStrategy": "LiveMigrate",
+                        "domain": {"memory": {"guest": "256Mi"}},
+                        "qemu": {
+                            "cmdline": "console=ttyS0 quiet panic=-1 memload.fill=96 "
+                            "memload.rate=32 memload.tick=50",
+                            "accelerator": "tcg",
+                            "verify": "repair",
+                        },
+                    }
+                },
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def relay(lab: LabHarness) -> Iterator[Relay]:
+    """node3's migration traffic goes through a relay the test can cut."""
+    with migration_relay(lab) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def guest(lab: LabHarness, relay: Relay) -> Iterator[str]:
+    """The guest, booted on node1 and printing heartbeats; its VMI uid."""
+    lab.set_live_migration_config(**CONFIG)
+    for node in ("node2", "node3"):
+        lab.cli("adm", "cordon", node)
+    try:
+        lab.apply(vm_manifest())
+        uid: str = lab.wait_vmi_running(NAME, timeout=60)["metadata"]["uid"]
+    finally:
+        for node in ("node2", "node3"):
+            lab.cli("adm", "uncordon", node)
+    try:
+        lab.wait_for(
+            "the guest's heartbeats",
+            lambda: any(len(heartbeats(r)) > 20 for _, r in qemu_guests(lab, uid)),
+            timeout=120,
+            interval=1,
+        )
+        yield uid
+    finally:
+        lab.cli("delete", "vm", NAME, check=False, timeout=90)
+        for node in lab.lab.node_names():
+            for vm_json in (lab.lab.runtime_dir(node) / "qemu").glob("*/vm.json"):
+                try:
+                    os.kill(int(json.loads(vm_json.read_text())["pid"]), signal.SIGKILL)
+                except (OSError, ValueError, KeyError):
+                    pass
+
+
+def migrate(lab: LabHarness, node: str) -> str:
+    out = lab.cli("migrate", NAME, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
+    return out.stdout.split("(")[1].split(")")[0]
+
+
+def wait_post_copy(lab: LabHarness) -> None:
+    lab.wait_for(
+        "post-copy to start",
+        lambda: (
+            (lab.get("vmi", NAME)["status"].get("migrationState") or {}).get("mode") == "PostCopy"
+        ),
+        timeout=90,
+        interval=0.1,
+    )
+
+
+def assert_runs_on(lab: LabHarness, vmim: str, uid: str, target: str) -> dict[str, Any]:
+    """The migration Succeeded in post-copy; one QEMU left, on ``target``, whose guest's
+    heartbeat goes on without a lost page; the transfer status."""
+    final = lab.wait_vmim_final(vmim, timeout=150)
+    vmi = lab.get("vmi", NAME)
+    ms = vmi["status"]["migrationState"]
+    assert final["status"]["phase"] == "Succeeded", ms.get("failureReason")
+    assert ms["mode"] == "PostCopy"
+    assert vmi["status"]["nodeName"] == target
+    running = lab.wait_for(
+        "the source QEMU to go",
+        lambda: found if len(found := qemu_guests(lab, uid)) == 1 else None,
+        timeout=30,
+    )
+    assert [n for n, _ in running] == [target], running
+    record = running[0][1]
+    first = lab.wait_for("heartbeats on the target", lambda: heartbeats(record), timeout=20)[-1]
+    lab.wait_for(
+        "the heartbeat to go on",
+        lambda: heartbeats(record)[-1] - first >= 40,
+        timeout=30,
+        interval=0.5,
+    )
+    text = console(record)
+    assert "Kernel panic" not in text and "CORRUPT" not in text, text[-2000:]
+    transfer: dict[str, Any] = ms["transfer"]
+    print(f"\n{vmim}: {json.dumps(transfer)}")
+    return transfer
+
+
+@pytest.mark.timeout(240)
+def test_not_converging_switches_to_post_copy_and_the_guest_runs_on(
+    lab: LabHarness, guest: str
+) -> None:
+    vmim = migrate(lab, "node2")
+    wait_post_copy(lab)
+    transfer = assert_runs_on(lab, vmim, guest, "node2")
+    assert not transfer.get("postCopyInterruptions")
+
+
+@pytest.mark.timeout(240)
+def test_a_cut_in_post_copy_recovers_on_a_new_tunnel_stream(
+    lab: LabHarness, relay: Relay, guest: str
+) -> None:
+    assert lab.get("vmi", NAME)["status"]["nodeName"] == "node2"  # the first test's target
+    vmim = migrate(lab, "node3")
+    wait_post_copy(lab)
+    relay.cut()
+    try:
+        time.sleep(CUT_SECONDS)  # the outage itself: nothing to wait for
+        assert lab.get("vmim", vmim)["status"]["phase"] == "Running"
+    finally:
+        relay.restore()
+    transfer = assert_runs_on(lab, vmim, guest, "node3")
+    assert transfer.get("postCopyInterruptions", 0) >= 1, transfer
