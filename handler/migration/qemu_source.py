@@ -389,7 +389,7 @@ class QemuSourceMigration(SourceEngine):
         ch0 = self._channels[0]
         digest_task: asyncio.Future[qemu_verify.PageDigests] | None = None
         if self.verify != VERIFY_OFF:  # both sides hash at once: start ours right away
-            digest_task = asyncio.ensure_future(qemu_verify.page_digests_async(self.qemu.ram()))
+            digest_task = asyncio.ensure_future(self._timed_digest())
         try:
             for ch in self._channels:  # every byte QEMU wrote is on its way
                 async with asyncio.timeout(COMPLETE_TIMEOUT):
@@ -404,12 +404,15 @@ class QemuSourceMigration(SourceEngine):
             )
             t1 = self.clock()
             parts["drain"] = t1 - t0
+            repair_started = None
             if digest_task is not None:
-                await self._verify(ch0, digest_task)
+                repair_started = await self._verify(ch0, digest_task)
             frame = await ch0.next_control(VERIFY_TIMEOUT, "Verified")
             if frame.WhichOneof("frame") != "verified":
                 raise MigrationFailed(f"expected Verified, got {frame.WhichOneof('frame')}")
             parts["verify"] = self.clock() - t1
+            if repair_started is not None:  # the target's Verified confirms the repair
+                self.stats.switchover_steps["repair"] = self.clock() - repair_started
             if not frame.verified.match:
                 raise MigrationFailed(
                     f"the target's memory is not verified: {frame.verified.detail}"
@@ -435,9 +438,19 @@ class QemuSourceMigration(SourceEngine):
             f"{self.stats.guest_downtime_ms} ms"
         )
 
+    async def _timed_digest(self) -> qemu_verify.PageDigests:
+        t0 = self.clock()
+        digests = await qemu_verify.page_digests_async(self.qemu.ram())
+        self.stats.switchover_steps["source_digest"] = self.clock() - t0
+        return digests
+
     async def _verify(
         self, ch0: TunnelChannel, digest_task: asyncio.Future[qemu_verify.PageDigests]
-    ) -> None:
+    ) -> float:
+        """Receive the target's digests, compare, send the repair; returns the clock at
+        which the repair began (the target's Verified ends it)."""
+        steps = self.stats.switchover_steps
+        t0 = self.clock()  # Completed was sent: the target waits for its QEMU, then hashes
         pages = self.qemu.qspec.memory_bytes // tunnel.PAGE_SIZE
         chunks: list[bytes] = []
         received = 0
@@ -451,13 +464,17 @@ class QemuSourceMigration(SourceEngine):
             received += len(frame.digests.digests) // qemu_verify.DIGEST_BYTES
             if frame.digests.last:
                 break
+        steps["target_digest"] = self.clock() - t0
         disk_ends = await self.storage.verify(ch0, self.verify) if self.storage else []
         try:
             target = qemu_verify.digests_from_bytes(b"".join(chunks), pages)
         except ValueError as e:
             raise MigrationFailed(f"bad page digests from the target: {e}") from None
         source = await digest_task
+        t1 = self.clock()
         comparison = qemu_verify.compare(source, target)
+        t2 = self.clock()
+        steps["compare"] = t2 - t1
         self.stats.digest = f"{pages} page digests"
         self.stats.target_digest = "match" if comparison.match else comparison.describe()
         if comparison.match:
@@ -491,6 +508,7 @@ class QemuSourceMigration(SourceEngine):
             )
         )
         self.repaired_pages = int(diff.size)
+        return t2
 
     # -- failure (the rest is SourceEngine._fail) ------------------------------------------
 
