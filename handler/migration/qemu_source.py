@@ -49,7 +49,6 @@ from vmferry import grpc_options, pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import MigrationMode
 from vmferry.rpc import tunnel_pb2 as pb
-from vmferry.rpc import tunnel_pb2_grpc
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -100,6 +99,7 @@ class QemuSourceMigration(SourceEngine):
         self.completed_in_qemu = False  # source paused in postmigrate
         self._channels: list[TunnelChannel] = []
         self._grpc: grpc.aio.Channel | None = None
+        self._multifd_conns: list[grpc.aio.Channel] = []  # multifd channel i on [i - 1]
         self._server: asyncio.Server | None = None
         self._sock = driver.sock_path(f"{handle.vm_id}.{self.uid[:8]}", "mig")
         self._channels_ready = asyncio.Event()
@@ -139,6 +139,8 @@ class QemuSourceMigration(SourceEngine):
         self._sock.unlink(missing_ok=True)
         if self._grpc is not None:
             await self._grpc.close()
+        for conn in self._multifd_conns:
+            await conn.close()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -166,7 +168,17 @@ class QemuSourceMigration(SourceEngine):
         )
         self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sock.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._accept, path=str(self._sock))
+        # every multifd channel on its own connection (channels.connect: streams on one
+        # HTTP/2 connection share its flow control and its one TLS stream)
+        self._multifd_conns = channels.connect(
+            self.target_address,
+            self.target_node,
+            self.dial_credentials(),
+            self.plan.multifd_channels,
+        )
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=str(self._sock), limit=tunnel.READ_LIMIT
+        )
         h = self.qemu
         capabilities = self.plan.capabilities()
         if await self._start_mirrors():
@@ -228,7 +240,7 @@ class QemuSourceMigration(SourceEngine):
         """A new Tunnel stream to the target, opened; MigrationFailed."""
         if self._grpc is None:
             raise MigrationFailed("the migration is over")
-        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
+        ch = TunnelChannel(cid, tunnel.open_call(self._grpc))
         await self._open(ch, nbd)
         return ch
 
@@ -257,7 +269,7 @@ class QemuSourceMigration(SourceEngine):
         if cid >= self.plan.channel_count or self._grpc is None or self._tg is None:
             writer.close()
             return
-        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
+        ch = TunnelChannel(cid, tunnel.open_call(self._connection(cid)))
         self._channels.append(ch)
         try:
             await self._open(ch, False)
@@ -270,6 +282,11 @@ class QemuSourceMigration(SourceEngine):
         self._tg.create_task(self._pump_up(ch, reader))
         if len(self._channels) == self.plan.channel_count:
             self._channels_ready.set()
+
+    def _connection(self, cid: int) -> grpc.aio.Channel:
+        """The connection of migration channel ``cid``: the main one for channel 0."""
+        assert self._grpc is not None
+        return self._multifd_conns[cid - 1] if cid > 0 else self._grpc
 
     def _open_frame(self, cid: int, nbd: bool = False) -> pb.Open:
         return pb.Open(

@@ -43,8 +43,14 @@ from handler.migration.tunnel import (
     MAX_CHANNELS,
     PAGE_SIZE,
     TUNNEL_PROTOCOL_VERSION,
+    TUNNEL_SERVICE,
     VERIFY_MODES,
+    DataChunk,
     ProtocolError,
+    SourceFrame,
+    decode_source_frame,
+    frame_kind,
+    widen_writer,
 )
 from handler.peers import no_postcopy
 from vmferry import failpoints
@@ -84,8 +90,15 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         incoming.on_forget(self._end)
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Serve Tunnel on ``server``."""
-        tunnel_pb2_grpc.add_TunnelServicer_to_server(self, server)
+        """Serve Tunnel on ``server``; Data frames arrive as DataChunks (decode_source_frame)."""
+        migrate = grpc.stream_stream_rpc_method_handler(
+            self.Migrate,
+            request_deserializer=decode_source_frame,
+            response_serializer=pb.TunnelTargetFrame.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(TUNNEL_SERVICE, {"Migrate": migrate}),)
+        )
 
     def _end(self, migration_uid: str) -> None:
         """The migration's tunnel state ends (channel 0 closed, or the registry forgot it)."""
@@ -93,7 +106,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
 
     async def Migrate(
         self,
-        request_iterator: AsyncIterator[pb.TunnelSourceFrame],
+        request_iterator: AsyncIterator[SourceFrame],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.TunnelTargetFrame]:
         frames = aiter(request_iterator)
@@ -101,6 +114,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             first = await anext(frames)
         except StopAsyncIteration:
             return
+        if isinstance(first, DataChunk):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open")
         inc, state = await self.incoming.gate.admit(
             context,
             first,
@@ -200,7 +215,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
     async def _nbd_stream(
         self,
         inc: IncomingMigration,
-        frames: AsyncIterator[pb.TunnelSourceFrame],
+        frames: AsyncIterator[SourceFrame],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.TunnelTargetFrame]:
         """One NBD connection of the source QEMU's mirror, to the incoming QEMU's NBD
@@ -221,11 +236,11 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         async def upstream() -> None:
             try:
                 async for frame in frames:
-                    kind = frame.WhichOneof("frame")
-                    if kind == "data":
-                        writer.write(frame.data.data)
+                    kind = frame_kind(frame)
+                    if isinstance(frame, DataChunk):
+                        writer.write(frame.payload)
                         await writer.drain()
-                        inc.bytes_received += len(frame.data.data)
+                        inc.bytes_received += len(frame.payload)
                     elif kind == "data_end":
                         if writer.can_write_eof():
                             with contextlib.suppress(OSError):
@@ -285,6 +300,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             for earlier in state.connected[:cid]:
                 await earlier.wait()
             reader, writer = await asyncio.open_unix_connection(str(state.socket))
+        widen_writer(writer)  # the next frame comes off the stream while QEMU reads this one
         state.connected[cid].set()
         return writer, reader
 
@@ -304,23 +320,23 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         self,
         state: TunnelState,
         cid: int,
-        frames: AsyncIterator[pb.TunnelSourceFrame],
+        frames: AsyncIterator[SourceFrame],
         writer: asyncio.StreamWriter,
         out: asyncio.Queue[pb.TunnelTargetFrame | None],
     ) -> None:
         inc = state.inc
         try:
             async for frame in frames:
-                kind = frame.WhichOneof("frame")
+                kind = frame_kind(frame)
                 if kind == "commit" and cid == 0 and inc.state.committed:
                     await out.put(pb.TunnelTargetFrame(resumed=pb.Resumed()))
                     return
                 if inc.state.decided:
                     raise ProtocolError(f"frame {kind} after the migration was {inc.decision}")
-                if kind == "data":
-                    writer.write(frame.data.data)
-                    await writer.drain()
-                    inc.bytes_received += len(frame.data.data)
+                if isinstance(frame, DataChunk):
+                    writer.write(frame.payload)
+                    await writer.drain()  # waits only past WRITE_HIGH_WATER
+                    inc.bytes_received += len(frame.payload)
                 elif kind == "data_end":
                     if writer.can_write_eof():
                         with contextlib.suppress(OSError):
