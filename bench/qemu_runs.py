@@ -50,6 +50,7 @@ TIMEOUT = 300.0
 DIRTY_RATE_MIB = 16  # memload.rate of the dirtying guests
 OUR_KEYS = [
     "throughput",
+    "wireRate",
     "migrationSeconds",
     "guestDowntimeMilliseconds",
     "downtimeMilliseconds",
@@ -63,7 +64,13 @@ OUR_KEYS = [
     "step_compare",
     "step_repair",
 ]
-PEER_KEYS = ["throughput", "seconds", "qemuDowntimeMilliseconds", "guestDowntimeMilliseconds"]
+PEER_KEYS = [
+    "throughput",
+    "wireRate",
+    "seconds",
+    "qemuDowntimeMilliseconds",
+    "guestDowntimeMilliseconds",
+]
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,8 @@ def our_record(rec: Obj) -> Obj:
     """The lab record plus the QEMU driver's own figures, flattened for summaries."""
     transfer = rec.get("transfer") or {}
     rec["repairedPages"] = transfer.get("repairedPages")
+    # the tunnel's own rate: QEMU's stream bytes over `migrate` -> QEMU completed
+    rec["wireRate"] = transfer.get("averageWireRateBytes")
     for step, value in (transfer.get("switchoverStepsMilliseconds") or {}).items():
         rec[f"step_{step}"] = value
     return rec
@@ -352,6 +361,8 @@ async def peer_once(
             "qemuDowntimeMilliseconds": info.get("downtime"),
             "guestDowntimeMilliseconds": (first[0] - last_on_source) * 1000 if first else None,
             "wireBytes": (info.get("ram") or {}).get("transferred"),
+            "wireRate": ((info.get("ram") or {}).get("transferred") or 0)
+            / max(info.get("total-time", 0) / 1000, 1e-3),
             "consoleTrouble": console_trouble(text) or (None if HB.search(text) else "no HB"),
         }
     finally:
@@ -432,11 +443,15 @@ async def run_qemu_scenario(
     return result
 
 
-def ratios(result: Obj) -> dict[str, float | None]:
-    """ours / QEMU alone (throughput medians): one stream vs single, N vs multifd N."""
-    out: dict[str, float | None] = {}
+def ratios(result: Obj) -> dict[str, dict[str, float | None]]:
+    """ours / QEMU alone, medians, for each of our combinations: one stream vs single,
+    N streams vs multifd N, of the same memory size and load. ``throughput``: memory /
+    the whole migration (ours: the source handler's, switchover included; QEMU: migrate
+    -> the target completed); ``wireRate``: the stream's bytes / the time QEMU moved
+    them (the tunnel against QEMU's TLS)."""
+    out: dict[str, dict[str, float | None]] = {}
     for key, ours in result["ours"].items():
-        size = next(
+        peer = next(
             (
                 p
                 for p in result["peers"].values()
@@ -446,9 +461,11 @@ def ratios(result: Obj) -> dict[str, float | None]:
             ),
             None,
         )
-        if size is None:
+        if peer is None:
             continue
-        out[key] = ratio(_median(ours, "throughput"), _median(size, "throughput"))
+        out[key] = {
+            m: ratio(_median(ours, m), _median(peer, m)) for m in ("throughput", "wireRate")
+        }
     return out
 
 
@@ -468,16 +485,21 @@ def table_lines(result: Obj) -> list[str]:
     w = 38
     for key, ours in result["ours"].items():
         s = {k: (Summary(**v) if v else None) for k, v in ours["summary"].items()}
+        r = result["ratios"].get(key) or {}
         lines.append(
-            f"  ours {key:<{w}} {fmt_summary(s['throughput'], 'MiB/s', MiB)}  "
-            f"ours/QEMU {fmt_ratio(result['ratios'].get(key))}"
+            f"  ours {key:<{w}} {fmt_summary(s.get('throughput'), 'MiB/s', MiB)}  "
+            f"ours/QEMU {fmt_ratio(r.get('throughput'))}"
         )
         lines.append(
-            f"       total {fmt_summary(s['migrationSeconds'], 's', digits=2)}, guest-seen "
-            f"{fmt_summary(s['guestDowntimeMilliseconds'], 'ms')}, repaired "
-            f"{fmt_summary(s['repairedPages'], 'pages', digits=0)}"
-            + (f", {ours['failed']} FAILED" if ours["failed"] else "")
-            + (f", console: {ours['consoleTrouble'][0]}" if ours["consoleTrouble"] else "")
+            f"       tunnel {fmt_summary(s.get('wireRate'), 'MiB/s', MiB)} "
+            f"(stream bytes / QEMU's transfer time), ours/QEMU {fmt_ratio(r.get('wireRate'))}"
+        )
+        lines.append(
+            f"       total {fmt_summary(s.get('migrationSeconds'), 's', digits=2)}, guest-seen "
+            f"{fmt_summary(s.get('guestDowntimeMilliseconds'), 'ms')}, repaired "
+            f"{fmt_summary(s.get('repairedPages'), 'pages', digits=0)}"
+            + (f", {ours.get('failed')} FAILED" if ours["failed"] else "")
+            + (f", console: {ours.get('consoleTrouble')[0]}" if ours["consoleTrouble"] else "")
         )
         steps = [
             f"{label} {v.median:.1f}"
@@ -499,10 +521,10 @@ def table_lines(result: Obj) -> list[str]:
         s = {k: (Summary(**v) if v else None) for k, v in peer["summary"].items()}
         errors = [r["error"] for r in peer["records"] if "error" in r]
         lines.append(
-            f"  QEMU alone {key:<{w - 6}} {fmt_summary(s['throughput'], 'MiB/s', MiB)}  "
-            f"total {fmt_summary(s['seconds'], 's', digits=2)}, downtime "
-            f"{fmt_summary(s['qemuDowntimeMilliseconds'], 'ms')}, guest-seen "
-            f"{fmt_summary(s['guestDowntimeMilliseconds'], 'ms')}"
+            f"  QEMU alone {key:<{w - 6}} {fmt_summary(s.get('throughput'), 'MiB/s', MiB)}  "
+            f"stream {fmt_summary(s.get('wireRate'), 'MiB/s', MiB)}, total {fmt_summary(s.get('seconds'), 's', digits=2)}, downtime "
+            f"{fmt_summary(s.get('qemuDowntimeMilliseconds'), 'ms')}, guest-seen "
+            f"{fmt_summary(s.get('guestDowntimeMilliseconds'), 'ms')}"
             + (f"; {len(errors)} errors: {errors[0][:80]}" if errors else "")
         )
     return lines
