@@ -24,6 +24,7 @@ class FakeQmpServer:
     def __init__(self) -> None:
         self.status = "active"
         self.queries = 0
+        self.queried = asyncio.Event()
         self.writers: list[asyncio.StreamWriter] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -42,6 +43,7 @@ class FakeQmpServer:
             reply: dict[str, Any] = {"return": {}}
             if request["execute"] == "query-migrate":
                 self.queries += 1
+                self.queried.set()
                 reply = {"return": {"status": self.status}}
             if "id" in request:
                 reply["id"] = request["id"]
@@ -85,9 +87,7 @@ def test_the_migration_event_ends_the_wait_at_once(
         handle = _handle(tmp_path)
         try:
             waiting = asyncio.create_task(handle.wait_migration(("completed", "failed"), 60))
-            async with asyncio.timeout(15):
-                while fake.queries < 1:
-                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(fake.queried.wait(), 15)
             await asyncio.sleep(0.1)
             t0 = time.monotonic()
             fake.complete()
