@@ -115,9 +115,14 @@ proto-check: $(STAMP)
 
 # What deploy/install.sh installs on a host: the wheel, and constraints.txt (the exact
 # versions of requirements.lock, so hosts run what the tests ran).
+# The wheel carries handler/native/_pagehash.so when it was built here (x86_64 Linux, as
+# the hosts: the wheel's tag does not say so; elsewhere the Python fallback hashes).
 dist: $(STAMP)
 	rm -rf dist && mkdir -p dist
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	@$(BIN)/python -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+	  print('wheel carries the native page digests' if 'handler/native/_pagehash.so' in names \
+	  else 'warning: the wheel has no handler/native/_pagehash.so (hosts hash in Python)')" dist/*.whl
 	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > dist/constraints.txt
 	@ls dist
 

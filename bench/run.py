@@ -26,6 +26,11 @@ each QEMU peer, so both see the same machine noise:
   storage a QEMU guest's 1 GiB disk moved to a local claim of the other node while it
           writes 8 MiB/s (storage live migration), next to QEMU's own blockdev-mirror +
           migration without vmferry (bench/storage_runs.py)
+  qemu    the TCG test guest (512 MiB and 2 GiB, idle and dirtying) through vmferry's
+          QEMU driver (1 and 2 streams; verify repair, detect, off) next to QEMU's own TLS
+          migration of the same guest (single and multifd): throughput, total time,
+          guest-seen downtime, pages repaired, the switchover's steps; --quick: 512 MiB
+          idle only (bench/qemu_runs.py; skipped with --no-qemu)
   netns   (--netns; root) 1 GiB random memory between two nodes with their own network
           stacks, over a 10gbit,0.2ms and a 1gbit,2ms link, the QEMU peer over the same
           link (bench/netns_runs.py)
@@ -62,6 +67,7 @@ from bench import (
     grpc_baseline,
     netns_runs,
     qemu,
+    qemu_runs,
     scale_runs,
     storage_runs,
     xcluster_runs,
@@ -87,7 +93,19 @@ REPO = Path(__file__).resolve().parent.parent
 XCLUSTER = "xcluster"  # its own two-cluster lab (bench/xcluster_runs.py)
 DIGEST = "digest"  # no lab (bench/digest_bench.py)
 STORAGE = "storage"  # its own lab and QEMU guests (bench/storage_runs.py)
-SCENARIO_NAMES = ["grpc", "random", "zero", "text", "busy", "sched", XCLUSTER, DIGEST, STORAGE]
+QEMU_GUEST = "qemu"  # its own lab, TCG guests through the tunnel (bench/qemu_runs.py)
+SCENARIO_NAMES = [
+    "grpc",
+    "random",
+    "zero",
+    "text",
+    "busy",
+    "sched",
+    XCLUSTER,
+    DIGEST,
+    STORAGE,
+    QEMU_GUEST,
+]
 NETNS = "netns"  # not in the default set: it needs root and network namespaces
 SCALE = "scale"  # not in the default set: its own controllers and fleet, several minutes
 
@@ -575,6 +593,8 @@ def table(results: Obj) -> str:
         lines += digest_bench.table_lines(results[DIGEST])
     if results.get(STORAGE):
         lines += storage_runs.table_lines(results[STORAGE])
+    if results.get(QEMU_GUEST):
+        lines += qemu_runs.table_lines(results[QEMU_GUEST])
     if results.get(NETNS):
         lines += netns_runs.table_lines(results[NETNS])
     if results.get(SCALE):
@@ -626,7 +646,9 @@ async def main_async(args: argparse.Namespace) -> Obj:
             digest_bench.run_digest, args.quick, args.runs, log
         )
     lab_scenarios = [
-        s for s in selected if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE, STORAGE)
+        s
+        for s in selected
+        if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE, STORAGE, QEMU_GUEST)
     ]
     if lab_scenarios:
         bench = LabBench(root, ha=args.ha)
@@ -666,6 +688,10 @@ async def main_async(args: argparse.Namespace) -> Obj:
     if STORAGE in selected:
         results[STORAGE] = await storage_runs.run_storage(
             args.quick, args.runs, not args.no_qemu and qemu.available(), root / STORAGE, log
+        )
+    if QEMU_GUEST in selected and not args.no_qemu:
+        results[QEMU_GUEST] = await qemu_runs.run_qemu_scenario(
+            args.quick, args.runs, streams, True, root / QEMU_GUEST, log
         )
     if NETNS in selected:
         with_qemu = not args.no_qemu and qemu.available()
@@ -724,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the lab scenarios with the controllers replicated on etcd (lab up --ha)",
     )
-    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU peers")
+    p.add_argument(
+        "--no-qemu", action="store_true", help="skip the QEMU peers and the qemu scenario"
+    )
     p.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy profile of the random scenario"
     )

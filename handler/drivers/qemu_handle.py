@@ -23,11 +23,12 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from handler.drivers.base import (
     DriverError,
@@ -47,6 +48,7 @@ DEFAULT_RAM_DIR = Path("/dev/shm/vmferry")
 VM_JSON = "vm.json"
 CONSOLE_LOG = "console.log"
 QMP_TIMEOUT_S = 10.0
+EVENT_POLL_S = 0.05  # wait_migration polls this often besides QEMU's MIGRATION events
 STOP_TIMEOUT_S = 5.0
 HEARTBEAT_WAIT_S = 1.5  # how long resume() waits for the guest's first heartbeat
 VERIFY_MODES = ("off", "detect", "repair")
@@ -259,6 +261,23 @@ class QemuHandle:
         except (QMPError, OSError, TimeoutError, EOFError) as e:
             self._qmp = None
             raise GuestError(f"VM {self.vm_id}: QMP {command} failed: {e!r}") from e
+
+    async def wait_migration(self, statuses: Collection[str], timeout: float) -> dict[str, Any]:
+        """``query-migrate`` until its status is one of ``statuses`` or ``timeout`` s passed
+        (returns the last answer either way): each of QEMU's MIGRATION events (migration
+        capability ``events``) wakes it at once, a poll every EVENT_POLL_S otherwise."""
+        client = await self._client()
+        listener = EventListener("MIGRATION")
+        deadline = time.monotonic() + timeout
+        with client.listen(listener):
+            while True:
+                info: dict[str, Any] = await self.qmp("query-migrate")
+                remaining = deadline - time.monotonic()
+                if info.get("status") in statuses or remaining <= 0:
+                    return info
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, EVENT_POLL_S)):
+                        await listener.get()
 
     async def run_state(self) -> str:
         return str((await self.qmp("query-status"))["status"])

@@ -16,7 +16,7 @@ import grpc
 
 from handler.migration.handoff import MigrationFailed
 from handler.migration.target_stream import TargetStream
-from handler.migration.tunnel import DATA_FRAME_BYTES
+from handler.migration.tunnel import DATA_FRAME_BYTES, encode_data
 from vmferry.rpc import tunnel_pb2 as pb
 
 
@@ -30,16 +30,19 @@ class TunnelChannel(TargetStream):
         self.received = 0
         self.upstream_done = asyncio.Event()  # QEMU closed its side; DataEnd sent
 
-    async def write(self, frame: pb.TunnelSourceFrame) -> None:
+    async def write(self, frame: pb.TunnelSourceFrame | bytes) -> None:
+        """Write a frame (or an ``encode_data`` frame); the call must come from
+        ``tunnel.open_call``."""
         await self._write(frame)
 
     async def upstream(self, reader: asyncio.StreamReader) -> None:
-        """QEMU → target."""
+        """QEMU → target: each read takes all QEMU wrote meanwhile (up to a frame), so
+        a slow stream carries fewer, larger frames (the reader's limit: READ_LIMIT)."""
         while True:
             data = await reader.read(DATA_FRAME_BYTES)
             if not data:
                 break
-            await self.write(pb.TunnelSourceFrame(data=pb.Data(data=data)))
+            await self.write(encode_data(data))
             self.sent += len(data)
         await self.write(pb.TunnelSourceFrame(data_end=pb.DataEnd()))
         self.upstream_done.set()
@@ -50,9 +53,10 @@ class TunnelChannel(TargetStream):
         async def route(frame: pb.TunnelTargetFrame) -> None:
             kind = frame.WhichOneof("frame")
             if kind == "data":
-                self.received += len(frame.data.data)
+                data = frame.data.data  # every access makes a copy
+                self.received += len(data)
                 if not writer.is_closing():
-                    writer.write(frame.data.data)
+                    writer.write(data)
                     with contextlib.suppress(ConnectionError):
                         await writer.drain()
             elif kind == "data_end":

@@ -50,7 +50,6 @@ from vmferry import grpc_options, pki
 from vmferry.client import ApiClient
 from vmferry.migration_state import MigrationMode
 from vmferry.rpc import tunnel_pb2 as pb
-from vmferry.rpc import tunnel_pb2_grpc
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -102,6 +101,7 @@ class QemuSourceMigration(SourceEngine):
         self.completed_in_qemu = False  # source paused in postmigrate
         self._channels: list[TunnelChannel] = []
         self._grpc: grpc.aio.Channel | None = None
+        self._multifd_conns: list[grpc.aio.Channel] = []  # multifd channel i on [i - 1]
         self._server: asyncio.Server | None = None
         self._sock = driver.sock_path(f"{handle.vm_id}.{self.uid[:8]}", "mig")
         self._channels_ready = asyncio.Event()
@@ -145,6 +145,8 @@ class QemuSourceMigration(SourceEngine):
         self._sock.unlink(missing_ok=True)
         if self._grpc is not None:
             await self._grpc.close()
+        for conn in self._multifd_conns:
+            await conn.close()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -176,7 +178,17 @@ class QemuSourceMigration(SourceEngine):
         )
         self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sock.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._accept, path=str(self._sock))
+        # every multifd channel on its own connection (channels.connect: streams on one
+        # HTTP/2 connection share its flow control and its one TLS stream)
+        self._multifd_conns = channels.connect(
+            self.target_address,
+            self.target_node,
+            self.dial_credentials(),
+            self.plan.multifd_channels,
+        )
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=str(self._sock), limit=tunnel.READ_LIMIT
+        )
         h = self.qemu
         capabilities = self.plan.capabilities()
         if await self._start_mirrors():
@@ -238,7 +250,7 @@ class QemuSourceMigration(SourceEngine):
         """A new Tunnel stream to the target, opened; MigrationFailed."""
         if self._grpc is None:
             raise MigrationFailed("the migration is over")
-        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
+        ch = TunnelChannel(cid, tunnel.open_call(self._grpc))
         await self._open(ch, nbd, resume)
         return ch
 
@@ -270,7 +282,7 @@ class QemuSourceMigration(SourceEngine):
         if cid >= self.plan.channel_count or self._grpc is None or self._tg is None:
             writer.close()
             return
-        ch = TunnelChannel(cid, tunnel_pb2_grpc.TunnelStub(self._grpc).Migrate())
+        ch = TunnelChannel(cid, tunnel.open_call(self._connection(cid)))
         self._channels.append(ch)
         try:
             await self._open(ch, False)
@@ -301,6 +313,11 @@ class QemuSourceMigration(SourceEngine):
         await ch.downstream(writer)
         if ch.error is not None and self.mode is MigrationMode.POST_COPY:
             writer.close()  # the tunnel broke: QEMU notices, pauses post-copy, recovers
+
+    def _connection(self, cid: int) -> grpc.aio.Channel:
+        """The connection of migration channel ``cid``: the main one for channel 0."""
+        assert self._grpc is not None
+        return self._multifd_conns[cid - 1] if cid > 0 else self._grpc
 
     def _open_frame(self, cid: int, nbd: bool = False, resume: bool = False) -> pb.Open:
         return pb.Open(
@@ -427,7 +444,7 @@ class QemuSourceMigration(SourceEngine):
         ch0 = self._channels[0]
         digest_task: asyncio.Future[qemu_verify.PageDigests] | None = None
         if self.verify != VERIFY_OFF:  # both sides hash at once: start ours right away
-            digest_task = asyncio.ensure_future(qemu_verify.page_digests_async(self.qemu.ram()))
+            digest_task = asyncio.ensure_future(self._timed_digest())
         try:
             for ch in self._channels:  # every byte QEMU wrote is on its way
                 async with asyncio.timeout(COMPLETE_TIMEOUT):
@@ -442,12 +459,15 @@ class QemuSourceMigration(SourceEngine):
             )
             t1 = self.clock()
             parts["drain"] = t1 - t0
+            repair_started = None
             if digest_task is not None:
-                await self._verify(ch0, digest_task)
+                repair_started = await self._verify(ch0, digest_task)
             frame = await ch0.next_control(VERIFY_TIMEOUT, "Verified")
             if frame.WhichOneof("frame") != "verified":
                 raise MigrationFailed(f"expected Verified, got {frame.WhichOneof('frame')}")
             parts["verify"] = self.clock() - t1
+            if repair_started is not None:  # the target's Verified confirms the repair
+                self.stats.switchover_steps["repair"] = self.clock() - repair_started
             if not frame.verified.match:
                 raise MigrationFailed(
                     f"the target's memory is not verified: {frame.verified.detail}"
@@ -473,9 +493,19 @@ class QemuSourceMigration(SourceEngine):
             f"{self.stats.guest_downtime_ms} ms"
         )
 
+    async def _timed_digest(self) -> qemu_verify.PageDigests:
+        t0 = self.clock()
+        digests = await qemu_verify.page_digests_async(self.qemu.ram())
+        self.stats.switchover_steps["source_digest"] = self.clock() - t0
+        return digests
+
     async def _verify(
         self, ch0: TunnelChannel, digest_task: asyncio.Future[qemu_verify.PageDigests]
-    ) -> None:
+    ) -> float:
+        """Receive the target's digests, compare, send the repair; returns the clock at
+        which the repair began (the target's Verified ends it)."""
+        steps = self.stats.switchover_steps
+        t0 = self.clock()  # Completed was sent: the target waits for its QEMU, then hashes
         pages = self.qemu.qspec.memory_bytes // tunnel.PAGE_SIZE
         chunks: list[bytes] = []
         received = 0
@@ -489,13 +519,17 @@ class QemuSourceMigration(SourceEngine):
             received += len(frame.digests.digests) // qemu_verify.DIGEST_BYTES
             if frame.digests.last:
                 break
+        steps["target_digest"] = self.clock() - t0
         disk_ends = await self.storage.verify(ch0, self.verify) if self.storage else []
         try:
             target = qemu_verify.digests_from_bytes(b"".join(chunks), pages)
         except ValueError as e:
             raise MigrationFailed(f"bad page digests from the target: {e}") from None
         source = await digest_task
+        t1 = self.clock()
         comparison = qemu_verify.compare(source, target)
+        t2 = self.clock()
+        steps["compare"] = t2 - t1
         self.stats.digest = f"{pages} page digests"
         self.stats.target_digest = "match" if comparison.match else comparison.describe()
         if comparison.match:
@@ -529,6 +563,7 @@ class QemuSourceMigration(SourceEngine):
             )
         )
         self.repaired_pages = int(diff.size)
+        return t2
 
     # -- failure (the rest is SourceEngine._fail) ------------------------------------------
 

@@ -43,8 +43,14 @@ from handler.migration.tunnel import (
     MAX_CHANNELS,
     PAGE_SIZE,
     TUNNEL_PROTOCOL_VERSION,
+    TUNNEL_SERVICE,
     VERIFY_MODES,
+    DataChunk,
     ProtocolError,
+    SourceFrame,
+    decode_source_frame,
+    frame_kind,
+    widen_writer,
 )
 from handler.peers import no_postcopy
 from vmferry import failpoints
@@ -92,8 +98,15 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         incoming.on_forget(self._end)
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Serve Tunnel on ``server``."""
-        tunnel_pb2_grpc.add_TunnelServicer_to_server(self, server)
+        """Serve Tunnel on ``server``; Data frames arrive as DataChunks (decode_source_frame)."""
+        migrate = grpc.stream_stream_rpc_method_handler(
+            self.Migrate,
+            request_deserializer=decode_source_frame,
+            response_serializer=pb.TunnelTargetFrame.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(TUNNEL_SERVICE, {"Migrate": migrate}),)
+        )
 
     def _end(self, migration_uid: str) -> None:
         """The migration's tunnel state ends (channel 0 closed, or the registry forgot it)."""
@@ -101,7 +114,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
 
     async def Migrate(
         self,
-        request_iterator: AsyncIterator[pb.TunnelSourceFrame],
+        request_iterator: AsyncIterator[SourceFrame],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.TunnelTargetFrame]:
         frames = aiter(request_iterator)
@@ -109,6 +122,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             first = await anext(frames)
         except StopAsyncIteration:
             return
+        if isinstance(first, DataChunk):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Open")
         resume = first.open.resume if first.WhichOneof("frame") == "open" else False
         inc, state = await self.incoming.gate.admit(
             context,
@@ -235,7 +250,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
     async def _nbd_stream(
         self,
         inc: IncomingMigration,
-        frames: AsyncIterator[pb.TunnelSourceFrame],
+        frames: AsyncIterator[SourceFrame],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.TunnelTargetFrame]:
         """One NBD connection of the source QEMU's mirror, to the incoming QEMU's NBD
@@ -256,11 +271,11 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         async def upstream() -> None:
             try:
                 async for frame in frames:
-                    kind = frame.WhichOneof("frame")
-                    if kind == "data":
-                        writer.write(frame.data.data)
+                    kind = frame_kind(frame)
+                    if isinstance(frame, DataChunk):
+                        writer.write(frame.payload)
                         await writer.drain()
-                        inc.bytes_received += len(frame.data.data)
+                        inc.bytes_received += len(frame.payload)
                     elif kind == "data_end":
                         if writer.can_write_eof():
                             with contextlib.suppress(OSError):
@@ -303,6 +318,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                 caps = [
                     {"capability": "multifd", "state": multifd > 0},
                     {"capability": "postcopy-ram", "state": postcopy},
+                    {"capability": "events", "state": True},  # wait_migration wakes on them
                 ]
                 if h.qspec.disks:
                     # A shared disk is taken over (write lock, caches) only when the target
@@ -320,6 +336,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             for earlier in state.connected[:cid]:
                 await earlier.wait()
             reader, writer = await asyncio.open_unix_connection(str(state.socket))
+        widen_writer(writer)  # the next frame comes off the stream while QEMU reads this one
         state.connected[cid].set()
         return writer, reader
 
@@ -339,14 +356,14 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         self,
         state: TunnelState,
         cid: int,
-        frames: AsyncIterator[pb.TunnelSourceFrame],
+        frames: AsyncIterator[SourceFrame],
         writer: asyncio.StreamWriter,
         out: asyncio.Queue[pb.TunnelTargetFrame | None],
     ) -> None:
         inc = state.inc
         try:
             async for frame in frames:
-                kind = frame.WhichOneof("frame")
+                kind = frame_kind(frame)
                 if kind == "commit" and cid == 0 and inc.state.committed:
                     await out.put(pb.TunnelTargetFrame(resumed=pb.Resumed()))
                     if inc.postcopy:
@@ -356,10 +373,10 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
                     inc.postcopy and kind in ("data", "data_end", "postcopy_end")
                 ):
                     raise ProtocolError(f"frame {kind} after the migration was {inc.decision}")
-                if kind == "data":
-                    writer.write(frame.data.data)
-                    await writer.drain()
-                    inc.bytes_received += len(frame.data.data)
+                if isinstance(frame, DataChunk):
+                    writer.write(frame.payload)
+                    await writer.drain()  # waits only past WRITE_HIGH_WATER
+                    inc.bytes_received += len(frame.payload)
                 elif kind == "data_end":
                     if writer.can_write_eof():
                         with contextlib.suppress(OSError):
@@ -422,19 +439,16 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
     async def _complete_and_digest(self, state: TunnelState) -> list[pb.TunnelTargetFrame]:
         """Wait for the target QEMU to finish loading (it stays paused), then digests."""
         h = state.handle
-        deadline = time.monotonic() + COMPLETE_TIMEOUT
-        while True:
-            info = await h.qmp("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise GuestError(
-                    f"the target QEMU's incoming migration {status}: {info.get('error-desc', '')}"
-                )
-            if time.monotonic() > deadline:
-                raise GuestError(f"the target QEMU did not finish loading ({status})")
-            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        # its MIGRATION event (capability "events") starts the digest the moment it is loaded
+        info = await h.wait_migration(("completed", "failed", "cancelled"), COMPLETE_TIMEOUT)
+        status = info.get("status")
+        if status in ("failed", "cancelled"):
+            raise GuestError(
+                f"the target QEMU's incoming migration {status}: {info.get('error-desc', '')}"
+            )
+        if status != "completed":
+            raise GuestError(f"the target QEMU did not finish loading ({status})")
         disks = storage.exported_disks(h.qspec.disks)
         if disks:  # the mirrors completed before the source continued: nothing writes now
             await storage.unexport_disks(h, self.driver.nbd_socket(h.vm_id))
@@ -442,9 +456,16 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         if state.verify == pb.VERIFY_MODE_OFF:
             await self._mark_verified(state.inc)
             return [pb.TunnelTargetFrame(verified=pb.Verified(match=True, detail="verify: off"))]
+        t1 = time.monotonic()
         replies = _digest_frames(await qemu_verify.page_digests_async(h.ram()), "")
         for _, disk in disks:
             replies += _digest_frames(await storage.image_digests(disk.path), disk.name)
+        log.info(
+            "migration %s: the target QEMU completed %.1f ms after the source; digests in %.1f ms",
+            state.inc.migration_uid,
+            (t1 - t0) * 1000,
+            (time.monotonic() - t1) * 1000,
+        )
         return replies
 
     async def _repair(

@@ -84,6 +84,8 @@ class Stats:
     dirty_rate: float = 0.0  # bytes/s the guest dirties (live within a round, see DirtyMeter)
     transfer_rate: float = 0.0  # bytes/s on the wire, live (see RateWindow)
     downtime_parts: dict[str, float] = field(default_factory=dict)
+    # steps inside the downtime parts (the QEMU verify's digests, compare, repair): s
+    switchover_steps: dict[str, float] = field(default_factory=dict)
     guest_downtime_ms: float | None = None
     first_byte_at: float = 0.0  # the engine's clock at the first and the latest batch sent
     last_byte_at: float = 0.0
@@ -135,6 +137,10 @@ class Stats:
             out["downtimeMilliseconds"] = round(sum(self.downtime_parts.values()) * 1000, 3)
             out["downtimePartsMilliseconds"] = {
                 part: round(seconds * 1000, 3) for part, seconds in self.downtime_parts.items()
+            }
+        if self.switchover_steps:
+            out["switchoverStepsMilliseconds"] = {
+                step: round(seconds * 1000, 3) for step, seconds in self.switchover_steps.items()
             }
         if self.guest_downtime_ms is not None:
             out["guestDowntimeMilliseconds"] = round(self.guest_downtime_ms, 3)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from handler.migration import tunnel as tunnel_mod
 from handler.migration.incoming import IncomingMigration
 from handler.migration.target_state import TargetState
 from handler.migration.tunnel import PAGE_SIZE, TUNNEL_PROTOCOL_VERSION
@@ -52,10 +53,10 @@ def open_frame(resume: bool = False, postcopy: bool = True) -> pb.TunnelSourceFr
 async def stream(
     tunnel: Tunnel, *frames: pb.TunnelSourceFrame, resume: bool = False, postcopy: bool = True
 ) -> list[pb.TunnelTargetFrame]:
-    async def source() -> AsyncIterator[pb.TunnelSourceFrame]:
+    async def source() -> AsyncIterator[tunnel_mod.SourceFrame]:
         yield open_frame(resume, postcopy)
-        for frame in frames:
-            yield frame
+        for frame in frames:  # as the target's request deserializer hands them over
+            yield tunnel_mod.decode_source_frame(frame.SerializeToString())
             await asyncio.sleep(0.01)
 
     return [r async for r in tunnel.service.Migrate(source(), FakeContext())]  # type: ignore[arg-type]

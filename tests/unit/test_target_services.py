@@ -18,7 +18,12 @@ from handler.migration.peer import PeerGate, Refused
 from handler.migration.qemu_target import TunnelService
 from handler.migration.restart_record import RestartRecords
 from handler.migration.target_state import TargetState
-from handler.migration.tunnel import PAGE_SIZE, TUNNEL_PROTOCOL_VERSION
+from handler.migration.tunnel import (
+    PAGE_SIZE,
+    TUNNEL_PROTOCOL_VERSION,
+    SourceFrame,
+    decode_source_frame,
+)
 from tests.support.fake_handle import FakeHandle
 from vmferry import pki
 from vmferry.migration_state import Switchover
@@ -193,10 +198,11 @@ class Tunnel:
             )
         )
 
-        async def source() -> AsyncIterator[pb.TunnelSourceFrame]:
-            yield open_frame
+        async def source() -> AsyncIterator[SourceFrame]:
+            # as the server's deserializer hands them to Migrate
+            yield decode_source_frame(open_frame.SerializeToString())
             for frame in frames:
-                yield frame
+                yield decode_source_frame(frame.SerializeToString())
                 await asyncio.sleep(0)
 
         replies = []

@@ -111,6 +111,9 @@ MIGRATION_TRANSFER = Obj(
         # QEMU guests' verified switchover: the mode and the pages re-sent to the target.
         "verifyMode": Str(enum=("off", "detect", "repair")),
         "repairedPages": _NON_NEGATIVE,
+        # the steps inside its verify part: source_digest, target_digest (Completed sent ->
+        # the target's last digest in), compare, repair (-> the target's Verified)
+        "switchoverStepsMilliseconds": Map(_NON_NEGATIVE),
         # a storage migration: the mirrored volumes, how long their mirrors took to catch
         # up (the guest running) and the disk blocks re-sent at the verified switchover
         "mirroredDisks": List(Str()),
