@@ -72,6 +72,7 @@ from bench.stats import (
     Summary,
     fmt_ratio,
     fmt_summary,
+    load_warning,
     median_of,
     ratio,
     summaries,
@@ -114,8 +115,11 @@ OUR_KEYS = [
     "cpu_source",
     "cpu_target",
     "cpu_controller",
+    "cpuPerGiB_source",
+    "cpuPerGiB_target",
     "targetRamAllocatedBytes",
 ]
+GRPC_KEYS = ["throughput", "cpuPerGiBClient", "cpuPerGiBServer"]
 PEER_KEYS = ["throughput", "seconds", "wireBytes", "qemuDowntimeMilliseconds"]
 
 
@@ -232,7 +236,7 @@ async def run_grpc(quick: bool, streams: int, runs: int | None, workdir: Path) -
     n = runs if runs is not None else (1 if quick else 3)
     variants = [(1, 1), (streams, 1), (streams, streams)]
     log(f"grpc baseline: {total // MiB} MiB x {n} runs, variants {variants}")
-    results = await asyncio.to_thread(
+    results: dict[str, list[Obj]] = await asyncio.to_thread(
         grpc_baseline.run_baseline,
         workdir,
         total_bytes=total,
@@ -241,7 +245,7 @@ async def run_grpc(quick: bool, streams: int, runs: int | None, workdir: Path) -
         runs=n,
     )
     return {
-        name: {"records": recs, "summary": summary_dict(recs, ["throughput"])}
+        name: {"records": recs, "summary": summary_dict(recs, GRPC_KEYS)}
         for name, recs in results.items()
     }
 
@@ -276,7 +280,10 @@ async def run_scenario(
             log(
                 f"  ours #{i + 1}: {rec.get('phase')} {fmt(rec.get('migrationSeconds'), 's')} "
                 f"{fmt((rec.get('throughput') or 0) / MiB, 'MiB/s')} rounds={rec.get('rounds')} "
-                f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')}"
+                f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')} "
+                f"CPU/GiB source {fmt(rec.get('cpuPerGiB_source'), 's', 2)} "
+                f"target {fmt(rec.get('cpuPerGiB_target'), 's', 2)} "
+                f"(load {os.getloadavg()[0]:.2f})"
                 + (
                     f" FAILED: {rec.get('failureReason')}"
                     if rec.get("phase") != MigrationPhase.SUCCEEDED
@@ -409,6 +416,9 @@ def table(results: Obj) -> str:
         f"load average at start {m['loadavgStart'][0]:.2f}, at end {m.get('loadavgEnd', [0])[0]:.2f}"
         "   values: median [min..max] over the runs; ratios: our throughput / theirs"
     )
+    warning = load_warning(m["loadavgStart"][0])
+    if warning:
+        lines.append(warning)
     code = results.get("code") or {}
     if code.get("head"):
         modified = code.get("engineFilesModified") or []
@@ -438,7 +448,14 @@ def table(results: Obj) -> str:
         lines.append("")
         lines.append("== bare gRPC mTLS streaming (the ceiling), 1 MiB messages ==")
         for name, data in grpc_res.items():
-            row(name, fmt_summary(_summary(data["summary"]["throughput"]), "MiB/s", MiB))
+            summ = data["summary"]
+            client, server = (_summary(summ.get(k)) for k in ("cpuPerGiBClient", "cpuPerGiBServer"))
+            row(
+                name,
+                fmt_summary(_summary(summ["throughput"]), "MiB/s", MiB),
+                f"CPU s/GiB client {fmt(median_of(client), '', 2).strip()}, "
+                f"server {fmt(median_of(server), '', 2).strip()}",
+            )
     for key, sc in (results.get("scenarios") or {}).items():
         ours = {k: _summary(v) for k, v in sc["ours"]["summary"].items()}
         lines.append("")
@@ -525,6 +542,13 @@ def table(results: Obj) -> str:
         ]
         if cpu:
             row("ours: CPU seconds (median)", ", ".join(cpu))
+        per = [
+            f"{r} {fmt_summary(s, '', digits=2).strip()}"
+            for r in ("source", "target")
+            if (s := ours.get(f"cpuPerGiB_{r}")) is not None
+        ]
+        if per:
+            row("ours: CPU s/GiB", ", ".join(per), "(handler CPU-seconds per GiB of guest memory)")
         alloc = ours.get("targetRamAllocatedBytes")
         if alloc and sc["touched"] != "0":
             row(
@@ -610,8 +634,13 @@ async def main_async(args: argparse.Namespace) -> Obj:
     selected = args.scenario or ([] if args.netns else SCENARIO_NAMES)
     if args.netns and NETNS not in selected:
         selected = [*selected, NETNS]
+    machine = machine_info()
+    log(f"load average at start {machine['loadavgStart'][0]:.2f}")
+    warning = load_warning(machine["loadavgStart"][0])
+    if warning:
+        log(warning)
     results: Obj = {
-        "machine": machine_info(),
+        "machine": machine,
         "code": source_info(),
         "missingFields": MISSING_FIELDS,
         "scenarios": {},
@@ -673,6 +702,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
             args.quick, args.runs, with_qemu, root / NETNS, log
         )
     results["machine"]["loadavgEnd"] = os.getloadavg()
+    log(f"load average at end {results['machine']['loadavgEnd'][0]:.2f}")
     compute_ratios(results)
     return results
 
