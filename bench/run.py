@@ -37,7 +37,7 @@ the target reporting ``completed``. Ratios are throughput ratios: ours / theirs,
 ours is faster.
 
   python -m bench.run [--quick] [--scenario NAME ...] [--output FILE] [--no-qemu]
-                      [--no-profile] [--runs N] [--netns]
+                      [--no-profile] [--profile-scenario NAME] [--runs N] [--netns]
 """
 
 from __future__ import annotations
@@ -672,7 +672,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
             all_sc = scenarios(args.quick, streams, args.runs)
             for key in lab_scenarios:
                 profile_dir = None
-                if key == "random" and not args.no_profile:
+                if key == args.profile_scenario and not args.no_profile:
                     profile_dir = root / "profile"
                     profile_dir.mkdir(exist_ok=True)
                 res = await run_scenario(
@@ -757,6 +757,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU peers")
     p.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy profile of the random scenario"
+    )
+    p.add_argument(
+        "--profile-scenario",
+        default="random",
+        choices=["random", "zero", "text", "busy", "sched"],
+        help="the lab scenario profiled with py-spy after its runs (default random)",
     )
     args = p.parse_args(argv)
     args.scale_size = args.scale_size or ["small"]

@@ -51,6 +51,8 @@ class CompressGate:
     link: float | None = None  # bytes/s downstream, from raw batches (see above)
     _raw_batches: int = 0
     _window: deque[tuple[float, int, float]] = field(default_factory=deque, repr=False)
+    _bytes: int = 0  # sums over _window
+    _waited: float = 0.0
 
     def decide(self) -> Decision:
         """Whether to compress (and probe) the next batch."""
@@ -86,15 +88,17 @@ class CompressGate:
         self._raw_batches += 1
         window = self._window
         window.append((now, wire_bytes, waited))
-        while window and window[0][0] < now - WINDOW:
-            window.popleft()
+        self._bytes += wire_bytes
+        self._waited += waited
+        while window[0][0] < now - WINDOW:
+            _, b, w = window.popleft()
+            self._bytes -= b
+            self._waited -= w
         span = now - window[0][0]
         if len(window) < 2 or span < WINDOW / 2:
             return
-        sent = sum(b for _, b, _ in list(window)[1:])  # what left after the first one
-        waiting = sum(w for _, _, w in window)
-        if waiting >= BOUND_SHARE * span:
-            self.link = sent / span
+        if self._waited >= BOUND_SHARE * span:
+            self.link = (self._bytes - window[0][1]) / span  # what left after the first one
 
 
 def _smooth(old: float | None, new: float) -> float:
