@@ -6,7 +6,9 @@ The client streams pre-built ``message_bytes`` messages (the size of one PageBat
 over ``streams`` bidirectional streams; the server acknowledges every message with a
 small reply (as the target answers each batch with a Credit) and does nothing else with
 the payload. No protobuf, no page gathering, no RAM writes: what is left is gRPC, HTTP/2
-and TLS, i.e. what no engine built on them can beat.
+and TLS, i.e. what no engine built on them can beat. Each record also has the CPU-seconds
+of the client (its own process time over the timed part) and of the server (its
+/proc utime + stime across the client's run), and both per GiB sent.
 
 ``connections`` > 1 spreads the streams over that many TCP connections (separate
 subchannels); the handler today multiplexes all of a migration's streams over one.
@@ -28,6 +30,8 @@ from typing import Any
 
 import grpc
 
+from bench.lab_runs import cpu_seconds
+from bench.stats import per_gib
 from handler import allocator
 from vmferry import grpc_options, pki
 from vmferry.lab import free_port
@@ -126,11 +130,12 @@ async def client(
             await asyncio.wait_for(ch.channel_ready(), 10)
         payload = bytes(range(256)) * (message_bytes // 256)
         per_stream = max(1, total_bytes // message_bytes // streams)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with asyncio.TaskGroup() as tg:
             for s in range(streams):
                 tg.create_task(_one_stream(channels[s % connections], payload, per_stream))
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started  # every thread of this process (gRPC's too)
     finally:
         for ch in channels:
             await ch.close()
@@ -142,6 +147,8 @@ async def client(
         "streams": streams,
         "connections": connections,
         "messageBytes": len(payload),
+        "cpuClient": round(cpu, 3),
+        "cpuPerGiBClient": per_gib(cpu, sent),
     }
 
 
@@ -187,6 +194,7 @@ def run_baseline(
                 name = f"grpc-mtls-{streams}stream" + ("s" if streams > 1 else "")
                 if connections > 1:
                     name += f"-{connections}conn"
+                server_cpu = cpu_seconds(server.pid)
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -210,7 +218,13 @@ def run_baseline(
                     check=True,
                     timeout=300,
                 )
-                results.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                record = json.loads(out.stdout.strip().splitlines()[-1])
+                after = cpu_seconds(server.pid)
+                # the server process serves only this client meanwhile (its handshake included)
+                spent = None if server_cpu is None or after is None else after - server_cpu
+                record["cpuServer"] = None if spent is None else round(spent, 3)
+                record["cpuPerGiBServer"] = per_gib(spent, record["bytes"])
+                results.setdefault(name, []).append(record)
     finally:
         server.terminate()
         try:

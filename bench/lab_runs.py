@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.stats import per_gib
 from vmferry.client import ApiClient
 from vmferry.config import CONFIG_ENV, ClientConfig
 from vmferry.lab import LAB_ENV, Lab
@@ -386,6 +387,9 @@ class LabBench:
             b, a = cpu_before[comp], cpu_after[comp]
             role = "source" if comp == source else "target" if comp == target else comp
             rec[f"cpu_{role}"] = round(a - b, 3) if a is not None and b is not None else None
+        for role in ("source", "target"):  # CPU-seconds per GiB of guest memory migrated
+            value = per_gib(rec.get(f"cpu_{role}"), rec["memoryBytes"])
+            rec[f"cpuPerGiB_{role}"] = None if value is None else round(value, 3)
         return rec
 
 

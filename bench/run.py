@@ -42,7 +42,7 @@ the target reporting ``completed``. Ratios are throughput ratios: ours / theirs,
 ours is faster.
 
   python -m bench.run [--quick] [--scenario NAME ...] [--output FILE] [--no-qemu]
-                      [--no-profile] [--runs N] [--netns]
+                      [--no-profile] [--profile-scenario NAME] [--runs N] [--netns]
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from bench.stats import (
     Summary,
     fmt_ratio,
     fmt_summary,
+    load_warning,
     median_of,
     ratio,
     summaries,
@@ -132,8 +133,11 @@ OUR_KEYS = [
     "cpu_source",
     "cpu_target",
     "cpu_controller",
+    "cpuPerGiB_source",
+    "cpuPerGiB_target",
     "targetRamAllocatedBytes",
 ]
+GRPC_KEYS = ["throughput", "cpuPerGiBClient", "cpuPerGiBServer"]
 PEER_KEYS = ["throughput", "seconds", "wireBytes", "qemuDowntimeMilliseconds"]
 
 
@@ -250,7 +254,7 @@ async def run_grpc(quick: bool, streams: int, runs: int | None, workdir: Path) -
     n = runs if runs is not None else (1 if quick else 3)
     variants = [(1, 1), (streams, 1), (streams, streams)]
     log(f"grpc baseline: {total // MiB} MiB x {n} runs, variants {variants}")
-    results = await asyncio.to_thread(
+    results: dict[str, list[Obj]] = await asyncio.to_thread(
         grpc_baseline.run_baseline,
         workdir,
         total_bytes=total,
@@ -259,7 +263,7 @@ async def run_grpc(quick: bool, streams: int, runs: int | None, workdir: Path) -
         runs=n,
     )
     return {
-        name: {"records": recs, "summary": summary_dict(recs, ["throughput"])}
+        name: {"records": recs, "summary": summary_dict(recs, GRPC_KEYS)}
         for name, recs in results.items()
     }
 
@@ -294,7 +298,10 @@ async def run_scenario(
             log(
                 f"  ours #{i + 1}: {rec.get('phase')} {fmt(rec.get('migrationSeconds'), 's')} "
                 f"{fmt((rec.get('throughput') or 0) / MiB, 'MiB/s')} rounds={rec.get('rounds')} "
-                f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')}"
+                f"guest downtime {fmt(rec.get('guestDowntimeMilliseconds'), 'ms')} "
+                f"CPU/GiB source {fmt(rec.get('cpuPerGiB_source'), 's', 2)} "
+                f"target {fmt(rec.get('cpuPerGiB_target'), 's', 2)} "
+                f"(load {os.getloadavg()[0]:.2f})"
                 + (
                     f" FAILED: {rec.get('failureReason')}"
                     if rec.get("phase") != MigrationPhase.SUCCEEDED
@@ -427,6 +434,9 @@ def table(results: Obj) -> str:
         f"load average at start {m['loadavgStart'][0]:.2f}, at end {m.get('loadavgEnd', [0])[0]:.2f}"
         "   values: median [min..max] over the runs; ratios: our throughput / theirs"
     )
+    warning = load_warning(m["loadavgStart"][0])
+    if warning:
+        lines.append(warning)
     code = results.get("code") or {}
     if code.get("head"):
         modified = code.get("engineFilesModified") or []
@@ -456,7 +466,14 @@ def table(results: Obj) -> str:
         lines.append("")
         lines.append("== bare gRPC mTLS streaming (the ceiling), 1 MiB messages ==")
         for name, data in grpc_res.items():
-            row(name, fmt_summary(_summary(data["summary"]["throughput"]), "MiB/s", MiB))
+            summ = data["summary"]
+            client, server = (_summary(summ.get(k)) for k in ("cpuPerGiBClient", "cpuPerGiBServer"))
+            row(
+                name,
+                fmt_summary(_summary(summ["throughput"]), "MiB/s", MiB),
+                f"CPU s/GiB client {fmt(median_of(client), '', 2).strip()}, "
+                f"server {fmt(median_of(server), '', 2).strip()}",
+            )
     for key, sc in (results.get("scenarios") or {}).items():
         ours = {k: _summary(v) for k, v in sc["ours"]["summary"].items()}
         lines.append("")
@@ -543,6 +560,13 @@ def table(results: Obj) -> str:
         ]
         if cpu:
             row("ours: CPU seconds (median)", ", ".join(cpu))
+        per = [
+            f"{r} {fmt_summary(s, '', digits=2).strip()}"
+            for r in ("source", "target")
+            if (s := ours.get(f"cpuPerGiB_{r}")) is not None
+        ]
+        if per:
+            row("ours: CPU s/GiB", ", ".join(per), "(handler CPU-seconds per GiB of guest memory)")
         alloc = ours.get("targetRamAllocatedBytes")
         if alloc and sc["touched"] != "0":
             row(
@@ -630,8 +654,13 @@ async def main_async(args: argparse.Namespace) -> Obj:
     selected = args.scenario or ([] if args.netns else SCENARIO_NAMES)
     if args.netns and NETNS not in selected:
         selected = [*selected, NETNS]
+    machine = machine_info()
+    log(f"load average at start {machine['loadavgStart'][0]:.2f}")
+    warning = load_warning(machine["loadavgStart"][0])
+    if warning:
+        log(warning)
     results: Obj = {
-        "machine": machine_info(),
+        "machine": machine,
         "code": source_info(),
         "missingFields": MISSING_FIELDS,
         "scenarios": {},
@@ -665,7 +694,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
             all_sc = scenarios(args.quick, streams, args.runs)
             for key in lab_scenarios:
                 profile_dir = None
-                if key == "random" and not args.no_profile:
+                if key == args.profile_scenario and not args.no_profile:
                     profile_dir = root / "profile"
                     profile_dir.mkdir(exist_ok=True)
                 res = await run_scenario(
@@ -699,6 +728,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
             args.quick, args.runs, with_qemu, root / NETNS, log
         )
     results["machine"]["loadavgEnd"] = os.getloadavg()
+    log(f"load average at end {results['machine']['loadavgEnd'][0]:.2f}")
     compute_ratios(results)
     return results
 
@@ -755,6 +785,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy profile of the random scenario"
+    )
+    p.add_argument(
+        "--profile-scenario",
+        default="random",
+        choices=["random", "zero", "text", "busy", "sched"],
+        help="the lab scenario profiled with py-spy after its runs (default random)",
     )
     args = p.parse_args(argv)
     args.scale_size = args.scale_size or ["small"]

@@ -71,6 +71,30 @@ def ratio(ours: float | None, reference: float | None) -> float | None:
     return ours / reference
 
 
+GiB = 1 << 30
+QUIET_LOAD = (
+    0.5  # a 1-minute load average above this at the start: the figures are not a quiet machine's
+)
+
+
+def per_gib(cpu_seconds: float | None, memory_bytes: float | None) -> float | None:
+    """CPU-seconds per GiB of memory moved, or None when either is missing or no memory."""
+    if cpu_seconds is None or not memory_bytes or memory_bytes <= 0:
+        return None
+    return cpu_seconds * GiB / memory_bytes
+
+
+def load_warning(load_start: float) -> str | None:
+    """The warning a bench prints when the machine was not quiet at the start, else None."""
+    if load_start <= QUIET_LOAD:
+        return None
+    return (
+        f"WARNING: load average {load_start:.2f} at the start (> {QUIET_LOAD}): the machine "
+        "is not quiet; throughput and CPU figures are a busy machine's (compare ratios to the "
+        "peers of the same run, not absolute figures)"
+    )
+
+
 def median_of(summary: Summary | None) -> float | None:
     return summary.median if summary is not None else None
 

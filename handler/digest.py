@@ -37,6 +37,13 @@ mark stale *after* writing, so a write racing a hash always leaves the chunk sta
 the next refresh. ``digest()`` is exact once a refresh found nothing stale while the
 memory was not changing (guest paused, all pages applied).
 
+``begin_hashing`` / ``end_hashing`` bracket a worker that hashes pages itself while it
+moves them (handler/pagebatch.py: the source's pre-copy batches, hashed as they are
+gathered into the frame, so no refresh reads them again; the target's batches, hashed as
+they are written). The source clears a page's stale flag before the pass reads it: a
+write the pass misses is in the dirty log, whose harvest marks the page stale again (and
+sends it again).
+
 ``hash_pages`` is for a worker that is the only one touching its pages while it runs:
 the target's, right after applying a batch (the pages are in the CPU cache, and the
 digest is ready as soon as the last page is applied, with no refresh to wait for), and
@@ -174,6 +181,33 @@ class ChunkDigest:
         hashed = self._hash_chunks(chunks.tolist())
         self.group_stale[chunks // GROUP_CHUNKS] = True  # after the rows: clear-then-hash
         return hashed
+
+    def begin_hashing(self, pages: npt.NDArray[np.integer]) -> npt.NDArray[np.uint8] | None:
+        """Clear-then-hash for a worker that hashes ``pages`` itself next (the fused pass
+        of handler/pagebatch.py, into the returned table: a row per page), before it reads
+        them. None when a chunk spans several pages: that worker calls hash_pages instead."""
+        if self.chunk_pages != 1:
+            return None
+        if pages.size:
+            self.stale[pages] = False
+        return self.hashes
+
+    def end_hashing(
+        self,
+        zero: npt.NDArray[np.integer],
+        hashed: npt.NDArray[np.integer],
+        unread: npt.NDArray[np.integer] | None = None,
+    ) -> None:
+        """After begin_hashing: ``hashed`` rows are written; ``zero`` pages (found all
+        zeros) get the zero-page hash; ``unread`` pages (cleared but not read after all)
+        are stale again."""
+        if zero.size:
+            self.hashes[zero] = self._zero_hash
+        for done in (hashed, zero):
+            if done.size:
+                self.group_stale[done // GROUP_CHUNKS] = True
+        if unread is not None and unread.size:
+            self.stale[unread] = True
 
     def _refresh_groups(self) -> None:
         """Re-hash the groups whose chunk hashes changed (clear, then hash)."""

@@ -24,6 +24,7 @@ a helper that has not started when the caller runs out of pieces is cancelled, n
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -35,7 +36,6 @@ import numpy.typing as npt
 import xxhash
 
 from handler.drivers.base import DIGEST_THREADS, hash_pool
-from handler.stream import nonzero_rows
 
 __all__ = [
     "DIGEST_BYTES",
@@ -44,6 +44,8 @@ __all__ = [
     "digest_indices",
     "digest_range",
     "native_available",
+    "nonzero_pages",
+    "nonzero_rows",
     "zero_digest",
 ]
 
@@ -52,6 +54,7 @@ LIBRARY = Path(__file__).parent / "native" / "_pagehash.so"
 THREADS = DIGEST_THREADS
 STEP_PAGES = 1024  # pages per piece a thread takes (4 MiB of 4 KiB pages); two or fewer: one thread
 ZERO_CHECK_BLOCK = 4096  # pages checked for all-zero at a time (Python fallback)
+MIN_RUN_IN_PLACE = 8  # zero checks read runs of consecutive pages this long in place (numpy)
 
 Digests = npt.NDArray[np.uint8]  # shape (pages, DIGEST_BYTES)
 Indices = npt.NDArray[np.int64]
@@ -237,6 +240,41 @@ def digest_indices(
         )
 
     return out, _parallel(idx.size, run)
+
+
+# -- zero pages in numpy (the fallbacks' check) ---------------------------------------------
+
+
+def nonzero_rows(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """Which rows (pages viewed as 64-bit words) hold a non-zero word. A page whose first
+    word is not zero -- nearly every page with data -- is not read further; only the
+    others are, in place when they are many (mostly-zero memory), gathered when few."""
+    out = np.asarray(words[:, 0] != 0, dtype=np.bool_)
+    rest = np.flatnonzero(~out)
+    if rest.size * 4 > len(out):
+        out |= words.any(axis=1)
+    elif rest.size:
+        out[rest] = words[rest].any(axis=1)
+    return out
+
+
+def nonzero_pages(
+    pages: npt.NDArray[np.uint8], indices: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
+    """Which of ``indices`` hold a non-zero byte. Runs of consecutive pages are checked in
+    place (a view, no copy); indices scattered into many runs are gathered first."""
+    words = pages.view(np.uint64)
+    if not indices.size:
+        return np.zeros(0, dtype=np.bool_)
+    starts = np.flatnonzero(np.diff(indices) != 1) + 1
+    if len(indices) < MIN_RUN_IN_PLACE * (len(starts) + 1):  # short runs: one gather
+        return nonzero_rows(words[indices])
+    out = np.empty(len(indices), dtype=np.bool_)
+    bounds = [0, *starts.tolist(), len(indices)]
+    for lo, hi in itertools.pairwise(bounds):
+        first = int(indices[lo])
+        out[lo:hi] = nonzero_rows(words[first : first + hi - lo])
+    return out
 
 
 # -- the Python fallback (same digests) -------------------------------------------------------

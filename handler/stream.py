@@ -11,9 +11,9 @@ Every index, length and size from the wire is bounds-checked before it touches m
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ import numpy.typing as npt
 import zstandard
 from google.protobuf.message import DecodeError
 
+from handler import pagebatch
+from handler.digest import ChunkDigest
 from vmferry.rpc import migration_pb2 as pb
 
 # 4: the digest tree's groups are XXH3-128 too (handler/digest.py; 3: SHA-256 groups of 64
@@ -45,8 +47,6 @@ INLINE_BATCH_PAGES = 256
 # mapping, not through write() (256 MiB of fresh pages here: 0.42 s of CPU by the
 # mapping, 0.19 s by pwrite, which also leaves the GIL to the other threads meanwhile).
 PWRITE_MIN_RUN = 16
-MIN_RUN_IN_PLACE = 8  # zero checks read runs of consecutive pages this long in place
-DENSE_PROBE = 16  # leading pages checked first: all non-zero -> the batch is taken as dense
 CREDIT_WINDOW = 32 << 20  # bytes of payload a source may have in flight per channel
 MAX_CHANNELS = 16
 COMPRESS_MIN_GAIN = 0.9  # keep a compressed payload only if it is < 90% of the raw size
@@ -110,6 +110,19 @@ def _len_field(field: int, size: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(size)
 
 
+@dataclass(frozen=True)
+class CompressProbe:
+    """zstd on a sample of a batch's pages: how well and how fast it compresses."""
+
+    raw_bytes: int
+    packed_bytes: int
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.packed_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
 @dataclass
 class Batch:
     """One PageBatch, already serialized as the SourceFrame that carries it."""
@@ -118,6 +131,8 @@ class Batch:
     payload_bytes: int  # len(PageBatch.payload): what the target's credit accounts
     pages: int  # how many of the given indices the batch covers (a prefix)
     nonzero: int  # of which non-zero (sent with their contents)
+    probe: CompressProbe | None = None  # when compression was considered
+    compressed: bool = False
 
     @property
     def wire_bytes(self) -> int:
@@ -129,15 +144,12 @@ class Batch:
         return pb.SourceFrame.FromString(self.frame).pages
 
 
-def _encode_pages_frame(
-    round_no: int, nz_idx: bytes, zero_idx: bytes, codec: int, raw_size: int, payload: Buffer
+def _frame_prefix(
+    round_no: int, nz_idx: bytes, zero_idx: bytes, codec: int, raw_size: int, payload_bytes: int
 ) -> bytes:
-    """SourceFrame{pages} in protobuf wire format with the payload copied exactly once.
-
-    Fields holding their proto3 default are left out, as protobuf does; the payload goes
-    last (any field order is valid protobuf) so the frame is header + payload, joined in
-    one copy (``bytes.join`` drops the GIL for large buffers)."""
-    view = memoryview(payload).cast("B")
+    """SourceFrame{pages} in protobuf wire format up to its payload's bytes (which go
+    last: any field order is valid protobuf). Fields holding their proto3 default are
+    left out, as protobuf does."""
     head = bytearray()
     if round_no:
         head += b"\x08" + _varint(round_no)
@@ -149,40 +161,19 @@ def _encode_pages_frame(
         head += _len_field(5, len(zero_idx)) + zero_idx
     if raw_size:
         head += b"\x30" + _varint(raw_size)
-    if view.nbytes:
-        head += _len_field(3, view.nbytes)
-    return b"".join((_PAGES_TAG, _varint(len(head) + view.nbytes), head, view))
+    if payload_bytes:
+        head += _len_field(3, payload_bytes)
+    return _PAGES_TAG + _varint(len(head) + payload_bytes) + bytes(head)
 
 
-def nonzero_rows(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages viewed as 64-bit words) hold a non-zero word. A page whose first
-    word is not zero -- nearly every page with data -- is not read further (a full check
-    read all of memory once more: 11% of the source's CPU on random memory); only the
-    others are, in place when they are many (mostly-zero memory), gathered when few."""
-    out = np.asarray(words[:, 0] != 0, dtype=np.bool_)
-    rest = np.flatnonzero(~out)
-    if rest.size * 4 > len(out):
-        out |= words.any(axis=1)
-    elif rest.size:
-        out[rest] = words[rest].any(axis=1)
-    return out
-
-
-def nonzero_pages(pages: npt.NDArray[np.uint8], indices: IndexArray) -> npt.NDArray[np.bool_]:
-    """Which of ``indices`` hold a non-zero byte. Runs of consecutive pages are checked in
-    place (a view, no copy); indices scattered into many runs are gathered first."""
-    words = pages.view(np.uint64)
-    if not indices.size:
-        return np.zeros(0, dtype=np.bool_)
-    starts = np.flatnonzero(np.diff(indices) != 1) + 1
-    if len(indices) < MIN_RUN_IN_PLACE * (len(starts) + 1):  # short runs: one gather
-        return nonzero_rows(words[indices])
-    out = np.empty(len(indices), dtype=np.bool_)
-    bounds = [0, *starts.tolist(), len(indices)]
-    for lo, hi in itertools.pairwise(bounds):
-        first = int(indices[lo])
-        out[lo:hi] = nonzero_rows(words[first : first + hi - lo])
-    return out
+def _encode_pages_frame(
+    round_no: int, nz_idx: bytes, zero_idx: bytes, codec: int, raw_size: int, payload: Buffer
+) -> bytes:
+    """The whole frame around a payload that exists already (a compressed one), copied
+    once (``bytes.join`` drops the GIL for large buffers)."""
+    view = memoryview(payload).cast("B")
+    prefix = _frame_prefix(round_no, nz_idx, zero_idx, codec, raw_size, view.nbytes)
+    return b"".join((prefix, view))
 
 
 def build_batch(
@@ -191,57 +182,69 @@ def build_batch(
     round_no: int,
     *,
     compress: bool,
+    probe: bool = False,
     max_pages: int = BATCH_PAGES,
+    digest: ChunkDigest | None = None,
 ) -> Batch:
     """Gather ``indices`` (or the longest prefix of them with at most ``max_pages``
     non-zero pages) from ``pages`` into one serialized PageBatch frame; runs in a worker
     thread. ``Batch.pages`` says how many indices it covers.
 
-    All-zero pages travel as indices only and are never copied: zero detection reads the
-    pages in place, and only non-zero pages are gathered. With ``compress`` zstd first
-    tries a few of the batch's pages; only when they compress is the whole payload
-    compressed, and kept when that saves at least 10%: incompressible memory costs
-    almost nothing extra.
+    One pass per page (handler/pagebatch.py): all-zero pages travel as indices only and
+    are never copied; a data page is read once, hashed into ``digest`` (the source's
+    pre-copy digest, when given: no refresh reads it again) and copied straight into
+    the frame, its only copy. With ``compress`` (or only ``probe``) zstd first tries a
+    few of the batch's pages (``Batch.probe``: what the sender's break-even decision,
+    handler/migration/compress_gate.py, measures with); with ``compress``, when they
+    compress, the whole payload is compressed (gathered into a buffer for zstd) and
+    kept when that saves at least 10%.
     """
-    if nonzero_pages(pages, indices[:DENSE_PROBE]).all():
-        # Dense memory: gather max_pages pages first and find zeros in the (cache-warm)
-        # copy, instead of reading every page twice.
-        indices = indices[:max_pages]
-        data = np.take(pages, indices, axis=0)
-        nonzero = nonzero_rows(data.view(np.uint64))
-        nz_pos = np.flatnonzero(nonzero)
-        if len(nz_pos) < len(indices):
-            data = np.take(data, nz_pos, axis=0)
+    # the stale flags cleared before the pages are read (clear-then-hash, digest.py)
+    hashes = digest.begin_hashing(indices) if digest is not None else None
+    found = pagebatch.scan(pages, indices, max_pages)
+    page_size = pages.shape[1]
+    raw_size = len(found.nonzero) * page_size
+    nz_blob, zero_blob = found.nonzero.tobytes(), found.zero.tobytes()
+    tried = _probe(pages, found.nonzero) if (compress or probe) and raw_size else None
+    if compress and tried is not None and tried.ratio < COMPRESS_MIN_GAIN:
+        data = np.empty((len(found.nonzero), page_size), dtype=np.uint8)
+        pagebatch.gather(pages, found.nonzero, data, hashes)
+        packed = _compressor().compress(data.data)
+        keep = len(packed) < raw_size * COMPRESS_MIN_GAIN
+        payload: Buffer = packed if keep else data.data  # not kept: copied once more
+        codec = pb.CODEC_ZSTD if keep else pb.CODEC_RAW
+        frame = _encode_pages_frame(round_no, nz_blob, zero_blob, codec, raw_size, payload)
+        payload_bytes = len(payload)
     else:
-        nonzero = nonzero_pages(pages, indices)
-        nz_pos = np.flatnonzero(nonzero)
-        if len(nz_pos) > max_pages:  # a prefix: up to (not including) one page too many
-            end = int(nz_pos[max_pages])
-            indices, nonzero, nz_pos = indices[:end], nonzero[:end], nz_pos[:max_pages]
-        data = np.take(pages, indices[nz_pos], axis=0)  # only non-zero pages are copied
-    if len(nz_pos) == len(indices):
-        nz_idx, zero_idx = indices, indices[:0]
-    else:
-        nz_idx, zero_idx = indices[nz_pos], indices[~nonzero]
-    raw_size = data.nbytes
-    payload: Buffer = data.data if raw_size else b""  # a view of the gathered pages
-    codec = pb.CODEC_RAW
-    if compress and raw_size and _worth_compressing(data):
-        packed = _compressor().compress(payload)
-        if len(packed) < raw_size * COMPRESS_MIN_GAIN:
-            payload, codec = packed, pb.CODEC_ZSTD
-    nz_blob = nz_idx.astype("<u4").tobytes()
-    zero_blob = zero_idx.astype("<u4").tobytes()
-    frame = _encode_pages_frame(round_no, nz_blob, zero_blob, codec, raw_size, payload)
-    return Batch(frame, memoryview(payload).nbytes, pages=len(indices), nonzero=len(nz_idx))
+        prefix = _frame_prefix(round_no, nz_blob, zero_blob, pb.CODEC_RAW, raw_size, raw_size)
+        frame, tail = pagebatch.new_frame(prefix, raw_size)
+        pagebatch.gather(pages, found.nonzero, tail.reshape(-1, page_size), hashes)
+        keep, payload_bytes = False, raw_size
+    if digest is not None:
+        digest.end_hashing(
+            found.zero,
+            found.nonzero if hashes is not None else found.nonzero[:0],
+            indices[found.covered :],
+        )
+        if hashes is None:  # chunks of several pages: hashed the usual way
+            digest.hash_pages(np.concatenate((found.nonzero, found.zero)).astype(np.int64))
+    return Batch(
+        frame,
+        payload_bytes,
+        pages=found.covered,
+        nonzero=len(found.nonzero),
+        probe=tried,
+        compressed=keep,
+    )
 
 
-def _worth_compressing(data: npt.NDArray[np.uint8]) -> bool:
-    """Whether a sample of the batch's pages compresses below the keep threshold."""
-    if len(data) <= PROBE_PAGES:
-        return True
-    sample = np.ascontiguousarray(data[:: len(data) // PROBE_PAGES][:PROBE_PAGES])
-    return len(_compressor().compress(sample.data)) < sample.nbytes * COMPRESS_MIN_GAIN
+def _probe(pages: npt.NDArray[np.uint8], nonzero: npt.NDArray[np.uint32]) -> CompressProbe:
+    """zstd on PROBE_PAGES of the batch's data pages, spread over it (all when fewer)."""
+    step = max(1, len(nonzero) // PROBE_PAGES)
+    sample = np.take(pages, nonzero[::step][:PROBE_PAGES].astype(np.int64), axis=0)
+    started = time.perf_counter()
+    packed = len(_compressor().compress(sample.data))
+    return CompressProbe(sample.nbytes, packed, time.perf_counter() - started)
 
 
 def is_small_batch(raw: bytes, max_pages: int, page_size: int) -> bool:
@@ -351,14 +354,18 @@ def receive_batch(
     *,
     fresh_zero: bool = False,
     ram_file: Path | None = None,
+    digest: ChunkDigest | None = None,
 ) -> tuple[IndexArray, int, int]:
     """Read a serialized pages frame and apply it (worker thread): (indices written, its
     round, payload bytes for the credit). The payload goes from the received bytes
     straight into guest memory: ``pages``, or for runs of PWRITE_MIN_RUN consecutive
-    pages ``ram_file`` (the file ``pages`` maps) when given."""
+    pages ``ram_file`` (the file ``pages`` maps) when given. With ``digest`` every page
+    written is hashed into it in the same pass (the target's, before post-copy)."""
     frame = read_pages_frame(raw)
     fresh = fresh_zero and frame.round == 0
-    written = _apply(pages, frame, frame.payload, present, fresh_zero=fresh, ram_file=ram_file)
+    written = _apply(
+        pages, frame, frame.payload, present, fresh_zero=fresh, ram_file=ram_file, digest=digest
+    )
     return written, frame.round, len(frame.payload)
 
 
@@ -397,6 +404,7 @@ def _apply(
     *,
     fresh_zero: bool,
     ram_file: Path | None = None,
+    digest: ChunkDigest | None = None,
 ) -> IndexArray:
     page_count, page_size = pages.shape
     nz_idx = _indices(frame.indices, page_count, "indices")
@@ -426,44 +434,33 @@ def _apply(
         keep = present[nz_idx] == 0
         nz_idx, data = nz_idx[keep], data[keep]
         zero_idx = zero_idx[present[zero_idx] == 0]
-    if nz_idx.size and ram_file is not None and present is None:
-        _write_runs(pages, ram_file, nz_idx, data)
-    elif nz_idx.size:
-        pages[nz_idx] = data
     if fresh_zero:
         zero_idx = zero_idx[:0]  # already zero: nothing to write
+    written = np.concatenate((nz_idx, zero_idx))
+    if present is not None:  # post-copy: through the mapping, page by page
+        pages[nz_idx] = data
+        pages[zero_idx] = 0
+        if digest is not None:
+            digest.hash_pages(written)
+        return written
+    hashes = digest.begin_hashing(written) if digest is not None else None
+    if nz_idx.size:
+        fd = None if ram_file is None else os.open(ram_file, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pagebatch.apply(
+                pages, nz_idx.astype("<u4"), data, fd=fd, min_run=PWRITE_MIN_RUN, hashes=hashes
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
     if zero_idx.size:
         pages[zero_idx] = 0
-    return np.concatenate((nz_idx, zero_idx))
-
-
-def _write_runs(
-    pages: npt.NDArray[np.uint8], ram_file: Path, idx: IndexArray, data: npt.NDArray[np.uint8]
-) -> None:
-    """pages[idx] = data, where ``pages`` maps ``ram_file``: runs of PWRITE_MIN_RUN or more
-    consecutive pages through pwrite() (see there), the rest through the mapping."""
-    starts = np.flatnonzero(np.diff(idx, prepend=idx[0] - 2) != 1)
-    ends = np.append(starts[1:], len(idx))
-    long = ends - starts >= PWRITE_MIN_RUN
-    if not long.any():
-        pages[idx] = data
-        return
-    page_size = pages.shape[1]
-    through_mapping = np.ones(len(idx), dtype=np.bool_)
-    payload = data.reshape(-1).data
-    fd = os.open(ram_file, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        for start, end in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
-            through_mapping[start:end] = False
-            view = payload[start * page_size : end * page_size]
-            offset = int(idx[start]) * page_size
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
-    finally:
-        os.close(fd)
-    if through_mapping.any():
-        pages[idx[through_mapping]] = data[through_mapping]
+    if digest is not None:
+        if hashes is None:  # chunks of several pages: hashed the usual way
+            digest.hash_pages(written)
+        else:
+            digest.end_hashing(zero_idx, nz_idx)
+    return written
 
 
 def pack_indices(indices: IndexArray) -> bytes:

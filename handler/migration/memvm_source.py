@@ -228,11 +228,13 @@ class MemvmSourceMigration(SourceEngine):
         # sends them (the target's fresh RAM is zeros too). A write after this point is
         # in the dirty log, cleared just before.
         data = await asyncio.to_thread(self.handle.data_pages)  # an lseek per extent
-        # Hash all of RAM once while round 0 travels; later rounds re-hash what got dirty.
+        # Every round's batches hash the pages they send into the digest as they gather
+        # them (stream.build_batch): round 0 hashes all of RAM, later rounds what got
+        # dirty; the switchover refreshes what is stale then (the last harvest).
         digest = self.chunk_digest = ChunkDigest(
             self.handle.ram(), spec.page_size, zero_pages=None if data is None else ~data
         )
-        digest.refresh_in_background()
+        self.sender.digest = digest
         meter = self.meter = DirtyMeter(self.handle, self.clock, digest.invalidate)
         if data is None:
             indices = np.arange(spec.page_count, dtype=np.int64)
@@ -249,7 +251,6 @@ class MemvmSourceMigration(SourceEngine):
                 self.stats.rounds = round_no + 1
                 sent_pages = len(indices) - len(result.unsent)
                 indices = meter.take()
-                digest.refresh_in_background()
                 measured = Round(
                     round_no,
                     sent_pages * spec.page_size,

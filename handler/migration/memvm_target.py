@@ -56,13 +56,11 @@ def _receive_and_hash(
     ram_file: Path | None,
 ) -> tuple[stream.IndexArray, int]:
     """Worker: apply one page batch (fresh RAM is zeros unless in post-copy; long runs
-    through ``ram_file``), then hash the pages it wrote. Returns (pages written, payload
-    bytes)."""
+    through ``ram_file``), hashing the pages it writes as it writes them. Returns (pages
+    written, payload bytes)."""
     written, _, payload_bytes = stream.receive_batch(
-        pages, raw, present, fresh_zero=present is None, ram_file=ram_file
+        pages, raw, present, fresh_zero=present is None, ram_file=ram_file, digest=digest
     )
-    if digest is not None:
-        digest.hash_pages(written)
     return written, payload_bytes
 
 

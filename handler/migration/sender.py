@@ -11,6 +11,7 @@ of the guest's dirty log while the migration runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from handler import stream
 from handler.digest import ChunkDigest
 from handler.drivers.base import DirtyLogHandle
 from handler.migration.channels import Channel
+from handler.migration.compress_gate import CompressGate, Decision
 from handler.migration.handoff import MigrationFailed
 from handler.migration.stats import Stats
 from vmferry.rpc import migration_pb2 as pb
@@ -91,7 +93,8 @@ class RoundSender:
     """Sends rounds of pages across ``channels`` (replaced on a reconnect, pre-copy or post-copy).
 
     ``in_downtime``: the guest is paused and runs nowhere: no compression (its CPU time
-    is downtime, and the link rarely limits that round) and no pacing (the stop-and-copy
+    is downtime, and the link rarely limits that round), no hashing into the digest
+    (the switchover hashes what it sends in a worker of its own, send_final) and no pacing (the stop-and-copy
     round runs flat out, as QEMU's completion stage does). ``check_abort`` raises when a
     cancel must end the round; ``report`` runs after every batch."""
 
@@ -116,7 +119,10 @@ class RoundSender:
         self.channels: list[Channel] = []
         self.in_downtime = False
         self._pace_next = 0.0  # clock() before which the paced stream may not send
-        self._compressing = True  # the last batch sent compressed (see send_batch)
+        self.gate = CompressGate(enabled=compress, cap=bandwidth)
+        # The source's pre-copy digest: pre-copy batches hash their pages into it as they
+        # are gathered (stream.build_batch), so no refresh reads them again.
+        self.digest: ChunkDigest | None = None
 
     def pages(self) -> npt.NDArray[np.uint8]:
         return stream.page_view(self.handle.ram(), self.handle.spec.page_size)
@@ -141,6 +147,7 @@ class RoundSender:
         pages = self.pages()
         compress = self.compress and not self.in_downtime
         limit = 0 if self.in_downtime else self.bandwidth
+        digest = None if self.in_downtime else self.digest
         parts = stream.split_by_channel(indices, len(self.channels))
         started = self.clock()
         sent = [0]
@@ -165,7 +172,9 @@ class RoundSender:
                         await self.send_batch(ch, pages, chunk, round_no, compress, limit, sent)
                     continue
                 chunk = part[offset : offset + span]
-                batch = await self.send_batch(ch, pages, chunk, round_no, compress, limit, sent)
+                batch = await self.send_batch(
+                    ch, pages, chunk, round_no, compress, limit, sent, digest
+                )
                 offset += batch.pages
                 sparse = batch.nonzero < stream.BATCH_PAGES // 2
                 span = min(2 * span, stream.MAX_SPAN) if sparse else stream.BATCH_PAGES
@@ -198,20 +207,30 @@ class RoundSender:
         compress: bool,
         limit: int,
         sent: list[int],
+        digest: ChunkDigest | None = None,
     ) -> stream.Batch:
         """Gather, flow-control, send and pace one batch (it may cover only a prefix of
-        ``chunk``: Batch.pages). A small batch is gathered on the event loop unless the
-        last batch compressed: zstd over up to 1 MiB would hold the loop for milliseconds
-        (a sample that does not compress costs ~0.1 ms)."""
+        ``chunk``: Batch.pages), hashing its pages into ``digest`` when given. Whether
+        it is compressed is the gate's break-even decision (compress_gate.py). A small
+        batch is gathered on the event loop unless it is to be compressed: zstd over up
+        to 1 MiB would hold the loop for milliseconds (a probe costs ~0.1 ms)."""
         page_size = pages.shape[1]
-        if len(chunk) <= stream.INLINE_BATCH_PAGES and not (compress and self._compressing):
-            batch = stream.build_batch(pages, chunk, round_no, compress=compress)
+        decision = self.gate.decide() if compress else Decision(False, False)
+        build = functools.partial(
+            stream.build_batch,
+            pages,
+            chunk,
+            round_no,
+            compress=decision.compress,
+            probe=decision.probe,
+            digest=digest,
+        )
+        if len(chunk) <= stream.INLINE_BATCH_PAGES and not decision.compress:
+            batch = build()
         else:
-            batch = await asyncio.to_thread(
-                stream.build_batch, pages, chunk, round_no, compress=compress
-            )
-        if compress and batch.nonzero:
-            self._compressing = batch.payload_bytes < batch.nonzero * page_size
+            batch = await asyncio.to_thread(build)
+        if batch.probe is not None:
+            self.gate.observe_probe(batch.probe)
         await self.put_batch(ch, batch, page_size, limit, sent)
         return batch
 
@@ -219,11 +238,14 @@ class RoundSender:
         self, ch: Channel, batch: stream.Batch, page_size: int, limit: int, sent: list[int]
     ) -> None:
         """Flow-control, send and pace one gathered batch; account for it in the stats."""
+        before = self.clock()
         await ch.wait_credit(batch.payload_bytes)
+        waited = self.clock() - before
         ch.credit -= batch.payload_bytes
         await ch.write(batch.frame)
         sent[0] += batch.wire_bytes
         now = self.clock()
+        self.gate.observe_send(now, batch.wire_bytes, waited, batch.compressed)
         # guest memory covered, zero pages included
         self.stats.record_batch(now, batch.wire_bytes, batch.pages * page_size)
         if limit > 0:  # bandwidthPerMigration paces the migration's whole stream

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import run
 from bench.lab_runs import parse_source_log, read_log_events
 from bench.profile import top_entries
-from bench.stats import fmt_ratio, fmt_summary, percentile, ratio, summaries, summarize
+from bench.stats import (
+    fmt_ratio,
+    fmt_summary,
+    load_warning,
+    per_gib,
+    percentile,
+    ratio,
+    summaries,
+    summarize,
+)
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -128,3 +138,70 @@ def test_profile_top_entries_from_collapsed_stacks() -> None:
         ("asyncio", 60),
         ("MainThread", 40),
     ]
+
+
+def test_cpu_per_gib_and_load_warning() -> None:
+    assert per_gib(2.0, 1 << 30) == pytest.approx(2.0)
+    assert per_gib(1.0, 4 << 30) == pytest.approx(0.25)
+    assert per_gib(None, 1 << 30) is None
+    assert per_gib(1.0, 0) is None
+    assert per_gib(1.0, None) is None
+    assert load_warning(0.5) is None
+    warning = load_warning(2.04)
+    assert warning is not None and "2.04" in warning and "not quiet" in warning
+
+
+def test_table_prints_cpu_per_gib_load_and_the_warning() -> None:
+    def summ(**values: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            s = summarize([value])
+            assert s is not None
+            out[key] = s.as_dict()
+        return out
+
+    ours: dict[str, Any] = dict.fromkeys(run.OUR_KEYS)
+    ours.update(summ(throughput=400 * (1 << 20), cpuPerGiB_source=1.25, cpuPerGiB_target=1.5))
+    machine: dict[str, object] = {
+        "started": "now",
+        "cpus": 2,
+        "python": "3.11",
+        "grpcio": "1",
+        "qemu": None,
+        "loadavgStart": [1.5, 1.0, 1.0],
+        "loadavgEnd": [2.5, 1.0, 1.0],
+    }
+    results: dict[str, object] = {
+        "machine": machine,
+        "grpc": {
+            "grpc-mtls-1stream": {
+                "summary": summ(
+                    throughput=900 * (1 << 20), cpuPerGiBClient=0.61, cpuPerGiBServer=0.72
+                )
+            }
+        },
+        "scenarios": {
+            "random": {
+                "title": "random memory",
+                "memory": "1Gi",
+                "memoryBytes": 1 << 30,
+                "content": "random",
+                "dirtyRate": "0",
+                "touched": "0",
+                "runs": 1,
+                "ours": {
+                    "records": [{"phase": "Succeeded"}],
+                    "summary": ours,
+                },
+                "peers": {},
+                "ratios": {},
+            }
+        },
+    }
+    text = run.table(results)
+    assert "load average at start 1.50, at end 2.50" in text
+    assert "WARNING: load average 1.50" in text
+    assert "CPU s/GiB client 0.61, server 0.72" in text
+    assert "ours: CPU s/GiB" in text and "source 1.25, target 1.50" in text
+    quiet = {**results, "machine": {**machine, "loadavgStart": [0.2, 0.0, 0.0]}}
+    assert "WARNING" not in run.table(quiet)
