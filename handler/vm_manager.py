@@ -469,9 +469,13 @@ class VMManager:
         gets to the key (the guest is paused meanwhile: ~1 ms more, measured, and more
         when the worker is busy with another VMI). The reconcile that follows finds the
         decision made: IncomingGuests.commit decides before its first await, so one
-        resume runs."""
-        self.queue.add(key)
+        resume runs. A migration sent from here learns its commit decision from the
+        same event (SourceEngine.observe), before the API's answer. Both go before the
+        queue: their wake-ups run ahead of the worker's reconcile."""
+        if new is not None and (source := self.sources.get(raw(new).get(Field.MIGRATION_UID, ""))):
+            source[0].observe(new)  # the commit decision, as soon as the store has it
         self.target.on_vmi_event(new)
+        self.queue.add(key)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run ``work`` in the background, kept until it ends; a failure is logged."""

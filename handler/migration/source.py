@@ -38,6 +38,7 @@ from handler.migration.handoff import (
     first_leaf,
     read_token,
 )
+from handler.migration.restart_record import consume_failure
 from handler.migration.stats import Stats
 from handler.net_counters import NetworkMeter
 from handler.peers import PeerRegistry, dial_credentials, peer_cluster
@@ -201,6 +202,12 @@ class SourceEngine(abc.ABC):
         self.stats = Stats(total_bytes=self._memory_bytes())
         self.mode = MigrationMode.PRE_COPY
         self.committed = False  # the arbiter recorded Committed: the target owns the VM
+        # This handler's VMI watch showed Committed recorded for this migration (observe)
+        self.decision_seen = False
+        # While _commit waits: done once the decision is known (the answer, or observe)
+        self._decision_known: asyncio.Future[None] | None = None
+        # The commit's compare-and-set while its answer is still on its way (_commit)
+        self._claim: asyncio.Future[None] | None = None
         self._last_report = 0.0
         self._publisher: asyncio.Task[None] | None = None
         # which interfaces carried the migration (transfer.networkInterface/networkBytes)
@@ -284,6 +291,8 @@ class SourceEngine(abc.ABC):
                 raise
             await self._fail(failure_reason(leaf, self.uid), aborted=isinstance(leaf, Aborted))
         finally:
+            if self._claim is not None:
+                self._claim.cancel()
             await self._cleanup()
 
     async def _mark_started(self) -> bool:
@@ -343,14 +352,56 @@ class SourceEngine(abc.ABC):
                 await self._publisher
         await self.record.patch_until_written(fields, extra_status)
 
+    def observe(self, vmi: Obj) -> None:
+        """The VMI as this handler's watch delivered it (VMManager._on_vmi_event).
+        ``switchover: Committed`` under this migration's uid is the arbiter's decision,
+        whoever's answer is still on its way: the store publishes a write to its watchers
+        only once it is committed, and a recorded decision never changes."""
+        ms = raw(vmi)
+        if ms.get(Field.MIGRATION_UID) == self.uid and ms.get(Field.SWITCHOVER) == (
+            Switchover.COMMITTED
+        ):
+            self.decision_seen = True
+            _settle(self._decision_known)
+
     async def _commit(self) -> None:
         """The hand-off: Committed (and the mode) recorded by the arbiter; MigrationFailed
-        if Aborted stands."""
-        await self.record.commit(self.mode)
+        if Aborted stands. Returns as soon as the decision is known: the compare-and-set's
+        answer, or this handler's watch showing the record (``observe``), whichever comes
+        first. The API server sends a write's watch events before its answer, and under
+        load that answer came 1-3 ms later: the time the target of a cross-cluster move
+        (which learns the decision from the Commit frame sent next) waited longer than an
+        in-cluster target (which learns it from its own watch). The compare-and-set goes
+        on until answered (``_claim_settled``)."""
+        # One future the first of the two settles: the wake-up costs one turn of the loop
+        # (an Event and asyncio.wait took three, ~0.5 ms on a loaded node).
+        known = self._decision_known = asyncio.get_running_loop().create_future()
+        claim = self._claim = asyncio.ensure_future(self.record.commit(self.mode))
+        claim.add_done_callback(consume_failure)  # retrieved here, or by nobody
+        claim.add_done_callback(lambda _: _settle(known))
+        if self.decision_seen:
+            _settle(known)
+        try:
+            await known
+        finally:
+            self._decision_known = None
+            if not claim.done() and not self.decision_seen:
+                claim.cancel()  # cancelled ourselves: the arbiter settles it later
+        if claim.done() and not self.decision_seen:
+            claim.result()  # MigrationFailed when Aborted stands
         self.committed = True
+
+    async def _claim_settled(self) -> None:
+        """Wait for the commit's compare-and-set to be answered, so that the record is
+        written by one writer at a time. Its outcome no longer matters once the watch
+        showed Committed; before that, _commit raised it."""
+        claim, self._claim = self._claim, None
+        if claim is not None and not claim.done():
+            await asyncio.wait({claim})
 
     async def _record_success(self) -> None:
         """completed, endTimestamp, mode and the final figures."""
+        await self._claim_settled()
         self.stats.remaining_bytes = 0
         await self._sample_network()
         await self._patch_with_retry(
@@ -379,6 +430,7 @@ class SourceEngine(abc.ABC):
         target when the arbiter says Committed), ``failed`` recorded."""
         log.warning("migration %s: failed: %s", self.uid, reason)
         await self._abort_target(reason)
+        await self._claim_settled()
         if self.committed:
             await self._fail_committed(reason)
             return
@@ -424,3 +476,9 @@ class SourceEngine(abc.ABC):
         for call in calls:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(call.write(frame), ABORT_FRAME_TIMEOUT)
+
+
+def _settle(known: asyncio.Future[None] | None) -> None:
+    """Mark the commit decision known (once; a finished wait ignores it)."""
+    if known is not None and not known.done():
+        known.set_result(None)
