@@ -50,8 +50,9 @@ SENDER, RECEIVER = "cluster1", "cluster2"
 HCO = ("HyperConverged", SYSTEM_NAMESPACE, "kubevirt-hyperconverged")
 VMIM = "VirtualMachineInstanceMigration"
 # The switchover's last two steps tell the two apart: inside one cluster the target
-# learns the hand-off from its VMI watch while the source still waits for the API's
-# answer; across clusters it learns it from the source's Commit frame, one hop later.
+# learns the hand-off from its own VMI watch; across clusters from the source's Commit
+# frame, which leaves when the source's watch shows the decision (SourceEngine.observe):
+# one hop later.
 PARTS = ["downtime_decision", "downtime_resume"]
 KEYS = ["throughput", "migrationSeconds", "endToEndSeconds", "guestDowntimeMilliseconds", *PARTS]
 WITHIN = 0.10  # the bar: cross-cluster within 10% of in-cluster
