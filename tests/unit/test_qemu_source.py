@@ -108,6 +108,7 @@ class FakeTunnel(tunnel_pb2_grpc.TunnelServicer):
 
     opened: list[pb.Open] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)  # each stream's client address
 
     async def Migrate(
         self, request_iterator: AsyncIterator[pb.TunnelSourceFrame], context: Any
@@ -115,6 +116,7 @@ class FakeTunnel(tunnel_pb2_grpc.TunnelServicer):
         frames = aiter(request_iterator)
         first = await anext(frames)
         self.opened.append(first.open)
+        self.peers.append(context.peer())
         yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=first.open.channel_id))
         async for frame in frames:
             if frame.WhichOneof("frame") == "abort":
@@ -299,5 +301,20 @@ def test_post_copy_starts_when_allowed_and_a_failure_then_goes_through_the_arbit
         # the guest had left for the target: it resumes here only once Aborted stands
         assert state.switchover is Switchover.ABORTED
         assert lab.qemu.commands[-1] == "cont" and lab.qemu.state == "running"
+
+    in_lab(tmp_path, body)
+
+
+def test_each_multifd_channel_has_its_own_connection(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        clock = FakeClock()
+        lab.qemu.channels = 3  # main + 2 multifd
+        engine = await lab.engine({"progressTimeout": 5, "parallelStreams": 2}, clock)
+        mover = asyncio.create_task(advance_when(clock, monitoring(lab), 10))
+        await asyncio.wait_for(engine.run(), 20)
+        await mover
+        assert sorted(o.channel_id for o in lab.tunnel.opened) == [0, 1, 2]
+        assert {o.channel_count for o in lab.tunnel.opened} == {3}
+        assert len(set(lab.tunnel.peers)) == 3, lab.tunnel.peers  # three client ports
 
     in_lab(tmp_path, body)
