@@ -124,6 +124,7 @@ class FakeTunnel(tunnel_pb2_grpc.TunnelServicer):
     refuse: str = ""
     refuse_resume: bool = False
     calls: list[Any] = field(default_factory=list)  # each stream's context
+    peers: list[str] = field(default_factory=list)  # each stream's client address
 
     async def Migrate(
         self, request_iterator: AsyncIterator[pb.TunnelSourceFrame], context: Any
@@ -134,6 +135,7 @@ class FakeTunnel(tunnel_pb2_grpc.TunnelServicer):
         if first.open.resume and self.refuse_resume:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the target is unreachable")
         self.calls.append(context)
+        self.peers.append(context.peer())
         yield pb.TunnelTargetFrame(opened=pb.Opened(channel_id=first.open.channel_id))
         async for frame in frames:
             kind = frame.WhichOneof("frame")
@@ -331,3 +333,18 @@ def test_post_copy_starts_when_allowed_and_a_refused_hand_off_goes_through_the_a
         )
 
     in_lab(tmp_path, body, FakeTunnel(refuse="its QEMU failed"))
+
+
+def test_each_multifd_channel_has_its_own_connection(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        clock = FakeClock()
+        lab.qemu.channels = 3  # main + 2 multifd
+        engine = await lab.engine({"progressTimeout": 5, "parallelStreams": 2}, clock)
+        mover = asyncio.create_task(advance_when(clock, monitoring(lab), 10))
+        await asyncio.wait_for(engine.run(), 20)
+        await mover
+        assert sorted(o.channel_id for o in lab.tunnel.opened) == [0, 1, 2]
+        assert {o.channel_count for o in lab.tunnel.opened} == {3}
+        assert len(set(lab.tunnel.peers)) == 3, lab.tunnel.peers  # three client ports
+
+    in_lab(tmp_path, body)
