@@ -221,6 +221,7 @@ class QemuHandle:
         self.resume_gap_ms: float | None = None
         self.source_last_console_ns: int = 0  # set on a target by the tunnel
         self._qmp: QMPClient | None = None
+        self._qmp_stale = False  # a command failed on it: the next one opens a new session
         self._qmp_lock = asyncio.Lock()
         self._mm: mmap.mmap | None = None
 
@@ -236,11 +237,18 @@ class QemuHandle:
 
     async def _client(self) -> QMPClient:
         async with self._qmp_lock:
-            if self._qmp is not None and self._qmp.runstate.name == "RUNNING":
+            if (
+                self._qmp is not None
+                and self._qmp.runstate.name == "RUNNING"
+                and not self._qmp_stale
+            ):
                 return self._qmp
             if self._qmp is not None:
                 with contextlib.suppress(Exception):
-                    await self._qmp.disconnect()
+                    async with asyncio.timeout(QMP_TIMEOUT_S):
+                        await self._qmp.disconnect()
+                self._qmp = None
+            self._qmp_stale = False
             client = QMPClient(f"vmferry-{self.vm_id[:13]}")
             try:
                 async with asyncio.timeout(QMP_TIMEOUT_S):
@@ -250,16 +258,24 @@ class QemuHandle:
             self._qmp = client
             return client
 
-    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a QMP command; GuestError with QEMU's message when it fails."""
+    async def qmp(
+        self, command: str, arguments: dict[str, Any] | None = None, *, oob: bool = False
+    ) -> Any:
+        """Run a QMP command; GuestError with QEMU's message when it fails. ``oob``:
+        out-of-band (``exec-oob``), run by QEMU's monitor thread even while its main
+        thread is blocked -- as in a paused post-copy, where it may wait on a page that
+        cannot come (QEMU marks such commands ``allow-oob``: migrate-recover,
+        migrate-pause)."""
         client = await self._client()
         try:
             async with asyncio.timeout(QMP_TIMEOUT_S):
-                return await client.execute(command, arguments)
+                return await client.execute(command, arguments, oob=oob)
         except ExecuteError as e:
             raise GuestError(f"VM {self.vm_id}: QEMU refused {command}: {e}") from e
         except (QMPError, OSError, TimeoutError, EOFError) as e:
-            self._qmp = None
+            # A new session next time; this one is closed (QEMU's QMP socket serves one
+            # client at a time: a session left open would keep the next one waiting).
+            self._qmp_stale = True
             raise GuestError(f"VM {self.vm_id}: QMP {command} failed: {e!r}") from e
 
     async def wait_migration(self, statuses: Collection[str], timeout: float) -> dict[str, Any]:

@@ -52,8 +52,10 @@ class QemuPlan:
 
     def parameters(self) -> Obj:
         params: Obj = {"max-bandwidth": self.bandwidth, "downtime-limit": self.downtime_ms}
-        if self.postcopy:  # bandwidthPerMigration holds in post-copy too (QEMU: unlimited)
-            params["max-postcopy-bandwidth"] = self.bandwidth
+        if self.postcopy:
+            # bandwidthPerMigration caps pre-copy only, as KubeVirt's (libvirt sets no
+            # post-copy bandwidth): every page the guest waits for arrives at full speed
+            params["max-postcopy-bandwidth"] = 0
         if self.multifd_channels:
             params["multifd-channels"] = self.multifd_channels
         return params

@@ -270,23 +270,30 @@ async def recover_incoming(
 ) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
     """A post-copy recovery's channel 0 on the target: the old connection closed (the
     incoming QEMU pauses, if it has not noticed the break yet), ``migrate-recover`` on a
-    new socket, connected. GuestError, OSError or TimeoutError."""
+    new socket, connected. GuestError, OSError or TimeoutError.
+
+    Only out-of-band QMP here: in a paused post-copy the incoming QEMU's main thread may
+    be blocked on a page that cannot arrive (under TCG a vCPU can fault holding the big
+    lock), and then every in-band command -- query-migrate too -- waits with it, while
+    ``migrate-recover`` (``allow-oob``) runs in the monitor's thread and its listener
+    accepts there too. Retried until QEMU has noticed the break (it refuses the command
+    until it is postcopy-paused)."""
     h = state.handle
     if state.ch0_writer is not None:
         state.ch0_writer.close()
-    async with asyncio.timeout(PAUSED_TIMEOUT):
-        while True:
-            status = (await h.qmp("query-migrate")).get("status")
-            if status == QEMU_POSTCOPY_PAUSED:
-                break
-            if status != QEMU_POSTCOPY_ACTIVE:
-                raise GuestError(f"the incoming QEMU is {status}, not in a paused post-copy")
-            await asyncio.sleep(0.05)
     state.recoveries += 1
     sock = driver.sock_path(h.vm_id, f"in{state.recoveries}")
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock.unlink(missing_ok=True)
-    await h.qmp("migrate-recover", {"uri": f"unix:{sock}"})
+    deadline = time.monotonic() + PAUSED_TIMEOUT
+    while True:
+        try:
+            await h.qmp("migrate-recover", {"uri": f"unix:{sock}"}, oob=True)
+            break
+        except GuestError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
     async with asyncio.timeout(RESUME_CONNECT_TIMEOUT):
         reader, writer = await asyncio.open_unix_connection(str(sock))
     state.inc.disconnected_since = None

@@ -17,9 +17,10 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from handler.migration.qemu_plan import QemuPlan
 from tests.support.fake_api import FakeClock
 from tests.unit.test_qemu_source import FakeTunnel, QemuLab, advance_when, in_lab, monitoring
-from vmferry.migration_state import MigrationMode, Switchover, VMIPhase, raw
+from vmferry.migration_state import MigrationConfig, MigrationMode, Switchover, VMIPhase, raw
 
 POSTCOPY = {"completionTimeoutPerGiB": 16, "allowPostCopy": True}  # 1 s for 64 MiB
 
@@ -127,3 +128,15 @@ def test_beyond_the_recovery_window_the_vm_is_lost_and_says_why(tmp_path: Path) 
         assert vmi["status"]["reason"] == "PostCopyFailed"
 
     in_lab(tmp_path, body, tunnel)
+
+
+def test_bandwidth_per_migration_caps_pre_copy_only() -> None:
+    plan = QemuPlan.from_config(
+        MigrationConfig.from_dict({"allowPostCopy": True, "bandwidthPerMigration": "16Mi"})
+    )
+    params = plan.parameters()
+    assert params["max-bandwidth"] == 16 << 20
+    assert params["max-postcopy-bandwidth"] == 0  # unlimited, as KubeVirt's post-copy
+    assert {c["capability"]: c["state"] for c in plan.capabilities()}["postcopy-ram"]
+    pre = QemuPlan.from_config(MigrationConfig.from_dict({"bandwidthPerMigration": "16Mi"}))
+    assert "max-postcopy-bandwidth" not in pre.parameters()

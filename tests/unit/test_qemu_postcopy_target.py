@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from handler.drivers.base import GuestError
 from handler.migration import tunnel as tunnel_mod
 from handler.migration.incoming import IncomingMigration
 from handler.migration.target_state import TargetState
@@ -71,12 +72,17 @@ class FakeQmp:
         self.commands: list[tuple[str, Obj]] = []
         self.accepted: list[asyncio.StreamReader] = []
         self.server: asyncio.Server | None = None
+        self.refusals = 2  # migrate-recover refused this many times first
 
-    async def __call__(self, command: str, arguments: Obj | None = None) -> Any:
+    async def __call__(self, command: str, arguments: Obj | None = None, oob: bool = False) -> Any:
         self.commands.append((command, arguments or {}))
         if command == "query-migrate":
             return {"status": self.status}
         if command == "migrate-recover":
+            assert oob, "in a paused post-copy only out-of-band commands are sure to run"
+            if self.refusals:  # QEMU has not noticed the break yet
+                self.refusals -= 1
+                raise GuestError("Migrate recover can only be run when postcopy is paused.")
 
             async def accept(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
                 self.accepted.append(reader)
@@ -157,7 +163,8 @@ def test_a_break_in_post_copy_keeps_the_state_and_open_resume_recovers(tmp_path:
 
         replies = await asyncio.wait_for(resumed(), 10)
         assert replies[0].WhichOneof("frame") == "opened"
-        [(_, recover)] = [c for c in qmp.commands if c[0] == "migrate-recover"]
+        assert [c[0] for c in qmp.commands] == ["migrate-recover"] * 3  # nothing in-band
+        recover = qmp.commands[-1][1]
         assert recover["uri"].startswith("unix:") and recover["uri"].endswith(".in1")
         assert len(qmp.accepted) == 1 and await qmp.accepted[0].read(1) == b"x"
         assert MIG in tunnel.service.states and state.recoveries == 1
