@@ -18,11 +18,12 @@ each QEMU peer, so both see the same machine noise:
           1 thread and all cores, and the QEMU switchover's verify cost, for 512 MiB to 4 GiB
           of RAM (bench/digest_bench.py)
   scale   (only when named: --scenario scale) one controller on SQLite and on etcd with a
-          simulated fleet (fake handlers: register, heartbeat, VMIs made Running) at 100
-          nodes / 300 VMIs (--scale-size medium: 100 / 1,000, large: 1,000 / 10,000;
-          --quick: 10 / 50): list
-          time, watch fan-out to 1,000 watchers, scheduling throughput, a 100-node drain,
-          the hand-off write's latency, controller RSS (bench/scale_runs.py)
+          simulated fleet (fake handlers: register, heartbeat, VMIs made Running,
+          migrations answered without moving memory) at 100 nodes / 300 VMIs
+          (--scale-size medium: 100 / 1,000, large: 1,000 / 10,000; --quick: 10 / 50):
+          time to place and run every VMI, list time, watch fan-out to 1,000 watchers,
+          scheduling throughput and time until the migrations end, a 100-node drain, the
+          hand-off write's latency, controller RSS (bench/scale_runs.py)
   storage a QEMU guest's 1 GiB disk moved to a local claim of the other node while it
           writes 8 MiB/s (storage live migration), next to QEMU's own blockdev-mirror +
           migration without vmferry (bench/storage_runs.py)

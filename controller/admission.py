@@ -286,9 +286,13 @@ class Admission:
         await self._refuse_in_flight(ns, vmi_name, prefix)
 
     async def _refuse_in_flight(self, ns: str, vmi_name: str, prefix: str) -> None:
-        others, _ = await self.store.list("VirtualMachineInstanceMigration", ns)
-        for other in others:
-            if other["spec"].get("vmiName") == vmi_name and not is_final(other):
+        # The VMI's own migrations, by the store's index (not a list of every VMIM).
+        for name in self.store.index.queue.migrations_of(ns, vmi_name):
+            try:
+                other = await self.store.get("VirtualMachineInstanceMigration", ns, name)
+            except NotFound:
+                continue
+            if not is_final(other):
                 raise Invalid(
                     f"{prefix}: in-flight migration detected: "
                     f'"{other["metadata"]["name"]}" has not finished yet'

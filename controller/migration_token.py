@@ -110,21 +110,27 @@ async def delete_orphans(
     which a sync controller writes: a Secret of no known VMIM that is younger than
     ORPHAN_MIN_AGE is kept; one of a VMIM in ``finished_uids`` goes at once). Returns the
     uids deleted."""
-    items, _ = await store.list("Secret", TOKEN_SECRET_NAMESPACE)
     deleted = []
     now = datetime.now(UTC)
-    for secret in items:
-        uid = (secret["metadata"].get("labels") or {}).get(TOKEN_MIGRATION_LABEL, "")
+    # The labels first, from the store's cache without decoding a Secret: most belong to
+    # unfinished migrations (an O(Secrets) decode per finished migration was the bulk of
+    # the reconciler's time with 1,000 migrations in flight).
+    for _, name, labels in store.list_labels("Secret", TOKEN_SECRET_NAMESPACE):
+        uid = labels.get(TOKEN_MIGRATION_LABEL, "")
         if not uid or uid in unfinished_uids:
-            continue  # most Secrets: the time is parsed only for the others
-        created = _parse_time(secret["metadata"].get("creationTimestamp"))
-        if (
-            uid in finished_uids
-            or created is None
-            or (now - created).total_seconds() >= ORPHAN_MIN_AGE
-        ) and is_token_secret_name(TOKEN_SECRET_NAMESPACE, secret["metadata"]["name"]):
-            await delete_token_secret(store, uid)
-            deleted.append(uid)
+            continue
+        if not is_token_secret_name(TOKEN_SECRET_NAMESPACE, name):
+            continue
+        if uid not in finished_uids:
+            try:
+                secret = await store.get("Secret", TOKEN_SECRET_NAMESPACE, name)
+            except NotFound:
+                continue
+            created = _parse_time(secret["metadata"].get("creationTimestamp"))
+            if created is not None and (now - created).total_seconds() < ORPHAN_MIN_AGE:
+                continue
+        await delete_token_secret(store, uid)
+        deleted.append(uid)
     return deleted
 
 

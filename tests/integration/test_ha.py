@@ -84,56 +84,6 @@ def armed_leader(lab: LabHarness, step: Step) -> str:
     return leader
 
 
-@pytest.fixture(scope="module")
-def phase_vm(lab: LabHarness) -> Iterator[tuple[str, str]]:
-    """One VM for the failover-phase tests (each moves it to the other node)."""
-    lab.apply(vm_manifest("ha-phases", memory="64Mi", dirty_rate="2Mi"))
-    uid = lab.wait_vmi_running("ha-phases")["metadata"]["uid"]
-    yield "ha-phases", uid
-    lab.cli("delete", "vm", "ha-phases")
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "step",
-    [Step.CONTROLLER_HANDED_OFF, Step.CONTROLLER_COMMITTED, Step.CONTROLLER_COMPLETING],
-    ids=["before-decision", "at-decision", "after-decision"],
-)
-def test_leader_killed_at_each_phase_of_the_hand_off(
-    lab: LabHarness, phase_vm: tuple[str, str], step: Step
-) -> None:
-    vm, uid = phase_vm
-    leader = armed_leader(lab, step)
-    source = lab.get("vmi", vm)["status"]["nodeName"]
-    try:
-        out = lab.cli("migrate", vm)
-        name = out.stdout.split("(")[1].split(")")[0]
-        lab.wait_for(f"{leader} to die at {step}", lambda: lab.lab.pid(leader) is None, 60, 0.02)
-        died = time.monotonic()
-        successor = lab.wait_for(
-            "a new leader", lambda: (h := holder(lab)) and h != leader and h, 30, 0.05
-        )
-        took = time.monotonic() - died
-        print(f"\n{step}: new leader {successor} {took:.2f} s after {leader} died")
-        assert took < 8, f"the new leader took {took:.1f} s"
-        vmim = lab.wait_vmim_final(name, timeout=60)
-        phase = vmim["status"]["phase"]
-        # The hand-off was recorded before each kill: the migration goes on to the end.
-        assert phase == "Succeeded", (phase, vmim["status"].get("migrationState"))
-        target = vmim["status"]["migrationState"]["targetNode"]
-        assert target != source and lab.get("vmi", vm)["status"]["nodeName"] == target
-        nodes = lab.wait_for(
-            "exactly one guest", lambda: (g := lab.guests(uid)) and len(g) == 1 and [g[0][0]]
-        )
-        assert nodes == [target]
-    finally:
-        if lab.lab.pid(leader) is not None:  # still armed: it never reached the step
-            lab.lab.kill(leader)
-        for replica in lab.info()["ha"]["controllers"]:
-            if lab.lab.pid(replica) is None:
-                lab.lab.start(replica)
-
-
 @pytest.mark.timeout(150)
 def test_leader_and_an_etcd_member_killed_mid_migration(lab: LabHarness) -> None:
     lab.apply(vm_manifest("ha-vm", memory="128Mi", dirty_rate="4Mi"))
@@ -238,3 +188,53 @@ def test_a_watcher_resumes_at_its_resource_version_across_a_replica_kill(
         rvs = [rv for _, _, rv in seen]
         assert rvs == sorted(set(rvs))
     print(f"\nwatcher {'re-listed' if relisted else 'resumed at its resourceVersion'}")
+
+
+@pytest.fixture(scope="module")
+def phase_vm(lab: LabHarness) -> Iterator[tuple[str, str]]:
+    """One VM for the failover-phase tests (each moves it to the other node)."""
+    lab.apply(vm_manifest("ha-phases", memory="64Mi", dirty_rate="2Mi"))
+    uid = lab.wait_vmi_running("ha-phases")["metadata"]["uid"]
+    yield "ha-phases", uid
+    lab.cli("delete", "vm", "ha-phases")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "step",
+    [Step.CONTROLLER_HANDED_OFF, Step.CONTROLLER_COMMITTED, Step.CONTROLLER_COMPLETING],
+    ids=["before-decision", "at-decision", "after-decision"],
+)
+def test_leader_killed_at_each_phase_of_the_hand_off(
+    lab: LabHarness, phase_vm: tuple[str, str], step: Step
+) -> None:
+    vm, uid = phase_vm
+    leader = armed_leader(lab, step)
+    source = lab.get("vmi", vm)["status"]["nodeName"]
+    try:
+        out = lab.cli("migrate", vm)
+        name = out.stdout.split("(")[1].split(")")[0]
+        lab.wait_for(f"{leader} to die at {step}", lambda: lab.lab.pid(leader) is None, 60, 0.02)
+        died = time.monotonic()
+        successor = lab.wait_for(
+            "a new leader", lambda: (h := holder(lab)) and h != leader and h, 30, 0.05
+        )
+        took = time.monotonic() - died
+        print(f"\n{step}: new leader {successor} {took:.2f} s after {leader} died")
+        assert took < 8, f"the new leader took {took:.1f} s"
+        vmim = lab.wait_vmim_final(name, timeout=60)
+        phase = vmim["status"]["phase"]
+        # The hand-off was recorded before each kill: the migration goes on to the end.
+        assert phase == "Succeeded", (phase, vmim["status"].get("migrationState"))
+        target = vmim["status"]["migrationState"]["targetNode"]
+        assert target != source and lab.get("vmi", vm)["status"]["nodeName"] == target
+        nodes = lab.wait_for(
+            "exactly one guest", lambda: (g := lab.guests(uid)) and len(g) == 1 and [g[0][0]]
+        )
+        assert nodes == [target]
+    finally:
+        if lab.lab.pid(leader) is not None:  # still armed: it never reached the step
+            lab.lab.kill(leader)
+        for replica in lab.info()["ha"]["controllers"]:
+            if lab.lab.pid(replica) is None:
+                lab.lab.start(replica)

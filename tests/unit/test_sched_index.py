@@ -352,3 +352,23 @@ def test_a_heartbeat_alone_is_no_node_change_for_the_migrations() -> None:
     not_ready = copy.deepcopy(beat)
     not_ready["status"]["conditions"][0]["status"] = "False"
     assert without_heartbeats(not_ready) != without_heartbeats(before)
+
+
+def test_list_labels_gives_a_lists_labels_without_the_objects(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = await Store.open(tmp_path / "s.db")
+        try:
+            for ns, name, labels in (("b", "x", {"k": "1"}), ("a", "y", {}), ("a", "x", None)):
+                meta: Obj = {"name": name, "namespace": ns}
+                if labels is not None:
+                    meta["labels"] = labels
+                await store.create({"apiVersion": "v1", "kind": "Secret", "metadata": meta})
+            rows = store.list_labels("Secret")
+            assert rows == [("a", "x", {}), ("a", "y", {}), ("b", "x", {"k": "1"})]
+            rows[2][2]["k"] = "changed"  # a copy
+            assert store.list_labels("Secret", "b") == [("b", "x", {"k": "1"})]
+            assert store.list_labels("ConfigMap") == []
+        finally:
+            await store.close()
+
+    asyncio.run(body())
