@@ -389,6 +389,12 @@ class SourceEngine(abc.ABC):
                 claim.cancel()  # cancelled ourselves: the arbiter settles it later
         if claim.done() and not self.decision_seen:
             claim.result()  # MigrationFailed when Aborted stands
+        elif not claim.done():  # the log line the answer would write (the record is final)
+            log.info(
+                "migration %s: switchover %s recorded (seen on the watch before the answer)",
+                self.uid,
+                Switchover.COMMITTED,
+            )
         self.committed = True
 
     async def _claim_settled(self) -> None:

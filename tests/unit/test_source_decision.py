@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from handler.migration.memvm_source import MemvmSourceMigration
 from tests.support.fake_api import StoreApi
@@ -47,8 +49,10 @@ def hold_the_commit_answer(lab: Lab, engine: MemvmSourceMigration) -> asyncio.Ev
 
 
 def test_the_commit_frame_leaves_on_the_watch_before_the_arbiters_answer(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="handler.migration.source")
+
     async def body(lab: Lab) -> None:
         lab.source.hot = np.arange(8, 24, dtype=np.int64)
         engine = await lab.engine()
@@ -68,6 +72,8 @@ def test_the_commit_frame_leaves_on_the_watch_before_the_arbiters_answer(
         assert "resume" in engine.stats.downtime_parts  # the target's Resumed came back
         assert lab.target.commits == 1 and lab.target.guest.state == "running"
         assert engine.committed and not answer.is_set()
+        # the decision's log line (the fault tests time it) is written when it is known
+        assert f"migration {UID}: switchover Committed recorded" in caplog.text
         state = await lab.state()
         assert state.switchover is Switchover.COMMITTED and not state.completed
         assert "destroy" not in lab.source.calls
