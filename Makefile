@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock | $(PAGEHASH_SO)
 # an order-only prerequisite of the venv, so every target that needs the venv builds it
 # once). gcc and xxhash.h (libxxhash-dev) are
 # installed with apt-get as root when missing; never fatal.
-$(PAGEHASH_SO): handler/native/pagehash.c handler/native/pagebatch.c
+$(PAGEHASH_SO): handler/native/pagehash.c handler/native/pagebatch.c handler/native/zero_page.h
 	@if ! command -v gcc >/dev/null || [ ! -e /usr/include/xxhash.h ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev libxxhash-dev) \
@@ -38,7 +38,7 @@ $(PAGEHASH_SO): handler/native/pagehash.c handler/native/pagebatch.c
 	  fi; \
 	fi; \
 	if command -v gcc >/dev/null && [ -e /usr/include/xxhash.h ]; then \
-	  { gcc -O3 -std=c11 -D_GNU_SOURCE -Wall -Wextra -shared -fPIC -o $@.tmp $^ && mv $@.tmp $@; } || \
+	  { gcc -O3 -std=c11 -D_GNU_SOURCE -Wall -Wextra -shared -fPIC -o $@.tmp $(filter %.c,$^) && mv $@.tmp $@; } || \
 	    echo "warning: $@ not built: page digests use the slower Python fallback"; \
 	else echo "note: no gcc or xxhash.h (libxxhash-dev): page digests use the slower Python fallback"; fi
 

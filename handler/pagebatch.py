@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,28 +69,11 @@ class _Native:
         self.apply.argtypes = [ctypes.c_int, _ptr, _size, _ptr, _size, _ptr, _size, _ptr]
 
 
-_native: _Native | None = None
-_loaded = False
-_load_lock = threading.Lock()
+_library = pagehash.NativeLibrary(_Native, "page batches in numpy (slower)")
 
 
 def _lib() -> _Native | None:
-    global _native, _loaded
-    if _loaded:
-        return _native
-    with _load_lock:
-        if not _loaded:
-            try:
-                _native = _Native(ctypes.CDLL(str(pagehash.LIBRARY)))
-            except (OSError, AttributeError) as e:
-                log.warning(
-                    "page batches in numpy (slower): %s not loadable (%s); `make venv` "
-                    "builds it with gcc and xxhash.h",
-                    pagehash.LIBRARY,
-                    e,
-                )
-            _loaded = True
-    return _native
+    return _library.get()
 
 
 def native_available() -> bool:
@@ -100,12 +82,8 @@ def native_available() -> bool:
 
 
 def _set_native(enabled: bool) -> bool:
-    """Tests and the bench: force the fallback (False) or the library (True, if it loads).
-    Returns whether the native pass is in use afterwards."""
-    global _native, _loaded
-    with _load_lock:
-        _native, _loaded = None, not enabled
-    return native_available()
+    """Tests and the bench: force the fallback (False) or the library (True, if it loads)."""
+    return _library.force(enabled)
 
 
 # -- the source: scan, then gather into the frame -----------------------------------------------

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,7 @@ Indices = npt.NDArray[np.int64]
 Buffer = memoryview | bytes | bytearray | npt.NDArray[np.uint8]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # One thread at a time hashes page by page in this process (the Python fallback only): two
 # such loops ping-pong the GIL once a page (measured with SHA-256 per page: 600 scattered
@@ -82,28 +84,48 @@ class _Native:
         self.indices.argtypes = [_ptr, _size, _ptr, _size, _size, _ptr, _ptr, ctypes.c_int]
 
 
-_native: _Native | None = None
-_loaded = False
-_load_lock = threading.Lock()
+class NativeLibrary(Generic[T]):
+    """The native library (``LIBRARY``) bound through ``bind``, loaded once on first use
+    by whichever thread gets there first; None, with one warning naming ``fallback``, when
+    it cannot be loaded."""
+
+    def __init__(self, bind: Callable[[ctypes.CDLL], T], fallback: str) -> None:
+        self._bind = bind
+        self._fallback = fallback
+        self._bound: T | None = None
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def get(self) -> T | None:
+        if self._loaded:
+            return self._bound
+        with self._lock:
+            if not self._loaded:
+                try:
+                    self._bound = self._bind(ctypes.CDLL(str(LIBRARY)))
+                except (OSError, AttributeError) as e:
+                    log.warning(
+                        "%s: %s not loadable (%s); `make venv` builds it with gcc and xxhash.h",
+                        self._fallback,
+                        LIBRARY,
+                        e,
+                    )
+                self._loaded = True
+        return self._bound
+
+    def force(self, enabled: bool) -> bool:
+        """Tests and the bench: force the fallback (False) or the library (True, if it
+        loads). Returns whether the library is in use afterwards."""
+        with self._lock:
+            self._bound, self._loaded = None, not enabled
+        return self.get() is not None
+
+
+_library = NativeLibrary(_Native, "page digests in Python, one thread (several times slower)")
 
 
 def _lib() -> _Native | None:
-    global _native, _loaded
-    if _loaded:
-        return _native
-    with _load_lock:
-        if not _loaded:
-            try:
-                _native = _Native(ctypes.CDLL(str(LIBRARY)))
-            except (OSError, AttributeError) as e:
-                log.warning(
-                    "page digests in Python, one thread (several times slower): %s not "
-                    "loadable (%s); `make venv` builds it with gcc and xxhash.h",
-                    LIBRARY,
-                    e,
-                )
-            _loaded = True
-    return _native
+    return _library.get()
 
 
 def native_available() -> bool:
@@ -112,12 +134,8 @@ def native_available() -> bool:
 
 
 def _set_native(enabled: bool) -> bool:
-    """Tests and the bench: force the Python fallback (False) or the library (True, if it
-    loads). Returns whether the native library is in use afterwards."""
-    global _native, _loaded
-    with _load_lock:
-        _native, _loaded = None, not enabled
-    return native_available()
+    """Tests and the bench: force the Python fallback (False) or the library (True)."""
+    return _library.force(enabled)
 
 
 def zero_digest(page_size: int) -> bytes:

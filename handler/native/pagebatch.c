@@ -29,22 +29,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-static int page_is_zero(const uint8_t *p, size_t len)
-{
-    size_t i = 0;
-    for (; i + 64 <= len; i += 64) {
-        uint64_t w[8], acc = 0;
-        memcpy(w, p + i, 64);
-        for (int k = 0; k < 8; k++)
-            acc |= w[k];
-        if (acc)
-            return 0;
-    }
-    for (; i < len; i++)
-        if (p[i])
-            return 0;
-    return 1;
-}
+#include "zero_page.h"
 
 static void hash_to(uint8_t *hashes, size_t page, const uint8_t *data, size_t len)
 {
@@ -60,7 +45,7 @@ size_t pagebatch_scan(const uint8_t *ram, size_t page_size, const int64_t *indic
     size_t nz = 0, zero = 0, k = 0;
     for (; k < n; k++) {
         size_t page = (size_t)indices[k];
-        if (page_is_zero(ram + page * page_size, page_size)) {
+        if (page_all_zero(ram + page * page_size, page_size)) {
             zero_out[zero++] = (uint32_t)page;
             continue;
         }

@@ -20,30 +20,14 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-static int all_zero(const uint8_t *p, size_t len)
-{
-    /* 64-byte blocks OR-reduced (the compiler vectorises the inner loop), early exit */
-    size_t i = 0;
-    for (; i + 64 <= len; i += 64) {
-        uint64_t w[8], acc = 0;
-        memcpy(w, p + i, 64);
-        for (int k = 0; k < 8; k++)
-            acc |= w[k];
-        if (acc)
-            return 0;
-    }
-    for (; i < len; i++)
-        if (p[i])
-            return 0;
-    return 1;
-}
+#include "zero_page.h"
 
 static size_t one(const uint8_t *ram, size_t ram_len, size_t page, size_t page_size,
                   const uint8_t *zero16, uint8_t *out)
 {
     size_t start = page * page_size;
     size_t len = ram_len - start < page_size ? ram_len - start : page_size;
-    if (zero16 != NULL && len == page_size && all_zero(ram + start, len)) {
+    if (zero16 != NULL && len == page_size && page_all_zero(ram + start, len)) {
         memcpy(out, zero16, 16);
         return 0;
     }
