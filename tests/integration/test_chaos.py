@@ -33,7 +33,7 @@ from handler.drivers.memvm_guest import (
     Header,
     tick_rng,
 )
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from vmferry.failpoints import Step
 
 REPS = int(os.environ.get("CHAOS_REPS", "1"))
@@ -123,7 +123,7 @@ def run_once(lab: LabHarness, case: Case, vm: str, uid: str) -> None:
     victim = armed[case.where]
     restart(lab, victim, case.step)
     out = lab.cli("migrate", vm, "--addedNodeSelector", f"kubernetes.io/hostname={target}")
-    vmim = out.stdout.split("(")[1].split(")")[0]
+    vmim = migration_name(out.stdout)
     lab.wait_for(f"{victim} to die at {case.step}", lambda: lab.lab.pid(victim) is None, DIE_WITHIN)
     restart(lab, victim)
     final = lab.wait_vmim_final(vmim, timeout=FINAL_WITHIN)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support.guest_disk import read_records
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = Path(os.environ.get("VMFERRY_GUEST_IMAGE") or ROOT / "build" / "guest")
@@ -314,7 +314,7 @@ def test_source_handler_killed_mid_migration_disk_intact(
     lab.set_live_migration_config(bandwidthPerMigration="4Mi")  # a slow stream to cut
     try:
         out = lab.cli("migrate", QEMU_VM)
-        name = out.stdout.split("(")[1].split(")")[0]
+        name = migration_name(out.stdout)
         lab.wait_for(
             "the target QEMU to receive",
             lambda: (

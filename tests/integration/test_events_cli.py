@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 
 BROKEN_VM = """\
 apiVersion: kubevirt.io/v1
@@ -97,7 +97,7 @@ def test_a_failed_migration_is_explained_by_describe(lab: LabHarness) -> None:
     try:
         out = lab.cli("migrate", "mover")
         assert out.stdout.startswith("VM mover was scheduled to migrate")
-        name = out.stdout.split("(")[1].split(")")[0]
+        name = migration_name(out.stdout)
         assert lab.wait_vmim_final(name, timeout=60)["status"]["phase"] == "Failed"
     finally:
         lab.set_live_migration_config(network=None)

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 
 
 def _start_slow_migration(lab: LabHarness, vm: str) -> tuple[str, str, str]:
     """Start a migration capped to 16 MiB/s (128 MiB: ~8 s); return (vmim, source, target)."""
     lab.set_live_migration_config(bandwidthPerMigration="16Mi")
     out = lab.cli("migrate", vm)
-    name = out.stdout.split("(")[1].split(")")[0]
+    name = migration_name(out.stdout)
 
     def running() -> dict | None:
         vmim = lab.get("vmim", name)

@@ -17,7 +17,7 @@ import pytest
 
 from controller.leader import LEASE_NAME
 from tests.integration.test_failures import _start_slow_migration
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError, Gone, Unavailable
@@ -213,7 +213,7 @@ def test_leader_killed_at_each_phase_of_the_hand_off(
     source = lab.get("vmi", vm)["status"]["nodeName"]
     try:
         out = lab.cli("migrate", vm)
-        name = out.stdout.split("(")[1].split(")")[0]
+        name = migration_name(out.stdout)
         lab.wait_for(f"{leader} to die at {step}", lambda: lab.lab.pid(leader) is None, 60, 0.02)
         died = time.monotonic()
         successor = lab.wait_for(

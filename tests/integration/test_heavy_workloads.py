@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from tests.support.relay import Relay, migration_relay
 
 MEMORY = 128 << 20
@@ -51,7 +51,7 @@ def heavy_vm(lab: LabHarness) -> Iterator[dict[str, Any]]:
 
 def migrate_to_node3(lab: LabHarness) -> str:
     out = lab.cli("migrate", "heavy", "--addedNodeSelector", "vmferry.io/lab-node=3")
-    return out.stdout.split("(")[1].split(")")[0]
+    return migration_name(out.stdout)
 
 
 def console(lab: LabHarness, vmi_uid: str, node: str) -> str:

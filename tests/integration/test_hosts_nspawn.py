@@ -25,7 +25,7 @@ import yaml
 from cryptography import x509
 
 from tests.support import nspawn
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("node-a", "node-b")
@@ -237,7 +237,7 @@ def test_migrate_restart_the_source_handler_and_kill_the_controller(cluster: Clu
     # a slow migration back; its source handler is restarted while it runs
     lab.set_live_migration_config(bandwidthPerMigration="16Mi")
     out = lab.cli("migrate", "roamer")
-    name = out.stdout.split("(")[1].split(")")[0]
+    name = migration_name(out.stdout)
 
     def sending() -> bool:
         ms = lab.get("vmim", name)["status"].get("migrationState") or {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
 from vmferry.errors import ApiError
@@ -59,7 +59,7 @@ def place_on(lab: LabHarness, node: str, *manifests: str) -> list[str]:
 
 def migrate(lab: LabHarness, vm: str, *extra: str) -> str:
     out = lab.cli("migrate", vm, *extra)
-    return out.stdout.split("(")[1].split(")")[0]
+    return migration_name(out.stdout)
 
 
 class PhaseSampler:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab import MIGRATION_PHASES, LabHarness, vm_manifest
+from tests.support.lab import MIGRATION_PHASES, LabHarness, migration_name, vm_manifest
 
 
 @pytest.mark.timeout(180)
@@ -24,7 +24,7 @@ def test_vm_under_write_load_migrates_with_verified_memory(lab: LabHarness) -> N
 
     out = lab.cli("migrate", "writer", "--wait", timeout=150)
     assert "succeeded" in out.stdout
-    name = out.stdout.split("(")[1].split(")")[0]
+    name = migration_name(out.stdout)
     vmim = lab.get("vmim", name)
     status = vmim["status"]
     assert status["phase"] == "Succeeded"

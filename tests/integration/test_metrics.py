@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 
 HANDLER_FAMILIES = {
     "kubevirt_vmi_migration_data_processed_bytes": "gauge",
@@ -79,7 +79,7 @@ def test_metrics_follow_a_live_migration(lab: LabHarness) -> None:
     lab.set_live_migration_config(bandwidthPerMigration="32Mi")  # ~4 s: time to look
     try:
         out = lab.cli("migrate", "metered")
-        vmim = out.stdout.split("(")[1].split(")")[0]
+        vmim = migration_name(out.stdout)
 
         # During: the controller counts it as running, the source reports moving bytes.
         lab.wait_for(
@@ -198,7 +198,7 @@ def test_get_vmim_watch_prints_each_phase_as_it_happens(lab: LabHarness) -> None
     try:
         time.sleep(1.0)  # the watch is established
         out = lab.cli("migrate", "watched", "--wait", timeout=50)
-        vmim = out.stdout.split("(")[1].split(")")[0]
+        vmim = migration_name(out.stdout)
         time.sleep(1.0)
     finally:
         watcher.terminate()
@@ -223,7 +223,7 @@ def test_rates_are_live_within_two_seconds_of_a_capped_migration_start(lab: LabH
     lab.set_live_migration_config(bandwidthPerMigration="16Mi")  # round 0 alone: several s
     try:
         out = lab.cli("migrate", "capped")
-        vmim = out.stdout.split("(")[1].split(")")[0]
+        vmim = migration_name(out.stdout)
         lab.wait_for(
             "the source to start sending",
             lambda: (value(lab.scrape(source), "vmferry_migration_wire_bytes", **vm) or 0) > 0,

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from vmferry.lab.netns import unsupported_reason
 
 pytestmark = pytest.mark.skipif(
@@ -127,7 +127,7 @@ def place_on(lab: LabHarness, node: str, manifest: str) -> str:
 
 def migrate(lab: LabHarness, vm: str, *extra: str) -> str:
     out = lab.cli("migrate", vm, *extra)
-    return out.stdout.split("(")[1].split(")")[0]
+    return migration_name(out.stdout)
 
 
 def share_on(transfer: dict[str, Any], interface: str) -> float:

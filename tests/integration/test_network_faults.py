@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from tests.support.relay import Relay, migration_relay
 
 VM = "netfault"
@@ -59,7 +59,7 @@ def vm(lab: LabHarness, relay: Relay) -> Iterator[dict[str, Any]]:
 def start_migration_to_node3(lab: LabHarness) -> str:
     """Migrate the VM to node3 and wait until round 0 is under way (16 MiB sent)."""
     out = lab.cli("migrate", VM, "--addedNodeSelector", "vmferry.io/lab-node=3")
-    name = out.stdout.split("(")[1].split(")")[0]
+    name = migration_name(out.stdout)
 
     def sending() -> dict[str, Any] | None:
         vmim = lab.get("vmim", name)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from tests.support.relay import Relay, migration_relay
 from vmferry.failpoints import Step
 
@@ -89,7 +89,7 @@ def guest(lab: LabHarness) -> Iterator[dict[str, Any]]:
 
 def migrate(lab: LabHarness, node: str) -> str:
     out = lab.cli("migrate", NAME, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
-    return out.stdout.split("(")[1].split(")")[0]
+    return migration_name(out.stdout)
 
 
 def wait_post_copy(lab: LabHarness) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab import LabHarness
+from tests.support.lab import LabHarness, migration_name
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "build" / "guest"
@@ -92,7 +92,7 @@ def console(record: dict) -> str:
 
 
 def vmim_name(out: str) -> str:
-    return out.split("(")[1].split(")")[0]
+    return migration_name(out)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from tests.integration.test_qemu_migration import (
     pytestmark,  # noqa: F401  (QEMU and the guest image are required)
     qemu_guests,
 )
-from tests.support.lab import LabHarness
+from tests.support.lab import LabHarness, migration_name
 from tests.support.relay import Relay, migration_relay
 
 NAME = "qpc"
@@ -113,7 +113,7 @@ def guest(lab: LabHarness, relay: Relay) -> Iterator[str]:
 
 def migrate(lab: LabHarness, node: str) -> str:
     out = lab.cli("migrate", NAME, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
-    return out.stdout.split("(")[1].split(")")[0]
+    return migration_name(out.stdout)
 
 
 def wait_post_copy(lab: LabHarness) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support.lab import LabHarness, vm_manifest
+from tests.support.lab import LabHarness, migration_name, vm_manifest
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.config import ClientConfig
@@ -486,7 +486,7 @@ def test_stream_token_is_readable_only_by_the_migrations_two_nodes(cluster: LabH
     lab.set_live_migration_config(bandwidthPerMigration="8Mi")  # ~16 s: time to look
     try:
         out = lab.cli("migrate", "token-vm", "-n", NS).stdout
-        name = out.split("(")[1].split(")")[0]
+        name = migration_name(out)
 
         def running() -> dict[str, Any] | None:
             vmim = lab.get("vmim", name, NS)

@@ -70,6 +70,11 @@ def vm_manifest(
     )
 
 
+def migration_name(migrate_stdout: str) -> str:
+    """The VMIM ``vmferry migrate`` created: the name it prints in parentheses."""
+    return migrate_stdout.split("(")[1].split(")")[0]
+
+
 class LabHarness:
     def __init__(self, root: Path) -> None:
         self.root = root
