@@ -277,14 +277,17 @@ def node_logs(run: Run, cluster: str) -> list[Path]:
     return [log_of(run, cluster, n) for n in run.labs.cluster(cluster).node_names()]
 
 
-def signal_sync(run: Run, cluster: str, sig: signal.Signals) -> None:
+def signal_sync(run: Run, cluster: str, sig: signal.Signals) -> float:
     """``sig`` to a sync controller, directly (``vmferry lab kill`` takes a Python start-up:
-    too slow to time a fault to a step of the hand-off)."""
+    too slow to time a fault to a step of the hand-off); returns when it was sent (a
+    SIGKILL is then waited for, which takes a poll interval or more)."""
     pid = run.labs.cluster(cluster).pid(SYNC)
     assert pid is not None, f"{cluster}/{SYNC} is not running"
     os.kill(pid, sig)
+    sent = time.time()
     if sig == signal.SIGKILL:
         run.wait(f"{cluster}/{SYNC} to die", lambda: run.labs.cluster(cluster).pid(SYNC) is None, 5)
+    return sent
 
 
 def target_prepared(run: Run) -> bool:
@@ -363,8 +366,9 @@ def target_stays_paused(run: Run, seconds: float) -> None:
         time.sleep(SAMPLE_EVERY)
 
 
-def sync_down(run: Run, cluster: str, sig: signal.Signals) -> None:
-    signal_sync(run, cluster, sig)
+def sync_down(run: Run, cluster: str, sig: signal.Signals) -> float:
+    """The sync controller stopped or killed; when the signal went."""
+    return signal_sync(run, cluster, sig)
 
 
 def sync_up(run: Run, cluster: str, sig: signal.Signals) -> None:
@@ -388,8 +392,7 @@ def receiving_sync_down_across_decision(sig: signal.Signals) -> Callable[[Run], 
         decision = LogWatch([log_of(run, SRC, run.source_node)])
         run.start_sending()
         watch.wait(f"vmim {run.out}: hand-off", 45)
-        sync_down(run, DST, sig)
-        stopped = time.time()
+        stopped = sync_down(run, DST, sig)
         try:
             lab = run.labs.cluster(SRC)
             run.wait(f"{run.source()} to die at {Step.SOURCE_COMMITTED}",
@@ -425,8 +428,7 @@ def sending_sync_down_before_decision(
         decision = LogWatch([log_of(run, SRC, run.source_node)])
         run.start_sending()
         watch.wait(f"vmim {run.out}: hand-off", 45)
-        sync_down(run, SRC, sig)
-        stopped = time.time()
+        stopped = sync_down(run, SRC, sig)
         try:
             if source_dies:
                 lab = run.labs.cluster(SRC)
