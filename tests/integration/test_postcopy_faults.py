@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.lab import LabHarness, migration_name, vm_manifest
+from tests.support.lab import LabHarness, vm_manifest
 from tests.support.relay import Relay, migration_relay
 from vmferry.failpoints import Step
 
@@ -87,22 +87,6 @@ def guest(lab: LabHarness) -> Iterator[dict[str, Any]]:
     lab.wait_for("the VMI to go", lambda: lab.try_get("vmi", NAME) is None, timeout=60)
 
 
-def migrate(lab: LabHarness, node: str) -> str:
-    out = lab.cli("migrate", NAME, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
-    return migration_name(out.stdout)
-
-
-def wait_post_copy(lab: LabHarness) -> None:
-    lab.wait_for(
-        "post-copy to start",
-        lambda: (
-            (lab.get("vmi", NAME)["status"].get("migrationState") or {}).get("mode") == "PostCopy"
-        ),
-        timeout=60,
-        interval=0.1,
-    )
-
-
 def check_memory(guest_json: dict[str, Any]) -> None:
     """Every page but page 0 (the CPU state) carries its own index in its stamp, with a
     tick the guest has reached: a page lost on the way would be zeros, a page landed
@@ -143,7 +127,7 @@ def assert_moved(lab: LabHarness, vmim_name: str, vmi_uid: str, target: str) -> 
 
 def kill_in_post_copy(lab: LabHarness, guest: dict[str, Any], victim: str, step: Step) -> None:
     restart(lab, victim, step)
-    name = migrate(lab, "node2")
+    name = lab.migrate_to(NAME, "node2")
     lab.wait_for(
         f"the failpoint {step} to kill {victim}",
         lambda: lab.lab.pid(victim) is None,
@@ -178,8 +162,8 @@ def test_cut_beyond_the_recovery_window_fails_the_vm_and_says_so(
     lab: LabHarness, relay: Relay, guest: dict[str, Any], run: int
 ) -> None:
     lab.set_live_migration_config(**CONFIG | {"postCopyRecoveryWindowSeconds": 3})
-    name = migrate(lab, "node3")
-    wait_post_copy(lab)
+    name = lab.migrate_to(NAME, "node3")
+    lab.wait_post_copy(NAME, timeout=60)
     relay.cut()
     try:
         vmim = lab.wait_vmim_final(name, timeout=90)

@@ -33,7 +33,7 @@ from tests.integration.test_qemu_migration import (
     pytestmark,  # noqa: F401  (QEMU and the guest image are required)
     qemu_guests,
 )
-from tests.support.lab import LabHarness, migration_name
+from tests.support.lab import LabHarness
 from tests.support.relay import Relay, migration_relay
 
 NAME = "qpc"
@@ -111,22 +111,6 @@ def guest(lab: LabHarness, relay: Relay) -> Iterator[str]:
                     pass
 
 
-def migrate(lab: LabHarness, node: str) -> str:
-    out = lab.cli("migrate", NAME, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
-    return migration_name(out.stdout)
-
-
-def wait_post_copy(lab: LabHarness) -> None:
-    lab.wait_for(
-        "post-copy to start",
-        lambda: (
-            (lab.get("vmi", NAME)["status"].get("migrationState") or {}).get("mode") == "PostCopy"
-        ),
-        timeout=90,
-        interval=0.1,
-    )
-
-
 def assert_runs_on(lab: LabHarness, vmim: str, uid: str, target: str) -> dict[str, Any]:
     """The migration Succeeded in post-copy; one QEMU left, on ``target``, whose guest's
     heartbeat goes on without a lost page; the transfer status."""
@@ -162,8 +146,8 @@ def assert_runs_on(lab: LabHarness, vmim: str, uid: str, target: str) -> dict[st
 def test_not_converging_switches_to_post_copy_and_the_guest_runs_on(
     lab: LabHarness, guest: str
 ) -> None:
-    vmim = migrate(lab, "node2")
-    wait_post_copy(lab)
+    vmim = lab.migrate_to(NAME, "node2")
+    lab.wait_post_copy(NAME, timeout=90)
     transfer = assert_runs_on(lab, vmim, guest, "node2")
     assert not transfer.get("postCopyInterruptions")
 
@@ -173,8 +157,8 @@ def test_a_cut_in_post_copy_recovers_on_a_new_tunnel_stream(
     lab: LabHarness, relay: Relay, guest: str
 ) -> None:
     assert lab.get("vmi", NAME)["status"]["nodeName"] == "node2"  # the first test's target
-    vmim = migrate(lab, "node3")
-    wait_post_copy(lab)
+    vmim = lab.migrate_to(NAME, "node3")
+    lab.wait_post_copy(NAME, timeout=90)
     relay.cut()
     try:
         time.sleep(CUT_SECONDS)  # the outage itself: nothing to wait for

@@ -261,6 +261,24 @@ class LabHarness:
 
         return self.wait_for(f"migration {name} to finish", final, timeout, interval=0.3)
 
+    def migrate_to(self, name: str, node: str) -> str:
+        """``vmferry migrate`` VMI ``name`` to lab node ``node`` (by its lab-node label);
+        the VMIM's name."""
+        out = self.cli("migrate", name, "--addedNodeSelector", f"vmferry.io/lab-node={node[-1]}")
+        return migration_name(out.stdout)
+
+    def wait_post_copy(self, name: str, timeout: float = 60) -> None:
+        """Until VMI ``name``'s migration has switched to post-copy."""
+        self.wait_for(
+            "post-copy to start",
+            lambda: (
+                (self.get("vmi", name)["status"].get("migrationState") or {}).get("mode")
+                == "PostCopy"
+            ),
+            timeout=timeout,
+            interval=0.1,
+        )
+
     def set_live_migration_config(self, **fields: Any) -> None:
         self.cli(
             "patch",
