@@ -290,6 +290,14 @@ async def _serve_started(
             async def reconcile() -> None:
                 if replication.elector is not None:
                     await bootstrap(store)
+                # This term's reconcilers see every cached object (the informers replay
+                # it to a new handler) and stop being fed when the term ends.
+                with contextlib.ExitStack() as term:
+                    for inf in informers:
+                        term.enter_context(inf.handler_scope())
+                    await run_reconcilers()
+
+            async def run_reconcilers() -> None:
                 async with asyncio.TaskGroup() as work:
                     for reconciler in (
                         VMController(store, vms, vmis, vmims).run(),

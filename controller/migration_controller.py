@@ -140,14 +140,14 @@ class MigrationController:
         self._handed_off_since: dict[str, float] = {}
         vmims.add_handler(self._on_vmim)
         vmis.add_handler(self._on_vmi)
-        nodes.add_handler(self._on_node)
+        nodes.add_handler(self._on_node, replay=False)  # the VMIMs' replay wakes them all
 
     # -- event routing --------------------------------------------------------------------
 
     def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
         self.queue.add(key)
-        if new is None or MigrationPhase.of(new).final:
-            self._requeue_pending()  # a slot may have freed
+        if old is not None and (new is None or MigrationPhase.of(new).final):
+            self._requeue_pending()  # a slot may have freed (a first sight frees none)
 
     def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:
         ns, name = key

@@ -290,7 +290,7 @@ class NetworkController:
             self.queue.add(HCO_KEY)
 
     async def run(self) -> None:
-        self.queue.add(HCO_KEY)  # the informers' initial lists came before the handlers
+        self.queue.add(HCO_KEY)  # one pass even when nothing is cached to replay
         await self.queue.run(self.reconcile, "network-controller")
 
     async def reconcile(self, key: Key) -> None:

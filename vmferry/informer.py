@@ -4,7 +4,10 @@ An ``Informer`` keeps a local cache of one kind, fed by a list followed by a wat
 the list's resourceVersion. When the watch breaks it reconnects from the last version it
 saw; when that version has expired (``Gone``) it relists and synthesizes the events the
 gap hid. Each change calls the registered handlers with the object's key, nothing more:
-reconcilers read the cache and act (level-triggered).
+reconcilers read the cache and act (level-triggered). A handler registered after the
+first list is first called for every cached object (as client-go's AddEventHandler
+does): a reconciler started late -- a replica that just became the leader -- sees the
+objects that already exist, not only the changes after it started.
 
 ``WorkQueue`` holds keys: a key queued twice is processed once; a key being processed
 and queued again is processed again afterwards; failures are retried with backoff.
@@ -13,9 +16,10 @@ and queued again is processed again afterwards; failures are retried with backof
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from vmferry.errors import ApiError, Gone
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 Obj = dict[str, Any]
+Handler = Callable[[Key, Obj | None, Obj | None], None]
 
 RECONNECT_DELAY = 0.5  # s; first retry after a broken watch, doubled up to the max
 RECONNECT_MAX_DELAY = 5.0  # s; a restarted controller is picked up within this
@@ -62,11 +67,27 @@ class Informer:
         self.cache: dict[Key, Obj] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
-        self._handlers: list[Callable[[Key, Obj | None, Obj | None], None]] = []
+        self._handlers: list[Handler] = []
 
-    def add_handler(self, fn: Callable[[Key, Obj | None, Obj | None], None]) -> None:
-        """``fn(key, old, new)``; called in the event loop for every change; must not block."""
+    def add_handler(self, fn: Handler, *, replay: bool = True) -> None:
+        """``fn(key, old, new)``; called in the event loop for every change; must not block.
+        With ``replay`` (the default), first called as ``fn(key, None, obj)`` for every
+        object already cached; ``replay=False`` for a handler whose owner sweeps the
+        cache itself at start."""
         self._handlers.append(fn)
+        if replay:
+            for key, obj in list(self.cache.items()):
+                fn(key, None, obj)
+
+    @contextlib.contextmanager
+    def handler_scope(self) -> Iterator[None]:
+        """Handlers added inside the block are removed when it ends (the reconcilers of
+        a leadership term: a replica that stops leading stops feeding their queues)."""
+        before = list(self._handlers)
+        try:
+            yield
+        finally:
+            self._handlers = [fn for fn in self._handlers if fn in before]
 
     def get(self, namespace: str, name: str) -> Obj | None:
         obj = self.cache.get((namespace, name))

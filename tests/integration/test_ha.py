@@ -9,6 +9,7 @@ etcd."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +189,39 @@ def test_a_watcher_resumes_at_its_resource_version_across_a_replica_kill(
         rvs = [rv for _, _, rv in seen]
         assert rvs == sorted(set(rvs))
     print(f"\nwatcher {'re-listed' if relisted else 'resumed at its resourceVersion'}")
+
+
+@pytest.mark.timeout(90)
+def test_a_vm_created_while_no_replica_leads_is_started_by_the_next_leader(
+    lab: LabHarness,
+) -> None:
+    """The new leader's reconcilers start from what exists, not only from the changes
+    after they started: a VM created between the leader's death and its successor's
+    first term gets its VMI."""
+    config = ClientConfig.load(Path(lab.env["VMFERRY_CONFIG"]))
+    manifest = json.loads(vm_manifest("ha-leaderless", memory="64Mi", dirty_rate="1Mi"))
+    manifest["metadata"]["namespace"] = "default"
+    leader = lab.wait_for("a leader", lambda: holder(lab), timeout=30)
+
+    async def create() -> None:
+        async with ApiClient(config, timeout=5) as api:
+            for _attempt in range(50):  # the client moves off the dead replica
+                try:
+                    await api.create(manifest)
+                    return
+                except Unavailable:
+                    await asyncio.sleep(0.05)
+
+    try:
+        lab.lab.kill(leader)
+        asyncio.run(create())
+        # No successor had written its term's Lease yet: the VM came in the gap.
+        assert holder(lab) in ("", leader), "a successor led before the VM was created"
+        lab.wait_vmi_running("ha-leaderless", timeout=60)
+    finally:
+        if lab.lab.pid(leader) is None:
+            lab.lab.start(leader)
+    lab.cli("delete", "vm", "ha-leaderless")
 
 
 @pytest.fixture(scope="module")
