@@ -13,6 +13,7 @@ import pytest
 from controller.objects import StoreSource
 from controller.store import Store
 from controller.vm_controller import VMController
+from tests.unit.test_vm_controller import vm
 from vmferry.informer import Informer, Key
 
 pytestmark = pytest.mark.timeout(30)
@@ -77,17 +78,7 @@ def test_a_vm_controller_started_after_the_list_reconciles_the_existing_vm(
         vmis = Informer(source, "VirtualMachineInstance")
         tasks: list[asyncio.Task[None]] = []
         try:
-            await store.create(
-                {
-                    "apiVersion": "kubevirt.io/v1",
-                    "kind": "VirtualMachine",
-                    "metadata": {"name": "v", "namespace": "default"},
-                    "spec": {
-                        "runStrategy": "Always",
-                        "template": {"spec": {"domain": {"memory": {"guest": "64Mi"}}}},
-                    },
-                }
-            )
+            await store.create(vm())
             tasks += [asyncio.create_task(inf.run()) for inf in (vms, vmis)]
             for inf in (vms, vmis):
                 await inf.synced.wait()
