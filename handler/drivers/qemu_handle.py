@@ -23,7 +23,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,18 +282,30 @@ class QemuHandle:
         """``query-migrate`` until its status is one of ``statuses`` or ``timeout`` s passed
         (returns the last answer either way): each of QEMU's MIGRATION events (migration
         capability ``events``) wakes it at once, a poll every EVENT_POLL_S otherwise."""
-        client = await self._client()
-        listener = EventListener("MIGRATION")
         deadline = time.monotonic() + timeout
-        with client.listen(listener):
+        async with self.migration_events() as wake:
             while True:
                 info: dict[str, Any] = await self.qmp("query-migrate")
                 remaining = deadline - time.monotonic()
                 if info.get("status") in statuses or remaining <= 0:
                     return info
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(remaining, EVENT_POLL_S)):
-                        await listener.get()
+                await wake(min(remaining, EVENT_POLL_S))
+
+    @contextlib.asynccontextmanager
+    async def migration_events(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        """While open, ``await wake(t)`` returns at QEMU's next MIGRATION event (the
+        migration capability ``events``) or after ``t`` seconds, whichever comes first;
+        an event that came between two calls wakes the next one at once."""
+        client = await self._client()
+        listener = EventListener("MIGRATION")
+
+        async def wake(timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await listener.get()
+
+        with client.listen(listener):
+            yield wake
 
     async def run_state(self) -> str:
         return str((await self.qmp("query-status"))["status"])

@@ -47,6 +47,7 @@ class QemuPlan:
             "auto-converge": self.auto_converge,
             "postcopy-ram": self.postcopy,
             "multifd": self.multifd_channels > 0,
+            "events": True,  # a MIGRATION event wakes the monitor: QEMU's completion at once
         }
         return [{"capability": k, "state": v} for k, v in caps.items()]
 

@@ -349,51 +349,54 @@ class QemuSourceMigration(SourceEngine):
     # -- monitor --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        """Poll query-migrate until QEMU completed; enforce timeouts and cancel."""
+        """Poll query-migrate until QEMU completed, woken at once by its MIGRATION events
+        (capability ``events``); enforce timeouts and cancel."""
         h = self.qemu
         watch = TimeoutWatch(
             self.config, self._memory_bytes(), self.clock(), allow_postcopy=self.plan.postcopy
         )
-        while True:
-            info = await h.qmp("query-migrate")
-            status = info.get("status", "")
-            self._absorb(info)
-            self._report()
-            if status == QEMU_PRE_SWITCHOVER and self.storage and not self.storage.completed:
-                t0 = self.clock()
-                await self.storage.complete()  # the guest is paused: mirrors complete
-                self.stats.downtime_parts["mirror_complete"] = self.clock() - t0
-                await h.qmp("migrate-continue", {"state": QEMU_PRE_SWITCHOVER})
-                continue
-            if status == QEMU_COMPLETED:
-                self.completed_in_qemu = True
-                self.stats.last_byte_at = self.clock()
-                if "downtime" in info:
-                    self.stats.downtime_parts["qemu_stop_copy"] = info["downtime"] / 1000
-                return
-            if status in QEMU_ENDED:
+        async with h.migration_events() as wake:
+            while True:
+                info = await h.qmp("query-migrate")
+                status = info.get("status", "")
+                self._absorb(info)
+                self._report()
+                if status == QEMU_PRE_SWITCHOVER and self.storage and not self.storage.completed:
+                    t0 = self.clock()
+                    await self.storage.complete()  # the guest is paused: mirrors complete
+                    self.stats.downtime_parts["mirror_complete"] = self.clock() - t0
+                    await h.qmp("migrate-continue", {"state": QEMU_PRE_SWITCHOVER})
+                    continue
+                if status == QEMU_COMPLETED:
+                    self.completed_in_qemu = True
+                    self.stats.last_byte_at = self.clock()
+                    if "downtime" in info:
+                        self.stats.downtime_parts["qemu_stop_copy"] = info["downtime"] / 1000
+                    return
+                if status in QEMU_ENDED:
+                    for ch in self._channels:
+                        if ch.error is not None:
+                            raise ch.error
+                    raise MigrationFailed(
+                        f"QEMU's migration {status}: {info.get('error-desc', 'no detail')}"
+                    )
                 for ch in self._channels:
                     if ch.error is not None:
+                        await self._cancel_qemu()
                         raise ch.error
-                raise MigrationFailed(
-                    f"QEMU's migration {status}: {info.get('error-desc', 'no detail')}"
-                )
-            for ch in self._channels:
-                if ch.error is not None:
+                if self.storage is not None:
+                    self.storage.check()
+                if self.abort_requested.is_set() and self.mode is MigrationMode.POST_COPY:
+                    log.warning("migration %s: cancel refused: in post-copy", self.uid)
+                elif self.abort_requested.is_set():
                     await self._cancel_qemu()
-                    raise ch.error
-            if self.storage is not None:
-                self.storage.check()
-            if self.abort_requested.is_set() and self.mode is MigrationMode.POST_COPY:
-                log.warning("migration %s: cancel refused: in post-copy", self.uid)
-            elif self.abort_requested.is_set():
-                await self._cancel_qemu()
-                self._check_abort()
-            if self.mode is MigrationMode.PRE_COPY:
-                await self._check_timeouts(watch, status)
-            if self.mode is MigrationMode.POST_COPY:
-                return  # qemu_postcopy.py goes on
-            await asyncio.sleep(POLL_PERIOD)
+                    self._check_abort()
+                if self.mode is MigrationMode.PRE_COPY:
+                    await self._check_timeouts(watch, status)
+                if self.mode is MigrationMode.POST_COPY:
+                    return  # qemu_postcopy.py goes on
+                # a MIGRATION event (QEMU completed) wakes the switchover at once
+                await wake(POLL_PERIOD)
 
     async def _check_timeouts(self, watch: TimeoutWatch, status: str) -> None:
         now = self.clock()

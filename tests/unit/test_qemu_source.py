@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from handler.drivers.base import GuestStatus
+from handler.migration import qemu_source
 from handler.migration.qemu_source import QemuSourceMigration
 from handler.migration.source import CANCELED
 from tests.support.fake_api import FakeClock, StoreApi
@@ -62,9 +64,24 @@ class FakeQemu:
         self.connections: list[asyncio.StreamWriter] = []
         self.channels = 1
         self.resumes: list[Obj] = []  # arguments of each migrate with resume
+        self.events: asyncio.Queue[str] = asyncio.Queue()  # QEMU's MIGRATION events
 
     def console_mtime_ns(self) -> int:
         return 0
+
+    def set_migration(self, status: str) -> None:
+        """A status change, announced with a MIGRATION event as QEMU does."""
+        self.migration = {"status": status}
+        self.events.put_nowait(status)
+
+    @contextlib.asynccontextmanager
+    async def migration_events(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        async def wake(timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.events.get()
+
+        yield wake
 
     async def qmp(self, command: str, arguments: Obj | None = None) -> Any:
         self.commands.append(command)
@@ -73,17 +90,17 @@ class FakeQemu:
             uri = (arguments or {})["uri"].removeprefix("unix:")
             _, writer = await asyncio.open_unix_connection(uri)
             self.connections.append(writer)
-            self.migration = {"status": "postcopy-active"}
+            self.set_migration("postcopy-active")
         elif command == "migrate":
             uri = (arguments or {})["uri"].removeprefix("unix:")
             for _ in range(self.channels):
                 _, writer = await asyncio.open_unix_connection(uri)
                 self.connections.append(writer)
-            self.migration = {"status": "active"}
+            self.set_migration("active")
         elif command == "migrate_cancel":
-            self.migration = {"status": "cancelled"}
+            self.set_migration("cancelled")
         elif command == "migrate-start-postcopy":
-            self.migration = {"status": "postcopy-active"}
+            self.set_migration("postcopy-active")
             self.state = "paused"  # the guest runs on the target now
         elif command == "query-migrate":
             ram = {"total": self.qspec.memory_bytes, "remaining": self.remaining, "mbps": 80.0}
@@ -267,6 +284,35 @@ def test_the_tunnel_opens_with_the_token_from_the_secret_and_the_plan(tmp_path: 
             "migrate-set-parameters",
             "migrate",
         ]
+
+    in_lab(tmp_path, body)
+
+
+def test_qemus_completion_event_starts_the_switchover_without_waiting_for_a_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest is paused from QEMU's stop-and-copy on: the monitor must not sleep
+    through the rest of a poll period after QEMU completed."""
+    monkeypatch.setattr(qemu_source, "POLL_PERIOD", 60.0)
+
+    async def body(lab: QemuLab) -> None:
+        engine = await lab.engine({}, FakeClock())
+        run = asyncio.create_task(engine.run())
+        try:
+
+            def polled() -> bool:
+                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
+
+            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
+            lab.qemu.set_migration("completed")
+            # one poll period would be 60 s
+            await asyncio.wait_for(
+                advance_when(FakeClock(), lambda: engine.completed_in_qemu, 0), 10
+            )
+        finally:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
 
     in_lab(tmp_path, body)
 

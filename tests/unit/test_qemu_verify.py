@@ -121,7 +121,7 @@ def test_plan_maps_the_migration_configuration_onto_qemu() -> None:
         "multifd-channels": 3,
     }
     caps = {c["capability"]: c["state"] for c in plan.capabilities()}
-    assert caps == {"auto-converge": True, "postcopy-ram": False, "multifd": True}
+    assert caps == {"auto-converge": True, "postcopy-ram": False, "multifd": True, "events": True}
     assert plan.channel_count == 4
     # post-copy excludes multifd; 0 bandwidth means unlimited (QEMU's default is 128 MiB/s)
     post = QemuPlan.from_config(
