@@ -360,11 +360,13 @@ def test_auto_converge_throttles_20_then_10_more_up_to_99_and_gives_the_cpu_back
 
 
 def test_rates_are_live_during_the_first_round(tmp_path: Path) -> None:
+    # a first round of ~2 s at the cap: the monitor (every 0.4 s) samples the dirty rate
+    # within it even when a loaded machine delays its timers
     async def body(lab: Lab) -> None:
-        big = FakeGuest(lab.tmp, "big", 8 * MiB)
+        big = FakeGuest(lab.tmp, "big", 16 * MiB)
         big.hot = np.arange(16, 80, dtype=np.int64)
         lab.source = big
-        lab.target.guest = FakeGuest(lab.tmp, "big-in", 8 * MiB, incoming=True)
+        lab.target.guest = FakeGuest(lab.tmp, "big-in", 16 * MiB, incoming=True)
         lab.target.inc.handle = lab.target.guest
         cap = 8 * MiB
         engine = await lab.engine({"bandwidthPerMigration": "8Mi", "parallelStreams": 1})
