@@ -89,17 +89,25 @@ def _lab_port_range() -> tuple[int, int]:
     return low, high
 
 
+_next_port: list[int] = []  # this process's cursor in the lab range (set on first use)
+
+
 def free_port(address: str) -> int:
     """A TCP port on ``address`` that nothing holds now, for a component to listen on later.
 
     Chosen outside the kernel's ephemeral range: a port from that range (what bind to
     port 0 hands out) can become the local port of any outgoing connection between now
     and the moment the component binds it -- seen here: a handler's metrics port taken
-    that way, and the handler failing to start."""
+    that way, and the handler failing to start. Consecutive ports from a random start per
+    process: one lab never gets the same port twice (independent random picks did: two
+    components on one port, one failing with "address already in use"), and two labs
+    started at once by two processes rarely overlap."""
     low, high = _lab_port_range()
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randint(low, high)
+    if not _next_port:
+        _next_port.append(random.SystemRandom().randint(low, high))
+    for _ in range(high - low + 1):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port < high else low
         with socket.socket() as s:
             try:
                 s.bind((address, port))
