@@ -70,12 +70,6 @@ log = logging.getLogger(__name__)
 
 QEMU_LOG = "qemu.log"
 LAUNCH_TIMEOUT_S = 30.0  # until the daemonised QEMU wrote its pidfile
-# A migration target allocates its RAM file's pages at start, in its own cgroup. Without
-# it the target QEMU allocates them while it loads: a zero page's check reads the page,
-# and reading a hole of a tmpfs file allocates and clears it, so a guest's untouched
-# region stalled the incoming stream for up to ~0.9 s per 2 GiB -- inside the pause when
-# QEMU's stop-and-copy fell there. Costs ~0.4 s per GiB while the target is prepared.
-INCOMING_PREALLOC = f",prealloc=on,prealloc-threads={max(1, min(os.cpu_count() or 1, 8))}"
 
 
 class QemuDriver:
@@ -199,9 +193,7 @@ class QemuDriver:
         """QEMU with ``-incoming defer -S``: paused, waiting for migrate-incoming."""
         return await self._launch(vm_id, spec, incoming=True)
 
-    def _command(
-        self, vm_id: str, spec: QemuSpec, ram_path: Path, vm_dir: Path, incoming: bool = False
-    ) -> list[str]:
+    def _command(self, vm_id: str, spec: QemuSpec, ram_path: Path, vm_dir: Path) -> list[str]:
         mib = spec.memory_bytes >> 20
         args = [
             qemu_binary(self.binary) or self.binary,
@@ -216,8 +208,7 @@ class QemuDriver:
             "-m",
             f"{mib}M",
             "-object",
-            f"memory-backend-file,id=ram0,size={mib}M,mem-path={ram_path},share=on"
-            + (INCOMING_PREALLOC if incoming else ""),
+            f"memory-backend-file,id=ram0,size={mib}M,mem-path={ram_path},share=on",
             "-kernel",
             spec.kernel,
             "-append",
@@ -271,7 +262,7 @@ class QemuDriver:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
             ram_path.unlink(missing_ok=True)
             qmp_path.unlink(missing_ok=True)
-            args = self._command(vm_id, spec, ram_path, vm_dir, incoming)
+            args = self._command(vm_id, spec, ram_path, vm_dir)
             if incoming:
                 args += ["-incoming", "defer", "-S"]
             pid = await self._spawn(vm_id, args, vm_dir)
