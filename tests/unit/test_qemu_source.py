@@ -309,6 +309,7 @@ def test_qemus_completion_event_starts_the_switchover_without_waiting_for_a_poll
             await asyncio.wait_for(
                 advance_when(FakeClock(), lambda: engine.completed_in_qemu, 0), 10
             )
+            assert engine.completed_in_qemu and "migrate_cancel" not in lab.qemu.commands
         finally:
             run.cancel()
             with contextlib.suppress(BaseException):
