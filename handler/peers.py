@@ -26,6 +26,7 @@ target node is *this* node, never a node of the same name in the peer cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -40,7 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from handler.migration.handoff import MigrationFailed
 from vmferry import pki
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
-from vmferry.migration_state import Field
+from vmferry.migration_state import Field, MigrationConfig
 from vmferry.pki.credentials import CertificateReloader, _read_pair
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,16 @@ REGISTRY_NAME = f"{PEERS_NAMESPACE}/{PEERS_CONFIGMAP}"
 def peer_cluster(ms: Mapping[str, Any]) -> str:
     """The other cluster of a cross-cluster hand-off; "" for an in-cluster one."""
     return str(ms.get(Field.PEER_CLUSTER) or "")
+
+
+def migration_config(ms: Mapping[str, Any]) -> MigrationConfig:
+    """The configuration a hand-off runs with, on either side: its
+    ``migrationConfiguration``, except that post-copy is never offered across clusters
+    (the guest would run at the target while its memory is still in the other cluster)."""
+    config = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION))
+    if peer_cluster(ms) and config.allow_post_copy:
+        config = dataclasses.replace(config, allow_post_copy=False)
+    return config
 
 
 def is_receiver(ms: Mapping[str, Any]) -> bool:

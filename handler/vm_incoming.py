@@ -42,14 +42,20 @@ from handler.drivers.base import Drivers, PostCopyHandle, VMHandle
 from handler.endpoint import MigrationEndpoint
 from handler.migration.handoff import HandoffRecord, MigrationFailed, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.peers import PeerRegistry, is_receiver, not_registered, peer_cluster
+from handler.peers import (
+    PeerRegistry,
+    is_receiver,
+    migration_config,
+    not_registered,
+    peer_cluster,
+)
 from vmferry import failpoints
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError, NotFound
 from vmferry.failpoints import Step
 from vmferry.informer import WorkQueue
 from vmferry.migration_network import not_ready_reason
-from vmferry.migration_state import Field, MigrationConfig, Switchover, VMIPhase, raw
+from vmferry.migration_state import Field, Switchover, VMIPhase, raw
 from vmferry.objects import conditions
 
 log = logging.getLogger(__name__)
@@ -192,7 +198,8 @@ class IncomingGuests:
         meta = vmi["metadata"]
         uid = ms[Field.MIGRATION_UID]
         record = HandoffRecord(self.api, meta["namespace"], meta["name"], uid)
-        network = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION)).network
+        config = migration_config(ms)
+        network = config.network
         peer = peer_cluster(ms)
         reason = None
         if peer and self.peers is not None and self.peers.get(peer) is None:
@@ -218,7 +225,9 @@ class IncomingGuests:
             return
         await record.patch({Field.TARGET_NODE_DOMAIN_DETECTED: True})
         driver = self.drivers.for_vmi(vmi)
-        handle = await driver.prepare_incoming_vmi(incoming_id(vmi, ms), vmi)
+        handle = await driver.prepare_incoming_vmi(
+            incoming_id(vmi, ms), vmi, postcopy=config.allow_post_copy
+        )
         inc = IncomingMigration(
             namespace=meta["namespace"],
             name=meta["name"],

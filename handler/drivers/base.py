@@ -377,8 +377,11 @@ class Driver(Protocol):
         """Boot a fresh guest for the VMI; returns when it is running."""
         ...
 
-    async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> VMHandle:
-        """Empty (zero) RAM and a guest process waiting, paused, for an incoming migration."""
+    async def prepare_incoming_vmi(
+        self, vm_id: str, vmi: dict[str, Any], *, postcopy: bool
+    ) -> VMHandle:
+        """Empty (zero) RAM and a guest process waiting, paused, for an incoming migration
+        (``postcopy``: the migration may switch to post-copy)."""
         ...
 
     async def adopt_all(self) -> Sequence[VMHandle]:

@@ -229,7 +229,9 @@ class MemVMDriver:
     async def start_vmi(self, vm_id: str, vmi: dict[str, Any]) -> MemVMHandle:
         return await self.start(vm_id, guest_spec(vmi))
 
-    async def prepare_incoming_vmi(self, vm_id: str, vmi: dict[str, Any]) -> MemVMHandle:
+    async def prepare_incoming_vmi(
+        self, vm_id: str, vmi: dict[str, Any], *, postcopy: bool
+    ) -> MemVMHandle:
         return await self.prepare_incoming(vm_id, guest_spec(vmi))
 
     def source_engine(

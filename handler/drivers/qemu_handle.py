@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass, field
@@ -224,6 +225,8 @@ class QemuHandle:
         self._qmp_stale = False  # a command failed on it: the next one opens a new session
         self._qmp_lock = asyncio.Lock()
         self._mm: mmap.mmap | None = None
+        self._mm_lock = threading.Lock()  # map_ram() runs in a worker thread
+        self._mm_closed = False
 
     @property
     def page_count(self) -> int:
@@ -313,18 +316,35 @@ class QemuHandle:
     # -- memory ---------------------------------------------------------------------------
 
     def ram(self) -> memoryview:
-        if self._mm is None:
-            fd = os.open(self.ram_path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                if size != self.qspec.memory_bytes:
-                    raise DriverError(
-                        f"{self.ram_path} is {size} bytes, expected {self.qspec.memory_bytes}"
-                    )
-                self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
-        return memoryview(self._mm)
+        return memoryview(self._mapping(populate=False))
+
+    def map_ram(self) -> None:
+        """Map the guest's RAM here with its page tables filled (``MAP_POPULATE``), so
+        that hashing it later -- the switchover's digest, inside the pause -- takes no
+        page fault per page: measured here, a fresh mapping's first digest of 2 GiB took
+        681 ms, a populated one's 70 ms. Blocking (the kernel fills the tables, ~0.3-0.8 s
+        per 2 GiB, without the GIL): call it in a worker thread, before the pause. A
+        mapping that exists already is kept (its pages were touched by its last digest).
+        Reading a hole of the tmpfs file allocates it, as the digest would."""
+        self._mapping(populate=True)
+
+    def _mapping(self, populate: bool) -> mmap.mmap:
+        with self._mm_lock:
+            if self._mm_closed:
+                raise DriverError(f"qemu {self.vm_id}: its RAM is unmapped (destroyed)")
+            if self._mm is None:
+                fd = os.open(self.ram_path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size != self.qspec.memory_bytes:
+                        raise DriverError(
+                            f"{self.ram_path} is {size} bytes, expected {self.qspec.memory_bytes}"
+                        )
+                    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+                    self._mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd)
+            return self._mm
 
     # -- control --------------------------------------------------------------------------
 
@@ -450,7 +470,7 @@ class QemuHandle:
     async def destroy(self) -> None:
         await self._disconnect()
         await self._kill()
-        mm, self._mm = self._mm, None
+        mm = self._take_mapping()
         self.close()
         # Unmapping a large guest's RAM and freeing its file's pages take a while (1 GiB:
         # tens of ms to unmap, ~230 ms to free the tmpfs pages here): not on the event loop.
@@ -468,9 +488,14 @@ class QemuHandle:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
+    def _take_mapping(self) -> mmap.mmap | None:
+        with self._mm_lock:
+            mm, self._mm = self._mm, None
+            self._mm_closed = True
+            return mm
+
     def close(self) -> None:
-        mm, self._mm = self._mm, None
-        unmap(mm, f"qemu {self.vm_id}: RAM")
+        unmap(self._take_mapping(), f"qemu {self.vm_id}: RAM")
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -41,14 +40,13 @@ from handler.migration.handoff import (
 from handler.migration.restart_record import consume_failure
 from handler.migration.stats import Stats
 from handler.net_counters import NetworkMeter
-from handler.peers import PeerRegistry, dial_credentials, peer_cluster
+from handler.peers import PeerRegistry, dial_credentials, migration_config, peer_cluster
 from vmferry import pki
 from vmferry.client import ApiClient
 from vmferry.errors import ApiError
 from vmferry.migration_state import (
     AbortStatus,
     Field,
-    MigrationConfig,
     MigrationMode,
     MigrationState,
     Switchover,
@@ -189,13 +187,11 @@ class SourceEngine(abc.ABC):
         self.target_node = state.target_node
         self.target_address = state.target_endpoint
         self.target_host = state.target_address
-        self.config = MigrationConfig.from_dict(ms.get(Field.MIGRATION_CONFIGURATION))
+        self.config = migration_config(ms)
         # Cross-cluster: the target is a node of this peer cluster (trusted through its
-        # registered CA only); post-copy is never offered across clusters.
+        # registered CA only).
         self.peers = peers
         self.peer_cluster = peer_cluster(ms)
-        if self.peer_cluster and self.config.allow_post_copy:
-            self.config = dataclasses.replace(self.config, allow_post_copy=False)
         self.record = HandoffRecord(api, self.ns, self.name, self.uid)
         self.token = ""  # read from the migration's Secret in run()
         self.abort_requested = asyncio.Event()

@@ -49,13 +49,15 @@ class FakeDriver:
 
     def __init__(self) -> None:
         self.prepared: list[str] = []
+        self.postcopy: list[bool] = []
         self.adopted: list[FakeHandle] = []
 
     def claims(self, vmi: Obj) -> bool:
         return True
 
-    async def prepare_incoming_vmi(self, vm_id: str, vmi: Obj) -> FakeHandle:
+    async def prepare_incoming_vmi(self, vm_id: str, vmi: Obj, *, postcopy: bool) -> FakeHandle:
         self.prepared.append(vm_id)
+        self.postcopy.append(postcopy)
         return FakeHandle(vm_id)
 
     async def adopt_all(self) -> list[FakeHandle]:
@@ -300,6 +302,33 @@ async def test_prepare_reads_the_token_from_the_secret(api: StoreApi, tmp_path: 
     assert target.driver.prepared == [incoming_id(vmi, vmi["status"]["migrationState"])]
     ms = (await api.get("VirtualMachineInstance", "default", "vm"))["status"]["migrationState"]
     assert ms[Field.TARGET_NODE_ADDRESS] == "10.0.0.2" and ms[Field.TARGET_NODE_PORT] == 7444
+
+
+@pytest.mark.parametrize(
+    ("ms", "postcopy"),
+    [
+        ({}, False),
+        ({Field.MIGRATION_CONFIGURATION: {ConfigKey.ALLOW_POST_COPY: True}}, True),
+        # never across clusters, whatever the configuration says (as the source decides)
+        (
+            {
+                Field.MIGRATION_CONFIGURATION: {ConfigKey.ALLOW_POST_COPY: True},
+                Field.PEER_CLUSTER: "cluster1",
+            },
+            False,
+        ),
+    ],
+)
+@with_api
+async def test_prepare_tells_the_driver_whether_post_copy_may_follow(
+    api: StoreApi, tmp_path: Path, ms: Obj, postcopy: bool
+) -> None:
+    """The QEMU driver preallocates a target's RAM only when post-copy cannot follow."""
+    target = Target(api, RestartRecords(tmp_path / "incoming"))
+    await store_token(api)
+    vmi = await store_vmi(api, ms)
+    await target.guests.reconcile(vmi, vmi["status"]["migrationState"])
+    assert target.driver.postcopy == [postcopy]
 
 
 async def store_token(api: StoreApi) -> None:
