@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 
 from handler import qemu_verify
-from handler.drivers.base import GuestError
+from handler.drivers.base import DriverError, GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
 from handler.migration import channels, tunnel
 from handler.migration.convergence import TimeoutWatch, Verdict
@@ -64,7 +64,7 @@ RESUMED_TIMEOUT = 30.0
 QEMU_ACTIVE = "active"
 QEMU_POSTCOPY_ACTIVE = "postcopy-active"
 QEMU_COMPLETED = "completed"
-QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover (storage migration)
+QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover: the guest is stopped
 QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
 POSTCOPY_BEFORE_HANDOFF = (QEMU_POSTCOPY_ACTIVE, "postcopy-paused", "postcopy-recover")
@@ -95,8 +95,12 @@ class QemuSourceMigration(SourceEngine):
             api, node_name, vmi, handle, tls, on_progress=on_progress, clock=clock, peers=peers
         )
         self.driver = driver
-        self.plan = QemuPlan.from_config(self.config)
         self.verify = handle.qspec.verify
+        self.plan = QemuPlan.from_config(
+            self.config,
+            memory_bytes=handle.qspec.memory_bytes,
+            verify=self.verify != VERIFY_OFF,
+        )
         self.repaired_pages = 0
         self.completed_in_qemu = False  # source paused in postmigrate
         self._channels: list[TunnelChannel] = []
@@ -110,6 +114,10 @@ class QemuSourceMigration(SourceEngine):
         self._writers: list[asyncio.StreamWriter] = []
         self.storage: StorageSource | None = None  # a storage migration's mirrored disks
         self.postcopy = QemuPostCopy(self)
+        # The source's page digests, started when QEMU stopped the guest (pre-switchover)
+        self._source_digest: asyncio.Future[qemu_verify.PageDigests] | None = None
+        self._switchover_continued = False  # migrate-continue was sent
+        self._downtime_limit = self.plan.downtime_at(1)  # QEMU's, as last set
 
     def _memory_bytes(self) -> int:
         return self.qemu.qspec.memory_bytes
@@ -137,6 +145,8 @@ class QemuSourceMigration(SourceEngine):
             w.close()
 
     async def _cleanup(self) -> None:
+        if self._source_digest is not None and not self._source_digest.done():
+            self._source_digest.cancel()
         if self.storage is not None:
             await self.storage.close()
         self._close_streams()
@@ -190,8 +200,10 @@ class QemuSourceMigration(SourceEngine):
             self._accept, path=str(self._sock), limit=tunnel.READ_LIMIT
         )
         h = self.qemu
+        if self.verify != VERIFY_OFF:  # the digest at the pause: no page fault per page
+            self._spawn(self._map_ram())
         capabilities = self.plan.capabilities()
-        if await self._start_mirrors():
+        if await self._start_mirrors() or self._digests_at_stop():
             capabilities.append({"capability": "pause-before-switchover", "state": True})
         await h.qmp("migrate-set-capabilities", {"capabilities": capabilities})
         await h.qmp("migrate-set-parameters", self.plan.parameters())
@@ -215,6 +227,14 @@ class QemuSourceMigration(SourceEngine):
             ) from None
         if self._accept_error is not None:
             raise self._accept_error
+
+    async def _map_ram(self) -> None:
+        """The RAM mapped here with its page tables filled, while pre-copy runs (a guest
+        that never migrated has no mapping yet; QemuHandle.map_ram)."""
+        try:
+            await asyncio.to_thread(self.qemu.map_ram)
+        except (OSError, DriverError) as e:  # the digest maps it then, page by page
+            log.warning("migration %s: cannot map the guest's RAM ahead: %s", self.uid, e)
 
     async def _start_mirrors(self) -> bool:
         """A storage migration (``handler.migration.storage``): mirror the disks whose
@@ -361,11 +381,10 @@ class QemuSourceMigration(SourceEngine):
                 status = info.get("status", "")
                 self._absorb(info)
                 self._report()
-                if status == QEMU_PRE_SWITCHOVER and self.storage and not self.storage.completed:
-                    t0 = self.clock()
-                    await self.storage.complete()  # the guest is paused: mirrors complete
-                    self.stats.downtime_parts["mirror_complete"] = self.clock() - t0
-                    await h.qmp("migrate-continue", {"state": QEMU_PRE_SWITCHOVER})
+                if status == QEMU_ACTIVE and self.mode is MigrationMode.PRE_COPY:
+                    await self._ramp_downtime()
+                if status == QEMU_PRE_SWITCHOVER and not self._switchover_continued:
+                    await self._pre_switchover()
                     continue
                 if status == QEMU_COMPLETED:
                     self.completed_in_qemu = True
@@ -413,6 +432,33 @@ class QemuSourceMigration(SourceEngine):
             failing = Verdict.TOO_LONG if verdict is Verdict.POST_COPY else verdict
             raise MigrationFailed(watch.message(failing, now, remaining))
 
+    async def _ramp_downtime(self) -> None:
+        """QEMU's downtime-limit for the pass it is in (QemuPlan.downtime_at)."""
+        limit = self.plan.downtime_at(self.stats.rounds)
+        if limit != self._downtime_limit:
+            await self.qemu.qmp("migrate-set-parameters", {"downtime-limit": limit})
+            self._downtime_limit = limit
+
+    def _digests_at_stop(self) -> bool:
+        """Hash the source's RAM from the moment QEMU stops the guest, while its last
+        pass runs (not in post-copy: there the pause before switching is post-copy's)."""
+        return self.verify != VERIFY_OFF and not self.plan.postcopy
+
+    async def _pre_switchover(self) -> None:
+        """QEMU stopped the guest, drained and flushed its devices, and waits before its
+        last pass (``pause-before-switchover``): nothing writes the guest's RAM here any
+        more. The source's digest starts now, in the shadow of QEMU's stop-and-copy
+        (which reads the same frozen RAM) instead of after it; a storage migration's
+        mirrors complete; then QEMU goes on."""
+        if self._digests_at_stop() and self._source_digest is None:
+            self._source_digest = asyncio.ensure_future(self._timed_digest())
+        if self.storage is not None and not self.storage.completed:
+            t0 = self.clock()
+            await self.storage.complete()  # the guest is paused: mirrors complete
+            self.stats.downtime_parts["mirror_complete"] = self.clock() - t0
+        await self.qemu.qmp("migrate-continue", {"state": QEMU_PRE_SWITCHOVER})
+        self._switchover_continued = True
+
     def _absorb(self, info: Obj) -> None:
         """query-migrate's RAM figures into Stats (QEMU's own rates: ``mbps`` is live;
         ``dirty-pages-rate`` is measured at each dirty sync, so it reads 0 during the
@@ -445,8 +491,8 @@ class QemuSourceMigration(SourceEngine):
         parts = self.stats.downtime_parts
         t0 = self.clock()
         ch0 = self._channels[0]
-        digest_task: asyncio.Future[qemu_verify.PageDigests] | None = None
-        if self.verify != VERIFY_OFF:  # both sides hash at once: start ours right away
+        digest_task = self._source_digest  # started when QEMU stopped the guest
+        if digest_task is None and self.verify != VERIFY_OFF:  # else: now
             digest_task = asyncio.ensure_future(self._timed_digest())
         try:
             for ch in self._channels:  # every byte QEMU wrote is on its way

@@ -65,6 +65,16 @@ class FakeQemu:
         self.channels = 1
         self.resumes: list[Obj] = []  # arguments of each migrate with resume
         self.events: asyncio.Queue[str] = asyncio.Queue()  # QEMU's MIGRATION events
+        self.arguments: dict[str, Obj] = {}  # the last arguments of each command
+        self.memory = bytearray(self.qspec.memory_bytes)
+        self.mapped = False  # map_ram() was called
+        self.passes = 1  # query-migrate's dirty-sync-count
+
+    def ram(self) -> memoryview:
+        return memoryview(self.memory)
+
+    def map_ram(self) -> None:
+        self.mapped = True  # (in a worker thread)
 
     def console_mtime_ns(self) -> int:
         return 0
@@ -85,6 +95,7 @@ class FakeQemu:
 
     async def qmp(self, command: str, arguments: Obj | None = None) -> Any:
         self.commands.append(command)
+        self.arguments[command] = arguments or {}
         if command == "migrate" and (arguments or {}).get("resume"):
             self.resumes.append(arguments or {})
             uri = (arguments or {})["uri"].removeprefix("unix:")
@@ -97,13 +108,20 @@ class FakeQemu:
                 _, writer = await asyncio.open_unix_connection(uri)
                 self.connections.append(writer)
             self.set_migration("active")
+        elif command == "migrate-continue":
+            self.set_migration("device")
         elif command == "migrate_cancel":
             self.set_migration("cancelled")
         elif command == "migrate-start-postcopy":
             self.set_migration("postcopy-active")
             self.state = "paused"  # the guest runs on the target now
         elif command == "query-migrate":
-            ram = {"total": self.qspec.memory_bytes, "remaining": self.remaining, "mbps": 80.0}
+            ram = {
+                "total": self.qspec.memory_bytes,
+                "remaining": self.remaining,
+                "mbps": 80.0,
+                "dirty-sync-count": self.passes,
+            }
             return {**self.migration, "ram": ram}
         return {}
 
@@ -310,6 +328,116 @@ def test_qemus_completion_event_starts_the_switchover_without_waiting_for_a_poll
                 advance_when(FakeClock(), lambda: engine.completed_in_qemu, 0), 10
             )
             assert engine.completed_in_qemu and "migrate_cancel" not in lab.qemu.commands
+        finally:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+
+    in_lab(tmp_path, body)
+
+
+def capabilities(qemu: FakeQemu) -> dict[str, bool]:
+    caps = qemu.arguments["migrate-set-capabilities"]["capabilities"]
+    return {c["capability"]: c["state"] for c in caps}
+
+
+def test_the_source_digest_starts_when_qemu_stops_the_guest(tmp_path: Path) -> None:
+    """With verification, QEMU pauses before its last pass (pause-before-switchover):
+    the source hashes its frozen RAM from there, in the stop-and-copy's shadow, and lets
+    QEMU go on once."""
+
+    async def body(lab: QemuLab) -> None:
+        engine = await lab.engine({}, FakeClock())
+        run = asyncio.create_task(engine.run())
+        try:
+
+            def polled() -> bool:
+                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
+
+            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
+            assert capabilities(lab.qemu)["pause-before-switchover"] is True
+            assert engine._source_digest is None
+            lab.qemu.set_migration("pre-switchover")
+            await asyncio.wait_for(
+                advance_when(FakeClock(), lambda: "migrate-continue" in lab.qemu.commands, 0), 10
+            )
+            digest = engine._source_digest
+            assert digest is not None
+            pages = await asyncio.wait_for(digest, 20)
+            assert len(pages) == lab.qemu.qspec.memory_bytes // 4096
+            for _ in range(5):  # pre-switchover seen again by a late poll: no second continue
+                await asyncio.sleep(0.01)
+            assert lab.qemu.commands.count("migrate-continue") == 1
+            assert engine._source_digest is digest and not engine.completed_in_qemu
+            assert lab.qemu.mapped  # its page tables filled during pre-copy
+        finally:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+
+    in_lab(tmp_path, body)
+
+
+@pytest.mark.parametrize(("config", "verify"), [({"allowPostCopy": True}, "repair"), ({}, "off")])
+def test_no_pause_before_switchover_in_post_copy_or_without_verification(
+    tmp_path: Path, config: Obj, verify: str
+) -> None:
+    """Post-copy's switch pauses in pre-switchover too (it is not the last pass), and
+    without verification there is nothing to start there."""
+
+    async def body(lab: QemuLab) -> None:
+        lab.qemu.qspec.verify = verify
+        engine = await lab.engine({"progressTimeout": 5, **config}, FakeClock())
+        run = asyncio.create_task(engine.run())
+        try:
+            await asyncio.wait_for(
+                advance_when(FakeClock(), lambda: bool(lab.tunnel.opened), 0), 20
+            )
+            assert capabilities(lab.qemu).get("pause-before-switchover") is None
+        finally:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+
+    in_lab(tmp_path, body)
+
+
+def test_qemus_downtime_limit_grows_as_qemu_makes_passes(tmp_path: Path) -> None:
+    async def body(lab: QemuLab) -> None:
+        engine = await lab.engine({}, FakeClock())
+        run = asyncio.create_task(engine.run())
+        try:
+
+            def polled() -> bool:
+                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
+
+            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
+            first = lab.qemu.arguments["migrate-set-parameters"]["downtime-limit"]
+            assert first == engine.plan.downtime_at(1) < engine.plan.downtime_ms
+            lab.qemu.passes = 3
+            await asyncio.wait_for(
+                advance_when(
+                    FakeClock(),
+                    lambda: (
+                        lab.qemu.arguments["migrate-set-parameters"].get("downtime-limit")
+                        == engine.plan.downtime_at(3)
+                    ),
+                    0,
+                ),
+                10,
+            )
+            lab.qemu.passes = 50
+            await asyncio.wait_for(
+                advance_when(
+                    FakeClock(),
+                    lambda: (
+                        lab.qemu.arguments["migrate-set-parameters"].get("downtime-limit")
+                        == engine.plan.downtime_ms
+                    ),
+                    0,
+                ),
+                10,
+            )
         finally:
             run.cancel()
             with contextlib.suppress(BaseException):

@@ -117,9 +117,10 @@ def test_plan_maps_the_migration_configuration_onto_qemu() -> None:
     )
     assert plan.parameters() == {
         "max-bandwidth": 64 << 20,
-        "downtime-limit": 150,
+        "downtime-limit": 30,  # the first pass's (QemuPlan.downtime_at)
         "multifd-channels": 3,
     }
+    assert plan.downtime_ms == 150 - 20  # the hand-off's share of the budget is not QEMU's
     caps = {c["capability"]: c["state"] for c in plan.capabilities()}
     assert caps == {"auto-converge": True, "postcopy-ram": False, "multifd": True, "events": True}
     assert plan.channel_count == 4
@@ -129,6 +130,33 @@ def test_plan_maps_the_migration_configuration_onto_qemu() -> None:
     )
     assert post.multifd_channels == 0 and post.postcopy and post.channel_count == 1
     assert post.parameters()["max-bandwidth"] > 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("budget", "memory", "verify", "limit"),
+    [
+        (300, 512 << 20, True, 300 - 20 - 75),  # 150 ms per GiB for the verification
+        (300, 512 << 20, False, 300 - 20),
+        (300, 2 << 30, True, 100),  # the verification alone is the budget: QEMU's floor
+        (1000, 2 << 30, True, 1000 - 20 - 300),
+        (50, 512 << 20, True, 50),  # never more than the budget
+    ],
+)
+def test_qemus_downtime_limit_is_the_budget_less_the_switchover(
+    budget: int, memory: int, verify: bool, limit: int
+) -> None:
+    config = MigrationConfig.from_dict({"downtimeBudgetMilliseconds": budget})
+    plan = QemuPlan.from_config(config, memory_bytes=memory, verify=verify)
+    assert plan.downtime_ms == limit
+
+
+def test_qemus_downtime_limit_grows_with_each_pass_to_the_whole() -> None:
+    config = MigrationConfig.from_dict({"downtimeBudgetMilliseconds": 300})
+    plan = QemuPlan.from_config(config, memory_bytes=512 << 20, verify=True)
+    limits = [plan.downtime_at(n) for n in range(0, 9)]
+    assert limits == [30, 30, 65, 100, 135, 170, 205, 205, 205]
+    small = QemuPlan.from_config(MigrationConfig.from_dict({"downtimeBudgetMilliseconds": 20}))
+    assert {small.downtime_at(n) for n in range(1, 9)} == {20}  # never above the budget
 
 
 def test_qemu_spec_validation_names_the_field() -> None:
