@@ -5,13 +5,17 @@ pages the target lacks; the VM needs both halves until every page has arrived. A
 restarted in the middle must therefore resume post-copy, not end it:
 
 - source side: the paused guest (adopted as an ordinary guest) is given a source engine
-  again (``MemvmSourceMigration.readopt_postcopy``): it reconnects to the target
-  (Hello.resume), pushes what the target reports missing and finishes the migration as
-  usual (PostCopyDone → completed → the source guest destroyed);
+  again (``SourceEngine.readopt_postcopy``): memvm's reconnects to the target
+  (Hello.resume) and pushes what the target reports missing; QEMU's recovers QEMU's
+  paused post-copy on a new tunnel stream (``QemuPostCopy.rejoin``); both finish the
+  migration as usual (PostCopyDone → completed → the source guest destroyed);
 - target side: the guest found running with its post-copy bitmaps (``GuestStatus.postcopy``)
   is registered again in PostCopyRunning (``IncomingMigration.readopted_postcopy``) from
   its restart record, so the source's reconnect finds it; a guest that was committed but
-  not yet resumed is resumed in post-copy from the record first.
+  not yet resumed is resumed in post-copy from the record first. A QEMU guest moves its
+  pages itself and has no bitmaps to show: its post-copy restart record says it (never
+  taken for a finished post-copy), and the source's recovery stream (Open.resume) then
+  runs ``migrate-recover`` on it as after a network break.
 
 Only when the memory is really gone is the VM declared lost: the migration failed (the
 source gave up after postCopyRecoveryWindowSeconds, or — the source host lost — no source
@@ -35,12 +39,12 @@ from handler.drivers.base import (
     Drivers,
     EngineContext,
     GuestError,
+    PostCopyHandle,
     VMHandle,
     postcopy,
 )
 from handler.migration.handoff import HandoffRecord, read_token
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
-from handler.migration.memvm_source import MemvmSourceMigration
 from handler.migration.postcopy_source import mark_vmi_lost
 from handler.migration.source import ProgressCallback, SourceEngine
 from handler.peers import holds_source, holds_target
@@ -161,9 +165,8 @@ class PostCopyKeeper:
                 copy.deepcopy(vmi),
                 handle,
             )
-            if not isinstance(engine, MemvmSourceMigration):
-                return False  # only memvm runs post-copy
-            engine.readopt_postcopy()
+            if not engine.readopt_postcopy():
+                return False
             log.info(
                 "migration %s: post-copy re-adopted: the paused guest here serves the pages "
                 "%s still lacks",
@@ -188,6 +191,8 @@ class PostCopyKeeper:
         if inc is None:
             handle = self.adopted.get(uid)
             waiting = self.orphans.get(incoming_id(vmi, ms)) if mig_uid else None
+            if handle is None and waiting is None:
+                handle = await self._self_paging_guest(ms, uid)
             if handle is None and waiting is None:
                 await self._complete_if_unrecorded(vmi, ms, uid)
                 return False
@@ -223,6 +228,16 @@ class PostCopyKeeper:
             await self._stop_lost(vmi, ms, uid, inc.handle)
             return True
         return False
+
+    async def _self_paging_guest(self, ms: Obj, uid: str) -> VMHandle | None:
+        """The guest running here after a restart whose driver moves its post-copy pages
+        itself (QEMU: no bitmaps for ``GuestStatus.postcopy``), when its restart record
+        says post-copy: its post-copy is not done, whatever the guest's status shows."""
+        guest = self.handles.get(uid)
+        if guest is None or isinstance(guest, PostCopyHandle) or not active(ms):
+            return None
+        record = await asyncio.to_thread(self.incoming.records.read, ms[Field.MIGRATION_UID])
+        return guest if record is not None and record.postcopy else None
 
     async def _complete_if_unrecorded(self, vmi: Obj, ms: Obj, uid: str) -> None:
         """Every page arrived here (the guest runs without its post-copy bitmaps and no
@@ -265,12 +280,17 @@ class PostCopyKeeper:
             return False
         guest = handle or waiting
         assert guest is not None
+        missing = "its QEMU knows how many"
         try:
-            pc = postcopy(guest, f"migration {mig_uid}")
-            missing = pc.missing_pages()
-            if handle is None:  # committed, not yet resumed when the handler went away
+            if isinstance(guest, PostCopyHandle):  # vmferry moves the pages
+                pc = postcopy(guest, f"migration {mig_uid}")
+                missing = str(len(pc.missing_pages()))
+                if handle is None:  # committed, not yet resumed when the handler went away
+                    self.orphans.pop(guest.vm_id, None)
+                    await pc.resume_postcopy(record.device_state)
+            elif handle is None:  # QEMU moves them itself: only its guest is started here
                 self.orphans.pop(guest.vm_id, None)
-                await pc.resume_postcopy(record.device_state)
+                await guest.resume(record.device_state)
         except (DriverError, GuestError) as e:
             log.error("migration %s: cannot re-adopt the post-copy guest: %s", mig_uid, e)
             return False
@@ -291,9 +311,9 @@ class PostCopyKeeper:
         self.adopted.pop(uid, None)
         self.done_since.pop(mig_uid, None)
         log.info(
-            "migration %s: post-copy guest re-adopted with its receiver; %d pages missing",
+            "migration %s: post-copy guest re-adopted with its receiver; pages missing: %s",
             mig_uid,
-            len(missing),
+            missing,
         )
         if (vmi.get("status") or {}).get("nodeName") != self.node:
             record_ = HandoffRecord(self.api, meta["namespace"], meta["name"], mig_uid)

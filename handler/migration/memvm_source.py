@@ -52,7 +52,7 @@ from handler.peers import PeerRegistry
 from vmferry import failpoints, pki
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
-from vmferry.migration_state import Compression, Field, MigrationMode, raw
+from vmferry.migration_state import Compression, MigrationMode
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,6 @@ log = logging.getLogger(__name__)
 VERIFY_TIMEOUT = 60.0  # s for the target to hash and answer Verified
 RESUMED_TIMEOUT = 30.0  # s; after that the target resumes from the arbiter record anyway
 MONITOR_PERIOD = 0.4  # s between timeout checks (KubeVirt's monitor period)
-# migrationState.transfer figures a re-adopted post-copy engine reports over the recorded
-RESUMED_FIGURES = (
-    "dataRemainingBytes",
-    "postCopyStallMilliseconds",
-    "postCopyFaults",
-    "postCopyInterruptions",
-)
 
 
 class MemvmSourceMigration(SourceEngine):
@@ -118,20 +111,15 @@ class MemvmSourceMigration(SourceEngine):
         self.watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, clock())
         self.disconnected_since: float | None = None  # a pre-copy drop being ridden out
         self._tg: asyncio.TaskGroup | None = None  # the migration's (channel readers)
-        self.readopted = False  # a restarted handler's engine, resuming post-copy
 
-    def readopt_postcopy(self) -> None:
-        """Make this engine the one of a migration found in post-copy after a handler
-        restart: the hand-off was committed (the guest runs on the target), the paused
-        guest here holds the pages the target lacks. ``run()`` then reconnects and pushes
-        them (PostCopy.resume) instead of starting a migration."""
-        self.readopted = True
+    def readopt_postcopy(self) -> bool:
+        """``run()`` reconnects and pushes the pages the target lacks (PostCopy.resume)
+        instead of starting a migration."""
+        super().readopt_postcopy()
         self.paused = self.switching = True
-        self.committed = self.postcopy_active = True
-        self.mode = MigrationMode.POST_COPY
-        before = raw(self.vmi).get(Field.TRANSFER) or {}
-        # The restart counts as an interruption of post-copy.
-        self.stats.postcopy_interruptions = int(before.get("postCopyInterruptions", 0)) + 1
+        self.postcopy_active = True
+        self.stats.postcopy_interruptions += 1  # the restart is an interruption of post-copy
+        return True
 
     @property
     def channels(self) -> list[Channel]:
@@ -145,25 +133,6 @@ class MemvmSourceMigration(SourceEngine):
             self._check_abort()
 
     # -- the migration ----------------------------------------------------------------------
-
-    async def _mark_started(self) -> bool:
-        if self.readopted:  # started by the previous incarnation of this handler
-            return True
-        return await super()._mark_started()
-
-    def _transfer_status(self) -> dict[str, object]:
-        """A re-adopted engine knows only what it did itself: the figures of pre-copy
-        and of the switch (digests, downtime, rounds) stay as recorded."""
-        now = super()._transfer_status()
-        if not self.readopted:
-            return now
-        before = dict(raw(self.vmi).get(Field.TRANSFER) or {})
-        for key in RESUMED_FIGURES:
-            if key in now:
-                before[key] = now[key]
-        if "wireBytes" in now:
-            before["wireBytes"] = int(before.get("wireBytes", 0)) + int(now["wireBytes"])
-        return before
 
     async def _migrate(self) -> None:
         if self.readopted:

@@ -104,6 +104,16 @@ class QemuPostCopy:
         await self._until_completed()
         await self._end(t0)
 
+    async def rejoin(self) -> None:
+        """The engine of a handler restarted in post-copy (``readopt_postcopy``): QEMU's
+        connection died with the previous handler, so QEMU pauses its post-copy
+        (``postcopy-paused``) if it had not completed; recover it on a new tunnel stream
+        as after a network break (the target waits for that within the recovery window),
+        then run to the end."""
+        t0 = self.engine.clock()
+        await self._until_completed()
+        await self._end(t0)
+
     async def _wait_started(self) -> None:
         """Until the source QEMU is postcopy-active (its guest stopped)."""
         e = self.engine
@@ -214,6 +224,9 @@ class QemuPostCopy:
         finally:
             self.resuming = None
         log.info("migration %s: post-copy resumes on a new tunnel stream", e.uid)
+        if not e._channels:  # the first stream of a re-adopted engine (rejoin)
+            e._channels.append(ch)
+            return
         old, e._channels[0] = e._channels[0], ch
         self.retired_bytes += old.sent + old.received
         old.call.cancel()  # its pumps end (QEMU may have paused with the stream still up)
@@ -228,12 +241,14 @@ class QemuPostCopy:
         """QEMU completed: tell the target, wait for its QEMU to complete too, destroy the
         source, record the success."""
         e = self.engine
-        ch0 = e._channels[0]
         for ch in e._channels:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DONE_TIMEOUT):
                     await ch.upstream_done.wait()
         try:
+            if not e._channels:  # a re-adopted engine whose QEMU had completed already
+                raise MigrationFailed("QEMU completed before this handler's restart")
+            ch0 = e._channels[0]
             await ch0.write(pb.TunnelSourceFrame(postcopy_end=pb.PostCopyEnd()))
             frame = await ch0.next_control(DONE_TIMEOUT, "PostCopyDone")
             if frame.WhichOneof("frame") != "postcopy_done":

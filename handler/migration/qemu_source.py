@@ -128,6 +128,11 @@ class QemuSourceMigration(SourceEngine):
     async def _migrate(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            if self.readopted:  # a restarted handler: QEMU's post-copy goes on (rejoin)
+                await self._listen()
+                await self.postcopy.rejoin()
+                self._close_streams()
+                return
             await self._start()
             await self._monitor()
             if self.mode is MigrationMode.POST_COPY:
@@ -170,7 +175,7 @@ class QemuSourceMigration(SourceEngine):
             out["mirroredDisks"] = [d.name for d in self.storage.disks]
             out["repairedDiskBlocks"] = self.storage.repaired_blocks
             out["diskMirrorMilliseconds"] = round(self.storage.mirror_seconds * 1000)
-        return out
+        return self._with_recorded_figures(out)
 
     def _refresh_stats(self) -> None:
         self.stats.wire_bytes = self.postcopy.retired_bytes + sum(
@@ -180,14 +185,7 @@ class QemuSourceMigration(SourceEngine):
     # -- start: tunnel + QEMU -------------------------------------------------------------
 
     async def _start(self) -> None:
-        self._grpc = channels.dial(
-            self.target_address,
-            self.target_node,
-            self.dial_credentials(),
-            list(grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)),
-        )
-        self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sock.unlink(missing_ok=True)
+        await self._listen()
         # every multifd channel on its own connection (channels.connect: streams on one
         # HTTP/2 connection share its flow control and its one TLS stream)
         self._multifd_conns = channels.connect(
@@ -195,9 +193,6 @@ class QemuSourceMigration(SourceEngine):
             self.target_node,
             self.dial_credentials(),
             self.plan.multifd_channels,
-        )
-        self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self._sock), limit=tunnel.READ_LIMIT
         )
         h = self.qemu
         if self.verify != VERIFY_OFF:  # the digest at the pause: no page fault per page
@@ -227,6 +222,20 @@ class QemuSourceMigration(SourceEngine):
             ) from None
         if self._accept_error is not None:
             raise self._accept_error
+
+    async def _listen(self) -> None:
+        """The connection to the target and the unix socket QEMU's connections come to."""
+        self._grpc = channels.dial(
+            self.target_address,
+            self.target_node,
+            self.dial_credentials(),
+            list(grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS)),
+        )
+        self._sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sock.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=str(self._sock), limit=tunnel.READ_LIMIT
+        )
 
     async def _map_ram(self) -> None:
         """The RAM mapped here with its page tables filled, while pre-copy runs (a guest

@@ -214,8 +214,14 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             resumed = self.states.get(inc.migration_uid)
             if not inc.state.guest_runs_here:
                 raise ProtocolError(f"Open.resume in state {inc.state} (not a running post-copy)")
-            if resumed is None or hello.channel_id != 0:
+            if hello.channel_id != 0:
                 raise ProtocolError("Open.resume for a channel this migration does not have")
+            if resumed is None:  # re-adopted after this handler's restart (vm_postcopy.py)
+                resumed = TunnelState(
+                    inc, inc.handle, 1, hello.verify, self.driver.sock_path(inc.handle.vm_id, "in")
+                )
+                resumed.started = resumed.postcopy = True
+                self.states[inc.migration_uid] = resumed
             return resumed
         if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
             raise ProtocolError("Open.verify is unspecified or unknown")
@@ -550,9 +556,11 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
         self, inc: IncomingMigration, to: TargetState = TargetState.VERIFIED
     ) -> None:
         """Verified, once the restart record is on disk (the device state travels in
-        QEMU's stream: the record holds none)."""
+        QEMU's stream: the record holds none; ``postcopy``: a restarted handler takes the
+        post-copy up again, vm_postcopy.py)."""
+        postcopy = to is TargetState.POSTCOPY_VERIFIED
         written = self.incoming.records.write_soon(
-            inc.migration_uid, RestartRecord(inc.handle.vm_id, b"")
+            inc.migration_uid, RestartRecord(inc.handle.vm_id, b"", postcopy=postcopy)
         )
         if written is not None:
             await written

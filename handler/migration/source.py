@@ -60,6 +60,13 @@ Clock = Callable[[], float]
 ProgressCallback = Callable[[Obj, Stats], None]
 
 PROGRESS_PERIOD = 0.5  # s between progress writes into the VMI status
+# migrationState.transfer figures a re-adopted post-copy engine reports over the recorded
+RESUMED_FIGURES = (
+    "dataRemainingBytes",
+    "postCopyStallMilliseconds",
+    "postCopyFaults",
+    "postCopyInterruptions",
+)
 ABORT_FRAME_TIMEOUT = 1.0  # s to tell each channel's target stream why we stop
 CANCELED = "migration canceled by the user"
 
@@ -198,6 +205,7 @@ class SourceEngine(abc.ABC):
         self.stats = Stats(total_bytes=self._memory_bytes())
         self.mode = MigrationMode.PRE_COPY
         self.committed = False  # the arbiter recorded Committed: the target owns the VM
+        self.readopted = False  # a restarted handler's engine, resuming post-copy
         # This handler's VMI watch showed Committed recorded for this migration (observe)
         self.decision_seen = False
         # While _commit waits: done once the decision is known (the answer, or observe)
@@ -248,9 +256,36 @@ class SourceEngine(abc.ABC):
         VM and the migration stands; nothing to record here."""
         log.info("migration %s: %s (after the hand-off; the VM is the target's)", self.uid, reason)
 
+    def readopt_postcopy(self) -> bool:
+        """Make this engine the one of a migration found in post-copy after a handler
+        restart (vm_postcopy.py): the hand-off was committed (the guest runs on the
+        target), the paused guest here holds the pages the target lacks; ``run()`` then
+        serves them to the end instead of starting a migration. False: this driver's
+        engine cannot."""
+        self.readopted = True
+        self.committed = True
+        self.mode = MigrationMode.POST_COPY
+        before = raw(self.vmi).get(Field.TRANSFER) or {}
+        self.stats.postcopy_interruptions = int(before.get("postCopyInterruptions", 0))
+        return True
+
     def _transfer_status(self) -> Obj:
-        """The ``transfer`` field (a driver may add to Stats.as_status())."""
-        return self.stats.as_status()
+        """The ``transfer`` field (a driver may add to Stats.as_status(), then pass it
+        through _with_recorded_figures)."""
+        return self._with_recorded_figures(self.stats.as_status())
+
+    def _with_recorded_figures(self, now: Obj) -> Obj:
+        """A re-adopted engine knows only what it did itself: the figures of pre-copy
+        and of the switch (digests, downtime, rounds) stay as recorded."""
+        if not self.readopted:
+            return now
+        before = dict(raw(self.vmi).get(Field.TRANSFER) or {})
+        for key in RESUMED_FIGURES:
+            if key in now:
+                before[key] = now[key]
+        if "wireBytes" in now:
+            before["wireBytes"] = int(before.get("wireBytes", 0)) + int(now["wireBytes"])
+        return before
 
     def _refresh_stats(self) -> None:
         """Bring Stats up to date before it is reported (default: it is, batch by batch)."""
@@ -293,6 +328,8 @@ class SourceEngine(abc.ABC):
 
     async def _mark_started(self) -> bool:
         """Record startTimestamp unless the migration was failed/canceled meanwhile."""
+        if self.readopted:  # started by the previous incarnation of this handler
+            return True
         started = await self.record.mark_started(
             {Field.MODE: self.mode, Field.TRANSFER: self._transfer_status()}
         )

@@ -12,7 +12,13 @@ the source, which keeps post-copy going for seconds here, long enough to cut it.
 - node2 → node3 through a relay: the migration network is cut in post-copy and restored
   3 s later; both QEMUs pause (postcopy-paused), the source resumes QEMU's migration
   (``migrate`` with ``resume``) on a new tunnel stream, the target runs
-  ``migrate-recover``, and the migration Succeeds with one interruption; the guest runs on.
+  ``migrate-recover``, and the migration Succeeds with one interruption; the guest runs on;
+- node3 → node1: the source's handler is killed in post-copy and started again; its
+  successor re-adopts QEMU's paused post-copy (vm_postcopy.py, ``QemuPostCopy.rejoin``)
+  and recovers it the same way: the migration Succeeds, the guest runs on at node1;
+- node1 → node2: the target's handler is killed in post-copy and started again; its
+  successor registers the running guest again from its post-copy restart record, the
+  source's recovery stream finds it: the migration Succeeds, the guest runs on at node2.
 """
 
 from __future__ import annotations
@@ -166,4 +172,26 @@ def test_a_cut_in_post_copy_recovers_on_a_new_tunnel_stream(
     finally:
         relay.restore()
     transfer = assert_runs_on(lab, vmim, guest, "node3")
+    assert transfer.get("postCopyInterruptions", 0) >= 1, transfer
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("source", "target", "killed"),
+    [("node3", "node1", "node3"), ("node1", "node2", "node2")],
+    ids=["source", "target"],
+)
+def test_a_handler_restarted_in_post_copy_takes_it_up_again(
+    lab: LabHarness, guest: str, source: str, target: str, killed: str
+) -> None:
+    assert lab.get("vmi", NAME)["status"]["nodeName"] == source  # the previous test's target
+    vmim = lab.migrate_to(NAME, target)
+    lab.wait_post_copy(NAME, timeout=90)
+    lab.lab.kill(killed)  # SIGKILL, in-process: post-copy lasts a few seconds
+    try:
+        time.sleep(1.0)
+        assert lab.get("vmim", vmim)["status"]["phase"] == "Running"
+    finally:
+        lab.lab.start(killed)
+    transfer = assert_runs_on(lab, vmim, guest, target)
     assert transfer.get("postCopyInterruptions", 0) >= 1, transfer

@@ -376,3 +376,67 @@ def test_source_whose_paused_guest_died_declares_the_vm_lost(tmp_path: Path) -> 
         assert_lost(stored)
 
     run(tmp_path, body)
+
+
+class SelfPagingHandle:
+    """A guest whose driver moves its post-copy pages itself (QEMU): no post-copy
+    bitmaps, so its status cannot say that post-copy is still running."""
+
+    driver_name = "qemu-like"
+
+    def __init__(self, vm_id: str) -> None:
+        self.vm_id = vm_id
+        self.pid = 4243
+        self.incoming = False
+        self.resumed = 0
+        self.destroyed = 0
+
+    def is_alive(self) -> bool:
+        return True
+
+    async def resume(self, device_state: bytes | None = None) -> None:
+        self.resumed += 1
+
+    async def destroy(self) -> None:
+        self.destroyed += 1
+
+
+def test_a_self_paging_target_in_post_copy_is_registered_again_never_completed(
+    tmp_path: Path,
+) -> None:
+    """A restarted target whose QEMU guest runs in post-copy: its restart record says
+    post-copy, so it waits for the source's recovery stream instead of being taken for a
+    finished post-copy (which would let the source destroy the pages it still lacks)."""
+
+    async def body(api: StoreApi) -> None:
+        vmi = await setup(api)
+        uid = vmi["metadata"]["uid"]
+        node = Node(api, tmp_path, TARGET)
+        node.records.write(MIG, RestartRecord("g", b"", postcopy=True))
+        guest = SelfPagingHandle("g")
+        node.handles[uid] = guest  # adopted as a running guest
+        assert await node.pass_()
+        await node.settle()
+        inc = node.registry.get(MIG)
+        assert inc is not None and inc.state is TargetState.POSTCOPY_RUNNING
+        assert inc.handle is guest and inc.disconnected_since == node.clock()
+        node.clock.advance(COMPLETION_GRACE + 1)
+        await node.pass_()
+        assert not (await node.vmi())["status"]["migrationState"].get(Field.COMPLETED)
+        assert guest.resumed == 0 and guest.destroyed == 0
+
+    run(tmp_path, body)
+
+
+def test_a_self_paging_target_committed_but_not_resumed_is_started(tmp_path: Path) -> None:
+    async def body(api: StoreApi) -> None:
+        vmi = await setup(api)
+        node = Node(api, tmp_path, TARGET)
+        node.records.write(MIG, RestartRecord("g", b"", postcopy=True))
+        waiting = SelfPagingHandle(incoming_id(vmi, vmi["status"]["migrationState"]))
+        node.orphans[waiting.vm_id] = waiting
+        assert await node.pass_()
+        await node.settle()
+        assert waiting.resumed == 1 and not node.orphans and node.registry.get(MIG) is not None
+
+    run(tmp_path, body)
