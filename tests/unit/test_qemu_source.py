@@ -306,6 +306,38 @@ def test_the_tunnel_opens_with_the_token_from_the_secret_and_the_plan(tmp_path: 
     in_lab(tmp_path, body)
 
 
+@contextlib.asynccontextmanager
+async def running(engine: QemuSourceMigration) -> AsyncIterator[None]:
+    """The engine runs while the block does; it is cancelled at the block's end."""
+    run = asyncio.create_task(engine.run())
+    try:
+        yield
+    finally:
+        run.cancel()
+        with contextlib.suppress(BaseException):
+            await run
+
+
+async def until(ready: Callable[[], bool], timeout: float = 10) -> None:
+    await asyncio.wait_for(advance_when(FakeClock(), ready, 0), timeout)
+
+
+def polled(lab: QemuLab) -> Callable[[], bool]:
+    """True once the tunnel is open and the monitor polls QEMU."""
+    return lambda: bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
+
+
+def capabilities(qemu: FakeQemu) -> dict[str, bool]:
+    caps = qemu.arguments["migrate-set-capabilities"]["capabilities"]
+    return {c["capability"]: c["state"] for c in caps}
+
+
+def downtime_limit(qemu: FakeQemu) -> int | None:
+    """QEMU's downtime-limit as last set."""
+    limit = qemu.arguments["migrate-set-parameters"].get("downtime-limit")
+    return None if limit is None else int(limit)
+
+
 def test_qemus_completion_event_starts_the_switchover_without_waiting_for_a_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,30 +347,13 @@ def test_qemus_completion_event_starts_the_switchover_without_waiting_for_a_poll
 
     async def body(lab: QemuLab) -> None:
         engine = await lab.engine({}, FakeClock())
-        run = asyncio.create_task(engine.run())
-        try:
-
-            def polled() -> bool:
-                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
-
-            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
+        async with running(engine):
+            await until(polled(lab), 20)
             lab.qemu.set_migration("completed")
-            # one poll period would be 60 s
-            await asyncio.wait_for(
-                advance_when(FakeClock(), lambda: engine.completed_in_qemu, 0), 10
-            )
+            await until(lambda: engine.completed_in_qemu)  # one poll period would be 60 s
             assert engine.completed_in_qemu and "migrate_cancel" not in lab.qemu.commands
-        finally:
-            run.cancel()
-            with contextlib.suppress(BaseException):
-                await run
 
     in_lab(tmp_path, body)
-
-
-def capabilities(qemu: FakeQemu) -> dict[str, bool]:
-    caps = qemu.arguments["migrate-set-capabilities"]["capabilities"]
-    return {c["capability"]: c["state"] for c in caps}
 
 
 def test_the_source_digest_starts_when_qemu_stops_the_guest(tmp_path: Path) -> None:
@@ -348,19 +363,12 @@ def test_the_source_digest_starts_when_qemu_stops_the_guest(tmp_path: Path) -> N
 
     async def body(lab: QemuLab) -> None:
         engine = await lab.engine({}, FakeClock())
-        run = asyncio.create_task(engine.run())
-        try:
-
-            def polled() -> bool:
-                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
-
-            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
+        async with running(engine):
+            await until(polled(lab), 20)
             assert capabilities(lab.qemu)["pause-before-switchover"] is True
             assert engine._source_digest is None
             lab.qemu.set_migration("pre-switchover")
-            await asyncio.wait_for(
-                advance_when(FakeClock(), lambda: "migrate-continue" in lab.qemu.commands, 0), 10
-            )
+            await until(lambda: "migrate-continue" in lab.qemu.commands)
             digest = engine._source_digest
             assert digest is not None
             pages = await asyncio.wait_for(digest, 20)
@@ -370,10 +378,6 @@ def test_the_source_digest_starts_when_qemu_stops_the_guest(tmp_path: Path) -> N
             assert lab.qemu.commands.count("migrate-continue") == 1
             assert engine._source_digest is digest and not engine.completed_in_qemu
             assert lab.qemu.mapped  # its page tables filled during pre-copy
-        finally:
-            run.cancel()
-            with contextlib.suppress(BaseException):
-                await run
 
     in_lab(tmp_path, body)
 
@@ -388,16 +392,9 @@ def test_no_pause_before_switchover_in_post_copy_or_without_verification(
     async def body(lab: QemuLab) -> None:
         lab.qemu.qspec.verify = verify
         engine = await lab.engine({"progressTimeout": 5, **config}, FakeClock())
-        run = asyncio.create_task(engine.run())
-        try:
-            await asyncio.wait_for(
-                advance_when(FakeClock(), lambda: bool(lab.tunnel.opened), 0), 20
-            )
+        async with running(engine):
+            await until(lambda: bool(lab.tunnel.opened), 20)
             assert capabilities(lab.qemu).get("pause-before-switchover") is None
-        finally:
-            run.cancel()
-            with contextlib.suppress(BaseException):
-                await run
 
     in_lab(tmp_path, body)
 
@@ -405,43 +402,14 @@ def test_no_pause_before_switchover_in_post_copy_or_without_verification(
 def test_qemus_downtime_limit_grows_as_qemu_makes_passes(tmp_path: Path) -> None:
     async def body(lab: QemuLab) -> None:
         engine = await lab.engine({}, FakeClock())
-        run = asyncio.create_task(engine.run())
-        try:
-
-            def polled() -> bool:
-                return bool(lab.tunnel.opened) and lab.qemu.commands.count("query-migrate") > 1
-
-            await asyncio.wait_for(advance_when(FakeClock(), polled, 0), 20)
-            first = lab.qemu.arguments["migrate-set-parameters"]["downtime-limit"]
-            assert first == engine.plan.downtime_at(1) < engine.plan.downtime_ms
+        async with running(engine):
+            await until(polled(lab), 20)
+            assert downtime_limit(lab.qemu) == engine.plan.downtime_at(1)
+            assert engine.plan.downtime_at(1) < engine.plan.downtime_ms
             lab.qemu.passes = 3
-            await asyncio.wait_for(
-                advance_when(
-                    FakeClock(),
-                    lambda: (
-                        lab.qemu.arguments["migrate-set-parameters"].get("downtime-limit")
-                        == engine.plan.downtime_at(3)
-                    ),
-                    0,
-                ),
-                10,
-            )
+            await until(lambda: downtime_limit(lab.qemu) == engine.plan.downtime_at(3))
             lab.qemu.passes = 50
-            await asyncio.wait_for(
-                advance_when(
-                    FakeClock(),
-                    lambda: (
-                        lab.qemu.arguments["migrate-set-parameters"].get("downtime-limit")
-                        == engine.plan.downtime_ms
-                    ),
-                    0,
-                ),
-                10,
-            )
-        finally:
-            run.cancel()
-            with contextlib.suppress(BaseException):
-                await run
+            await until(lambda: downtime_limit(lab.qemu) == engine.plan.downtime_ms)
 
     in_lab(tmp_path, body)
 

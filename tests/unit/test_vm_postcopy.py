@@ -157,6 +157,29 @@ def assert_lost(vmi: Obj) -> None:
     assert ready[0]["status"] == "False" and ready[0]["message"]
 
 
+class SelfPagingHandle:
+    """A guest whose driver moves its post-copy pages itself (QEMU): no post-copy
+    bitmaps, so its status cannot say that post-copy is still running."""
+
+    driver_name = "qemu-like"
+
+    def __init__(self, vm_id: str) -> None:
+        self.vm_id = vm_id
+        self.pid = 4243
+        self.incoming = False
+        self.resumed = 0
+        self.destroyed = 0
+
+    def is_alive(self) -> bool:
+        return True
+
+    async def resume(self, device_state: bytes | None = None) -> None:
+        self.resumed += 1
+
+    async def destroy(self) -> None:
+        self.destroyed += 1
+
+
 def test_in_postcopy_needs_committed_and_post_copy() -> None:
     assert in_postcopy(dict(POSTCOPY))
     assert not in_postcopy({**POSTCOPY, Field.MODE: MigrationMode.PRE_COPY})
@@ -245,16 +268,24 @@ def test_restarted_target_registers_its_guest_again_with_its_receiver(
     run(tmp_path, body)
 
 
-def test_target_committed_but_not_resumed_resumes_in_post_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["memvm", "qemu"])
+def test_target_committed_but_not_resumed_resumes_in_post_copy(tmp_path: Path, kind: str) -> None:
+    """memvm resumes in post-copy from the record's device state; a QEMU guest (which
+    moves its pages itself and carries its device state in its stream) is started."""
+
     async def body(api: StoreApi) -> None:
         vmi = await setup(api)
         node = Node(api, tmp_path, TARGET)
         node.records.write(MIG, RestartRecord("g", b'{"s": 2}', postcopy=True))
-        waiting = FakeHandle(incoming_id(vmi, vmi["status"]["migrationState"]))
+        vm_id = incoming_id(vmi, vmi["status"]["migrationState"])
+        waiting = FakeHandle(vm_id) if kind == "memvm" else SelfPagingHandle(vm_id)
         node.orphans[waiting.vm_id] = waiting
         assert await node.pass_()
         await node.settle()
-        assert waiting.postcopy_resumed_with == [b'{"s": 2}'] and waiting.resumed_with == []
+        if isinstance(waiting, FakeHandle):
+            assert waiting.postcopy_resumed_with == [b'{"s": 2}'] and waiting.resumed_with == []
+        else:
+            assert waiting.resumed == 1
         assert not node.orphans and node.registry.get(MIG) is not None
 
     run(tmp_path, body)
@@ -378,29 +409,6 @@ def test_source_whose_paused_guest_died_declares_the_vm_lost(tmp_path: Path) -> 
     run(tmp_path, body)
 
 
-class SelfPagingHandle:
-    """A guest whose driver moves its post-copy pages itself (QEMU): no post-copy
-    bitmaps, so its status cannot say that post-copy is still running."""
-
-    driver_name = "qemu-like"
-
-    def __init__(self, vm_id: str) -> None:
-        self.vm_id = vm_id
-        self.pid = 4243
-        self.incoming = False
-        self.resumed = 0
-        self.destroyed = 0
-
-    def is_alive(self) -> bool:
-        return True
-
-    async def resume(self, device_state: bytes | None = None) -> None:
-        self.resumed += 1
-
-    async def destroy(self) -> None:
-        self.destroyed += 1
-
-
 def test_a_self_paging_target_in_post_copy_is_registered_again_never_completed(
     tmp_path: Path,
 ) -> None:
@@ -424,19 +432,5 @@ def test_a_self_paging_target_in_post_copy_is_registered_again_never_completed(
         await node.pass_()
         assert not (await node.vmi())["status"]["migrationState"].get(Field.COMPLETED)
         assert guest.resumed == 0 and guest.destroyed == 0
-
-    run(tmp_path, body)
-
-
-def test_a_self_paging_target_committed_but_not_resumed_is_started(tmp_path: Path) -> None:
-    async def body(api: StoreApi) -> None:
-        vmi = await setup(api)
-        node = Node(api, tmp_path, TARGET)
-        node.records.write(MIG, RestartRecord("g", b"", postcopy=True))
-        waiting = SelfPagingHandle(incoming_id(vmi, vmi["status"]["migrationState"]))
-        node.orphans[waiting.vm_id] = waiting
-        assert await node.pass_()
-        await node.settle()
-        assert waiting.resumed == 1 and not node.orphans and node.registry.get(MIG) is not None
 
     run(tmp_path, body)
