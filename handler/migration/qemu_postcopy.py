@@ -245,18 +245,8 @@ class QemuPostCopy:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DONE_TIMEOUT):
                     await ch.upstream_done.wait()
-        try:
-            if not e._channels:  # a re-adopted engine whose QEMU had completed already
-                raise MigrationFailed("QEMU completed before this handler's restart")
-            ch0 = e._channels[0]
-            await ch0.write(pb.TunnelSourceFrame(postcopy_end=pb.PostCopyEnd()))
-            frame = await ch0.next_control(DONE_TIMEOUT, "PostCopyDone")
-            if frame.WhichOneof("frame") != "postcopy_done":
-                raise MigrationFailed(f"expected PostCopyDone, got {frame.WhichOneof('frame')}")
-        except MigrationFailed as error:
-            # The source QEMU completed: the target QEMU acknowledged every page on its
-            # return path already. The target's record ends with the migration's.
-            log.warning("migration %s: no PostCopyDone from the target: %s", e.uid, error)
+        if e._channels:  # none: a re-adopted engine whose QEMU had completed already
+            await self._tell_target_done(e._channels[0])
         e.stats.remaining_bytes = 0
         await e.handle.destroy()
         e._report()
@@ -266,6 +256,18 @@ class QemuPostCopy:
             f"{e.stats.postcopy_interruptions} interruption(s), guest-seen gap "
             f"{e.stats.guest_downtime_ms} ms"
         )
+
+    async def _tell_target_done(self, ch0: TunnelChannel) -> None:
+        """PostCopyEnd, and the target's PostCopyDone. Without it nothing is lost: the
+        source QEMU completed, so the target QEMU acknowledged every page on its return
+        path already; the target's record ends with the migration's."""
+        try:
+            await ch0.write(pb.TunnelSourceFrame(postcopy_end=pb.PostCopyEnd()))
+            frame = await ch0.next_control(DONE_TIMEOUT, "PostCopyDone")
+            if frame.WhichOneof("frame") != "postcopy_done":
+                raise MigrationFailed(f"expected PostCopyDone, got {frame.WhichOneof('frame')}")
+        except MigrationFailed as error:
+            log.warning("migration %s: no PostCopyDone from the target: %s", self.engine.uid, error)
 
     async def fail(self, reason: str) -> None:
         """Post-copy cannot finish after the hand-off: the VM is lost."""

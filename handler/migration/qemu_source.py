@@ -12,14 +12,9 @@ shared skeleton of source.py:
     and enforce ``progressTimeout`` / ``completionTimeoutPerGiB`` (convergence.py's
     TimeoutWatch; with ``allowPostCopy``: switch to post-copy instead of failing) and
     cancel (``abortRequested`` → ``migrate_cancel``). Any failure here leaves QEMU running.
- 3. QEMU ``completed``: the source guest is paused (``postmigrate``). Verified
-    switchover: both handlers compute per-page digests of their RAM file in parallel
-    (handler/qemu_verify.py), the target sends its digests, the source compares;
-    ``repair`` re-sends the differing pages, ``detect`` fails the migration, ``off``
-    skips the comparison. The target confirms with Verified.
- 4. The arbiter: ``switchover: Committed``. Only then Commit; the target resumes
-    (``cont``); the source QEMU is destroyed. A failure before the record resumes the
-    guest on the source.
+ 3. QEMU ``completed``: the source guest is paused (``postmigrate``). The verified
+    switchover and the hand-off (qemu_switchover.py); a failure before the arbiter's
+    record resumes the guest on the source.
 """
 
 from __future__ import annotations
@@ -33,7 +28,6 @@ from typing import Any
 
 import grpc
 
-from handler import qemu_verify
 from handler.drivers.base import DriverError, GuestError
 from handler.drivers.qemu import QemuDriver, QemuHandle
 from handler.migration import channels, tunnel
@@ -42,6 +36,7 @@ from handler.migration.handoff import MigrationFailed
 from handler.migration.qemu_channel import TunnelChannel
 from handler.migration.qemu_plan import QemuPlan
 from handler.migration.qemu_postcopy import QemuPostCopy
+from handler.migration.qemu_switchover import VERIFY_OFF, QemuSwitchover
 from handler.migration.source import Clock, ProgressCallback, SourceEngine, rpc_problem
 from handler.migration.storage import mirrored_disks
 from handler.migration.storage_source import StorageSource
@@ -57,9 +52,6 @@ Obj = dict[str, Any]
 CONNECT_TIMEOUT = 10.0
 ACCEPT_TIMEOUT = 20.0  # s for QEMU to open all its connections once migrate started
 POLL_PERIOD = 0.2  # s between query-migrate polls
-COMPLETE_TIMEOUT = 60.0  # s for the target QEMU to finish loading after the source completed
-VERIFY_TIMEOUT = 120.0
-RESUMED_TIMEOUT = 30.0
 # QEMU's query-migrate statuses (QEMU's strings, not vmferry's)
 QEMU_ACTIVE = "active"
 QEMU_POSTCOPY_ACTIVE = "postcopy-active"
@@ -68,8 +60,6 @@ QEMU_PRE_SWITCHOVER = "pre-switchover"  # pause-before-switchover: the guest is 
 QEMU_ENDED = ("failed", "cancelled")
 QEMU_MOVING = (QEMU_ACTIVE, "setup", "pre-switchover", "device")
 POSTCOPY_BEFORE_HANDOFF = (QEMU_POSTCOPY_ACTIVE, "postcopy-paused", "postcopy-recover")
-VERIFY_OFF = "off"
-VERIFY_DETECT = "detect"
 
 
 class QemuSourceMigration(SourceEngine):
@@ -101,7 +91,6 @@ class QemuSourceMigration(SourceEngine):
             memory_bytes=handle.qspec.memory_bytes,
             verify=self.verify != VERIFY_OFF,
         )
-        self.repaired_pages = 0
         self.completed_in_qemu = False  # source paused in postmigrate
         self._channels: list[TunnelChannel] = []
         self._grpc: grpc.aio.Channel | None = None
@@ -114,8 +103,7 @@ class QemuSourceMigration(SourceEngine):
         self._writers: list[asyncio.StreamWriter] = []
         self.storage: StorageSource | None = None  # a storage migration's mirrored disks
         self.postcopy = QemuPostCopy(self)
-        # The source's page digests, started when QEMU stopped the guest (pre-switchover)
-        self._source_digest: asyncio.Future[qemu_verify.PageDigests] | None = None
+        self.switchover = QemuSwitchover(self)
         self._switchover_continued = False  # migrate-continue was sent
         self._downtime_limit = self.plan.downtime_at(1)  # QEMU's, as last set
 
@@ -138,7 +126,7 @@ class QemuSourceMigration(SourceEngine):
             if self.mode is MigrationMode.POST_COPY:
                 await self.postcopy.run()
             else:
-                await self._switchover()
+                await self.switchover.run()
             # End every tunnel stream (multifd channels idle after QEMU finished),
             # so the TaskGroup's pumps return.
             self._close_streams()
@@ -150,8 +138,7 @@ class QemuSourceMigration(SourceEngine):
             w.close()
 
     async def _cleanup(self) -> None:
-        if self._source_digest is not None and not self._source_digest.done():
-            self._source_digest.cancel()
+        self.switchover.cancel_digest()
         if self.storage is not None:
             await self.storage.close()
         self._close_streams()
@@ -168,7 +155,7 @@ class QemuSourceMigration(SourceEngine):
     def _transfer_status(self) -> Obj:
         out = self.stats.as_status()
         out["verifyMode"] = self.verify
-        out["repairedPages"] = self.repaired_pages
+        out["repairedPages"] = self.switchover.repaired_pages
         if self.mode is MigrationMode.POST_COPY:  # QEMU's page requests (postcopy-requests)
             out["postCopyFaults"] = self.stats.postcopy_faults
         if self.storage is not None:
@@ -198,7 +185,7 @@ class QemuSourceMigration(SourceEngine):
         if self.verify != VERIFY_OFF:  # the digest at the pause: no page fault per page
             self._spawn(self._map_ram())
         capabilities = self.plan.capabilities()
-        if await self._start_mirrors() or self._digests_at_stop():
+        if await self._start_mirrors() or self.switchover.digests_at_stop():
             capabilities.append({"capability": "pause-before-switchover", "state": True})
         await h.qmp("migrate-set-capabilities", {"capabilities": capabilities})
         await h.qmp("migrate-set-parameters", self.plan.parameters())
@@ -448,19 +435,13 @@ class QemuSourceMigration(SourceEngine):
             await self.qemu.qmp("migrate-set-parameters", {"downtime-limit": limit})
             self._downtime_limit = limit
 
-    def _digests_at_stop(self) -> bool:
-        """Hash the source's RAM from the moment QEMU stops the guest, while its last
-        pass runs (not in post-copy: there the pause before switching is post-copy's)."""
-        return self.verify != VERIFY_OFF and not self.plan.postcopy
-
     async def _pre_switchover(self) -> None:
         """QEMU stopped the guest, drained and flushed its devices, and waits before its
         last pass (``pause-before-switchover``): nothing writes the guest's RAM here any
         more. The source's digest starts now, in the shadow of QEMU's stop-and-copy
         (which reads the same frozen RAM) instead of after it; a storage migration's
         mirrors complete; then QEMU goes on."""
-        if self._digests_at_stop() and self._source_digest is None:
-            self._source_digest = asyncio.ensure_future(self._timed_digest())
+        self.switchover.start_digest()
         if self.storage is not None and not self.storage.completed:
             t0 = self.clock()
             await self.storage.complete()  # the guest is paused: mirrors complete
@@ -493,135 +474,6 @@ class QemuSourceMigration(SourceEngine):
                 if status in (*QEMU_ENDED, QEMU_COMPLETED, None):
                     break
                 await asyncio.sleep(0.05)
-
-    # -- switchover -----------------------------------------------------------------------
-
-    async def _switchover(self) -> None:
-        parts = self.stats.downtime_parts
-        t0 = self.clock()
-        ch0 = self._channels[0]
-        digest_task = self._source_digest  # started when QEMU stopped the guest
-        if digest_task is None and self.verify != VERIFY_OFF:  # else: now
-            digest_task = asyncio.ensure_future(self._timed_digest())
-        try:
-            for ch in self._channels:  # every byte QEMU wrote is on its way
-                async with asyncio.timeout(COMPLETE_TIMEOUT):
-                    await ch.upstream_done.wait()
-            await ch0.write(
-                pb.TunnelSourceFrame(
-                    completed=pb.Completed(
-                        qemu_downtime_ms=int(parts.get("qemu_stop_copy", 0) * 1000),
-                        last_console_unix_ns=self.qemu.console_mtime_ns(),
-                    )
-                )
-            )
-            t1 = self.clock()
-            parts["drain"] = t1 - t0
-            repair_started = None
-            if digest_task is not None:
-                repair_started = await self._verify(ch0, digest_task)
-            frame = await ch0.next_control(VERIFY_TIMEOUT, "Verified")
-            if frame.WhichOneof("frame") != "verified":
-                raise MigrationFailed(f"expected Verified, got {frame.WhichOneof('frame')}")
-            parts["verify"] = self.clock() - t1
-            if repair_started is not None:  # the target's Verified confirms the repair
-                self.stats.switchover_steps["repair"] = self.clock() - repair_started
-            if not frame.verified.match:
-                raise MigrationFailed(
-                    f"the target's memory is not verified: {frame.verified.detail}"
-                )
-            self.stats.digest_verified = self.verify != VERIFY_OFF
-        finally:
-            if digest_task is not None and not digest_task.done():
-                digest_task.cancel()
-        t2 = self.clock()
-        await self._commit()
-        await ch0.write(pb.TunnelSourceFrame(commit=pb.Commit()))
-        with contextlib.suppress(MigrationFailed):
-            frame = await ch0.next_control(RESUMED_TIMEOUT, "Resumed")
-            if frame.WhichOneof("frame") == "resumed":
-                parts["resume"] = self.clock() - t2
-                if frame.resumed.guest_gap_ms > 0:
-                    self.stats.guest_downtime_ms = frame.resumed.guest_gap_ms
-        await self.handle.destroy()
-        self._report()
-        await self._record_success()
-        self._log_success(
-            f", {self.repaired_pages} page(s) repaired, guest-seen gap "
-            f"{self.stats.guest_downtime_ms} ms"
-        )
-
-    async def _timed_digest(self) -> qemu_verify.PageDigests:
-        t0 = self.clock()
-        digests = await qemu_verify.page_digests_async(self.qemu.ram())
-        self.stats.switchover_steps["source_digest"] = self.clock() - t0
-        return digests
-
-    async def _verify(
-        self, ch0: TunnelChannel, digest_task: asyncio.Future[qemu_verify.PageDigests]
-    ) -> float:
-        """Receive the target's digests, compare, send the repair; returns the clock at
-        which the repair began (the target's Verified ends it)."""
-        steps = self.stats.switchover_steps
-        t0 = self.clock()  # Completed was sent: the target waits for its QEMU, then hashes
-        pages = self.qemu.qspec.memory_bytes // tunnel.PAGE_SIZE
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            frame = await ch0.next_control(VERIFY_TIMEOUT, "page digests")
-            if frame.WhichOneof("frame") != "digests":
-                raise MigrationFailed(f"expected Digests, got {frame.WhichOneof('frame')}")
-            if frame.digests.first_page != received:
-                raise MigrationFailed("the target's digests arrived out of order")
-            chunks.append(frame.digests.digests)
-            received += len(frame.digests.digests) // qemu_verify.DIGEST_BYTES
-            if frame.digests.last:
-                break
-        steps["target_digest"] = self.clock() - t0
-        disk_ends = await self.storage.verify(ch0, self.verify) if self.storage else []
-        try:
-            target = qemu_verify.digests_from_bytes(b"".join(chunks), pages)
-        except ValueError as e:
-            raise MigrationFailed(f"bad page digests from the target: {e}") from None
-        source = await digest_task
-        t1 = self.clock()
-        comparison = qemu_verify.compare(source, target)
-        t2 = self.clock()
-        steps["compare"] = t2 - t1
-        self.stats.digest = f"{pages} page digests"
-        self.stats.target_digest = "match" if comparison.match else comparison.describe()
-        if comparison.match:
-            log.info("migration %s: verified: all %d pages match", self.uid, pages)
-        else:
-            log.warning(
-                "migration %s: memory mismatch at switchover: %s", self.uid, comparison.describe()
-            )
-        if not comparison.match and self.verify == VERIFY_DETECT:
-            raise MigrationFailed(
-                f"memory mismatch at switchover (verify: detect): {comparison.describe()} "
-                "between the paused source and the target; the guest resumes on the source"
-            )
-        diff = comparison.differing
-        ram = self.qemu.ram()
-        for start in range(0, diff.size, tunnel.REPAIR_FRAME_PAGES):
-            idx = diff[start : start + tunnel.REPAIR_FRAME_PAGES]
-            payload = await asyncio.to_thread(qemu_verify.gather_pages, ram, idx)
-            await ch0.write(
-                pb.TunnelSourceFrame(
-                    repair=pb.Repair(indices=idx.astype("<u4").tobytes(), payload=payload)
-                )
-            )
-        await ch0.write(
-            pb.TunnelSourceFrame(
-                repair_end=pb.RepairEnd(
-                    pages=int(diff.size),
-                    digests=qemu_verify.digests_to_bytes(source[diff]),
-                    disks=disk_ends,
-                )
-            )
-        )
-        self.repaired_pages = int(diff.size)
-        return t2
 
     # -- failure (the rest is SourceEngine._fail) ------------------------------------------
 

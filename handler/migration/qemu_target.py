@@ -217,11 +217,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             if hello.channel_id != 0:
                 raise ProtocolError("Open.resume for a channel this migration does not have")
             if resumed is None:  # re-adopted after this handler's restart (vm_postcopy.py)
-                resumed = TunnelState(
-                    inc, inc.handle, 1, hello.verify, self.driver.sock_path(inc.handle.vm_id, "in")
-                )
+                resumed = self._new_state(inc, 1, hello.verify)
                 resumed.started = resumed.postcopy = True
-                self.states[inc.migration_uid] = resumed
             return resumed
         if hello.verify == pb.VERIFY_MODE_UNSPECIFIED or hello.verify not in VERIFY_MODES.values():
             raise ProtocolError("Open.verify is unspecified or unknown")
@@ -236,21 +233,27 @@ class TunnelService(tunnel_pb2_grpc.TunnelServicer):
             )
         state = self.states.get(inc.migration_uid)
         if state is None:
-            state = TunnelState(
-                inc,
-                inc.handle,
-                hello.channel_count,
-                hello.verify,
-                self.driver.sock_path(inc.handle.vm_id, "in"),
-                [asyncio.Event() for _ in range(hello.channel_count)],
-            )
-            self.states[inc.migration_uid] = state
+            state = self._new_state(inc, hello.channel_count, hello.verify)
         elif state.channel_count != hello.channel_count or state.verify != hello.verify:
             raise ProtocolError("channel_count/verify differ from the first channel's Open")
         if state.connected[hello.channel_id].is_set():
             raise ProtocolError(f"channel {hello.channel_id} is already connected")
         if inc.state is TargetState.AWAITING_HELLO:
             inc.move(TargetState.RECEIVING, "Open")
+        return state
+
+    def _new_state(self, inc: IncomingMigration, channel_count: int, verify: int) -> TunnelState:
+        """The migration's tunnel state, registered."""
+        assert isinstance(inc.handle, QemuHandle)
+        state = TunnelState(
+            inc,
+            inc.handle,
+            channel_count,
+            verify,
+            self.driver.sock_path(inc.handle.vm_id, "in"),
+            [asyncio.Event() for _ in range(channel_count)],
+        )
+        self.states[inc.migration_uid] = state
         return state
 
     async def _nbd_stream(

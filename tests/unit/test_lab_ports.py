@@ -4,7 +4,7 @@ kernel's ephemeral range."""
 
 from __future__ import annotations
 
-from vmferry.lab.cluster import _lab_port_range, free_port
+from vmferry.lab.ports import _lab_port_range, free_port
 
 
 def test_ports_handed_out_are_distinct_and_in_the_lab_range() -> None:

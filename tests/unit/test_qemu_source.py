@@ -366,17 +366,17 @@ def test_the_source_digest_starts_when_qemu_stops_the_guest(tmp_path: Path) -> N
         async with running(engine):
             await until(polled(lab), 20)
             assert capabilities(lab.qemu)["pause-before-switchover"] is True
-            assert engine._source_digest is None
+            assert engine.switchover.source_digest is None
             lab.qemu.set_migration("pre-switchover")
             await until(lambda: "migrate-continue" in lab.qemu.commands)
-            digest = engine._source_digest
+            digest = engine.switchover.source_digest
             assert digest is not None
             pages = await asyncio.wait_for(digest, 20)
             assert len(pages) == lab.qemu.qspec.memory_bytes // 4096
             for _ in range(5):  # pre-switchover seen again by a late poll: no second continue
                 await asyncio.sleep(0.01)
             assert lab.qemu.commands.count("migrate-continue") == 1
-            assert engine._source_digest is digest and not engine.completed_in_qemu
+            assert engine.switchover.source_digest is digest and not engine.completed_in_qemu
             assert lab.qemu.mapped  # its page tables filled during pre-copy
 
     in_lab(tmp_path, body)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmferry.lab.ports import free_port
 from vmferry.pki import TlsFiles
 
 ETCD_PACKAGE = "etcd-server"
@@ -94,7 +95,6 @@ class EtcdCluster:
         cls, base: Path, size: int = 1, *, tls: TlsFiles | None = None, host: str = "127.0.0.1"
     ) -> EtcdCluster:
         """Members ``etcd-1`` .. ``etcd-<size>`` under ``base`` with free ports."""
-        from vmferry.lab.cluster import free_port
 
         if size < 1:
             raise ValueError(f"an etcd cluster needs at least one member, not {size}")

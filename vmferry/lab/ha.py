@@ -19,6 +19,7 @@ from typing import Any
 
 from vmferry import pki
 from vmferry.lab.etcd import EtcdMember, accepts, etcd_binary, missing_reason
+from vmferry.lab.ports import free_port
 
 REPLICAS = 3
 HOST = "127.0.0.1"
@@ -69,26 +70,20 @@ def write(
     shared signing key; returns (lab.json's "ha", the replicas' API addresses).
     Raises RuntimeError without the etcd binary."""
     from controller.authn import SIGNING_KEY_FILE
-    from vmferry.lab.cluster import free_port
 
     if etcd_binary() is None:
         raise RuntimeError(f"--ha needs etcd: {missing_reason()}")
     etcd_tls = pki.issue_server(pki_dir, "etcd", ips=[HOST], dns=["localhost"])
-    taken: set[int] = set()
 
-    def new_port() -> int:
-        """A free port none of this plan's others has (nothing listens on them yet)."""
-        while (port := free_port(HOST)) in taken:
-            pass
-        taken.add(port)
-        return port
-
-    members = [{"name": n, "clientPort": new_port(), "peerPort": new_port()} for n in etcd_names()]
+    members = [
+        {"name": n, "clientPort": free_port(HOST), "peerPort": free_port(HOST)}
+        for n in etcd_names()
+    ]
     endpoints = ",".join(f"{HOST}:{m['clientPort']}" for m in members)
     signing_key = secrets.token_bytes(32)
     controllers: dict[str, int] = {}
     for name in controller_names():
-        port = controllers[name] = new_port()
+        port = controllers[name] = free_port(HOST)
         data_dir = lab_dir / name
         data_dir.mkdir(parents=True)
         fd = os.open(data_dir / SIGNING_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
