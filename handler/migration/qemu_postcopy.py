@@ -248,13 +248,9 @@ class QemuPostCopy:
         if e._channels:  # none: a re-adopted engine whose QEMU had completed already
             await self._tell_target_done(e._channels[0])
         e.stats.remaining_bytes = 0
-        await e.handle.destroy()
-        e._report()
-        await e._record_success()
-        e._log_success(
+        await e.finish_success(
             f", post-copy {e.clock() - t0:.1f}s, {e.stats.postcopy_faults} page request(s), "
-            f"{e.stats.postcopy_interruptions} interruption(s), guest-seen gap "
-            f"{e.stats.guest_downtime_ms} ms"
+            f"{e.stats.postcopy_interruptions} interruption(s)"
         )
 
     async def _tell_target_done(self, ch0: TunnelChannel) -> None:

@@ -475,6 +475,14 @@ class QemuSourceMigration(SourceEngine):
                     break
                 await asyncio.sleep(0.05)
 
+    async def finish_success(self, detail: str) -> None:
+        """The target owns the VM: the source QEMU destroyed, the success recorded and
+        logged (``detail`` first, then the gap the guest saw)."""
+        await self.handle.destroy()
+        self._report()
+        await self._record_success()
+        self._log_success(f"{detail}, guest-seen gap {self.stats.guest_downtime_ms} ms")
+
     # -- failure (the rest is SourceEngine._fail) ------------------------------------------
 
     async def _abort_target(self, reason: str) -> None:

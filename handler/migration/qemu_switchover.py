@@ -110,13 +110,7 @@ class QemuSwitchover:
                 parts["resume"] = e.clock() - t2
                 if frame.resumed.guest_gap_ms > 0:
                     e.stats.guest_downtime_ms = frame.resumed.guest_gap_ms
-        await e.handle.destroy()
-        e._report()
-        await e._record_success()
-        e._log_success(
-            f", {self.repaired_pages} page(s) repaired, guest-seen gap "
-            f"{e.stats.guest_downtime_ms} ms"
-        )
+        await e.finish_success(f", {self.repaired_pages} page(s) repaired")
 
     async def _timed_digest(self) -> qemu_verify.PageDigests:
         e = self.engine
