@@ -253,6 +253,22 @@ async def write_status(api: Api, obj: Obj) -> Obj | None:
 # -- the peer link ----------------------------------------------------------------------
 
 
+def mirror_only(old: Obj | None, new: Obj) -> bool:
+    """The VMIM update changed nothing but its ``status.migrationState``: the mirror of
+    its VMI's record, which only this half writes (``mirror_of``) and which follows VMI
+    events. Such an update needs no pass: a running migration's progress, mirrored every
+    PROGRESS_PERIOD, would otherwise cost a second pass (and its reads) per VMI write."""
+    if old is None:
+        return False
+
+    def rest(vmim: Obj) -> Obj:
+        meta = {k: v for k, v in vmim.get("metadata", {}).items() if k != "resourceVersion"}
+        status = {k: v for k, v in (vmim.get("status") or {}).items() if k != "migrationState"}
+        return {**vmim, "metadata": meta, "status": status}
+
+    return rest(old) == rest(new)
+
+
 def subscribe(link: PeerLink, role: Role, fn: Callable[[SyncState], None]) -> None:
     """Call ``fn`` with each peer update whose sender holds ``role``; chained after any
     earlier subscriber (one link serves both reconcilers of a sync controller)."""
@@ -318,7 +334,7 @@ class HalfReconciler(abc.ABC):
         subscribe(link, self.peer_role, self._on_peer)
 
     def _on_vmim(self, key: Key, old: Obj | None, new: Obj | None) -> None:
-        if new is not None and self.side(new):
+        if new is not None and self.side(new) and not mirror_only(old, new):
             self.queue.add(key)
 
     def _on_vmi(self, key: Key, old: Obj | None, new: Obj | None) -> None:

@@ -277,7 +277,10 @@ class SenderReconciler(HalfReconciler):
         elif phase == MigrationPhase.SYNCHRONIZING:
             await self._synchronize(vmim, vmi, ms, peer)
         elif ours and phase in FOLLOW_PHASES:
-            await self._follow(vmim, vmi, ms)
+            followed = await self._follow(vmim, vmi, ms)
+            if followed is not None:  # as written (or unchanged): no second read
+                await self._publish(followed, vmi)
+                return
         elif not ours:
             await self._fail(
                 vmim, vmi, "the VMI's migration state belongs to another migration", None
@@ -438,10 +441,12 @@ class SenderReconciler(HalfReconciler):
         if await write_status(self.api, vmim) is not None:
             self._again(vmim)
 
-    async def _follow(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> None:
+    async def _follow(self, vmim: Obj, vmi: Obj, ms: MigrationState) -> Obj | None:
         """Scheduled -> PreparingTarget -> TargetReady -> Running as the source handler
         writes (the receiver's target was ready before the hand-off); a source handler
-        that does not start within TARGET_PREPARE_TIMEOUT fails the hand-off."""
+        that does not start within TARGET_PREPARE_TIMEOUT fails the hand-off. Returns the
+        VMIM as it stands after the pass (as written, or unchanged); None when the pass
+        ended otherwise (failed, or a Conflict: the next pass reads afresh)."""
         status = vmim["status"]
         before = copy.deepcopy(status)
         phase = MigrationPhase.of(vmim)
@@ -453,7 +458,7 @@ class SenderReconciler(HalfReconciler):
                 f"the source handler on {ms.source_node} did not start within "
                 f"{TARGET_PREPARE_TIMEOUT:.0f}s",
             )
-            return
+            return None
         if phase == MigrationPhase.SCHEDULED:
             advance(SENDER_TRANSITIONS, status, MigrationPhase.PREPARING_TARGET, self.clock)
         elif phase == MigrationPhase.PREPARING_TARGET and ms.target_address:
@@ -463,8 +468,14 @@ class SenderReconciler(HalfReconciler):
         else:
             self._later(vmim)
         status["migrationState"] = mirror_of(raw(vmi))
-        if status != before and await write_status(self.api, vmim) is not None:
-            self._again(vmim)
+        if status == before:
+            return vmim
+        written = await write_status(self.api, vmim)
+        if written is None:
+            self._again(vmim)  # a Conflict: read afresh
+        elif MigrationPhase.of(written) != phase:
+            self._again(vmim)  # the next step may be due already
+        return written
 
     # -- endings --------------------------------------------------------------------------
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sync_controller.common import SENDER_TRANSITIONS, PhaseError, advance
+from handler.migration.handoff import HandoffRecord
+from sync_controller.common import SENDER_TRANSITIONS, PhaseError, advance, mirror_only
 from sync_controller.sender import SenderReconciler
 from tests.support.fake_peer import (
     CONNECT_URL,
@@ -495,3 +497,51 @@ def test_a_deleted_succeeded_vmim_stays_until_the_peer_has_the_outcome(tmp_path:
         assert await pair.sending() is None
 
     with_pair(tmp_path, test)
+
+
+def test_progress_while_running_costs_one_pass_and_one_write(tmp_path: Path) -> None:
+    with_pair(tmp_path, _test_progress_while_running_costs_one_pass_and_one_write)
+
+
+async def _test_progress_while_running_costs_one_pass_and_one_write(pair: CrossCluster) -> None:
+    pair.source_decides = False
+    await pair.pump_until(lambda: _phase_is(pair, MigrationPhase.RUNNING))
+    await pair.pump()
+    uid = raw(await pair.vmi(pair.c1))[Field.MIGRATION_UID]
+    # the source handler's progress write (every PROGRESS_PERIOD while it runs)
+    record = HandoffRecord(pair.c1, NS, NAME, uid)  # type: ignore[arg-type]
+    await record.patch({Field.TRANSFER: {"dataProcessedBytes": 12345}})
+    pair.c1.calls.clear()
+    await pair.sender.reconcile((NS, SENDER_VMIM))
+    sending = await pair.sending()
+    assert sending is not None
+    assert sending["status"]["migrationState"][Field.TRANSFER]["dataProcessedBytes"] == 12345
+    # the VMIM, the VMI, the HyperConverged (the gate) read once; one write (the mirror);
+    # the half is published from what the pass holds, not read again
+    assert [c[:2] for c in pair.c1.calls if c[1] != "Secret"] == [
+        ("get", VMIM),
+        ("get", "VirtualMachineInstance"),
+        ("get", "HyperConverged"),
+        ("update", VMIM),
+        ("get", VMIM),  # pair.sending() above
+    ]
+
+
+def test_a_vmim_update_of_its_mirror_only_needs_no_pass() -> None:
+    vmim: Obj = {
+        "kind": VMIM,
+        "metadata": {"name": SENDER_VMIM, "namespace": NS, "resourceVersion": "7"},
+        "spec": {"vmiName": NAME, "sendTo": {"migrationID": MIGRATION_ID}},
+        "status": {"phase": "Running", "migrationState": {Field.TRANSFER: {"rounds": 1}}},
+    }
+    progressed = copy.deepcopy(vmim)
+    progressed["metadata"]["resourceVersion"] = "8"
+    progressed["status"]["migrationState"][Field.TRANSFER]["rounds"] = 2
+    assert mirror_only(vmim, progressed)
+    assert not mirror_only(None, progressed)  # a new VMIM
+    moved = copy.deepcopy(progressed)
+    moved["status"]["phase"] = "Succeeded"
+    assert not mirror_only(vmim, moved)
+    deleting = copy.deepcopy(progressed)
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-05T12:00:00Z"
+    assert not mirror_only(vmim, deleting)  # a cancel
