@@ -291,6 +291,15 @@ def peer_final(state: SyncState | None) -> bool:
     )
 
 
+# A VMI event is acted on within this many seconds, not at once: the hand-off's writes
+# come in bursts (Committed, then completed and the handler's figures) and each pass reads
+# three objects; a pass that waits this long coalesces them and leaves the CPU to the
+# switchover that wrote them (a cross-cluster target resumes on the source's Commit frame,
+# while the pass relaying the decision is its fallback). Measured: at once, the relay's
+# passes in both clusters added ~1.5 ms to the cross-cluster resume on two shared cores.
+VMI_EVENT_WITHIN = 0.03
+
+
 class HalfReconciler(abc.ABC):
     """What the sending and the receiving reconcilers share: the informers, the work queue
     and the routing of VMIM, VMI and peer events to the VMIM keys of this cluster's half
@@ -345,7 +354,7 @@ class HalfReconciler(abc.ABC):
                 and vmim["metadata"]["namespace"] == ns
                 and vmim["spec"].get("vmiName") == name
             ):
-                self.queue.add((ns, vmim["metadata"]["name"]))
+                self.queue.add_soon((ns, vmim["metadata"]["name"]), VMI_EVENT_WITHIN)
 
     def _on_peer(self, state: SyncState) -> None:
         if state.migration_id in self._gone and peer_final(state):

@@ -165,6 +165,7 @@ class WorkQueue:
         self._again: set[Key] = set()
         self._failures: dict[Key, int] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._soon: dict[Key, asyncio.TimerHandle] = {}  # add_soon's, never postponed
         self.base_delay = base_delay
         self.max_delay = max_delay
 
@@ -183,8 +184,28 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(delay, self._fire, key)
 
+    def add_soon(self, key: Key, within: float) -> None:
+        """Queue ``key`` within ``within`` seconds: a burst of events coalesces into one
+        pass, and a pass that can wait that long leaves the CPU to whatever caused the
+        events. A pass due sooner (a timer of add_soon, or the key queued) stays; a later
+        add_after never postpones this one."""
+        if key in self._queued:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + within
+        old = self._soon.get(key)
+        if old is not None:
+            if old.when() <= due:
+                return
+            old.cancel()
+        self._soon[key] = loop.call_at(due, self._fire_soon, key)
+
     def _fire(self, key: Key) -> None:
         self._timers.pop(key, None)
+        self.add(key)
+
+    def _fire_soon(self, key: Key) -> None:
+        self._soon.pop(key, None)
         self.add(key)
 
     async def run(self, reconcile: Callable[[Key], Awaitable[None]], name: str) -> None:

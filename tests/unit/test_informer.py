@@ -14,7 +14,7 @@ from controller.objects import StoreSource
 from controller.store import Store
 from controller.vm_controller import VMController
 from tests.unit.test_vm_controller import vm
-from vmferry.informer import Informer, Key
+from vmferry.informer import Informer, Key, WorkQueue
 
 pytestmark = pytest.mark.timeout(30)
 Obj = dict[str, Any]
@@ -94,5 +94,35 @@ def test_a_vm_controller_started_after_the_list_reconciles_the_existing_vm(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_add_soon_coalesces_a_burst_and_is_never_postponed() -> None:
+    async def main() -> None:
+        queue = WorkQueue()
+        passes: list[tuple[Key, float]] = []
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def reconcile(key: Key) -> None:
+            passes.append((key, loop.time() - start))
+
+        runner = asyncio.create_task(queue.run(reconcile, "test"))
+        try:
+            key = ("default", "a")
+            for _ in range(5):  # a burst of events: one pass
+                queue.add_soon(key, 0.05)
+            queue.add_after(key, 5.0)  # a recheck due later does not postpone it
+            queue.add_soon(key, 1.0)  # nor does a later add_soon
+            await asyncio.sleep(0.3)
+            assert [k for k, _ in passes] == [key]
+            assert 0.04 <= passes[0][1] < 0.3
+            queue.add_soon(key, 1.0)
+            queue.add_soon(key, 0.02)  # a sooner one wins
+            await asyncio.sleep(0.2)
+            assert len(passes) == 2 and passes[1][1] < 0.55
+        finally:
+            runner.cancel()
 
     asyncio.run(main())
