@@ -250,9 +250,6 @@ async def write_status(api: Api, obj: Obj) -> Obj | None:
         return None
 
 
-# -- the peer link ----------------------------------------------------------------------
-
-
 def mirror_only(old: Obj | None, new: Obj) -> bool:
     """The VMIM update changed nothing but its ``status.migrationState``: the mirror of
     its VMI's record, which only this half writes (``mirror_of``) and which follows VMI
@@ -267,6 +264,9 @@ def mirror_only(old: Obj | None, new: Obj) -> bool:
         return {**vmim, "metadata": meta, "status": status}
 
     return rest(old) == rest(new)
+
+
+# -- the peer link ----------------------------------------------------------------------
 
 
 def subscribe(link: PeerLink, role: Role, fn: Callable[[SyncState], None]) -> None:

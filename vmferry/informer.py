@@ -182,7 +182,7 @@ class WorkQueue:
         if old is not None:
             old.cancel()
         loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(delay, self._fire, key)
+        self._timers[key] = loop.call_later(delay, self._fire, self._timers, key)
 
     def add_soon(self, key: Key, within: float) -> None:
         """Queue ``key`` within ``within`` seconds: a burst of events coalesces into one
@@ -198,14 +198,10 @@ class WorkQueue:
             if old.when() <= due:
                 return
             old.cancel()
-        self._soon[key] = loop.call_at(due, self._fire_soon, key)
+        self._soon[key] = loop.call_at(due, self._fire, self._soon, key)
 
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        self.add(key)
-
-    def _fire_soon(self, key: Key) -> None:
-        self._soon.pop(key, None)
+    def _fire(self, timers: dict[Key, asyncio.TimerHandle], key: Key) -> None:
+        timers.pop(key, None)
         self.add(key)
 
     async def run(self, reconcile: Callable[[Key], Awaitable[None]], name: str) -> None:
