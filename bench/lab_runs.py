@@ -147,9 +147,23 @@ def parse_source_log(events: list[LogEvent]) -> Obj:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process (all its threads), or None if it is gone."""
+    """utime + stime of a process (all its threads) and of its stream workers (the
+    processes that carry a migration's channels 1..; not its guests), or None if it is
+    gone."""
     if pid is None:
         return None
+    own = _process_cpu(pid)
+    if own is None:
+        return None
+    return own + workers_cpu_seconds(pid)
+
+
+def workers_cpu_seconds(pid: int) -> float:
+    """utime + stime of a handler's live stream workers."""
+    return sum(_process_cpu(child) or 0.0 for child in stream_workers_of(pid))
+
+
+def _process_cpu(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -157,15 +171,42 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def stream_workers_of(pid: int) -> list[int]:
+    """The live stream worker processes a handler started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) != pid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"handler.migration.stream_worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 class LabBench:
     """One lab for the whole bench invocation: 2 nodes, so a VM migrates back and forth."""
 
-    def __init__(self, root: Path, *, netns_link: str | None = None, ha: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        netns_link: str | None = None,
+        ha: bool = False,
+        stream_workers: int = 0,
+    ) -> None:
         """``netns_link``: a netns lab whose main and migration links both have this
         shape (``RATE[,DELAY]``), so a migration sees it whichever network it takes.
-        ``ha``: the controllers replicated on etcd (``lab up --ha``)."""
+        ``ha``: the controllers replicated on etcd (``lab up --ha``); ``stream_workers``:
+        each handler's stream worker processes (``lab up --stream-workers``)."""
         self.netns_link = netns_link
         self.ha = ha
+        self.stream_workers = stream_workers
         self.lab = Lab(root / "lab")
         self.config: ClientConfig | None = None
         self.env = dict(os.environ)
@@ -176,7 +217,13 @@ class LabBench:
 
     def up(self) -> None:
         if self.netns_link is None:
-            self.config = self.lab.up(nodes=2, memory="16Gi", set_default=False, ha=self.ha)
+            self.config = self.lab.up(
+                nodes=2,
+                memory="16Gi",
+                set_default=False,
+                ha=self.ha,
+                stream_workers=self.stream_workers,
+            )
             return
         spec = parse_link("netns link", self.netns_link)
         self.config = self.lab.up(
@@ -186,6 +233,7 @@ class LabBench:
             netns_mode=True,
             main_link=spec,
             migration_link=spec,
+            stream_workers=self.stream_workers,
         )
 
     def down(self) -> None:
@@ -288,6 +336,8 @@ class LabBench:
         """Migrate ``name`` once (to the other node) and return its record."""
         pids = self._pids()
         cpu_before = {c: cpu_seconds(p) for c, p in pids.items()}
+        nodes = {c: p for c, p in pids.items() if c != "controller" and p is not None}
+        cpu_before |= {f"{c}/workers": workers_cpu_seconds(p) for c, p in nodes.items()}
         invoked = time.time()
         out = await asyncio.to_thread(self.cli, "migrate", name)
         cli_returned = time.time()
@@ -315,6 +365,7 @@ class LabBench:
                 await asyncio.sleep(0.05)
                 vmi = await api.get("VirtualMachineInstance", NAMESPACE, name)
         cpu_after = {c: cpu_seconds(p) for c, p in pids.items()}
+        cpu_after |= {f"{c}/workers": workers_cpu_seconds(p) for c, p in nodes.items()}
         await asyncio.sleep(settle)  # the source guest's teardown, log flushes
         return self._record(name, vmim, vmi, invoked, cli_returned, cpu_before, cpu_after)
 
@@ -384,9 +435,11 @@ class LabBench:
             rec[f"downtime_{part}"] = value
         rec["targetRamAllocatedBytes"] = self.ram_allocated(target, vmi["metadata"]["uid"])
         for comp in cpu_before:
-            b, a = cpu_before[comp], cpu_after[comp]
-            role = "source" if comp == source else "target" if comp == target else comp
-            rec[f"cpu_{role}"] = round(a - b, 3) if a is not None and b is not None else None
+            b, a = cpu_before[comp], cpu_after.get(comp)
+            node, _, workers = comp.partition("/")
+            role = "source" if node == source else "target" if node == target else node
+            key = f"cpuWorkers_{role}" if workers else f"cpu_{role}"  # cpu_ includes them
+            rec[key] = round(a - b, 3) if a is not None and b is not None else None
         for role in ("source", "target"):  # CPU-seconds per GiB of guest memory migrated
             value = per_gib(rec.get(f"cpu_{role}"), rec["memoryBytes"])
             rec[f"cpuPerGiB_{role}"] = None if value is None else round(value, 3)

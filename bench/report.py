@@ -196,14 +196,27 @@ def table(results: Obj) -> str:
             if (s := ours.get(f"cpu_{r}")) is not None
         ]
         if cpu:
-            row("ours: CPU seconds (median)", ", ".join(cpu))
+            workers = [
+                f"{r} {s.median:.2f}"
+                for r in ("source", "target")
+                if (s := ours.get(f"cpuWorkers_{r}")) is not None and s.median
+            ]
+            row(
+                "ours: CPU seconds (median)",
+                ", ".join(cpu),
+                f"(of which stream workers: {', '.join(workers)})" if workers else "",
+            )
         per = [
             f"{r} {fmt_summary(s, '', digits=2).strip()}"
             for r in ("source", "target")
             if (s := ours.get(f"cpuPerGiB_{r}")) is not None
         ]
         if per:
-            row("ours: CPU s/GiB", ", ".join(per), "(handler CPU-seconds per GiB of guest memory)")
+            row(
+                "ours: CPU s/GiB",
+                ", ".join(per),
+                "(CPU-seconds of the handler and its stream workers per GiB of guest memory)",
+            )
         alloc = ours.get("targetRamAllocatedBytes")
         if alloc and sc["touched"] != "0":
             row(

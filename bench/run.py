@@ -119,6 +119,8 @@ OUR_KEYS = [
     "cpu_source",
     "cpu_target",
     "cpu_controller",
+    "cpuWorkers_source",
+    "cpuWorkers_target",
     "cpuPerGiB_source",
     "cpuPerGiB_target",
     "targetRamAllocatedBytes",
@@ -403,7 +405,7 @@ async def main_async(args: argparse.Namespace) -> Obj:
         if s not in ("grpc", NETNS, XCLUSTER, DIGEST, SCALE, STORAGE, QEMU_GUEST)
     ]
     if lab_scenarios:
-        bench = LabBench(root, ha=args.ha)
+        bench = LabBench(root, ha=args.ha, stream_workers=args.stream_workers)
         what = "3 controller replicas on etcd" if args.ha else "a controller"
         log(f"lab: starting {what} and 2 handlers in {root / 'lab'}")
         await asyncio.to_thread(bench.up)
@@ -485,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="N for the gRPC N-stream ceiling and QEMU multifd channels (default 2)",
+    )
+    p.add_argument(
+        "--stream-workers",
+        type=int,
+        default=0,
+        help="each lab handler's stream worker processes (channels 1.. of a migration on "
+        "their own cores; default 0: every stream in the handler)",
     )
     p.add_argument(
         "--streams-config",

@@ -62,7 +62,11 @@ time); ``group_hashes`` rows are written only under the digest's lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import mmap
+import os
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -126,6 +130,55 @@ class ChunkDigest:
         self.hashed_bytes = 0  # work done, for the downtime breakdown and tests
         self._background: asyncio.Task[int] | None = None
         self._ram_released = False
+        self._shared: tuple[mmap.mmap, Path | None] | None = None
+
+    # -- tables shared with stream workers (handler/migration/stream_worker.py) ----------------
+
+    def share(self, path: Path) -> None:
+        """Move the tables that page movers write (the page hashes, their stale flags and
+        the groups' stale flags) into a new shared-memory file at ``path``, for stream
+        workers to ``attach``; ``release`` removes the file."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self._shared_size())
+            mm = mmap.mmap(fd, self._shared_size())
+        finally:
+            os.close(fd)
+        self._bind(mm, copy=True)
+        self._shared = (mm, path)
+
+    def attach(self, path: Path) -> None:
+        """Use the tables another process shared at ``path`` (a stream worker)."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != self._shared_size():
+                raise ValueError(f"{path} does not hold this memory's digest tables")
+            mm = mmap.mmap(fd, self._shared_size())
+        finally:
+            os.close(fd)
+        self._bind(mm, copy=False)
+        self._shared = (mm, None)
+
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    def _shared_size(self) -> int:
+        return self.hashes.nbytes + self.stale.nbytes + self.group_stale.nbytes
+
+    def _bind(self, mm: mmap.mmap, *, copy: bool) -> None:
+        chunks, groups = len(self.stale), len(self.group_stale)
+        hashes = np.frombuffer(mm, dtype=np.uint8, count=chunks * LEAF_BYTES)
+        stale = np.frombuffer(mm, dtype=np.bool_, count=chunks, offset=chunks * LEAF_BYTES)
+        group_stale = np.frombuffer(
+            mm, dtype=np.bool_, count=groups, offset=chunks * (LEAF_BYTES + 1)
+        )
+        hashes = hashes.reshape(chunks, LEAF_BYTES)
+        if copy:
+            hashes[:] = self.hashes
+            stale[:] = self.stale
+            group_stale[:] = self.group_stale
+        self.hashes, self.stale, self.group_stale = hashes, stale, group_stale
 
     def invalidate(self, pages: npt.NDArray[np.int64]) -> None:
         """The pages changed (or will be sent again): their chunks must be re-hashed."""
@@ -303,3 +356,17 @@ class ChunkDigest:
         if self.stale.size and not self._ram_released:
             self._ram_released = True
             self._ram.release()
+        if self._shared is not None:
+            mm, path = self._shared
+            self._shared = None
+            empty = np.zeros(0, dtype=np.bool_)
+            self.hashes, self.stale, self.group_stale = (
+                np.zeros((0, LEAF_BYTES), np.uint8),
+                empty,
+                empty,
+            )
+            with contextlib.suppress(BufferError):  # a view still held: unmapped when dropped
+                mm.close()
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()

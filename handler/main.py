@@ -32,6 +32,7 @@ from handler.migration.incoming import IncomingRegistry
 from handler.migration.memvm_target import MigrationService
 from handler.migration.qemu_target import TunnelService
 from handler.migration.restart_record import RestartRecords
+from handler.migration.worker_pool import WorkerPool
 from handler.migration_network import ListenError, MigrationServer, NetworkAgent
 from handler.node_agent import NodeAgent, NodeInfo, host_cpu_model, host_memory_bytes
 from handler.peers import MigrationTrust, PeerRegistry
@@ -67,6 +68,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "qemu_binary": str,
     "qemu_image_dir": str,
     "configure_migration_network": bool,
+    "stream_workers": int,
     **metrics_http.CONFIG_KEYS,
 }
 DEFAULTS: dict[str, Any] = {
@@ -86,6 +88,10 @@ DEFAULTS: dict[str, Any] = {
     # the migration network's address (whereabouts) is added to the NIC by the handler;
     # false: never change the network stack (a lab whose handlers share the host's)
     "configure_migration_network": True,
+    # processes that carry a migration's channels 1.. (parallelStreams) on their own
+    # cores, on both sides (handler/migration/stream_worker.py); 0: every stream in the
+    # handler's process
+    "stream_workers": 0,
     **metrics_http.DEFAULTS,
 }
 METRICS_AUTH_MODES = (metrics_http.MetricsAuth.NONE, metrics_http.MetricsAuth.ALLOWLIST)
@@ -127,6 +133,12 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
         help="a node label (repeatable)",
     )
     p.add_argument("--heartbeat-seconds", type=float, help="Ready heartbeat period (default 2)")
+    p.add_argument(
+        "--stream-workers",
+        type=int,
+        help="processes carrying migration streams 1.. on their own cores, as source and "
+        "as target (default 0: every stream in the handler's process)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     metrics_http.add_flags(p, METRICS_AUTH_MODES)
     p.add_argument(
@@ -212,7 +224,8 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
     )
     # One instance of each target service, served by every listener (migration_network
     # moves the listener to the migration network's address and back).
-    services = (MigrationService(incoming), TunnelService(incoming, qemu))  # memvm, QEMU
+    memvm_service = MigrationService(incoming)
+    services = (memvm_service, TunnelService(incoming, qemu))  # memvm, QEMU
 
     def register(grpc_server: Any) -> None:
         for service in services:
@@ -234,6 +247,7 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
         raise ConfigError(str(e)) from None
     metrics_server = None
     manager: VMManager | None = None
+    workers = None
     try:  # from here a failure (a port taken, say) stops what started: never a hang
         agent = NodeAgent(
             api,
@@ -248,6 +262,15 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
             endpoint,
             heartbeat_seconds=float(config["heartbeat_seconds"]),
         )
+        if int(config["stream_workers"]) > 0:
+            workers = WorkerPool(
+                int(config["stream_workers"]),
+                log_level=config["log_level"],
+                name=f"handler/{node}/stream-worker",
+            )
+            await workers.start()
+            if endpoint.advertise is None:  # a relay's port is the only one sources reach
+                memvm_service.use_workers(workers, lambda: endpoint.address, tls)
         nodes = Informer(api, "Node")
         network = NetworkAgent(
             node,
@@ -273,6 +296,7 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
             migration_endpoint=endpoint,
             state_dir=runtime_dir,
             peers=peers,
+            workers=workers,
         )
         sd.status("re-adopting running guests")
         await manager.adopt()
@@ -326,6 +350,8 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
             for handle in manager.handles.values():
                 handle.close()
         await driver.close()
+        if workers is not None:
+            await workers.close()
         if metrics_server is not None:
             await metrics_server.close()
         await server.close(grace=1)

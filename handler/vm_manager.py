@@ -32,6 +32,7 @@ from handler.migration.handoff import HandoffRecord
 from handler.migration.incoming import IncomingRegistry
 from handler.migration.source import SourceEngine
 from handler.migration.stats import Stats
+from handler.migration.worker_pool import WorkerPool
 from handler.peers import PeerRegistry, holds_source, holds_target
 from handler.vm_incoming import INCOMING_SUFFIX, IncomingGuests, active, launcher
 from handler.vm_pause import PauseKeeper
@@ -72,6 +73,7 @@ class VMManager:
         state_dir: Path,
         peers: PeerRegistry | None = None,
         events: EventRecorder | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.api = api
         self.node = node_name
@@ -82,6 +84,7 @@ class VMManager:
         self.incoming = incoming
         self.tls = tls
         self.peers = peers  # registered peer clusters (cross-cluster sources dial their CA)
+        self.workers = workers  # stream workers the memvm engine may run channels in
         self.state_dir = state_dir
         self.handles: dict[str, VMHandle] = {}  # VMI uid -> the guest running here
         self.sources: dict[str, tuple[SourceEngine, asyncio.Task[None]]] = {}
@@ -352,7 +355,9 @@ class VMManager:
         if not ms.get(Field.TARGET_NODE_ADDRESS) or not ms.get(Field.TARGET_NODE_PORT):
             return  # the target is still preparing
         migration = self.drivers.by_name(handle.driver_name).source_engine(
-            EngineContext(self.api, self.node, self.tls, self._on_progress, self.peers),
+            EngineContext(
+                self.api, self.node, self.tls, self._on_progress, self.peers, self.workers
+            ),
             copy.deepcopy(vmi),
             handle,
         )

@@ -49,6 +49,7 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     from handler.migration.source import ProgressCallback, SourceEngine
+    from handler.migration.worker_pool import WorkerPool
     from handler.peers import PeerRegistry
     from vmferry.client import ApiClient
     from vmferry.pki import TlsFiles
@@ -361,6 +362,7 @@ class EngineContext:
     tls: TlsFiles | None
     on_progress: ProgressCallback
     peers: PeerRegistry | None = None
+    workers: WorkerPool | None = None  # stream workers (None or empty: streams in-process)
 
 
 @runtime_checkable

@@ -249,6 +249,7 @@ class MemVMDriver:
             context.tls,
             on_progress=context.on_progress,
             peers=context.peers,
+            workers=context.workers,
         )
 
     async def start(self, vm_id: str, spec: GuestSpec) -> MemVMHandle:

@@ -86,6 +86,10 @@ class Channel(TargetStream):
             await self.credit_changed.wait()
         self.check()
 
+    def close(self) -> None:
+        """End the stream (the reader records why)."""
+        self.call.cancel()
+
     async def next_control(self, timeout: float) -> pb.TargetFrame:
         async with asyncio.timeout(timeout):
             frame = await self.control.get()
@@ -125,15 +129,22 @@ def connect(
 
 
 async def open_channels(
-    connections: list[grpc.aio.Channel], tg: asyncio.TaskGroup, hello: pb.Hello, address: str
+    connections: list[grpc.aio.Channel],
+    tg: asyncio.TaskGroup,
+    hello: pb.Hello,
+    address: str,
+    *,
+    ids: list[int] | None = None,
+    acks: list[pb.HelloAck] | None = None,
 ) -> list[Channel]:
-    """A Transfer stream on each connection, Hello (``hello`` with each channel's id) and
-    HelloAck; each channel's reader runs in ``tg``. MigrationFailed when the target
-    refuses or does not answer within CONNECT_TIMEOUT."""
+    """A Transfer stream on each connection, Hello (``hello`` with each channel's id:
+    ``ids``, by default 0, 1, ...) and HelloAck (appended to ``acks`` when given); each
+    channel's reader runs in ``tg``. MigrationFailed when the target refuses or does not
+    answer within CONNECT_TIMEOUT."""
     channels: list[Channel] = []
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            for cid, conn in enumerate(connections):
+            for cid, conn in zip(ids or range(len(connections)), connections, strict=True):
                 ch = Channel(cid, stream.open_transfer(conn))
                 channels.append(ch)
                 mine = pb.Hello()
@@ -143,6 +154,8 @@ async def open_channels(
                 first = await ch.call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("frame") != "hello_ack":
                     raise MigrationFailed(f"target did not accept migration channel {cid}")
+                if acks is not None:
+                    acks.append(first.hello_ack)
                 tg.create_task(ch.read_loop())
     except grpc.aio.AioRpcError as e:
         kind = StreamLost if is_network_failure(e) else MigrationFailed

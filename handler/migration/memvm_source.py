@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -48,8 +49,10 @@ from handler.migration.postcopy_source import PostCopy
 from handler.migration.sender import DirtyMeter, RoundResult, RoundSender
 from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
 from handler.migration.target_stream import StreamLost
+from handler.migration.worker_link import BatchSent, SourceJob
+from handler.migration.worker_pool import RemoteChannel, StreamWorker, WorkerPool, digest_path
 from handler.peers import PeerRegistry
-from vmferry import failpoints, pki
+from vmferry import failpoints, grpc_options, pki
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
 from vmferry.migration_state import Compression, MigrationMode
@@ -77,6 +80,7 @@ class MemvmSourceMigration(SourceEngine):
         on_progress: ProgressCallback | None = None,
         clock: Clock = time.monotonic,
         peers: PeerRegistry | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         super().__init__(
             api,
@@ -111,6 +115,8 @@ class MemvmSourceMigration(SourceEngine):
         self.watch = TimeoutWatch(self.config, self.handle.spec.memory_bytes, clock())
         self.disconnected_since: float | None = None  # a pre-copy drop being ridden out
         self._tg: asyncio.TaskGroup | None = None  # the migration's (channel readers)
+        self.workers = workers
+        self.digest_path = Path(digest_path(self.handle.ram_path, self.uid, "source"))
 
     def readopt_postcopy(self) -> bool:
         """``run()`` reconnects and pushes the pages the target lacks (PostCopy.resume)
@@ -122,8 +128,15 @@ class MemvmSourceMigration(SourceEngine):
         return True
 
     @property
-    def channels(self) -> list[Channel]:
+    def channels(self) -> list[Channel | RemoteChannel]:
         return self.sender.channels
+
+    @property
+    def ch0(self) -> Channel:
+        """Channel 0: always this process's (the control frames travel on it)."""
+        ch0 = self.channels[0]
+        assert isinstance(ch0, Channel)
+        return ch0
 
     def _memory_bytes(self) -> int:
         return self.handle.spec.memory_bytes
@@ -138,8 +151,7 @@ class MemvmSourceMigration(SourceEngine):
         if self.readopted:
             async with asyncio.TaskGroup() as tg:
                 await self.postcopy.resume(tg)
-                for ch in self.channels:
-                    ch.call.cancel()
+                self._close_channels()
             return
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
@@ -150,18 +162,22 @@ class MemvmSourceMigration(SourceEngine):
                 await self._switchover()
             else:
                 await self.postcopy.run(tg)
-            for ch in self.channels:
-                ch.call.cancel()
+            self._close_channels()
+
+    def _close_channels(self) -> None:
+        for ch in self.channels:
+            ch.close()
 
     async def connect(self, tg: asyncio.TaskGroup, *, resume: bool = False) -> None:
         """Open (or, ``resume``: reopen after a drop, in pre-copy or post-copy) every
-        channel to the target."""
+        channel to the target. Channels 1.. run in stream workers when this handler has
+        them idle and the target answers channel 0's Hello with its own workers' ports
+        (worker_pool.py); a reconnect, a cross-cluster hand-off or a target that answers
+        without ports keeps every channel in this process."""
         count = max(1, min(self.config.parallel_streams, stream.MAX_CHANNELS))
+        self._close_channels()
         await self._close_connections()
         self.sender.channels = []
-        self.connections = channels.connect(
-            self.target_address, self.target_node, self.dial_credentials(), count
-        )
         spec = self.handle.spec
         hello = pb.Hello(
             protocol_version=stream.PROTOCOL_VERSION,
@@ -172,9 +188,79 @@ class MemvmSourceMigration(SourceEngine):
             page_size=spec.page_size,
             resume=resume,
         )
-        self.sender.channels = await channels.open_channels(
-            self.connections, tg, hello, self.target_address
+        workers = None
+        if self.workers is not None and not resume and not self.peer_cluster:
+            workers = self.workers.take(count - 1)
+        if workers is None:
+            self.connections = channels.connect(
+                self.target_address, self.target_node, self.dial_credentials(), count
+            )
+            self.sender.channels = list(
+                await channels.open_channels(self.connections, tg, hello, self.target_address)
+            )
+            return
+        try:
+            await self._connect_with_workers(tg, hello, workers)
+        finally:
+            for worker in workers:  # those no channel took
+                if worker.job is None:
+                    assert self.workers is not None
+                    self.workers.give_back(worker)
+
+    async def _connect_with_workers(
+        self, tg: asyncio.TaskGroup, hello: pb.Hello, workers: list[StreamWorker]
+    ) -> None:
+        count = hello.channel_count
+        self.connections = channels.connect(
+            self.target_address, self.target_node, self.dial_credentials(), 1
         )
+        first = pb.Hello()
+        first.CopyFrom(hello)
+        first.stream_workers = True
+        acks: list[pb.HelloAck] = []
+        self.sender.channels = list(
+            await channels.open_channels(
+                self.connections, tg, first, self.target_address, acks=acks
+            )
+        )
+        ports = list(acks[0].worker_ports)
+        rest = list(range(1, count))
+        if len(ports) != len(rest):  # the target runs every channel in its handler
+            more = channels.connect(
+                self.target_address, self.target_node, self.dial_credentials(), len(rest)
+            )
+            self.connections += more
+            self.sender.channels += await channels.open_channels(
+                more, tg, hello, self.target_address, ids=rest
+            )
+            return
+        host = grpc_options.host_of(self.target_address, "the target's migration endpoint")
+        host = f"[{host}]" if ":" in host else host
+        spec = self.handle.spec
+        for cid, worker, port in zip(rest, workers, ports, strict=True):
+            ch = RemoteChannel(worker, cid, self._remote_batch)
+            self.sender.channels.append(ch)  # before it opens: a failure closes it too
+            mine = pb.Hello()
+            mine.CopyFrom(hello)
+            mine.channel_id = cid
+            await ch.open(
+                SourceJob(
+                    address=f"{host}:{port}",
+                    target_node=self.target_node,
+                    tls=self.tls,
+                    hello=mine.SerializeToString(),
+                    ram_path=str(self.handle.ram_path),
+                    page_size=spec.page_size,
+                    page_count=spec.page_count,
+                    digest_path=str(self.digest_path),
+                )
+            )
+        log.info("migration %s: channels 1-%d run in stream workers", self.uid, count - 1)
+
+    def _remote_batch(self, batch: BatchSent) -> None:
+        """A stream worker sent a batch: the figures are this engine's."""
+        self.stats.record_batch(self.clock(), batch.wire_bytes, batch.memory_bytes)
+        self._report()
 
     async def _close_connections(self) -> None:
         connections, self.connections = self.connections, []
@@ -203,6 +289,8 @@ class MemvmSourceMigration(SourceEngine):
         digest = self.chunk_digest = ChunkDigest(
             self.handle.ram(), spec.page_size, zero_pages=None if data is None else ~data
         )
+        if any(isinstance(ch, RemoteChannel) for ch in self.channels):
+            digest.share(self.digest_path)  # the workers hash what they send into it
         self.sender.digest = digest
         meter = self.meter = DirtyMeter(self.handle, self.clock, digest.invalidate)
         if data is None:
@@ -292,8 +380,7 @@ class MemvmSourceMigration(SourceEngine):
             lost,
             watch.last_progress + watch.progress_timeout - since,
         )
-        for ch in self.channels:
-            ch.call.cancel()
+        self._close_channels()
         reconnect = channels.Reconnect(
             reopen=lambda: self.connect(tg, resume=True),
             deadline=lambda: watch.last_progress + watch.progress_timeout,
@@ -411,7 +498,7 @@ class MemvmSourceMigration(SourceEngine):
         # them since is in this one.
         written = meter.take()
         final = np.union1d(self.pending, written)
-        ch0 = self.channels[0]
+        ch0 = self.ch0
 
         async def send_device_state() -> None:
             state = await self.handle.device_state()
@@ -517,13 +604,12 @@ class MemvmSourceMigration(SourceEngine):
 
     async def _abort_target(self, reason: str) -> None:
         if self.postcopy_active:
-            for ch in self.channels:
-                ch.call.cancel()
+            self._close_channels()
             return
         abort = pb.SourceFrame(abort=pb.Abort(reason=reason)).SerializeToString()
-        await self._abort_streams([ch.call for ch in self.channels], abort)
-        for ch in self.channels:
-            ch.call.cancel()
+        local = [ch.call for ch in self.channels if isinstance(ch, Channel)]
+        await self._abort_streams(local, abort)  # the target's handler releases its workers
+        self._close_channels()
 
     async def _fail_committed(self, reason: str) -> None:
         if self.postcopy_active:

@@ -25,7 +25,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -34,12 +35,15 @@ import numpy.typing as npt
 
 from handler import stream
 from handler.digest import ChunkDigest
+from handler.migration.handoff import MigrationFailed
 from handler.migration.incoming import IncomingMigration, IncomingRegistry
 from handler.migration.peer import abort, accepts_hello, accepts_resume
 from handler.migration.restart_record import RestartRecord, consume_failure
 from handler.migration.target_state import TargetState
+from handler.migration.worker_link import Applied, TargetJob
+from handler.migration.worker_pool import RemoteReceiver, WorkerPool, digest_path
 from handler.peers import no_postcopy
-from vmferry import failpoints
+from vmferry import failpoints, pki
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,19 @@ class MigrationService:
         self._pollers: set[asyncio.Task[None]] = set()
         # (migration uid, channel) -> the out queue of that channel's current stream
         self._current: dict[tuple[str, int], asyncio.Queue[pb.TargetFrame | None]] = {}
+        # stream workers (use_workers): migration uid -> its channels 1.. they serve
+        self.workers: WorkerPool | None = None
+        self._listen: Callable[[], str] = lambda: "127.0.0.1"
+        self._tls: pki.TlsFiles | None = None
+        self._receivers: dict[str, list[RemoteReceiver]] = {}
+        incoming.on_forget(self._release)
+
+    def use_workers(
+        self, workers: WorkerPool, listen: Callable[[], str], tls: pki.TlsFiles | None
+    ) -> None:
+        """Serve channels 1.. of a migration whose source asks for it (Hello.stream_workers)
+        in ``workers``, listening on ``listen()`` (the migration service's address now)."""
+        self.workers, self._listen, self._tls = workers, listen, tls
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serve Transfer on ``server``."""
@@ -103,8 +120,15 @@ class MigrationService:
         inc.channel_count = hello.channel_count
         inc.connected.add(hello.channel_id)
         channel = hello.channel_id
+        ports: list[int] = []
+        if channel == 0:
+            self._release(inc.migration_uid)  # a reconnect: its channels start over
+            if hello.stream_workers and not hello.resume:
+                ports = await self._lend(inc, hello.channel_count - 1)
         out: asyncio.Queue[pb.TargetFrame | None] = asyncio.Queue()
-        out.put_nowait(pb.TargetFrame(hello_ack=pb.HelloAck(channel_id=channel)))
+        out.put_nowait(
+            pb.TargetFrame(hello_ack=pb.HelloAck(channel_id=channel, worker_ports=ports))
+        )
         out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=stream.CREDIT_WINDOW)))
         # A reconnect replaces the channel's stream: the one it replaces, if its end has
         # not been noticed yet, applies nothing more (see _read).
@@ -151,6 +175,78 @@ class MigrationService:
             if not inc.postcopy:
                 await self.incoming.on_abort(inc, f"protocol error: {error[0]}")
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error[0]))
+
+    # -- channels 1.. in stream workers -----------------------------------------------------
+
+    async def _lend(self, inc: IncomingMigration, count: int) -> list[int]:
+        """Start ``count`` stream workers for channels 1..count of ``inc``; the ports they
+        listen on, or [] (every channel then connects here) when this handler has too
+        few idle, the hand-off crosses clusters, or one of them fails to start."""
+        uid = inc.migration_uid
+        taken = None
+        if self.workers is not None and not inc.peer_cluster:
+            taken = self.workers.take(count)
+        if taken is None:
+            return []
+        handle = inc.handle
+        receivers = self._receivers[uid] = []
+        ports = []
+        try:
+            digest = inc.chunk_digest
+            if not digest.shared:
+                digest.share(Path(digest_path(handle.ram_path, uid, "target")))
+            for cid, worker in enumerate(taken, start=1):
+                receiver = RemoteReceiver(
+                    worker,
+                    cid,
+                    on_applied=partial(self._applied, inc),
+                    on_end=partial(self._receiver_ended, inc),
+                )
+                receivers.append(receiver)
+                job = TargetJob(
+                    address=self._listen(),
+                    tls=self._tls,
+                    migration_uid=uid,
+                    token=inc.token,
+                    source_node=inc.source_node,
+                    channel_id=cid,
+                    channel_count=count + 1,
+                    memory_bytes=handle.spec.memory_bytes,
+                    page_size=handle.spec.page_size,
+                    ram_path=str(handle.ram_path),
+                    digest_path=str(digest_path(handle.ram_path, uid, "target")),
+                )
+                ports.append(await receiver.start(job))
+        except (MigrationFailed, OSError, ValueError) as e:
+            log.warning("migration %s: channels stay in the handler: %s", uid, e)
+            self._release(uid)
+            return []
+        finally:
+            for worker in taken:
+                if worker.job is None:
+                    self.workers.give_back(worker)  # type: ignore[union-attr]
+        log.info("migration %s: channels 1-%d served by stream workers", uid, count)
+        return ports
+
+    def _applied(self, inc: IncomingMigration, receiver: RemoteReceiver, done: Applied) -> None:
+        """A worker's round on its channel is in RAM (and hashed)."""
+        inc.pages_applied += done.pages
+        inc.bytes_received += done.payload_bytes
+        if self._receivers.get(inc.migration_uid, []).count(receiver):
+            self._round_done(inc, receiver.id, done.final)
+
+    def _receiver_ended(self, inc: IncomingMigration, receiver: RemoteReceiver) -> None:
+        if self._receivers.get(inc.migration_uid, []).count(receiver):
+            log.info(
+                "migration %s: channel %d (stream worker) ended: %s",
+                inc.migration_uid,
+                receiver.id,
+                receiver.error,
+            )
+
+    def _release(self, migration_uid: str) -> None:
+        for receiver in self._receivers.pop(migration_uid, []):
+            receiver.close()
 
     @staticmethod
     def _check_hello(inc: IncomingMigration, hello: pb.Hello) -> pb.Hello:
@@ -300,25 +396,31 @@ class MigrationService:
         inc.bytes_received += payload_bytes
         out.put_nowait(pb.TargetFrame(credit=pb.Credit(bytes=payload_bytes)))
 
-    @staticmethod
+    @classmethod
     def _round_end(
+        cls,
         inc: IncomingMigration,
         channel: int,
         end: pb.RoundEnd,
         out: asyncio.Queue[pb.TargetFrame | None],
     ) -> None:
-        if not inc.postcopy and not end.final:
+        cls._round_done(inc, channel, end.final)
+        out.put_nowait(
+            pb.TargetFrame(round_ack=pb.RoundAck(round=end.round, pages_applied=inc.pages_applied))
+        )
+
+    @staticmethod
+    def _round_done(inc: IncomingMigration, channel: int, final: bool) -> None:
+        """A round's pages on ``channel`` are all applied."""
+        if not inc.postcopy and not final:
             inc.chunk_digest.refresh_in_background()  # the group hashes, between rounds
-        if end.final:
+        if final:
             inc.final_channels.add(channel)
             if len(inc.final_channels) == inc.channel_count:
                 inc.all_final.set()
                 # Every page is in and no more may come: the memory is still.
                 inc.final_digest = inc.chunk_digest.digest_soon()
                 inc.final_digest.add_done_callback(consume_failure)
-        out.put_nowait(
-            pb.TargetFrame(round_ack=pb.RoundAck(round=end.round, pages_applied=inc.pages_applied))
-        )
 
     # -- switchover -------------------------------------------------------------------------
 
@@ -349,6 +451,9 @@ class MigrationService:
             raise stream.ProtocolError("PostCopyStart after the switchover began")
         handle = inc.postcopy_handle
         missing = stream.unpack_indices(start.missing_indices, handle.page_count, "missing_indices")
+        # No page may come through a worker from here on: it does not know which pages
+        # the guest writes once it runs here (the source sent its last one before this).
+        self._release(inc.migration_uid)
         inc.move(TargetState.POSTCOPY_VERIFYING, "PostCopyStart")
         t0 = time.monotonic()
         inc.device_state = start.device_state

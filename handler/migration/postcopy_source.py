@@ -77,12 +77,13 @@ class PostCopy:
         missing = np.union1d(e.pending, meter.take())
         missing = missing[missing != 0]
         await e.sender.send_round(np.zeros(1, dtype=np.int64), e.stats.rounds, final=False)
+        e.sender.keep_local()
         e.stats.rounds += 1
         t2 = e.clock()
         parts["final_pass"] = t2 - t1
         device_state = await e.handle.device_state()
         e.stats.digest = await digest.masked_digest_async(missing, spec.page_size)
-        ch0 = e.channels[0]
+        ch0 = e.ch0
         await ch0.write(
             pb.SourceFrame(
                 postcopy_start=pb.PostCopyStart(
@@ -148,7 +149,7 @@ class PostCopy:
         spec = e.handle.spec
         sent_mask = np.zeros(spec.page_count, dtype=np.bool_)
         round_no = e.stats.rounds
-        ch0 = e.channels[0]
+        ch0 = e.ch0
         pages = e.sender.pages()
         sent = [0]
 
@@ -208,7 +209,7 @@ class PostCopy:
         while e.clock() < deadline:
             try:
                 await e.connect(tg, resume=True)
-                frame = await e.channels[0].next_control(CONNECT_TIMEOUT)
+                frame = await e.ch0.next_control(CONNECT_TIMEOUT)
                 if frame.WhichOneof("frame") != "postcopy_state":
                     raise MigrationFailed("the target did not report its missing pages")
                 missing = stream.unpack_indices(

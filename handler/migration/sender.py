@@ -14,6 +14,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.ma  # np.unique imports it on first use (~15 ms here): not in a downtime
@@ -21,11 +22,13 @@ import numpy.typing as npt
 
 from handler import stream
 from handler.digest import ChunkDigest
-from handler.drivers.base import DirtyLogHandle
+from handler.drivers.base import DirtyLogHandle, GuestSpec
+from handler.migration import worker_link
 from handler.migration.channels import Channel
 from handler.migration.compress_gate import CompressGate, Decision
 from handler.migration.handoff import MigrationFailed
 from handler.migration.stats import Stats
+from handler.migration.worker_pool import RemoteChannel
 from vmferry.rpc import migration_pb2 as pb
 
 PACING_BURST = 0.05  # s of bandwidthPerMigration a paced stream may send ahead after a pause
@@ -82,6 +85,16 @@ class DirtyMeter:
         return indices
 
 
+class GuestMemory(Protocol):
+    """What the sender reads: the guest's RAM and its geometry (a driver's handle, or a
+    stream worker's own mapping)."""
+
+    @property
+    def spec(self) -> GuestSpec: ...
+
+    def ram(self) -> memoryview: ...
+
+
 @dataclass(frozen=True)
 class RoundResult:
     wire_bytes: int
@@ -100,7 +113,7 @@ class RoundSender:
 
     def __init__(
         self,
-        handle: DirtyLogHandle,
+        handle: GuestMemory,
         stats: Stats,
         *,
         compress: bool,
@@ -116,7 +129,9 @@ class RoundSender:
         self.clock = clock
         self.check_abort = check_abort
         self.report = report
-        self.channels: list[Channel] = []
+        # Channel 0 is always local (the protocol's control frames travel there); the
+        # others may run in stream workers (RemoteChannel, worker_pool.py).
+        self.channels: list[Channel | RemoteChannel] = []
         self.in_downtime = False
         self._pace_next = 0.0  # clock() before which the paced stream may not send
         self.gate = CompressGate(enabled=compress, cap=bandwidth)
@@ -149,9 +164,25 @@ class RoundSender:
         limit = 0 if self.in_downtime else self.bandwidth
         digest = None if self.in_downtime else self.digest
         parts = stream.split_by_channel(indices, len(self.channels))
+        if limit > 0 and any(isinstance(ch, RemoteChannel) for ch in self.channels):
+            limit = max(1, limit // len(self.channels))  # each paces its share
         started = self.clock()
         sent = [0]
         unsent: list[stream.IndexArray] = []
+
+        async def send_remote(ch: RemoteChannel, part: stream.IndexArray) -> None:
+            request = worker_link.SendPart(
+                round_no,
+                part.astype(np.int64).tobytes(),
+                final,
+                compress,
+                limit,
+                digest is not None,
+            )
+            wire, left = await ch.send_part(request, stop)
+            sent[0] += wire
+            if left.size:
+                unsent.append(left)
 
         async def send_part(ch: Channel, part: stream.IndexArray) -> None:
             # A batch carries up to BATCH_PAGES non-zero pages; where memory is mostly
@@ -182,11 +213,23 @@ class RoundSender:
 
         async with asyncio.TaskGroup() as tg:
             for ch, part in zip(self.channels, parts, strict=True):
-                tg.create_task(send_part(ch, part))
+                if isinstance(ch, RemoteChannel):
+                    tg.create_task(send_remote(ch, part))
+                else:
+                    tg.create_task(send_part(ch, part))
         if wait_acks:
             await self.round_acks(round_no)
         left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
         return RoundResult(sent[0], self.clock() - started, left)
+
+    def keep_local(self) -> None:
+        """From now on pages move on this process's channels only, and the stream
+        workers are released: post-copy (a worker does not know which pages the guest
+        has written on the target since it resumed there)."""
+        for ch in self.channels:
+            if isinstance(ch, RemoteChannel):
+                ch.close()
+        self.channels = [ch for ch in self.channels if isinstance(ch, Channel)]
 
     async def round_acks(self, round_no: int) -> None:
         """Every channel acknowledged ``round_no``: its batches are in the target's RAM."""
@@ -280,14 +323,18 @@ class RoundSender:
                 for p in parts
             ]
 
-        async def put(ch: Channel, batch: stream.Batch | None) -> None:
+        async def put(ch: Channel | RemoteChannel, batch: stream.Batch | None) -> None:
+            assert isinstance(ch, Channel)  # remote channels send their own (below)
             if batch is not None:
                 await self.put_batch(ch, batch, page_size, 0, sent)
             await ch.write(pb.SourceFrame(round_end=pb.RoundEnd(round=round_no, final=True)))
 
         largest = max(len(p) for p in parts)
-        if largest <= stream.INLINE_BATCH_PAGES:
-            batches: list[stream.Batch | None] | None = gather()
+        batches: list[stream.Batch | None] | None
+        if any(isinstance(ch, RemoteChannel) for ch in self.channels):
+            batches = None  # each worker gathers its channel's part
+        elif largest <= stream.INLINE_BATCH_PAGES:
+            batches = gather()
         elif largest <= stream.BATCH_PAGES:
             batches = await asyncio.to_thread(gather)
         else:

@@ -108,6 +108,16 @@ class LabHarness:
             )
         return proc
 
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        """``vmferry ARGS`` started and left running (``communicate()`` for its output)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmferry.cli.main", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+
     def up(
         self,
         nodes: int = 3,
@@ -117,11 +127,14 @@ class LabHarness:
         migration_link: str | None = None,
         main_link: str | None = None,
         ha: bool = False,
+        stream_workers: int = 0,
     ) -> subprocess.CompletedProcess[str]:
         """``vmferry lab up``; with ``netns``, nodes in their own network namespaces
         (``migration_link``/``main_link``: ``RATE[,DELAY]``); ``ha``: 3 etcd members and
-        3 controller replicas."""
+        3 controller replicas; ``stream_workers``: each handler's."""
         args = ["lab", "up", "--nodes", str(nodes), "--memory", memory]
+        if stream_workers:
+            args += ["--stream-workers", str(stream_workers)]
         if ha:
             args.append("--ha")
         if netns:

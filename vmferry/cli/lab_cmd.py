@@ -54,6 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             main_link=main_link,
             migration_link=migration_link,
             ha=args.ha,
+            stream_workers=args.stream_workers,
         )
     except LabError as e:
         for warning in lab.warnings:
@@ -207,6 +208,14 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="a replicated control plane: 3 etcd members (etcd-1..3) and 3 controller "
         "replicas on them (controller-1..3, one leads); loopback only, needs etcd",
+    )
+    p.add_argument(
+        "--stream-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="each handler's stream worker processes: a migration's channels 1.. on cores "
+        "of their own (vmferry-handler --stream-workers; one-cluster lab; default 0)",
     )
     p.add_argument(
         "--no-set-default",

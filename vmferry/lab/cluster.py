@@ -217,9 +217,11 @@ class Lab:
         topology: netns.Topology | None = None,
         *,
         ha: bool = False,
+        stream_workers: int = 0,
     ) -> ClientConfig:
         """Create the CA, certificates and configuration files of a fresh lab (netns mode
-        with ``topology``; ``ha``: 3 etcd members and 3 controller replicas)."""
+        with ``topology``; ``ha``: 3 etcd members and 3 controller replicas;
+        ``stream_workers``: each handler's, see vmferry-handler --stream-workers)."""
         if nodes < 1:
             raise LabError("a lab needs at least one node (two to migrate)")
         if ha and topology is not None:
@@ -293,6 +295,7 @@ class Lab:
                 f'memory = "{memory}"\n'
                 'cpu_model = "vmferry-lab-cpu"\n'
                 "heartbeat_seconds = 1\n"
+                f"stream_workers = {stream_workers}\n"
                 f'metrics_listen = "{metrics_listen}"\n'
                 # Loopback handlers share the host's network stack: a migration network
                 # (NAD) must never make them add addresses to the host's NICs.
@@ -471,9 +474,11 @@ class Lab:
         main_link: netns.LinkSpec | None = None,
         migration_link: netns.LinkSpec | None = None,
         ha: bool = False,
+        stream_workers: int = 0,
     ) -> ClientConfig:
         """Write a fresh lab, start everything and wait until every node is Ready.
-        ``ha``: a replicated control plane (:mod:`vmferry.lab.ha`).
+        ``ha``: a replicated control plane (:mod:`vmferry.lab.ha`); ``stream_workers``:
+        each handler's stream worker processes (0: streams in the handler).
 
         ``netns_mode``: nodes in their own network namespaces, links shaped as given; when
         this machine cannot, the lab comes up in loopback mode and ``self.warnings`` says
@@ -517,7 +522,7 @@ class Lab:
                 except netns.NetnsError as e:
                     self._remove_namespaces()
                     raise LabError(str(e)) from None
-        config = self.write(nodes, memory, topology, ha=ha)
+        config = self.write(nodes, memory, topology, ha=ha, stream_workers=stream_workers)
         if topology is not None:
             links = {
                 name: spec.as_dict()

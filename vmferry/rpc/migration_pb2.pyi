@@ -63,8 +63,10 @@ Versioning: Hello.protocol_version is checked for equality (PROTOCOL_VERSION in
 handler/stream.py); additive fields keep the version, anything else bumps it.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -112,6 +114,7 @@ class Hello(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    STREAM_WORKERS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     migration_uid: _builtins.str
     token: _builtins.str
@@ -121,6 +124,10 @@ class Hello(_message.Message):
     page_size: _builtins.int
     resume: _builtins.bool
     """reconnecting: in pre-copy (Receiving) or in post-copy"""
+    stream_workers: _builtins.bool
+    """Channel 0 only: the source can run channels 1.. in stream workers of its own; the
+    target may then answer with the ports of its own workers (HelloAck.worker_ports).
+    """
     def __init__(
         self,
         *,
@@ -132,10 +139,11 @@ class Hello(_message.Message):
         memory_bytes: _builtins.int = ...,
         page_size: _builtins.int = ...,
         resume: _builtins.bool = ...,
+        stream_workers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "page_size", b"page_size", "protocol_version", b"protocol_version", "resume", b"resume", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_count", b"channel_count", "channel_id", b"channel_id", "memory_bytes", b"memory_bytes", "migration_uid", b"migration_uid", "page_size", b"page_size", "protocol_version", b"protocol_version", "resume", b"resume", "stream_workers", b"stream_workers", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,15 +386,24 @@ class HelloAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    WORKER_PORTS_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.int
+    @_builtins.property
+    def worker_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """To channel 0's Hello with stream_workers: where channels 1..channel_count-1 connect
+        (one port each, on the address channel 0 dialled), each served by a stream worker
+        process of the target's handler. Empty: every channel connects where channel 0 did.
+        """
+
     def __init__(
         self,
         *,
         channel_id: _builtins.int = ...,
+        worker_ports: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "worker_ports", b"worker_ports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
