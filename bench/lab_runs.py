@@ -198,12 +198,13 @@ class LabBench:
         *,
         netns_link: str | None = None,
         ha: bool = False,
-        stream_workers: int = 0,
+        stream_workers: int | None = None,
     ) -> None:
         """``netns_link``: a netns lab whose main and migration links both have this
         shape (``RATE[,DELAY]``), so a migration sees it whichever network it takes.
         ``ha``: the controllers replicated on etcd (``lab up --ha``); ``stream_workers``:
-        each handler's stream worker processes (``lab up --stream-workers``)."""
+        each handler's stream worker processes (``lab up --stream-workers``; None: the
+        handler's default)."""
         self.netns_link = netns_link
         self.ha = ha
         self.stream_workers = stream_workers

@@ -491,9 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stream-workers",
         type=int,
-        default=0,
         help="each lab handler's stream worker processes (channels 1.. of a migration on "
-        "their own cores; default 0: every stream in the handler)",
+        "their own cores; 0: every stream in the handler; default: the handler's, auto)",
     )
     p.add_argument(
         "--streams-config",

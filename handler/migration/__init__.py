@@ -31,7 +31,7 @@ The receiving side (one registry of expected migrations, two services):
   memvm_target.py    the memvm target: the Transfer service
   qemu_target.py     the QEMU target: the Tunnel service
 
-Streams in processes of their own (memvm channels 1.., both sides; off by default):
+Streams in processes of their own (memvm channels 1.., both sides; stream_workers):
   worker_link.py     what a handler and its stream workers say to each other
   stream_worker.py   the worker process: one channel's sending or receiving end
   worker_pool.py     the handler's workers, and the channels that stand for them

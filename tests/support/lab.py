@@ -127,13 +127,13 @@ class LabHarness:
         migration_link: str | None = None,
         main_link: str | None = None,
         ha: bool = False,
-        stream_workers: int = 0,
+        stream_workers: int | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``vmferry lab up``; with ``netns``, nodes in their own network namespaces
         (``migration_link``/``main_link``: ``RATE[,DELAY]``); ``ha``: 3 etcd members and
         3 controller replicas; ``stream_workers``: each handler's."""
         args = ["lab", "up", "--nodes", str(nodes), "--memory", memory]
-        if stream_workers:
+        if stream_workers is not None:
             args += ["--stream-workers", str(stream_workers)]
         if ha:
             args.append("--ha")

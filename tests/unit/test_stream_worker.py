@@ -314,3 +314,32 @@ async def test_a_killed_worker_fails_its_channel_and_is_replaced(
         await asyncio.sleep(0.05)
     assert target.idle and target.idle[0] is not dead  # a new worker took its place
     channel.close()
+
+
+# -- the handler's setting --------------------------------------------------------------------
+
+
+def test_stream_workers_setting_auto_counts_and_refusals() -> None:
+    from handler.main import auto_stream_workers, stream_workers_setting
+    from vmferry.config import ConfigError
+
+    assert [auto_stream_workers(n) for n in (None, 1, 2, 3, 4, 6, 8, 64)] == [
+        0,
+        0,
+        0,
+        0,
+        1,
+        2,
+        3,
+        3,
+    ]
+    assert stream_workers_setting("auto") == auto_stream_workers(os.cpu_count())
+    assert stream_workers_setting(0) == 0 and stream_workers_setting("2") == 2
+    for bad, says in (
+        (-1, "expected a count >= 0"),
+        ("many", "expected a count >= 0"),
+        (True, "expected a count >= 0"),
+        (16, "more than a migration's 15 streams"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            stream_workers_setting(bad)

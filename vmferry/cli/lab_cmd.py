@@ -212,10 +212,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--stream-workers",
         type=int,
-        default=0,
         metavar="N",
         help="each handler's stream worker processes: a migration's channels 1.. on cores "
-        "of their own (vmferry-handler --stream-workers; one-cluster lab; default 0)",
+        "of their own; 0: none (vmferry-handler --stream-workers; one-cluster lab; "
+        "default: the handler's, auto)",
     )
     p.add_argument(
         "--no-set-default",

@@ -217,11 +217,12 @@ class Lab:
         topology: netns.Topology | None = None,
         *,
         ha: bool = False,
-        stream_workers: int = 0,
+        stream_workers: int | None = None,
     ) -> ClientConfig:
         """Create the CA, certificates and configuration files of a fresh lab (netns mode
         with ``topology``; ``ha``: 3 etcd members and 3 controller replicas;
-        ``stream_workers``: each handler's, see vmferry-handler --stream-workers)."""
+        ``stream_workers``: each handler's, see vmferry-handler --stream-workers; None:
+        the handler's default)."""
         if nodes < 1:
             raise LabError("a lab needs at least one node (two to migrate)")
         if ha and topology is not None:
@@ -295,8 +296,8 @@ class Lab:
                 f'memory = "{memory}"\n'
                 'cpu_model = "vmferry-lab-cpu"\n'
                 "heartbeat_seconds = 1\n"
-                f"stream_workers = {stream_workers}\n"
-                f'metrics_listen = "{metrics_listen}"\n'
+                + ("" if stream_workers is None else f"stream_workers = {stream_workers}\n")
+                + f'metrics_listen = "{metrics_listen}"\n'
                 # Loopback handlers share the host's network stack: a migration network
                 # (NAD) must never make them add addresses to the host's NICs.
                 f"configure_migration_network = {'true' if topology else 'false'}\n"
@@ -474,11 +475,12 @@ class Lab:
         main_link: netns.LinkSpec | None = None,
         migration_link: netns.LinkSpec | None = None,
         ha: bool = False,
-        stream_workers: int = 0,
+        stream_workers: int | None = None,
     ) -> ClientConfig:
         """Write a fresh lab, start everything and wait until every node is Ready.
         ``ha``: a replicated control plane (:mod:`vmferry.lab.ha`); ``stream_workers``:
-        each handler's stream worker processes (0: streams in the handler).
+        each handler's stream worker processes (0: streams in the handler; None: the
+        handler's default).
 
         ``netns_mode``: nodes in their own network namespaces, links shaped as given; when
         this machine cannot, the lab comes up in loopback mode and ``self.warnings`` says
