@@ -232,11 +232,11 @@ class MigrationService:
         """A worker's round on its channel is in RAM (and hashed)."""
         inc.pages_applied += done.pages
         inc.bytes_received += done.payload_bytes
-        if self._receivers.get(inc.migration_uid, []).count(receiver):
+        if receiver in self._receivers.get(inc.migration_uid, []):  # not a released one
             self._round_done(inc, receiver.id, done.final)
 
     def _receiver_ended(self, inc: IncomingMigration, receiver: RemoteReceiver) -> None:
-        if self._receivers.get(inc.migration_uid, []).count(receiver):
+        if receiver in self._receivers.get(inc.migration_uid, []):
             log.info(
                 "migration %s: channel %d (stream worker) ended: %s",
                 inc.migration_uid,

@@ -271,12 +271,18 @@ class TargetSide:
         if first.WhichOneof("frame") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be Hello")
         hello = first.hello
+        if self.served:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"channel {job.channel_id} of migration {job.migration_uid} is connected "
+                "already (a reconnect goes to the handler's migration service)",
+            )
         try:
             self.gate.check(
                 pki.peer_identity(context),
                 hello.migration_uid,
                 hello.token,
-                acceptable=lambda _: not self.served,
+                acceptable=lambda _: True,
                 cert_pem=peer_certificate(context),
             )
             stream.check_hello(hello, memory_bytes=job.memory_bytes, page_size=job.page_size)

@@ -165,6 +165,7 @@ class Rig:
         self.dst_digest.share(tmp / "dst.digest")
         self.tls = tls
         self.applied: list[Applied] = []
+        self.port = 0  # where the target's worker listens, once started
         self.ended: list[RemoteReceiver] = []
 
     def target_job(self, **changes: object) -> w.TargetJob:
@@ -220,7 +221,7 @@ async def _channel(
     receiver = RemoteReceiver(
         tw, 1, on_applied=lambda _, a: rig.applied.append(a), on_end=rig.ended.append
     )
-    port = await receiver.start(rig.target_job())
+    port = rig.port = await receiver.start(rig.target_job())
     (sw,) = source.take(1) or []
     channel = RemoteChannel(sw, 1, batches.append)
     await channel.open(rig.source_job(port))
@@ -289,6 +290,24 @@ async def test_the_target_worker_refuses_a_wrong_token_and_a_foreign_node(
     channel = RemoteChannel(sw, 1, lambda _: None)
     with pytest.raises(MigrationFailed, match="wrong migration token"):
         await channel.open(rig.source_job(port, token="guess"))
+    channel.close()
+    receiver.close()
+
+
+@with_pools
+async def test_a_second_stream_to_a_served_channel_is_refused(
+    tmp_path: Path, pools: tuple[WorkerPool, WorkerPool]
+) -> None:
+    source, target = pools
+    source.size = 2
+    await source._spawn()  # a second source worker to dial with
+    rig = Rig(tmp_path, None)
+    channel, receiver = await _channel(rig, source, target, [])
+    (sw,) = source.take(1) or []
+    intruder = RemoteChannel(sw, 1, lambda _: None)
+    with pytest.raises(MigrationFailed, match="channel 1 of migration mig-1 is connected already"):
+        await intruder.open(rig.source_job(rig.port))
+    intruder.close()
     channel.close()
     receiver.close()
 
