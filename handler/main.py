@@ -290,9 +290,9 @@ async def serve(config: dict[str, Any], argv: list[str] | None = None) -> None:
             endpoint,
             heartbeat_seconds=float(config["heartbeat_seconds"]),
         )
-        if int(config["stream_workers"]) > 0:
+        if config["stream_workers"] > 0:
             workers = WorkerPool(
-                int(config["stream_workers"]),
+                config["stream_workers"],
                 log_level=config["log_level"],
                 name=f"handler/{node}/stream-worker",
             )

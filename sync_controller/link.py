@@ -667,7 +667,7 @@ class SyncLink:
 
     async def _dial_once(self, mid: str, url: str, established: asyncio.Event) -> None:
         host, port = _split_host_port(url)
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = grpc_options.host_port(host, port)
         options = dict(grpc_options.channel_options(grpc_options.MIGRATION_KEEPALIVE_MS))
         options["grpc.max_receive_message_length"] = MAX_FRAME_BYTES
         options["grpc.max_send_message_length"] = MAX_FRAME_BYTES

@@ -76,6 +76,11 @@ def host_of(address: str, what: str) -> str:
     return host.strip("[]")
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC dials it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def multi_target(addresses: list[str] | tuple[str, ...], what: str) -> str:
     """The gRPC target of one server or several replicas: the address itself, or
     ``ipv4:``/``ipv6:`` and every address (the channel moves to the next one that

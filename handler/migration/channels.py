@@ -128,6 +128,14 @@ def connect(
     return [dial(address, target_node, credentials, options) for _ in range(count)]
 
 
+def hello_for(hello: pb.Hello, channel_id: int) -> pb.Hello:
+    """``hello`` as channel ``channel_id`` sends it."""
+    mine = pb.Hello()
+    mine.CopyFrom(hello)
+    mine.channel_id = channel_id
+    return mine
+
+
 async def open_channels(
     connections: list[grpc.aio.Channel],
     tg: asyncio.TaskGroup,
@@ -147,9 +155,7 @@ async def open_channels(
             for cid, conn in zip(ids or range(len(connections)), connections, strict=True):
                 ch = Channel(cid, stream.open_transfer(conn))
                 channels.append(ch)
-                mine = pb.Hello()
-                mine.CopyFrom(hello)
-                mine.channel_id = cid
+                mine = hello_for(hello, cid)
                 await ch.call.write(pb.SourceFrame(hello=mine).SerializeToString())
                 first = await ch.call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("frame") != "hello_ack":

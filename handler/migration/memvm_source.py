@@ -50,9 +50,14 @@ from handler.migration.sender import DirtyMeter, RoundResult, RoundSender
 from handler.migration.source import PROGRESS_PERIOD, Clock, ProgressCallback, SourceEngine
 from handler.migration.target_stream import StreamLost
 from handler.migration.worker_link import BatchSent, SourceJob
-from handler.migration.worker_pool import RemoteChannel, StreamWorker, WorkerPool, digest_path
+from handler.migration.worker_pool import (
+    RemoteChannel,
+    WorkerPool,
+    digest_path,
+    open_with_workers,
+)
 from handler.peers import PeerRegistry
-from vmferry import failpoints, grpc_options, pki
+from vmferry import failpoints, pki
 from vmferry.client import ApiClient
 from vmferry.failpoints import Step
 from vmferry.migration_state import Compression, MigrationMode
@@ -191,7 +196,7 @@ class MemvmSourceMigration(SourceEngine):
         workers = None
         if self.workers is not None and not resume and not self.peer_cluster:
             workers = self.workers.take(count - 1)
-        if workers is None:
+        if workers is None or self.workers is None:
             self.connections = channels.connect(
                 self.target_address, self.target_node, self.dial_credentials(), count
             )
@@ -199,63 +204,36 @@ class MemvmSourceMigration(SourceEngine):
                 await channels.open_channels(self.connections, tg, hello, self.target_address)
             )
             return
+        spec = self.handle.spec
+        job = SourceJob(
+            address=self.target_address,  # each channel: its worker's port on this host
+            target_node=self.target_node,
+            tls=self.tls,
+            hello=b"",  # each channel's own
+            ram_path=str(self.handle.ram_path),
+            page_size=spec.page_size,
+            page_count=spec.page_count,
+            digest_path=str(self.digest_path),
+        )
+        self.connections, self.sender.channels = [], []
         try:
-            await self._connect_with_workers(tg, hello, workers)
+            remote = await open_with_workers(
+                tg,
+                hello,
+                workers,
+                self.target_address,
+                self.dial_credentials(),
+                job,
+                self._remote_batch,
+                connections=self.connections,
+                into=self.sender.channels,
+            )
         finally:
             for worker in workers:  # those no channel took
                 if worker.job is None:
-                    assert self.workers is not None
                     self.workers.give_back(worker)
-
-    async def _connect_with_workers(
-        self, tg: asyncio.TaskGroup, hello: pb.Hello, workers: list[StreamWorker]
-    ) -> None:
-        count = hello.channel_count
-        self.connections = channels.connect(
-            self.target_address, self.target_node, self.dial_credentials(), 1
-        )
-        first = pb.Hello()
-        first.CopyFrom(hello)
-        first.stream_workers = True
-        acks: list[pb.HelloAck] = []
-        self.sender.channels = list(
-            await channels.open_channels(
-                self.connections, tg, first, self.target_address, acks=acks
-            )
-        )
-        ports = list(acks[0].worker_ports)
-        rest = list(range(1, count))
-        if len(ports) != len(rest):  # the target runs every channel in its handler
-            more = channels.connect(
-                self.target_address, self.target_node, self.dial_credentials(), len(rest)
-            )
-            self.connections += more
-            self.sender.channels += await channels.open_channels(
-                more, tg, hello, self.target_address, ids=rest
-            )
-            return
-        host = grpc_options.host_of(self.target_address, "the target's migration endpoint")
-        host = f"[{host}]" if ":" in host else host
-        spec = self.handle.spec
-        for cid, worker, port in zip(rest, workers, ports, strict=True):
-            ch = RemoteChannel(worker, cid, self._remote_batch)
-            self.sender.channels.append(ch)  # before it opens: a failure closes it too
-            mine = pb.Hello()
-            mine.CopyFrom(hello)
-            mine.channel_id = cid
-            await ch.open(
-                SourceJob(
-                    address=f"{host}:{port}",
-                    target_node=self.target_node,
-                    tls=self.tls,
-                    hello=mine.SerializeToString(),
-                    ram_path=str(self.handle.ram_path),
-                    page_size=spec.page_size,
-                    page_count=spec.page_count,
-                    digest_path=str(self.digest_path),
-                )
-            )
-        log.info("migration %s: channels 1-%d run in stream workers", self.uid, count - 1)
+        if remote:
+            log.info("migration %s: channels 1-%d run in stream workers", self.uid, count - 1)
 
     def _remote_batch(self, batch: BatchSent) -> None:
         """A stream worker sent a batch: the figures are this engine's."""

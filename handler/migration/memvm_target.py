@@ -183,18 +183,18 @@ class MigrationService:
         listen on, or [] (every channel then connects here) when this handler has too
         few idle, the hand-off crosses clusters, or one of them fails to start."""
         uid = inc.migration_uid
-        taken = None
-        if self.workers is not None and not inc.peer_cluster:
-            taken = self.workers.take(count)
-        if taken is None:
+        pool = self.workers
+        taken = None if pool is None or inc.peer_cluster else pool.take(count)
+        if pool is None or taken is None:
             return []
         handle = inc.handle
+        tables = digest_path(handle.ram_path, uid, "target")
         receivers = self._receivers[uid] = []
         ports = []
         try:
             digest = inc.chunk_digest
             if not digest.shared:
-                digest.share(Path(digest_path(handle.ram_path, uid, "target")))
+                digest.share(Path(tables))
             for cid, worker in enumerate(taken, start=1):
                 receiver = RemoteReceiver(
                     worker,
@@ -214,7 +214,7 @@ class MigrationService:
                     memory_bytes=handle.spec.memory_bytes,
                     page_size=handle.spec.page_size,
                     ram_path=str(handle.ram_path),
-                    digest_path=str(digest_path(handle.ram_path, uid, "target")),
+                    digest_path=tables,
                 )
                 ports.append(await receiver.start(job))
         except (MigrationFailed, OSError, ValueError) as e:
@@ -224,7 +224,7 @@ class MigrationService:
         finally:
             for worker in taken:
                 if worker.job is None:
-                    self.workers.give_back(worker)  # type: ignore[union-attr]
+                    pool.give_back(worker)
         log.info("migration %s: channels 1-%d served by stream workers", uid, count)
         return ports
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -38,11 +38,28 @@ from handler.peers import MigrationTrust
 from vmferry import pki
 from vmferry.pki.identity import _AUTH_CONTEXT_CERT_KEY
 
-if TYPE_CHECKING:
-    from handler.migration.incoming import IncomingMigration
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Expected(Protocol):
+    """What the checks read of a migration expected here (an IncomingMigration; a stream
+    worker's one channel)."""
+
+    @property
+    def migration_uid(self) -> str: ...
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def source_node(self) -> str: ...
+
+    @property
+    def peer_cluster(self) -> str: ...
+
+
+M = TypeVar("M", bound=Expected)
 
 
 def accepts_resume(state: TargetState) -> bool:
@@ -66,12 +83,12 @@ class Refused(Exception):
         self.code = code
 
 
-class PeerGate:
-    """The admission checks over the shared registry of expected migrations."""
+class PeerGate(Generic[M]):
+    """The admission checks over a registry of expected migrations."""
 
     def __init__(
         self,
-        registry: Mapping[str, IncomingMigration],
+        registry: Mapping[str, M],
         *,
         require_peer_identity: bool,
         trust: MigrationTrust | None = None,
@@ -88,10 +105,10 @@ class PeerGate:
         migration_uid: str,
         token: str,
         *,
-        acceptable: Callable[[IncomingMigration], bool],
+        acceptable: Callable[[M], bool],
         what: str = "migration",
         cert_pem: bytes | None = None,
-    ) -> IncomingMigration:
+    ) -> M:
         """The registered migration the stream is for; Refused when it may not stream.
         ``acceptable`` says whether the migration takes a stream in its current state
         (and of this kind); ``what`` names the kind in the NOT_FOUND message;
@@ -117,7 +134,7 @@ class PeerGate:
         return inc
 
     def _peer_refusal(
-        self, peer: pki.Identity | None, cert_pem: bytes | None, inc: IncomingMigration
+        self, peer: pki.Identity | None, cert_pem: bytes | None, inc: M
     ) -> str | None:
         """Why this peer may not stream ``inc`` (None: it may): the CA that issued its
         certificate, then its CN."""
@@ -143,10 +160,10 @@ class PeerGate:
         first: Any,
         kind: str,
         *,
-        acceptable: Callable[[IncomingMigration], bool],
-        check: Callable[[IncomingMigration, Any], T],
+        acceptable: Callable[[M], bool],
+        check: Callable[[M, Any], T],
         what: str = "migration",
-    ) -> tuple[IncomingMigration, T]:
+    ) -> tuple[M, T]:
         """Admit a stream whose first frame is ``first`` (a SourceFrame or a
         TunnelSourceFrame): it must be a ``kind`` frame (the Hello or the Open, which both
         carry migration_uid and token), pass check() (a refusal ends the call with its

@@ -229,7 +229,7 @@ class TargetSide:
         expected = _Expected(job.migration_uid, job.token, job.source_node)
         trust = None if job.tls is None else MigrationTrust(job.tls, PeerRegistry())
         self.gate = PeerGate(
-            {job.migration_uid: expected},  # type: ignore[dict-item]
+            {job.migration_uid: expected},
             require_peer_identity=job.tls is not None,
             trust=trust,
         )
@@ -242,7 +242,7 @@ class TargetSide:
         job = self.job
         server = grpc.aio.server(options=grpc_options.server_options())
         server.add_generic_rpc_handlers((stream.transfer_handler(self.Transfer),))
-        address = f"{job.address}:0" if ":" not in job.address else f"[{job.address}]:0"
+        address = grpc_options.host_port(job.address, 0)
         if self.trust is None:
             port = server.add_insecure_port(address)
         else:

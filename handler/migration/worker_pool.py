@@ -4,6 +4,9 @@ one migration channel at a time, and the channel objects that stand for them.
 - ``WorkerPool`` starts ``size`` worker processes, each with a socket pair for its link
   (worker_link.py), lends idle ones (``take``) and gets them back when their job is
   released. A worker that dies is replaced; its job fails with the reason.
+- ``open_with_workers`` opens a migration's channels at the source: channel 0 here,
+  asking the target for its workers, and channels 1.. in this handler's (or, when the
+  target has none idle, here too).
 - ``RemoteChannel`` is a source channel whose stream runs in a worker: the round sender
   (sender.py) hands it a part of a round (``send_part``) and reads its acknowledgements
   from ``acks``, as it does a local Channel's.
@@ -18,20 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+import grpc
 import numpy as np
 
 from handler import stream
+from handler.migration import channels
 from handler.migration import worker_link as w
 from handler.migration.channels import LAST_ROUND
 from handler.migration.handoff import MigrationFailed
 from handler.migration.target_stream import StreamLost
+from vmferry import grpc_options
 from vmferry.rpc import migration_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -296,6 +303,49 @@ class RemoteChannel(_Lent):
         self.acks.put_nowait(pb.RoundAck(round=LAST_ROUND))
         if self._part is not None and not self._part.done() and self.error is not None:
             self._part.set_exception(self.error)
+
+
+async def open_with_workers(
+    tg: asyncio.TaskGroup,
+    hello: pb.Hello,
+    workers: list[StreamWorker],
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    job: w.SourceJob,
+    on_batch: Callable[[w.BatchSent], None],
+    *,
+    connections: list[grpc.aio.Channel],
+    into: list[Any],
+) -> bool:
+    """A migration's channels, channel 0 in this process with Hello.stream_workers: when
+    the target answers with its workers' ports, channels 1.. run in ``workers`` (each
+    dials its port on ``address``'s host; ``job`` is their SourceJob but for the address
+    and the Hello) and it returns True; else they open in this process too (False).
+    ``connections`` and ``into`` get every connection and channel as it opens, so that a
+    failure closes what opened."""
+    target_node = job.target_node
+    connections += channels.connect(address, target_node, credentials, 1)
+    first = pb.Hello()
+    first.CopyFrom(hello)
+    first.stream_workers = True
+    acks: list[pb.HelloAck] = []
+    into += await channels.open_channels(connections, tg, first, address, acks=acks)
+    ports = list(acks[0].worker_ports)
+    rest = list(range(1, hello.channel_count))
+    if len(ports) != len(rest):  # the target runs every channel in its handler
+        more = channels.connect(address, target_node, credentials, len(rest))
+        connections += more
+        into += await channels.open_channels(more, tg, hello, address, ids=rest)
+        return False
+    host = grpc_options.host_of(address, "the target's migration endpoint")
+    for cid, worker, port in zip(rest, workers, ports, strict=True):
+        ch = RemoteChannel(worker, cid, on_batch)
+        into.append(ch)
+        mine = channels.hello_for(hello, cid).SerializeToString()
+        await ch.open(
+            dataclasses.replace(job, address=grpc_options.host_port(host, port), hello=mine)
+        )
+    return True
 
 
 class RemoteReceiver(_Lent):

@@ -273,25 +273,26 @@ async def test_the_target_worker_refuses_a_wrong_token_and_a_foreign_node(
 ) -> None:
     source, target = pools
     rig = Rig(tmp_path, _node_tls(tmp_path))
-    (tw,) = target.take(1) or []
-    receiver = RemoteReceiver(tw, 1, on_applied=lambda *_: None, on_end=rig.ended.append)
-    port = await receiver.start(rig.target_job(source_node="node3"))
-    (sw,) = source.take(1) or []
-    channel = RemoteChannel(sw, 1, lambda _: None)
-    with pytest.raises(MigrationFailed, match="is not the source node node3"):
-        await channel.open(rig.source_job(port))
-    channel.close()
-    receiver.close()
-    await asyncio.sleep(0.2)
-    (tw,) = target.take(1) or []
-    receiver = RemoteReceiver(tw, 1, on_applied=lambda *_: None, on_end=rig.ended.append)
-    port = await receiver.start(rig.target_job())
-    (sw,) = source.take(1) or []
-    channel = RemoteChannel(sw, 1, lambda _: None)
-    with pytest.raises(MigrationFailed, match="wrong migration token"):
-        await channel.open(rig.source_job(port, token="guess"))
-    channel.close()
-    receiver.close()
+
+    async def refused(target_job: w.TargetJob, token: str, says: str) -> None:
+        """A worker pair with these jobs: the source's open fails saying ``says``; both
+        workers go back to their pools."""
+        (tw,) = target.take(1) or []
+        receiver = RemoteReceiver(tw, 1, on_applied=lambda *_: None, on_end=rig.ended.append)
+        port = await receiver.start(target_job)
+        (sw,) = source.take(1) or []
+        channel = RemoteChannel(sw, 1, lambda _: None)
+        with pytest.raises(MigrationFailed, match=says):
+            await channel.open(rig.source_job(port, token=token))
+        channel.close()
+        receiver.close()
+        for _ in range(100):
+            if source.idle and target.idle:
+                return
+            await asyncio.sleep(0.05)
+
+    await refused(rig.target_job(source_node="node3"), TOKEN, "is not the source node node3")
+    await refused(rig.target_job(), "guess", "wrong migration token")
 
 
 @with_pools
