@@ -51,7 +51,7 @@ from handler.drivers.base import GuestSpec
 from handler.migration import channels
 from handler.migration import worker_link as w
 from handler.migration.channels import Channel
-from handler.migration.handoff import MigrationFailed
+from handler.migration.handoff import MigrationFailed, first_leaf
 from handler.migration.peer import PeerGate, Refused, peer_certificate
 from handler.migration.sender import RoundSender
 from handler.migration.stats import Stats
@@ -199,8 +199,8 @@ class SourceSide:
             result = await sender.send_round(
                 indices, part.round_no, part.final, stop=self.stop, wait_acks=False
             )
-        except MigrationFailed as e:
-            self.link.send(w.Ended(str(e), isinstance(e, StreamLost)))
+        except (MigrationFailed, ExceptionGroup) as e:  # a group from the round's tasks
+            self.link.send(job_ended(e))
             return
         self.link.send(w.PartDone(part.round_no, result.unsent.astype(np.int64).tobytes()))
 
@@ -368,10 +368,23 @@ async def serve(sock: socket.socket) -> int:
         except Exception as e:  # the job fails, the worker goes on
             log.warning("stream job failed: %r", e)
             with contextlib.suppress(w.LinkClosed):
-                link.send(w.Ended(f"the stream worker failed: {e!r}", False))
+                link.send(job_ended(e))
                 await _until_release(link)
         with contextlib.suppress(w.LinkClosed):
             link.send(w.Released())
+
+
+def job_ended(error: Exception) -> w.Ended:
+    """What a job that raised tells the handler. A lost stream stays a lost stream when it
+    comes out of the job's task groups (the source reconnects, as for a channel of its
+    own); a migration failure keeps its message; anything else is the worker's failure."""
+    lost = channels.all_lost(error)
+    if lost is not None:
+        return w.Ended(str(lost), True)
+    leaf = first_leaf(error)
+    if isinstance(leaf, MigrationFailed):
+        return w.Ended(str(leaf), False)
+    return w.Ended(f"the stream worker failed: {leaf!r}", False)
 
 
 async def _until_release(link: w.Link) -> None:

@@ -336,6 +336,21 @@ async def test_a_killed_worker_fails_its_channel_and_is_replaced(
     channel.close()
 
 
+def test_a_lost_stream_inside_the_jobs_task_groups_stays_a_lost_stream() -> None:
+    """A killed target worker reaches the source worker's round as StreamLost wrapped in
+    the round's and the job's task groups: the handler must still see a lost stream (it
+    reconnects), not a failed migration."""
+    from handler.migration.stream_worker import job_ended
+
+    lost = StreamLost("migration channel 1 to the target failed: closed")
+    nested = ExceptionGroup("job", [ExceptionGroup("round", [lost])])
+    assert job_ended(nested) == w.Ended(str(lost), True)
+    refused = MigrationFailed("the target refused the stream: wrong token")
+    assert job_ended(ExceptionGroup("job", [refused, lost])) == w.Ended(str(refused), False)
+    ended = job_ended(ExceptionGroup("job", [ValueError("bug")]))
+    assert not ended.lost and ended.reason == "the stream worker failed: ValueError('bug')"
+
+
 # -- the handler's setting --------------------------------------------------------------------
 
 
