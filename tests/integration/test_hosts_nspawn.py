@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from cryptography import x509
 
 from tests.support import nspawn
 from tests.support.lab import LabHarness, migration_name, vm_manifest
+from vmferry.lab.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("node-a", "node-b")
@@ -33,12 +33,6 @@ MAX_EXPOSURE = {"controller": 2.0, "handler": 2.5}  # README "Install on hosts"
 CERT_SECONDS = 120  # the nodes join with 2-minute certificates: renewed at 80 s
 
 pytestmark = pytest.mark.skipif(bool(nspawn.unavailable()), reason=str(nspawn.unavailable()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:
@@ -49,8 +43,8 @@ class Cluster:
         binds = [f"--bind-ro={REPO}:/src"]
         self.cp = nspawn.Host("vmf-cp", base, binds)
         self.nodes = {n: nspawn.Host(f"vmf-{n}", base, binds) for n in NODES}
-        self.api_port = free_port()
-        self.token_port = free_port()
+        self.api_port = free_port("127.0.0.1")
+        self.token_port = free_port("127.0.0.1")
         self.pki = base / "pki"
         self.client = LabHarness(base / "client")
         self.joined: dict[str, datetime] = {}  # node -> not-after of the certificate it joined with
@@ -161,7 +155,7 @@ def setup(c: Cluster) -> None:
             f'key = "/etc/vmferry/pki/nodes/{n}.key"\n'
             'main_address = "127.0.0.1"\n'
             'migration_address = "127.0.0.1"\n'
-            f"migration_port = {free_port()}\n"
+            f"migration_port = {free_port('127.0.0.1')}\n"
             "configure_migration_network = false\n"  # the hosts share one network here
             'memory = "2Gi"\n',
         )

@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.support.lab import LabHarness
 from vmferry import bootstrap_token, pki
 from vmferry.config import CONFIG_ENV, ClientConfig
+from vmferry.lab.ports import free_port
 from vmferry.pki import issuing
 
 
@@ -33,12 +34,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHarness]:
         yield harness
     finally:
         harness.down()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def token(lab: LabHarness, *flags: str) -> tuple[str, str]:
@@ -94,7 +89,12 @@ def test_join_then_run_a_handler_with_the_certificate(lab: LabHarness, tmp_path:
             *("--node-name", "joined1", "--api-server", f"127.0.0.1:{info['apiPort']}"),
             *("--ca", str(tmp_path / "ca.crt"), "--cert", str(cert)),
             *("--key", str(tmp_path / "nodes/joined1.key")),
-            *("--migration-port", str(free_port()), "--runtime-dir", str(tmp_path / "run")),
+            *(
+                "--migration-port",
+                str(free_port("127.0.0.1")),
+                "--runtime-dir",
+                str(tmp_path / "run"),
+            ),
             *("--ram-dir", str(tmp_path / "ram"), "--memory", "1Gi"),
         ],
         stdout=subprocess.DEVNULL,
@@ -236,7 +236,7 @@ def test_the_controller_renews_its_own_certificate_without_a_restart(
         ),
     )
     old = x509.load_pem_x509_certificate(files.cert.read_bytes())
-    port = free_port()
+    port = free_port("127.0.0.1")
     controller = subprocess.Popen(
         [
             sys.executable,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from tests.support.forklift_clusters import (
 )
 from vmferry import pki
 from vmferry.errors import NotFound
+from vmferry.lab.ports import free_port
 from vmferry.objects import conditions
 
 NS = "openshift-mtv"
@@ -52,12 +52,6 @@ async def home_cluster(tmp_path: Path) -> StoreApi:
     api = StoreApi(store)
     await api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     return api
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(60)
@@ -93,7 +87,7 @@ def test_provider_ready_wrong_ca_bad_token_unreachable(tmp_path: Path) -> None:
             assert cond["reason"] == ProviderReason.TOKEN_REFUSED
             assert "invalid bearer token" in cond["message"]
             # nobody listens there
-            url = f"https://127.0.0.1:{free_port()}"
+            url = f"https://127.0.0.1:{free_port('127.0.0.1')}"
             await home.create(provider_secret("gone", NS, token, c2.ca_pem))
             await home.create(provider("gone", NS, url, "gone"))
             cond = await ready_of(tmp_path, home, "gone")

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.lab.ports import free_port
+
 WAIT = 30.0  # s; the controller's start-up on a loaded 2-core machine stays well under it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def receive_until(sock: socket.socket, wanted: str, seen: list[str]) -> None:
@@ -38,7 +34,7 @@ def receive_until(sock: socket.socket, wanted: str, seen: list[str]) -> None:
 def test_controller_speaks_sd_notify(tmp_path: Path) -> None:
     config = tmp_path / "controller.toml"
     toml = (
-        f'listen = "127.0.0.1:{free_port()}"\n'
+        f'listen = "127.0.0.1:{free_port("127.0.0.1")}"\n'
         f'data_dir = "{tmp_path / "data"}"\n'
         "insecure_plaintext = true\n"
         'log_level = "info"\n'
