@@ -3,7 +3,7 @@ PeerLink` over mTLS gRPC (``proto/vmferry/rpc/sync.proto``) to the peer clusters
 controllers.
 
 Trust (issue 18, "Trust across two CAs"): this cluster's registered peers are the CAs in
-the ConfigMap ``openshift-cnv/vmferry-peer-clusters`` (:class:`PeerCAs`, fed by the
+the ConfigMap ``openshift-cnv/vmferry-peer-clusters`` (:class:`~sync_controller.peer_cas.PeerCAs`, fed by the
 daemon's informer; a change counts for the next connection).
 
 - Server (the receiving side, dialled at ``connectURL``): it presents this sync
@@ -31,23 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import ssl
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import NameOID
 from google.protobuf.message import DecodeError
 
 from sync_controller.peer import PeerError, PeerLink
+from sync_controller.peer_cas import PeerCAs, ServerCredentials, common_name, no_peer_ca_rule
 from vmferry import grpc_options
 from vmferry.decentralized import (
     PEERS_CONFIGMAP,
@@ -130,128 +127,6 @@ def state_from_proto(msg: sync_pb2.SyncState) -> SyncState:
         raise _malformed(f"target_port {msg.target_port} is not a port")
     values["role"] = _ROLE_FROM_PROTO[msg.role]
     return SyncState(**values)
-
-
-# -- the registered peers -------------------------------------------------------------------
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = cns[0].value if cns else ""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class PeerCAs:
-    """This cluster's registered peer clusters: name -> CA (the data of the ConfigMap
-    :data:`~vmferry.decentralized.PEERS_CONFIGMAP`). Updated on the event loop; read
-    also from gRPC's handshake thread (one immutable snapshot, swapped whole)."""
-
-    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        self._snapshot: tuple[int, dict[str, tuple[bytes, x509.Certificate]]] = (0, {})
-        if data:
-            self.update(data)
-
-    @property
-    def version(self) -> int:
-        return self._snapshot[0]
-
-    def update(self, data: Mapping[str, Any]) -> None:
-        """Replace the registered peers with ``data`` ({peer name: CA PEM}); an entry that
-        is not a CA certificate is left out, with a log line saying why."""
-        version, current = self._snapshot
-        parsed: dict[str, tuple[bytes, x509.Certificate]] = {}
-        for name, pem in sorted(data.items()):
-            if name in current and current[name][0] == str(pem).encode():
-                parsed[name] = current[name]
-                continue
-            try:
-                cert = x509.load_pem_x509_certificate(str(pem).encode())
-                constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-                if not constraints.value.ca:
-                    raise ValueError("not a CA certificate (basicConstraints CA:false)")
-            except (ValueError, x509.ExtensionNotFound) as e:
-                log.warning(
-                    "peer cluster %s in %s/%s ignored: its value is not a CA certificate "
-                    "in PEM (%s)",
-                    name,
-                    PEERS_NAMESPACE,
-                    PEERS_CONFIGMAP,
-                    e,
-                )
-                continue
-            parsed[name] = (str(pem).encode(), cert)
-        if parsed.keys() != current.keys() or any(parsed[n][0] != current[n][0] for n in parsed):
-            self._snapshot = (version + 1, parsed)
-            log.info("registered peer clusters: %s", ", ".join(parsed) or "(none)")
-
-    def names(self) -> list[str]:
-        return list(self._snapshot[1])
-
-    def pem(self, name: str) -> bytes | None:
-        entry = self._snapshot[1].get(name)
-        return entry[0] if entry else None
-
-    def bundle(self) -> bytes:
-        """Every registered CA, concatenated (empty when none is registered)."""
-        return b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for pem, _ in self._cas())
-
-    def _cas(self) -> list[tuple[bytes, x509.Certificate]]:
-        return list(self._snapshot[1].values())
-
-    def issuer_of(self, cert: x509.Certificate) -> str | None:
-        """The registered name of the CA that issued ``cert``, or None."""
-        for name, (_, ca) in self._snapshot[1].items():
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return name
-        return None
-
-
-def _no_peer_ca_rule() -> str:
-    return f"register it in ConfigMap {PEERS_NAMESPACE}/{PEERS_CONFIGMAP}"
-
-
-class _ServerCredentials:
-    """The certificate-configuration fetcher of the server's dynamic credentials: this
-    sync controller's certificate (re-read when renewed) and the registered peer CAs as
-    the client roots (rebuilt when they change). With no peer registered the roots are
-    this cluster's own CA: a handshake may pass, the per-stream check refuses it."""
-
-    def __init__(self, tls: TlsFiles, peers: PeerCAs) -> None:
-        self._tls = tls
-        self._peers = peers
-        self._lock = threading.Lock()
-        self._state = self._current_state()
-        self.initial = self._config()
-
-    def _current_state(self) -> tuple[Any, ...]:
-        stamps = []
-        for path in (self._tls.ca, self._tls.cert, self._tls.key):
-            st = os.stat(path)
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return (self._peers.version, *stamps)
-
-    def _config(self) -> Any:
-        ca_pem, cert_pem, key_pem = _read_pair(self._tls)
-        roots = self._peers.bundle() or ca_pem
-        return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=roots
-        )
-
-    def __call__(self) -> Any:  # gRPC's handshake thread, before every new handshake
-        with self._lock:
-            try:
-                state = self._current_state()
-                if state == self._state:
-                    return None
-                config = self._config()
-            except Exception:
-                log.warning("sync server: keeping the current TLS configuration", exc_info=True)
-                return None
-            self._state = state
-            return config
 
 
 # -- streams --------------------------------------------------------------------------------
@@ -387,7 +262,7 @@ class SyncLink:
             if self._tls is None:
                 port = server.add_insecure_port(self._listen)
             else:
-                fetcher = await asyncio.to_thread(_ServerCredentials, self._tls, self._peers)
+                fetcher = await asyncio.to_thread(ServerCredentials, self._tls, self._peers)
                 creds = grpc.dynamic_ssl_server_credentials(
                     fetcher.initial, fetcher, require_client_authentication=True
                 )
@@ -593,9 +468,9 @@ class SyncLink:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate {cert.subject.rfc4514_string()} was issued by "
                 f"{cert.issuer.rfc4514_string()}, no registered peer CA of cluster "
-                f"{self.cluster_name} ({_no_peer_ca_rule()})",
+                f"{self.cluster_name} ({no_peer_ca_rule()})",
             )
-        cn = _common_name(cert)
+        cn = common_name(cert)
         if cn != SYNC_IDENTITY:
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -753,7 +628,7 @@ class SyncLink:
                 raise PeerError(f"peer at {url} presented an expired certificate") from None
             raise PeerError(
                 f"peer at {url} presented a certificate of no registered peer CA "
-                f"({e.verify_message}; {_no_peer_ca_rule()})"
+                f"({e.verify_message}; {no_peer_ca_rule()})"
             ) from None
         except ssl.SSLError as e:
             raise PeerError(f"TLS handshake with peer at {url} failed: {e.reason or e}") from None
@@ -797,9 +672,9 @@ class SyncLink:
         if peer is None:  # the peers changed in between
             raise PeerError(
                 f"peer at {url} presented a certificate of no registered peer CA "
-                f"({_no_peer_ca_rule()})"
+                f"({no_peer_ca_rule()})"
             )
-        cn = _common_name(cert)
+        cn = common_name(cert)
         if cn != SYNC_IDENTITY:
             raise PeerError(
                 f"peer at {url} (peer cluster {peer}) is not a sync controller: its "

@@ -6,7 +6,7 @@ One or more per cluster. It connects to its own cluster's API with its certifica
 ``vmferry:sync-controller``), announces itself with a Lease and keeps the HyperConverged's
 ``status.synchronizationAddresses`` (sync_controller/lease.py), serves and dials the peer
 clusters' sync controllers over mTLS gRPC trusting only the CAs registered in the ConfigMap
-``openshift-cnv/vmferry-peer-clusters`` (sync_controller/link.py), and runs the sending and
+``openshift-cnv/vmferry-peer-clusters`` (sync_controller/peer_cas.py), and runs the sending and
 receiving reconcilers of its cluster's decentralized VMIMs (sync_controller/sender.py,
 receiver.py).
 """
@@ -27,8 +27,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sync_controller.lease import SyncAnnouncer, default_id
-from sync_controller.link import PeerCAs, SyncLink
+from sync_controller.link import SyncLink
 from sync_controller.peer import PeerError
+from sync_controller.peer_cas import PeerCAs
 from sync_controller.receiver import ReceiverReconciler
 from sync_controller.sender import SenderReconciler
 from vmferry import httpserve, logs, metrics_http, pki, systemd

@@ -11,7 +11,8 @@ import pytest
 
 from sync_controller import main as sync_main
 from sync_controller.lease import SyncAnnouncer, default_id, fresh_addresses, lease_name
-from sync_controller.link import PeerCAs, SyncLink
+from sync_controller.link import SyncLink
+from sync_controller.peer_cas import PeerCAs
 from tests.support.fake_api import FakeClock, StoreApi
 from vmferry import pki
 from vmferry.config import ConfigError

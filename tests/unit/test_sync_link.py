@@ -14,8 +14,9 @@ import grpc
 import pytest
 
 from sync_controller import link as link_mod
-from sync_controller.link import PeerCAs, SyncLink, state_from_proto, state_to_proto
+from sync_controller.link import SyncLink, state_from_proto, state_to_proto
 from sync_controller.peer import PeerError
+from sync_controller.peer_cas import PeerCAs
 from vmferry import pki
 from vmferry.decentralized import Role, SyncState
 from vmferry.rpc import sync_pb2, sync_pb2_grpc
