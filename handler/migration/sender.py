@@ -164,7 +164,7 @@ class RoundSender:
         limit = 0 if self.in_downtime else self.bandwidth
         digest = None if self.in_downtime else self.digest
         parts = stream.split_by_channel(indices, len(self.channels))
-        if limit > 0 and any(isinstance(ch, RemoteChannel) for ch in self.channels):
+        if limit > 0 and self.in_workers:
             limit = max(1, limit // len(self.channels))  # each paces its share
         started = self.clock()
         sent = [0]
@@ -221,6 +221,11 @@ class RoundSender:
             await self.round_acks(round_no)
         left = np.concatenate(unsent) if unsent else np.empty(0, dtype=np.int64)
         return RoundResult(sent[0], self.clock() - started, left)
+
+    @property
+    def in_workers(self) -> bool:
+        """Some of the channels run in stream workers (each sends and paces its part)."""
+        return any(isinstance(ch, RemoteChannel) for ch in self.channels)
 
     def keep_local(self) -> None:
         """From now on pages move on this process's channels only, and the stream
@@ -331,7 +336,7 @@ class RoundSender:
 
         largest = max(len(p) for p in parts)
         batches: list[stream.Batch | None] | None
-        if any(isinstance(ch, RemoteChannel) for ch in self.channels):
+        if self.in_workers:
             batches = None  # each worker gathers its channel's part
         elif largest <= stream.INLINE_BATCH_PAGES:
             batches = gather()
