@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ from handler.migration.handoff import MigrationFailed
 from vmferry import pki
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE, Role
 from vmferry.migration_state import Field, MigrationConfig
-from vmferry.pki.credentials import CertificateReloader, _read_pair
+from vmferry.pki.credentials import _read_pair, registry_server_credentials
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -184,43 +183,6 @@ class PeerRegistry:
 # -- this node's trust -------------------------------------------------------------------
 
 
-class _ServerConfigFetcher:
-    """gRPC's certificate-configuration fetcher for the migration service: this node's
-    cert and key, and as client roots this cluster's CA plus every registered peer CA.
-    A new configuration when the files change (renewal, via CertificateReloader) or the
-    registry does; None ("keep the current one") otherwise."""
-
-    def __init__(self, tls: pki.TlsFiles, peers: PeerRegistry) -> None:
-        self._tls = tls
-        self._peers = peers
-        self._files = CertificateReloader(tls)
-        self._lock = threading.Lock()
-        self._version = peers.version
-        self.initial = self._build()
-
-    def _build(self) -> Any:
-        ca_pem, cert_pem, key_pem = _read_pair(self._tls)
-        if not ca_pem.endswith(b"\n"):
-            ca_pem += b"\n"
-        return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=ca_pem + self._peers.bundle()
-        )
-
-    def __call__(self) -> Any:
-        with self._lock:
-            files_changed = self._files() is not None
-            version = self._peers.version
-            if not files_changed and version == self._version:
-                return None
-            try:
-                config = self._build()
-            except Exception:
-                log.warning("not reloading the migration service's TLS trust", exc_info=True)
-                return None
-            self._version = version
-            return config
-
-
 class MigrationTrust:
     """This node's TLS files and the peer registry: who may stream a migration here, and
     whom the source trusts when it dials."""
@@ -241,9 +203,15 @@ class MigrationTrust:
         return self._own
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        fetcher = _ServerConfigFetcher(self.tls, self.peers)
-        return grpc.dynamic_ssl_server_credentials(
-            fetcher.initial, fetcher, require_client_authentication=True
+        """The migration service's: this node's certificate; as client roots this
+        cluster's CA plus every registered peer CA (rebuilt when either changes)."""
+        peers = self.peers
+
+        def roots(ca_pem: bytes) -> bytes:
+            return (ca_pem if ca_pem.endswith(b"\n") else ca_pem + b"\n") + peers.bundle()
+
+        return registry_server_credentials(
+            self.tls, lambda: peers.version, roots, "the migration service"
         )
 
     def issuer_refusal(self, cert_pem: bytes | None, migration_uid: str, peer: str) -> str | None:

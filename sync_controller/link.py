@@ -44,7 +44,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from sync_controller.peer import PeerError, PeerLink
-from sync_controller.peer_cas import PeerCAs, ServerCredentials, common_name, no_peer_ca_rule
+from sync_controller.peer_cas import PeerCAs, common_name, no_peer_ca_rule
 from vmferry import grpc_options
 from vmferry.decentralized import (
     PEERS_CONFIGMAP,
@@ -54,7 +54,7 @@ from vmferry.decentralized import (
     SyncState,
 )
 from vmferry.pki import TlsFiles
-from vmferry.pki.credentials import _read_pair
+from vmferry.pki.credentials import _read_pair, registry_server_credentials
 from vmferry.rpc import sync_pb2, sync_pb2_grpc
 
 log = logging.getLogger("vmferry.sync.link")
@@ -262,9 +262,15 @@ class SyncLink:
             if self._tls is None:
                 port = server.add_insecure_port(self._listen)
             else:
-                fetcher = await asyncio.to_thread(ServerCredentials, self._tls, self._peers)
-                creds = grpc.dynamic_ssl_server_credentials(
-                    fetcher.initial, fetcher, require_client_authentication=True
+                # Client roots: the registered peer CAs (with none registered, this
+                # cluster's own CA: a handshake may pass, the per-stream check refuses it).
+                peers = self._peers
+                creds = await asyncio.to_thread(
+                    registry_server_credentials,
+                    self._tls,
+                    lambda: peers.version,
+                    lambda ca_pem: peers.bundle() or ca_pem,
+                    "the sync server",
                 )
                 port = server.add_secure_port(self._listen, creds)
         except RuntimeError:

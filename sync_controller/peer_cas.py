@@ -1,25 +1,19 @@
 """The peer clusters this cluster's sync controller trusts (issue 18, "Trust across two
 CAs"): :class:`PeerCAs`, the CAs registered in the ConfigMap
-``openshift-cnv/vmferry-peer-clusters`` (fed by the daemon's informer), and
-:class:`ServerCredentials`, the sync server's TLS configuration built from them (the
-client roots follow the registered peers, the certificate follows its renewal)."""
+``openshift-cnv/vmferry-peer-clusters`` (fed by the daemon's informer). The sync server's
+client roots follow them (link.py, with vmferry.pki.credentials.RegistryReloader)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from vmferry.decentralized import PEERS_CONFIGMAP, PEERS_NAMESPACE
-from vmferry.pki import TlsFiles
-from vmferry.pki.credentials import _read_pair
 
 log = logging.getLogger("vmferry.sync.peers")
 
@@ -100,44 +94,3 @@ class PeerCAs:
 
 def no_peer_ca_rule() -> str:
     return f"register it in ConfigMap {PEERS_NAMESPACE}/{PEERS_CONFIGMAP}"
-
-
-class ServerCredentials:
-    """The certificate-configuration fetcher of the server's dynamic credentials: this
-    sync controller's certificate (re-read when renewed) and the registered peer CAs as
-    the client roots (rebuilt when they change). With no peer registered the roots are
-    this cluster's own CA: a handshake may pass, the per-stream check refuses it."""
-
-    def __init__(self, tls: TlsFiles, peers: PeerCAs) -> None:
-        self._tls = tls
-        self._peers = peers
-        self._lock = threading.Lock()
-        self._state = self._current_state()
-        self.initial = self._config()
-
-    def _current_state(self) -> tuple[Any, ...]:
-        stamps = []
-        for path in (self._tls.ca, self._tls.cert, self._tls.key):
-            st = os.stat(path)
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return (self._peers.version, *stamps)
-
-    def _config(self) -> Any:
-        ca_pem, cert_pem, key_pem = _read_pair(self._tls)
-        roots = self._peers.bundle() or ca_pem
-        return grpc.ssl_server_certificate_configuration(
-            [(key_pem, cert_pem)], root_certificates=roots
-        )
-
-    def __call__(self) -> Any:  # gRPC's handshake thread, before every new handshake
-        with self._lock:
-            try:
-                state = self._current_state()
-                if state == self._state:
-                    return None
-                config = self._config()
-            except Exception:
-                log.warning("sync server: keeping the current TLS configuration", exc_info=True)
-                return None
-            self._state = state
-            return config

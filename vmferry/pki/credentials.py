@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,63 @@ class CertificateReloader:
             self.reloads += 1
             log.info("reloaded TLS certificate %s", self._tls.cert)
             return config
+
+
+class RegistryReloader:
+    """The certificate-configuration fetcher of a server whose client roots follow a
+    registry of peer CAs as well as its own TLS files (the handler's migration service,
+    the sync controller's server): a new configuration when the files change (renewal,
+    via :class:`CertificateReloader`) or the registry's ``version()`` does; None ("keep
+    the current one") otherwise. ``roots(ca_pem)`` gives the client roots from this
+    node's CA; ``what`` names the server in the log line of a failed reload."""
+
+    def __init__(
+        self,
+        tls: TlsFiles,
+        version: Callable[[], int],
+        roots: Callable[[bytes], bytes],
+        what: str,
+    ) -> None:
+        self._tls = tls
+        self._files = CertificateReloader(tls)
+        self._version_now = version
+        self._roots = roots
+        self._what = what
+        self._lock = threading.Lock()
+        self._version = version()
+        self.initial = self._build()
+
+    def _build(self) -> Any:
+        ca_pem, cert_pem, key_pem = _read_pair(self._tls)
+        return grpc.ssl_server_certificate_configuration(
+            [(key_pem, cert_pem)], root_certificates=self._roots(ca_pem)
+        )
+
+    def __call__(self) -> Any:  # gRPC's handshake thread, before every new handshake
+        with self._lock:
+            files_changed = self._files() is not None
+            version = self._version_now()
+            if not files_changed and version == self._version:
+                return None
+            try:
+                config = self._build()
+            except Exception:
+                log.warning("not reloading %s's TLS trust", self._what, exc_info=True)
+                return None
+            self._version = version
+            return config
+
+
+def registry_server_credentials(
+    tls: TlsFiles, version: Callable[[], int], roots: Callable[[bytes], bytes], what: str
+) -> grpc.ServerCredentials:
+    """mTLS server credentials whose client roots follow a peer registry
+    (:class:`RegistryReloader`). Reads the files: OSError / ValueError as
+    :func:`server_credentials`."""
+    fetcher = RegistryReloader(tls, version, roots, what)
+    return grpc.dynamic_ssl_server_credentials(
+        fetcher.initial, fetcher, require_client_authentication=True
+    )
 
 
 def server_credentials(
